@@ -1,0 +1,92 @@
+"""Settings: keyword argument > ``app.config["WSLB_*"]`` > :data:`DEFAULTS`."""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import socket
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+__all__ = ("DEFAULTS", "QueueFullPolicy", "Settings", "UserGetter", "resolve_settings")
+
+#: A callable run in the websocket context that names the connection's user.
+UserGetter = Callable[[], "str | None | Awaitable[str | None]"]
+QueueFullPolicy = Literal["close", "drop"]
+
+_INSTANCE_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+_PREFIX_RE = re.compile(r"[A-Za-z0-9_.\-:]{1,64}")
+
+#: Every option, its default, and the ``WSLB_*`` config key it is read from.
+DEFAULTS: dict[str, Any] = {
+    "redis_url": "redis://127.0.0.1:6379/0",
+    "instance_id": None,  # generated per process: host-pid-random
+    "prefix": "wslb",
+    "max_message_size": 1024 * 1024,
+    "send_queue_size": 256,
+    "queue_full": "close",
+    "redis_timeout": 5.0,
+    "heartbeat_interval": 2.0,
+    "instance_ttl": 6.0,
+    "user": None,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """The resolved, validated options of one extension."""
+
+    redis_url: str
+    instance_id: str
+    prefix: str
+    max_message_size: int
+    send_queue_size: int
+    queue_full: QueueFullPolicy
+    redis_timeout: float
+    heartbeat_interval: float
+    instance_ttl: float
+    user: UserGetter | None
+
+
+def default_instance_id() -> str:
+    """A process-unique instance id that is readable in logs: ``host-pid-random``."""
+    host = re.sub(r"[^A-Za-z0-9_.\-]", "-", socket.gethostname())[:40] or "host"
+    return f"{host}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+def resolve_settings(overrides: Mapping[str, Any], config: Mapping[str, Any]) -> Settings:
+    """Merge one option at a time: argument (not ``None``) > config key > default."""
+    values: dict[str, Any] = {}
+    for name, default in DEFAULTS.items():
+        value = overrides.get(name)
+        if value is None:
+            value = config.get(f"WSLB_{name.upper()}", default)
+        values[name] = value
+    if values["instance_id"] is None:
+        values["instance_id"] = default_instance_id()
+    return _validated(values)
+
+
+def _validated(v: dict[str, Any]) -> Settings:
+    if not isinstance(v["redis_url"], str) or not v["redis_url"]:
+        raise ValueError("WSLB_REDIS_URL must be a non-empty string")
+    if not isinstance(v["instance_id"], str) or not _INSTANCE_RE.fullmatch(v["instance_id"]):
+        raise ValueError("WSLB_INSTANCE_ID must be 1-64 characters of A-Z a-z 0-9 _ . -")
+    if not isinstance(v["prefix"], str) or not _PREFIX_RE.fullmatch(v["prefix"]):
+        raise ValueError("WSLB_PREFIX must be 1-64 characters of A-Z a-z 0-9 _ . - :")
+    for name in ("max_message_size", "send_queue_size"):
+        if isinstance(v[name], bool) or not isinstance(v[name], int) or v[name] < 1:
+            raise ValueError(f"WSLB_{name.upper()} must be a positive int")
+    for name in ("redis_timeout", "heartbeat_interval", "instance_ttl"):
+        if isinstance(v[name], bool) or not isinstance(v[name], int | float) or v[name] <= 0:
+            raise ValueError(f"WSLB_{name.upper()} must be a positive number of seconds")
+        v[name] = float(v[name])
+    if v["instance_ttl"] <= v["heartbeat_interval"]:
+        raise ValueError("WSLB_INSTANCE_TTL must be longer than WSLB_HEARTBEAT_INTERVAL")
+    if v["queue_full"] not in ("close", "drop"):
+        raise ValueError("WSLB_QUEUE_FULL must be 'close' or 'drop'")
+    if v["user"] is not None and not callable(v["user"]):
+        raise TypeError("WSLB_USER must be a callable or None")
+    return Settings(**v)

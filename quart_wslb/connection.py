@@ -1,0 +1,164 @@
+"""A live websocket connection on this instance, and its bounded send queue.
+
+Every frame for a client goes through the connection's queue and one writer task, so a
+slow client only ever fills its own queue; it cannot stall delivery to anyone else. What
+happens when the queue is full is the ``WSLB_QUEUE_FULL`` policy: ``"close"`` (default)
+closes the connection with 1013 so the client reconnects knowing it missed messages,
+``"drop"`` drops the frame. Either way ``message_dropped`` is sent and a line is logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from typing import Protocol
+
+from quart.wrappers import Websocket
+
+from . import signals
+from .config import QueueFullPolicy
+from .envelope import Frame, to_frame
+
+__all__ = ("Connection", "ConnectionInfo")
+
+log = logging.getLogger("quart_wslb")
+#: Close code for a client that cannot keep up ("try again later").
+SLOW_CLIENT_CLOSE = 1013
+
+
+class ConnectionInfo(Protocol):
+    """What the cluster knows about a connection (live or read from Redis)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def user(self) -> str | None: ...
+    @property
+    def path(self) -> str: ...
+    @property
+    def instance(self) -> str: ...
+    @property
+    def metadata(self) -> Mapping[str, str]: ...
+    @property
+    def connected_at(self) -> float: ...
+
+
+class Connection:
+    """A websocket tracked by ``ws_route``: what ``current_connection`` points to."""
+
+    __slots__ = (
+        "_closed",
+        "_owner",
+        "_policy",
+        "_queue",
+        "_websocket",
+        "_writer",
+        "connected_at",
+        "id",
+        "instance",
+        "metadata",
+        "path",
+        "user",
+    )
+
+    def __init__(
+        self,
+        *,
+        id: str,
+        user: str | None,
+        path: str,
+        instance: str,
+        metadata: Mapping[str, str],
+        websocket: Websocket,
+        queue_size: int,
+        policy: QueueFullPolicy,
+        owner: object,
+    ) -> None:
+        #: Cluster-unique id: ``<instance>:<token>``.
+        self.id = id
+        #: The user the ``user`` callable named, or ``None``.
+        self.user = user
+        #: The concrete websocket path, such as ``/ws/red``.
+        self.path = path
+        #: The id of the instance that holds the socket.
+        self.instance = instance
+        #: Metadata from the ``metadata`` callable (str -> str).
+        self.metadata: Mapping[str, str] = dict(metadata)
+        #: Unix time at which the connection was registered.
+        self.connected_at = time.time()
+        self._websocket = websocket
+        self._queue: asyncio.Queue[Frame] = asyncio.Queue(queue_size)
+        self._policy = policy
+        self._owner = owner
+        self._writer: asyncio.Task[None] | None = None
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<Connection {self.id} user={self.user!r} path={self.path!r}>"
+
+    async def send(self, message: object) -> None:
+        """Send to this client (through its queue): str, bytes, dict or list."""
+        await self.offer(to_frame(message), None)
+
+    async def offer(self, frame: Frame, message_id: str | None) -> bool:
+        """Queue one frame without waiting; apply the queue-full policy if it is full."""
+        try:
+            self._queue.put_nowait(frame)
+            return True
+        except asyncio.QueueFull:
+            pass
+        log.warning("send queue of %s is full (%s)", self.id, self._policy)
+        await signals.send(
+            signals.message_dropped,
+            self._owner,
+            reason="queue_full",
+            message_id=message_id,
+            connection=self,
+            detail=f"policy {self._policy}",
+        )
+        if self._policy == "close":
+            await self.close(SLOW_CLIENT_CLOSE, "send queue full")
+        return False
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        """Close the websocket; the handler then ends and the record leaves Redis."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self._websocket.close(code, reason)
+        except Exception:  # the client may already be gone: nothing left to close
+            log.debug("closing %s failed", self.id, exc_info=True)
+
+    def start(self) -> None:
+        """Start the writer task (in the handler's context)."""
+        self._writer = asyncio.create_task(self._write(), name=f"wslb-writer-{self.id}")
+
+    async def stop(self) -> None:
+        """Cancel the writer and wait for it; frames still queued are reported dropped."""
+        if self._writer is not None:
+            self._writer.cancel()
+            await asyncio.gather(self._writer, return_exceptions=True)
+        if unsent := self._queue.qsize():
+            await signals.send(
+                signals.message_dropped,
+                self._owner,
+                reason="closed",
+                message_id=None,
+                connection=self,
+                detail=f"{unsent} frames queued when the connection ended",
+            )
+
+    async def _write(self) -> None:
+        while True:
+            frame = await self._queue.get()
+            try:
+                await self._websocket.send(frame)
+            except Exception:  # the socket is gone; the handler is ending too
+                log.debug("writing to %s failed", self.id, exc_info=True)
+                return
+            await signals.send(
+                signals.message_delivered, self._owner, connection=self, frame=frame
+            )

@@ -1,0 +1,38 @@
+"""The exceptions quart-wslb raises.
+
+Bad arguments raise the built-in ``TypeError``/``ValueError``; use outside a running
+app raises ``RuntimeError``. Everything that comes from the cluster derives from
+:class:`WsLoadBalanceError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from redis.exceptions import RedisError
+
+__all__ = ("NotStartedError", "RedisUnavailableError", "WsLoadBalanceError", "redis_deadline")
+
+
+class WsLoadBalanceError(Exception):
+    """Base class of every error that quart-wslb raises about the cluster."""
+
+
+class RedisUnavailableError(WsLoadBalanceError):
+    """Redis did not answer within ``WSLB_REDIS_TIMEOUT``; nothing was routed."""
+
+
+class NotStartedError(WsLoadBalanceError, RuntimeError):
+    """The extension is used before the app started serving (or after it stopped)."""
+
+
+@asynccontextmanager
+async def redis_deadline(seconds: float, what: str) -> AsyncIterator[None]:
+    """Bound a Redis exchange in time; turn every failure into ``RedisUnavailableError``."""
+    try:
+        async with asyncio.timeout(seconds):
+            yield
+    except (RedisError, OSError, TimeoutError) as error:
+        raise RedisUnavailableError(f"{what}: Redis did not answer ({error!r})") from error

@@ -1,0 +1,262 @@
+"""``WsLoadBalance``: the extension users wire into their Quart app."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from quart import Quart, websocket
+from redis.asyncio import Redis
+
+from . import signals
+from .config import QueueFullPolicy, Settings, UserGetter, resolve_settings
+from .connection import Connection
+from .envelope import pack
+from .exceptions import NotStartedError, redis_deadline
+from .keys import Keys
+from .limits import MessageSizeLimit
+from .liveness import Heartbeat
+from .registry import Registry
+from .route import call_getter
+from .router import Router
+from .selectors import Selector
+
+__all__ = ("WsLoadBalance",)
+
+log = logging.getLogger("quart_wslb")
+#: Close code sent to clients when their instance stops ("going away").
+GOING_AWAY = 1001
+
+
+@dataclass(slots=True)
+class _Runtime:
+    """What exists only while the app is serving."""
+
+    redis: Redis
+    registry: Registry
+    router: Router
+    heartbeat: Heartbeat
+    tasks: list[asyncio.Task[None]]
+
+
+class WsLoadBalance:
+    """Cluster-wide websocket messaging for one Quart app.
+
+    Every keyword argument overrides the matching ``WSLB_*`` config key, which overrides
+    the default (see :data:`quart_wslb.config.DEFAULTS`). Nothing connects until the app
+    starts serving. ``redis`` takes a ready ``redis.asyncio.Redis`` client instead of
+    ``redis_url`` (the caller keeps it: it is not closed on stop).
+    """
+
+    def __init__(
+        self,
+        app: Quart | None = None,
+        *,
+        redis_url: str | None = None,
+        instance_id: str | None = None,
+        prefix: str | None = None,
+        max_message_size: int | None = None,
+        send_queue_size: int | None = None,
+        queue_full: QueueFullPolicy | None = None,
+        redis_timeout: float | None = None,
+        heartbeat_interval: float | None = None,
+        instance_ttl: float | None = None,
+        user: UserGetter | None = None,
+        redis: Redis | None = None,
+    ) -> None:
+        self._client = redis
+        self._overrides: dict[str, Any] = {
+            "redis_url": redis_url,
+            "instance_id": instance_id,
+            "prefix": prefix,
+            "max_message_size": max_message_size,
+            "send_queue_size": send_queue_size,
+            "queue_full": queue_full,
+            "redis_timeout": redis_timeout,
+            "heartbeat_interval": heartbeat_interval,
+            "instance_ttl": instance_ttl,
+            "user": user,
+        }
+        self._settings: Settings | None = None
+        self._local: dict[str, Connection] = {}
+        self._runtime: _Runtime | None = None
+        if app is not None:
+            self.init_app(app)
+
+    def init_app(self, app: Quart) -> None:
+        """Resolve the settings and hook into ``app``'s serving lifecycle."""
+        if self._settings is not None:
+            raise RuntimeError("this WsLoadBalance is already bound to an app")
+        if "wslb" in app.extensions:
+            raise RuntimeError("the app already has a WsLoadBalance")
+        self._settings = resolve_settings(self._overrides, app.config)
+        app.extensions["wslb"] = self
+        app.wslb = self  # type: ignore[attr-defined]
+        app.asgi_app = MessageSizeLimit(  # type: ignore[method-assign]
+            app.asgi_app, self._settings.max_message_size, self
+        )
+        app.before_serving(self._start)
+        app.after_serving(self._stop)
+
+    @property
+    def settings(self) -> Settings:
+        """The resolved settings (after ``init_app``)."""
+        if self._settings is None:
+            raise RuntimeError("WsLoadBalance is not bound to an app; call init_app(app)")
+        return self._settings
+
+    @property
+    def instance_id(self) -> str:
+        """This instance's id, unique in the cluster."""
+        return self.settings.instance_id
+
+    @property
+    def keys(self) -> Keys:
+        """The Redis key and channel names of this cluster."""
+        return Keys(self.settings.prefix)
+
+    @property
+    def local_connections(self) -> Mapping[str, Connection]:
+        """The connections this instance holds, by id (read-only view)."""
+        return self._local
+
+    async def send(self, selector: Selector, message: object) -> int:
+        """Send ``message`` to every connection in the cluster that ``selector`` matches.
+
+        ``str`` goes out as a text frame, ``bytes`` as a binary frame, ``dict``/``list``
+        as JSON text. Returns how many connections it was routed to (0 when none match).
+        Raises ``TypeError`` for any other message, before anything is published, and
+        :class:`~quart_wslb.RedisUnavailableError` when Redis does not answer in time.
+        """
+        if not isinstance(selector, Selector):
+            raise TypeError(f"selector must be a Selector, not {type(selector).__name__}")
+        kind, payload = pack(message)
+        runtime = self._running()
+        async with redis_deadline(self.settings.redis_timeout, "send"):
+            route = await runtime.router.route(selector, kind, payload)
+        if route.unheard:
+            log.info("message %s: nobody listens for %s", route.message_id, route.unheard)
+        await signals.send(
+            signals.message_routed,
+            self,
+            message_id=route.message_id,
+            selector=selector,
+            routed=route.routed,
+            instances=route.instances,
+        )
+        return route.routed
+
+    async def resolve(self, selector: Selector) -> dict[str, list[str]]:
+        """``{instance id: [connection ids]}`` for the connections ``selector`` matches."""
+        runtime = self._running()
+        async with redis_deadline(self.settings.redis_timeout, "resolve"):
+            return await runtime.router.resolve(selector)
+
+    def _running(self) -> _Runtime:
+        if self._runtime is None:
+            raise NotStartedError("the app is not serving: WsLoadBalance is not started")
+        return self._runtime
+
+    async def _start(self) -> None:
+        settings = self.settings
+        timeout = settings.redis_timeout
+        redis = self._client or Redis.from_url(
+            settings.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout
+        )
+        keys = self.keys
+        instance = settings.instance_id
+        router = Router(redis, keys, instance, self._local, self)
+        heartbeat = Heartbeat(
+            redis, keys, instance, settings.heartbeat_interval, settings.instance_ttl
+        )
+        tasks = [
+            asyncio.create_task(router.run(), name="wslb-subscriber"),
+            asyncio.create_task(heartbeat.run(), name="wslb-heartbeat"),
+        ]
+        self._runtime = _Runtime(redis, Registry(redis, keys), router, heartbeat, tasks)
+        try:
+            await asyncio.wait_for(router.subscribed.wait(), timeout)
+        except TimeoutError:
+            log.warning("not subscribed after %.1fs; still trying in the background", timeout)
+
+    async def _stop(self) -> None:
+        runtime = self._runtime
+        if runtime is None:
+            return
+        for connection in list(self._local.values()):
+            await connection.close(GOING_AWAY, "server stopping")
+        for task in runtime.tasks:
+            task.cancel()
+        await asyncio.gather(*runtime.tasks, return_exceptions=True)
+        try:
+            async with redis_deadline(self.settings.redis_timeout, "stop"):
+                await runtime.registry.unregister_instance(self.instance_id)
+                await runtime.heartbeat.leave()
+        except Exception as error:
+            log.warning("could not unregister this instance cleanly: %r", error)
+        self._runtime = None
+        if runtime.redis is not self._client:
+            await runtime.redis.aclose()
+
+    async def _open_connection(
+        self, user: UserGetter | None, metadata: Callable[[], object] | None
+    ) -> Connection:
+        """Create, index and start the connection of the current websocket."""
+        runtime = self._running()
+        settings = self.settings
+        name = await call_getter(user or settings.user)
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"the user callable must return str or None, not {name!r}")
+        pairs = await call_getter(metadata)
+        connection = Connection(
+            id=f"{settings.instance_id}:{secrets.token_urlsafe(12)}",
+            user=name or None,
+            path=websocket.path,
+            instance=settings.instance_id,
+            metadata=_checked_metadata(pairs),
+            websocket=websocket._get_current_object(),  # type: ignore[attr-defined]
+            queue_size=settings.send_queue_size,
+            policy=settings.queue_full,
+            owner=self,
+        )
+        self._local[connection.id] = connection
+        try:
+            async with redis_deadline(settings.redis_timeout, "register"):
+                await runtime.registry.register(connection)
+        except BaseException:
+            del self._local[connection.id]
+            raise
+        connection.start()
+        await signals.send(signals.connection_opened, self, connection=connection)
+        return connection
+
+    async def _close_connection(self, connection: Connection) -> None:
+        """Stop and unregister a connection; shielded so cancellation cannot skip it."""
+        await asyncio.shield(self._forget(connection))
+
+    async def _forget(self, connection: Connection) -> None:
+        self._local.pop(connection.id, None)
+        await connection.stop()
+        runtime = self._runtime
+        if runtime is not None:
+            try:
+                async with redis_deadline(self.settings.redis_timeout, "unregister"):
+                    await runtime.registry.unregister([connection.id], connection.instance)
+            except Exception as error:
+                log.warning("could not unregister %s: %r", connection.id, error)
+        await signals.send(signals.connection_closed, self, connection=connection)
+
+
+def _checked_metadata(pairs: object) -> dict[str, str]:
+    if pairs is None:
+        return {}
+    if not isinstance(pairs, Mapping):
+        raise TypeError(f"the metadata callable must return a mapping, not {pairs!r}")
+    for name, value in pairs.items():
+        if not isinstance(name, str) or not isinstance(value, str) or not name:
+            raise TypeError(f"metadata must map non-empty str to str, not {name!r}: {value!r}")
+    return dict(pairs)

@@ -1,0 +1,69 @@
+"""The Redis key and channel names, all under one prefix.
+
+Registry keys share the hash tag ``{prefix}`` so that one Lua script can read and write
+them atomically, on one Redis Cluster slot. Each user-supplied value is the *last*
+component of its key and the component before it is a fixed word, so no value can
+collide with another kind of key; metadata keys carry the length of the metadata name
+so that ``a=b:c`` and ``a:b=c`` stay apart. Values are never used as glob patterns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ("Keys",)
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """Builds every name under ``prefix`` (validated by the config)."""
+
+    prefix: str
+
+    @property
+    def _root(self) -> str:
+        return "{" + self.prefix + "}"
+
+    @property
+    def connections(self) -> str:
+        """Hash: connection id -> JSON record."""
+        return f"{self._root}:conns"
+
+    @property
+    def all(self) -> str:
+        """Set: every connection id in the cluster."""
+        return f"{self._root}:all"
+
+    @property
+    def instances(self) -> str:
+        """Hash: instance id -> JSON record (started_at, ...)."""
+        return f"{self._root}:instances"
+
+    def instance_connections(self, instance: str) -> str:
+        """Set: the connection ids an instance owns (what reaping removes)."""
+        return f"{self._root}:i:{instance}"
+
+    def heartbeat(self, instance: str) -> str:
+        """String with a TTL: present while the instance is alive."""
+        return f"{self._root}:hb:{instance}"
+
+    def user(self, user: str) -> str:
+        """Set: connection ids of one user."""
+        return f"{self._root}:u:{user}"
+
+    def path(self, path: str) -> str:
+        """Set: connection ids on one concrete websocket path."""
+        return f"{self._root}:p:{path}"
+
+    def metadata(self, name: str, value: str) -> str:
+        """Set: connection ids whose metadata maps ``name`` to ``value``."""
+        return f"{self._root}:m:{len(name)}:{name}:{value}"
+
+    def channel(self, instance: str) -> str:
+        """Pub/sub channel that only ``instance`` subscribes to."""
+        return f"{self._root}:ch:{instance}"
+
+    @property
+    def broadcast(self) -> str:
+        """Pub/sub channel that every instance subscribes to (``AllSelector``)."""
+        return f"{self._root}:bcast"

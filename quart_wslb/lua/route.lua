@@ -1,0 +1,88 @@
+-- Resolve a compiled selector to its owning instances and, in "publish" mode, publish
+-- one envelope per owning instance: the whole send is one round trip.
+-- KEYS[1]  hash: connection id -> record
+-- KEYS[2]  set: every connection id
+-- KEYS[3..] index sets named by the program
+-- ARGV[1]  "publish" or "resolve"
+-- ARGV[2]  instance channel prefix (channel = prefix .. instance id)
+-- ARGV[3]  broadcast channel
+-- ARGV[4]  envelope head, up to and including '"targets":'
+-- ARGV[5]  payload
+-- ARGV[6..] program, postfix: S<n> members of KEYS[n]; A every id; C<id> one id if it
+--          exists; & and | combine the top two sets; a lone B is a broadcast.
+-- Connection ids are "<instance>:<token>", so the owner needs no lookup.
+local publish = ARGV[1] == 'publish'
+
+if publish and ARGV[6] == 'B' and #ARGV == 6 then
+  local count = redis.call('SCARD', KEYS[2])
+  if count == 0 then return {0, 0, {}} end
+  local heard = redis.call('PUBLISH', ARGV[3], ARGV[4] .. '[]}\n' .. ARGV[5])
+  if heard == 0 then return {0, 0, {}} end
+  return {count, heard, {}}
+end
+
+local function members(key)
+  local set = {}
+  for _, id in ipairs(redis.call('SMEMBERS', key)) do set[id] = true end
+  return set
+end
+
+local stack = {}
+for i = 6, #ARGV do
+  local op = ARGV[i]
+  local code = string.sub(op, 1, 1)
+  if code == 'S' then
+    stack[#stack + 1] = members(KEYS[tonumber(string.sub(op, 2))])
+  elseif code == 'A' or code == 'B' then
+    stack[#stack + 1] = members(KEYS[2])
+  elseif code == 'C' then
+    local id, set = string.sub(op, 2), {}
+    if redis.call('HEXISTS', KEYS[1], id) == 1 then set[id] = true end
+    stack[#stack + 1] = set
+  else
+    local right, left, out = table.remove(stack), table.remove(stack), {}
+    if code == '&' then
+      for id in pairs(left) do if right[id] then out[id] = true end end
+    else
+      for id in pairs(left) do out[id] = true end
+      for id in pairs(right) do out[id] = true end
+    end
+    stack[#stack + 1] = out
+  end
+end
+
+local groups, order = {}, {}
+for id in pairs(stack[1]) do
+  local instance = string.match(id, '^[^:]+')
+  local group = groups[instance]
+  if not group then
+    group = {}
+    groups[instance] = group
+    order[#order + 1] = instance
+  end
+  group[#group + 1] = id
+end
+
+if not publish then
+  local out = {}
+  for _, instance in ipairs(order) do
+    out[#out + 1] = instance
+    out[#out + 1] = groups[instance]
+  end
+  return out
+end
+
+-- An instance channel nobody hears belongs to a dead or cut-off instance: its
+-- connections are not counted as routed, and the caller is told which it was.
+local routed, reached, unheard = 0, 0, {}
+for _, instance in ipairs(order) do
+  local ids = groups[instance]
+  local envelope = ARGV[4] .. cjson.encode(ids) .. '}\n' .. ARGV[5]
+  if redis.call('PUBLISH', ARGV[2] .. instance, envelope) > 0 then
+    routed = routed + #ids
+    reached = reached + 1
+  else
+    unheard[#unheard + 1] = instance
+  end
+end
+return {routed, reached, unheard}

@@ -1,0 +1,82 @@
+"""The Redis schema of connection records and their indexes.
+
+A record is one field of the ``conns`` hash (id -> JSON). Each index is a set of ids:
+every connection, per instance, per user, per path, per metadata pair. The record lists
+the index sets it was added to, so removing it (locally, or by a survivor reaping a dead
+instance) needs no knowledge of how the keys were built. Every change is one script call.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import cast
+
+from redis.asyncio import Redis
+
+from ._lua import source
+from .connection import Connection
+from .keys import Keys
+
+__all__ = ("Registry",)
+
+#: Ids removed per script call while reaping, so Redis is never blocked for long.
+REAP_BATCH = 500
+
+
+class Registry:
+    """Registers, unregisters and reaps connection records."""
+
+    def __init__(self, redis: Redis, keys: Keys) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._register = redis.register_script(source("register"))
+        self._unregister = redis.register_script(source("unregister"))
+
+    def index_keys(self, connection: Connection) -> list[str]:
+        """Every set the connection belongs to."""
+        keys = self._keys
+        names = [keys.all, keys.instance_connections(connection.instance)]
+        if connection.user is not None:
+            names.append(keys.user(connection.user))
+        names.append(keys.path(connection.path))
+        names.extend(keys.metadata(k, v) for k, v in sorted(connection.metadata.items()))
+        return names
+
+    def record(self, connection: Connection, index_keys: list[str]) -> str:
+        """The JSON record stored for a connection."""
+        return json.dumps(
+            {
+                "u": connection.user,
+                "p": connection.path,
+                "m": connection.metadata,
+                "t": connection.connected_at,
+                "k": index_keys,
+            },
+            separators=(",", ":"),
+        )
+
+    async def register(self, connection: Connection) -> None:
+        """Write the record and every index entry, atomically, in one round trip."""
+        index_keys = self.index_keys(connection)
+        await self._register(
+            keys=[self._keys.connections, *index_keys],
+            args=[connection.id, self.record(connection, index_keys)],
+        )
+
+    async def unregister(self, ids: Sequence[str], instance: str | None = None) -> int:
+        """Remove records and their index entries; returns how many records existed."""
+        if not ids:
+            return 0
+        keys = [self._keys.connections]
+        if instance is not None:
+            keys.append(self._keys.instance_connections(instance))
+        return int(await self._unregister(keys=keys, args=list(ids)))
+
+    async def unregister_instance(self, instance: str) -> int:
+        """Remove every connection an instance owns, in bounded batches."""
+        members = self._keys.instance_connections(instance)
+        removed = 0
+        while batch := cast(list[bytes], await self._redis.srandmember(members, REAP_BATCH)):
+            removed += await self.unregister([i.decode() for i in batch], instance)
+        return removed

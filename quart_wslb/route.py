@@ -1,0 +1,64 @@
+"""``ws_route``: makes a Quart websocket handler a tracked, cluster-addressable connection."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, ParamSpec, TypeVar
+
+from quart import current_app
+
+from .config import UserGetter
+from .globals import _cv_connection
+
+if TYPE_CHECKING:
+    from .extension import WsLoadBalance
+
+__all__ = ("MetadataGetter", "ws_route")
+
+P = ParamSpec("P")
+R = TypeVar("R")
+#: A callable run in the websocket context that returns the connection's metadata.
+MetadataGetter = Callable[[], "Mapping[str, str] | Awaitable[Mapping[str, str]]"]
+
+
+async def call_getter(getter: Callable[[], object] | None) -> object:
+    """Run a sync or async callable in the websocket context (sync ones inline)."""
+    if getter is None:
+        return None
+    value = getter()
+    if inspect.isawaitable(value):
+        value = await value
+    return value
+
+
+def ws_route(
+    *, user: UserGetter | None = None, metadata: MetadataGetter | None = None
+) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R]]]:
+    """Track the websocket handler it decorates, stacked under ``@app.websocket(rule)``.
+
+    ``user`` returns the user's name (``str``) or ``None``; ``metadata`` returns a
+    ``str -> str`` mapping. Both are sync or async callables run in the websocket context
+    when the handler starts; ``user`` defaults to the extension's ``user`` option. The
+    connection is registered before the handler body runs and unregistered when it ends,
+    however it ends. Inside, ``current_connection`` is the live connection.
+    """
+
+    def decorator(handler: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+        @functools.wraps(handler)
+        async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            wslb: WsLoadBalance | None = current_app.extensions.get("wslb")
+            if wslb is None:
+                raise RuntimeError("@ws_route needs WsLoadBalance(app) on this app")
+            connection = await wslb._open_connection(user, metadata)
+            token = _cv_connection.set(connection)
+            try:
+                return await current_app.ensure_async(handler)(*args, **kwargs)
+            finally:
+                _cv_connection.reset(token)
+                await wslb._close_connection(connection)
+
+        return wrapper
+
+    return decorator

@@ -1,0 +1,153 @@
+"""Per-instance channels: routing a send, and the subscriber loop that delivers it.
+
+A send is one script call that resolves the selector in Redis and publishes one envelope
+per *owning* instance, carrying that instance's target ids; an instance that owns no
+matching connection receives nothing. ``AllSelector`` alone is one publish on the
+broadcast channel. The subscriber loop is modelled on redis-py's ``PubSub.run``: it
+re-raises cancellation, and on any other error logs, backs off and subscribes again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+
+from . import signals
+from ._lua import source
+from .connection import Connection
+from .envelope import EnvelopeError, Kind, decode, head
+from .keys import Keys
+from .selectors import Selector
+
+__all__ = ("Route", "Router")
+
+log = logging.getLogger("quart_wslb")
+#: How long one read of the subscriber waits, so every iteration of the loop is bounded.
+READ_TIMEOUT = 1.0
+BACKOFF_MIN, BACKOFF_MAX = 0.05, 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """What one send did."""
+
+    message_id: str
+    #: Connections the message was routed to.
+    routed: int
+    #: Instances that received an envelope.
+    instances: int
+    #: Owning instances whose channel nobody heard (dead or cut off).
+    unheard: tuple[str, ...]
+
+
+class Router:
+    """Publishes envelopes and runs this instance's subscriber loop."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        instance: str,
+        local: Mapping[str, Connection],
+        owner: object,
+    ) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._instance = instance
+        self._local = local
+        self._owner = owner
+        self._route = redis.register_script(source("route"))
+        self._channel_prefix = keys.channel("")
+        #: Set while this instance is subscribed to its channels.
+        self.subscribed = asyncio.Event()
+
+    async def route(self, selector: Selector, kind: Kind, payload: bytes) -> Route:
+        """Resolve and publish in one round trip."""
+        message_id = os.urandom(8).hex()
+        program = selector.compile(self._keys)
+        routed, reached, unheard = await self._route(
+            keys=[self._keys.connections, self._keys.all, *program.keys],
+            args=[
+                "publish",
+                self._channel_prefix,
+                self._keys.broadcast,
+                head(message_id, self._instance, kind),
+                payload,
+                *program.ops,
+            ],
+        )
+        return Route(message_id, int(routed), int(reached), tuple(i.decode() for i in unheard))
+
+    async def resolve(self, selector: Selector) -> dict[str, list[str]]:
+        """``{instance: [connection ids]}`` for every connection the selector matches."""
+        program = selector.compile(self._keys)
+        flat = await self._route(
+            keys=[self._keys.connections, self._keys.all, *program.keys],
+            args=["resolve", "", "", "", "", *program.ops],
+        )
+        pairs = zip(flat[::2], flat[1::2], strict=True)
+        return {inst.decode(): sorted(i.decode() for i in ids) for inst, ids in pairs}
+
+    async def run(self) -> None:
+        """Subscribe and deliver until cancelled; no error other than cancellation ends it."""
+        channels = (self._keys.channel(self._instance), self._keys.broadcast)
+        delay = BACKOFF_MIN
+        while True:
+            try:
+                async with self._redis.pubsub() as pubsub:
+                    await pubsub.subscribe(*channels)
+                    self.subscribed.set()
+                    delay = BACKOFF_MIN
+                    while True:
+                        message = await pubsub.get_message(
+                            ignore_subscribe_messages=True, timeout=READ_TIMEOUT
+                        )
+                        if message is not None and message["type"] == "message":
+                            await self.dispatch(message["data"])
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                self.subscribed.clear()
+                log.warning("subscriber lost (%r); subscribing again in %.2fs", error, delay)
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, BACKOFF_MAX)
+
+    async def dispatch(self, raw: bytes) -> None:
+        """Deliver one envelope to its local targets; a bad one is logged and skipped."""
+        try:
+            envelope = decode(raw)
+        except EnvelopeError as error:
+            log.warning("dropped a malformed envelope: %s", error)
+            await self._dropped("malformed", None, None, str(error))
+            return
+        await signals.send(signals.message_received, self._owner, envelope=envelope)
+        frame = envelope.frame
+        if not envelope.targets:
+            for connection in list(self._local.values()):
+                await connection.offer(frame, envelope.id)
+            return
+        for target in envelope.targets:
+            owner = self._local.get(target)
+            if owner is None:
+                log.debug("message %s: no local connection %s", envelope.id, target)
+                await self._dropped("gone", envelope.id, None, target)
+            else:
+                await owner.offer(frame, envelope.id)
+
+    async def _dropped(
+        self, reason: str, message_id: str | None, connection: Connection | None, detail: str
+    ) -> None:
+        await signals.send(
+            signals.message_dropped,
+            self._owner,
+            reason=reason,
+            message_id=message_id,
+            connection=connection,
+            detail=detail,
+        )

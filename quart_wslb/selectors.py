@@ -1,0 +1,212 @@
+"""Selectors: which connections of the cluster a message is for.
+
+A selector is data. It compiles to a small postfix program over Redis index sets that the
+routing script runs in one round trip, so resolving never scans every connection. Values
+are matched exactly: a user called ``a*`` matches only that user.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from .keys import Keys
+
+if TYPE_CHECKING:
+    from .connection import ConnectionInfo
+
+__all__ = (
+    "AllSelector",
+    "AndSelector",
+    "ConnectionSelector",
+    "MetadataSelector",
+    "OrSelector",
+    "PathSelector",
+    "Selector",
+    "UserSelector",
+)
+
+
+@dataclass(slots=True)
+class Program:
+    """A compiled selector: Redis keys (``KEYS[3..]``) and postfix ops for ``route.lua``.
+
+    Ops: ``S<n>`` members of ``KEYS[n]``; ``A`` every connection; ``C<id>`` one
+    connection if it exists; ``&`` and ``|`` combine the top two sets; a lone ``B``
+    is a broadcast to every instance.
+    """
+
+    keys: list[str] = field(default_factory=list)
+    ops: list[str] = field(default_factory=list)
+
+    def set_op(self, key: str) -> None:
+        """Push the members of ``key``; the first two ``KEYS`` are fixed, hence ``+ 3``."""
+        if key not in self.keys:
+            self.keys.append(key)
+        self.ops.append(f"S{self.keys.index(key) + 3}")
+
+
+def _text(value: object, what: str) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be a str, not {type(value).__name__}")
+    if not value:
+        raise ValueError(f"{what} must not be empty")
+    return value
+
+
+class Selector(ABC):
+    """Base class of every selector; combine them with ``&`` and ``|``."""
+
+    __slots__ = ()
+
+    def __and__(self, other: Selector) -> Selector:
+        if not isinstance(other, Selector):
+            return NotImplemented
+        return AndSelector(self, other)
+
+    def __or__(self, other: Selector) -> Selector:
+        if not isinstance(other, Selector):
+            return NotImplemented
+        return OrSelector(self, other)
+
+    @abstractmethod
+    def emit(self, program: Program, keys: Keys) -> None:
+        """Append this selector's ops (and the keys they read) to ``program``."""
+
+    @abstractmethod
+    def matches(self, connection: ConnectionInfo) -> bool:
+        """Whether one connection record matches, evaluated locally."""
+
+    def compile(self, keys: Keys) -> Program:
+        """The program that ``route.lua`` runs for this selector."""
+        program = Program()
+        self.emit(program, keys)
+        return program
+
+
+@dataclass(frozen=True, slots=True)
+class UserSelector(Selector):
+    """Every connection of one user, on whatever instance."""
+
+    user: str
+
+    def __post_init__(self) -> None:
+        _text(self.user, "user")
+
+    def emit(self, program: Program, keys: Keys) -> None:
+        program.set_op(keys.user(self.user))
+
+    def matches(self, connection: ConnectionInfo) -> bool:
+        return connection.user == self.user
+
+
+@dataclass(frozen=True, slots=True)
+class PathSelector(Selector):
+    """Every connection on one concrete websocket path, such as ``/ws/red``."""
+
+    path: str
+
+    def __post_init__(self) -> None:
+        _text(self.path, "path")
+
+    def emit(self, program: Program, keys: Keys) -> None:
+        program.set_op(keys.path(self.path))
+
+    def matches(self, connection: ConnectionInfo) -> bool:
+        return connection.path == self.path
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionSelector(Selector):
+    """One connection, by the cluster-unique id of ``current_connection.id``."""
+
+    id: str
+
+    def __post_init__(self) -> None:
+        _text(self.id, "connection id")
+
+    def emit(self, program: Program, keys: Keys) -> None:
+        program.ops.append("C" + self.id)
+
+    def matches(self, connection: ConnectionInfo) -> bool:
+        return connection.id == self.id
+
+
+class MetadataSelector(Selector):
+    """Connections whose metadata has every given ``name=value`` pair."""
+
+    __slots__ = ("pairs",)
+
+    def __init__(self, **pairs: str) -> None:
+        if not pairs:
+            raise ValueError("MetadataSelector needs at least one name=value pair")
+        for name, value in pairs.items():
+            _text(value, f"metadata value of {name!r}")
+        self.pairs: Mapping[str, str] = dict(sorted(pairs.items()))
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.pairs.items())
+        return f"MetadataSelector({args})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, MetadataSelector) and self.pairs == other.pairs
+
+    def __hash__(self) -> int:
+        return hash(tuple(self.pairs.items()))
+
+    def emit(self, program: Program, keys: Keys) -> None:
+        for i, (name, value) in enumerate(self.pairs.items()):
+            program.set_op(keys.metadata(name, value))
+            if i:
+                program.ops.append("&")
+
+    def matches(self, connection: ConnectionInfo) -> bool:
+        return all(connection.metadata.get(k) == v for k, v in self.pairs.items())
+
+
+@dataclass(frozen=True, slots=True)
+class AllSelector(Selector):
+    """Every connection in the cluster; alone, it is one broadcast publish."""
+
+    def emit(self, program: Program, keys: Keys) -> None:
+        program.ops.append("A")
+
+    def matches(self, connection: ConnectionInfo) -> bool:
+        return True
+
+    def compile(self, keys: Keys) -> Program:
+        return Program(ops=["B"])
+
+
+@dataclass(frozen=True, slots=True)
+class AndSelector(Selector):
+    """Connections that both selectors match (``a & b``)."""
+
+    left: Selector
+    right: Selector
+
+    def emit(self, program: Program, keys: Keys) -> None:
+        self.left.emit(program, keys)
+        self.right.emit(program, keys)
+        program.ops.append("&")
+
+    def matches(self, connection: ConnectionInfo) -> bool:
+        return self.left.matches(connection) and self.right.matches(connection)
+
+
+@dataclass(frozen=True, slots=True)
+class OrSelector(Selector):
+    """Connections that either selector matches (``a | b``)."""
+
+    left: Selector
+    right: Selector
+
+    def emit(self, program: Program, keys: Keys) -> None:
+        self.left.emit(program, keys)
+        self.right.emit(program, keys)
+        program.ops.append("|")
+
+    def matches(self, connection: ConnectionInfo) -> bool:
+        return self.left.matches(connection) or self.right.matches(connection)

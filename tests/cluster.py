@@ -1,0 +1,156 @@
+"""Real Hypercorn processes of ``tests.cluster_app`` and helpers to talk to them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from quart_wslb.testing import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+START_TIMEOUT = 20.0
+
+
+def http(port: int, path: str, body: object = None, timeout: float = 10.0) -> Any:
+    """A blocking HTTP call to one instance; JSON in, JSON out."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}",
+        data=data,
+        headers={"content-type": "application/json"},
+        method="GET" if body is None else "POST",
+    )
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+@dataclass
+class Instance:
+    """One Hypercorn process (a parent and its worker, in their own process group)."""
+
+    id: str
+    port: int
+    process: subprocess.Popen[bytes]
+    log: Path
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def ws(self, path: str) -> str:
+        """The ``ws://`` URL of ``path`` on this instance."""
+        return f"ws://127.0.0.1:{self.port}{path}"
+
+    async def call(self, path: str, body: object = None) -> Any:
+        """An HTTP call to this instance from async code."""
+        return await asyncio.to_thread(http, self.port, path, body)
+
+    async def send(self, selector: Mapping[str, Any], message: object) -> int:
+        """``wslb.send`` on this instance; returns the routed count."""
+        result = await self.call("/send", {"selector": selector, "message": message})
+        return int(result["routed"])
+
+    async def stats(self) -> dict[str, Any]:
+        """Counters of the instance (envelopes received, drops, local connections)."""
+        return dict(await self.call("/stats"))
+
+    def wait_ready(self) -> None:
+        """Block until the instance answers HTTP."""
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.id} exited:\n{self.log.read_text()}")
+            try:
+                http(self.port, "/stats", timeout=1.0)
+                return
+            except (OSError, urllib.error.URLError):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"{self.id} did not start:\n{self.log.read_text()}"
+                    ) from None
+                time.sleep(0.05)
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        """Graceful stop: SIGTERM to the parent only, so the worker runs after_serving."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.crash()
+        self._reap_group()
+        return self.process.returncode
+
+    def crash(self) -> None:
+        """SIGKILL the whole process group: the worker gets no chance to clean up."""
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait(10)
+
+    def _reap_group(self) -> None:
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+class Cluster:
+    """``n`` instances on one Redis and one prefix."""
+
+    def __init__(
+        self, redis_url: str, prefix: str, n: int, log_dir: str, env: Mapping[str, str]
+    ) -> None:
+        self.redis_url = redis_url
+        self.prefix = prefix
+        self.n = n
+        self.log_dir = Path(log_dir)
+        self.env = dict(env)
+        self.instances: list[Instance] = []
+
+    def __getitem__(self, index: int) -> Instance:
+        return self.instances[index]
+
+    def spawn(self, index: int) -> Instance:
+        """Start one more instance, named ``i<index>``, and wait until it serves."""
+        port = free_port()
+        instance_id = f"i{index}"
+        env = {
+            **os.environ,
+            "WSLB_REDIS_URL": self.redis_url,
+            "WSLB_PREFIX": self.prefix,
+            "WSLB_INSTANCE_ID": instance_id,
+            "PYTHONPATH": str(ROOT),
+            **self.env,
+        }
+        log = self.log_dir / f"{instance_id}-{port}.log"
+        with log.open("wb") as output:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "hypercorn", "tests.cluster_app:app",
+                 "--bind", f"127.0.0.1:{port}", "--graceful-timeout", "5"],
+                cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+        instance = Instance(instance_id, port, process, log)
+        self.instances.append(instance)
+        return instance
+
+    def start(self) -> None:
+        """Start every instance, then wait for all of them."""
+        started = [self.spawn(i) for i in range(self.n)]
+        for instance in started:
+            instance.wait_ready()
+
+    def stop(self) -> None:
+        """Stop every instance still running, gracefully."""
+        for instance in self.instances:
+            instance.stop()

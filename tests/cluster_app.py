@@ -1,0 +1,108 @@
+"""The Quart app that the integration tests run as several Hypercorn instances.
+
+Configured from the environment (``WSLB_REDIS_URL``, ``WSLB_PREFIX``, ``WSLB_INSTANCE_ID``).
+It counts every envelope its instance receives, so tests can prove which instances
+a send reached.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from typing import Any
+
+from quart import Quart, current_app, request, websocket
+
+from quart_wslb import (
+    AllSelector,
+    ConnectionSelector,
+    MetadataSelector,
+    PathSelector,
+    Selector,
+    UserSelector,
+    WsLoadBalance,
+    current_connection,
+    signals,
+    ws_route,
+)
+from quart_wslb.envelope import Envelope
+
+app = Quart(__name__)
+for name, value in os.environ.items():
+    if name.startswith("WSLB_") and name != "WSLB_TEST_REDIS_URL":
+        app.config[name] = int(value) if value.isdigit() else value
+wslb = WsLoadBalance(app)
+stats: Counter[str] = Counter()
+
+
+@signals.message_received.connect_via(wslb)
+def _count(sender: WsLoadBalance, envelope: Envelope) -> None:
+    stats["envelopes"] += 1
+    stats["targets"] += len(envelope.targets)
+
+
+@signals.message_dropped.connect_via(wslb)
+def _count_drop(sender: WsLoadBalance, reason: str, **_: Any) -> None:
+    stats[f"dropped_{reason}"] += 1
+
+
+def selector_from(spec: dict[str, Any]) -> Selector:
+    """Build a selector from JSON: {"user": u} | {"path": p} | {"id": i} | {"meta": {...}}
+    | {"all": true} | {"and": [a, b]} | {"or": [a, b]}."""
+    if "and" in spec:
+        left, right = spec["and"]
+        return selector_from(left) & selector_from(right)
+    if "or" in spec:
+        left, right = spec["or"]
+        return selector_from(left) | selector_from(right)
+    if "user" in spec:
+        return UserSelector(spec["user"])
+    if "path" in spec:
+        return PathSelector(spec["path"])
+    if "id" in spec:
+        return ConnectionSelector(spec["id"])
+    if "meta" in spec:
+        return MetadataSelector(**spec["meta"])
+    return AllSelector()
+
+
+@app.websocket("/ws/<room>")
+@ws_route(
+    user=lambda: websocket.args.get("user"),
+    metadata=lambda: {"room": websocket.view_args["room"]} if websocket.view_args else {},
+)
+async def chat(room: str) -> None:
+    conn = current_connection
+    await conn.send({"hello": conn.id, "instance": conn.instance, "user": conn.user})
+    while True:
+        text = await websocket.receive()
+        if text == "close":
+            return
+        await current_app.wslb.send(  # type: ignore[attr-defined]
+            MetadataSelector(room=room), {"from": conn.user, "text": text}
+        )
+
+
+@app.post("/send")
+async def send() -> dict[str, Any]:
+    body = await request.get_json()
+    routed = await wslb.send(selector_from(body["selector"]), body["message"])
+    return {"routed": routed}
+
+
+@app.post("/send_raw")
+async def send_raw() -> dict[str, Any]:
+    body = await request.get_data()
+    routed = await wslb.send(UserSelector(request.args["user"]), body)
+    return {"routed": routed}
+
+
+@app.post("/resolve")
+async def resolve() -> dict[str, Any]:
+    body = await request.get_json()
+    return dict(await wslb.resolve(selector_from(body["selector"])))
+
+
+@app.get("/stats")
+async def get_stats() -> dict[str, Any]:
+    return {"instance": wslb.instance_id, "local": len(wslb.local_connections), **stats}

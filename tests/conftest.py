@@ -1,0 +1,78 @@
+"""Shared fixtures: a real Redis (private, or ``WSLB_TEST_REDIS_URL``), fakeredis, and
+clusters of Hypercorn processes."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import AsyncIterator, Callable, Iterator
+
+import fakeredis
+import pytest
+import redis
+
+from quart_wslb.testing import RedisServer
+from tests.cluster import Cluster
+
+
+@pytest.fixture(name="redis_url", scope="session")
+def fixture_redis_url() -> Iterator[str]:
+    """A real Redis: ``WSLB_TEST_REDIS_URL``, else a private server for the session."""
+    url = os.environ.get("WSLB_TEST_REDIS_URL")
+    if url:
+        yield url
+        return
+    with RedisServer() as server:
+        yield server.url
+
+
+@pytest.fixture(name="prefix")
+def fixture_prefix(redis_url: str) -> Iterator[str]:
+    """A key prefix of this test's own; its keys are deleted afterwards (never FLUSHALL)."""
+    prefix = "test-" + secrets.token_hex(4)
+    yield prefix
+    client = redis.Redis.from_url(redis_url)
+    try:
+        for key in client.scan_iter(match="{" + prefix + "}*", count=1000):
+            client.delete(key)
+    finally:
+        client.close()
+
+
+@pytest.fixture(name="private_redis")
+def fixture_private_redis() -> Iterator[RedisServer]:
+    """A redis-server of this test alone, for fault injection (stop, kill, CLIENT KILL)."""
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture(name="fake_server")
+def fixture_fake_server() -> fakeredis.FakeServer:
+    """One fakeredis server that several app instances may share."""
+    return fakeredis.FakeServer()
+
+
+@pytest.fixture(name="fake_redis")
+async def fixture_fake_redis(fake_server: fakeredis.FakeServer) -> AsyncIterator[object]:
+    """An asyncio client of ``fake_server``."""
+    client = fakeredis.FakeAsyncRedis(server=fake_server)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture(name="start_cluster")
+def fixture_start_cluster(
+    redis_url: str, prefix: str, tmp_path: os.PathLike[str]
+) -> Iterator[Callable[..., Cluster]]:
+    """Start ``n`` Hypercorn instances of ``tests.cluster_app``; all stopped afterwards."""
+    clusters: list[Cluster] = []
+
+    def start(n: int = 3, *, url: str | None = None, **env: str) -> Cluster:
+        cluster = Cluster(url or redis_url, prefix, n, str(tmp_path), env)
+        clusters.append(cluster)
+        cluster.start()
+        return cluster
+
+    yield start
+    for cluster in clusters:
+        cluster.stop()

@@ -13,12 +13,12 @@ from quart import Quart, websocket
 from redis.asyncio import Redis
 
 from . import signals
+from .asgi import GOING_AWAY, WebsocketGuard
 from .config import QueueFullPolicy, Settings, UserGetter, resolve_settings
 from .connection import Connection
 from .envelope import pack
 from .exceptions import NotStartedError, redis_deadline
 from .keys import Keys
-from .limits import MessageSizeLimit
 from .liveness import Heartbeat
 from .registry import Registry
 from .route import call_getter
@@ -28,8 +28,6 @@ from .selectors import Selector
 __all__ = ("WsLoadBalance",)
 
 log = logging.getLogger("quart_wslb")
-#: Close code sent to clients when their instance stops ("going away").
-GOING_AWAY = 1001
 
 
 @dataclass(slots=True)
@@ -96,7 +94,7 @@ class WsLoadBalance:
         self._settings = resolve_settings(self._overrides, app.config)
         app.extensions["wslb"] = self
         app.wslb = self  # type: ignore[attr-defined]
-        app.asgi_app = MessageSizeLimit(  # type: ignore[method-assign]
+        app.asgi_app = WebsocketGuard(  # type: ignore[method-assign]
             app.asgi_app, self._settings.max_message_size, self
         )
         app.before_serving(self._start)

@@ -23,8 +23,8 @@ START_TIMEOUT = 20.0
 
 
 def http(port: int, path: str, body: object = None, timeout: float = 10.0) -> Any:
-    """A blocking HTTP call to one instance; JSON in, JSON out."""
-    data = None if body is None else json.dumps(body).encode()
+    """A blocking HTTP call to one instance; JSON (or raw bytes) in, JSON out."""
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
     request = urllib.request.Request(
         f"http://127.0.0.1:{port}{path}",
         data=data,

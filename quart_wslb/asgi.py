@@ -1,11 +1,16 @@
-"""ASGI middleware: a client frame larger than ``WSLB_MAX_MESSAGE_SIZE`` closes with 1009.
+"""ASGI middleware in front of the Quart app, for what Quart itself cannot see.
 
-It sits in front of the Quart app so it sees every frame before any handler does; the
-handler then sees an ordinary disconnect and ends, and its connection leaves the registry.
+- A client frame larger than ``WSLB_MAX_MESSAGE_SIZE`` closes the websocket with 1009
+  before any handler sees it; the handler then sees an ordinary disconnect and ends, and
+  its connection leaves the registry.
+- When the server gives up on a websocket (Hypercorn cancels the app once its graceful
+  timeout has passed on shutdown), the client gets 1001 "going away", so it reconnects
+  elsewhere, instead of 1011 "internal error".
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -13,17 +18,19 @@ from hypercorn.typing import (
     ASGIReceiveCallable,
     ASGIReceiveEvent,
     ASGISendCallable,
+    ASGISendEvent,
     Scope,
     WebsocketDisconnectEvent,
 )
 
 from . import signals
 
-__all__ = ("MESSAGE_TOO_BIG", "MessageSizeLimit")
+__all__ = ("GOING_AWAY", "MESSAGE_TOO_BIG", "WebsocketGuard", "too_large")
 
 log = logging.getLogger("quart_wslb")
 ASGIApp = Callable[[Scope, ASGIReceiveCallable, ASGISendCallable], Awaitable[None]]
 MESSAGE_TOO_BIG = 1009
+GOING_AWAY = 1001
 
 
 def too_large(event: ASGIReceiveEvent, limit: int) -> bool:
@@ -37,8 +44,8 @@ def too_large(event: ASGIReceiveEvent, limit: int) -> bool:
     return len(text) > limit or len(text.encode("utf-8")) > limit
 
 
-class MessageSizeLimit:
-    """Wraps an ASGI app; closes websockets whose client sends an oversized frame."""
+class WebsocketGuard:
+    """Wraps an ASGI app: oversized client frames and server cancellation close cleanly."""
 
     def __init__(self, app: ASGIApp, limit: int, owner: object) -> None:
         self.app = app
@@ -52,11 +59,23 @@ class MessageSizeLimit:
             await self.app(scope, receive, send)
             return
 
+        open_ = False
+
+        async def tracked_send(event: ASGISendEvent) -> None:
+            nonlocal open_
+            if event["type"] == "websocket.accept":
+                open_ = True
+            elif event["type"] == "websocket.close":
+                open_ = False
+            await send(event)
+
         async def limited_receive() -> ASGIReceiveEvent:
             event = await receive()
             if event["type"] == "websocket.receive" and too_large(event, self.limit):
                 log.warning("closed %s: client frame over %d bytes", scope["path"], self.limit)
-                await send({"type": "websocket.close", "code": MESSAGE_TOO_BIG, "reason": ""})
+                await tracked_send(
+                    {"type": "websocket.close", "code": MESSAGE_TOO_BIG, "reason": ""}
+                )
                 await signals.send(
                     signals.message_dropped,
                     self._owner,
@@ -72,4 +91,9 @@ class MessageSizeLimit:
                 return closed
             return event
 
-        await self.app(scope, limited_receive, send)
+        try:
+            await self.app(scope, limited_receive, tracked_send)
+        except asyncio.CancelledError:
+            if open_:
+                await send({"type": "websocket.close", "code": GOING_AWAY, "reason": ""})
+            raise

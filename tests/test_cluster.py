@@ -1,0 +1,252 @@
+"""End to end: several Hypercorn processes, one real Redis, real WebSocket clients."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from quart_wslb.envelope import Envelope, encode
+from quart_wslb.keys import Keys
+from tests.cluster import Cluster, Instance
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
+StartCluster = Callable[..., Cluster]
+QUIET = 0.3  # how long "nothing else arrives" is watched
+
+
+async def join(instance: Instance, room: str, user: str) -> tuple[ClientConnection, str]:
+    """Connect a client; returns it and its connection id (from the hello frame)."""
+    client = await connect(instance.ws(f"/ws/{room}?user={user}"))
+    hello = json.loads(await asyncio.wait_for(client.recv(), 5))
+    return client, str(hello["hello"])
+
+
+async def receive(client: ClientConnection) -> Any:
+    frame = await asyncio.wait_for(client.recv(), 5)
+    return json.loads(frame) if isinstance(frame, str) and frame[:1] in "{[" else frame
+
+
+async def assert_silent(*clients: ClientConnection) -> None:
+    for client in clients:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(client.recv(), QUIET)
+
+
+async def envelopes(cluster: Cluster) -> list[int]:
+    return [int((await i.stats()).get("envelopes", 0)) for i in cluster.instances]
+
+
+async def test_send_user_reaches_every_connection_of_the_user(
+    start_cluster: StartCluster,
+) -> None:
+    cluster = start_cluster(3)
+    alice0, _ = await join(cluster[0], "red", "alice")
+    alice2, _ = await join(cluster[2], "blue", "alice")
+    bob1, _ = await join(cluster[1], "red", "bob")
+    assert await cluster[1].send({"user": "alice"}, {"n": 1}) == 2
+    assert await receive(alice0) == {"n": 1}
+    assert await receive(alice2) == {"n": 1}
+    await assert_silent(bob1)
+    assert await envelopes(cluster) == [1, 0, 1]
+    for client in (alice0, alice2, bob1):
+        await client.close()
+
+
+async def test_send_targeted_reaches_only_the_owning_instance(
+    start_cluster: StartCluster, redis_url: str, prefix: str
+) -> None:
+    cluster = start_cluster(3)
+    carol, _ = await join(cluster[0], "red", "carol")
+    for n in range(20):
+        assert await cluster[1].send({"user": "carol"}, {"n": n}) == 1
+    assert [await receive(carol) for _ in range(20)] == [{"n": n} for n in range(20)]
+    # every instance listens on its own channel, and only the owner got anything
+    assert await envelopes(cluster) == [20, 0, 0]
+    client = aioredis.Redis.from_url(redis_url)
+    keys = Keys(prefix)
+    channels = [keys.channel(i.id) for i in cluster.instances]
+    numsub = dict(await client.pubsub_numsub(*channels))
+    await client.aclose()
+    assert [numsub[c.encode()] for c in channels] == [1, 1, 1]
+    assert await cluster[1].send({"user": "nobody"}, "x") == 0
+    assert await envelopes(cluster) == [20, 0, 0]
+    await carol.close()
+
+
+async def test_send_every_selector_across_instances(start_cluster: StartCluster) -> None:
+    cluster = start_cluster(3)
+    a, a_id = await join(cluster[0], "red", "ann")
+    b, _ = await join(cluster[1], "red", "ben")
+    c, _ = await join(cluster[2], "blue", "cat")
+    everyone = (a, b, c)
+
+    async def expect(selector: dict[str, Any], routed: int, *got: ClientConnection) -> None:
+        message = {"sel": selector}
+        assert await cluster[2].send(selector, message) == routed
+        for client in got:
+            assert await receive(client) == message
+        await assert_silent(*(x for x in everyone if x not in got))
+
+    await expect({"path": "/ws/red"}, 2, a, b)
+    await expect({"id": a_id}, 1, a)
+    await expect({"meta": {"room": "blue"}}, 1, c)
+    await expect({"all": True}, 3, a, b, c)
+    await expect({"and": [{"meta": {"room": "red"}}, {"user": "ben"}]}, 1, b)
+    await expect({"or": [{"user": "ann"}, {"user": "cat"}]}, 2, a, c)
+    await expect({"and": [{"user": "ann"}, {"user": "cat"}]}, 0)
+    await expect({"id": "i0:no-such-connection"}, 0)
+    for client in everyone:
+        await client.close()
+
+
+async def test_send_frames_keep_their_kind(start_cluster: StartCluster) -> None:
+    cluster = start_cluster(2)
+    dan, _ = await join(cluster[0], "red", "dan")
+    assert await cluster[1].send({"user": "dan"}, "plain text") == 1
+    assert await asyncio.wait_for(dan.recv(), 5) == "plain text"
+    assert await cluster[1].send({"user": "dan"}, [1, "two"]) == 1
+    assert await asyncio.wait_for(dan.recv(), 5) == '[1,"two"]'
+    await dan.close()
+
+
+async def test_send_binary_frame_across_instances(start_cluster: StartCluster) -> None:
+    cluster = start_cluster(2)
+    eve, _ = await join(cluster[0], "red", "eve")
+    assert await cluster[1].call("/send_raw?user=eve", b"\x00\xff") == {"routed": 1}
+    assert await asyncio.wait_for(eve.recv(), 5) == b"\x00\xff"
+    await eve.close()
+
+
+async def test_handler_room_message_crosses_instances(start_cluster: StartCluster) -> None:
+    cluster = start_cluster(2)
+    fay, _ = await join(cluster[0], "green", "fay")
+    gus, _ = await join(cluster[1], "green", "gus")
+    await gus.send("hello from instance 1")
+    expected = {"from": "gus", "text": "hello from instance 1"}
+    assert await receive(fay) == expected
+    assert await receive(gus) == expected
+    await fay.close()
+    await gus.close()
+
+
+async def registry_size(redis_url: str, prefix: str) -> tuple[int, int, int]:
+    """(records, ids in the all-set, keys under the prefix other than instance bookkeeping)."""
+    client = aioredis.Redis.from_url(redis_url)
+    keys = Keys(prefix)
+    try:
+        records = await client.hlen(keys.connections)
+        members = await client.scard(keys.all)
+        names = [k async for k in client.scan_iter(match="{" + prefix + "}*")]
+    finally:
+        await client.aclose()
+    bookkeeping = (b":instances", b":hb:")
+    others = [n for n in names if not any(part in n for part in bookkeeping)]
+    return records, members, len(others)
+
+
+async def test_closed_connections_leave_the_registry(
+    start_cluster: StartCluster, redis_url: str, prefix: str
+) -> None:
+    cluster = start_cluster(2)
+    hal, _ = await join(cluster[0], "red", "hal")
+    ivy, _ = await join(cluster[1], "blue", "ivy")
+    records, members, others = await registry_size(redis_url, prefix)
+    assert (records, members) == (2, 2)
+    assert others > 2  # record hash, all-set, per-instance, user, path and metadata sets
+    await hal.close()
+    await ivy.send("close")  # the handler returns by itself
+    with pytest.raises(ConnectionClosed):
+        while True:
+            await asyncio.wait_for(ivy.recv(), 5)
+    for _ in range(50):
+        if await registry_size(redis_url, prefix) == (0, 0, 0):
+            break
+        await asyncio.sleep(0.05)
+    assert await registry_size(redis_url, prefix) == (0, 0, 0)
+    assert await cluster[1].send({"user": "hal"}, "x") == 0
+    assert await cluster[0].send({"path": "/ws/blue"}, "x") == 0
+
+
+async def test_oversized_client_frame_closes_with_1009(
+    start_cluster: StartCluster, redis_url: str, prefix: str
+) -> None:
+    cluster = start_cluster(1, WSLB_MAX_MESSAGE_SIZE="1000")
+    jo, _ = await join(cluster[0], "red", "jo")
+    await jo.send("x" * 1001)
+    with pytest.raises(ConnectionClosed) as closed:
+        await asyncio.wait_for(jo.recv(), 5)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
+    for _ in range(50):
+        if (await registry_size(redis_url, prefix))[0] == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert (await registry_size(redis_url, prefix))[0] == 0
+    assert (await cluster[0].stats())["dropped_too_large"] == 1
+
+
+async def test_malformed_envelope_is_dropped_and_delivery_goes_on(
+    start_cluster: StartCluster, redis_url: str, prefix: str
+) -> None:
+    cluster = start_cluster(2)
+    kim, kim_id = await join(cluster[0], "red", "kim")
+    channel = Keys(prefix).channel("i0")
+    good = encode(Envelope("m1", "test", "text", [kim_id], "still alive"))
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        for garbage in (b"", b"\xff\xfe", b"{}\n", b'{"v":99}\nx', b"not json\n", good):
+            assert await client.publish(channel, garbage) == 1
+    finally:
+        await client.aclose()
+    assert await asyncio.wait_for(kim.recv(), 5) == "still alive"
+    assert (await cluster[0].stats())["dropped_malformed"] == 5
+    assert await cluster[1].send({"user": "kim"}, "and after") == 1
+    assert await asyncio.wait_for(kim.recv(), 5) == "and after"
+    await kim.close()
+
+
+async def test_graceful_stop_closes_1001_and_unregisters(
+    start_cluster: StartCluster, redis_url: str, prefix: str
+) -> None:
+    cluster = start_cluster(2)
+    leo, _ = await join(cluster[0], "red", "leo")
+    mia, _ = await join(cluster[1], "red", "mia")
+    assert await asyncio.to_thread(cluster[0].stop) == 0
+    with pytest.raises(ConnectionClosed) as closed:
+        await asyncio.wait_for(leo.recv(), 5)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+    records, members, _ = await registry_size(redis_url, prefix)
+    assert (records, members) == (1, 1)
+    client = aioredis.Redis.from_url(redis_url)
+    keys = Keys(prefix)
+    try:
+        assert not await client.exists(keys.heartbeat("i0"))
+        assert await client.hkeys(keys.instances) == [b"i1"]
+    finally:
+        await client.aclose()
+    assert await cluster[1].send({"user": "leo"}, "x") == 0
+    assert await cluster[1].send({"user": "mia"}, "x") == 1
+    await mia.close()
+
+
+async def test_many_users_many_instances_each_get_only_their_own(
+    start_cluster: StartCluster,
+) -> None:
+    cluster = start_cluster(3)
+    clients = [await join(cluster[n % 3], "red", f"user{n}") for n in range(12)]
+    routed = await asyncio.gather(
+        *(cluster[(n + 1) % 3].send({"user": f"user{n}"}, {"to": n}) for n in range(12))
+    )
+    assert routed == [1] * 12
+    for n, (client, _) in enumerate(clients):
+        assert await receive(client) == {"to": n}
+    await assert_silent(*(client for client, _ in clients))
+    assert await envelopes(cluster) == [4, 4, 4]
+    for client, _ in clients:
+        await client.close()

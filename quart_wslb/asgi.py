@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
+from typing import Any, cast
 
 from hypercorn.typing import (
     ASGIReceiveCallable,
@@ -24,13 +26,16 @@ from hypercorn.typing import (
 )
 
 from . import signals
+from .connection import Activity
 
-__all__ = ("GOING_AWAY", "MESSAGE_TOO_BIG", "WebsocketGuard", "too_large")
+__all__ = ("ACTIVITY", "GOING_AWAY", "MESSAGE_TOO_BIG", "WebsocketGuard", "too_large")
 
 log = logging.getLogger("quart_wslb")
 ASGIApp = Callable[[Scope, ASGIReceiveCallable, ASGISendCallable], Awaitable[None]]
 MESSAGE_TOO_BIG = 1009
 GOING_AWAY = 1001
+#: The scope key under which the middleware keeps the websocket's :class:`Activity`.
+ACTIVITY = "quart_wslb.activity"
 
 
 def too_large(event: ASGIReceiveEvent, limit: int) -> bool:
@@ -60,18 +65,25 @@ class WebsocketGuard:
             return
 
         open_ = False
+        # The connection reads when its client last spoke from here (idle timeout).
+        activity = Activity()
+        cast(dict[str, Any], scope)[ACTIVITY] = activity
 
         async def tracked_send(event: ASGISendEvent) -> None:
             nonlocal open_
             if event["type"] == "websocket.accept":
                 open_ = True
+                activity.accepted.set()
             elif event["type"] == "websocket.close":
                 open_ = False
             await send(event)
 
         async def limited_receive() -> ASGIReceiveEvent:
             event = await receive()
-            if event["type"] == "websocket.receive" and too_large(event, self.limit):
+            if event["type"] != "websocket.receive":
+                return event
+            activity.received = time.monotonic()
+            if too_large(event, self.limit):
                 log.warning("closed %s: client frame over %d bytes", scope["path"], self.limit)
                 await tracked_send(
                     {"type": "websocket.close", "code": MESSAGE_TOO_BIG, "reason": ""}

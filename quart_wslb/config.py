@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import secrets
@@ -30,6 +31,9 @@ DEFAULTS: dict[str, Any] = {
     "redis_timeout": 5.0,
     "heartbeat_interval": 2.0,
     "instance_ttl": 6.0,
+    "ping_interval": None,  # seconds; None: no pings
+    "ping_message": '{"type":"ping"}',
+    "idle_timeout": None,  # seconds; None: never close for silence
     "user": None,
 }
 
@@ -47,6 +51,9 @@ class Settings:
     redis_timeout: float
     heartbeat_interval: float
     instance_ttl: float
+    ping_interval: float | None
+    ping_message: str | bytes
+    idle_timeout: float | None
     user: UserGetter | None
 
 
@@ -80,9 +87,16 @@ def _validated(v: dict[str, Any]) -> Settings:
         if isinstance(v[name], bool) or not isinstance(v[name], int) or v[name] < 1:
             raise ValueError(f"WSLB_{name.upper()} must be a positive int")
     for name in ("redis_timeout", "heartbeat_interval", "instance_ttl"):
-        if isinstance(v[name], bool) or not isinstance(v[name], int | float) or v[name] <= 0:
+        if not _seconds(v[name]):
             raise ValueError(f"WSLB_{name.upper()} must be a positive number of seconds")
         v[name] = float(v[name])
+    for name in ("ping_interval", "idle_timeout"):
+        if v[name] is not None:
+            if not _seconds(v[name]):
+                raise ValueError(f"WSLB_{name.upper()} must be a positive number or None")
+            v[name] = float(v[name])
+    if not isinstance(v["ping_message"], str | bytes) or not v["ping_message"]:
+        raise ValueError("WSLB_PING_MESSAGE must be a non-empty str or bytes")
     if v["instance_ttl"] <= v["heartbeat_interval"]:
         raise ValueError("WSLB_INSTANCE_TTL must be longer than WSLB_HEARTBEAT_INTERVAL")
     if v["queue_full"] not in ("close", "drop"):
@@ -90,3 +104,13 @@ def _validated(v: dict[str, Any]) -> Settings:
     if v["user"] is not None and not callable(v["user"]):
         raise TypeError("WSLB_USER must be a callable or None")
     return Settings(**v)
+
+
+def _seconds(value: object) -> bool:
+    """Whether ``value`` is a finite, positive int or float (not a bool)."""
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value > 0
+    )

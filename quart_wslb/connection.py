@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from quart.wrappers import Websocket
@@ -21,11 +22,23 @@ from . import signals
 from .config import QueueFullPolicy
 from .envelope import Frame, to_frame
 
-__all__ = ("Connection", "ConnectionInfo")
+__all__ = ("Activity", "Connection", "ConnectionInfo")
 
 log = logging.getLogger("quart_wslb")
 #: Close code for a client that cannot keep up ("try again later").
 SLOW_CLIENT_CLOSE = 1013
+
+
+@dataclass(slots=True)
+class Activity:
+    """What the ASGI middleware sees of one websocket: accepted yet, and when it spoke.
+
+    Times are monotonic: the client's last frame, and the last ping sent to it.
+    """
+
+    received: float = field(default_factory=time.monotonic)
+    pinged: float = 0.0
+    accepted: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class ConnectionInfo(Protocol):
@@ -50,6 +63,8 @@ class Connection:
 
     __slots__ = (
         "_closed",
+        "_handler",
+        "activity",
         "_owner",
         "_policy",
         "_queue",
@@ -60,6 +75,7 @@ class Connection:
         "instance",
         "metadata",
         "path",
+        "registering",
         "user",
     )
 
@@ -75,6 +91,7 @@ class Connection:
         queue_size: int,
         policy: QueueFullPolicy,
         owner: object,
+        activity: Activity | None = None,
     ) -> None:
         #: Cluster-unique id: ``<instance>:<token>``.
         self.id = id
@@ -94,6 +111,13 @@ class Connection:
         self._owner = owner
         self._writer: asyncio.Task[None] | None = None
         self._closed = False
+        #: True until the first registration attempt ends; repairs leave it alone.
+        self.registering = True
+        # The handler's task: a close from outside it also ends the handler, so a client
+        # that never answers the close (dead TCP, slow reader) cannot keep it running.
+        self._handler = asyncio.current_task()
+        #: When the client last sent a frame, when it was last pinged, whether accepted.
+        self.activity = activity or _accepted()
 
     def __repr__(self) -> str:
         return f"<Connection {self.id} user={self.user!r} path={self.path!r}>"
@@ -123,7 +147,7 @@ class Connection:
         return False
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
-        """Close the websocket; the handler then ends and the record leaves Redis."""
+        """Close the websocket and end its handler; the record then leaves Redis."""
         if self._closed:
             return
         self._closed = True
@@ -131,6 +155,8 @@ class Connection:
             await self._websocket.close(code, reason)
         except Exception:  # the client may already be gone: nothing left to close
             log.debug("closing %s failed", self.id, exc_info=True)
+        if self._handler is not None and self._handler is not asyncio.current_task():
+            self._handler.cancel()
 
     def start(self) -> None:
         """Start the writer task (in the handler's context)."""
@@ -152,6 +178,9 @@ class Connection:
             )
 
     async def _write(self) -> None:
+        # Frames wait for the handshake: a routed message must not accept the socket
+        # with Quart's defaults before the handler chose its subprotocol and headers.
+        await self.activity.accepted.wait()
         while True:
             frame = await self._queue.get()
             try:
@@ -162,3 +191,10 @@ class Connection:
             await signals.send(
                 signals.message_delivered, self._owner, connection=self, frame=frame
             )
+
+
+def _accepted() -> Activity:
+    """The activity of a socket nothing watches: taken as accepted already."""
+    activity = Activity()
+    activity.accepted.set()
+    return activity

@@ -76,7 +76,7 @@ class _HeaderSchema(Schema):
 
 
 _SCHEMA = _HeaderSchema()
-_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_dumps = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
 
 
 def pack(message: object) -> tuple[Kind, bytes]:

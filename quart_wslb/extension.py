@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,13 +14,14 @@ from quart import Quart, websocket
 from redis.asyncio import Redis
 
 from . import signals
-from .asgi import GOING_AWAY, WebsocketGuard
+from .asgi import ACTIVITY, GOING_AWAY, WebsocketGuard
+from .clients import ClientLiveness
 from .config import QueueFullPolicy, Settings, UserGetter, resolve_settings
-from .connection import Connection
+from .connection import Activity, Connection
 from .envelope import pack
-from .exceptions import NotStartedError, redis_deadline
+from .exceptions import NotStartedError, RedisUnavailableError, redis_deadline
 from .keys import Keys
-from .liveness import Heartbeat
+from .liveness import InstanceInfo, Liveness
 from .registry import Registry
 from .route import call_getter
 from .router import Router
@@ -37,7 +39,7 @@ class _Runtime:
     redis: Redis
     registry: Registry
     router: Router
-    heartbeat: Heartbeat
+    liveness: Liveness
     tasks: list[asyncio.Task[None]]
 
 
@@ -63,6 +65,9 @@ class WsLoadBalance:
         redis_timeout: float | None = None,
         heartbeat_interval: float | None = None,
         instance_ttl: float | None = None,
+        ping_interval: float | None = None,
+        ping_message: str | bytes | None = None,
+        idle_timeout: float | None = None,
         user: UserGetter | None = None,
         redis: Redis | None = None,
     ) -> None:
@@ -77,6 +82,9 @@ class WsLoadBalance:
             "redis_timeout": redis_timeout,
             "heartbeat_interval": heartbeat_interval,
             "instance_ttl": instance_ttl,
+            "ping_interval": ping_interval,
+            "ping_message": ping_message,
+            "idle_timeout": idle_timeout,
             "user": user,
         }
         self._settings: Settings | None = None
@@ -89,6 +97,9 @@ class WsLoadBalance:
         """Resolve the settings and hook into ``app``'s serving lifecycle."""
         if self._settings is not None:
             raise RuntimeError("this WsLoadBalance is already bound to an app")
+        pool_options = self._client.connection_pool.connection_kwargs if self._client else {}
+        if pool_options.get("decode_responses"):
+            raise ValueError("the redis client must not set decode_responses=True")
         if "wslb" in app.extensions:
             raise RuntimeError("the app already has a WsLoadBalance")
         self._settings = resolve_settings(self._overrides, app.config)
@@ -154,6 +165,12 @@ class WsLoadBalance:
         async with redis_deadline(self.settings.redis_timeout, "resolve"):
             return await runtime.router.resolve(selector)
 
+    async def instances(self) -> list[InstanceInfo]:
+        """Every live instance of the cluster (id, start time, connections), from Redis."""
+        runtime = self._running()
+        async with redis_deadline(self.settings.redis_timeout, "instances"):
+            return await runtime.liveness.instances()
+
     def _running(self) -> _Runtime:
         if self._runtime is None:
             raise NotStartedError("the app is not serving: WsLoadBalance is not started")
@@ -167,15 +184,39 @@ class WsLoadBalance:
         )
         keys = self.keys
         instance = settings.instance_id
+        registry = Registry(redis, keys)
         router = Router(redis, keys, instance, self._local, self)
-        heartbeat = Heartbeat(
-            redis, keys, instance, settings.heartbeat_interval, settings.instance_ttl
+        liveness = Liveness(
+            redis,
+            keys,
+            instance,
+            interval=settings.heartbeat_interval,
+            ttl=settings.instance_ttl,
+            registry=registry,
+            router=router,
+            local=self._local,
+            owner=self,
         )
+        # After Redis comes back (possibly empty), restore our records at once.
+        router.on_subscribed(liveness.repair)
+        try:
+            async with redis_deadline(timeout, "start"):
+                await liveness.beat()
+        except RedisUnavailableError as error:
+            log.warning("starting without Redis (%s); retrying in the background", error)
         tasks = [
             asyncio.create_task(router.run(), name="wslb-subscriber"),
-            asyncio.create_task(heartbeat.run(), name="wslb-heartbeat"),
+            asyncio.create_task(liveness.run(), name="wslb-liveness"),
         ]
-        self._runtime = _Runtime(redis, Registry(redis, keys), router, heartbeat, tasks)
+        clients = ClientLiveness(
+            self._local,
+            ping_interval=settings.ping_interval,
+            ping_message=settings.ping_message,
+            idle_timeout=settings.idle_timeout,
+        )
+        if clients.enabled:
+            tasks.append(asyncio.create_task(clients.run(), name="wslb-clients"))
+        self._runtime = _Runtime(redis, registry, router, liveness, tasks)
         try:
             await asyncio.wait_for(router.subscribed.wait(), timeout)
         except TimeoutError:
@@ -193,48 +234,67 @@ class WsLoadBalance:
         try:
             async with redis_deadline(self.settings.redis_timeout, "stop"):
                 await runtime.registry.unregister_instance(self.instance_id)
-                await runtime.heartbeat.leave()
+                await runtime.liveness.leave()
         except Exception as error:
             log.warning("could not unregister this instance cleanly: %r", error)
         self._runtime = None
         if runtime.redis is not self._client:
             await runtime.redis.aclose()
 
-    async def _open_connection(
-        self, user: UserGetter | None, metadata: Callable[[], object] | None
+    @asynccontextmanager
+    async def _track(
+        self, user: UserGetter | None, metadata: Callable[[], object] | None, accept: bool
+    ) -> AsyncIterator[Connection]:
+        """The current websocket as a registered connection, for the handler's lifetime.
+
+        Whatever interrupts it (the client leaving during registration, a failing
+        receiver, cancellation), the connection leaves this instance and Redis.
+        """
+        connection = await self._connection(user, metadata, accept)
+        # Local first, so that a message routed right after registering finds it.
+        self._local[connection.id] = connection
+        try:
+            await self._register(connection)
+            connection.start()
+            await signals.send(signals.connection_opened, self, connection=connection)
+            yield connection
+        finally:
+            await asyncio.shield(self._forget(connection))
+
+    async def _connection(
+        self, user: UserGetter | None, metadata: Callable[[], object] | None, accept: bool
     ) -> Connection:
-        """Create, index and start the connection of the current websocket."""
-        runtime = self._running()
+        """Run the getters (which may reject the socket), accept, and build the record."""
         settings = self.settings
+        self._running()
         name = await call_getter(user or settings.user)
         if name is not None and not isinstance(name, str):
             raise TypeError(f"the user callable must return str or None, not {name!r}")
-        pairs = await call_getter(metadata)
-        connection = Connection(
+        pairs = _checked_metadata(await call_getter(metadata))
+        if accept:
+            await websocket.accept()
+        return Connection(
             id=f"{settings.instance_id}:{secrets.token_urlsafe(12)}",
             user=name or None,
             path=websocket.path,
             instance=settings.instance_id,
-            metadata=_checked_metadata(pairs),
+            metadata=pairs,
             websocket=websocket._get_current_object(),  # type: ignore[attr-defined]
+            activity=_activity(websocket.scope.get(ACTIVITY)),
             queue_size=settings.send_queue_size,
             policy=settings.queue_full,
             owner=self,
         )
-        self._local[connection.id] = connection
-        try:
-            async with redis_deadline(settings.redis_timeout, "register"):
-                await runtime.registry.register(connection)
-        except BaseException:
-            del self._local[connection.id]
-            raise
-        connection.start()
-        await signals.send(signals.connection_opened, self, connection=connection)
-        return connection
 
-    async def _close_connection(self, connection: Connection) -> None:
-        """Stop and unregister a connection; shielded so cancellation cannot skip it."""
-        await asyncio.shield(self._forget(connection))
+    async def _register(self, connection: Connection) -> None:
+        try:
+            async with redis_deadline(self.settings.redis_timeout, "register"):
+                await self._running().registry.register(connection)
+        except RedisUnavailableError as error:
+            # The connection works locally; the next repair registers it.
+            log.warning("%s opened while Redis is unreachable: %s", connection.id, error)
+        finally:
+            connection.registering = False
 
     async def _forget(self, connection: Connection) -> None:
         self._local.pop(connection.id, None)
@@ -247,6 +307,10 @@ class WsLoadBalance:
             except Exception as error:
                 log.warning("could not unregister %s: %r", connection.id, error)
         await signals.send(signals.connection_closed, self, connection=connection)
+
+
+def _activity(found: object) -> Activity | None:
+    return found if isinstance(found, Activity) else None
 
 
 def _checked_metadata(pairs: object) -> dict[str, str]:

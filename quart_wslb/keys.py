@@ -47,6 +47,10 @@ class Keys:
         """String with a TTL: present while the instance is alive."""
         return f"{self._root}:hb:{instance}"
 
+    def reap_lock(self, instance: str) -> str:
+        """String with a TTL: held by the survivor that reaps a dead instance."""
+        return f"{self._root}:reap:{instance}"
+
     def user(self, user: str) -> str:
         """Set: connection ids of one user."""
         return f"{self._root}:u:{user}"

@@ -1,4 +1,21 @@
-"""Instance heartbeats: a key with a TTL that exists while the instance is alive."""
+"""Instance liveness: heartbeats, the sweep that reaps dead instances, and self-repair.
+
+Every ``WSLB_HEARTBEAT_INTERVAL`` one bounded tick of :class:`Liveness` does, in order:
+
+1. **beat**: refresh ``hb:<id>`` (TTL ``WSLB_INSTANCE_TTL``) and the ``instances`` record,
+   read how many records Redis holds for this instance, and publish a probe on this
+   instance's own channel; all one round trip.
+2. **probe check**: if nobody heard the probe, or the subscriber has missed the last two,
+   the subscriber is restarted (a killed or silently dead pub/sub connection).
+3. **repair**: if Redis holds a different number of records than this instance has live
+   connections (Redis restarted and lost its data, an unregister failed, the instance was
+   reaped while cut off), :meth:`Registry.reconcile` makes them agree; a full
+   reconciliation also runs every ``FULL_REPAIR_EVERY`` ticks.
+4. **sweep**: every instance whose heartbeat expired is reaped by exactly one survivor
+   (a lock taken in a script that first checks the heartbeat again).
+
+Correctness never depends on keyspace notifications (managed Redis often forbids them).
+"""
 
 from __future__ import annotations
 
@@ -6,48 +23,162 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import cast
 
 from redis.asyncio import Redis
 
+from . import signals
+from ._lua import source
+from .connection import Connection
 from .keys import Keys
+from .registry import Registry
+from .router import Router
 
-__all__ = ("Heartbeat",)
+__all__ = ("FULL_REPAIR_EVERY", "InstanceInfo", "Liveness")
 
 log = logging.getLogger("quart_wslb")
+#: Every this many ticks the registry is reconciled in full, even when counts agree.
+FULL_REPAIR_EVERY = 15
+#: Probes the subscriber may miss before it is restarted.
+MISSED_PROBES = 2
 
 
-class Heartbeat:
-    """Announces one instance: ``hb:<id>`` with a TTL, and its entry in ``instances``."""
+@dataclass(frozen=True, slots=True)
+class InstanceInfo:
+    """A live instance, as Redis knows it."""
+
+    id: str
+    #: Unix time at which the instance started serving.
+    started_at: float
+    #: Connections registered for it.
+    connections: int
+
+
+class Liveness:
+    """The per-instance liveness loop (see the module docstring)."""
 
     def __init__(
-        self, redis: Redis, keys: Keys, instance: str, interval: float, ttl: float
+        self,
+        redis: Redis,
+        keys: Keys,
+        instance: str,
+        *,
+        interval: float,
+        ttl: float,
+        registry: Registry,
+        router: Router,
+        local: Mapping[str, Connection],
+        owner: object,
     ) -> None:
         self._redis = redis
         self._keys = keys
         self._instance = instance
         self._interval = interval
         self._ttl_ms = int(ttl * 1000)
+        self._registry = registry
+        self._router = router
+        self._local = local
+        self._owner = owner
+        self._reap = redis.register_script(source("reap"))
+        self._ticks = 0
+        self._known: set[str] = set()
         self.started_at = time.time()
 
-    async def beat(self) -> None:
-        """Refresh the heartbeat key and the instance record in one round trip."""
+    async def run(self) -> None:
+        """Tick every interval until cancelled; a failed tick is logged, never fatal."""
+        while True:
+            started = time.monotonic()
+            try:
+                async with asyncio.timeout(max(self._interval, 1.0) * 2):
+                    await self.tick()
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                log.warning("liveness tick failed: %r", error)
+            await asyncio.sleep(max(0.0, self._interval - (time.monotonic() - started)))
+
+    async def tick(self) -> None:
+        """One beat, probe check, repair and sweep."""
+        self._ticks += 1
+        registered, heard = await self.beat()
+        if heard == 0 or self._router.missed_probes() > MISSED_PROBES:
+            log.warning("subscriber is deaf (probe heard by %d); restarting it", heard)
+            self._router.restart()
+        if registered != len(self._local) or self._ticks % FULL_REPAIR_EVERY == 0:
+            await self.repair()
+        await self.sweep()
+
+    async def beat(self) -> tuple[int, int]:
+        """Refresh the heartbeat; returns (records Redis holds for us, probe listeners)."""
         record = json.dumps({"started_at": self.started_at})
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.set(self._keys.heartbeat(self._instance), "1", px=self._ttl_ms)
             pipe.hset(self._keys.instances, self._instance, record)
-            await pipe.execute()
+            pipe.scard(self._keys.instance_connections(self._instance))
+            pipe.publish(self._keys.channel(self._instance), self._router.next_probe())
+            _, _, registered, heard = await pipe.execute()
+        return int(registered), int(heard)
 
-    async def run(self) -> None:
-        """Beat every interval until cancelled; a failed beat is logged and retried."""
-        while True:
-            try:
-                async with asyncio.timeout(self._interval):
-                    await self.beat()
-            except asyncio.CancelledError:
-                raise
-            except Exception as error:
-                log.warning("heartbeat failed: %r", error)
-            await asyncio.sleep(self._interval)
+    async def repair(self) -> None:
+        """Make Redis agree with the connections this instance really holds."""
+        restored, removed = await self._registry.reconcile(self._instance, self._local)
+        if restored or removed:
+            log.warning("registry repaired: %d restored, %d removed", restored, removed)
+            await signals.send(
+                signals.registry_repaired, self._owner, restored=restored, removed=removed
+            )
+
+    async def sweep(self) -> None:
+        """Reap every instance whose heartbeat expired; report joins and leaves."""
+        alive, dead = await self._census()
+        for instance in dead:
+            if await self._reap(
+                keys=[self._keys.heartbeat(instance), self._keys.reap_lock(instance)],
+                args=[self._instance, max(self._ttl_ms, 10_000)],
+            ):
+                await self._reap_instance(instance)
+        for instance in sorted(alive - self._known):
+            await signals.send(signals.instance_joined, self._owner, instance=instance)
+        for instance in sorted(self._known - alive):
+            await signals.send(signals.instance_left, self._owner, instance=instance)
+        self._known = alive
+
+    async def _reap_instance(self, instance: str) -> None:
+        removed = await self._registry.unregister_instance(instance)
+        await self._redis.hdel(self._keys.instances, instance)
+        log.warning("reaped instance %s: %d connections removed", instance, removed)
+        await signals.send(
+            signals.instance_reaped, self._owner, instance=instance, connections=removed
+        )
+
+    async def _census(self) -> tuple[set[str], list[str]]:
+        """(live instance ids, dead ones other than this instance)."""
+        listed = await self._read()
+        alive = {info.id for info, up in listed if up}
+        dead = [info.id for info, up in listed if not up and info.id != self._instance]
+        return alive, dead
+
+    async def instances(self) -> list[InstanceInfo]:
+        """Every live instance with its start time and connection count, from Redis."""
+        return [info for info, up in await self._read() if up]
+
+    async def _read(self) -> list[tuple[InstanceInfo, bool]]:
+        """Every listed instance, and whether its heartbeat is alive: two round trips."""
+        records = cast(dict[bytes, bytes], await self._redis.hgetall(self._keys.instances))
+        names = sorted(records)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.exists(self._keys.heartbeat(name.decode()))
+                pipe.scard(self._keys.instance_connections(name.decode()))
+            counts: list[int] = await pipe.execute()
+        listed = []
+        for i, name in enumerate(names):
+            started = _started_at(records[name])
+            info = InstanceInfo(name.decode(), started, int(counts[2 * i + 1]))
+            listed.append((info, bool(counts[2 * i])))
+        return listed
 
     async def leave(self) -> None:
         """Remove the heartbeat and the instance record (a graceful stop)."""
@@ -55,3 +186,11 @@ class Heartbeat:
             pipe.delete(self._keys.heartbeat(self._instance))
             pipe.hdel(self._keys.instances, self._instance)
             await pipe.execute()
+
+
+def _started_at(record: bytes) -> float:
+    """The start time in an instance record; 0.0 for a record that is not ours."""
+    try:
+        return float(json.loads(record)["started_at"])
+    except (ValueError, TypeError, KeyError):
+        return 0.0

@@ -9,7 +9,7 @@ instance) needs no knowledge of how the keys were built. Every change is one scr
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import cast
 
 from redis.asyncio import Redis
@@ -56,13 +56,17 @@ class Registry:
             separators=(",", ":"),
         )
 
-    async def register(self, connection: Connection) -> None:
-        """Write the record and every index entry, atomically, in one round trip."""
-        index_keys = self.index_keys(connection)
-        await self._register(
-            keys=[self._keys.connections, *index_keys],
-            args=[connection.id, self.record(connection, index_keys)],
-        )
+    async def register(self, *connections: Connection) -> None:
+        """Write records and every index entry, each atomically, in one round trip."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for connection in connections:
+                index_keys = self.index_keys(connection)
+                await self._register(
+                    keys=[self._keys.connections, *index_keys],
+                    args=[connection.id, self.record(connection, index_keys)],
+                    client=pipe,
+                )
+            await pipe.execute()
 
     async def unregister(self, ids: Sequence[str], instance: str | None = None) -> int:
         """Remove records and their index entries; returns how many records existed."""
@@ -72,6 +76,26 @@ class Registry:
         if instance is not None:
             keys.append(self._keys.instance_connections(instance))
         return int(await self._unregister(keys=keys, args=list(ids)))
+
+    async def reconcile(self, instance: str, local: Mapping[str, Connection]) -> tuple[int, int]:
+        """Make Redis hold exactly the ``local`` connections of ``instance``.
+
+        Returns (records restored, records removed). Safe against connections that open
+        or close meanwhile: a restored record whose connection closed during the repair
+        is removed again, and unregistering twice is harmless.
+        """
+        members = self._keys.instance_connections(instance)
+        remote = {m.decode() async for m in self._redis.sscan_iter(members, count=1000)}
+        held = {i: c for i, c in local.items() if not c.registering}
+        missing = [c for i, c in held.items() if i not in remote]
+        extra = [i for i in remote if i not in local]
+        if missing:
+            await self.register(*missing)
+            closed = [c.id for c in missing if c.id not in local]
+            await self.unregister(closed, instance)
+            missing = [c for c in missing if c.id in local]
+        removed = await self.unregister(extra, instance) if extra else 0
+        return len(missing), removed
 
     async def unregister_instance(self, instance: str) -> int:
         """Remove every connection an instance owns, in bounded batches."""

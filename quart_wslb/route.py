@@ -34,15 +34,22 @@ async def call_getter(getter: Callable[[], object] | None) -> object:
 
 
 def ws_route(
-    *, user: UserGetter | None = None, metadata: MetadataGetter | None = None
+    *,
+    user: UserGetter | None = None,
+    metadata: MetadataGetter | None = None,
+    accept: bool = True,
 ) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R]]]:
     """Track the websocket handler it decorates, stacked under ``@app.websocket(rule)``.
 
     ``user`` returns the user's name (``str``) or ``None``; ``metadata`` returns a
     ``str -> str`` mapping. Both are sync or async callables run in the websocket context
-    when the handler starts; ``user`` defaults to the extension's ``user`` option. The
-    connection is registered before the handler body runs and unregistered when it ends,
-    however it ends. Inside, ``current_connection`` is the live connection.
+    when the handler starts, before the handshake completes, so either may reject the
+    connection (``abort(401)``); ``user`` defaults to the extension's ``user`` option.
+    Then the websocket is accepted (with ``accept=False`` the handler accepts it itself,
+    to choose a subprotocol or headers; messages routed to it wait until it does), the
+    connection is registered, and the handler body runs; the connection is unregistered
+    when the handler ends, however it ends. Inside, ``current_connection`` is the live
+    connection.
     """
 
     def decorator(handler: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
@@ -51,13 +58,12 @@ def ws_route(
             wslb: WsLoadBalance | None = current_app.extensions.get("wslb")
             if wslb is None:
                 raise RuntimeError("@ws_route needs WsLoadBalance(app) on this app")
-            connection = await wslb._open_connection(user, metadata)
-            token = _cv_connection.set(connection)
-            try:
-                return await current_app.ensure_async(handler)(*args, **kwargs)
-            finally:
-                _cv_connection.reset(token)
-                await wslb._close_connection(connection)
+            async with wslb._track(user, metadata, accept) as connection:
+                token = _cv_connection.set(connection)
+                try:
+                    return await current_app.ensure_async(handler)(*args, **kwargs)
+                finally:
+                    _cv_connection.reset(token)
 
         return wrapper
 

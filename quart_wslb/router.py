@@ -13,7 +13,7 @@ import asyncio
 import logging
 import os
 import random
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
@@ -29,7 +29,9 @@ __all__ = ("Route", "Router")
 
 log = logging.getLogger("quart_wslb")
 #: How long one read of the subscriber waits, so every iteration of the loop is bounded.
-READ_TIMEOUT = 1.0
+READ_TIMEOUT = 0.5
+#: Probes start with a byte that no envelope starts with (an envelope starts with "{").
+PROBE = b"\x00probe:"
 BACKOFF_MIN, BACKOFF_MAX = 0.05, 2.0
 
 
@@ -66,6 +68,27 @@ class Router:
         self._channel_prefix = keys.channel("")
         #: Set while this instance is subscribed to its channels.
         self.subscribed = asyncio.Event()
+        self._restart = False
+        self._probe_sent = 0
+        self._probe_seen = 0
+        self._on_subscribed: list[Callable[[], Awaitable[None]]] = []
+
+    def on_subscribed(self, callback: Callable[[], Awaitable[None]]) -> None:
+        """Call ``callback`` after every (re)subscription, once the loop is listening."""
+        self._on_subscribed.append(callback)
+
+    def next_probe(self) -> bytes:
+        """The next probe to publish on this instance's own channel."""
+        self._probe_sent += 1
+        return PROBE + str(self._probe_sent).encode()
+
+    def missed_probes(self) -> int:
+        """Probes published since the last one the subscriber received."""
+        return self._probe_sent - self._probe_seen
+
+    def restart(self) -> None:
+        """Drop the subscription and subscribe again (within ``READ_TIMEOUT``)."""
+        self._restart = True
 
     async def route(self, selector: Selector, kind: Kind, payload: bytes) -> Route:
         """Resolve and publish in one round trip."""
@@ -79,6 +102,8 @@ class Router:
                 self._keys.broadcast,
                 head(message_id, self._instance, kind),
                 payload,
+                self._keys.heartbeat(""),
+                self._keys.instance_connections(""),
                 *program.ops,
             ],
         )
@@ -89,7 +114,7 @@ class Router:
         program = selector.compile(self._keys)
         flat = await self._route(
             keys=[self._keys.connections, self._keys.all, *program.keys],
-            args=["resolve", "", "", "", "", *program.ops],
+            args=["resolve", "", "", "", "", "", "", *program.ops],
         )
         pairs = zip(flat[::2], flat[1::2], strict=True)
         return {inst.decode(): sorted(i.decode() for i in ids) for inst, ids in pairs}
@@ -102,24 +127,39 @@ class Router:
             try:
                 async with self._redis.pubsub() as pubsub:
                     await pubsub.subscribe(*channels)
-                    self.subscribed.set()
+                    await self._subscribed()
                     delay = BACKOFF_MIN
-                    while True:
+                    while not self._restart:
                         message = await pubsub.get_message(
                             ignore_subscribe_messages=True, timeout=READ_TIMEOUT
                         )
                         if message is not None and message["type"] == "message":
                             await self.dispatch(message["data"])
+                self.subscribed.clear()
             except asyncio.CancelledError:
                 raise
             except Exception as error:
                 self.subscribed.clear()
                 log.warning("subscriber lost (%r); subscribing again in %.2fs", error, delay)
+                await signals.send(signals.subscriber_lost, self._owner, error=error)
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))
                 delay = min(delay * 2, BACKOFF_MAX)
 
+    async def _subscribed(self) -> None:
+        self._restart = False
+        self._probe_seen = self._probe_sent
+        self.subscribed.set()
+        for callback in self._on_subscribed:
+            try:
+                await callback()
+            except Exception as error:
+                log.warning("after subscribing: %r", error)
+
     async def dispatch(self, raw: bytes) -> None:
         """Deliver one envelope to its local targets; a bad one is logged and skipped."""
+        if raw.startswith(PROBE) and raw[len(PROBE) :].isdigit():
+            self._probe_seen = max(self._probe_seen, int(raw[len(PROBE) :]))
+            return
         try:
             envelope = decode(raw)
         except EnvelopeError as error:

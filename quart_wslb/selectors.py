@@ -35,7 +35,7 @@ class Program:
 
     Ops: ``S<n>`` members of ``KEYS[n]``; ``A`` every connection; ``C<id>`` one
     connection if it exists; ``&`` and ``|`` combine the top two sets; a lone ``B``
-    is a broadcast to every instance.
+    is a broadcast to every instance (its one key is the instances hash).
     """
 
     keys: list[str] = field(default_factory=list)
@@ -143,7 +143,9 @@ class MetadataSelector(Selector):
         if not pairs:
             raise ValueError("MetadataSelector needs at least one name=value pair")
         for name, value in pairs.items():
-            _text(value, f"metadata value of {name!r}")
+            _text(name, "metadata name")
+            if not isinstance(value, str):
+                raise TypeError(f"metadata value of {name!r} must be a str")
         self.pairs: Mapping[str, str] = dict(sorted(pairs.items()))
 
     def __repr__(self) -> str:
@@ -177,7 +179,13 @@ class AllSelector(Selector):
         return True
 
     def compile(self, keys: Keys) -> Program:
-        return Program(ops=["B"])
+        return Program(keys=[keys.instances], ops=["B"])
+
+
+def _operands(left: object, right: object) -> None:
+    for operand in (left, right):
+        if not isinstance(operand, Selector):
+            raise TypeError(f"selectors combine only with selectors, not {operand!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +194,9 @@ class AndSelector(Selector):
 
     left: Selector
     right: Selector
+
+    def __post_init__(self) -> None:
+        _operands(self.left, self.right)
 
     def emit(self, program: Program, keys: Keys) -> None:
         self.left.emit(program, keys)
@@ -202,6 +213,9 @@ class OrSelector(Selector):
 
     left: Selector
     right: Selector
+
+    def __post_init__(self) -> None:
+        _operands(self.left, self.right)
 
     def emit(self, program: Program, keys: Keys) -> None:
         self.left.emit(program, keys)

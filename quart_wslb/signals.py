@@ -1,14 +1,15 @@
-"""blinker signals, sent with ``send_async`` as Quart sends its own.
+"""blinker signals of quart-wslb.
 
 Every signal is sent with the :class:`~quart_wslb.WsLoadBalance` extension as sender.
 Coroutine receivers are awaited; plain functions are called inline on the event loop,
-so they must be quick. A receiver that raises is logged and never breaks delivery.
+so they must be quick. Unlike ``Signal.send_async``, a receiver that raises is logged
+and the others still run: a signal never breaks delivery.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
-from collections.abc import Callable, Coroutine
 from typing import Any
 
 from blinker import NamedSignal, Namespace
@@ -20,6 +21,11 @@ __all__ = (
     "message_dropped",
     "message_received",
     "message_routed",
+    "instance_joined",
+    "instance_left",
+    "instance_reaped",
+    "registry_repaired",
+    "subscriber_lost",
     "send",
 )
 
@@ -38,24 +44,40 @@ message_received: NamedSignal = _signals.signal("message_received")
 #: A frame was written to a local client. Receivers: ``(sender, connection, frame)``.
 message_delivered: NamedSignal = _signals.signal("message_delivered")
 #: Something was not delivered. Receivers: ``(sender, reason, message_id, connection,
-#: detail)``; ``reason`` is ``"malformed"``, ``"queue_full"``, ``"gone"`` (no such local
-#: connection) or ``"closed"`` (still queued when the connection ended), and
-#: ``message_id``/``connection`` are ``None`` when unknown.
+#: detail)``. ``reason`` is one of ``"malformed"`` (an envelope failed the schema),
+#: ``"queue_full"``, ``"gone"`` (no such local connection), ``"closed"`` (still queued
+#: when the connection ended) or ``"too_large"`` (a client frame over
+#: ``WSLB_MAX_MESSAGE_SIZE``; the socket was closed with 1009). ``message_id`` and
+#: ``connection`` are ``None`` when unknown.
 message_dropped: NamedSignal = _signals.signal("message_dropped")
 
-
-def _inline(func: Callable[..., Any]) -> Callable[..., Coroutine[Any, Any, Any]]:
-    async def call(*args: Any, **kwargs: Any) -> Any:
-        return func(*args, **kwargs)
-
-    return call
+#: This instance saw another instance's heartbeat appear. Receivers: ``(sender, instance)``.
+instance_joined: NamedSignal = _signals.signal("instance_joined")
+#: This instance saw an instance's heartbeat disappear (stopped, or crashed and expired).
+#: Receivers: ``(sender, instance)``.
+instance_left: NamedSignal = _signals.signal("instance_left")
+#: This instance reaped a dead instance's records (exactly one survivor does).
+#: Receivers: ``(sender, instance, connections)``: how many records it removed.
+instance_reaped: NamedSignal = _signals.signal("instance_reaped")
+#: Redis held records that differed from this instance's live connections, and they were
+#: made to agree. Receivers: ``(sender, restored, removed)``.
+registry_repaired: NamedSignal = _signals.signal("registry_repaired")
+#: The subscriber connection failed; it is being re-established with backoff.
+#: Receivers: ``(sender, error)``.
+subscriber_lost: NamedSignal = _signals.signal("subscriber_lost")
 
 
 async def send(signal: NamedSignal, sender: object, **kwargs: Any) -> None:
-    """Send ``signal`` if anyone listens; a failing receiver is logged, not raised."""
+    """Call every receiver of ``signal`` (awaiting coroutine ones) if anyone listens.
+
+    Each receiver is isolated: one that raises is logged, and the others still run.
+    """
     if not signal.receivers:
         return
-    try:
-        await signal.send_async(sender, _sync_wrapper=_inline, **kwargs)
-    except Exception:
-        log.exception("a receiver of the %s signal failed", signal.name)
+    for receiver in signal.receivers_for(sender):
+        try:
+            result = receiver(sender, **kwargs)
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            log.exception("a receiver of the %s signal failed", signal.name)

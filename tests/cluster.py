@@ -16,10 +16,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from websockets.asyncio.client import ClientConnection, connect
+
 from quart_wslb.testing import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 20.0
+
+
+class HttpError(Exception):
+    """An instance answered with an HTTP error status."""
+
+    def __init__(self, status: int, body: bytes) -> None:
+        super().__init__(f"HTTP {status}: {body[:200]!r}")
+        self.status = status
 
 
 def http(port: int, path: str, body: object = None, timeout: float = 10.0) -> Any:
@@ -31,8 +41,12 @@ def http(port: int, path: str, body: object = None, timeout: float = 10.0) -> An
         headers={"content-type": "application/json"},
         method="GET" if body is None else "POST",
     )
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        return json.loads(response.read())
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        with error:  # closes its socket now, not at garbage collection
+            raise HttpError(error.code, error.read()) from None
 
 
 @dataclass
@@ -154,3 +168,25 @@ class Cluster:
         """Stop every instance still running, gracefully."""
         for instance in self.instances:
             instance.stop()
+
+
+class Clients:
+    """Real WebSocket clients of a test; every one is closed when the test ends."""
+
+    def __init__(self) -> None:
+        self.open: list[ClientConnection] = []
+
+    async def join(
+        self, instance: Instance, user: str, room: str = "red"
+    ) -> tuple[ClientConnection, str]:
+        """Connect ``user`` to ``/ws/<room>``; returns the client and its connection id."""
+        client = await connect(instance.ws(f"/ws/{room}?user={user}"))
+        self.open.append(client)
+        hello = json.loads(await asyncio.wait_for(client.recv(), 5))
+        if hello.get("user") != user:
+            raise AssertionError(f"unexpected hello {hello!r}")
+        return client, str(hello["hello"])
+
+    async def close(self) -> None:
+        """Close every client (those the server closed already are skipped fast)."""
+        await asyncio.gather(*(c.close() for c in self.open), return_exceptions=True)

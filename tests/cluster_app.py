@@ -18,6 +18,7 @@ from quart_wslb import (
     ConnectionSelector,
     MetadataSelector,
     PathSelector,
+    RedisUnavailableError,
     Selector,
     UserSelector,
     WsLoadBalance,
@@ -28,9 +29,20 @@ from quart_wslb import (
 from quart_wslb.envelope import Envelope
 
 app = Quart(__name__)
+
+
+def _number_or_text(value: str) -> int | float | str:
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
 for name, value in os.environ.items():
     if name.startswith("WSLB_") and name != "WSLB_TEST_REDIS_URL":
-        app.config[name] = int(value) if value.isdigit() else value
+        app.config[name] = _number_or_text(value)
 wslb = WsLoadBalance(app)
 stats: Counter[str] = Counter()
 
@@ -44,6 +56,28 @@ def _count(sender: WsLoadBalance, envelope: Envelope) -> None:
 @signals.message_dropped.connect_via(wslb)
 def _count_drop(sender: WsLoadBalance, reason: str, **_: Any) -> None:
     stats[f"dropped_{reason}"] += 1
+
+
+@signals.instance_reaped.connect_via(wslb)
+def _count_reaped(sender: WsLoadBalance, instance: str, connections: int) -> None:
+    stats["reaped"] += 1
+    stats["reaped_connections"] += connections
+
+
+@signals.registry_repaired.connect_via(wslb)
+def _count_repaired(sender: WsLoadBalance, restored: int, removed: int) -> None:
+    stats["restored"] += restored
+    stats["removed"] += removed
+
+
+@signals.subscriber_lost.connect_via(wslb)
+def _count_lost(sender: WsLoadBalance, error: Exception) -> None:
+    stats["subscriber_lost"] += 1
+
+
+@app.errorhandler(RedisUnavailableError)
+async def _unavailable(error: RedisUnavailableError) -> tuple[dict[str, str], int]:
+    return {"error": str(error)}, 503
 
 
 def selector_from(spec: dict[str, Any]) -> Selector:
@@ -78,6 +112,8 @@ async def chat(room: str) -> None:
         text = await websocket.receive()
         if text == "close":
             return
+        if text == "pong":
+            continue
         await current_app.wslb.send(  # type: ignore[attr-defined]
             MetadataSelector(room=room), {"from": conn.user, "text": text}
         )
@@ -101,6 +137,14 @@ async def send_raw() -> dict[str, Any]:
 async def resolve() -> dict[str, Any]:
     body = await request.get_json()
     return dict(await wslb.resolve(selector_from(body["selector"])))
+
+
+@app.get("/instances")
+async def get_instances() -> list[dict[str, Any]]:
+    return [
+        {"id": i.id, "started_at": i.started_at, "connections": i.connections}
+        for i in await wslb.instances()
+    ]
 
 
 @app.get("/stats")

@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from quart_wslb.testing import RedisServer
-from tests.cluster import Cluster
+from tests.cluster import Clients, Cluster
 
 
 @pytest.fixture(name="redis_url", scope="session")
@@ -76,3 +76,11 @@ def fixture_start_cluster(
     yield start
     for cluster in clusters:
         cluster.stop()
+
+
+@pytest.fixture(name="clients")
+async def fixture_clients() -> AsyncIterator[Clients]:
+    """Real WebSocket clients, all closed at the end of the test."""
+    pool = Clients()
+    yield pool
+    await pool.close()

@@ -9,23 +9,16 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
 from quart_wslb.envelope import Envelope, encode
 from quart_wslb.keys import Keys
-from tests.cluster import Cluster, Instance
+from tests.cluster import Clients, Cluster
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 StartCluster = Callable[..., Cluster]
 QUIET = 0.3  # how long "nothing else arrives" is watched
-
-
-async def join(instance: Instance, room: str, user: str) -> tuple[ClientConnection, str]:
-    """Connect a client; returns it and its connection id (from the hello frame)."""
-    client = await connect(instance.ws(f"/ws/{room}?user={user}"))
-    hello = json.loads(await asyncio.wait_for(client.recv(), 5))
-    return client, str(hello["hello"])
 
 
 async def receive(client: ClientConnection) -> Any:
@@ -44,12 +37,12 @@ async def envelopes(cluster: Cluster) -> list[int]:
 
 
 async def test_send_user_reaches_every_connection_of_the_user(
-    start_cluster: StartCluster,
+    start_cluster: StartCluster, clients: Clients
 ) -> None:
     cluster = start_cluster(3)
-    alice0, _ = await join(cluster[0], "red", "alice")
-    alice2, _ = await join(cluster[2], "blue", "alice")
-    bob1, _ = await join(cluster[1], "red", "bob")
+    alice0, _ = await clients.join(cluster[0], "alice", "red")
+    alice2, _ = await clients.join(cluster[2], "alice", "blue")
+    bob1, _ = await clients.join(cluster[1], "bob", "red")
     assert await cluster[1].send({"user": "alice"}, {"n": 1}) == 2
     assert await receive(alice0) == {"n": 1}
     assert await receive(alice2) == {"n": 1}
@@ -60,10 +53,10 @@ async def test_send_user_reaches_every_connection_of_the_user(
 
 
 async def test_send_targeted_reaches_only_the_owning_instance(
-    start_cluster: StartCluster, redis_url: str, prefix: str
+    start_cluster: StartCluster, clients: Clients, redis_url: str, prefix: str
 ) -> None:
     cluster = start_cluster(3)
-    carol, _ = await join(cluster[0], "red", "carol")
+    carol, _ = await clients.join(cluster[0], "carol", "red")
     for n in range(20):
         assert await cluster[1].send({"user": "carol"}, {"n": n}) == 1
     assert [await receive(carol) for _ in range(20)] == [{"n": n} for n in range(20)]
@@ -80,11 +73,13 @@ async def test_send_targeted_reaches_only_the_owning_instance(
     await carol.close()
 
 
-async def test_send_every_selector_across_instances(start_cluster: StartCluster) -> None:
+async def test_send_every_selector_across_instances(
+    start_cluster: StartCluster, clients: Clients
+) -> None:
     cluster = start_cluster(3)
-    a, a_id = await join(cluster[0], "red", "ann")
-    b, _ = await join(cluster[1], "red", "ben")
-    c, _ = await join(cluster[2], "blue", "cat")
+    a, a_id = await clients.join(cluster[0], "ann", "red")
+    b, _ = await clients.join(cluster[1], "ben", "red")
+    c, _ = await clients.join(cluster[2], "cat", "blue")
     everyone = (a, b, c)
 
     async def expect(selector: dict[str, Any], routed: int, *got: ClientConnection) -> None:
@@ -106,9 +101,9 @@ async def test_send_every_selector_across_instances(start_cluster: StartCluster)
         await client.close()
 
 
-async def test_send_frames_keep_their_kind(start_cluster: StartCluster) -> None:
+async def test_send_frames_keep_their_kind(start_cluster: StartCluster, clients: Clients) -> None:
     cluster = start_cluster(2)
-    dan, _ = await join(cluster[0], "red", "dan")
+    dan, _ = await clients.join(cluster[0], "dan", "red")
     assert await cluster[1].send({"user": "dan"}, "plain text") == 1
     assert await asyncio.wait_for(dan.recv(), 5) == "plain text"
     assert await cluster[1].send({"user": "dan"}, [1, "two"]) == 1
@@ -116,18 +111,22 @@ async def test_send_frames_keep_their_kind(start_cluster: StartCluster) -> None:
     await dan.close()
 
 
-async def test_send_binary_frame_across_instances(start_cluster: StartCluster) -> None:
+async def test_send_binary_frame_across_instances(
+    start_cluster: StartCluster, clients: Clients
+) -> None:
     cluster = start_cluster(2)
-    eve, _ = await join(cluster[0], "red", "eve")
+    eve, _ = await clients.join(cluster[0], "eve", "red")
     assert await cluster[1].call("/send_raw?user=eve", b"\x00\xff") == {"routed": 1}
     assert await asyncio.wait_for(eve.recv(), 5) == b"\x00\xff"
     await eve.close()
 
 
-async def test_handler_room_message_crosses_instances(start_cluster: StartCluster) -> None:
+async def test_handler_room_message_crosses_instances(
+    start_cluster: StartCluster, clients: Clients
+) -> None:
     cluster = start_cluster(2)
-    fay, _ = await join(cluster[0], "green", "fay")
-    gus, _ = await join(cluster[1], "green", "gus")
+    fay, _ = await clients.join(cluster[0], "fay", "green")
+    gus, _ = await clients.join(cluster[1], "gus", "green")
     await gus.send("hello from instance 1")
     expected = {"from": "gus", "text": "hello from instance 1"}
     assert await receive(fay) == expected
@@ -152,11 +151,11 @@ async def registry_size(redis_url: str, prefix: str) -> tuple[int, int, int]:
 
 
 async def test_closed_connections_leave_the_registry(
-    start_cluster: StartCluster, redis_url: str, prefix: str
+    start_cluster: StartCluster, clients: Clients, redis_url: str, prefix: str
 ) -> None:
     cluster = start_cluster(2)
-    hal, _ = await join(cluster[0], "red", "hal")
-    ivy, _ = await join(cluster[1], "blue", "ivy")
+    hal, _ = await clients.join(cluster[0], "hal", "red")
+    ivy, _ = await clients.join(cluster[1], "ivy", "blue")
     records, members, others = await registry_size(redis_url, prefix)
     assert (records, members) == (2, 2)
     assert others > 2  # record hash, all-set, per-instance, user, path and metadata sets
@@ -175,10 +174,10 @@ async def test_closed_connections_leave_the_registry(
 
 
 async def test_oversized_client_frame_closes_with_1009(
-    start_cluster: StartCluster, redis_url: str, prefix: str
+    start_cluster: StartCluster, clients: Clients, redis_url: str, prefix: str
 ) -> None:
     cluster = start_cluster(1, WSLB_MAX_MESSAGE_SIZE="1000")
-    jo, _ = await join(cluster[0], "red", "jo")
+    jo, _ = await clients.join(cluster[0], "jo", "red")
     await jo.send("x" * 1001)
     with pytest.raises(ConnectionClosed) as closed:
         await asyncio.wait_for(jo.recv(), 5)
@@ -192,10 +191,10 @@ async def test_oversized_client_frame_closes_with_1009(
 
 
 async def test_malformed_envelope_is_dropped_and_delivery_goes_on(
-    start_cluster: StartCluster, redis_url: str, prefix: str
+    start_cluster: StartCluster, clients: Clients, redis_url: str, prefix: str
 ) -> None:
     cluster = start_cluster(2)
-    kim, kim_id = await join(cluster[0], "red", "kim")
+    kim, kim_id = await clients.join(cluster[0], "kim", "red")
     channel = Keys(prefix).channel("i0")
     good = encode(Envelope("m1", "test", "text", [kim_id], "still alive"))
     client = aioredis.Redis.from_url(redis_url)
@@ -212,11 +211,11 @@ async def test_malformed_envelope_is_dropped_and_delivery_goes_on(
 
 
 async def test_graceful_stop_closes_1001_and_unregisters(
-    start_cluster: StartCluster, redis_url: str, prefix: str
+    start_cluster: StartCluster, clients: Clients, redis_url: str, prefix: str
 ) -> None:
     cluster = start_cluster(2)
-    leo, _ = await join(cluster[0], "red", "leo")
-    mia, _ = await join(cluster[1], "red", "mia")
+    leo, _ = await clients.join(cluster[0], "leo", "red")
+    mia, _ = await clients.join(cluster[1], "mia", "red")
     assert await asyncio.to_thread(cluster[0].stop) == 0
     with pytest.raises(ConnectionClosed) as closed:
         await asyncio.wait_for(leo.recv(), 5)
@@ -236,17 +235,15 @@ async def test_graceful_stop_closes_1001_and_unregisters(
 
 
 async def test_many_users_many_instances_each_get_only_their_own(
-    start_cluster: StartCluster,
+    start_cluster: StartCluster, clients: Clients
 ) -> None:
     cluster = start_cluster(3)
-    clients = [await join(cluster[n % 3], "red", f"user{n}") for n in range(12)]
+    joined = [await clients.join(cluster[n % 3], f"user{n}") for n in range(12)]
     routed = await asyncio.gather(
         *(cluster[(n + 1) % 3].send({"user": f"user{n}"}, {"to": n}) for n in range(12))
     )
     assert routed == [1] * 12
-    for n, (client, _) in enumerate(clients):
+    for n, (client, _) in enumerate(joined):
         assert await receive(client) == {"to": n}
-    await assert_silent(*(client for client, _ in clients))
+    await assert_silent(*(client for client, _ in joined))
     assert await envelopes(cluster) == [4, 4, 4]
-    for client, _ in clients:
-        await client.close()

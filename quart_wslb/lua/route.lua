@@ -8,13 +8,22 @@
 -- ARGV[3]  broadcast channel
 -- ARGV[4]  envelope head, up to and including '"targets":'
 -- ARGV[5]  payload
--- ARGV[6..] program, postfix: S<n> members of KEYS[n]; A every id; C<id> one id if it
---          exists; & and | combine the top two sets; a lone B is a broadcast.
--- Connection ids are "<instance>:<token>", so the owner needs no lookup.
+-- ARGV[6]  heartbeat key prefix, ARGV[7] instance set prefix (for a broadcast)
+-- ARGV[8..] program, postfix: S<n> members of KEYS[n]; A every id; C<id> one id if it
+--          exists; & and | combine the top two sets; a lone B is a broadcast, and then
+--          KEYS[3] is the instances hash.
+-- Connection ids are "<instance>:<token>", so the owner needs no lookup. Keys built
+-- here from the prefixes share the registry's hash tag, hence its cluster slot.
 local publish = ARGV[1] == 'publish'
 
-if publish and ARGV[6] == 'B' and #ARGV == 6 then
-  local count = redis.call('SCARD', KEYS[2])
+if publish and ARGV[8] == 'B' and #ARGV == 8 then
+  -- One publish for every instance; count only the connections of live instances.
+  local count = 0
+  for _, instance in ipairs(redis.call('HKEYS', KEYS[3])) do
+    if redis.call('EXISTS', ARGV[6] .. instance) == 1 then
+      count = count + redis.call('SCARD', ARGV[7] .. instance)
+    end
+  end
   if count == 0 then return {0, 0, {}} end
   local heard = redis.call('PUBLISH', ARGV[3], ARGV[4] .. '[]}\n' .. ARGV[5])
   if heard == 0 then return {0, 0, {}} end
@@ -28,7 +37,7 @@ local function members(key)
 end
 
 local stack = {}
-for i = 6, #ARGV do
+for i = 8, #ARGV do
   local op = ARGV[i]
   local code = string.sub(op, 1, 1)
   if code == 'S' then

@@ -1,0 +1,243 @@
+"""Fault injection: crashed instances, Redis restarts, killed subscribers, two reapers,
+unreachable Redis and silent clients, against private redis-server processes and real
+Hypercorn instances. Measured times are printed (run with ``-s``) for the failure-model
+docs; the assertions hold the bounds that the docs promise."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed
+
+from quart_wslb.connection import Connection
+from quart_wslb.keys import Keys
+from quart_wslb.liveness import Liveness
+from quart_wslb.registry import Registry
+from quart_wslb.router import Router
+from quart_wslb.testing import RedisServer
+from tests.cluster import Clients, Cluster, HttpError, Instance
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+StartCluster = Callable[..., Cluster]
+FAST = {"WSLB_HEARTBEAT_INTERVAL": "0.5", "WSLB_INSTANCE_TTL": "1.5", "WSLB_REDIS_TIMEOUT": "1"}
+
+
+async def join(clients: Clients, instance: Instance, user: str) -> ClientConnection:
+    return (await clients.join(instance, user))[0]
+
+
+async def wait_until(check: Callable[[], Awaitable[bool]], timeout: float) -> float:
+    """Seconds until ``check()`` holds; fails the test after ``timeout``."""
+    started = time.monotonic()
+    while not await check():
+        if time.monotonic() - started > timeout:
+            pytest.fail(f"condition not met within {timeout}s")
+        await asyncio.sleep(0.02)
+    return time.monotonic() - started
+
+
+async def try_send(instance: Instance, user: str, message: object) -> int:
+    """The routed count, or -1 while the instance answers 503 (Redis unreachable)."""
+    try:
+        return await instance.send({"user": user}, message)
+    except HttpError as error:
+        assert error.status == 503
+        return -1
+
+
+def report(what: str, seconds: float) -> None:
+    print(f"\nMEASURED {what}: {seconds:.2f}s")
+
+
+async def records_of(url: str, prefix: str, instance: str) -> int:
+    client = aioredis.Redis.from_url(url)
+    try:
+        return int(await client.scard(Keys(prefix).instance_connections(instance)))
+    finally:
+        await client.aclose()
+
+
+async def test_liveness_sigkill_instance_is_reaped_within_ttl(
+    start_cluster: StartCluster, clients: Clients, private_redis: RedisServer, prefix: str
+) -> None:
+    cluster = start_cluster(3, url=private_redis.url, **FAST)
+    victims = [await join(clients, cluster[0], f"v{n}") for n in range(5)]
+    assert await records_of(private_redis.url, prefix, "i0") == 5
+    cluster[0].crash()
+    crashed = time.monotonic()
+
+    async def send_returns_zero() -> bool:
+        return await cluster[1].send({"user": "v0"}, "x") == 0
+
+    async def records_reaped() -> bool:
+        return await records_of(private_redis.url, prefix, "i0") == 0
+
+    report("SIGKILL -> send returns 0", await wait_until(send_returns_zero, 3.5))
+    await wait_until(records_reaped, 1.5 + 2.0)
+    report("SIGKILL -> records reaped", time.monotonic() - crashed)
+    assert await cluster[1].call("/resolve", {"selector": {"all": True}}) == {}
+    live = await cluster[1].call("/instances")
+    assert sorted(i["id"] for i in live) == ["i1", "i2"]
+    reaps = [(await cluster[n].stats()).get("reaped", 0) for n in (1, 2)]
+    assert sum(reaps) == 1  # exactly one survivor reaped it
+    for client in victims:
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(client.recv(), 5)
+
+
+async def test_liveness_redis_restart_recovers_without_reconnecting(
+    start_cluster: StartCluster, clients: Clients, private_redis: RedisServer
+) -> None:
+    cluster = start_cluster(2, url=private_redis.url, **FAST)
+    ann = await join(clients, cluster[0], "ann")
+    bob = await join(clients, cluster[1], "bob")
+    assert await cluster[1].send({"user": "ann"}, "before") == 1
+    assert await asyncio.wait_for(ann.recv(), 5) == "before"
+    private_redis.stop(kill=True)
+    assert await try_send(cluster[1], "ann", "during") == -1  # a clear 503, not a hang
+    private_redis.start()
+    back = time.monotonic()
+
+    async def delivered_both_ways() -> bool:
+        return (
+            await try_send(cluster[1], "ann", "after") == 1
+            and await try_send(cluster[0], "bob", "after") == 1
+        )
+
+    await wait_until(delivered_both_ways, 5.0)
+    report("Redis restart -> delivery again (both instances)", time.monotonic() - back)
+    assert await asyncio.wait_for(ann.recv(), 5) == "after"
+    assert await asyncio.wait_for(bob.recv(), 5) == "after"
+    assert (await cluster[0].stats())["restored"] >= 1
+
+
+async def test_liveness_killed_subscriber_resubscribes(
+    start_cluster: StartCluster, clients: Clients, private_redis: RedisServer
+) -> None:
+    cluster = start_cluster(2, url=private_redis.url, **FAST)
+    cat = await join(clients, cluster[0], "cat")
+    client = aioredis.Redis.from_url(private_redis.url)
+    try:
+        assert await client.client_kill_filter(_type="pubsub") == 2
+    finally:
+        await client.aclose()
+    killed = time.monotonic()
+
+    async def delivered() -> bool:
+        return await cluster[1].send({"user": "cat"}, "again") == 1
+
+    await wait_until(delivered, 5.0)
+    report("CLIENT KILL TYPE pubsub -> delivery again", time.monotonic() - killed)
+    assert await asyncio.wait_for(cat.recv(), 5) == "again"
+    assert (await cluster[0].stats())["subscriber_lost"] >= 1
+
+
+async def test_liveness_redis_unreachable_send_fails_fast_and_clients_stay(
+    start_cluster: StartCluster, clients: Clients, private_redis: RedisServer
+) -> None:
+    cluster = start_cluster(2, url=private_redis.url, **FAST)
+    dan = await join(clients, cluster[0], "dan")
+    private_redis.stop(kill=True)
+    started = time.monotonic()
+    with pytest.raises(HttpError) as failed:
+        await cluster[1].send({"user": "dan"}, "x")
+    elapsed = time.monotonic() - started
+    report("send with Redis down -> RedisUnavailableError", elapsed)
+    assert failed.value.status == 503
+    assert elapsed < 3.0  # WSLB_REDIS_TIMEOUT is 1 s
+    await dan.send("still here?")  # the handler sends to the room: fails, but stays open
+    await dan.ping()
+    private_redis.start()
+
+
+async def test_liveness_redis_frozen_send_fails_within_timeout(
+    start_cluster: StartCluster, clients: Clients, private_redis: RedisServer
+) -> None:
+    cluster = start_cluster(2, url=private_redis.url, **FAST)
+    await join(clients, cluster[0], "eve")
+    assert private_redis.process is not None
+    private_redis.process.send_signal(signal.SIGSTOP)  # accepts TCP, never answers
+    try:
+        started = time.monotonic()
+        with pytest.raises(HttpError) as failed:
+            await cluster[1].send({"user": "eve"}, "x")
+        elapsed = time.monotonic() - started
+    finally:
+        private_redis.process.send_signal(signal.SIGCONT)
+    report("send with Redis frozen -> RedisUnavailableError", elapsed)
+    assert failed.value.status == 503
+    assert 0.9 < elapsed < 3.0  # WSLB_REDIS_TIMEOUT is 1 s
+
+
+async def test_liveness_two_reapers_at_once_leave_nothing_behind(
+    private_redis: RedisServer, prefix: str
+) -> None:
+    redis = aioredis.Redis.from_url(private_redis.url)
+    keys = Keys(prefix)
+    registry = Registry(redis, keys)
+    dead = [_record(f"ghost:{n}", f"user{n % 7}", n) for n in range(1200)]
+    await registry.register(*dead)
+    await redis.hset(keys.instances, "ghost", json.dumps({"started_at": 1.0}))
+    reapers = [_liveness(redis, keys, registry, name) for name in ("s1", "s2")]
+    await asyncio.gather(*(r.sweep() for r in reapers))
+    assert await redis.hlen(keys.connections) == 0
+    assert [k async for k in redis.scan_iter(match="{" + prefix + "}:[aipum]:*")] == []
+    assert not await redis.exists(keys.all)
+    assert await redis.hkeys(keys.instances) == []
+    await redis.aclose()
+
+
+def _record(id: str, user: str, n: int) -> Connection:
+    return Connection(
+        id=id,
+        user=user,
+        path=f"/ws/{n % 3}",
+        instance=id.split(":")[0],
+        metadata={"room": str(n % 5)},
+        websocket=None,  # type: ignore[arg-type]
+        queue_size=1,
+        policy="drop",
+        owner=None,
+    )
+
+
+def _liveness(redis: Any, keys: Keys, registry: Registry, name: str) -> Liveness:
+    router = Router(redis, keys, name, {}, None)
+    return Liveness(
+        redis, keys, name, interval=0.5, ttl=1.5, registry=registry, router=router,
+        local={}, owner=None,
+    )  # fmt: skip
+
+
+async def test_liveness_idle_client_is_closed_and_pinged_client_stays(
+    start_cluster: StartCluster, clients: Clients
+) -> None:
+    cluster = start_cluster(
+        1, WSLB_PING_INTERVAL="0.3", WSLB_IDLE_TIMEOUT="1.2", WSLB_PING_MESSAGE="ping"
+    )
+    quiet = await join(clients, cluster[0], "quiet")
+    chatty = await join(clients, cluster[0], "chatty")
+
+    async def answer_pings() -> None:
+        async for frame in chatty:
+            if frame == "ping":
+                await chatty.send("pong")
+
+    answering = asyncio.create_task(answer_pings())
+    assert await asyncio.wait_for(quiet.recv(), 2) == "ping"
+    with pytest.raises(ConnectionClosed) as closed:
+        while True:
+            await asyncio.wait_for(quiet.recv(), 5)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 4408
+    assert not answering.done()
+    assert await cluster[0].send({"user": "quiet"}, "x") == 0
+    assert await cluster[0].send({"user": "chatty"}, "x") == 1
+    answering.cancel()

@@ -1,0 +1,158 @@
+"""A small chat that runs as several instances on one Redis: ``example_app.app:app``.
+
+Connect with ``ws://HOST/ws?user=alice&room=lobby``. Every JSON frame a client receives
+has a ``type`` and ``sent_by``, the instance that called ``send``; the ``welcome`` frame
+names the instance that holds the socket, which is the one that delivers every frame on
+it. Client frames:
+
+* ``{"type": "say", "text": "..."}``: to everyone in the room (``MetadataSelector``).
+* ``{"type": "dm", "to": "bob", "text": "..."}``: to every connection of one user
+  (``UserSelector``), wherever it is; the sender gets a ``dm_sent`` receipt with the
+  number of connections it was routed to.
+
+``POST /notify/<user>`` with a JSON body pushes ``{"type": "notify", "data": body}`` to
+that user and answers ``{"routed": n}``. Configured from the environment:
+``WSLB_REDIS_URL``, ``WSLB_INSTANCE_ID``, ``WSLB_PREFIX``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+from quart import Quart, Response, request, websocket
+
+from quart_wslb import (
+    MetadataSelector,
+    RedisUnavailableError,
+    UserSelector,
+    WsLoadBalance,
+    WsLoadBalanceError,
+    current_connection,
+    ws_route,
+)
+
+__all__ = ("app", "wslb")
+
+#: Longest user name, room name and chat text the app accepts.
+MAX_NAME, MAX_TEXT = 32, 2000
+#: Close code for a client that did not say who it is ("policy violation").
+POLICY_VIOLATION = 1008
+
+log = logging.getLogger("example_app")
+_handler = logging.StreamHandler()
+_handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+for _logger in (log, logging.getLogger("quart_wslb")):  # Hypercorn configures its own
+    _logger.addHandler(_handler)
+    _logger.setLevel(logging.INFO)
+
+app = Quart(__name__)
+for _name in ("WSLB_REDIS_URL", "WSLB_INSTANCE_ID", "WSLB_PREFIX"):
+    if os.environ.get(_name):
+        app.config[_name] = os.environ[_name]
+#: The extension; ``current_app.wslb`` is the same object (this name is typed for mypy).
+wslb = WsLoadBalance(app)
+
+
+def _arg(name: str) -> str:
+    """A query argument of the websocket request, trimmed to ``MAX_NAME`` ("" if absent)."""
+    return (websocket.args.get(name) or "").strip()[:MAX_NAME]
+
+
+def _stamped(frame: dict[str, Any]) -> dict[str, Any]:
+    """``frame`` plus ``sent_by``: the instance that sends it."""
+    return {**frame, "sent_by": wslb.instance_id}
+
+
+def _local(frame: dict[str, Any]) -> dict[str, Any]:
+    """A frame for this client only: sent and delivered by this instance."""
+    return {**_stamped(frame), "delivered_by": wslb.instance_id}
+
+
+@app.get("/")
+async def index() -> Response:
+    """The chat page (plain HTML and JavaScript, no build step)."""
+    return await app.send_static_file("index.html")
+
+
+@app.get("/health")
+async def health() -> dict[str, Any]:
+    """Which instance this is and how many sockets it holds (the launcher polls it)."""
+    return {"instance": wslb.instance_id, "connections": len(wslb.local_connections)}
+
+
+@app.post("/notify/<user>")
+async def notify(user: str) -> tuple[dict[str, Any], int]:
+    """Push the JSON body to every connection of ``user``, on whatever instance."""
+    body = await request.get_data()
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return {"error": "the body must be JSON"}, 400
+    message = _stamped({"type": "notify", "to": user, "data": data})
+    routed = await wslb.send(UserSelector(user), message)
+    return {"routed": routed}, 200
+
+
+@app.errorhandler(RedisUnavailableError)
+async def redis_unavailable(error: RedisUnavailableError) -> tuple[dict[str, str], int]:
+    return {"error": str(error)}, 503
+
+
+@app.websocket("/ws")
+@ws_route(user=lambda: _arg("user") or None, metadata=lambda: {"room": _arg("room") or "lobby"})
+async def chat() -> None:
+    """One chat client: registered cluster-wide before this body runs."""
+    conn = current_connection
+    user, room = conn.user, conn.metadata["room"]
+    if user is None:
+        await websocket.accept()
+        await websocket.close(POLICY_VIOLATION, "add ?user=NAME to the URL")
+        return
+    here = {"instance": wslb.instance_id, "connection": conn.id, "user": user, "room": room}
+    await conn.send(_local({"type": "welcome", **here}))
+    await _presence(user, room, "joined")
+    try:
+        while True:
+            reply = await _handle(user, room, await websocket.receive())
+            if reply is not None:
+                await conn.send(_local(reply))
+    finally:
+        await _presence(user, room, "left")
+
+
+async def _handle(user: str, room: str, raw: str | bytes) -> dict[str, Any] | None:
+    """Act on one client frame; returns a reply for this client only, if any."""
+    try:
+        frame = json.loads(raw)
+        kind, text = frame["type"], frame["text"]
+    except (ValueError, TypeError, KeyError):
+        return {"type": "error", "text": 'send JSON: {"type": "say" or "dm", "text": ...}'}
+    if not isinstance(text, str) or not 0 < len(text) <= MAX_TEXT:
+        return {"type": "error", "text": f"text must be 1 to {MAX_TEXT} characters"}
+    try:
+        if kind == "say":
+            message = _stamped({"type": "room", "room": room, "from": user, "text": text})
+            await wslb.send(MetadataSelector(room=room), message)
+            return None
+        if kind == "dm":
+            to = frame.get("to")
+            if not isinstance(to, str) or not to:
+                return {"type": "error", "text": "a dm needs a non-empty 'to'"}
+            message = _stamped({"type": "dm", "from": user, "to": to, "text": text})
+            routed = await wslb.send(UserSelector(to), message)
+            return {"type": "dm_sent", "to": to, "text": text, "routed": routed}
+    except WsLoadBalanceError as error:
+        return {"type": "error", "text": f"not sent: {error}"}
+    return {"type": "error", "text": f"unknown type {kind!r}"}
+
+
+async def _presence(user: str, room: str, event: str) -> None:
+    """Tell the room that ``user`` joined or left; skipped if Redis cannot be reached."""
+    message = _stamped({"type": "presence", "room": room, "user": user, "event": event})
+    try:
+        await wslb.send(MetadataSelector(room=room), message)
+    except WsLoadBalanceError as error:  # such as NotStartedError while the instance stops
+        log.info("%s %s %s: not announced (%s)", user, event, room, error)

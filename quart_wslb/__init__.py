@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 from . import signals
-from .connection import Connection, ConnectionInfo
+from .connection import Connection, ConnectionInfo, ConnectionRecord
+from .emitter import AsyncEmitter
 from .exceptions import NotStartedError, RedisUnavailableError, WsLoadBalanceError
 from .extension import WsLoadBalance
 from .globals import current_connection
+from .liveness import InstanceInfo
 from .route import ws_route
 from .selectors import (
     AllSelector,
     AndSelector,
     ConnectionSelector,
+    CustomSelector,
+    GroupSelector,
     MetadataSelector,
     OrSelector,
     PathSelector,
@@ -22,9 +26,14 @@ from .selectors import (
 __all__ = (
     "AllSelector",
     "AndSelector",
+    "AsyncEmitter",
     "Connection",
     "ConnectionInfo",
+    "ConnectionRecord",
     "ConnectionSelector",
+    "CustomSelector",
+    "GroupSelector",
+    "InstanceInfo",
     "MetadataSelector",
     "NotStartedError",
     "OrSelector",

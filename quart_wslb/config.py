@@ -79,10 +79,8 @@ def resolve_settings(overrides: Mapping[str, Any], config: Mapping[str, Any]) ->
 def _validated(v: dict[str, Any]) -> Settings:
     if not isinstance(v["redis_url"], str) or not v["redis_url"]:
         raise ValueError("WSLB_REDIS_URL must be a non-empty string")
-    if not isinstance(v["instance_id"], str) or not _INSTANCE_RE.fullmatch(v["instance_id"]):
-        raise ValueError("WSLB_INSTANCE_ID must be 1-64 characters of A-Z a-z 0-9 _ . -")
-    if not isinstance(v["prefix"], str) or not _PREFIX_RE.fullmatch(v["prefix"]):
-        raise ValueError("WSLB_PREFIX must be 1-64 characters of A-Z a-z 0-9 _ . - :")
+    validated_instance_id(v["instance_id"])
+    validated_prefix(v["prefix"])
     for name in ("max_message_size", "send_queue_size"):
         if isinstance(v[name], bool) or not isinstance(v[name], int) or v[name] < 1:
             raise ValueError(f"WSLB_{name.upper()} must be a positive int")
@@ -104,6 +102,20 @@ def _validated(v: dict[str, Any]) -> Settings:
     if v["user"] is not None and not callable(v["user"]):
         raise TypeError("WSLB_USER must be a callable or None")
     return Settings(**v)
+
+
+def validated_instance_id(value: object) -> str:
+    """An instance (or emitter) id: 1-64 characters of ``A-Z a-z 0-9 _ . -``."""
+    if not isinstance(value, str) or not _INSTANCE_RE.fullmatch(value):
+        raise ValueError("WSLB_INSTANCE_ID must be 1-64 characters of A-Z a-z 0-9 _ . -")
+    return value
+
+
+def validated_prefix(value: object) -> str:
+    """A key prefix: 1-64 characters of ``A-Z a-z 0-9 _ . - :``."""
+    if not isinstance(value, str) or not _PREFIX_RE.fullmatch(value):
+        raise ValueError("WSLB_PREFIX must be 1-64 characters of A-Z a-z 0-9 _ . - :")
+    return value
 
 
 def _seconds(value: object) -> bool:

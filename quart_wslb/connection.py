@@ -10,19 +10,22 @@ closes the connection with 1013 so the client reconnects knowing it missed messa
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, cast
 
 from quart.wrappers import Websocket
 
 from . import signals
 from .config import QueueFullPolicy
 from .envelope import Frame, to_frame
+from .selectors import ConnectionSelector, Selector
 
-__all__ = ("Activity", "Connection", "ConnectionInfo")
+__all__ = ("Activity", "Connection", "ConnectionInfo", "ConnectionRecord")
 
 log = logging.getLogger("quart_wslb")
 #: Close code for a client that cannot keep up ("try again later").
@@ -55,7 +58,45 @@ class ConnectionInfo(Protocol):
     @property
     def metadata(self) -> Mapping[str, str]: ...
     @property
+    def groups(self) -> AbstractSet[str]: ...
+    @property
     def connected_at(self) -> float: ...
+
+
+class _Membership(Protocol):
+    """What a connection's owner (the extension) does for :meth:`Connection.join`."""
+
+    async def join(self, selector: Selector, group: str) -> int: ...
+    async def leave(self, selector: Selector, group: str) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionRecord:
+    """A connection anywhere in the cluster, as read from Redis by a query."""
+
+    id: str
+    user: str | None
+    path: str
+    instance: str
+    metadata: Mapping[str, str]
+    groups: frozenset[str]
+    connected_at: float
+
+    @classmethod
+    def parse(cls, id: str, raw: bytes) -> ConnectionRecord:
+        """Read a stored record (``registry.Registry.record`` writes them)."""
+        data = json.loads(raw)
+        user = data.get("u")
+        return cls(
+            id=id,
+            user=user if isinstance(user, str) else None,
+            path=str(data.get("p", "")),
+            instance=id.partition(":")[0],
+            metadata=dict(data.get("m") or {}),
+            # An empty Lua table is encoded as {} whether it was a list or not.
+            groups=frozenset(data.get("g") or ()),
+            connected_at=float(data.get("t", 0.0)),
+        )
 
 
 class Connection:
@@ -71,6 +112,7 @@ class Connection:
         "_websocket",
         "_writer",
         "connected_at",
+        "groups",
         "id",
         "instance",
         "metadata",
@@ -105,6 +147,8 @@ class Connection:
         self.metadata: Mapping[str, str] = dict(metadata)
         #: Unix time at which the connection was registered.
         self.connected_at = time.time()
+        #: The groups (rooms) it belongs to; change them with :meth:`join` and :meth:`leave`.
+        self.groups: set[str] = set()
         self._websocket = websocket
         self._queue: asyncio.Queue[Frame] = asyncio.Queue(queue_size)
         self._policy = policy
@@ -125,6 +169,16 @@ class Connection:
     async def send(self, message: object) -> None:
         """Send to this client (through its queue): str, bytes, dict or list."""
         await self.offer(to_frame(message), None)
+
+    async def join(self, group: str) -> None:
+        """Join ``group`` (a room): ``GroupSelector(group)`` then reaches this connection."""
+        self.groups.add(group)
+        await cast(_Membership, self._owner).join(ConnectionSelector(self.id), group)
+
+    async def leave(self, group: str) -> None:
+        """Leave ``group``; leaving a group it is not in does nothing."""
+        self.groups.discard(group)
+        await cast(_Membership, self._owner).leave(ConnectionSelector(self.id), group)
 
     async def offer(self, frame: Frame, message_id: str | None) -> bool:
         """Queue one frame without waiting; apply the queue-full policy if it is full."""

@@ -20,6 +20,7 @@ from typing import Any, Literal
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_load, validate
 
 __all__ = (
+    "CONTROL_KINDS",
     "VERSION",
     "Envelope",
     "EnvelopeError",
@@ -33,7 +34,10 @@ __all__ = (
 )
 
 VERSION = 1
-Kind = Literal["text", "binary", "json"]
+Kind = Literal["text", "binary", "json", "join", "leave", "disconnect"]
+#: Kinds that are instructions to the owning instance, not frames for the client:
+#: ``join``/``leave`` carry a group name, ``disconnect`` ``{"code": int, "reason": str}``.
+CONTROL_KINDS = frozenset({"join", "leave", "disconnect"})
 #: What a websocket sends: ``str`` as a text frame, ``bytes`` as a binary frame.
 Frame = str | bytes
 
@@ -66,7 +70,10 @@ class _HeaderSchema(Schema):
     v = fields.Integer(required=True, strict=True, validate=validate.Equal(VERSION))
     id = fields.String(required=True, validate=validate.Length(min=1, max=200))
     origin = fields.String(required=True, validate=validate.Length(min=1, max=200))
-    kind = fields.String(required=True, validate=validate.OneOf(("text", "binary", "json")))
+    kind = fields.String(
+        required=True,
+        validate=validate.OneOf(("text", "binary", "json", "join", "leave", "disconnect")),
+    )
     targets = fields.List(fields.String(validate=validate.Length(min=1)), required=True)
 
     @post_load

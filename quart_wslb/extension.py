@@ -17,7 +17,8 @@ from . import signals
 from .asgi import ACTIVITY, GOING_AWAY, WebsocketGuard
 from .clients import ClientLiveness
 from .config import QueueFullPolicy, Settings, UserGetter, resolve_settings
-from .connection import Activity, Connection
+from .connection import Activity, Connection, ConnectionRecord
+from .emitter import EVERYONE, AsyncEmitter
 from .envelope import pack
 from .exceptions import NotStartedError, RedisUnavailableError, redis_deadline
 from .keys import Keys
@@ -40,6 +41,7 @@ class _Runtime:
     registry: Registry
     router: Router
     liveness: Liveness
+    emitter: AsyncEmitter
     tasks: list[asyncio.Task[None]]
 
 
@@ -133,6 +135,11 @@ class WsLoadBalance:
         """The connections this instance holds, by id (read-only view)."""
         return self._local
 
+    @property
+    def emitter(self) -> AsyncEmitter:
+        """The cluster operations behind :meth:`send` and the queries (while serving)."""
+        return self._running().emitter
+
     async def send(self, selector: Selector, message: object) -> int:
         """Send ``message`` to every connection in the cluster that ``selector`` matches.
 
@@ -141,12 +148,8 @@ class WsLoadBalance:
         Raises ``TypeError`` for any other message, before anything is published, and
         :class:`~quart_wslb.RedisUnavailableError` when Redis does not answer in time.
         """
-        if not isinstance(selector, Selector):
-            raise TypeError(f"selector must be a Selector, not {type(selector).__name__}")
         kind, payload = pack(message)
-        runtime = self._running()
-        async with redis_deadline(self.settings.redis_timeout, "send"):
-            route = await runtime.router.route(selector, kind, payload)
+        route = await self.emitter.route(selector, kind, payload)
         if route.unheard:
             log.info("message %s: nobody listens for %s", route.message_id, route.unheard)
         await signals.send(
@@ -159,11 +162,37 @@ class WsLoadBalance:
         )
         return route.routed
 
+    async def disconnect(self, selector: Selector, code: int = 1000, reason: str = "") -> int:
+        """Close every matching connection, on whichever instance owns it.
+
+        Returns how many connections were told to close; each handler then ends and its
+        connection leaves the registry.
+        """
+        return await self.emitter.disconnect(selector, code, reason)
+
+    async def join(self, selector: Selector, group: str) -> int:
+        """Add every matching connection, anywhere, to ``group``; returns how many."""
+        return await self.emitter.join(selector, group)
+
+    async def leave(self, selector: Selector, group: str) -> int:
+        """Remove every matching connection, anywhere, from ``group``; returns how many."""
+        return await self.emitter.leave(selector, group)
+
+    async def count(self, selector: Selector = EVERYONE) -> int:
+        """How many connections in the cluster ``selector`` matches."""
+        return await self.emitter.count(selector)
+
+    def connections(self, selector: Selector = EVERYONE) -> AsyncIterator[ConnectionRecord]:
+        """Stream the records of the matching connections: ``async for record in ...``."""
+        return self.emitter.connections(selector)
+
+    def users(self, selector: Selector = EVERYONE) -> AsyncIterator[str]:
+        """Stream the distinct users of the matching connections."""
+        return self.emitter.users(selector)
+
     async def resolve(self, selector: Selector) -> dict[str, list[str]]:
         """``{instance id: [connection ids]}`` for the connections ``selector`` matches."""
-        runtime = self._running()
-        async with redis_deadline(self.settings.redis_timeout, "resolve"):
-            return await runtime.router.resolve(selector)
+        return await self.emitter.resolve(selector)
 
     async def instances(self) -> list[InstanceInfo]:
         """Every live instance of the cluster (id, start time, connections), from Redis."""
@@ -216,7 +245,8 @@ class WsLoadBalance:
         )
         if clients.enabled:
             tasks.append(asyncio.create_task(clients.run(), name="wslb-clients"))
-        self._runtime = _Runtime(redis, registry, router, liveness, tasks)
+        emitter = AsyncEmitter(redis, prefix=settings.prefix, origin=instance, timeout=timeout)
+        self._runtime = _Runtime(redis, registry, router, liveness, emitter, tasks)
         try:
             await asyncio.wait_for(router.subscribed.wait(), timeout)
         except TimeoutError:
@@ -233,8 +263,9 @@ class WsLoadBalance:
         await asyncio.gather(*runtime.tasks, return_exceptions=True)
         try:
             async with redis_deadline(self.settings.redis_timeout, "stop"):
-                await runtime.registry.unregister_instance(self.instance_id)
+                removal = await runtime.registry.unregister_instance(self.instance_id)
                 await runtime.liveness.leave()
+            await signals.presence(self, [], removal.offline)
         except Exception as error:
             log.warning("could not unregister this instance cleanly: %r", error)
         self._runtime = None
@@ -289,7 +320,8 @@ class WsLoadBalance:
     async def _register(self, connection: Connection) -> None:
         try:
             async with redis_deadline(self.settings.redis_timeout, "register"):
-                await self._running().registry.register(connection)
+                online = await self._running().registry.register(connection)
+            await signals.presence(self, online, [])
         except RedisUnavailableError as error:
             # The connection works locally; the next repair registers it.
             log.warning("%s opened while Redis is unreachable: %s", connection.id, error)
@@ -303,7 +335,10 @@ class WsLoadBalance:
         if runtime is not None:
             try:
                 async with redis_deadline(self.settings.redis_timeout, "unregister"):
-                    await runtime.registry.unregister([connection.id], connection.instance)
+                    removal = await runtime.registry.unregister(
+                        [connection.id], connection.instance
+                    )
+                await signals.presence(self, [], removal.offline)
             except Exception as error:
                 log.warning("could not unregister %s: %r", connection.id, error)
         await signals.send(signals.connection_closed, self, connection=connection)

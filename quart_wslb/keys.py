@@ -63,6 +63,15 @@ class Keys:
         """Set: connection ids whose metadata maps ``name`` to ``value``."""
         return f"{self._root}:m:{len(name)}:{name}:{value}"
 
+    def group(self, name: str) -> str:
+        """Set: connection ids that joined group ``name``."""
+        return f"{self._root}:g:{name}"
+
+    @property
+    def presence(self) -> str:
+        """Hash: user -> how many connections the user has in the cluster."""
+        return f"{self._root}:presence"
+
     def channel(self, instance: str) -> str:
         """Pub/sub channel that only ``instance`` subscribes to."""
         return f"{self._root}:ch:{instance}"

@@ -123,12 +123,18 @@ class Liveness:
 
     async def repair(self) -> None:
         """Make Redis agree with the connections this instance really holds."""
-        restored, removed = await self._registry.reconcile(self._instance, self._local)
-        if restored or removed:
-            log.warning("registry repaired: %d restored, %d removed", restored, removed)
-            await signals.send(
-                signals.registry_repaired, self._owner, restored=restored, removed=removed
+        repair = await self._registry.reconcile(self._instance, self._local)
+        if repair.restored or repair.removed:
+            log.warning(
+                "registry repaired: %d restored, %d removed", repair.restored, repair.removed
             )
+            await signals.send(
+                signals.registry_repaired,
+                self._owner,
+                restored=repair.restored,
+                removed=repair.removed,
+            )
+        await signals.presence(self._owner, repair.online, repair.offline)
 
     async def sweep(self) -> None:
         """Reap every instance whose heartbeat expired; report joins and leaves."""
@@ -146,12 +152,16 @@ class Liveness:
         self._known = alive
 
     async def _reap_instance(self, instance: str) -> None:
-        removed = await self._registry.unregister_instance(instance)
+        removal = await self._registry.unregister_instance(instance)
         await self._redis.hdel(self._keys.instances, instance)
-        log.warning("reaped instance %s: %d connections removed", instance, removed)
+        log.warning("reaped instance %s: %d connections removed", instance, removal.removed)
         await signals.send(
-            signals.instance_reaped, self._owner, instance=instance, connections=removed
+            signals.instance_reaped,
+            self._owner,
+            instance=instance,
+            connections=removal.removed,
         )
+        await signals.presence(self._owner, [], removal.offline)
 
     async def _census(self) -> tuple[set[str], list[str]]:
         """(live instance ids, dead ones other than this instance)."""

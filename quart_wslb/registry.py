@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import cast
 
 from redis.asyncio import Redis
@@ -18,10 +19,30 @@ from ._lua import source
 from .connection import Connection
 from .keys import Keys
 
-__all__ = ("Registry",)
+__all__ = ("Registry", "Removal", "Repair")
 
 #: Ids removed per script call while reaping, so Redis is never blocked for long.
 REAP_BATCH = 500
+
+
+@dataclass(frozen=True, slots=True)
+class Removal:
+    """What an unregister did."""
+
+    #: Records removed (those already gone are not counted).
+    removed: int
+    #: Users whose last connection in the cluster this removed.
+    offline: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Repair:
+    """What a reconciliation did."""
+
+    restored: int
+    removed: int
+    online: list[str]
+    offline: list[str]
 
 
 class Registry:
@@ -41,6 +62,7 @@ class Registry:
             names.append(keys.user(connection.user))
         names.append(keys.path(connection.path))
         names.extend(keys.metadata(k, v) for k, v in sorted(connection.metadata.items()))
+        names.extend(keys.group(g) for g in sorted(connection.groups))
         return names
 
     def record(self, connection: Connection, index_keys: list[str]) -> str:
@@ -50,57 +72,69 @@ class Registry:
                 "u": connection.user,
                 "p": connection.path,
                 "m": connection.metadata,
+                "g": sorted(connection.groups),
                 "t": connection.connected_at,
                 "k": index_keys,
             },
             separators=(",", ":"),
         )
 
-    async def register(self, *connections: Connection) -> None:
-        """Write records and every index entry, each atomically, in one round trip."""
+    async def register(self, *connections: Connection) -> list[str]:
+        """Write records and every index entry, each atomically, in one round trip.
+
+        Returns the users that this made present in the cluster (first connection).
+        """
         async with self._redis.pipeline(transaction=False) as pipe:
             for connection in connections:
                 index_keys = self.index_keys(connection)
                 await self._register(
-                    keys=[self._keys.connections, *index_keys],
-                    args=[connection.id, self.record(connection, index_keys)],
+                    keys=[self._keys.connections, self._keys.presence, *index_keys],
+                    args=[
+                        connection.id,
+                        self.record(connection, index_keys),
+                        connection.user or "",
+                    ],
                     client=pipe,
                 )
-            await pipe.execute()
+            online = await pipe.execute()
+        return [c.user for c, new in zip(connections, online, strict=True) if new and c.user]
 
-    async def unregister(self, ids: Sequence[str], instance: str | None = None) -> int:
-        """Remove records and their index entries; returns how many records existed."""
+    async def unregister(self, ids: Sequence[str], instance: str | None = None) -> Removal:
+        """Remove records and their index entries."""
         if not ids:
-            return 0
-        keys = [self._keys.connections]
+            return Removal(0, [])
+        keys = [self._keys.connections, self._keys.presence]
         if instance is not None:
             keys.append(self._keys.instance_connections(instance))
-        return int(await self._unregister(keys=keys, args=list(ids)))
+        removed, offline = await self._unregister(keys=keys, args=list(ids))
+        return Removal(int(removed), [u.decode() for u in offline])
 
-    async def reconcile(self, instance: str, local: Mapping[str, Connection]) -> tuple[int, int]:
+    async def reconcile(self, instance: str, local: Mapping[str, Connection]) -> Repair:
         """Make Redis hold exactly the ``local`` connections of ``instance``.
 
-        Returns (records restored, records removed). Safe against connections that open
-        or close meanwhile: a restored record whose connection closed during the repair
-        is removed again, and unregistering twice is harmless.
+        Safe against connections that open or close meanwhile: a restored record whose
+        connection closed during the repair is removed again, and unregistering twice is
+        harmless.
         """
         members = self._keys.instance_connections(instance)
         remote = {m.decode() async for m in self._redis.sscan_iter(members, count=1000)}
         held = {i: c for i, c in local.items() if not c.registering}
         missing = [c for i, c in held.items() if i not in remote]
         extra = [i for i in remote if i not in local]
+        online: list[str] = []
         if missing:
-            await self.register(*missing)
+            online = await self.register(*missing)
             closed = [c.id for c in missing if c.id not in local]
             await self.unregister(closed, instance)
             missing = [c for c in missing if c.id in local]
-        removed = await self.unregister(extra, instance) if extra else 0
-        return len(missing), removed
+        removal = await self.unregister(extra, instance)
+        return Repair(len(missing), removal.removed, online, removal.offline)
 
-    async def unregister_instance(self, instance: str) -> int:
+    async def unregister_instance(self, instance: str) -> Removal:
         """Remove every connection an instance owns, in bounded batches."""
         members = self._keys.instance_connections(instance)
-        removed = 0
+        total = Removal(0, [])
         while batch := cast(list[bytes], await self._redis.srandmember(members, REAP_BATCH)):
-            removed += await self.unregister([i.decode() for i in batch], instance)
-        return removed
+            removal = await self.unregister([i.decode() for i in batch], instance)
+            total = Removal(total.removed + removal.removed, total.offline + removal.offline)
+        return total

@@ -1,31 +1,29 @@
-"""Per-instance channels: routing a send, and the subscriber loop that delivers it.
+"""This instance's channels: the subscriber loop and local delivery.
 
-A send is one script call that resolves the selector in Redis and publishes one envelope
-per *owning* instance, carrying that instance's target ids; an instance that owns no
-matching connection receives nothing. ``AllSelector`` alone is one publish on the
-broadcast channel. The subscriber loop is modelled on redis-py's ``PubSub.run``: it
-re-raises cancellation, and on any other error logs, backs off and subscribes again.
+Each instance subscribes to its own channel (envelopes for connections it owns; see
+:mod:`quart_wslb.emitter` for the publishing side) and to the broadcast channel. The loop
+is modelled on redis-py's ``PubSub.run``: it re-raises cancellation, and on any other
+error logs, backs off and subscribes again; a probe that the liveness loop publishes on
+the instance's own channel proves it still hears (see :mod:`quart_wslb.liveness`).
+Control envelopes (join, leave, disconnect) act on the local connections they target.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
-import os
 import random
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
 from . import signals
-from ._lua import source
 from .connection import Connection
-from .envelope import EnvelopeError, Kind, decode, head
+from .envelope import CONTROL_KINDS, Envelope, EnvelopeError, decode
 from .keys import Keys
-from .selectors import Selector
 
-__all__ = ("Route", "Router")
+__all__ = ("Router",)
 
 log = logging.getLogger("quart_wslb")
 #: How long one read of the subscriber waits, so every iteration of the loop is bounded.
@@ -33,19 +31,6 @@ READ_TIMEOUT = 0.5
 #: Probes start with a byte that no envelope starts with (an envelope starts with "{").
 PROBE = b"\x00probe:"
 BACKOFF_MIN, BACKOFF_MAX = 0.05, 2.0
-
-
-@dataclass(frozen=True, slots=True)
-class Route:
-    """What one send did."""
-
-    message_id: str
-    #: Connections the message was routed to.
-    routed: int
-    #: Instances that received an envelope.
-    instances: int
-    #: Owning instances whose channel nobody heard (dead or cut off).
-    unheard: tuple[str, ...]
 
 
 class Router:
@@ -64,8 +49,6 @@ class Router:
         self._instance = instance
         self._local = local
         self._owner = owner
-        self._route = redis.register_script(source("route"))
-        self._channel_prefix = keys.channel("")
         #: Set while this instance is subscribed to its channels.
         self.subscribed = asyncio.Event()
         self._restart = False
@@ -89,35 +72,6 @@ class Router:
     def restart(self) -> None:
         """Drop the subscription and subscribe again (within ``READ_TIMEOUT``)."""
         self._restart = True
-
-    async def route(self, selector: Selector, kind: Kind, payload: bytes) -> Route:
-        """Resolve and publish in one round trip."""
-        message_id = os.urandom(8).hex()
-        program = selector.compile(self._keys)
-        routed, reached, unheard = await self._route(
-            keys=[self._keys.connections, self._keys.all, *program.keys],
-            args=[
-                "publish",
-                self._channel_prefix,
-                self._keys.broadcast,
-                head(message_id, self._instance, kind),
-                payload,
-                self._keys.heartbeat(""),
-                self._keys.instance_connections(""),
-                *program.ops,
-            ],
-        )
-        return Route(message_id, int(routed), int(reached), tuple(i.decode() for i in unheard))
-
-    async def resolve(self, selector: Selector) -> dict[str, list[str]]:
-        """``{instance: [connection ids]}`` for every connection the selector matches."""
-        program = selector.compile(self._keys)
-        flat = await self._route(
-            keys=[self._keys.connections, self._keys.all, *program.keys],
-            args=["resolve", "", "", "", "", "", "", *program.ops],
-        )
-        pairs = zip(flat[::2], flat[1::2], strict=True)
-        return {inst.decode(): sorted(i.decode() for i in ids) for inst, ids in pairs}
 
     async def run(self) -> None:
         """Subscribe and deliver until cancelled; no error other than cancellation ends it."""
@@ -167,6 +121,9 @@ class Router:
             await self._dropped("malformed", None, None, str(error))
             return
         await signals.send(signals.message_received, self._owner, envelope=envelope)
+        if envelope.kind in CONTROL_KINDS:
+            await self._control(envelope)
+            return
         frame = envelope.frame
         if not envelope.targets:
             for connection in list(self._local.values()):
@@ -179,6 +136,26 @@ class Router:
                 await self._dropped("gone", envelope.id, None, target)
             else:
                 await owner.offer(frame, envelope.id)
+
+    async def _control(self, envelope: Envelope) -> None:
+        """Apply a join, leave or disconnect to the local connections it targets."""
+        targets = [c for c in map(self._local.get, envelope.targets) if c is not None]
+        text = str(envelope.frame)
+        if envelope.kind == "join":
+            for connection in targets:
+                connection.groups.add(text)
+        elif envelope.kind == "leave":
+            for connection in targets:
+                connection.groups.discard(text)
+        else:
+            try:
+                close = json.loads(text)
+                code, reason = int(close["code"]), str(close.get("reason", ""))
+            except (ValueError, TypeError, KeyError) as error:
+                await self._dropped("malformed", envelope.id, None, f"disconnect: {error!r}")
+                return
+            for connection in targets:
+                await connection.close(code, reason)
 
     async def _dropped(
         self, reason: str, message_id: str | None, connection: Connection | None, detail: str

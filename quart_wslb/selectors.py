@@ -1,8 +1,11 @@
 """Selectors: which connections of the cluster a message is for.
 
-A selector is data. It compiles to a small postfix program over Redis index sets that the
-routing script runs in one round trip, so resolving never scans every connection. Values
-are matched exactly: a user called ``a*`` matches only that user.
+A selector is data. The built-in ones compile to a small postfix program over Redis index
+sets that the routing script runs in one round trip, so resolving never scans every
+connection. Values are matched exactly: a user called ``a*`` matches only that user.
+
+A :class:`CustomSelector` is a predicate over connection records that no index serves:
+it costs a read of every candidate record, in bounded pages, on each use.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ __all__ = (
     "AllSelector",
     "AndSelector",
     "ConnectionSelector",
+    "CustomSelector",
+    "GroupSelector",
     "MetadataSelector",
     "OrSelector",
     "PathSelector",
@@ -48,6 +53,10 @@ class Program:
         self.ops.append(f"S{self.keys.index(key) + 3}")
 
 
+#: Where streaming starts: ``("set", key)`` to scan a set, ``("id", id)`` for one id.
+Driver = tuple[str, str]
+
+
 def _text(value: object, what: str) -> str:
     if not isinstance(value, str):
         raise TypeError(f"{what} must be a str, not {type(value).__name__}")
@@ -70,6 +79,19 @@ class Selector(ABC):
         if not isinstance(other, Selector):
             return NotImplemented
         return OrSelector(self, other)
+
+    @property
+    def indexed(self) -> bool:
+        """Whether Redis resolves it from its indexes alone (every built-in selector)."""
+        return True
+
+    def cover(self) -> Selector | None:
+        """An indexed selector matching at least what this one does; ``None``: everyone."""
+        return self
+
+    @abstractmethod
+    def drivers(self, keys: Keys) -> list[Driver]:
+        """The sets whose members include every match, for paged streaming."""
 
     @abstractmethod
     def emit(self, program: Program, keys: Keys) -> None:
@@ -95,6 +117,9 @@ class UserSelector(Selector):
     def __post_init__(self) -> None:
         _text(self.user, "user")
 
+    def drivers(self, keys: Keys) -> list[Driver]:
+        return [("set", keys.user(self.user))]
+
     def emit(self, program: Program, keys: Keys) -> None:
         program.set_op(keys.user(self.user))
 
@@ -111,6 +136,9 @@ class PathSelector(Selector):
     def __post_init__(self) -> None:
         _text(self.path, "path")
 
+    def drivers(self, keys: Keys) -> list[Driver]:
+        return [("set", keys.path(self.path))]
+
     def emit(self, program: Program, keys: Keys) -> None:
         program.set_op(keys.path(self.path))
 
@@ -126,6 +154,9 @@ class ConnectionSelector(Selector):
 
     def __post_init__(self) -> None:
         _text(self.id, "connection id")
+
+    def drivers(self, keys: Keys) -> list[Driver]:
+        return [("id", self.id)]
 
     def emit(self, program: Program, keys: Keys) -> None:
         program.ops.append("C" + self.id)
@@ -158,6 +189,10 @@ class MetadataSelector(Selector):
     def __hash__(self) -> int:
         return hash(tuple(self.pairs.items()))
 
+    def drivers(self, keys: Keys) -> list[Driver]:
+        name, value = next(iter(self.pairs.items()))
+        return [("set", keys.metadata(name, value))]
+
     def emit(self, program: Program, keys: Keys) -> None:
         for i, (name, value) in enumerate(self.pairs.items()):
             program.set_op(keys.metadata(name, value))
@@ -169,8 +204,55 @@ class MetadataSelector(Selector):
 
 
 @dataclass(frozen=True, slots=True)
+class GroupSelector(Selector):
+    """Every connection that joined group ``name`` (a room), on whatever instance."""
+
+    name: str
+
+    def __post_init__(self) -> None:
+        _text(self.name, "group name")
+
+    def drivers(self, keys: Keys) -> list[Driver]:
+        return [("set", keys.group(self.name))]
+
+    def emit(self, program: Program, keys: Keys) -> None:
+        program.set_op(keys.group(self.name))
+
+    def matches(self, connection: ConnectionInfo) -> bool:
+        return self.name in getattr(connection, "groups", ())
+
+
+class CustomSelector(Selector):
+    """Base class for your own selectors: implement :meth:`matches` over a record.
+
+    No index serves it, so every use reads the records of every candidate connection
+    (every connection in the cluster, or those of the indexed selector it is combined
+    with by ``&``) in bounded pages, and evaluates :meth:`matches` in this process.
+    Prefer metadata and groups, which are indexed, for anything sent often.
+    """
+
+    __slots__ = ()
+
+    @property
+    def indexed(self) -> bool:
+        return False
+
+    def cover(self) -> Selector | None:
+        return None
+
+    def drivers(self, keys: Keys) -> list[Driver]:
+        return [("set", keys.all)]
+
+    def emit(self, program: Program, keys: Keys) -> None:
+        raise TypeError(f"{type(self).__name__} has no index; it is matched record by record")
+
+
+@dataclass(frozen=True, slots=True)
 class AllSelector(Selector):
     """Every connection in the cluster; alone, it is one broadcast publish."""
+
+    def drivers(self, keys: Keys) -> list[Driver]:
+        return [("set", keys.all)]
 
     def emit(self, program: Program, keys: Keys) -> None:
         program.ops.append("A")
@@ -198,6 +280,19 @@ class AndSelector(Selector):
     def __post_init__(self) -> None:
         _operands(self.left, self.right)
 
+    @property
+    def indexed(self) -> bool:
+        return self.left.indexed and self.right.indexed
+
+    def cover(self) -> Selector | None:
+        left, right = self.left.cover(), self.right.cover()
+        if left is None or right is None:
+            return left or right
+        return AndSelector(left, right)
+
+    def drivers(self, keys: Keys) -> list[Driver]:
+        return (self.left if self.left.indexed else self.right).drivers(keys)
+
     def emit(self, program: Program, keys: Keys) -> None:
         self.left.emit(program, keys)
         self.right.emit(program, keys)
@@ -216,6 +311,17 @@ class OrSelector(Selector):
 
     def __post_init__(self) -> None:
         _operands(self.left, self.right)
+
+    @property
+    def indexed(self) -> bool:
+        return self.left.indexed and self.right.indexed
+
+    def cover(self) -> Selector | None:
+        left, right = self.left.cover(), self.right.cover()
+        return None if left is None or right is None else OrSelector(left, right)
+
+    def drivers(self, keys: Keys) -> list[Driver]:
+        return self.left.drivers(keys) + self.right.drivers(keys)
 
     def emit(self, program: Program, keys: Keys) -> None:
         self.left.emit(program, keys)

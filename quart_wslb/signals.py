@@ -26,6 +26,9 @@ __all__ = (
     "instance_reaped",
     "registry_repaired",
     "subscriber_lost",
+    "user_offline",
+    "user_online",
+    "presence",
     "send",
 )
 
@@ -62,6 +65,12 @@ instance_reaped: NamedSignal = _signals.signal("instance_reaped")
 #: Redis held records that differed from this instance's live connections, and they were
 #: made to agree. Receivers: ``(sender, restored, removed)``.
 registry_repaired: NamedSignal = _signals.signal("registry_repaired")
+#: A user's first connection in the whole cluster opened (sent once, by the instance that
+#: registered it). Receivers: ``(sender, user)``.
+user_online: NamedSignal = _signals.signal("user_online")
+#: A user's last connection in the cluster closed or was reaped (sent once, by the
+#: instance that removed it). Receivers: ``(sender, user)``.
+user_offline: NamedSignal = _signals.signal("user_offline")
 #: The subscriber connection failed; it is being re-established with backoff.
 #: Receivers: ``(sender, error)``.
 subscriber_lost: NamedSignal = _signals.signal("subscriber_lost")
@@ -81,3 +90,11 @@ async def send(signal: NamedSignal, sender: object, **kwargs: Any) -> None:
                 await result
         except Exception:
             log.exception("a receiver of the %s signal failed", signal.name)
+
+
+async def presence(sender: object, online: list[str], offline: list[str]) -> None:
+    """Send ``user_online`` and ``user_offline`` for what the registry reported."""
+    for user in online:
+        await send(user_online, sender, user=user)
+    for user in offline:
+        await send(user_offline, sender, user=user)

@@ -15,7 +15,10 @@ from quart import Quart, current_app, request, websocket
 
 from quart_wslb import (
     AllSelector,
+    ConnectionInfo,
     ConnectionSelector,
+    CustomSelector,
+    GroupSelector,
     MetadataSelector,
     PathSelector,
     RedisUnavailableError,
@@ -26,7 +29,7 @@ from quart_wslb import (
     signals,
     ws_route,
 )
-from quart_wslb.envelope import Envelope
+from quart_wslb.envelope import CONTROL_KINDS, Envelope
 
 app = Quart(__name__)
 
@@ -49,6 +52,9 @@ stats: Counter[str] = Counter()
 
 @signals.message_received.connect_via(wslb)
 def _count(sender: WsLoadBalance, envelope: Envelope) -> None:
+    if envelope.kind in CONTROL_KINDS:
+        stats["controls"] += 1
+        return
     stats["envelopes"] += 1
     stats["targets"] += len(envelope.targets)
 
@@ -56,6 +62,21 @@ def _count(sender: WsLoadBalance, envelope: Envelope) -> None:
 @signals.message_dropped.connect_via(wslb)
 def _count_drop(sender: WsLoadBalance, reason: str, **_: Any) -> None:
     stats[f"dropped_{reason}"] += 1
+
+
+@signals.user_online.connect_via(wslb)
+def _online(sender: WsLoadBalance, user: str) -> None:
+    stats[f"online_{user}"] += 1
+
+
+@signals.user_offline.connect_via(wslb)
+def _offline(sender: WsLoadBalance, user: str) -> None:
+    stats[f"offline_{user}"] += 1
+
+
+@signals.instance_left.connect_via(wslb)
+def _left(sender: WsLoadBalance, instance: str) -> None:
+    stats[f"left_{instance}"] += 1
 
 
 @signals.instance_reaped.connect_via(wslb)
@@ -80,9 +101,19 @@ async def _unavailable(error: RedisUnavailableError) -> tuple[dict[str, str], in
     return {"error": str(error)}, 503
 
 
+class RoomPrefix(CustomSelector):
+    """A custom selector: connections whose room starts with a prefix (no index)."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    def matches(self, connection: ConnectionInfo) -> bool:
+        return connection.metadata.get("room", "").startswith(self.prefix)
+
+
 def selector_from(spec: dict[str, Any]) -> Selector:
     """Build a selector from JSON: {"user": u} | {"path": p} | {"id": i} | {"meta": {...}}
-    | {"all": true} | {"and": [a, b]} | {"or": [a, b]}."""
+    | {"group": g} | {"room_prefix": p} | {"all": true} | {"and": [a, b]} | {"or": [a, b]}."""
     if "and" in spec:
         left, right = spec["and"]
         return selector_from(left) & selector_from(right)
@@ -97,6 +128,10 @@ def selector_from(spec: dict[str, Any]) -> Selector:
         return ConnectionSelector(spec["id"])
     if "meta" in spec:
         return MetadataSelector(**spec["meta"])
+    if "group" in spec:
+        return GroupSelector(spec["group"])
+    if "room_prefix" in spec:
+        return RoomPrefix(spec["room_prefix"])
     return AllSelector()
 
 
@@ -113,6 +148,11 @@ async def chat(room: str) -> None:
         if text == "close":
             return
         if text == "pong":
+            continue
+        if isinstance(text, str) and text.startswith(("join:", "leave:")):
+            action, _, group = text.partition(":")
+            await (conn.join(group) if action == "join" else conn.leave(group))
+            await conn.send({"done": text, "groups": sorted(conn.groups)})
             continue
         await current_app.wslb.send(  # type: ignore[attr-defined]
             MetadataSelector(room=room), {"from": conn.user, "text": text}
@@ -137,6 +177,45 @@ async def send_raw() -> dict[str, Any]:
 async def resolve() -> dict[str, Any]:
     body = await request.get_json()
     return dict(await wslb.resolve(selector_from(body["selector"])))
+
+
+@app.post("/join")
+async def join() -> dict[str, Any]:
+    body = await request.get_json()
+    selector = selector_from(body["selector"])
+    if body.get("leave"):
+        return {"matched": await wslb.leave(selector, body["group"])}
+    return {"matched": await wslb.join(selector, body["group"])}
+
+
+@app.post("/disconnect")
+async def disconnect() -> dict[str, Any]:
+    body = await request.get_json()
+    closed = await wslb.disconnect(selector_from(body["selector"]), body["code"], body["reason"])
+    return {"closed": closed}
+
+
+@app.post("/query")
+async def query() -> dict[str, Any]:
+    body = await request.get_json()
+    selector = selector_from(body["selector"])
+    records = [
+        {
+            "id": r.id,
+            "user": r.user,
+            "path": r.path,
+            "instance": r.instance,
+            "metadata": dict(r.metadata),
+            "groups": sorted(r.groups),
+            "connected_at": r.connected_at,
+        }
+        async for r in wslb.connections(selector)
+    ]
+    return {
+        "count": await wslb.count(selector),
+        "connections": sorted(records, key=lambda r: str(r["id"])),
+        "users": sorted([u async for u in wslb.users(selector)]),
+    }
 
 
 @app.get("/instances")

@@ -14,7 +14,7 @@ from websockets.exceptions import ConnectionClosed
 
 from quart_wslb.envelope import Envelope, encode
 from quart_wslb.keys import Keys
-from tests.cluster import Clients, Cluster
+from tests.cluster import Clients, Cluster, Instance
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 StartCluster = Callable[..., Cluster]
@@ -247,3 +247,142 @@ async def test_many_users_many_instances_each_get_only_their_own(
         assert await receive(client) == {"to": n}
     await assert_silent(*(client for client, _ in joined))
     assert await envelopes(cluster) == [4, 4, 4]
+
+
+async def post(instance: Instance, path: str, body: dict[str, Any]) -> Any:
+    return await instance.call(path, body)
+
+
+async def test_groups_route_only_to_instances_with_members(
+    start_cluster: StartCluster, clients: Clients, redis_url: str, prefix: str
+) -> None:
+    cluster = start_cluster(3)
+    ann, ann_id = await clients.join(cluster[0], "ann")
+    ben, _ = await clients.join(cluster[1], "ben")
+    cat, cat_id = await clients.join(cluster[2], "cat")
+    for client in (ann, cat):
+        await client.send("join:lobby")
+        assert (await receive(client))["groups"] == ["lobby"]
+    assert await cluster[1].send({"group": "lobby"}, {"to": "lobby"}) == 2
+    assert await receive(ann) == {"to": "lobby"}
+    assert await receive(cat) == {"to": "lobby"}
+    await assert_silent(ben)
+    assert await envelopes(cluster) == [1, 0, 1]
+    # join and leave from anywhere, by selector
+    assert await post(cluster[0], "/join", {"selector": {"user": "ben"}, "group": "lobby"}) == {
+        "matched": 1
+    }
+    body = {"selector": {"user": "ann"}, "group": "lobby", "leave": True}
+    assert await post(cluster[2], "/join", body) == {"matched": 1}
+    assert await cluster[0].send({"group": "lobby"}, "again") == 2
+    assert await asyncio.wait_for(ben.recv(), 5) == "again"
+    assert await asyncio.wait_for(cat.recv(), 5) == "again"
+    await assert_silent(ann)
+    # membership leaves with the connection
+    await cat.close()
+    query = await post(cluster[0], "/query", {"selector": {"group": "lobby"}})
+    for _ in range(50):
+        if query["count"] == 1:
+            break
+        await asyncio.sleep(0.05)
+        query = await post(cluster[0], "/query", {"selector": {"group": "lobby"}})
+    assert query["count"] == 1 and query["users"] == ["ben"]
+    redis = aioredis.Redis.from_url(redis_url)
+    try:
+        members = await redis.smembers(Keys(prefix).group("lobby"))
+    finally:
+        await redis.aclose()
+    assert cat_id.encode() not in members and ann_id.encode() not in members
+    assert len(members) == 1
+
+
+async def test_queries_return_records_counts_and_users(
+    start_cluster: StartCluster, clients: Clients
+) -> None:
+    cluster = start_cluster(2)
+    _, ann1 = await clients.join(cluster[0], "ann", "red")
+    _, ann2 = await clients.join(cluster[1], "ann", "blue")
+    bob, bob_id = await clients.join(cluster[1], "bob", "red")
+    await bob.send("join:team")
+    await receive(bob)
+    everyone = await post(cluster[0], "/query", {"selector": {"all": True}})
+    assert everyone["count"] == 3
+    assert everyone["users"] == ["ann", "bob"]
+    by_id = {r["id"]: r for r in everyone["connections"]}
+    assert set(by_id) == {ann1, ann2, bob_id}
+    assert by_id[bob_id]["instance"] == "i1"
+    assert by_id[bob_id]["path"] == "/ws/red"
+    assert by_id[bob_id]["metadata"] == {"room": "red"}
+    assert by_id[bob_id]["groups"] == ["team"]
+    assert by_id[ann1]["groups"] == [] and by_id[ann1]["user"] == "ann"
+    red = await post(cluster[1], "/query", {"selector": {"meta": {"room": "red"}}})
+    assert (red["count"], red["users"]) == (2, ["ann", "bob"])
+    either = {"or": [{"user": "ann"}, {"group": "team"}]}
+    assert (await post(cluster[0], "/query", {"selector": either}))["count"] == 3
+    custom = await post(cluster[0], "/query", {"selector": {"room_prefix": "bl"}})
+    assert [r["id"] for r in custom["connections"]] == [ann2]
+    assert custom["count"] == 1
+
+
+async def test_custom_selector_send_reaches_only_matches(
+    start_cluster: StartCluster, clients: Clients
+) -> None:
+    cluster = start_cluster(2)
+    red, _ = await clients.join(cluster[0], "ann", "red")
+    reef, _ = await clients.join(cluster[1], "bob", "reef")
+    blue, _ = await clients.join(cluster[1], "cat", "blue")
+    assert await cluster[0].send({"room_prefix": "re"}, "custom") == 2
+    assert await asyncio.wait_for(red.recv(), 5) == "custom"
+    assert await asyncio.wait_for(reef.recv(), 5) == "custom"
+    await assert_silent(blue)
+    both = {"and": [{"room_prefix": "re"}, {"user": "bob"}]}
+    assert await cluster[0].send(both, "narrow") == 1
+    assert await asyncio.wait_for(reef.recv(), 5) == "narrow"
+    await assert_silent(red, blue)
+
+
+async def test_disconnect_user_on_two_instances(
+    start_cluster: StartCluster, clients: Clients, redis_url: str, prefix: str
+) -> None:
+    cluster = start_cluster(3)
+    kim0, _ = await clients.join(cluster[0], "kim")
+    kim1, _ = await clients.join(cluster[1], "kim")
+    other, _ = await clients.join(cluster[1], "lou")
+    body = {"selector": {"user": "kim"}, "code": 4001, "reason": "kicked"}
+    assert await post(cluster[2], "/disconnect", body) == {"closed": 2}
+    for client in (kim0, kim1):
+        with pytest.raises(ConnectionClosed) as closed:
+            await asyncio.wait_for(client.recv(), 5)
+        assert closed.value.rcvd is not None
+        assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (4001, "kicked")
+    for _ in range(50):
+        if (await registry_size(redis_url, prefix))[0] == 1:
+            break
+        await asyncio.sleep(0.05)
+    assert (await registry_size(redis_url, prefix))[0] == 1
+    assert await cluster[2].send({"user": "kim"}, "x") == 0
+    assert await cluster[2].send({"user": "lou"}, "still here") == 1
+    assert await asyncio.wait_for(other.recv(), 5) == "still here"
+
+
+async def test_presence_signals_fire_once_cluster_wide(
+    start_cluster: StartCluster, clients: Clients
+) -> None:
+    cluster = start_cluster(2)
+    first, _ = await clients.join(cluster[0], "max")
+    second, _ = await clients.join(cluster[1], "max")
+
+    async def counts(name: str) -> list[int]:
+        return [int((await i.stats()).get(name, 0)) for i in cluster.instances]
+
+    assert await counts("online_max") == [1, 0]
+    await first.close()
+    await asyncio.sleep(0.3)
+    assert await counts("offline_max") == [0, 0]
+    await second.close()
+    for _ in range(50):
+        if sum(await counts("offline_max")) == 1:
+            break
+        await asyncio.sleep(0.05)
+    assert await counts("offline_max") == [0, 1]
+    assert await counts("online_max") == [1, 0]

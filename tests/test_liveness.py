@@ -86,8 +86,14 @@ async def test_liveness_sigkill_instance_is_reaped_within_ttl(
     assert await cluster[1].call("/resolve", {"selector": {"all": True}}) == {}
     live = await cluster[1].call("/instances")
     assert sorted(i["id"] for i in live) == ["i1", "i2"]
-    reaps = [(await cluster[n].stats()).get("reaped", 0) for n in (1, 2)]
-    assert sum(reaps) == 1  # exactly one survivor reaped it
+
+    async def both_saw_it_leave() -> bool:
+        return all([(await cluster[n].stats()).get("left_i0") == 1 for n in (1, 2)])
+
+    await wait_until(both_saw_it_leave, 2.0)  # each survivor's next sweep
+    survivors = [await cluster[n].stats() for n in (1, 2)]
+    assert sum(s.get("reaped", 0) for s in survivors) == 1  # exactly one survivor reaped it
+    assert sum(s.get("offline_v0", 0) for s in survivors) == 1  # presence, once
     for client in victims:
         with pytest.raises(ConnectionClosed):
             await asyncio.wait_for(client.recv(), 5)
@@ -117,6 +123,41 @@ async def test_liveness_redis_restart_recovers_without_reconnecting(
     assert await asyncio.wait_for(ann.recv(), 5) == "after"
     assert await asyncio.wait_for(bob.recv(), 5) == "after"
     assert (await cluster[0].stats())["restored"] >= 1
+
+
+async def test_liveness_groups_follow_reaping_and_redis_restarts(
+    start_cluster: StartCluster, clients: Clients, private_redis: RedisServer
+) -> None:
+    cluster = start_cluster(3, url=private_redis.url, **FAST)
+    members = [await join(clients, cluster[n], f"m{n}") for n in range(3)]
+    for member in members:
+        await member.send("join:crew")
+        assert json.loads(await asyncio.wait_for(member.recv(), 5))["groups"] == ["crew"]
+    assert await cluster[1].send({"group": "crew"}, "all three") == 3
+    cluster[0].crash()
+
+    async def two_left() -> bool:
+        query = await cluster[1].call("/query", {"selector": {"group": "crew"}})
+        return bool(query["count"] == 2)
+
+    await wait_until(two_left, 1.5 + 2.0)  # the dead member left the group when reaped
+    private_redis.stop(kill=True)
+    private_redis.start()
+
+    async def group_send() -> int:
+        try:
+            return await cluster[2].send({"group": "crew"}, "after restart")
+        except HttpError:
+            return -1
+
+    started = time.monotonic()
+    while await group_send() != 2:
+        assert time.monotonic() - started < 5.0
+        await asyncio.sleep(0.05)
+    report("Redis restart -> group membership restored", time.monotonic() - started)
+    for member in members[1:]:
+        frames = [await asyncio.wait_for(member.recv(), 5) for _ in range(2)]
+        assert frames[-1] == "after restart"
 
 
 async def test_liveness_killed_subscriber_resubscribes(

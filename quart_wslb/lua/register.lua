@@ -1,9 +1,15 @@
 -- Register one connection in one round trip.
 -- KEYS[1]  hash: connection id -> record
--- KEYS[2..] every index set the connection belongs to (the record's "k" lists them)
--- ARGV[1]  connection id, ARGV[2] record (JSON)
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-for i = 2, #KEYS do
+-- KEYS[2]  hash: user -> connection count (presence)
+-- KEYS[3..] every index set the connection belongs to (the record's "k" lists them)
+-- ARGV[1]  connection id, ARGV[2] record (JSON), ARGV[3] user ("" for none)
+-- Returns 1 when this made the user present in the cluster (first connection), else 0.
+-- Registering again (a repair) rewrites the record but counts the user once.
+local created = redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+for i = 3, #KEYS do
   redis.call('SADD', KEYS[i], ARGV[1])
 end
-return #KEYS - 1
+if created == 1 and ARGV[3] ~= '' then
+  if redis.call('HINCRBY', KEYS[2], ARGV[3], 1) == 1 then return 1 end
+end
+return 0

@@ -3,7 +3,7 @@
 -- KEYS[1]  hash: connection id -> record
 -- KEYS[2]  set: every connection id
 -- KEYS[3..] index sets named by the program
--- ARGV[1]  "publish" or "resolve"
+-- ARGV[1]  "publish", "resolve" ({instance, ids, ...}) or "count" (a number)
 -- ARGV[2]  instance channel prefix (channel = prefix .. instance id)
 -- ARGV[3]  broadcast channel
 -- ARGV[4]  envelope head, up to and including '"targets":'
@@ -58,6 +58,12 @@ for i = 8, #ARGV do
     end
     stack[#stack + 1] = out
   end
+end
+
+if ARGV[1] == 'count' then
+  local count = 0
+  for _ in pairs(stack[1]) do count = count + 1 end
+  return count
 end
 
 local groups, order = {}, {}

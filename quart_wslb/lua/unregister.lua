@@ -1,22 +1,30 @@
 -- Remove connections and every index entry their records list; safe to run twice,
 -- and from several instances at once (each step is a no-op when already done).
 -- KEYS[1]  hash: connection id -> record
--- KEYS[2]  optional: the owning instance's set, cleaned even where a record is missing
+-- KEYS[2]  hash: user -> connection count (presence)
+-- KEYS[3]  optional: the owning instance's set, cleaned even where a record is missing
 -- ARGV     connection ids
--- Returns how many records were removed.
-local removed = 0
+-- Returns {records removed, users whose last connection this removed...}.
+local removed, offline = 0, {}
 for i = 1, #ARGV do
   local id = ARGV[i]
   local raw = redis.call('HGET', KEYS[1], id)
   if raw then
-    for _, key in ipairs(cjson.decode(raw).k) do
+    local record = cjson.decode(raw)
+    for _, key in ipairs(record.k) do
       redis.call('SREM', key, id)
     end
     redis.call('HDEL', KEYS[1], id)
     removed = removed + 1
+    if type(record.u) == 'string' then
+      if redis.call('HINCRBY', KEYS[2], record.u, -1) <= 0 then
+        redis.call('HDEL', KEYS[2], record.u)
+        offline[#offline + 1] = record.u
+      end
+    end
   end
-  if KEYS[2] then
-    redis.call('SREM', KEYS[2], id)
+  if KEYS[3] then
+    redis.call('SREM', KEYS[3], id)
   end
 end
-return removed
+return {removed, offline}

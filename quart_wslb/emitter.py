@@ -1,0 +1,265 @@
+"""Send to, query and act on connections anywhere in the cluster, without hosting any.
+
+:class:`AsyncEmitter` holds every rule about selectors and channels that acts on the
+cluster from outside a connection: the extension uses one, and so can a worker, a
+script or another web framework. It never subscribes and never appears as an instance.
+
+A built-in selector is resolved by Redis itself: a send is one script call that resolves
+it and publishes one envelope per owning instance. A :class:`CustomSelector` is
+evaluated here, over records read in bounded pages, and its matches are then routed by
+id, a page at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from typing import cast
+
+from redis.asyncio import Redis
+
+from ._lua import source
+from .config import default_instance_id, validated_instance_id, validated_prefix
+from .connection import ConnectionRecord
+from .envelope import Kind, head, pack
+from .exceptions import redis_deadline
+from .keys import Keys
+from .selectors import AllSelector, Program, Selector
+
+__all__ = ("AsyncEmitter", "Route")
+
+#: Connection ids per page when streaming, and per script call when routing by id.
+PAGE = 500
+#: The default selector of the queries: every connection.
+EVERYONE = AllSelector()
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """What one send (or disconnect) did."""
+
+    message_id: str
+    #: Connections the message was routed to.
+    routed: int
+    #: Instances that received an envelope.
+    instances: int
+    #: Owning instances whose channel nobody heard (dead or cut off).
+    unheard: tuple[str, ...]
+
+
+class AsyncEmitter:
+    """Cluster-wide operations over one Redis and one prefix (asyncio).
+
+    Give it a ``redis.asyncio.Redis`` client (kept open on :meth:`aclose`) or a
+    ``redis_url``. Every call is bounded by ``timeout`` seconds and raises
+    :class:`~quart_wslb.RedisUnavailableError` past it.
+    """
+
+    def __init__(
+        self,
+        redis: Redis | None = None,
+        *,
+        redis_url: str | None = None,
+        prefix: str = "wslb",
+        origin: str | None = None,
+        timeout: float = 5.0,
+    ) -> None:
+        if (redis is None) == (redis_url is None):
+            raise TypeError("give exactly one of redis and redis_url")
+        if redis is not None and redis.connection_pool.connection_kwargs.get("decode_responses"):
+            raise ValueError("the redis client must not set decode_responses=True")
+        self._owns_client = redis is None
+        self._redis = redis or Redis.from_url(
+            cast(str, redis_url), socket_timeout=timeout, socket_connect_timeout=timeout
+        )
+        self.keys = Keys(validated_prefix(prefix))
+        #: The id that envelopes from here carry as their origin.
+        self.origin = validated_instance_id(origin or "emitter-" + default_instance_id())
+        self.timeout = timeout
+        self._route = self._redis.register_script(source("route"))
+        self._match = self._redis.register_script(source("match"))
+        self._membership = self._redis.register_script(source("membership"))
+
+    async def aclose(self) -> None:
+        """Close the Redis client if this emitter created it."""
+        if self._owns_client:
+            await self._redis.aclose()
+
+    async def send(self, selector: Selector, message: object) -> int:
+        """Send ``message`` to every connection ``selector`` matches; returns how many.
+
+        ``str`` is a text frame, ``bytes`` a binary frame, ``dict``/``list`` JSON text;
+        anything else raises ``TypeError`` before anything is published.
+        """
+        kind, payload = pack(message)
+        return (await self.route(selector, kind, payload)).routed
+
+    async def disconnect(self, selector: Selector, code: int = 1000, reason: str = "") -> int:
+        """Close every matching connection, on whichever instance owns it.
+
+        Returns how many connections were told to close.
+        """
+        if not isinstance(code, int) or not (code == 1000 or 3000 <= code <= 4999):
+            raise ValueError("close code must be 1000 or in 3000-4999")
+        payload = json.dumps({"code": code, "reason": reason}).encode()
+        return (await self.route(selector, "disconnect", payload)).routed
+
+    async def route(self, selector: Selector, kind: Kind, payload: bytes) -> Route:
+        """Publish one envelope of ``kind`` to the owners of the matching connections."""
+        _check(selector)
+        message_id = os.urandom(8).hex()
+        if selector.indexed:
+            program = selector.compile(self.keys)
+            return await self._route_program(message_id, program, kind, payload)
+        routed, instances, unheard = 0, 0, set[str]()
+        async for ids in self._matching_ids(selector):
+            route = await self._route_program(message_id, _by_id(ids), kind, payload)
+            routed, instances = routed + route.routed, instances + route.instances
+            unheard.update(route.unheard)
+        return Route(message_id, routed, instances, tuple(sorted(unheard)))
+
+    async def _route_program(
+        self, message_id: str, program: Program, kind: Kind, payload: bytes
+    ) -> Route:
+        async with redis_deadline(self.timeout, "send"):
+            routed, reached, unheard = await self._route(
+                keys=[self.keys.connections, self.keys.all, *program.keys],
+                args=[
+                    "publish",
+                    self.keys.channel(""),
+                    self.keys.broadcast,
+                    head(message_id, self.origin, kind),
+                    payload,
+                    self.keys.heartbeat(""),
+                    self.keys.instance_connections(""),
+                    *program.ops,
+                ],
+            )
+        return Route(message_id, int(routed), int(reached), tuple(i.decode() for i in unheard))
+
+    async def resolve(self, selector: Selector) -> dict[str, list[str]]:
+        """``{instance id: [connection ids]}`` for every connection ``selector`` matches."""
+        owners: dict[str, list[str]] = {}
+        async for record in self.connections(selector):
+            owners.setdefault(record.instance, []).append(record.id)
+        return {instance: sorted(ids) for instance, ids in sorted(owners.items())}
+
+    async def count(self, selector: Selector = EVERYONE) -> int:
+        """How many connections in the cluster ``selector`` matches."""
+        _check(selector)
+        if not selector.indexed:
+            return sum([len(ids) async for ids in self._matching_ids(selector)])
+        program = selector.compile(self.keys)
+        async with redis_deadline(self.timeout, "count"):
+            return int(
+                await self._route(
+                    keys=[self.keys.connections, self.keys.all, *program.keys],
+                    args=["count", "", "", "", "", "", "", *program.ops],
+                )
+            )
+
+    async def connections(self, selector: Selector = EVERYONE) -> AsyncIterator[ConnectionRecord]:
+        """Stream the record of every matching connection, read in bounded pages."""
+        _check(selector)
+        cover = selector.cover() or AllSelector()
+        program = cover.compile(self.keys)
+        drivers = cover.drivers(self.keys)
+        # Several drivers (an | of selectors) may list one connection twice.
+        seen: set[str] | None = set() if len(drivers) > 1 else None
+        for kind, value in drivers:
+            pages = self._scan(value) if kind == "set" else _single(value)
+            async for page in pages:
+                for record in await self._records(page, program):
+                    if seen is not None:
+                        if record.id in seen:
+                            continue
+                        seen.add(record.id)
+                    if selector.matches(record):
+                        yield record
+
+    async def users(self, selector: Selector = EVERYONE) -> AsyncIterator[str]:
+        """Stream the distinct users of the matching connections."""
+        _check(selector)
+        if isinstance(selector, AllSelector):
+            async for name, _ in self._redis.hscan_iter(self.keys.presence, count=PAGE):
+                yield cast(bytes, name).decode()
+            return
+        seen: set[str] = set()
+        async for record in self.connections(selector):
+            if record.user is not None and record.user not in seen:
+                seen.add(record.user)
+                yield record.user
+
+    async def join(self, selector: Selector, group: str) -> int:
+        """Add every matching connection to ``group``; returns how many matched."""
+        return await self._change_membership("join", selector, group)
+
+    async def leave(self, selector: Selector, group: str) -> int:
+        """Remove every matching connection from ``group``; returns how many matched."""
+        return await self._change_membership("leave", selector, group)
+
+    async def _change_membership(self, action: Kind, selector: Selector, group: str) -> int:
+        _check(selector)
+        if not isinstance(group, str) or not group:
+            raise TypeError("a group name must be a non-empty str")
+        start = head(os.urandom(8).hex(), self.origin, action)
+        changed = 0
+        async for ids in self._matching_ids(selector):
+            async with redis_deadline(self.timeout, action):
+                changed += int(
+                    await self._membership(
+                        keys=[self.keys.connections, self.keys.group(group)],
+                        args=[action, group, self.keys.channel(""), start, *ids],
+                    )
+                )
+        return changed
+
+    async def _matching_ids(self, selector: Selector) -> AsyncIterator[list[str]]:
+        page: list[str] = []
+        async for record in self.connections(selector):
+            page.append(record.id)
+            if len(page) >= PAGE:
+                yield page
+                page = []
+        if page:
+            yield page
+
+    async def _scan(self, key: str) -> AsyncIterator[list[str]]:
+        cursor: int | None = None
+        while cursor != 0:
+            async with redis_deadline(self.timeout, "scan"):
+                cursor, members = await self._redis.sscan(key, cursor or 0, count=PAGE)
+            if members:
+                yield [cast(bytes, m).decode() for m in members]
+
+    async def _records(self, ids: list[str], program: Program) -> list[ConnectionRecord]:
+        async with redis_deadline(self.timeout, "query"):
+            flat: list[bytes] = await self._match(
+                keys=[self.keys.connections, self.keys.all, *program.keys],
+                args=[len(ids), *ids, *program.ops],
+            )
+        return [
+            ConnectionRecord.parse(i.decode(), raw)
+            for i, raw in zip(flat[::2], flat[1::2], strict=True)
+        ]
+
+
+async def _single(id: str) -> AsyncIterator[list[str]]:
+    yield [id]
+
+
+def _by_id(ids: Iterable[str]) -> Program:
+    """The program of ``ConnectionSelector(a) | ConnectionSelector(b) | ...``."""
+    ops: list[str] = []
+    for i, id in enumerate(ids):
+        ops.append("C" + id)
+        if i:
+            ops.append("|")
+    return Program(ops=ops)
+
+
+def _check(selector: object) -> None:
+    if not isinstance(selector, Selector):
+        raise TypeError(f"selector must be a Selector, not {type(selector).__name__}")

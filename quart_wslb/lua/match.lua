@@ -1,0 +1,38 @@
+-- Filter candidate connection ids through a compiled selector; return their records.
+-- Used for paged queries: the caller scans a driver set page by page and asks here
+-- which candidates match, so no reply is ever larger than a page.
+-- KEYS[1]  hash: connection id -> record
+-- KEYS[2]  set: every connection id
+-- KEYS[3..] index sets named by the program
+-- ARGV[1]  number of candidate ids n; ARGV[2..n+1] the ids; ARGV[n+2..] the program
+--          (postfix as in route.lua; B is treated as A).
+-- Returns {id, record, id, record, ...} for the candidates that match and exist.
+local n = tonumber(ARGV[1])
+local result = {}
+for i = 2, n + 1 do
+  local id = ARGV[i]
+  local raw = redis.call('HGET', KEYS[1], id)
+  if raw then
+    local stack = {}
+    for j = n + 2, #ARGV do
+      local op = ARGV[j]
+      local code = string.sub(op, 1, 1)
+      if code == 'S' then
+        stack[#stack + 1] = redis.call('SISMEMBER', KEYS[tonumber(string.sub(op, 2))], id) == 1
+      elseif code == 'A' or code == 'B' then
+        stack[#stack + 1] = true
+      elseif code == 'C' then
+        stack[#stack + 1] = string.sub(op, 2) == id
+      else
+        local right, left = table.remove(stack), table.remove(stack)
+        if code == '&' then stack[#stack + 1] = left and right
+        else stack[#stack + 1] = left or right end
+      end
+    end
+    if stack[1] then
+      result[#result + 1] = id
+      result[#result + 1] = raw
+    end
+  end
+end
+return result

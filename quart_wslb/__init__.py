@@ -5,7 +5,12 @@ from __future__ import annotations
 from . import signals
 from .connection import Connection, ConnectionInfo, ConnectionRecord
 from .emitter import AsyncEmitter
-from .exceptions import NotStartedError, RedisUnavailableError, WsLoadBalanceError
+from .exceptions import (
+    NoInstancesError,
+    NotStartedError,
+    RedisUnavailableError,
+    WsLoadBalanceError,
+)
 from .extension import WsLoadBalance
 from .globals import current_connection
 from .liveness import InstanceInfo
@@ -22,6 +27,7 @@ from .selectors import (
     Selector,
     UserSelector,
 )
+from .sync import Emitter
 
 __all__ = (
     "AllSelector",
@@ -32,9 +38,11 @@ __all__ = (
     "ConnectionRecord",
     "ConnectionSelector",
     "CustomSelector",
+    "Emitter",
     "GroupSelector",
     "InstanceInfo",
     "MetadataSelector",
+    "NoInstancesError",
     "NotStartedError",
     "OrSelector",
     "PathSelector",

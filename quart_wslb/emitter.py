@@ -24,7 +24,7 @@ from ._lua import source
 from .config import default_instance_id, validated_instance_id, validated_prefix
 from .connection import ConnectionRecord
 from .envelope import Kind, head, pack
-from .exceptions import redis_deadline
+from .exceptions import NoInstancesError, redis_deadline
 from .keys import Keys
 from .selectors import AllSelector, Program, Selector
 
@@ -91,7 +91,9 @@ class AsyncEmitter:
         """Send ``message`` to every connection ``selector`` matches; returns how many.
 
         ``str`` is a text frame, ``bytes`` a binary frame, ``dict``/``list`` JSON text;
-        anything else raises ``TypeError`` before anything is published.
+        anything else raises ``TypeError`` before anything is published. Raises
+        :class:`~quart_wslb.NoInstancesError` when no instance ever announced itself
+        under the prefix (a wrong prefix), rather than answering 0.
         """
         kind, payload = pack(message)
         return (await self.route(selector, kind, payload)).routed
@@ -125,7 +127,7 @@ class AsyncEmitter:
     ) -> Route:
         async with redis_deadline(self.timeout, "send"):
             routed, reached, unheard = await self._route(
-                keys=[self.keys.connections, self.keys.all, *program.keys],
+                keys=self._script_keys(program),
                 args=[
                     "publish",
                     self.keys.channel(""),
@@ -137,7 +139,16 @@ class AsyncEmitter:
                     *program.ops,
                 ],
             )
+        if routed == -1:
+            raise NoInstancesError(
+                f"no instance has announced itself under prefix {self.keys.prefix!r}: "
+                "a wrong prefix, or the cluster is down"
+            )
         return Route(message_id, int(routed), int(reached), tuple(i.decode() for i in unheard))
+
+    def _script_keys(self, program: Program) -> list[str]:
+        """``KEYS`` of route.lua and match.lua: three fixed ones, then the program's."""
+        return [self.keys.connections, self.keys.all, self.keys.instances, *program.keys]
 
     async def resolve(self, selector: Selector) -> dict[str, list[str]]:
         """``{instance id: [connection ids]}`` for every connection ``selector`` matches."""
@@ -155,7 +166,7 @@ class AsyncEmitter:
         async with redis_deadline(self.timeout, "count"):
             return int(
                 await self._route(
-                    keys=[self.keys.connections, self.keys.all, *program.keys],
+                    keys=self._script_keys(program),
                     args=["count", "", "", "", "", "", "", *program.ops],
                 )
             )
@@ -237,7 +248,7 @@ class AsyncEmitter:
     async def _records(self, ids: list[str], program: Program) -> list[ConnectionRecord]:
         async with redis_deadline(self.timeout, "query"):
             flat: list[bytes] = await self._match(
-                keys=[self.keys.connections, self.keys.all, *program.keys],
+                keys=self._script_keys(program),
                 args=[len(ids), *ids, *program.ops],
             )
         return [

@@ -13,7 +13,13 @@ from contextlib import asynccontextmanager
 
 from redis.exceptions import RedisError
 
-__all__ = ("NotStartedError", "RedisUnavailableError", "WsLoadBalanceError", "redis_deadline")
+__all__ = (
+    "NoInstancesError",
+    "NotStartedError",
+    "RedisUnavailableError",
+    "WsLoadBalanceError",
+    "redis_deadline",
+)
 
 
 class WsLoadBalanceError(Exception):
@@ -22,6 +28,11 @@ class WsLoadBalanceError(Exception):
 
 class RedisUnavailableError(WsLoadBalanceError):
     """Redis did not answer within ``WSLB_REDIS_TIMEOUT``; nothing was routed."""
+
+
+class NoInstancesError(WsLoadBalanceError):
+    """No instance has announced itself under the prefix: a wrong prefix, or a cluster
+    that is down. Raised by emitters instead of quietly routing to nobody."""
 
 
 class NotStartedError(WsLoadBalanceError, RuntimeError):

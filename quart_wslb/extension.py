@@ -20,7 +20,7 @@ from .config import QueueFullPolicy, Settings, UserGetter, resolve_settings
 from .connection import Activity, Connection, ConnectionRecord
 from .emitter import EVERYONE, AsyncEmitter
 from .envelope import pack
-from .exceptions import NotStartedError, RedisUnavailableError, redis_deadline
+from .exceptions import NoInstancesError, NotStartedError, RedisUnavailableError, redis_deadline
 from .keys import Keys
 from .liveness import InstanceInfo, Liveness
 from .registry import Registry
@@ -149,7 +149,12 @@ class WsLoadBalance:
         :class:`~quart_wslb.RedisUnavailableError` when Redis does not answer in time.
         """
         kind, payload = pack(message)
-        route = await self.emitter.route(selector, kind, payload)
+        try:
+            route = await self.emitter.route(selector, kind, payload)
+        except NoInstancesError:
+            # Only right after Redis lost its data: this instance announces itself again
+            # within a heartbeat, and until then nobody can be routed to.
+            return 0
         if route.unheard:
             log.info("message %s: nobody listens for %s", route.message_id, route.unheard)
         await signals.send(
@@ -227,7 +232,7 @@ class WsLoadBalance:
             owner=self,
         )
         # After Redis comes back (possibly empty), restore our records at once.
-        router.on_subscribed(liveness.repair)
+        router.on_subscribed(liveness.resubscribed)
         try:
             async with redis_deadline(timeout, "start"):
                 await liveness.beat()

@@ -121,6 +121,11 @@ class Liveness:
             _, _, registered, heard = await pipe.execute()
         return int(registered), int(heard)
 
+    async def resubscribed(self) -> None:
+        """After (re)subscribing, maybe to a Redis that lost its data: announce, repair."""
+        await self.beat()
+        await self.repair()
+
     async def repair(self) -> None:
         """Make Redis agree with the connections this instance really holds."""
         repair = await self._registry.reconcile(self._instance, self._local)

@@ -36,21 +36,21 @@ __all__ = (
 
 @dataclass(slots=True)
 class Program:
-    """A compiled selector: Redis keys (``KEYS[3..]``) and postfix ops for ``route.lua``.
+    """A compiled selector: Redis keys (``KEYS[4..]``) and postfix ops for ``route.lua``.
 
     Ops: ``S<n>`` members of ``KEYS[n]``; ``A`` every connection; ``C<id>`` one
     connection if it exists; ``&`` and ``|`` combine the top two sets; a lone ``B``
-    is a broadcast to every instance (its one key is the instances hash).
+    is a broadcast to every instance.
     """
 
     keys: list[str] = field(default_factory=list)
     ops: list[str] = field(default_factory=list)
 
     def set_op(self, key: str) -> None:
-        """Push the members of ``key``; the first two ``KEYS`` are fixed, hence ``+ 3``."""
+        """Push the members of ``key``; the first three ``KEYS`` are fixed, hence ``+ 4``."""
         if key not in self.keys:
             self.keys.append(key)
-        self.ops.append(f"S{self.keys.index(key) + 3}")
+        self.ops.append(f"S{self.keys.index(key) + 4}")
 
 
 #: Where streaming starts: ``("set", key)`` to scan a set, ``("id", id)`` for one id.
@@ -261,7 +261,7 @@ class AllSelector(Selector):
         return True
 
     def compile(self, keys: Keys) -> Program:
-        return Program(keys=[keys.instances], ops=["B"])
+        return Program(ops=["B"])
 
 
 def _operands(left: object, right: object) -> None:

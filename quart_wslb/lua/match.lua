@@ -3,7 +3,8 @@
 -- which candidates match, so no reply is ever larger than a page.
 -- KEYS[1]  hash: connection id -> record
 -- KEYS[2]  set: every connection id
--- KEYS[3..] index sets named by the program
+-- KEYS[3]  hash: the instances (unused here; the layout is route.lua's)
+-- KEYS[4..] index sets named by the program
 -- ARGV[1]  number of candidate ids n; ARGV[2..n+1] the ids; ARGV[n+2..] the program
 --          (postfix as in route.lua; B is treated as A).
 -- Returns {id, record, id, record, ...} for the candidates that match and exist.

@@ -2,7 +2,8 @@
 -- one envelope per owning instance: the whole send is one round trip.
 -- KEYS[1]  hash: connection id -> record
 -- KEYS[2]  set: every connection id
--- KEYS[3..] index sets named by the program
+-- KEYS[3]  hash: instance id -> record (the cluster's instances)
+-- KEYS[4..] index sets named by the program
 -- ARGV[1]  "publish", "resolve" ({instance, ids, ...}) or "count" (a number)
 -- ARGV[2]  instance channel prefix (channel = prefix .. instance id)
 -- ARGV[3]  broadcast channel
@@ -10,11 +11,16 @@
 -- ARGV[5]  payload
 -- ARGV[6]  heartbeat key prefix, ARGV[7] instance set prefix (for a broadcast)
 -- ARGV[8..] program, postfix: S<n> members of KEYS[n]; A every id; C<id> one id if it
---          exists; & and | combine the top two sets; a lone B is a broadcast, and then
---          KEYS[3] is the instances hash.
+--          exists; & and | combine the top two sets; a lone B is a broadcast.
 -- Connection ids are "<instance>:<token>", so the owner needs no lookup. Keys built
 -- here from the prefixes share the registry's hash tag, hence its cluster slot.
 local publish = ARGV[1] == 'publish'
+
+-- No instance has ever announced itself under this prefix: a wrong prefix, or a
+-- cluster that is down. Say so (-1) rather than "routed to nobody".
+if publish and redis.call('EXISTS', KEYS[3]) == 0 then
+  return {-1, 0, {}}
+end
 
 if publish and ARGV[8] == 'B' and #ARGV == 8 then
   -- One publish for every instance; count only the connections of live instances.

@@ -1,0 +1,158 @@
+"""``Emitter``: the synchronous face of :class:`~quart_wslb.AsyncEmitter`.
+
+For Flask views, Celery or RQ workers, cron jobs and scripts. Every call runs on one
+private event loop in a daemon thread, which holds one Redis connection pool, so the
+routing rules and the wire format are exactly those of the async path, a send is one
+round trip, and any number of threads may call at once. After a ``fork`` (prefork
+workers) the child starts its own loop and pool on first use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import threading
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from types import TracebackType
+from typing import Any, TypeVar, cast
+
+from .config import validated_instance_id, validated_prefix
+from .connection import ConnectionRecord
+from .emitter import EVERYONE, AsyncEmitter
+from .exceptions import RedisUnavailableError
+from .selectors import Selector
+
+__all__ = ("Emitter",)
+
+T = TypeVar("T")
+#: Extra seconds a caller waits beyond the emitter's timeout before giving up on a call.
+GRACE = 1.0
+
+
+class Emitter:
+    """Send to, query and act on connections anywhere in the cluster, synchronously.
+
+    Takes the same arguments as :class:`~quart_wslb.AsyncEmitter` except a client
+    (``redis_url`` is required). Use it as a context manager, or call :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        redis_url: str,
+        *,
+        prefix: str = "wslb",
+        origin: str | None = None,
+        timeout: float = 5.0,
+    ) -> None:
+        self._options: dict[str, Any] = {
+            "redis_url": redis_url,
+            "prefix": prefix,
+            "origin": origin,
+            "timeout": timeout,
+        }
+        # Validate now, in the caller's thread, so bad settings fail at construction.
+        validated_prefix(prefix)
+        if origin is not None:
+            validated_instance_id(origin)
+        if not isinstance(redis_url, str) or not redis_url:
+            raise ValueError("redis_url must be a non-empty string")
+        self.timeout = timeout
+        self._lock = threading.Lock()
+        self._pid = -1
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._emitter: AsyncEmitter | None = None
+
+    def send(self, selector: Selector, message: object) -> int:
+        """Like :meth:`AsyncEmitter.send`: returns how many connections it routed to."""
+        return self._call(lambda e: e.send(selector, message))
+
+    def disconnect(self, selector: Selector, code: int = 1000, reason: str = "") -> int:
+        """Like :meth:`AsyncEmitter.disconnect`."""
+        return self._call(lambda e: e.disconnect(selector, code, reason))
+
+    def join(self, selector: Selector, group: str) -> int:
+        """Like :meth:`AsyncEmitter.join`."""
+        return self._call(lambda e: e.join(selector, group))
+
+    def leave(self, selector: Selector, group: str) -> int:
+        """Like :meth:`AsyncEmitter.leave`."""
+        return self._call(lambda e: e.leave(selector, group))
+
+    def count(self, selector: Selector = EVERYONE) -> int:
+        """Like :meth:`AsyncEmitter.count`."""
+        return self._call(lambda e: e.count(selector))
+
+    def resolve(self, selector: Selector) -> dict[str, list[str]]:
+        """Like :meth:`AsyncEmitter.resolve`."""
+        return self._call(lambda e: e.resolve(selector))
+
+    def connections(self, selector: Selector = EVERYONE) -> Iterator[ConnectionRecord]:
+        """Like :meth:`AsyncEmitter.connections`, as a plain iterator (paged)."""
+        return self._iterate(lambda e: e.connections(selector))
+
+    def users(self, selector: Selector = EVERYONE) -> Iterator[str]:
+        """Like :meth:`AsyncEmitter.users`, as a plain iterator (paged)."""
+        return self._iterate(lambda e: e.users(selector))
+
+    def close(self) -> None:
+        """Close the pool and stop the loop thread; the emitter may not be used after."""
+        with self._lock:
+            loop, emitter, self._loop, self._emitter = self._loop, self._emitter, None, None
+        if loop is None or emitter is None or self._pid != os.getpid():
+            return
+        asyncio.run_coroutine_threadsafe(emitter.aclose(), loop).result(self.timeout + GRACE)
+        loop.call_soon_threadsafe(loop.stop)
+
+    def __enter__(self) -> Emitter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _call(self, work: Callable[[AsyncEmitter], Coroutine[Any, Any, T]]) -> T:
+        loop, emitter = self._started()
+        future = asyncio.run_coroutine_threadsafe(work(emitter), loop)
+        return _result(future, self.timeout)
+
+    def _iterate(self, stream: Callable[[AsyncEmitter], AsyncIterator[T]]) -> Iterator[T]:
+        loop, emitter = self._started()
+        agen = stream(emitter)
+        while True:
+            future = asyncio.run_coroutine_threadsafe(_next(agen), loop)
+            done, item = _result(future, self.timeout)
+            if done:
+                return
+            yield cast(T, item)
+
+    def _started(self) -> tuple[asyncio.AbstractEventLoop, AsyncEmitter]:
+        with self._lock:
+            if self._loop is None or self._emitter is None or self._pid != os.getpid():
+                self._pid = os.getpid()
+                self._loop = asyncio.new_event_loop()
+                thread = threading.Thread(
+                    target=self._loop.run_forever, name="quart-wslb-emitter", daemon=True
+                )
+                thread.start()
+                self._emitter = AsyncEmitter(**self._options)
+            return self._loop, self._emitter
+
+
+async def _next(agen: AsyncIterator[T]) -> tuple[bool, T | None]:
+    try:
+        return False, await agen.__anext__()
+    except StopAsyncIteration:
+        return True, None
+
+
+def _result(future: concurrent.futures.Future[T], timeout: float) -> T:
+    try:
+        return future.result(timeout + GRACE)
+    except TimeoutError as error:
+        future.cancel()
+        raise RedisUnavailableError(f"no answer within {timeout + GRACE:.1f}s") from error

@@ -61,6 +61,7 @@ class Emitter:
         self._lock = threading.Lock()
         self._pid = -1
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
         self._emitter: AsyncEmitter | None = None
 
     def send(self, selector: Selector, message: object) -> int:
@@ -99,10 +100,17 @@ class Emitter:
         """Close the pool and stop the loop thread; the emitter may not be used after."""
         with self._lock:
             loop, emitter, self._loop, self._emitter = self._loop, self._emitter, None, None
-        if loop is None or emitter is None or self._pid != os.getpid():
+            thread, self._thread = self._thread, None
+        if loop is None or emitter is None or thread is None or self._pid != os.getpid():
             return
-        asyncio.run_coroutine_threadsafe(emitter.aclose(), loop).result(self.timeout + GRACE)
-        loop.call_soon_threadsafe(loop.stop)
+        try:
+            closing = asyncio.run_coroutine_threadsafe(emitter.aclose(), loop)
+            closing.result(self.timeout + GRACE)
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(self.timeout + GRACE)
+            if not thread.is_alive():
+                loop.close()
 
     def __enter__(self) -> Emitter:
         return self
@@ -135,10 +143,10 @@ class Emitter:
             if self._loop is None or self._emitter is None or self._pid != os.getpid():
                 self._pid = os.getpid()
                 self._loop = asyncio.new_event_loop()
-                thread = threading.Thread(
+                self._thread = threading.Thread(
                     target=self._loop.run_forever, name="quart-wslb-emitter", daemon=True
                 )
-                thread.start()
+                self._thread.start()
                 self._emitter = AsyncEmitter(**self._options)
             return self._loop, self._emitter
 

@@ -1,0 +1,172 @@
+"""AsyncEmitter against a real Redis: paged queries, custom selectors, membership,
+disconnect, and the errors a misconfigured emitter gives."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from quart_wslb import (
+    AllSelector,
+    AsyncEmitter,
+    ConnectionInfo,
+    CustomSelector,
+    GroupSelector,
+    MetadataSelector,
+    NoInstancesError,
+    RedisUnavailableError,
+    UserSelector,
+)
+from quart_wslb.emitter import PAGE
+from quart_wslb.keys import Keys
+from quart_wslb.registry import Registry
+from quart_wslb.testing import free_port
+from tests.support import make_connection
+
+MANY = PAGE * 2 + 37  # more than two pages
+
+
+class EvenNumbered(CustomSelector):
+    """Connections whose ``n`` metadata is even: no index serves it."""
+
+    def matches(self, connection: ConnectionInfo) -> bool:
+        return int(connection.metadata.get("n", "1")) % 2 == 0
+
+
+@pytest.fixture(name="redis")
+async def fixture_redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture(name="emitter")
+async def fixture_emitter(redis: aioredis.Redis, prefix: str) -> AsyncIterator[AsyncEmitter]:
+    emitter = AsyncEmitter(redis, prefix=prefix)
+    yield emitter
+    await emitter.aclose()
+
+
+@pytest.fixture(name="populated")
+async def fixture_populated(redis: aioredis.Redis, prefix: str) -> int:
+    """MANY connections on instance i1: users u0..u9, rooms r0..r2, every fifth in "g"."""
+    registry = Registry(redis, Keys(prefix))
+    connections = []
+    for n in range(MANY):
+        connection = make_connection(
+            id=f"i1:c{n}", user=f"u{n % 10}", metadata={"room": f"r{n % 3}", "n": str(n)}
+        )
+        if n % 5 == 0:
+            connection.groups.add("g")
+        connections.append(connection)
+    await registry.register(*connections)
+    await redis.hset(Keys(prefix).instances, "i1", json.dumps({"started_at": 1.0}))
+    return MANY
+
+
+async def test_connections_stream_every_record_in_pages(
+    emitter: AsyncEmitter, populated: int
+) -> None:
+    records = [r async for r in emitter.connections()]
+    assert len(records) == populated == len({r.id for r in records})
+    first = next(r for r in records if r.id == "i1:c5")
+    assert (first.user, first.instance, first.path) == ("u5", "i1", "/ws/red")
+    assert first.metadata == {"room": "r2", "n": "5"} and first.groups == {"g"}
+    assert await emitter.count() == populated
+    assert sorted([u async for u in emitter.users()]) == [f"u{n}" for n in range(10)]
+
+
+async def test_connections_union_lists_each_connection_once(
+    emitter: AsyncEmitter, populated: int
+) -> None:
+    selector = GroupSelector("g") | UserSelector("u0")
+    ids = [r.id async for r in emitter.connections(selector)]
+    expected = {f"i1:c{n}" for n in range(populated) if n % 5 == 0 or n % 10 == 0}
+    assert len(ids) == len(set(ids)) and set(ids) == expected
+    assert await emitter.count(selector) == len(expected)
+
+
+async def test_custom_selector_is_matched_record_by_record(
+    emitter: AsyncEmitter, populated: int
+) -> None:
+    evens = {f"i1:c{n}" for n in range(populated) if n % 2 == 0}
+    assert {r.id async for r in emitter.connections(EvenNumbered())} == evens
+    assert await emitter.count(EvenNumbered()) == len(evens)
+    narrowed = EvenNumbered() & MetadataSelector(room="r0")
+    expected = {f"i1:c{n}" for n in range(populated) if n % 6 == 0}
+    assert {r.id async for r in emitter.connections(narrowed)} == expected
+    assert sorted([u async for u in emitter.users(narrowed)]) == ["u0", "u2", "u4", "u6", "u8"]
+
+
+async def test_send_routes_custom_matches_to_their_owner(
+    emitter: AsyncEmitter, redis: aioredis.Redis, prefix: str, populated: int
+) -> None:
+    async with redis.pubsub() as pubsub:
+        await pubsub.subscribe(Keys(prefix).channel("i1"))
+        await pubsub.get_message(timeout=1)
+        routed = await emitter.send(EvenNumbered(), "even")
+        targets: list[str] = []
+        deadline = time.monotonic() + 5
+        while len(targets) < routed and time.monotonic() < deadline:
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
+            if message:
+                header = json.loads(message["data"].partition(b"\n")[0])
+                targets.extend(header["targets"])
+    assert routed == (populated + 1) // 2
+    assert sorted(targets) == sorted(f"i1:c{n}" for n in range(0, populated, 2))
+
+
+async def test_join_and_leave_change_records_and_survive_unregister(
+    emitter: AsyncEmitter, redis: aioredis.Redis, prefix: str, populated: int
+) -> None:
+    keys = Keys(prefix)
+    assert await emitter.join(UserSelector("u1"), "club") == populated // 10 + 1
+    assert await emitter.count(GroupSelector("club")) == populated // 10 + 1
+    record = json.loads(await redis.hget(keys.connections, "i1:c1") or b"{}")
+    assert "club" in record["g"] and keys.group("club") in record["k"]
+    assert await emitter.leave(MetadataSelector(room="r1") & UserSelector("u1"), "club") > 0
+    remaining = {r.id async for r in emitter.connections(GroupSelector("club"))}
+    assert remaining == {f"i1:c{n}" for n in range(populated) if n % 10 == 1 and n % 3 != 1}
+    await Registry(redis, keys).unregister_instance("i1")
+    assert not await redis.exists(keys.group("club"), keys.group("g"), keys.all)
+
+
+async def test_send_to_a_prefix_without_instances_raises(
+    redis: aioredis.Redis, prefix: str
+) -> None:
+    emitter = AsyncEmitter(redis, prefix=prefix + "-typo")
+    with pytest.raises(NoInstancesError, match="typo"):
+        await emitter.send(AllSelector(), "x")
+    assert await emitter.count() == 0
+
+
+async def test_unreachable_redis_fails_within_the_timeout() -> None:
+    emitter = AsyncEmitter(redis_url=f"redis://127.0.0.1:{free_port()}/0", timeout=0.5)
+    started = time.monotonic()
+    with pytest.raises(RedisUnavailableError):
+        await emitter.send(UserSelector("x"), "x")
+    assert time.monotonic() - started < 2.0
+    await emitter.aclose()
+
+
+async def test_constructor_rejects_bad_arguments(redis: aioredis.Redis) -> None:
+    with pytest.raises(TypeError):
+        AsyncEmitter()
+    with pytest.raises(TypeError):
+        AsyncEmitter(redis, redis_url="redis://127.0.0.1:1/0")
+    with pytest.raises(ValueError, match="PREFIX"):
+        AsyncEmitter(redis, prefix="bad prefix{")
+    decoding = aioredis.Redis(decode_responses=True)
+    with pytest.raises(ValueError, match="decode_responses"):
+        AsyncEmitter(decoding)
+    await decoding.aclose()
+
+
+async def test_disconnect_rejects_reserved_close_codes(emitter: AsyncEmitter) -> None:
+    for code in (1001, 1011, 2999, 5000):
+        with pytest.raises(ValueError):
+            await emitter.disconnect(UserSelector("x"), code)

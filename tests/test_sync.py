@@ -1,0 +1,139 @@
+"""The synchronous Emitter: same results as the async path, from many threads, after fork."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from quart_wslb import (
+    Emitter,
+    GroupSelector,
+    NoInstancesError,
+    RedisUnavailableError,
+    UserSelector,
+)
+from quart_wslb.keys import Keys
+from quart_wslb.testing import free_port
+
+
+@pytest.fixture(name="cluster_keys")
+def fixture_cluster_keys(redis_url: str, prefix: str) -> Iterator[Keys]:
+    """Two records on a pretend instance i1 whose channel a test may listen on."""
+    keys = Keys(prefix)
+    client = redis.Redis.from_url(redis_url)
+    for n, user in enumerate(("ann", "bob")):
+        cid = f"i1:c{n}"
+        sets = [keys.all, keys.instance_connections("i1"), keys.user(user)]
+        record = {"u": user, "p": "/ws", "m": {}, "g": [], "t": 1.0, "k": sets}
+        client.hset(keys.connections, cid, json.dumps(record))
+        client.hincrby(keys.presence, user, 1)
+        for key in sets:
+            client.sadd(key, cid)
+    client.hset(keys.instances, "i1", json.dumps({"started_at": 1.0}))
+    yield keys
+    client.close()
+
+
+def listen(redis_url: str, channel: str) -> tuple[Any, redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    pubsub = client.pubsub()  # type: ignore[no-untyped-call]
+    pubsub.subscribe(channel)
+    pubsub.get_message(timeout=1)
+    return pubsub, client
+
+
+def test_emitter_send_query_and_membership(
+    redis_url: str, prefix: str, cluster_keys: Keys
+) -> None:
+    pubsub, client = listen(redis_url, cluster_keys.channel("i1"))
+    with Emitter(redis_url, prefix=prefix) as emitter:
+        assert emitter.send(UserSelector("ann"), {"hi": 1}) == 1
+        message = pubsub.get_message(ignore_subscribe_messages=True, timeout=2)
+        assert message is not None and message["data"].endswith(b'\n{"hi":1}')
+        assert emitter.count() == 2
+        assert sorted(emitter.users()) == ["ann", "bob"]
+        assert [r.id for r in emitter.connections(UserSelector("bob"))] == ["i1:c1"]
+        assert emitter.join(UserSelector("bob"), "team") == 1
+        assert emitter.count(GroupSelector("team")) == 1
+        assert emitter.leave(UserSelector("bob"), "team") == 1
+        assert emitter.count(GroupSelector("team")) == 0
+        assert emitter.disconnect(UserSelector("ann"), 4000, "bye") == 1
+        assert emitter.resolve(UserSelector("ann")) == {"i1": ["i1:c0"]}
+    pubsub.close()
+    client.close()
+
+
+def test_emitter_many_threads_share_one_pool(
+    redis_url: str, prefix: str, cluster_keys: Keys
+) -> None:
+    results: list[int] = []
+    lock = threading.Lock()
+    pubsub, client = listen(redis_url, cluster_keys.channel("i1"))  # i1 hears its channel
+    with Emitter(redis_url, prefix=prefix) as emitter:
+
+        def work() -> None:
+            for _ in range(50):
+                routed = emitter.send(UserSelector("bob"), "x")
+                with lock:
+                    results.append(routed)
+
+        threads = [threading.Thread(target=work) for _ in range(10)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+    pubsub.close()
+    client.close()
+    assert results == [1] * 500
+
+
+def _send_in_child(redis_url: str, prefix: str, out: multiprocessing.Queue[int]) -> None:
+    out.put(EMITTER_BEFORE_FORK[0].send(UserSelector("ann"), "from the child"))
+
+
+EMITTER_BEFORE_FORK: list[Emitter] = []
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # fork with threads (3.12+)
+def test_emitter_works_in_a_forked_child(redis_url: str, prefix: str, cluster_keys: Keys) -> None:
+    pubsub, client = listen(redis_url, cluster_keys.channel("i1"))
+    emitter = Emitter(redis_url, prefix=prefix)
+    assert emitter.send(UserSelector("ann"), "parent") == 1  # the loop thread exists now
+    EMITTER_BEFORE_FORK[:] = [emitter]
+    context = multiprocessing.get_context("fork")
+    out: multiprocessing.Queue[int] = context.Queue()
+    child = context.Process(target=_send_in_child, args=(redis_url, prefix, out))
+    child.start()
+    try:
+        assert out.get(timeout=15) == 1
+    finally:
+        child.join(10)
+        if child.is_alive():
+            child.kill()
+        out.close()
+        out.join_thread()
+    assert child.exitcode == 0
+    assert emitter.send(UserSelector("ann"), "parent again") == 1
+    emitter.close()
+    pubsub.close()
+    client.close()
+
+
+def test_emitter_errors_are_clear(redis_url: str, prefix: str) -> None:
+    with pytest.raises(ValueError, match="PREFIX"):
+        Emitter(redis_url, prefix="no spaces")
+    with Emitter(redis_url, prefix=prefix + "-typo") as emitter:
+        with pytest.raises(NoInstancesError):
+            emitter.send(UserSelector("x"), "x")
+    with Emitter(f"redis://127.0.0.1:{free_port()}/0", timeout=0.5) as emitter:
+        started = time.monotonic()
+        with pytest.raises(RedisUnavailableError):
+            emitter.send(UserSelector("x"), "x")
+        assert time.monotonic() - started < 2.5

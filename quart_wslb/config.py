@@ -93,6 +93,12 @@ def _validated(v: dict[str, Any]) -> Settings:
             if not _seconds(v[name]):
                 raise ValueError(f"WSLB_{name.upper()} must be a positive number or None")
             v[name] = float(v[name])
+    if (
+        v["ping_interval"] is not None
+        and v["idle_timeout"] is not None
+        and v["idle_timeout"] <= v["ping_interval"]
+    ):
+        raise ValueError("WSLB_IDLE_TIMEOUT must be longer than WSLB_PING_INTERVAL")
     if not isinstance(v["ping_message"], str | bytes) or not v["ping_message"]:
         raise ValueError("WSLB_PING_MESSAGE must be a non-empty str or bytes")
     if v["instance_ttl"] <= v["heartbeat_interval"]:

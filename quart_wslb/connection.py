@@ -95,7 +95,7 @@ class ConnectionRecord:
             metadata=dict(data.get("m") or {}),
             # An empty Lua table is encoded as {} whether it was a list or not.
             groups=frozenset(data.get("g") or ()),
-            connected_at=float(data.get("t", 0.0)),
+            connected_at=float(data.get("t") or 0.0),
         )
 
 
@@ -159,7 +159,7 @@ class Connection:
         self.registering = True
         # The handler's task: a close from outside it also ends the handler, so a client
         # that never answers the close (dead TCP, slow reader) cannot keep it running.
-        self._handler = asyncio.current_task()
+        self._handler = _current_task()
         #: When the client last sent a frame, when it was last pinged, whether accepted.
         self.activity = activity or _accepted()
 
@@ -182,6 +182,16 @@ class Connection:
 
     async def offer(self, frame: Frame, message_id: str | None) -> bool:
         """Queue one frame without waiting; apply the queue-full policy if it is full."""
+        if self._closed:  # closing already (say, for being slow): report, quietly
+            await signals.send(
+                signals.message_dropped,
+                self._owner,
+                reason="closed",
+                message_id=message_id,
+                connection=self,
+                detail="the connection is closing",
+            )
+            return False
         try:
             self._queue.put_nowait(frame)
             return True
@@ -252,3 +262,10 @@ def _accepted() -> Activity:
     activity = Activity()
     activity.accepted.set()
     return activity
+
+
+def _current_task() -> asyncio.Task[object] | None:
+    try:
+        return asyncio.current_task()
+    except RuntimeError:  # built outside an event loop (a test, a tool)
+        return None

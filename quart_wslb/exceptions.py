@@ -27,7 +27,11 @@ class WsLoadBalanceError(Exception):
 
 
 class RedisUnavailableError(WsLoadBalanceError):
-    """Redis did not answer within ``WSLB_REDIS_TIMEOUT``; nothing was routed."""
+    """Redis did not answer within ``WSLB_REDIS_TIMEOUT``, or could not be reached.
+
+    When it could not be reached nothing was routed; when it answered too late, the
+    message may have been routed all the same.
+    """
 
 
 class NoInstancesError(WsLoadBalanceError):

@@ -263,9 +263,7 @@ class WsLoadBalance:
             return
         for connection in list(self._local.values()):
             await connection.close(GOING_AWAY, "server stopping")
-        for task in runtime.tasks:
-            task.cancel()
-        await asyncio.gather(*runtime.tasks, return_exceptions=True)
+        await _cancel(runtime.tasks)
         try:
             async with redis_deadline(self.settings.redis_timeout, "stop"):
                 removal = await runtime.registry.unregister_instance(self.instance_id)
@@ -362,3 +360,15 @@ def _checked_metadata(pairs: object) -> dict[str, str]:
         if not isinstance(name, str) or not isinstance(value, str) or not name:
             raise TypeError(f"metadata must map non-empty str to str, not {name!r}: {value!r}")
     return dict(pairs)
+
+
+async def _cancel(tasks: list[asyncio.Task[None]], attempts: int = 5) -> None:
+    """Cancel and wait, again if a cancellation was swallowed; bounded in time."""
+    pending = set(tasks)
+    for _ in range(attempts):
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=1.0)
+        if not pending:
+            return
+    log.warning("background tasks did not stop: %s", [t.get_name() for t in pending])

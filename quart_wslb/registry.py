@@ -73,30 +73,33 @@ class Registry:
                 "p": connection.path,
                 "m": connection.metadata,
                 "g": sorted(connection.groups),
-                "t": connection.connected_at,
+                # A string: Redis's cjson keeps only 14 significant digits of a number,
+                # and membership.lua rewrites records.
+                "t": repr(connection.connected_at),
                 "k": index_keys,
             },
             separators=(",", ":"),
         )
+
+    def _register_call(self, connection: Connection) -> tuple[list[str], list[str]]:
+        index_keys = self.index_keys(connection)
+        keys = [self._keys.connections, self._keys.presence, *index_keys]
+        return keys, [connection.id, self.record(connection, index_keys), connection.user or ""]
 
     async def register(self, *connections: Connection) -> list[str]:
         """Write records and every index entry, each atomically, in one round trip.
 
         Returns the users that this made present in the cluster (first connection).
         """
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for connection in connections:
-                index_keys = self.index_keys(connection)
-                await self._register(
-                    keys=[self._keys.connections, self._keys.presence, *index_keys],
-                    args=[
-                        connection.id,
-                        self.record(connection, index_keys),
-                        connection.user or "",
-                    ],
-                    client=pipe,
-                )
-            online = await pipe.execute()
+        if len(connections) == 1:  # the common case: one EVALSHA, no pipeline preamble
+            keys, args = self._register_call(connections[0])
+            online = [await self._register(keys=keys, args=args)]
+        else:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for connection in connections:
+                    keys, args = self._register_call(connection)
+                    await self._register(keys=keys, args=args, client=pipe)
+                online = await pipe.execute()
         return [c.user for c, new in zip(connections, online, strict=True) if new and c.user]
 
     async def unregister(self, ids: Sequence[str], instance: str | None = None) -> Removal:

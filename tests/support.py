@@ -1,0 +1,202 @@
+"""Helpers shared by the unit tests: a fake websocket, connections, signal recorders, and
+Quart apps wired to a fakeredis server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import fakeredis
+from blinker import ANY, NamedSignal
+from quart import Quart, websocket
+from quart import typing as quart_typing
+from quart.wrappers import Websocket
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+
+from quart_wslb import WsLoadBalance, current_connection, ws_route
+from quart_wslb.config import QueueFullPolicy
+from quart_wslb.connection import Connection
+from quart_wslb.envelope import Frame
+from quart_wslb.keys import Keys
+
+#: The key prefix of every unit test (each test has its own fakeredis server).
+PREFIX = "t"
+KEYS = Keys(PREFIX)
+#: How long a test waits for something that should happen at once.
+SOON = 2.0
+
+
+class FakeWebsocket:
+    """What a ``Connection`` needs of a Quart websocket; ``block=True`` makes it a client
+    whose every send hangs until ``release`` is set."""
+
+    def __init__(self, *, block: bool = False, fail: bool = False) -> None:
+        self.sent: list[Frame] = []
+        self.closed: list[tuple[int, str]] = []
+        self.release = asyncio.Event()
+        if not block:
+            self.release.set()
+        self.fail = fail
+        self._changed = asyncio.Event()
+
+    async def send(self, frame: Frame) -> None:
+        if self.fail:
+            raise ConnectionResetError("client gone")
+        await self.release.wait()
+        self.sent.append(frame)
+        self._changed.set()
+
+    async def close(self, code: int, reason: str = "") -> None:
+        self.closed.append((code, reason))
+
+    async def wait_sent(self, count: int) -> list[Frame]:
+        """Wait (at most ``SOON``) until ``count`` frames were sent; return them all."""
+        async with asyncio.timeout(SOON):
+            while len(self.sent) < count:
+                self._changed.clear()
+                await self._changed.wait()
+        return self.sent
+
+
+async def eventually(condition: Callable[[], bool]) -> None:
+    """Wait (at most ``SOON``) until ``condition()`` holds."""
+    async with asyncio.timeout(SOON):
+        while not condition():
+            await asyncio.sleep(0.005)
+
+
+def make_connection(
+    socket: FakeWebsocket | None = None,
+    *,
+    id: str = "i1:c1",
+    user: str | None = "alice",
+    path: str = "/ws/red",
+    metadata: Mapping[str, str] | None = None,
+    queue_size: int = 8,
+    policy: QueueFullPolicy = "close",
+    owner: object = None,
+) -> Connection:
+    """A ``Connection`` on the instance named by its id, over a fake websocket."""
+    return Connection(
+        id=id,
+        user=user,
+        path=path,
+        instance=id.partition(":")[0],
+        metadata=metadata or {},
+        websocket=cast(Websocket, socket or FakeWebsocket()),
+        queue_size=queue_size,
+        policy=policy,
+        owner=owner,
+    )
+
+
+@dataclass
+class Recorder:
+    """A signal receiver that keeps the keyword arguments of every call."""
+
+    calls: list[dict[str, Any]] = field(default_factory=list)
+
+    def __call__(self, sender: object, **kwargs: Any) -> None:
+        self.calls.append({"sender": sender, **kwargs})
+
+    def reasons(self) -> list[str]:
+        return [call["reason"] for call in self.calls]
+
+
+@contextmanager
+def recording(signal: NamedSignal, sender: object = ANY) -> Iterator[Recorder]:
+    """Record what ``signal`` sends while the block runs."""
+    recorder = Recorder()
+    with signal.connected_to(recorder, sender=sender):
+        yield recorder
+
+
+def fake_client(server: fakeredis.FakeServer) -> Redis:
+    """An asyncio client of a fakeredis server."""
+    client: Redis = fakeredis.FakeAsyncRedis(server=server)
+    return client
+
+
+def room_metadata() -> dict[str, str]:
+    return {"room": (websocket.view_args or {})["room"]}
+
+
+def make_app(redis: Redis, instance: str, **options: Any) -> tuple[Quart, WsLoadBalance]:
+    """A Quart app with one tracked route, ``/ws/<room>?user=<name>``, that greets the
+    client with ``{"hello": <connection id>}``, echoes ``"echo:<text>"`` and ends on
+    ``"close"``."""
+    app = Quart(__name__)
+    wslb = WsLoadBalance(app, redis=redis, instance_id=instance, prefix=PREFIX, **options)
+
+    @app.websocket("/ws/<room>")
+    @ws_route(user=lambda: websocket.args.get("user"), metadata=room_metadata)
+    async def chat(room: str) -> None:
+        await current_connection.send({"hello": current_connection.id, "room": room})
+        while True:
+            text = await websocket.receive()
+            if text == "close":
+                return
+            await current_connection.send(f"echo:{text!s}")
+
+    return app, wslb
+
+
+@dataclass
+class Served:
+    """One app instance, serving, and a test client of it."""
+
+    app: Quart
+    wslb: WsLoadBalance
+    redis: Redis
+    client: quart_typing.TestClientProtocol
+
+
+@asynccontextmanager
+async def serving(
+    server: fakeredis.FakeServer, instance: str, **options: Any
+) -> AsyncIterator[Served]:
+    """Serve a ``make_app`` app on ``server`` until the block ends."""
+    redis = fake_client(server)
+    app, wslb = make_app(redis, instance, **options)
+    try:
+        async with app.test_app() as test_app:
+            yield Served(app, wslb, redis, test_app.test_client())
+    finally:
+        await redis.aclose()
+
+
+async def received(pubsub: PubSub, wait: float = 0.02) -> list[bytes]:
+    """Every message that arrives on ``pubsub`` within ``wait`` seconds (fakeredis delivers
+    a publish before the publishing call returns)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    out: list[bytes] = []
+    while (left := deadline - loop.time()) > 0:
+        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=left)
+        if message is not None and message["type"] in ("message", "pmessage"):
+            out.append(message["data"])
+    return out
+
+
+async def stored_record(redis: Redis, connection_id: str) -> dict[str, Any]:
+    """The JSON record Redis holds for a connection."""
+    raw = await redis.hget(KEYS.connections, connection_id)
+    if raw is None:
+        raise AssertionError(f"no record for {connection_id}")
+    record: dict[str, Any] = json.loads(raw)
+    return record
+
+
+async def set_members(redis: Redis, key: str) -> set[str]:
+    """The members of a set, as text."""
+    return {m.decode() if isinstance(m, bytes) else m for m in await redis.smembers(key)}
+
+
+async def registry_keys(redis: Redis) -> set[str]:
+    """Every key under ``PREFIX``."""
+    return {key.decode() async for key in redis.scan_iter(match="{" + PREFIX + "}*")}

@@ -1,0 +1,176 @@
+"""The wire envelope: packing user messages, and encoding/decoding what travels."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from quart_wslb.envelope import (
+    VERSION,
+    Envelope,
+    EnvelopeError,
+    Frame,
+    Kind,
+    decode,
+    encode,
+    head,
+    pack,
+    to_frame,
+)
+
+
+def header(**fields: Any) -> bytes:
+    """A header line with the given fields over valid defaults (``None`` removes one)."""
+    data: dict[str, Any] = {"v": VERSION, "id": "m1", "origin": "i1", "kind": "text"}
+    data["targets"] = ["i1:a"]
+    data.update(fields)
+    return json.dumps({k: v for k, v in data.items() if v is not None}).encode()
+
+
+@pytest.mark.parametrize(
+    ("message", "kind", "payload"),
+    [
+        ("héllo", "text", "héllo".encode()),
+        ("", "text", b""),
+        (b"\x00\xff", "binary", b"\x00\xff"),
+        (bytearray(b"ab"), "binary", b"ab"),
+        (memoryview(b"cd"), "binary", b"cd"),
+        ({"a": [1, "é"]}, "json", '{"a":[1,"é"]}'.encode()),
+        ([1, None, True], "json", b"[1,null,true]"),
+        ({}, "json", b"{}"),
+    ],
+)
+def test_pack_encodes_each_kind_once(message: object, kind: Kind, payload: bytes) -> None:
+    assert pack(message) == (kind, payload)
+
+
+@pytest.mark.parametrize("message", [1, 1.5, None, True, {"a"}, ("a",), object()])
+def test_pack_rejects_other_types(message: object) -> None:
+    with pytest.raises(TypeError, match="must be str, bytes, dict or list"):
+        pack(message)
+
+
+def test_pack_rejects_unserialisable_dict() -> None:
+    with pytest.raises(TypeError, match="not JSON serialisable"):
+        pack({"when": object()})
+
+
+def test_pack_rejects_non_string_keys() -> None:
+    with pytest.raises(TypeError, match="not JSON serialisable"):
+        pack({("a", "b"): 1})
+
+
+def test_pack_rejects_circular_list() -> None:
+    loop: list[object] = []
+    loop.append(loop)
+    with pytest.raises(TypeError, match="not JSON serialisable"):
+        pack(loop)
+
+
+@pytest.mark.parametrize("number", [float("nan"), float("inf")])
+def test_pack_rejects_non_finite_numbers(number: float) -> None:
+    with pytest.raises(TypeError):
+        pack({"x": number})
+
+
+@pytest.mark.parametrize(
+    ("message", "frame"),
+    [("hi", "hi"), (b"\x01", b"\x01"), ({"a": 1}, '{"a":1}'), (["é"], '["é"]')],
+)
+def test_to_frame_text_for_str_and_json_bytes_for_bytes(message: object, frame: Frame) -> None:
+    assert to_frame(message) == frame
+
+
+def test_to_frame_rejects_other_types() -> None:
+    with pytest.raises(TypeError):
+        to_frame(3)
+
+
+@pytest.mark.parametrize(
+    ("kind", "frame"),
+    [
+        ("text", "héllo\nworld\n"),
+        ("text", ""),
+        ("binary", b"\n\x00\xff{}\n"),
+        ("binary", b""),
+        ("json", '{"a":"b\\n"}'),
+    ],
+)
+@pytest.mark.parametrize("targets", [[], ["i1:a"], ["i1:a", "i1:b"]])
+def test_encode_decode_round_trip(kind: Kind, frame: Frame, targets: list[str]) -> None:
+    envelope = Envelope(id="m-é", origin="host-1", kind=kind, targets=targets, frame=frame)
+    assert decode(encode(envelope)) == envelope
+
+
+def test_encode_is_head_targets_then_payload() -> None:
+    envelope = Envelope(id="m1", origin="i1", kind="binary", targets=["i1:a"], frame=b"\x00")
+    raw = encode(envelope)
+    assert raw == head("m1", "i1", "binary") + b'["i1:a"]}\n\x00'
+    assert json.loads(raw.partition(b"\n")[0]) == {
+        "v": VERSION,
+        "id": "m1",
+        "origin": "i1",
+        "kind": "binary",
+        "targets": ["i1:a"],
+    }
+
+
+def test_envelope_payload_is_utf8_of_text() -> None:
+    envelope = Envelope(id="m", origin="o", kind="text", targets=[], frame="é")
+    assert envelope.payload == "é".encode()
+
+
+def test_decode_json_kind_gives_text_frame() -> None:
+    envelope = decode(header(kind="json") + b'\n{"a":1}')
+    assert envelope.frame == '{"a":1}'
+
+
+def test_decode_ignores_unknown_header_fields() -> None:
+    envelope = decode(header(signature="abc", offset={"n": 1}) + b"\nhi")
+    assert envelope == Envelope(id="m1", origin="i1", kind="text", targets=["i1:a"], frame="hi")
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        pytest.param(b"", id="empty"),
+        pytest.param(header(), id="no-newline"),
+        pytest.param(b"not json\nhi", id="bad-json"),
+        pytest.param(b"\xff\xfe\nhi", id="header-not-utf8"),
+        pytest.param(b"[1, 2]\nhi", id="header-not-object"),
+        pytest.param(b"\nhi", id="empty-header"),
+        pytest.param(header(v=2) + b"\nhi", id="version-2"),
+        pytest.param(header(v=0) + b"\nhi", id="version-0"),
+        pytest.param(header(v="1") + b"\nhi", id="version-str"),
+        pytest.param(header(v=1.0) + b"\nhi", id="version-float"),
+        pytest.param(header(v=True) + b"\nhi", id="version-bool"),
+        pytest.param(header(v=None) + b"\nhi", id="missing-version"),
+        pytest.param(header(id=None) + b"\nhi", id="missing-id"),
+        pytest.param(header(origin=None) + b"\nhi", id="missing-origin"),
+        pytest.param(header(kind=None) + b"\nhi", id="missing-kind"),
+        pytest.param(header(targets=None) + b"\nhi", id="missing-targets"),
+        pytest.param(header(id="") + b"\nhi", id="empty-id"),
+        pytest.param(header(id=7) + b"\nhi", id="id-int"),
+        pytest.param(header(origin="") + b"\nhi", id="empty-origin"),
+        pytest.param(header(kind="xml") + b"\nhi", id="unknown-kind"),
+        pytest.param(header(kind=1) + b"\nhi", id="kind-int"),
+        pytest.param(header(targets="i1:a") + b"\nhi", id="targets-str"),
+        pytest.param(header(targets=[1]) + b"\nhi", id="target-int"),
+        pytest.param(header(targets=[""]) + b"\nhi", id="target-empty"),
+        pytest.param(header(kind="text") + b"\n\xff\xfe", id="text-not-utf8"),
+        pytest.param(header(kind="json") + b"\n\xc3", id="json-not-utf8"),
+    ],
+)
+def test_decode_rejects_malformed(raw: bytes) -> None:
+    with pytest.raises(EnvelopeError):
+        decode(raw)
+
+
+def test_decode_binary_payload_need_not_be_utf8() -> None:
+    assert decode(header(kind="binary") + b"\n\xff\xfe").frame == b"\xff\xfe"
+
+
+def test_envelope_error_is_a_value_error() -> None:
+    assert issubclass(EnvelopeError, ValueError)

@@ -1,0 +1,387 @@
+"""The extension: wiring into an app, and ``send`` across two apps sharing one Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any, cast
+
+import fakeredis
+import pytest
+from quart import Quart
+from quart import typing as quart_typing
+from quart.testing.connections import WebsocketDisconnectError
+from redis.asyncio import Redis
+
+from quart_wslb import (
+    AllSelector,
+    ConnectionSelector,
+    GroupSelector,
+    MetadataSelector,
+    NotStartedError,
+    PathSelector,
+    UserSelector,
+    WsLoadBalance,
+    signals,
+)
+from quart_wslb.config import DEFAULTS
+from quart_wslb.envelope import decode
+from tests.support import (
+    KEYS,
+    PREFIX,
+    SOON,
+    Served,
+    eventually,
+    fake_client,
+    make_app,
+    received,
+    recording,
+    registry_keys,
+    serving,
+    stored_record,
+)
+
+Socket = quart_typing.TestWebsocketConnectionProtocol
+
+
+async def frame(ws: Socket) -> str | bytes:
+    """The next frame a test client receives (within ``SOON``)."""
+    async with asyncio.timeout(SOON):
+        return await ws.receive()
+
+
+async def greeting(ws: Socket) -> str:
+    """The connection id the app greets a new client with (it is registered by then)."""
+    hello = json.loads(await frame(ws))
+    assert isinstance(hello["hello"], str)
+    return hello["hello"]
+
+
+async def silent(ws: Socket, wait: float = 0.05) -> bool:
+    """Whether nothing arrives on ``ws`` for ``wait`` seconds."""
+    try:
+        async with asyncio.timeout(wait):
+            await ws.receive()
+    except TimeoutError:
+        return True
+    return False
+
+
+@pytest.fixture(name="two")
+async def fixture_two(fake_server: fakeredis.FakeServer) -> AsyncIterator[tuple[Served, Served]]:
+    """Two app instances, ``i1`` and ``i2``, serving on one fakeredis server."""
+    async with serving(fake_server, "i1") as one, serving(fake_server, "i2") as two:
+        yield one, two
+
+
+@pytest.fixture(name="redis")
+async def fixture_redis(fake_server: fakeredis.FakeServer) -> AsyncIterator[Redis]:
+    client = fake_client(fake_server)
+    yield client
+    await client.aclose()
+
+
+def test_init_app_registers_the_extension(redis: Redis) -> None:
+    app, wslb = make_app(redis, "i1")
+    assert app.extensions["wslb"] is wslb
+    assert cast(Any, app).wslb is wslb
+    assert wslb.instance_id == "i1"
+    assert wslb.keys.prefix == PREFIX
+    assert wslb.local_connections == {}
+
+
+def test_init_app_later(redis: Redis) -> None:
+    app = Quart(__name__)
+    wslb = WsLoadBalance(redis=redis)
+    with pytest.raises(RuntimeError, match="init_app"):
+        wslb.settings  # noqa: B018
+    wslb.init_app(app)
+    assert app.extensions["wslb"] is wslb
+    assert wslb.settings.prefix == DEFAULTS["prefix"]
+
+
+def test_init_app_twice_raises(redis: Redis) -> None:
+    app, wslb = make_app(redis, "i1")
+    with pytest.raises(RuntimeError, match="already bound"):
+        wslb.init_app(app)
+    with pytest.raises(RuntimeError, match="already bound"):
+        wslb.init_app(Quart(__name__))
+
+
+def test_init_app_second_extension_raises(redis: Redis) -> None:
+    app, wslb = make_app(redis, "i1")
+    with pytest.raises(RuntimeError, match="already has"):
+        WsLoadBalance(app, redis=redis)
+    assert app.extensions["wslb"] is wslb
+
+
+def test_init_app_argument_beats_config(redis: Redis) -> None:
+    app = Quart(__name__)
+    app.config.update(WSLB_PREFIX="cfg", WSLB_SEND_QUEUE_SIZE=5, WSLB_QUEUE_FULL="drop")
+    wslb = WsLoadBalance(app, redis=redis, send_queue_size=7)
+    settings = wslb.settings
+    assert (settings.prefix, settings.send_queue_size, settings.queue_full) == ("cfg", 7, "drop")
+
+
+def test_init_app_bad_config_raises(redis: Redis) -> None:
+    app = Quart(__name__)
+    app.config["WSLB_INSTANCE_ID"] = "has:colon"
+    with pytest.raises(ValueError, match="WSLB_INSTANCE_ID"):
+        WsLoadBalance(app, redis=redis)
+    assert "wslb" not in app.extensions
+
+
+async def test_send_before_serving_raises(redis: Redis) -> None:
+    _, wslb = make_app(redis, "i1")
+    with pytest.raises(NotStartedError, match="not serving"):
+        await wslb.send(UserSelector("alice"), "hi")
+    with pytest.raises(RuntimeError):
+        await wslb.resolve(UserSelector("alice"))
+
+
+async def test_send_after_stopping_raises(fake_server: fakeredis.FakeServer) -> None:
+    async with serving(fake_server, "i1") as one:
+        assert await one.wslb.send(UserSelector("alice"), "hi") == 0
+    with pytest.raises(NotStartedError):
+        await one.wslb.send(UserSelector("alice"), "hi")
+
+
+@pytest.mark.parametrize("message", [1, None, {"a"}, {"a": object()}, ("t",)])
+async def test_send_bad_message_raises_before_publishing(
+    fake_server: fakeredis.FakeServer, redis: Redis, message: object
+) -> None:
+    async with redis.pubsub() as pubsub, serving(fake_server, "i1") as one:
+        await pubsub.psubscribe("{" + PREFIX + "}:*")
+        async with one.client.websocket("/ws/red?user=alice") as ws:
+            await greeting(ws)
+            with pytest.raises(TypeError):
+                await one.wslb.send(UserSelector("alice"), message)
+            with pytest.raises(TypeError, match="Selector"):
+                await one.wslb.send(cast(Any, "alice"), "hi")
+            assert await one.wslb.send(UserSelector("alice"), "ok") == 1
+            assert await frame(ws) == "ok"
+        envelopes = [raw for raw in await received(pubsub) if raw.startswith(b"{")]
+    assert [decode(raw).frame for raw in envelopes] == ["ok"]
+
+
+async def test_send_crosses_instances(two: tuple[Served, Served]) -> None:
+    one, two_ = two
+    async with (
+        one.client.websocket("/ws/red?user=alice") as alice,
+        two_.client.websocket("/ws/red?user=bob") as bob,
+        two_.client.websocket("/ws/blue?user=alice") as alice2,
+    ):
+        alice_id, bob_id, alice2_id = (
+            await greeting(alice),
+            await greeting(bob),
+            await greeting(alice2),
+        )
+        assert alice_id.startswith("i1:") and bob_id.startswith("i2:")
+
+        assert await two_.wslb.send(UserSelector("bob"), {"to": "bob"}) == 1
+        assert json.loads(await frame(bob)) == {"to": "bob"}
+
+        assert await two_.wslb.send(ConnectionSelector(alice_id), "only you") == 1
+        assert await frame(alice) == "only you"
+
+        assert await one.wslb.send(UserSelector("alice"), b"\x00\x01") == 2
+        assert await frame(alice) == b"\x00\x01"
+        assert await frame(alice2) == b"\x00\x01"
+
+        assert await one.wslb.send(MetadataSelector(room="red"), "red room") == 2
+        assert await frame(alice) == "red room"
+        assert await frame(bob) == "red room"
+
+        assert await two_.wslb.send(PathSelector("/ws/blue") | UserSelector("bob"), "x") == 2
+        assert await frame(alice2) == "x"
+        assert await frame(bob) == "x"
+
+        assert await one.wslb.send(AllSelector(), ["all"]) == 3
+        for ws in (alice, bob, alice2):
+            assert await frame(ws) == '["all"]'
+
+        assert await one.wslb.send(UserSelector("carol"), "nobody") == 0
+        assert await one.wslb.resolve(UserSelector("alice")) == {
+            "i1": [alice_id],
+            "i2": [alice2_id],
+        }
+        for ws in (alice, bob, alice2):
+            assert await silent(ws)
+
+
+async def test_send_only_owning_instances_receive(two: tuple[Served, Served]) -> None:
+    one, two_ = two
+    async with one.client.websocket("/ws/red?user=alice") as alice:
+        await greeting(alice)
+        with (
+            recording(signals.message_received, one.wslb) as got_one,
+            recording(signals.message_received, two_.wslb) as got_two,
+            recording(signals.message_routed, two_.wslb) as routed,
+        ):
+            assert await two_.wslb.send(UserSelector("alice"), "hi") == 1
+            assert await frame(alice) == "hi"
+    assert len(got_one.calls) == 1
+    assert got_two.calls == []
+    [call] = routed.calls
+    assert (call["routed"], call["instances"]) == (1, 1)
+    assert call["selector"] == UserSelector("alice")
+
+
+async def test_closed_websocket_leaves_no_record(two: tuple[Served, Served]) -> None:
+    one, two_ = two
+    with (
+        recording(signals.connection_opened, one.wslb) as opened,
+        recording(signals.connection_closed, one.wslb) as closed,
+    ):
+        async with one.client.websocket("/ws/red?user=alice") as ws:
+            conn_id = await greeting(ws)
+            assert list(one.wslb.local_connections) == [conn_id]
+            keys = await registry_keys(one.redis)
+            assert {KEYS.user("alice"), KEYS.path("/ws/red"), KEYS.metadata("room", "red")} <= keys
+            assert await one.redis.hexists(KEYS.connections, conn_id)
+    assert [c["connection"].id for c in opened.calls] == [conn_id]
+    assert [c["connection"].id for c in closed.calls] == [conn_id]
+    assert one.wslb.local_connections == {}
+    assert await one.redis.hlen(KEYS.connections) == 0
+    assert not await one.redis.exists(
+        KEYS.all, KEYS.user("alice"), KEYS.path("/ws/red"), KEYS.metadata("room", "red")
+    )
+    assert await two_.wslb.send(UserSelector("alice"), "late") == 0
+
+
+async def test_handler_return_leaves_no_record(two: tuple[Served, Served]) -> None:
+    one, _ = two
+    async with one.client.websocket("/ws/red?user=alice") as ws:
+        await greeting(ws)
+        await ws.send("close")
+        with pytest.raises(WebsocketDisconnectError):
+            await frame(ws)
+    assert await one.redis.hlen(KEYS.connections) == 0
+    assert one.wslb.local_connections == {}
+
+
+async def test_anonymous_connection_has_no_user_index(two: tuple[Served, Served]) -> None:
+    one, two_ = two
+    async with one.client.websocket("/ws/red") as ws:
+        conn_id = await greeting(ws)
+        record = await stored_record(one.redis, conn_id)
+        assert record["u"] is None
+        assert await two_.wslb.send(PathSelector("/ws/red"), "hi") == 1
+        assert await frame(ws) == "hi"
+
+
+async def test_stop_closes_clients_and_removes_the_instance(
+    fake_server: fakeredis.FakeServer,
+) -> None:
+    redis = fake_client(fake_server)
+    app, wslb = make_app(redis, "i1")
+    test_app = app.test_app()
+    await test_app.startup()
+    async with app.test_client().websocket("/ws/red?user=alice") as ws:
+        await greeting(ws)
+        assert await redis.hlen(KEYS.connections) == 1
+        await test_app.shutdown()
+        with pytest.raises(WebsocketDisconnectError) as closed:
+            await frame(ws)
+    assert closed.value.args == (1001,)
+    assert await redis.hlen(KEYS.connections) == 0
+    assert not await redis.exists(KEYS.instance_connections("i1"), KEYS.heartbeat("i1"))
+    await redis.aclose()
+
+
+async def test_serving_twice_works(fake_server: fakeredis.FakeServer) -> None:
+    redis = fake_client(fake_server)
+    app, wslb = make_app(redis, "i1")
+    for _ in range(2):
+        async with app.test_app() as test_app:
+            async with test_app.test_client().websocket("/ws/red?user=a") as ws:
+                await greeting(ws)
+                assert await wslb.send(UserSelector("a"), "again") == 1
+                assert await frame(ws) == "again"
+    await redis.aclose()
+
+
+async def test_client_leaving_during_open_leaves_nothing(
+    fake_server: fakeredis.FakeServer,
+) -> None:
+    entered = asyncio.Event()
+
+    async def slow_receiver(sender: object, connection: object) -> None:
+        entered.set()
+        await asyncio.sleep(SOON * 10)  # e.g. announcing the user with wslb.send
+
+    async with serving(fake_server, "i1") as one:
+        with signals.connection_opened.connected_to(slow_receiver, one.wslb):
+            async with one.client.websocket("/ws/red?user=alice"):
+                async with asyncio.timeout(SOON):
+                    await entered.wait()
+        await asyncio.sleep(0.01)
+        assert one.wslb.local_connections == {}
+        assert await one.redis.hlen(KEYS.connections) == 0
+
+
+async def test_presence_signals_fire_once_per_user(two: tuple[Served, Served]) -> None:
+    one, two_ = two
+    with (
+        recording(signals.user_online) as online,
+        recording(signals.user_offline) as offline,
+    ):
+        async with one.client.websocket("/ws/red?user=alice") as first:
+            await greeting(first)
+            async with two_.client.websocket("/ws/blue?user=alice") as second:
+                await greeting(second)
+                assert [u async for u in two_.wslb.users()] == ["alice"]
+            assert offline.calls == []
+        await eventually(lambda: bool(offline.calls))
+    assert [(c["sender"], c["user"]) for c in online.calls] == [(one.wslb, "alice")]
+    assert [(c["sender"], c["user"]) for c in offline.calls] == [(one.wslb, "alice")]
+
+
+async def test_queries_span_instances(two: tuple[Served, Served]) -> None:
+    one, two_ = two
+    async with (
+        one.client.websocket("/ws/red?user=alice") as alice,
+        two_.client.websocket("/ws/red?user=bob") as bob,
+    ):
+        alice_id, bob_id = await greeting(alice), await greeting(bob)
+        assert await one.wslb.count() == 2
+        assert await one.wslb.count(MetadataSelector(room="red") & UserSelector("bob")) == 1
+        records = {r.id: r async for r in two_.wslb.connections(PathSelector("/ws/red"))}
+        assert set(records) == {alice_id, bob_id}
+        assert (records[bob_id].instance, records[bob_id].metadata) == ("i2", {"room": "red"})
+        assert sorted([u async for u in one.wslb.users()]) == ["alice", "bob"]
+        instances = {i.id: i.connections for i in await one.wslb.instances()}
+        assert instances == {"i1": 1, "i2": 1}
+
+
+async def test_disconnect_closes_a_client_on_another_instance(
+    two: tuple[Served, Served],
+) -> None:
+    one, two_ = two
+    async with one.client.websocket("/ws/red?user=alice") as alice:
+        await greeting(alice)
+        assert await two_.wslb.disconnect(UserSelector("alice"), 4003, "kicked") == 1
+        with pytest.raises(WebsocketDisconnectError) as closed:
+            await frame(alice)
+        assert closed.value.args == (4003,)
+        await eventually(lambda: not one.wslb.local_connections)
+    assert await one.redis.hlen(KEYS.connections) == 0
+
+
+async def test_join_makes_a_group_addressable(two: tuple[Served, Served]) -> None:
+    one, two_ = two
+    async with (
+        one.client.websocket("/ws/red?user=alice") as alice,
+        two_.client.websocket("/ws/red?user=bob") as bob,
+    ):
+        await greeting(alice)
+        await greeting(bob)
+        assert await one.wslb.join(UserSelector("alice") | UserSelector("bob"), "vip") == 2
+        assert await two_.wslb.send(GroupSelector("vip"), "for vips") == 2
+        assert await frame(alice) == "for vips"
+        assert await frame(bob) == "for vips"
+        assert await two_.wslb.leave(UserSelector("bob"), "vip") == 1
+        assert await one.wslb.send(GroupSelector("vip"), "alice only") == 1
+        assert await frame(alice) == "alice only"
+        assert await silent(bob)

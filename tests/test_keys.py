@@ -1,0 +1,111 @@
+"""Keys: one hash tag for the whole registry, and no collisions between kinds of key."""
+
+from __future__ import annotations
+
+import pytest
+from redis.crc import key_slot
+
+from quart_wslb.keys import Keys
+
+#: Values chosen to look like separators, hash tags, globs and other kinds of key.
+ADVERSARIAL = [
+    "a",
+    "b",
+    "a=b",
+    "b=c",
+    "a:b",
+    "b:c",
+    "a:b:c",
+    "1:a",
+    "3:a:b",
+    ":",
+    "::",
+    "u:a",
+    "p:a",
+    "m:1:a:b",
+    "{t}",
+    "}",
+    "{",
+    "*",
+    "a*",
+    "conns",
+    "all",
+    "instances",
+    "é",
+    "éé:x",
+]
+NAMES = ["a", "a:b", "a=b", "1", "1:a", "é", ":"]
+
+
+def every_key(keys: Keys) -> dict[str, tuple[str, ...]]:
+    """Every registry key built from ``ADVERSARIAL`` values, mapped to how it was built;
+    a collision would show up as two builders for one key."""
+    built: dict[str, tuple[str, ...]] = {}
+
+    def add(key: str, *how: str) -> None:
+        assert key not in built, f"{how} collides with {built[key]}: {key!r}"
+        built[key] = how
+
+    add(keys.connections, "connections")
+    add(keys.all, "all")
+    add(keys.instances, "instances")
+    for value in ADVERSARIAL:
+        add(keys.instance_connections(value), "instance", value)
+        add(keys.heartbeat(value), "heartbeat", value)
+        add(keys.reap_lock(value), "reap_lock", value)
+        add(keys.user(value), "user", value)
+        add(keys.path(value), "path", value)
+    for name in dict.fromkeys([*NAMES, *ADVERSARIAL]):
+        for value in ADVERSARIAL:
+            add(keys.metadata(name, value), "metadata", name, value)
+    return built
+
+
+def test_keys_never_collide_across_kinds_or_values() -> None:
+    built = every_key(Keys("t"))
+    assert len(built) == 3 + 5 * len(ADVERSARIAL) + len(set(NAMES + ADVERSARIAL)) * len(
+        ADVERSARIAL
+    )
+
+
+@pytest.mark.parametrize(
+    ("one", "two"),
+    [
+        (("a=b", "c"), ("a", "b=c")),
+        (("a", "b:c"), ("a:b", "c")),
+        (("a:b", "c"), ("a", "b:c")),
+        (("1", "1:a"), ("1:a", "")),
+        (("ab", "c"), ("a", "bc")),
+    ],
+)
+def test_keys_metadata_pairs_stay_apart(one: tuple[str, str], two: tuple[str, str]) -> None:
+    keys = Keys("t")
+    assert keys.metadata(*one) != keys.metadata(*two)
+
+
+def test_keys_channels_never_collide() -> None:
+    keys = Keys("t")
+    channels = [keys.channel(value) for value in ADVERSARIAL] + [keys.broadcast]
+    assert len(set(channels)) == len(channels)
+
+
+@pytest.mark.parametrize("prefix", ["t", "wslb", "app:prod", "a.b-c_d"])
+def test_keys_share_the_prefix_hash_tag(prefix: str) -> None:
+    keys = Keys(prefix)
+    slot = key_slot(prefix.encode())
+    for key in every_key(keys):
+        assert key.startswith("{" + prefix + "}:")
+        assert key_slot(key.encode()) == slot, key
+
+
+def test_keys_prefixes_never_share_a_key() -> None:
+    one, two = every_key(Keys("a")), every_key(Keys("a:u"))
+    assert not set(one) & set(two)
+
+
+def test_keys_values_are_the_last_component() -> None:
+    keys = Keys("t")
+    for value in ADVERSARIAL:
+        for key in (keys.user(value), keys.path(value), keys.metadata("n", value)):
+            assert key.endswith(":" + value)
+    assert keys.metadata("room", "red") == "{t}:m:4:room:red"

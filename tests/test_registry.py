@@ -1,0 +1,278 @@
+"""The registry: records and index sets written, removed and reaped in Lua scripts."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import fakeredis
+import pytest
+from redis.asyncio import Redis
+
+from quart_wslb.connection import Connection
+from quart_wslb.registry import REAP_BATCH, Registry, Removal, Repair
+from tests.support import (
+    KEYS,
+    fake_client,
+    make_connection,
+    registry_keys,
+    set_members,
+    stored_record,
+)
+
+
+@pytest.fixture(name="redis")
+async def fixture_redis(fake_server: fakeredis.FakeServer) -> AsyncIterator[Redis]:
+    client = fake_client(fake_server)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture(name="registry")
+def fixture_registry(redis: Redis) -> Registry:
+    return Registry(redis, KEYS)
+
+
+def alice() -> Connection:
+    return make_connection(
+        id="i1:alice", user="alice", path="/ws/red", metadata={"team": "b", "room": "red"}
+    )
+
+
+def bob() -> Connection:
+    return make_connection(id="i1:bob", user="bob", path="/ws/red", metadata={"room": "red"})
+
+
+async def register_all(registry: Registry, connections: Sequence[Connection]) -> None:
+    for connection in connections:
+        await registry.register(connection)
+
+
+async def test_index_keys_lists_every_set() -> None:
+    registry = Registry(fakeredis.FakeAsyncRedis(), KEYS)
+    assert registry.index_keys(alice()) == [
+        KEYS.all,
+        KEYS.instance_connections("i1"),
+        KEYS.user("alice"),
+        KEYS.path("/ws/red"),
+        KEYS.metadata("room", "red"),
+        KEYS.metadata("team", "b"),
+    ]
+
+
+async def test_index_keys_anonymous_has_no_user_set() -> None:
+    registry = Registry(fakeredis.FakeAsyncRedis(), KEYS)
+    keys = registry.index_keys(make_connection(user=None))
+    assert not [key for key in keys if key.startswith(KEYS.user(""))]
+    assert KEYS.path("/ws/red") in keys
+
+
+async def test_register_writes_record_and_every_index(redis: Redis, registry: Registry) -> None:
+    connection = alice()
+    await registry.register(connection)
+    index_keys = registry.index_keys(connection)
+    record = await stored_record(redis, connection.id)
+    assert record == {
+        "u": "alice",
+        "p": "/ws/red",
+        "m": {"team": "b", "room": "red"},
+        "g": [],
+        "t": repr(connection.connected_at),
+        "k": index_keys,
+    }
+    for key in index_keys:
+        assert await set_members(redis, key) == {connection.id}, key
+    assert await redis.hget(KEYS.presence, "alice") == b"1"
+    assert await registry_keys(redis) == {KEYS.connections, KEYS.presence, *index_keys}
+
+
+async def test_register_is_one_script_call_per_connection(
+    registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every key and the record go to the register script together (so it is atomic)."""
+    calls: list[dict[str, Any]] = []
+    script = registry._register
+
+    async def spy(**kwargs: Any) -> Any:
+        calls.append(kwargs)
+        return await script(**kwargs)
+
+    monkeypatch.setattr(registry, "_register", spy)
+    connection = alice()
+    await registry.register(connection)
+    assert len(calls) == 1
+    assert calls[0]["keys"] == [
+        KEYS.connections,
+        KEYS.presence,
+        *registry.index_keys(connection),
+    ]
+    assert calls[0]["args"][0] == connection.id
+
+
+async def test_register_twice_keeps_one_record(redis: Redis, registry: Registry) -> None:
+    assert await registry.register(alice()) == ["alice"]
+    assert await registry.register(alice()) == []
+    assert await redis.hlen(KEYS.connections) == 1
+    assert await set_members(redis, KEYS.all) == {"i1:alice"}
+    assert await redis.hget(KEYS.presence, "alice") == b"1"
+
+
+async def test_unregister_removes_record_and_every_index(redis: Redis, registry: Registry) -> None:
+    await register_all(registry, [alice(), bob()])
+    assert await registry.unregister(["i1:alice"]) == Removal(1, ["alice"])
+    assert await redis.hget(KEYS.connections, "i1:alice") is None
+    for key in registry.index_keys(alice()):
+        assert "i1:alice" not in await set_members(redis, key), key
+    assert await set_members(redis, KEYS.metadata("room", "red")) == {"i1:bob"}
+    assert await redis.exists(KEYS.user("alice"), KEYS.metadata("team", "b")) == 0
+
+
+async def test_unregister_last_connection_leaves_no_keys(redis: Redis, registry: Registry) -> None:
+    await register_all(registry, [alice(), bob()])
+    assert await registry.unregister(["i1:alice", "i1:bob"], "i1") == Removal(2, ["alice", "bob"])
+    assert await registry_keys(redis) == set()
+
+
+async def test_unregister_twice_is_harmless(redis: Redis, registry: Registry) -> None:
+    await register_all(registry, [alice(), bob()])
+    assert await registry.unregister(["i1:alice"], "i1") == Removal(1, ["alice"])
+    assert await registry.unregister(["i1:alice"], "i1") == Removal(0, [])
+    assert await registry.unregister(["i1:alice"]) == Removal(0, [])
+    assert await set_members(redis, KEYS.all) == {"i1:bob"}
+    assert await redis.hlen(KEYS.connections) == 1
+
+
+async def test_unregister_nothing_is_zero(registry: Registry) -> None:
+    assert await registry.unregister([]) == Removal(0, [])
+
+
+async def test_unregister_unknown_ids_counts_none(registry: Registry) -> None:
+    await registry.register(bob())
+    assert await registry.unregister(["i1:nobody", "i9:x"]) == Removal(0, [])
+
+
+async def test_unregister_cleans_instance_set_without_record(
+    redis: Redis, registry: Registry
+) -> None:
+    """A stale id in the instance set (its record already gone) is removed as well."""
+    await redis.sadd(KEYS.instance_connections("i1"), "i1:stale")
+    assert await registry.unregister(["i1:stale"], "i1") == Removal(0, [])
+    assert await redis.exists(KEYS.instance_connections("i1")) == 0
+
+
+async def test_unregister_instance_removes_only_its_connections(
+    redis: Redis, registry: Registry
+) -> None:
+    other = make_connection(id="i2:carol", user="carol", metadata={"room": "red"})
+    await register_all(registry, [alice(), bob(), other])
+    removal = await registry.unregister_instance("i1")
+    assert (removal.removed, sorted(removal.offline)) == (2, ["alice", "bob"])
+    assert await redis.hkeys(KEYS.connections) == [b"i2:carol"]
+    assert await set_members(redis, KEYS.metadata("room", "red")) == {"i2:carol"}
+    assert await redis.exists(KEYS.instance_connections("i1")) == 0
+    assert await registry_keys(redis) == {
+        KEYS.connections,
+        KEYS.presence,
+        *registry.index_keys(other),
+    }
+
+
+async def test_unregister_instance_in_batches(
+    redis: Redis, registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    count = 2 * REAP_BATCH + 7
+    connections = [
+        make_connection(id=f"i1:{n}", user=f"u{n % 7}", metadata={"n": str(n % 3)})
+        for n in range(count)
+    ]
+    await registry.register(*connections)
+    batches: list[int] = []
+    unregister = registry.unregister
+
+    async def spy(ids: Sequence[str], instance: str | None = None) -> Removal:
+        batches.append(len(ids))
+        return await unregister(ids, instance)
+
+    monkeypatch.setattr(registry, "unregister", spy)
+    removal = await registry.unregister_instance("i1")
+    assert removal.removed == count
+    assert sorted(removal.offline) == [f"u{n}" for n in range(7)]
+    assert len(batches) >= 3
+    assert max(batches) <= REAP_BATCH
+    assert await registry_keys(redis) == set()
+
+
+async def test_unregister_instance_with_nothing_is_zero(redis: Redis, registry: Registry) -> None:
+    await registry.register(bob())
+    assert await registry.unregister_instance("i9") == Removal(0, [])
+    assert await redis.hlen(KEYS.connections) == 1
+
+
+async def test_reconcile_restores_missing_and_removes_extra(
+    redis: Redis, registry: Registry
+) -> None:
+    kept, lost = alice(), bob()
+    stray = make_connection(id="i1:stray", user="zed")
+    other = make_connection(id="i2:other", user="zed")
+    await register_all(registry, [kept, stray, other])
+    kept.registering = lost.registering = False
+    local = {kept.id: kept, lost.id: lost}
+    assert await registry.reconcile("i1", local) == Repair(1, 1, ["bob"], [])
+    assert set(await redis.hkeys(KEYS.connections)) == {b"i1:alice", b"i1:bob", b"i2:other"}
+    assert await set_members(redis, KEYS.user("zed")) == {"i2:other"}
+    assert await set_members(redis, KEYS.user("bob")) == {"i1:bob"}
+    assert await registry.reconcile("i1", local) == Repair(0, 0, [], [])
+
+
+async def test_reconcile_drops_a_connection_that_closed_meanwhile(
+    redis: Redis, registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    closing = bob()
+    closing.registering = False
+    local = {closing.id: closing}
+    register = registry.register
+
+    async def register_then_close(*connections: Connection) -> list[str]:
+        online = await register(*connections)
+        local.pop(closing.id)
+        return online
+
+    monkeypatch.setattr(registry, "register", register_then_close)
+    repair = await registry.reconcile("i1", local)
+    assert (repair.restored, repair.removed) == (0, 0)
+    assert await registry_keys(redis) == set()
+
+
+async def test_reconcile_leaves_connections_still_registering(
+    redis: Redis, registry: Registry
+) -> None:
+    """A connection between ``_local`` and its own register call is not "repaired"."""
+    opening, opened = alice(), bob()
+    await registry.register(opened)
+    opened.registering = False
+    local = {opening.id: opening, opened.id: opened}
+    assert opening.registering
+    assert await registry.reconcile("i1", local) == Repair(0, 0, [], [])
+    assert await redis.hkeys(KEYS.connections) == [b"i1:bob"]
+    await registry.register(opening)
+    assert await registry.reconcile("i1", local) == Repair(0, 0, [], [])
+
+
+async def test_index_keys_include_groups() -> None:
+    registry = Registry(fakeredis.FakeAsyncRedis(), KEYS)
+    connection = bob()
+    connection.groups.update({"b", "a"})
+    assert registry.index_keys(connection)[-2:] == [KEYS.group("a"), KEYS.group("b")]
+
+
+async def test_presence_counts_connections_per_user(redis: Redis, registry: Registry) -> None:
+    """``register`` reports users it made present, ``unregister`` those it made absent."""
+    first = make_connection(id="i1:a", user="ann")
+    second = make_connection(id="i2:b", user="ann")
+    anonymous = make_connection(id="i1:c", user=None)
+    assert await registry.register(first, anonymous) == ["ann"]
+    assert await registry.register(second) == []
+    assert await redis.hgetall(KEYS.presence) == {b"ann": b"2"}
+    assert await registry.unregister([first.id, anonymous.id]) == Removal(2, [])
+    assert await registry.unregister([second.id]) == Removal(1, ["ann"])
+    assert await redis.exists(KEYS.presence) == 0

@@ -1,0 +1,528 @@
+"""Routing and delivery: the route script publishes one envelope per owning instance (the
+publishing side lives in :mod:`quart_wslb.emitter`); the router dispatches envelopes to
+local connections and runs a subscriber loop that survives bad input and lost
+connections."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
+
+import fakeredis
+import pytest
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from quart_wslb import (
+    AllSelector,
+    ConnectionSelector,
+    GroupSelector,
+    MetadataSelector,
+    NoInstancesError,
+    PathSelector,
+    Selector,
+    UserSelector,
+    signals,
+)
+from quart_wslb.connection import Connection
+from quart_wslb.emitter import AsyncEmitter, Route
+from quart_wslb.envelope import Envelope, decode, encode
+from quart_wslb.keys import Keys
+from quart_wslb.registry import Registry
+from quart_wslb.router import Router
+from tests.support import (
+    KEYS,
+    PREFIX,
+    SOON,
+    FakeWebsocket,
+    eventually,
+    fake_client,
+    make_connection,
+    received,
+    recording,
+    stored_record,
+)
+
+OWNER = object()
+#: id -> (user, path, room), on instances i1, i2 and i3.
+PEOPLE = {
+    "i1:a1": ("alice", "/ws/red", "red"),
+    "i1:a2": ("alice", "/ws/blue", "blue"),
+    "i1:b1": ("bob", "/ws/red", "red"),
+    "i2:a3": ("alice", "/ws/red", "red"),
+    "i2:c1": ("carol", "/ws/green", "green"),
+    "i3:d1": ("dave", "/ws/red", "red"),
+}
+
+
+@pytest.fixture(name="redis")
+async def fixture_redis(fake_server: fakeredis.FakeServer) -> AsyncIterator[Redis]:
+    client = fake_client(fake_server)
+    yield client
+    await client.aclose()
+
+
+async def heartbeat(redis: Redis, *names: str) -> None:
+    """Announce instances as alive, the way their heartbeat does."""
+    for name in names:
+        await redis.set(KEYS.heartbeat(name), "1")
+        await redis.hset(KEYS.instances, name, '{"started_at":0}')
+
+
+@pytest.fixture(name="registry")
+async def fixture_registry(redis: Redis) -> Registry:
+    """A registry that holds ``PEOPLE``, on instances with a live heartbeat."""
+    registry = Registry(redis, KEYS)
+    for id_, (user, path, room) in PEOPLE.items():
+        await registry.register(
+            make_connection(id=id_, user=user, path=path, metadata={"room": room})
+        )
+    await heartbeat(redis, "i1", "i2", "i3")
+    return registry
+
+
+@pytest.fixture(name="sender")
+def fixture_sender(redis: Redis, registry: Registry) -> AsyncEmitter:
+    """What publishes for an instance, ``i0``, that owns no connection."""
+    return AsyncEmitter(redis, prefix=PREFIX, origin="i0")
+
+
+@asynccontextmanager
+async def listening(redis: Redis, *channels: str) -> AsyncIterator[PubSub]:
+    async with redis.pubsub() as pubsub:
+        await pubsub.subscribe(*channels)
+        yield pubsub
+
+
+@asynccontextmanager
+async def instances(redis: Redis, *names: str) -> AsyncIterator[dict[str, PubSub]]:
+    """One subscriber per instance channel, as if those instances were alive."""
+    async with AsyncExitStack() as stack:
+        pubsubs = {name: await stack.enter_async_context(redis.pubsub()) for name in names}
+        for name, pubsub in pubsubs.items():
+            await pubsub.subscribe(KEYS.channel(name))
+        yield pubsubs
+
+
+async def envelopes(pubsubs: dict[str, PubSub]) -> dict[str, list[Envelope]]:
+    return {name: [decode(raw) for raw in await received(p)] for name, p in pubsubs.items()}
+
+
+@asynccontextmanager
+async def started(*connections: Connection) -> AsyncIterator[dict[str, Connection]]:
+    """The connections, with their writers running, as a router's ``local`` mapping."""
+    for connection in connections:
+        connection.start()
+    try:
+        yield {connection.id: connection for connection in connections}
+    finally:
+        for connection in connections:
+            await connection.stop()
+
+
+def raw(targets: list[str], frame: str | bytes = "hi", kind: Any = "text") -> bytes:
+    return encode(Envelope(id="m1", origin="i0", kind=kind, targets=targets, frame=frame))
+
+
+async def test_route_publishes_one_envelope_per_owning_instance(
+    redis: Redis, sender: AsyncEmitter
+) -> None:
+    async with instances(redis, "i1", "i2", "i3") as pubsubs:
+        route = await sender.route(UserSelector("alice"), "text", "héllo".encode())
+        got = await envelopes(pubsubs)
+    assert route == Route(route.message_id, routed=3, instances=2, unheard=())
+    assert [sorted(e.targets) for e in got["i1"]] == [["i1:a1", "i1:a2"]]
+    assert [e.targets for e in got["i2"]] == [["i2:a3"]]
+    assert got["i3"] == []
+    envelope = got["i1"][0]
+    assert (envelope.id, envelope.origin, envelope.kind, envelope.frame) == (
+        route.message_id,
+        "i0",
+        "text",
+        "héllo",
+    )
+
+
+@pytest.mark.parametrize(
+    ("selector", "expected"),
+    [
+        (UserSelector("bob"), {"i1": ["i1:b1"]}),
+        (PathSelector("/ws/red"), {"i1": ["i1:a1", "i1:b1"], "i2": ["i2:a3"], "i3": ["i3:d1"]}),
+        (MetadataSelector(room="green"), {"i2": ["i2:c1"]}),
+        (ConnectionSelector("i2:c1"), {"i2": ["i2:c1"]}),
+        (ConnectionSelector("i2:gone"), {}),
+        (UserSelector("alice") & PathSelector("/ws/red"), {"i1": ["i1:a1"], "i2": ["i2:a3"]}),
+        (UserSelector("bob") | UserSelector("carol"), {"i1": ["i1:b1"], "i2": ["i2:c1"]}),
+        (AllSelector() & UserSelector("dave"), {"i3": ["i3:d1"]}),
+        (UserSelector("nobody"), {}),
+    ],
+)
+async def test_route_each_selector_kind(
+    redis: Redis, sender: AsyncEmitter, selector: Selector, expected: dict[str, list[str]]
+) -> None:
+    async with instances(redis, "i1", "i2", "i3") as pubsubs:
+        route = await sender.route(selector, "json", b'{"a":1}')
+        got = await envelopes(pubsubs)
+    assert {name: sorted(e.targets) for name, es in got.items() for e in es} == expected
+    assert all(len(es) <= 1 for es in got.values())
+    assert route.routed == sum(len(ids) for ids in expected.values())
+    assert route.instances == len(expected)
+    assert route.unheard == ()
+
+
+@pytest.mark.parametrize(
+    ("selector", "expected"),
+    [
+        (UserSelector("alice"), {"i1": ["i1:a1", "i1:a2"], "i2": ["i2:a3"]}),
+        (PathSelector("/ws/green") | UserSelector("dave"), {"i2": ["i2:c1"], "i3": ["i3:d1"]}),
+        (
+            AllSelector(),
+            {"i1": ["i1:a1", "i1:a2", "i1:b1"], "i2": ["i2:a3", "i2:c1"], "i3": ["i3:d1"]},
+        ),  # fmt: skip
+        (MetadataSelector(room="nowhere"), {}),
+    ],
+)
+async def test_resolve_groups_by_instance_and_publishes_nothing(
+    redis: Redis, sender: AsyncEmitter, selector: Selector, expected: dict[str, list[str]]
+) -> None:
+    async with instances(redis, "i1", "i2", "i3") as pubsubs:
+        async with listening(redis, KEYS.broadcast) as broadcast:
+            assert await sender.resolve(selector) == expected
+            assert await received(broadcast) == []
+        assert await envelopes(pubsubs) == {"i1": [], "i2": [], "i3": []}
+
+
+async def test_route_unheard_instance_is_reported_and_not_counted(
+    redis: Redis, sender: AsyncEmitter
+) -> None:
+    async with instances(redis, "i1") as pubsubs:
+        route = await sender.route(PathSelector("/ws/red"), "text", b"hi")
+        got = await envelopes(pubsubs)
+    assert route.routed == 2
+    assert route.instances == 1
+    assert sorted(route.unheard) == ["i2", "i3"]
+    assert [sorted(e.targets) for e in got["i1"]] == [["i1:a1", "i1:b1"]]
+
+
+async def test_route_all_is_one_broadcast(redis: Redis, sender: AsyncEmitter) -> None:
+    async with instances(redis, "i1", "i2") as pubsubs:
+        async with (
+            listening(redis, KEYS.broadcast) as one,
+            listening(redis, KEYS.broadcast) as two,
+        ):
+            route = await sender.route(AllSelector(), "binary", b"\x00\n\xff")
+            got_one, got_two = await received(one), await received(two)
+        assert await envelopes(pubsubs) == {"i1": [], "i2": []}
+    assert route.routed == len(PEOPLE)
+    assert route.instances == 2
+    assert got_one == got_two
+    [envelope] = [decode(raw) for raw in got_one]
+    assert envelope.targets == []
+    assert envelope.frame == b"\x00\n\xff"
+    assert envelope.id == route.message_id
+
+
+async def test_route_all_counts_only_live_instances(redis: Redis, sender: AsyncEmitter) -> None:
+    await redis.delete(KEYS.heartbeat("i3"))  # i3 died; its records are not reaped yet
+    async with listening(redis, KEYS.broadcast) as broadcast:
+        route = await sender.route(AllSelector(), "text", b"hi")
+        assert len(await received(broadcast)) == 1
+    assert route.routed == len(PEOPLE) - 1
+
+
+async def test_route_all_with_no_listener_routes_nothing(sender: AsyncEmitter) -> None:
+    route = await sender.route(AllSelector(), "text", b"hi")
+    assert (route.routed, route.instances) == (0, 0)
+
+
+async def test_route_all_with_no_connection_routes_nothing(redis: Redis) -> None:
+    await heartbeat(redis, "i1")
+    emitter = AsyncEmitter(redis, prefix=PREFIX, origin="i0")
+    async with listening(redis, KEYS.broadcast) as broadcast:
+        route = await emitter.route(AllSelector(), "text", b"hi")
+        assert await received(broadcast) == []
+    assert (route.routed, route.instances) == (0, 0)
+
+
+@pytest.mark.parametrize("selector", [AllSelector(), UserSelector("alice")])
+async def test_route_under_a_prefix_without_instances_raises(
+    redis: Redis, selector: Selector
+) -> None:
+    emitter = AsyncEmitter(redis, prefix="other")
+    with pytest.raises(NoInstancesError, match="other"):
+        await emitter.route(selector, "text", b"hi")
+
+
+async def test_route_message_ids_differ(sender: AsyncEmitter) -> None:
+    one = await sender.route(UserSelector("alice"), "text", b"x")
+    two = await sender.route(UserSelector("alice"), "text", b"x")
+    assert one.message_id != two.message_id
+
+
+async def test_dispatch_delivers_to_local_targets_only(redis: Redis) -> None:
+    sockets = [FakeWebsocket() for _ in range(3)]
+    connections = [make_connection(s, id=f"i1:{n}") for n, s in enumerate(sockets)]
+    async with started(*connections) as local:
+        router = Router(redis, KEYS, "i1", local, OWNER)
+        with recording(signals.message_received, OWNER) as got:
+            await router.dispatch(raw(["i1:0", "i1:2"], "hi"))
+            await router.dispatch(raw(["i1:2"], b"\x01", "binary"))
+        assert await sockets[0].wait_sent(1) == ["hi"]
+        assert await sockets[2].wait_sent(2) == ["hi", b"\x01"]
+        await asyncio.sleep(0.01)
+        assert sockets[1].sent == []
+    assert [call["envelope"].targets for call in got.calls] == [["i1:0", "i1:2"], ["i1:2"]]
+
+
+async def test_dispatch_without_targets_delivers_to_every_local(redis: Redis) -> None:
+    sockets = [FakeWebsocket() for _ in range(3)]
+    connections = [make_connection(s, id=f"i1:{n}") for n, s in enumerate(sockets)]
+    async with started(*connections) as local:
+        await Router(redis, KEYS, "i1", local, OWNER).dispatch(raw([], '{"a":1}', "json"))
+        for socket in sockets:
+            assert await socket.wait_sent(1) == ['{"a":1}']
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"garbage", b"{}\nhi", b'{"v":2,"id":"m","origin":"o","kind":"text","targets":[]}\nx', b""],
+)
+async def test_dispatch_drops_malformed_envelope(redis: Redis, data: bytes) -> None:
+    socket = FakeWebsocket()
+    async with started(make_connection(socket, id="i1:a")) as local:
+        router = Router(redis, KEYS, "i1", local, OWNER)
+        with recording(signals.message_dropped, OWNER) as dropped:
+            await router.dispatch(data)
+        await asyncio.sleep(0.01)
+        assert socket.sent == []
+    assert dropped.reasons() == ["malformed"]
+    assert dropped.calls[0]["message_id"] is None
+    assert dropped.calls[0]["connection"] is None
+
+
+async def test_dispatch_reports_unknown_targets_gone(redis: Redis) -> None:
+    socket = FakeWebsocket()
+    async with started(make_connection(socket, id="i1:a")) as local:
+        router = Router(redis, KEYS, "i1", local, OWNER)
+        with recording(signals.message_dropped, OWNER) as dropped:
+            await router.dispatch(raw(["i1:gone", "i1:a"]))
+        assert await socket.wait_sent(1) == ["hi"]
+    assert dropped.reasons() == ["gone"]
+    assert dropped.calls[0]["message_id"] == "m1"
+    assert dropped.calls[0]["detail"] == "i1:gone"
+
+
+@pytest.fixture(name="log_errors")
+def fixture_log_errors(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
+    caplog.set_level("DEBUG", "quart_wslb")
+    yield caplog
+
+
+@asynccontextmanager
+async def running(router: Router) -> AsyncIterator[asyncio.Task[None]]:
+    """Run the subscriber loop for the block; it must end by cancellation.
+
+    The cancellation is repeated: on Python 3.11 fakeredis reads through
+    ``asyncio.wait_for``, which loses a cancellation that coincides with a message.
+    """
+    task = asyncio.create_task(router.run())
+    try:
+        async with asyncio.timeout(SOON):
+            await router.subscribed.wait()
+        yield task
+    finally:
+        async with asyncio.timeout(SOON):
+            while not task.done():
+                task.cancel()
+                await asyncio.wait({task}, timeout=0.05)
+        assert task.cancelled()
+
+
+async def test_run_survives_malformed_and_keeps_delivering(
+    redis: Redis, sender: AsyncEmitter, log_errors: pytest.LogCaptureFixture
+) -> None:
+    socket = FakeWebsocket()
+    async with started(make_connection(socket, id="i1:a1", user="alice")) as local:
+        router = Router(redis, KEYS, "i1", local, OWNER)
+        with recording(signals.message_dropped, OWNER) as dropped:
+            async with running(router) as task:
+                for junk in (b"junk", b"\xff\n", b'{"v":1}\n'):
+                    await redis.publish(KEYS.channel("i1"), junk)
+                await redis.publish(KEYS.broadcast, b"junk")
+                route = await sender.route(ConnectionSelector("i1:a1"), "text", b"one")
+                await sender.route(AllSelector(), "text", b"two")
+                assert await socket.wait_sent(2) == ["one", "two"]
+                assert not task.done()
+    assert route.routed == 1
+    assert dropped.reasons() == ["malformed"] * 4
+    assert "malformed envelope" in log_errors.text
+
+
+@pytest.mark.parametrize("failing", ["subscribe", "get_message"])
+async def test_run_resubscribes_after_redis_error(
+    redis: Redis, sender: AsyncEmitter, monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
+    real = redis.pubsub
+    made: list[PubSub] = []
+
+    async def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RedisConnectionError("connection lost")
+
+    def flaky(**kwargs: Any) -> PubSub:
+        pubsub = real(**kwargs)
+        if not made:
+            monkeypatch.setattr(pubsub, failing, broken)
+        made.append(pubsub)
+        return pubsub
+
+    monkeypatch.setattr(redis, "pubsub", flaky)
+    socket = FakeWebsocket()
+    async with started(make_connection(socket, id="i1:a1", user="alice")) as local:
+        router = Router(redis, KEYS, "i1", local, OWNER)
+        with recording(signals.subscriber_lost, OWNER) as lost:
+            async with running(router):
+                await eventually(lambda: len(made) >= 2 and router.subscribed.is_set())
+                route = await sender.route(ConnectionSelector("i1:a1"), "text", b"after")
+                assert await socket.wait_sent(1) == ["after"]
+    assert route.routed == 1
+    assert [type(call["error"]) for call in lost.calls] == [RedisConnectionError]
+
+
+async def test_run_cancellation_ends_it(redis: Redis) -> None:
+    router = Router(redis, KEYS, "i1", {}, OWNER)
+    async with running(router) as task:
+        pass
+    assert task.cancelled()
+
+
+async def test_dispatch_probe_is_counted_not_dropped(redis: Redis) -> None:
+    router = Router(redis, KEYS, "i1", {}, OWNER)
+    probe = router.next_probe()
+    assert router.missed_probes() == 1
+    with recording(signals.message_dropped, OWNER) as dropped:
+        await router.dispatch(probe)
+    assert router.missed_probes() == 0
+    assert dropped.calls == []
+
+
+async def test_run_hears_its_own_probes(redis: Redis) -> None:
+    router = Router(redis, KEYS, "i1", {}, OWNER)
+    async with running(router):
+        assert await redis.publish(KEYS.channel("i1"), router.next_probe()) == 1
+        await eventually(lambda: router.missed_probes() == 0)
+
+
+async def test_run_restart_resubscribes_and_calls_back(
+    redis: Redis, sender: AsyncEmitter, caplog: pytest.LogCaptureFixture
+) -> None:
+    calls: list[str] = []
+
+    async def callback() -> None:
+        calls.append("subscribed")
+
+    async def failing() -> None:
+        raise RuntimeError("callback broke")
+
+    socket = FakeWebsocket()
+    async with started(make_connection(socket, id="i1:a1")) as local:
+        router = Router(redis, KEYS, "i1", local, OWNER)
+        router.on_subscribed(failing)
+        router.on_subscribed(callback)
+        async with running(router):
+            await eventually(lambda: calls == ["subscribed"])
+            router.restart()
+            await eventually(lambda: calls == ["subscribed"] * 2)
+            await sender.route(ConnectionSelector("i1:a1"), "text", b"still here")
+            assert await socket.wait_sent(1) == ["still here"]
+    assert "callback broke" in caplog.text
+
+
+def control(kind: Any, targets: list[str], frame: str) -> bytes:
+    return encode(Envelope(id="c1", origin="i0", kind=kind, targets=targets, frame=frame))
+
+
+async def test_dispatch_join_and_leave_change_local_groups(redis: Redis) -> None:
+    one, two = make_connection(id="i1:a"), make_connection(id="i1:b")
+    router = Router(redis, KEYS, "i1", {one.id: one, two.id: two}, OWNER)
+    await router.dispatch(control("join", ["i1:a", "i1:b", "i1:gone"], "vip"))
+    await router.dispatch(control("join", ["i1:a"], "staff"))
+    await router.dispatch(control("leave", ["i1:b"], "vip"))
+    assert (one.groups, two.groups) == ({"vip", "staff"}, set())
+
+
+async def test_dispatch_disconnect_closes_targets(redis: Redis) -> None:
+    sockets = [FakeWebsocket(), FakeWebsocket()]
+    one, two = (make_connection(s, id=f"i1:{n}") for n, s in enumerate(sockets))
+    router = Router(redis, KEYS, "i1", {one.id: one, two.id: two}, OWNER)
+    await router.dispatch(control("disconnect", ["i1:1"], '{"code":4000,"reason":"bye"}'))
+    assert sockets[0].closed == []
+    assert sockets[1].closed == [(4000, "bye")]
+
+
+@pytest.mark.parametrize("payload", ["not json", '{"reason":"no code"}', '{"code":"x"}', "[]"])
+async def test_dispatch_bad_disconnect_is_malformed(redis: Redis, payload: str) -> None:
+    socket = FakeWebsocket()
+    connection = make_connection(socket, id="i1:a")
+    router = Router(redis, KEYS, "i1", {connection.id: connection}, OWNER)
+    with recording(signals.message_dropped, OWNER) as dropped:
+        await router.dispatch(control("disconnect", ["i1:a"], payload))
+    assert dropped.reasons() == ["malformed"]
+    assert socket.closed == []
+
+
+async def test_join_and_disconnect_reach_the_owner(redis: Redis, sender: AsyncEmitter) -> None:
+    """Membership and disconnects go through Redis to the instance holding the socket,
+    whose close ends the connection's handler."""
+    socket = FakeWebsocket()
+    made: list[Connection] = []
+
+    async def handler() -> None:
+        made.append(make_connection(socket, id="i1:a1", user="alice"))
+        await asyncio.Event().wait()
+
+    task = asyncio.create_task(handler())
+    try:
+        await eventually(lambda: bool(made))
+        [connection] = made
+        router = Router(redis, KEYS, "i1", {connection.id: connection}, OWNER)
+        async with running(router):
+            assert await sender.join(UserSelector("alice"), "vip") == 3
+            await eventually(lambda: connection.groups == {"vip"})
+            assert (await stored_record(redis, "i1:a1"))["g"] == ["vip"]
+            assert await sender.resolve(GroupSelector("vip")) == {
+                "i1": ["i1:a1", "i1:a2"],
+                "i2": ["i2:a3"],
+            }
+            assert await sender.leave(ConnectionSelector("i1:a2"), "vip") == 1
+            assert await sender.count(GroupSelector("vip")) == 2
+            # i1:a1 and i2:a3 match; nobody listens for i2, so only one is reached.
+            selector = GroupSelector("vip") & PathSelector("/ws/red")
+            assert await sender.disconnect(selector, 4001) == 1
+            await eventually(lambda: socket.closed == [(4001, "")])
+            with pytest.raises(asyncio.CancelledError):
+                await task
+    finally:
+        task.cancel()
+
+
+@pytest.mark.integration
+async def test_join_keeps_the_record_exact_on_real_redis(redis_url: str, prefix: str) -> None:
+    redis = Redis.from_url(redis_url)
+    keys = Keys(prefix)
+    try:
+        connection = make_connection(id="i1:x", user="ann", metadata={"n": "1"})
+        connection.connected_at = 1795938967.3960772
+        await Registry(redis, keys).register(connection)
+        await redis.hset(keys.instances, "i1", "{}")
+        before = json.loads(await redis.hget(keys.connections, "i1:x") or b"")
+        emitter = AsyncEmitter(redis, prefix=prefix)
+        assert await emitter.join(UserSelector("ann"), "vip") == 1
+        after = json.loads(await redis.hget(keys.connections, "i1:x") or b"")
+        assert after["g"] == ["vip"]
+        assert {k: after[k] for k in "upmt"} == {k: before[k] for k in "upmt"}
+    finally:
+        await redis.aclose()

@@ -66,7 +66,7 @@ class WebsocketGuard:
 
         open_ = False
         # The connection reads when its client last spoke from here (idle timeout).
-        activity = Activity()
+        activity = Activity(send=send)
         cast(dict[str, Any], scope)[ACTIVITY] = activity
 
         async def tracked_send(event: ASGISendEvent) -> None:

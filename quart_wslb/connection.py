@@ -18,6 +18,7 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Protocol, cast
 
+from hypercorn.typing import ASGISendCallable, WebsocketSendEvent
 from quart.wrappers import Websocket
 
 from . import signals
@@ -42,6 +43,8 @@ class Activity:
     received: float = field(default_factory=time.monotonic)
     pinged: float = 0.0
     accepted: asyncio.Event = field(default_factory=asyncio.Event)
+    #: The ASGI server's send, for writing frames without Quart's per-frame overhead.
+    send: ASGISendCallable | None = None
 
 
 class ConnectionInfo(Protocol):
@@ -245,16 +248,28 @@ class Connection:
         # Frames wait for the handshake: a routed message must not accept the socket
         # with Quart's defaults before the handler chose its subprotocol and headers.
         await self.activity.accepted.wait()
+        # Straight to the ASGI server when the middleware handed us its send: Quart's
+        # Websocket.send adds an event-loop round (sleep(0)) and a signal to each frame.
+        direct = self.activity.send
+        delivered = signals.message_delivered
         while True:
             frame = await self._queue.get()
             try:
-                await self._websocket.send(frame)
+                if direct is not None:
+                    await direct(_send_event(frame))
+                else:
+                    await self._websocket.send(frame)
             except Exception:  # the socket is gone; the handler is ending too
                 log.debug("writing to %s failed", self.id, exc_info=True)
                 return
-            await signals.send(
-                signals.message_delivered, self._owner, connection=self, frame=frame
-            )
+            if delivered.receivers:
+                await signals.send(delivered, self._owner, connection=self, frame=frame)
+
+
+def _send_event(frame: Frame) -> WebsocketSendEvent:
+    if isinstance(frame, str):
+        return {"type": "websocket.send", "bytes": None, "text": frame}
+    return {"type": "websocket.send", "bytes": frame, "text": None}
 
 
 def _accepted() -> Activity:

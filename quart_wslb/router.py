@@ -120,7 +120,8 @@ class Router:
             log.warning("dropped a malformed envelope: %s", error)
             await self._dropped("malformed", None, None, str(error))
             return
-        await signals.send(signals.message_received, self._owner, envelope=envelope)
+        if signals.message_received.receivers:
+            await signals.send(signals.message_received, self._owner, envelope=envelope)
         if envelope.kind in CONTROL_KINDS:
             await self._control(envelope)
             return

@@ -174,3 +174,41 @@ def test_decode_binary_payload_need_not_be_utf8() -> None:
 
 def test_envelope_error_is_a_value_error() -> None:
     assert issubclass(EnvelopeError, ValueError)
+
+
+QUICK_CORPUS = [
+    b'{"v":1,"id":"m","origin":"o","kind":"text","targets":["i:c"]}',
+    b'{"v":1,"id":"m","origin":"o","kind":"binary","targets":[]}',
+    b'{"v":1,"id":"m","origin":"o","kind":"join","targets":["a","b"],"extra":[1]}',
+    b'{"v":1,"id":"m","origin":"o","kind":"nope","targets":[]}',
+    b'{"v":true,"id":"m","origin":"o","kind":"text","targets":[]}',
+    b'{"v":1.0,"id":"m","origin":"o","kind":"text","targets":[]}',
+    b'{"v":2,"id":"m","origin":"o","kind":"text","targets":[]}',
+    b'{"v":1,"id":"","origin":"o","kind":"text","targets":[]}',
+    b'{"v":1,"id":"' + b"x" * 201 + b'","origin":"o","kind":"text","targets":[]}',
+    b'{"v":1,"id":"m","origin":"o","kind":"text","targets":[""]}',
+    b'{"v":1,"id":"m","origin":"o","kind":"text","targets":[1]}',
+    b'{"v":1,"id":"m","origin":"o","kind":"text","targets":"i:c"}',
+    b'{"v":1,"id":"m","origin":"o","kind":"text"}',
+    b'{"v":1,"id":5,"origin":"o","kind":"text","targets":[]}',
+    b' {"v":1,"id":"m","origin":"o","kind":"text","targets":[]}',
+    b'{"v":1,"id":"m","origin":"o","kind":"text","targets":[]} x',
+    b"[1, 2]",
+    b"\xff\xfe",
+]
+
+
+@pytest.mark.parametrize("header", QUICK_CORPUS)
+def test_quick_header_accepts_only_what_the_schema_accepts(header: bytes) -> None:
+    from marshmallow import ValidationError
+
+    from quart_wslb.envelope import _SCHEMA, quick_header
+
+    quick = quick_header(header)
+    try:
+        full = _SCHEMA.loads(header)
+    except (ValidationError, ValueError):
+        full = None
+    if quick is not None:  # the fast path may defer to the schema, never disagree with it
+        assert quick == full
+    assert (quick is None) >= (full is None)

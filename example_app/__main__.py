@@ -1,10 +1,10 @@
 """Launcher: ``python -m example_app [--instances N] [--port BASE] [--demo]``.
 
-Starts a throwaway Redis when ``WSLB_REDIS_URL`` is unset, then N Hypercorn instances of
-``example_app.app:app``, each in its own process group with its own ``WSLB_INSTANCE_ID``.
-On Ctrl-C or SIGTERM it stops everything it started, by pid: SIGTERM to each Hypercorn
-parent (so the worker runs ``after_serving`` and leaves the registry), then SIGKILL to
-the process group of any that is still there after a timeout.
+Starts a throwaway Redis when ``WSLB_REDIS_URL`` is unset, N Hypercorn instances of
+``example_app.app:app`` (three by default) and the round-robin front that a browser talks
+to (see :mod:`example_app.launcher`). On Ctrl-C or SIGTERM it stops everything it
+started, by pid. While it runs, an instance may be crashed (``kill -KILL -- -PID``): the
+front skips it, and the survivors reap its records.
 """
 
 from __future__ import annotations
@@ -14,189 +14,51 @@ import asyncio
 import os
 import secrets
 import signal
-import socket
-import subprocess
 import sys
-import threading
 import time
-import urllib.error
-import urllib.request
-from collections import deque
-from dataclasses import dataclass, field
-from pathlib import Path
 from types import FrameType
-from typing import IO
 
 import redis
 
-from quart_wslb.testing import RedisServer, free_port
+from .front import Backend
+from .launcher import STOP_TIMEOUT, Cluster
 
-ROOT = Path(__file__).resolve().parent.parent
-#: Seconds for every instance to answer HTTP, for a Hypercorn parent to exit on SIGTERM,
-#: and for the whole ``--demo`` conversation.
-START_TIMEOUT, STOP_TIMEOUT, DEMO_TIMEOUT = 12.0, 5.0, 10.0
-DEFAULT_PORT = 8001
-
-
-@dataclass
-class Instance:
-    """One Hypercorn process (a parent and its worker, in a process group of their own)."""
-
-    id: str
-    port: int
-    process: subprocess.Popen[bytes]
-    output: deque[str] = field(default_factory=lambda: deque(maxlen=40))
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/"
-
-    def ready(self) -> bool:
-        """Whether it answers ``GET /health`` (so it has subscribed to Redis)."""
-        try:
-            with urllib.request.urlopen(self.url + "health", timeout=1.0) as response:
-                return bool(response.status == 200)
-        except (OSError, urllib.error.URLError):
-            return False
-
-    def pump(self, stream: IO[bytes], echo: bool) -> None:
-        """Read the process's output until EOF; keep the tail, print it if ``echo``."""
-        for raw in stream:
-            line = raw.decode("utf-8", "replace").rstrip()
-            self.output.append(line)
-            if echo:
-                print(f"[{self.id}] {line}", flush=True)
+#: Seconds for the whole ``--demo`` conversation, and for everything the demo does before
+#: it stops the cluster (stopping takes at most ``STOP_TIMEOUT`` more).
+DEMO_TIMEOUT, DEMO_DEADLINE = 12.0, 22.0
+#: The front's port; the instances take the ports after it.
+DEFAULT_PORT = 8000
 
 
-class Launcher:
-    """Everything the example starts, so that ``stop`` can end exactly that."""
-
-    def __init__(self, *, echo: bool) -> None:
-        self.echo = echo
-        self.redis: RedisServer | None = None
-        self.instances: list[Instance] = []
-
-    def redis_url(self) -> str:
-        """``WSLB_REDIS_URL``, or a private redis-server started now."""
-        url = os.environ.get("WSLB_REDIS_URL")
-        if url:
-            print(f"Redis: {url} (from WSLB_REDIS_URL)")
-            return url
-        try:
-            self.redis = RedisServer()
-        except RuntimeError as error:
-            raise SystemExit(
-                f"{error}.\nInstall the extra (pip install -e '.[example]'), put redis-server "
-                "on PATH, or point WSLB_REDIS_URL at a running Redis."
-            ) from None
-        self.redis.start()
-        print(f"Redis: embedded redis-server on {self.redis.url} (stopped on exit)")
-        return self.redis.url
-
-    def spawn(self, index: int, port: int, env: dict[str, str]) -> Instance:
-        """Start instance ``instance-<index>`` on ``port``."""
-        instance_id = f"instance-{index}"
-        pythonpath = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-        process = subprocess.Popen(
-            [sys.executable, "-m", "hypercorn", "example_app.app:app",
-             "--bind", f"127.0.0.1:{port}"],
-            cwd=ROOT,
-            env={**env, "WSLB_INSTANCE_ID": instance_id, "PYTHONPATH": pythonpath,
-                 "PYTHONUNBUFFERED": "1"},
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
-        instance = Instance(instance_id, port, process)
-        self.instances.append(instance)
-        if process.stdout is not None:
-            reader = threading.Thread(
-                target=instance.pump, args=(process.stdout, self.echo), daemon=True
-            )
-            reader.start()
-        return instance
-
-    def wait_ready(self) -> None:
-        """Block until every instance serves; raise if one exits or time runs out."""
-        deadline = time.monotonic() + START_TIMEOUT
-        for instance in self.instances:
-            while not instance.ready():
-                if instance.process.poll() is not None:
-                    raise RuntimeError(f"{instance.id} exited with {instance.process.returncode}")
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{instance.id} did not serve within {START_TIMEOUT:.0f}s")
-                time.sleep(0.05)
-
-    def dead(self) -> Instance | None:
-        """An instance whose process has exited, if any."""
-        return next((i for i in self.instances if i.process.poll() is not None), None)
-
-    def stop_instances(self) -> list[str]:
-        """SIGTERM every Hypercorn parent, wait, then SIGKILL whatever is left of its group.
-
-        Returns the ids of the instances that had to be killed (it prints nothing, so that
-        a closed stdout cannot interrupt it).
-        """
-        for instance in self.instances:
-            if instance.process.poll() is None:
-                instance.process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_TIMEOUT
-        killed = []
-        for instance in self.instances:
-            try:
-                instance.process.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                killed.append(instance.id)
-            _kill_group(instance.process)
-        return killed
-
-    def stop_redis(self) -> None:
-        """Stop the private Redis, if one was started, and remove its directory."""
-        if self.redis is not None:
-            self.redis.close()
-            self.redis = None
-
-    def print_tails(self) -> None:
-        """The last lines each instance printed (for a failure report)."""
-        for instance in self.instances:
-            print(f"--- last output of {instance.id} ---", file=sys.stderr)
-            for line in instance.output:
-                print(line, file=sys.stderr)
-
-
-def _kill_group(process: subprocess.Popen[bytes]) -> None:
-    """SIGKILL what is left of the process group that ``process`` leads, and reap it."""
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass  # the group is already empty
-    if process.poll() is None:
-        process.wait(5)
-
-
-def _port_taken(port: int) -> bool:
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0
+class DeadlineError(Exception):
+    """``--demo`` ran past ``DEMO_DEADLINE``."""
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
+def _deadline(signum: int, frame: FrameType | None) -> None:
+    raise DeadlineError(f"the demo did not finish within {DEMO_DEADLINE:.0f}s")
+
+
 def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m example_app", description="Run the quart-wslb chat as N instances."
+        prog="python -m example_app",
+        description="Run the quart-wslb chat as N instances behind a round-robin front.",
     )
-    parser.add_argument("--instances", type=int, default=2, metavar="N", help="default: 2")
+    parser.add_argument("--instances", type=int, default=3, metavar="N", help="default: 3")
     parser.add_argument(
         "--port",
         type=int,
         metavar="BASE",
-        help=f"first port; the others follow (default: {DEFAULT_PORT}, free ports with --demo)",
+        help=f"the front's port; the instances take the next ones (default: {DEFAULT_PORT}, "
+        "free ports with --demo)",
     )
     parser.add_argument(
-        "--demo", action="store_true", help="drive two clients across the instances, then exit"
+        "--demo",
+        action="store_true",
+        help="drive two clients through the front across the instances, then exit",
     )
     args = parser.parse_args(argv)
     if not 1 <= args.instances <= 16:
@@ -204,62 +66,85 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _routed(request_line: str, backend: Backend) -> None:
+    target = request_line.split(" ")[1] if " " in request_line else request_line
+    print(f"front: WebSocket {target} -> {backend.name}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _arguments(argv)
     # Both stop everything; SIGINT explicitly too, since a shell may start us ignoring it.
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
-    launcher = Launcher(echo=not args.demo)
-    env = dict(os.environ)
+    env: dict[str, str] = {}
     # The demo takes a prefix of its own (unless one is set), so that on a shared Redis
     # it touches no other keys and can check that it left none behind.
     own_prefix = ""
-    if args.demo and not env.get("WSLB_PREFIX"):
+    if args.demo and not os.environ.get("WSLB_PREFIX"):
         own_prefix = "wslb-demo-" + secrets.token_hex(4)
         env["WSLB_PREFIX"] = own_prefix
+    redis_url = os.environ.get("WSLB_REDIS_URL") or None
+    port = args.port if args.port is not None or args.demo else DEFAULT_PORT
+    cluster = Cluster(
+        instances=args.instances,
+        port=port,
+        redis_url=redis_url,
+        env=env,
+        echo=not args.demo,
+        on_websocket=None if args.demo else _routed,
+    )
     started = time.monotonic()
     code = 1
     try:
-        env["WSLB_REDIS_URL"] = launcher.redis_url()
-        for index in range(1, args.instances + 1):
-            launcher.spawn(index, _port(args, index), env)
-        launcher.wait_ready()
-        for instance in launcher.instances:
-            print(f"{instance.id}: {instance.url}")
         if args.demo:
-            code = _demo(launcher)
+            signal.signal(signal.SIGALRM, _deadline)
+            signal.setitimer(signal.ITIMER_REAL, DEMO_DEADLINE)
+        cluster.start()
+        _announce(cluster, from_env=redis_url is not None)
+        if args.demo:
+            code = _demo(cluster)
         else:
-            print("Open two of these URLs in a browser and join one room. Ctrl-C stops all.")
-            code = _watch(launcher)
+            print(
+                f"\nOpen {cluster.url} in two browser tabs and join one room under two names;"
+                "\neach new WebSocket goes to the next instance. Ctrl-C stops everything.\n",
+                flush=True,
+            )
+            code = _watch(cluster)
     except KeyboardInterrupt:
         print("\nstopping")
         code = 130 if args.demo else 0
-    except RuntimeError as error:
+    except (RuntimeError, OSError, DeadlineError) as error:
         print(f"error: {error}", file=sys.stderr)
-        launcher.print_tails()
+        print(cluster.tails(), file=sys.stderr)
     finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not skip this
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         try:
-            killed = launcher.stop_instances()  # first: on the way out they leave the registry
+            killed = cluster.stop_instances()  # first: on the way out they leave the registry
             if killed:
                 print(f"killed after {STOP_TIMEOUT:.0f}s without stopping: {', '.join(killed)}")
-            if own_prefix and launcher.instances:
-                _report_leftovers(env["WSLB_REDIS_URL"], own_prefix)
+            if own_prefix and cluster.instances and cluster.redis_url:
+                _report_leftovers(cluster.redis_url, own_prefix)
         finally:
-            launcher.stop_redis()
+            cluster.stop()  # the front, then the Redis it started and its directory
         print(f"stopped everything it started ({time.monotonic() - started:.1f}s in all)")
     return code
 
 
-def _port(args: argparse.Namespace, index: int) -> int:
-    """The port of instance ``index``: free ports for a demo, else consecutive ones."""
-    if args.port is None and args.demo:
-        return free_port()
-    port = int(args.port or DEFAULT_PORT) + index - 1
-    if _port_taken(port):
-        raise RuntimeError(f"port {port} is in use: pass --port BASE")
-    return port
+def _announce(cluster: Cluster, *, from_env: bool) -> None:
+    if from_env:
+        print(f"Redis: {cluster.redis_url} (from WSLB_REDIS_URL)")
+    elif cluster.redis is not None and cluster.redis.process is not None:
+        print(
+            f"Redis: embedded redis-server on {cluster.redis_url}, "
+            f"pid {cluster.redis.process.pid} (stopped on exit)"
+        )
+    for instance in cluster.instances:
+        print(f"{instance.id}: {instance.url}  pid {instance.pid}")
+    print(f"front: {cluster.url}  (round robin over the {len(cluster.instances)} instances)")
+    if len(cluster.instances) > 1 and not from_env:
+        print(f"To crash an instance: kill -KILL -- -{cluster.instances[-1].pid}", flush=True)
 
 
 def _report_leftovers(url: str, prefix: str) -> None:
@@ -276,31 +161,41 @@ def _report_leftovers(url: str, prefix: str) -> None:
         client.close()
 
 
-def _watch(launcher: Launcher) -> int:
-    """Wait for Ctrl-C/SIGTERM; stop early, and fail, if an instance dies."""
-    while (dead := launcher.dead()) is None:
+def _watch(cluster: Cluster) -> int:
+    """Wait for Ctrl-C/SIGTERM; report instances that die, and fail once none is left."""
+    reported: set[str] = set()
+    while running := cluster.running():
+        for instance in cluster.instances:
+            if instance not in running and instance.id not in reported:
+                reported.add(instance.id)
+                print(
+                    f"{instance.id} (pid {instance.pid}) exited with "
+                    f"{instance.process.returncode}; the front skips it, and the others "
+                    "reap its records once its heartbeat expires",
+                    flush=True,
+                )
         time.sleep(0.5)
-    print(f"{dead.id} exited with {dead.process.returncode}: stopping the others")
-    launcher.print_tails()
+    print("every instance has exited", file=sys.stderr)
+    print(cluster.tails(), file=sys.stderr)
     return 1
 
 
-def _demo(launcher: Launcher) -> int:
+def _demo(cluster: Cluster) -> int:
     from websockets.exceptions import WebSocketException
 
     from .demo import DemoError, run_demo
 
     async def bounded() -> None:
         async with asyncio.timeout(DEMO_TIMEOUT):
-            await run_demo([i.url for i in launcher.instances])
+            await run_demo(cluster.url)
 
     try:
         asyncio.run(bounded())
     except (DemoError, TimeoutError, OSError, WebSocketException) as error:
         print(f"\nDEMO FAILED: {error or type(error).__name__}", file=sys.stderr)
-        launcher.print_tails()
+        print(cluster.tails(), file=sys.stderr)
         return 1
-    print("\nDemo passed: every message arrived, across instances.")
+    print("\nDemo passed: every message arrived, across instances, through the front.")
     return 0
 
 

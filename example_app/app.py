@@ -1,25 +1,30 @@
 """A small chat that runs as several instances on one Redis: ``example_app.app:app``.
 
-Connect with ``ws://HOST/ws?user=alice&room=lobby``. Every JSON frame a client receives
-has a ``type`` and ``sent_by``, the instance that called ``send``; the ``welcome`` frame
-names the instance that holds the socket, which is the one that delivers every frame on
-it. Client frames:
+Connect with ``ws://HOST/ws?user=alice&room=lobby``; the room is the connection's
+metadata, fixed for its lifetime. Every JSON frame a client receives has a ``type`` and
+``sent_by``, the instance that called ``send``; the ``welcome`` frame names the instance
+that holds the socket, which is the one that delivers every frame on it. Frames that
+only this instance writes to its own client carry ``delivered_by`` too. Client frames:
 
 * ``{"type": "say", "text": "..."}``: to everyone in the room (``MetadataSelector``).
 * ``{"type": "dm", "to": "bob", "text": "..."}``: to every connection of one user
   (``UserSelector``), wherever it is; the sender gets a ``dm_sent`` receipt with the
   number of connections it was routed to.
 
+On joining, a client gets a ``welcome`` frame, then a ``roster``: everyone in the room
+with the instance that holds them, read from Redis (``WsLoadBalance.connections``); then
+``presence`` frames as people join and leave, on whatever instance.
+
 ``POST /notify/<user>`` with a JSON body pushes ``{"type": "notify", "data": body}`` to
-that user and answers ``{"routed": n}``. Configured from the environment:
-``WSLB_REDIS_URL``, ``WSLB_INSTANCE_ID``, ``WSLB_PREFIX``.
+that user and answers ``{"routed": n, "instance": "<the instance that answered>"}``.
+``GET /cluster`` lists the live instances (``WsLoadBalance.instances()``). Every
+``WSLB_*`` environment variable is read into the config (numbers as numbers).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 from typing import Any
 
 from quart import Quart, Response, request, websocket
@@ -33,6 +38,7 @@ from quart_wslb import (
     current_connection,
     ws_route,
 )
+from quart_wslb.config import from_environ
 
 __all__ = ("app", "wslb")
 
@@ -49,9 +55,7 @@ for _logger in (log, logging.getLogger("quart_wslb")):  # Hypercorn configures i
     _logger.setLevel(logging.INFO)
 
 app = Quart(__name__)
-for _name in ("WSLB_REDIS_URL", "WSLB_INSTANCE_ID", "WSLB_PREFIX"):
-    if os.environ.get(_name):
-        app.config[_name] = os.environ[_name]
+app.config.update(from_environ())
 #: The extension; ``current_app.wslb`` is the same object (this name is typed for mypy).
 wslb = WsLoadBalance(app)
 
@@ -93,7 +97,17 @@ async def notify(user: str) -> tuple[dict[str, Any], int]:
         return {"error": "the body must be JSON"}, 400
     message = _stamped({"type": "notify", "to": user, "data": data})
     routed = await wslb.send(UserSelector(user), message)
-    return {"routed": routed}, 200
+    return {"routed": routed, "instance": wslb.instance_id}, 200
+
+
+@app.get("/cluster")
+async def cluster() -> dict[str, Any]:
+    """The live instances and their connection counts, as Redis knows them."""
+    instances = [
+        {"id": i.id, "started_at": i.started_at, "connections": i.connections}
+        for i in await wslb.instances()
+    ]
+    return {"answered_by": wslb.instance_id, "instances": instances}
 
 
 @app.errorhandler(RedisUnavailableError)
@@ -108,28 +122,29 @@ async def chat() -> None:
     conn = current_connection
     user, room = conn.user, conn.metadata["room"]
     if user is None:
-        await websocket.accept()
         await websocket.close(POLICY_VIOLATION, "add ?user=NAME to the URL")
         return
-    here = {"instance": wslb.instance_id, "connection": conn.id, "user": user, "room": room}
-    await conn.send(_local({"type": "welcome", **here}))
-    await _presence(user, room, "joined")
+    me = {"user": user, "room": room, "instance": wslb.instance_id, "connection": conn.id}
+    await conn.send(_local({"type": "welcome", **me}))
+    await _presence(me, "joined")
+    await conn.send(_local(await _roster(room)))
     try:
         while True:
-            reply = await _handle(user, room, await websocket.receive())
+            reply = await _handle(me, await websocket.receive())
             if reply is not None:
                 await conn.send(_local(reply))
     finally:
-        await _presence(user, room, "left")
+        await _presence(me, "left")
 
 
-async def _handle(user: str, room: str, raw: str | bytes) -> dict[str, Any] | None:
+async def _handle(me: dict[str, str], raw: str | bytes) -> dict[str, Any] | None:
     """Act on one client frame; returns a reply for this client only, if any."""
     try:
         frame = json.loads(raw)
-        kind, text = frame["type"], frame["text"]
+        kind = frame["type"]
     except (ValueError, TypeError, KeyError):
         return {"type": "error", "text": 'send JSON: {"type": "say" or "dm", "text": ...}'}
+    user, room, text = me["user"], me["room"], frame.get("text")
     if not isinstance(text, str) or not 0 < len(text) <= MAX_TEXT:
         return {"type": "error", "text": f"text must be 1 to {MAX_TEXT} characters"}
     try:
@@ -149,10 +164,22 @@ async def _handle(user: str, room: str, raw: str | bytes) -> dict[str, Any] | No
     return {"type": "error", "text": f"unknown type {kind!r}"}
 
 
-async def _presence(user: str, room: str, event: str) -> None:
-    """Tell the room that ``user`` joined or left; skipped if Redis cannot be reached."""
-    message = _stamped({"type": "presence", "room": room, "user": user, "event": event})
+async def _roster(room: str) -> dict[str, Any]:
+    """Everyone in ``room`` and the instance that holds them, as Redis knows it now."""
     try:
-        await wslb.send(MetadataSelector(room=room), message)
+        people = [
+            {"user": record.user, "instance": record.instance, "connection": record.id}
+            async for record in wslb.connections(MetadataSelector(room=room))
+        ]
+    except WsLoadBalanceError as error:
+        return {"type": "error", "text": f"could not list the room: {error}"}
+    return {"type": "roster", "room": room, "participants": people}
+
+
+async def _presence(me: dict[str, str], event: str) -> None:
+    """Tell the room that this client joined or left; skipped if Redis cannot be reached."""
+    message = _stamped({"type": "presence", "event": event, **me})
+    try:
+        await wslb.send(MetadataSelector(room=me["room"]), message)
     except WsLoadBalanceError as error:  # such as NotStartedError while the instance stops
-        log.info("%s %s %s: not announced (%s)", user, event, room, error)
+        log.info("%s %s %s: not announced (%s)", me["user"], event, me["room"], error)

@@ -1,4 +1,9 @@
-"""``--demo``: real WebSocket clients on two instances, messages that cross between them."""
+"""``--demo``: real WebSocket clients behind the front, messages that cross instances.
+
+alice and bob connect through the front, which sends each new WebSocket to the next
+instance, so they are held by different instances; a direct message, a room message and
+HTTP pushes then travel between those instances through Redis.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +20,8 @@ __all__ = ("DemoError", "run_demo")
 
 #: How long a client waits for one expected message.
 WAIT = 5.0
+#: How often bob reconnects if the front happens to put him on alice's instance.
+REJOINS = 4
 
 
 class DemoError(Exception):
@@ -79,6 +86,11 @@ def _report(user: str, frame: Mapping[str, Any]) -> None:
         what = f"room {frame['room']} from {frame['from']}: {frame['text']!r}"
     elif kind == "notify":
         what = f"notify: {json.dumps(frame['data'])}"
+    elif kind == "roster":
+        people = ", ".join(f"{p['user']} on {p['instance']}" for p in frame["participants"])
+        what = f"roster of {frame['room']}: {people}"
+    elif kind == "presence":
+        what = f"presence: {frame['user']} {frame['event']} (on {frame['instance']})"
     else:
         what = json.dumps(frame)
     sent, delivered = frame.get("sent_by"), frame["delivered_by"]
@@ -86,22 +98,34 @@ def _report(user: str, frame: Mapping[str, Any]) -> None:
     print(f"  {user:<5} <- {what:<48} sent by {sent}, delivered by {delivered}{crossed}")
 
 
-def _post(url: str, body: object) -> dict[str, Any]:
-    request = urllib.request.Request(
-        url, json.dumps(body).encode(), {"content-type": "application/json"}, method="POST"
-    )
+def _http(url: str, body: object = None) -> dict[str, Any]:
+    """GET (no body) or POST JSON; the JSON answer."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data, {"content-type": "application/json"})
     with urllib.request.urlopen(request, timeout=WAIT) as response:
         result: dict[str, Any] = json.loads(response.read())
         return result
 
 
-async def run_demo(urls: list[str]) -> None:
-    """alice on the first instance, bob on the second: a DM, a room message, a push."""
-    first, second = urls[0], urls[1 % len(urls)]
-    print(f"\nalice joins room lobby on {first}, bob on {second}")
-    alice = await Client.join(first, "alice", "lobby")
-    bob = await Client.join(second, "bob", "lobby")
+async def run_demo(front: str) -> None:
+    """alice and bob on two instances behind ``front``: a DM, a room message, pushes."""
+    print(f"\nalice and bob join room lobby through the front, {front}")
+    alice = await Client.join(front, "alice", "lobby")
+    bob = await Client.join(front, "bob", "lobby")
     try:
+        for _ in range(REJOINS):
+            if bob.instance != alice.instance:
+                break
+            print("  bob landed on alice's instance (one instance?); he reconnects")
+            await bob.close()
+            bob = await Client.join(front, "bob", "lobby")
+        await alice.expect("presence", user="bob", event="joined")
+        roster = await bob.expect("roster")
+        if {p["user"]: p["instance"] for p in roster["participants"]}.get(
+            "alice"
+        ) != alice.instance:
+            raise DemoError(f"bob's roster does not show alice on {alice.instance}: {roster}")
+
         print("\nalice sends bob a direct message (UserSelector):")
         await alice.say({"type": "dm", "to": "bob", "text": "hi bob"})
         await bob.expect("dm", **{"from": "alice", "text": "hi bob"})
@@ -114,11 +138,17 @@ async def run_demo(urls: list[str]) -> None:
         await alice.expect("room", **{"from": "bob", "text": "hello lobby"})
         await bob.expect("room", **{"from": "bob", "text": "hello lobby"})
 
-        print(f"\nPOST {second}notify/alice, to the instance that does not hold alice:")
-        result = await asyncio.to_thread(_post, f"{second}notify/alice", {"build": "green"})
-        print(f"  HTTP answer: {json.dumps(result)}")
-        await alice.expect("notify", data={"build": "green"})
-        if result != {"routed": 1}:
-            raise DemoError(f"/notify answered {result}, not {{'routed': 1}}")
+        print("\nthree HTTP pushes to alice, each POST sent by the front to the next instance:")
+        for n in (1, 2, 3):
+            result = await asyncio.to_thread(_http, f"{front}notify/alice", {"push": n})
+            print(f"  POST /notify/alice answered by {result['instance']}: {json.dumps(result)}")
+            await alice.expect("notify", data={"push": n})
+            if result.get("routed") != 1:
+                raise DemoError(f"/notify answered {result}, not routed to 1 connection")
+
+        cluster = await asyncio.to_thread(_http, f"{front}cluster")
+        print(f"\nGET /cluster (answered by {cluster['answered_by']}), read from Redis:")
+        for instance in cluster["instances"]:
+            print(f"  {instance['id']}: {instance['connections']} connection(s)")
     finally:
         await asyncio.gather(alice.close(), bob.close(), return_exceptions=True)

@@ -11,7 +11,14 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-__all__ = ("DEFAULTS", "QueueFullPolicy", "Settings", "UserGetter", "resolve_settings")
+__all__ = (
+    "DEFAULTS",
+    "QueueFullPolicy",
+    "Settings",
+    "UserGetter",
+    "from_environ",
+    "resolve_settings",
+)
 
 #: A callable run in the websocket context that names the connection's user.
 UserGetter = Callable[[], "str | None | Awaitable[str | None]"]
@@ -61,6 +68,43 @@ def default_instance_id() -> str:
     """A process-unique instance id that is readable in logs: ``host-pid-random``."""
     host = re.sub(r"[^A-Za-z0-9_.\-]", "-", socket.gethostname())[:40] or "host"
     return f"{host}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+#: Options whose environment variables are read as numbers (the rest stay text).
+_NUMBERS = frozenset(
+    {
+        "max_message_size",
+        "send_queue_size",
+        "redis_timeout",
+        "heartbeat_interval",
+        "instance_ttl",
+        "ping_interval",
+        "idle_timeout",
+    }
+)
+
+
+def from_environ(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The ``WSLB_*`` variables of ``environ`` (default ``os.environ``) as config values.
+
+    For twelve-factor deployments: ``app.config.update(from_environ())``. Numeric options
+    become ``int`` or ``float``; every other option stays text; unknown ``WSLB_*`` names
+    are left out. A numeric option that is not a number raises ``ValueError``.
+    """
+    environ = os.environ if environ is None else environ
+    config: dict[str, Any] = {}
+    for name in DEFAULTS:
+        value = environ.get(f"WSLB_{name.upper()}")
+        if not value or name == "user":  # unset or empty: the default applies
+            continue
+        if name in _NUMBERS:
+            try:
+                config[f"WSLB_{name.upper()}"] = int(value)
+            except ValueError:
+                config[f"WSLB_{name.upper()}"] = float(value)
+        else:
+            config[f"WSLB_{name.upper()}"] = value
+    return config
 
 
 def resolve_settings(overrides: Mapping[str, Any], config: Mapping[str, Any]) -> Settings:

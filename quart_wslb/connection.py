@@ -24,13 +24,15 @@ from quart.wrappers import Websocket
 from . import signals
 from .config import QueueFullPolicy
 from .envelope import Frame, to_frame
-from .selectors import ConnectionSelector, Selector
+from .selectors import ConnectionSelector, GroupSelector, Selector
 
 __all__ = ("Activity", "Connection", "ConnectionInfo", "ConnectionRecord")
 
 log = logging.getLogger("quart_wslb")
 #: Close code for a client that cannot keep up ("try again later").
 SLOW_CLIENT_CLOSE = 1013
+#: Seconds the close frame may take to write before the connection is given up on.
+CLOSE_TIMEOUT = 1.0
 
 
 @dataclass(slots=True)
@@ -51,19 +53,39 @@ class ConnectionInfo(Protocol):
     """What the cluster knows about a connection (live or read from Redis)."""
 
     @property
-    def id(self) -> str: ...
+    def id(self) -> str:
+        """Cluster-unique id, ``<instance>:<token>``."""
+        ...
+
     @property
-    def user(self) -> str | None: ...
+    def user(self) -> str | None:
+        """The user the ``user`` callable named, or ``None``."""
+        ...
+
     @property
-    def path(self) -> str: ...
+    def path(self) -> str:
+        """The concrete websocket path, such as ``/ws/red``."""
+        ...
+
     @property
-    def instance(self) -> str: ...
+    def instance(self) -> str:
+        """The id of the instance that holds the socket."""
+        ...
+
     @property
-    def metadata(self) -> Mapping[str, str]: ...
+    def metadata(self) -> Mapping[str, str]:
+        """Metadata from the ``metadata`` callable (str -> str)."""
+        ...
+
     @property
-    def groups(self) -> AbstractSet[str]: ...
+    def groups(self) -> AbstractSet[str]:
+        """The groups (rooms) it belongs to."""
+        ...
+
     @property
-    def connected_at(self) -> float: ...
+    def connected_at(self) -> float:
+        """Unix time at which it was registered."""
+        ...
 
 
 class _Membership(Protocol):
@@ -107,6 +129,7 @@ class Connection:
 
     __slots__ = (
         "_closed",
+        "_closer",
         "_handler",
         "activity",
         "_owner",
@@ -157,6 +180,7 @@ class Connection:
         self._policy = policy
         self._owner = owner
         self._writer: asyncio.Task[None] | None = None
+        self._closer: asyncio.Task[None] | None = None
         self._closed = False
         #: True until the first registration attempt ends; repairs leave it alone.
         self.registering = True
@@ -175,13 +199,19 @@ class Connection:
 
     async def join(self, group: str) -> None:
         """Join ``group`` (a room): ``GroupSelector(group)`` then reaches this connection."""
+        GroupSelector(group)  # validates the name before anything changes
         self.groups.add(group)
-        await cast(_Membership, self._owner).join(ConnectionSelector(self.id), group)
+        try:
+            await cast(_Membership, self._owner).join(ConnectionSelector(self.id), group)
+        except BaseException:
+            self.groups.discard(group)
+            raise
 
     async def leave(self, group: str) -> None:
         """Leave ``group``; leaving a group it is not in does nothing."""
-        self.groups.discard(group)
+        GroupSelector(group)
         await cast(_Membership, self._owner).leave(ConnectionSelector(self.id), group)
+        self.groups.discard(group)
 
     async def offer(self, frame: Frame, message_id: str | None) -> bool:
         """Queue one frame without waiting; apply the queue-full policy if it is full."""
@@ -214,16 +244,27 @@ class Connection:
         return False
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
-        """Close the websocket and end its handler; the record then leaves Redis."""
+        """Close the websocket and end its handler; the record then leaves Redis.
+
+        Returns at once: the close frame is written by a task of its own, bounded by
+        ``CLOSE_TIMEOUT``, because writing to a client that does not read can block, and
+        whoever closes (the subscriber loop, for a slow client) must never wait on it.
+        """
         if self._closed:
             return
         self._closed = True
-        try:
-            await self._websocket.close(code, reason)
-        except Exception:  # the client may already be gone: nothing left to close
-            log.debug("closing %s failed", self.id, exc_info=True)
+        if self._writer is not None:
+            self._writer.cancel()  # frees the socket for the close frame
+        self._closer = asyncio.create_task(self._send_close(code, reason))
         if self._handler is not None and self._handler is not asyncio.current_task():
             self._handler.cancel()
+
+    async def _send_close(self, code: int, reason: str) -> None:
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                await self._websocket.close(code, reason)
+        except Exception:  # the client is gone or does not read: nothing more to do
+            log.debug("closing %s failed", self.id, exc_info=True)
 
     def start(self) -> None:
         """Start the writer task (in the handler's context)."""
@@ -234,6 +275,8 @@ class Connection:
         if self._writer is not None:
             self._writer.cancel()
             await asyncio.gather(self._writer, return_exceptions=True)
+        if self._closer is not None:  # bounded by CLOSE_TIMEOUT
+            await asyncio.gather(self._closer, return_exceptions=True)
         if unsent := self._queue.qsize():
             await signals.send(
                 signals.message_dropped,

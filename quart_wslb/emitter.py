@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Generator, Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, Generic, TypeVar, cast
 
 from redis.asyncio import Redis
 
@@ -28,12 +28,32 @@ from .exceptions import NoInstancesError, redis_deadline
 from .keys import Keys
 from .selectors import AllSelector, Program, Selector
 
-__all__ = ("AsyncEmitter", "Route")
+__all__ = ("AsyncEmitter", "Route", "Stream")
+
+T = TypeVar("T")
 
 #: Connection ids per page when streaming, and per script call when routing by id.
 PAGE = 500
 #: The default selector of the queries: every connection.
 EVERYONE = AllSelector()
+
+
+class Stream(Generic[T]):
+    """Results read from Redis in bounded pages: ``async for`` them, or ``await`` a list."""
+
+    __slots__ = ("_source",)
+
+    def __init__(self, source: AsyncIterator[T]) -> None:
+        self._source = source
+
+    def __aiter__(self) -> AsyncIterator[T]:
+        return self._source
+
+    def __await__(self) -> Generator[Any, None, list[T]]:
+        return self._collect().__await__()
+
+    async def _collect(self) -> list[T]:
+        return [item async for item in self._source]
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +94,7 @@ class AsyncEmitter:
         self._redis = redis or Redis.from_url(
             cast(str, redis_url), socket_timeout=timeout, socket_connect_timeout=timeout
         )
-        self.keys = Keys(validated_prefix(prefix))
+        self.keys = Keys.of(validated_prefix(prefix), self._redis)
         #: The id that envelopes from here carry as their origin.
         self.origin = validated_instance_id(origin or "emitter-" + default_instance_id())
         self.timeout = timeout
@@ -171,33 +191,43 @@ class AsyncEmitter:
                 )
             )
 
-    async def connections(self, selector: Selector = EVERYONE) -> AsyncIterator[ConnectionRecord]:
-        """Stream the record of every matching connection, read in bounded pages."""
+    def connections(self, selector: Selector = EVERYONE) -> Stream[ConnectionRecord]:
+        """The record of every matching connection, read in bounded pages.
+
+        ``async for record in emitter.connections(s)`` streams them;
+        ``await emitter.connections(s)`` collects them into a list.
+        """
         _check(selector)
+        return Stream(self._connections(selector))
+
+    async def _connections(self, selector: Selector) -> AsyncIterator[ConnectionRecord]:
         cover = selector.cover() or AllSelector()
         program = cover.compile(self.keys)
-        drivers = cover.drivers(self.keys)
-        # Several drivers (an | of selectors) may list one connection twice.
-        seen: set[str] | None = set() if len(drivers) > 1 else None
-        for kind, value in drivers:
+        # Several drivers (an | of selectors) may list one connection twice, and so may
+        # SSCAN itself when the set shrinks while it is scanned.
+        seen: set[str] = set()
+        for kind, value in cover.drivers(self.keys):
             pages = self._scan(value) if kind == "set" else _single(value)
             async for page in pages:
                 for record in await self._records(page, program):
-                    if seen is not None:
-                        if record.id in seen:
-                            continue
+                    if record.id not in seen and selector.matches(record):
                         seen.add(record.id)
-                    if selector.matches(record):
                         yield record
 
-    async def users(self, selector: Selector = EVERYONE) -> AsyncIterator[str]:
-        """Stream the distinct users of the matching connections."""
+    def users(self, selector: Selector = EVERYONE) -> Stream[str]:
+        """The distinct users of the matching connections: ``async for`` or ``await``."""
         _check(selector)
+        return Stream(self._users(selector))
+
+    async def _users(self, selector: Selector) -> AsyncIterator[str]:
+        seen: set[str] = set()  # HSCAN, like SSCAN, may return an entry twice
         if isinstance(selector, AllSelector):
             async for name, _ in self._redis.hscan_iter(self.keys.presence, count=PAGE):
-                yield cast(bytes, name).decode()
+                user = cast(bytes, name).decode()
+                if user not in seen:
+                    seen.add(user)
+                    yield user
             return
-        seen: set[str] = set()
         async for record in self.connections(selector):
             if record.user is not None and record.user not in seen:
                 seen.add(record.user)
@@ -261,14 +291,9 @@ async def _single(id: str) -> AsyncIterator[list[str]]:
     yield [id]
 
 
-def _by_id(ids: Iterable[str]) -> Program:
-    """The program of ``ConnectionSelector(a) | ConnectionSelector(b) | ...``."""
-    ops: list[str] = []
-    for i, id in enumerate(ids):
-        ops.append("C" + id)
-        if i:
-            ops.append("|")
-    return Program(ops=ops)
+def _by_id(ids: Sequence[str]) -> Program:
+    """The program of ``ConnectionSelector(a) | ConnectionSelector(b) | ...``, as one op."""
+    return Program(ops=[f"M{len(ids)}", *ids])
 
 
 def _check(selector: object) -> None:

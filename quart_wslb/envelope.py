@@ -98,7 +98,7 @@ def quick_header(header: bytes) -> dict[str, Any] | None:
     try:
         text = header.decode("utf-8")
         data, end = _DECODER.raw_decode(text)
-    except ValueError:  # UnicodeDecodeError and JSONDecodeError both are
+    except (ValueError, RecursionError):  # ValueError covers Unicode and JSON errors
         return None
     if end != len(text) or type(data) is not dict:
         return None
@@ -162,8 +162,8 @@ def decode(raw: bytes) -> Envelope:
     if data is None:  # anything unusual gets the schema's full check and its message
         try:
             data = _SCHEMA.loads(header)
-        except (ValidationError, ValueError) as error:
-            raise EnvelopeError(f"bad header: {error}") from error
+        except (ValidationError, ValueError, RecursionError) as error:
+            raise EnvelopeError(f"bad header: {error!r:.200}") from error
     if data["kind"] == "binary":
         return Envelope(frame=payload, **data)
     try:

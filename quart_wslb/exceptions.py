@@ -11,7 +11,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 __all__ = (
     "NoInstancesError",
@@ -49,5 +49,7 @@ async def redis_deadline(seconds: float, what: str) -> AsyncIterator[None]:
     try:
         async with asyncio.timeout(seconds):
             yield
+    except ResponseError as error:  # Redis answered: with an error, not silence
+        raise WsLoadBalanceError(f"{what}: Redis answered with an error: {error}") from error
     except (RedisError, OSError, TimeoutError) as error:
         raise RedisUnavailableError(f"{what}: Redis did not answer ({error!r})") from error

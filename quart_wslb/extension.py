@@ -18,7 +18,7 @@ from .asgi import ACTIVITY, GOING_AWAY, WebsocketGuard
 from .clients import ClientLiveness
 from .config import QueueFullPolicy, Settings, UserGetter, resolve_settings
 from .connection import Activity, Connection, ConnectionRecord
-from .emitter import EVERYONE, AsyncEmitter
+from .emitter import EVERYONE, AsyncEmitter, Stream
 from .envelope import pack
 from .exceptions import NoInstancesError, NotStartedError, RedisUnavailableError, redis_deadline
 from .keys import Keys
@@ -127,7 +127,9 @@ class WsLoadBalance:
 
     @property
     def keys(self) -> Keys:
-        """The Redis key and channel names of this cluster."""
+        """The Redis key and channel names of this cluster (its database's, once serving)."""
+        if self._runtime is not None:
+            return self._runtime.emitter.keys
         return Keys(self.settings.prefix)
 
     @property
@@ -173,7 +175,10 @@ class WsLoadBalance:
         Returns how many connections were told to close; each handler then ends and its
         connection leaves the registry.
         """
-        return await self.emitter.disconnect(selector, code, reason)
+        try:
+            return await self.emitter.disconnect(selector, code, reason)
+        except NoInstancesError:  # as in send: only while Redis is being repopulated
+            return 0
 
     async def join(self, selector: Selector, group: str) -> int:
         """Add every matching connection, anywhere, to ``group``; returns how many."""
@@ -187,12 +192,16 @@ class WsLoadBalance:
         """How many connections in the cluster ``selector`` matches."""
         return await self.emitter.count(selector)
 
-    def connections(self, selector: Selector = EVERYONE) -> AsyncIterator[ConnectionRecord]:
-        """Stream the records of the matching connections: ``async for record in ...``."""
+    def connections(self, selector: Selector = EVERYONE) -> Stream[ConnectionRecord]:
+        """The records of the matching connections, read in bounded pages.
+
+        ``async for record in wslb.connections(s)`` streams them; ``await
+        wslb.connections(s)`` collects them into a list.
+        """
         return self.emitter.connections(selector)
 
-    def users(self, selector: Selector = EVERYONE) -> AsyncIterator[str]:
-        """Stream the distinct users of the matching connections."""
+    def users(self, selector: Selector = EVERYONE) -> Stream[str]:
+        """The distinct users of the matching connections: ``async for`` or ``await``."""
         return self.emitter.users(selector)
 
     async def resolve(self, selector: Selector) -> dict[str, list[str]]:
@@ -216,7 +225,7 @@ class WsLoadBalance:
         redis = self._client or Redis.from_url(
             settings.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout
         )
-        keys = self.keys
+        keys = Keys.of(settings.prefix, redis)
         instance = settings.instance_id
         registry = Registry(redis, keys)
         router = Router(redis, keys, instance, self._local, self)
@@ -264,13 +273,18 @@ class WsLoadBalance:
         for connection in list(self._local.values()):
             await connection.close(GOING_AWAY, "server stopping")
         await _cancel(runtime.tasks)
-        try:
-            async with redis_deadline(self.settings.redis_timeout, "stop"):
-                removal = await runtime.registry.unregister_instance(self.instance_id)
+        timeout = self.settings.redis_timeout
+        try:  # first stop being routed to, then clean up (each step bounded on its own)
+            async with redis_deadline(timeout, "stop"):
                 await runtime.liveness.leave()
+        except Exception as error:
+            log.warning("could not remove this instance's heartbeat: %r", error)
+        try:
+            async with redis_deadline(timeout * 4, "stop"):
+                removal = await runtime.registry.unregister_instance(self.instance_id)
             await signals.presence(self, [], removal.offline)
         except Exception as error:
-            log.warning("could not unregister this instance cleanly: %r", error)
+            log.warning("could not unregister this instance's connections: %r", error)
         self._runtime = None
         if runtime.redis is not self._client:
             await runtime.redis.aclose()

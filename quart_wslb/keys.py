@@ -16,9 +16,22 @@ __all__ = ("Keys",)
 
 @dataclass(frozen=True, slots=True)
 class Keys:
-    """Builds every name under ``prefix`` (validated by the config)."""
+    """Builds every name under ``prefix`` (validated by the config).
+
+    Pub/sub ignores Redis database numbers, so channel names carry ``db`` (when it is not
+    0): two deployments on one server with the same prefix in different databases must
+    not hear each other.
+    """
 
     prefix: str
+    db: int = 0
+
+    @classmethod
+    def of(cls, prefix: str, redis: object) -> Keys:
+        """The names for ``prefix`` on the database that a Redis client uses."""
+        pool = getattr(redis, "connection_pool", None)
+        options = getattr(pool, "connection_kwargs", {})
+        return cls(prefix, int(options.get("db") or 0))
 
     @property
     def _root(self) -> str:
@@ -72,11 +85,15 @@ class Keys:
         """Hash: user -> how many connections the user has in the cluster."""
         return f"{self._root}:presence"
 
+    @property
+    def _channels(self) -> str:
+        return self._root if not self.db else f"{self._root}:db{self.db}"
+
     def channel(self, instance: str) -> str:
         """Pub/sub channel that only ``instance`` subscribes to."""
-        return f"{self._root}:ch:{instance}"
+        return f"{self._channels}:ch:{instance}"
 
     @property
     def broadcast(self) -> str:
         """Pub/sub channel that every instance subscribes to (``AllSelector``)."""
-        return f"{self._root}:bcast"
+        return f"{self._channels}:bcast"

@@ -84,6 +84,8 @@ class Liveness:
         self._reap = redis.register_script(source("reap"))
         self._ticks = 0
         self._known: set[str] = set()
+        # Monotonic time since which every tick reached Redis; None after a failed one.
+        self._healthy_since: float | None = None
         self.started_at = time.time()
 
     async def run(self) -> None:
@@ -96,6 +98,7 @@ class Liveness:
             except asyncio.CancelledError:
                 raise
             except Exception as error:
+                self._healthy_since = None
                 log.warning("liveness tick failed: %r", error)
             await asyncio.sleep(max(0.0, self._interval - (time.monotonic() - started)))
 
@@ -103,7 +106,12 @@ class Liveness:
         """One beat, probe check, repair and sweep."""
         self._ticks += 1
         registered, heard = await self.beat()
-        if heard == 0 or self._router.missed_probes() > MISSED_PROBES:
+        if self._healthy_since is None:
+            self._healthy_since = time.monotonic()
+        # Deaf: unsubscribed, or probes missed while nothing at all arrives. A subscriber
+        # that lags behind a backlog still receives, and restarting it would drop that.
+        deaf = self._router.missed_probes() >= MISSED_PROBES
+        if heard == 0 or (deaf and self._router.silent_for() > self._interval):
             log.warning("subscriber is deaf (probe heard by %d); restarting it", heard)
             self._router.restart()
         if registered != len(self._local) or self._ticks % FULL_REPAIR_EVERY == 0:
@@ -141,15 +149,26 @@ class Liveness:
             )
         await signals.presence(self._owner, repair.online, repair.offline)
 
+    def may_reap(self) -> bool:
+        """Whether this instance has reached Redis for a whole TTL without a failure.
+
+        After an outage every heartbeat may have expired inside Redis while the instances
+        could not renew them: the first to come back must not reap the others before
+        they had a TTL to beat again.
+        """
+        since = self._healthy_since
+        return since is not None and time.monotonic() - since >= self._ttl_ms / 1000
+
     async def sweep(self) -> None:
         """Reap every instance whose heartbeat expired; report joins and leaves."""
         alive, dead = await self._census()
-        for instance in dead:
+        for instance in dead if self.may_reap() else ():
             if await self._reap(
                 keys=[self._keys.heartbeat(instance), self._keys.reap_lock(instance)],
                 args=[self._instance, max(self._ttl_ms, 10_000)],
             ):
                 await self._reap_instance(instance)
+        alive.discard(self._instance)
         for instance in sorted(alive - self._known):
             await signals.send(signals.instance_joined, self._owner, instance=instance)
         for instance in sorted(self._known - alive):
@@ -157,7 +176,9 @@ class Liveness:
         self._known = alive
 
     async def _reap_instance(self, instance: str) -> None:
-        removal = await self._registry.unregister_instance(instance)
+        removal = await self._registry.unregister_instance(
+            instance, unless_alive=self._keys.heartbeat(instance)
+        )
         await self._redis.hdel(self._keys.instances, instance)
         log.warning("reaped instance %s: %d connections removed", instance, removal.removed)
         await signals.send(

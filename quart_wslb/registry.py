@@ -125,19 +125,25 @@ class Registry:
         missing = [c for i, c in held.items() if i not in remote]
         extra = [i for i in remote if i not in local]
         online: list[str] = []
+        gone = Removal(0, [])
         if missing:
             online = await self.register(*missing)
             closed = [c.id for c in missing if c.id not in local]
-            await self.unregister(closed, instance)
+            gone = await self.unregister(closed, instance)
             missing = [c for c in missing if c.id in local]
         removal = await self.unregister(extra, instance)
-        return Repair(len(missing), removal.removed, online, removal.offline)
+        return Repair(len(missing), removal.removed, online, removal.offline + gone.offline)
 
-    async def unregister_instance(self, instance: str) -> Removal:
-        """Remove every connection an instance owns, in bounded batches."""
+    async def unregister_instance(self, instance: str, unless_alive: str | None = None) -> Removal:
+        """Remove every connection an instance owns, in bounded batches.
+
+        With ``unless_alive`` (its heartbeat key), stop as soon as the instance is back.
+        """
         members = self._keys.instance_connections(instance)
         total = Removal(0, [])
         while batch := cast(list[bytes], await self._redis.srandmember(members, REAP_BATCH)):
+            if unless_alive is not None and await self._redis.exists(unless_alive):
+                break
             removal = await self.unregister([i.decode() for i in batch], instance)
             total = Removal(total.removed + removal.removed, total.offline + removal.offline)
         return total

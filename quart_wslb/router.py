@@ -14,6 +14,7 @@ import asyncio
 import json
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable, Mapping
 
 from redis.asyncio import Redis
@@ -54,6 +55,8 @@ class Router:
         self._restart = False
         self._probe_sent = 0
         self._probe_seen = 0
+        #: Monotonic time of the last message the subscriber received.
+        self.last_message = time.monotonic()
         self._on_subscribed: list[Callable[[], Awaitable[None]]] = []
 
     def on_subscribed(self, callback: Callable[[], Awaitable[None]]) -> None:
@@ -68,6 +71,10 @@ class Router:
     def missed_probes(self) -> int:
         """Probes published since the last one the subscriber received."""
         return self._probe_sent - self._probe_seen
+
+    def silent_for(self) -> float:
+        """Seconds since the subscriber last received anything (probes included)."""
+        return time.monotonic() - self.last_message
 
     def restart(self) -> None:
         """Drop the subscription and subscribe again (within ``READ_TIMEOUT``)."""
@@ -88,7 +95,8 @@ class Router:
                             ignore_subscribe_messages=True, timeout=READ_TIMEOUT
                         )
                         if message is not None and message["type"] == "message":
-                            await self.dispatch(message["data"])
+                            self.last_message = time.monotonic()
+                            await self._dispatch_guarded(message["data"])
                 self.subscribed.clear()
             except asyncio.CancelledError:
                 raise
@@ -108,6 +116,14 @@ class Router:
                 await callback()
             except Exception as error:
                 log.warning("after subscribing: %r", error)
+
+    async def _dispatch_guarded(self, raw: bytes) -> None:
+        """One bad message must cost one message, never the subscription."""
+        try:
+            await self.dispatch(raw)
+        except Exception as error:
+            log.exception("dropped a message that could not be handled")
+            await self._dropped("malformed", None, None, repr(error))
 
     async def dispatch(self, raw: bytes) -> None:
         """Deliver one envelope to its local targets; a bad one is logged and skipped."""
@@ -152,7 +168,7 @@ class Router:
             try:
                 close = json.loads(text)
                 code, reason = int(close["code"]), str(close.get("reason", ""))
-            except (ValueError, TypeError, KeyError) as error:
+            except (ValueError, TypeError, KeyError, RecursionError) as error:
                 await self._dropped("malformed", envelope.id, None, f"disconnect: {error!r}")
                 return
             for connection in targets:

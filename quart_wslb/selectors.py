@@ -293,10 +293,22 @@ class AndSelector(Selector):
     def drivers(self, keys: Keys) -> list[Driver]:
         return (self.left if self.left.indexed else self.right).drivers(keys)
 
+    def compile(self, keys: Keys) -> Program:
+        if isinstance(self.right, AllSelector):  # x & everyone is x: no member list
+            return self.left.compile(keys)
+        if isinstance(self.left, AllSelector):
+            return self.right.compile(keys)
+        return Selector.compile(self, keys)
+
     def emit(self, program: Program, keys: Keys) -> None:
-        self.left.emit(program, keys)
-        self.right.emit(program, keys)
-        program.ops.append("&")
+        if isinstance(self.right, AllSelector):
+            self.left.emit(program, keys)
+        elif isinstance(self.left, AllSelector):
+            self.right.emit(program, keys)
+        else:
+            self.left.emit(program, keys)
+            self.right.emit(program, keys)
+            program.ops.append("&")
 
     def matches(self, connection: ConnectionInfo) -> bool:
         return self.left.matches(connection) and self.right.matches(connection)
@@ -323,7 +335,15 @@ class OrSelector(Selector):
     def drivers(self, keys: Keys) -> list[Driver]:
         return self.left.drivers(keys) + self.right.drivers(keys)
 
+    def compile(self, keys: Keys) -> Program:
+        if isinstance(self.left, AllSelector) or isinstance(self.right, AllSelector):
+            return AllSelector().compile(keys)  # x | everyone is everyone: a broadcast
+        return Selector.compile(self, keys)
+
     def emit(self, program: Program, keys: Keys) -> None:
+        if isinstance(self.left, AllSelector) or isinstance(self.right, AllSelector):
+            program.ops.append("A")
+            return
         self.left.emit(program, keys)
         self.right.emit(program, keys)
         program.ops.append("|")

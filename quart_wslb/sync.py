@@ -13,7 +13,7 @@ import asyncio
 import concurrent.futures
 import os
 import threading
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Coroutine, Iterator
 from types import TracebackType
 from typing import Any, TypeVar, cast
 
@@ -26,7 +26,9 @@ from .selectors import Selector
 __all__ = ("Emitter",)
 
 T = TypeVar("T")
-#: Extra seconds a caller waits beyond the emitter's timeout before giving up on a call.
+#: How long a caller waits for a whole call, in multiples of the per-step timeout, plus
+#: ``GRACE`` seconds; paged calls make several bounded steps.
+LOOP_PATIENCE = 20
 GRACE = 1.0
 
 
@@ -128,9 +130,9 @@ class Emitter:
         future = asyncio.run_coroutine_threadsafe(work(emitter), loop)
         return _result(future, self.timeout)
 
-    def _iterate(self, stream: Callable[[AsyncEmitter], AsyncIterator[T]]) -> Iterator[T]:
+    def _iterate(self, stream: Callable[[AsyncEmitter], AsyncIterable[T]]) -> Iterator[T]:
         loop, emitter = self._started()
-        agen = stream(emitter)
+        agen = aiter(stream(emitter))
         while True:
             future = asyncio.run_coroutine_threadsafe(_next(agen), loop)
             done, item = _result(future, self.timeout)
@@ -139,6 +141,8 @@ class Emitter:
             yield cast(T, item)
 
     def _started(self) -> tuple[asyncio.AbstractEventLoop, AsyncEmitter]:
+        if self._pid != os.getpid():  # a forked child: the parent's lock may be held
+            self._lock = threading.Lock()
         with self._lock:
             if self._loop is None or self._emitter is None or self._pid != os.getpid():
                 self._pid = os.getpid()
@@ -159,8 +163,10 @@ async def _next(agen: AsyncIterator[T]) -> tuple[bool, T | None]:
 
 
 def _result(future: concurrent.futures.Future[T], timeout: float) -> T:
+    """Wait for a call; each of its Redis steps is bounded by ``timeout`` already, so
+    this only guards against a loop that stopped answering at all."""
     try:
-        return future.result(timeout + GRACE)
+        return future.result(timeout * LOOP_PATIENCE + GRACE)
     except TimeoutError as error:
         future.cancel()
-        raise RedisUnavailableError(f"no answer within {timeout + GRACE:.1f}s") from error
+        raise RedisUnavailableError("the emitter's event loop did not answer") from error

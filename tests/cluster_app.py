@@ -7,7 +7,6 @@ a send reached.
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from typing import Any
 
@@ -29,23 +28,13 @@ from quart_wslb import (
     signals,
     ws_route,
 )
+from quart_wslb.config import from_environ
 from quart_wslb.envelope import CONTROL_KINDS, Envelope
 
 app = Quart(__name__)
 
 
-def _number_or_text(value: str) -> int | float | str:
-    for kind in (int, float):
-        try:
-            return kind(value)
-        except ValueError:
-            pass
-    return value
-
-
-for name, value in os.environ.items():
-    if name.startswith("WSLB_") and name != "WSLB_TEST_REDIS_URL":
-        app.config[name] = _number_or_text(value)
+app.config.update(from_environ())
 wslb = WsLoadBalance(app)
 stats: Counter[str] = Counter()
 

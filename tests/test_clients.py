@@ -11,7 +11,7 @@ from quart.testing.connections import WebsocketDisconnectError
 
 from quart_wslb.clients import IDLE_CLOSE, ClientLiveness
 from quart_wslb.connection import Activity, Connection
-from tests.support import SOON, FakeWebsocket, make_connection, serving
+from tests.support import SOON, FakeWebsocket, eventually, make_connection, serving
 
 PING = '{"type":"ping"}'
 
@@ -56,7 +56,7 @@ async def test_check_closes_silent_clients_with_4408() -> None:
         idle=10.0,
     )
     await checker.check(100.0)
-    assert silent.closed == [(IDLE_CLOSE, "idle timeout")]
+    await eventually(lambda: silent.closed == [(IDLE_CLOSE, "idle timeout")])
     assert chatty.closed == []
 
 
@@ -84,7 +84,7 @@ async def test_check_idle_beats_ping() -> None:
     socket = FakeWebsocket()
     checker = liveness(quiet_connection(socket, "i1:x", 0.0), ping=1.0, idle=5.0)
     await checker.check(10.0)
-    assert socket.closed == [(IDLE_CLOSE, "idle timeout")]
+    await eventually(lambda: socket.closed == [(IDLE_CLOSE, "idle timeout")])
     assert socket.sent == []
 
 

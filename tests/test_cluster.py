@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -199,12 +201,22 @@ async def test_malformed_envelope_is_dropped_and_delivery_goes_on(
     good = encode(Envelope("m1", "test", "text", [kim_id], "still alive"))
     client = aioredis.Redis.from_url(redis_url)
     try:
-        for garbage in (b"", b"\xff\xfe", b"{}\n", b'{"v":99}\nx', b"not json\n", good):
+        garbage_and_good = (
+            b"",
+            b"\xff\xfe",
+            b"{}\n",
+            b'{"v":99}\nx',
+            b"not json\n",
+            b"[" * 100_000 + b"\n",  # deep enough to make the JSON parser recurse out
+            good,
+        )
+        for garbage in garbage_and_good:
             assert await client.publish(channel, garbage) == 1
     finally:
         await client.aclose()
     assert await asyncio.wait_for(kim.recv(), 5) == "still alive"
-    assert (await cluster[0].stats())["dropped_malformed"] == 5
+    assert (await cluster[0].stats())["dropped_malformed"] == 6
+    assert (await cluster[0].stats()).get("subscriber_lost", 0) == 0
     assert await cluster[1].send({"user": "kim"}, "and after") == 1
     assert await asyncio.wait_for(kim.recv(), 5) == "and after"
     await kim.close()
@@ -386,3 +398,43 @@ async def test_presence_signals_fire_once_cluster_wide(
         await asyncio.sleep(0.05)
     assert await counts("offline_max") == [0, 1]
     assert await counts("online_max") == [1, 0]
+
+
+async def test_slow_client_never_stalls_the_others(
+    start_cluster: StartCluster, clients: Clients
+) -> None:
+    cluster = start_cluster(2, WSLB_SEND_QUEUE_SIZE="4")
+    fast, _ = await clients.join(cluster[0], "fast")
+    # A client that completes the handshake, then never reads: its TCP window fills.
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, ("127.0.0.1", cluster[0].port))
+    handshake = (
+        "GET /ws/red?user=slow HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        "Sec-WebSocket-Version: 13\r\n\r\n"
+    )
+    await loop.sock_sendall(sock, handshake.encode())
+    try:
+        big = "x" * 200_000
+        for _ in range(40):  # 8 MB for a client that reads nothing
+            await cluster[1].send({"user": "slow"}, big)
+        started = time.monotonic()
+        assert await cluster[1].send({"user": "fast"}, "still flowing") == 1
+        assert await asyncio.wait_for(fast.recv(), 3) == "still flowing"
+        assert time.monotonic() - started < 3
+        stats = await cluster[0].stats()
+        assert stats["dropped_queue_full"] >= 1  # the slow one was cut off, and said so
+
+        async def slow_gone() -> bool:
+            return await cluster[1].send({"user": "slow"}, "x") == 0
+
+        for _ in range(100):
+            if await slow_gone():
+                break
+            await asyncio.sleep(0.05)
+        assert await slow_gone()  # closed with 1013, and out of the registry
+    finally:
+        sock.close()

@@ -184,3 +184,27 @@ def test_settings_are_frozen() -> None:
     settings = resolve_settings({}, {})
     with pytest.raises(AttributeError):
         settings.prefix = "other"  # type: ignore[misc]
+
+
+def test_from_environ_types_numbers_and_keeps_text() -> None:
+    from quart_wslb.config import from_environ
+
+    environ = {
+        "WSLB_REDIS_URL": "redis://h:1/2",
+        "WSLB_INSTANCE_ID": "123",
+        "WSLB_SEND_QUEUE_SIZE": "64",
+        "WSLB_HEARTBEAT_INTERVAL": "0.5",
+        "WSLB_PING_MESSAGE": "42",
+        "WSLB_PREFIX": "",
+        "WSLB_UNKNOWN": "x",
+        "OTHER": "y",
+    }
+    assert from_environ(environ) == {
+        "WSLB_REDIS_URL": "redis://h:1/2",
+        "WSLB_INSTANCE_ID": "123",
+        "WSLB_SEND_QUEUE_SIZE": 64,
+        "WSLB_HEARTBEAT_INTERVAL": 0.5,
+        "WSLB_PING_MESSAGE": "42",
+    }
+    with pytest.raises(ValueError):
+        from_environ({"WSLB_INSTANCE_TTL": "soon"})

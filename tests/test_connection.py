@@ -46,7 +46,7 @@ async def test_offer_close_policy_closes_with_1013() -> None:
     with recording(signals.message_dropped, OWNER) as dropped:
         await connection.offer("kept", None)
         assert not await connection.offer("lost", "m2")
-    assert socket.closed == [(SLOW_CLIENT_CLOSE, "send queue full")]
+    await eventually(lambda: socket.closed == [(SLOW_CLIENT_CLOSE, "send queue full")])
     assert SLOW_CLIENT_CLOSE == 1013
     assert dropped.reasons() == ["queue_full"]
 
@@ -121,7 +121,7 @@ async def test_close_once_only() -> None:
     connection = make_connection(socket)
     await connection.close(4000, "bye")
     await connection.close(1000)
-    assert socket.closed == [(4000, "bye")]
+    await eventually(lambda: socket.closed == [(4000, "bye")])
 
 
 async def test_close_failure_is_swallowed() -> None:
@@ -192,7 +192,7 @@ async def test_close_from_outside_ends_the_handler() -> None:
     await made[0].close(1001, "bye")
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert socket.closed == [(1001, "bye")]
+    await eventually(lambda: socket.closed == [(1001, "bye")])
 
 
 async def test_close_from_the_handler_does_not_cancel_it() -> None:

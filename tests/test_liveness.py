@@ -218,6 +218,29 @@ async def test_liveness_redis_frozen_send_fails_within_timeout(
     assert 0.9 < elapsed < 3.0  # WSLB_REDIS_TIMEOUT is 1 s
 
 
+async def test_liveness_outage_longer_than_ttl_reaps_nobody(
+    start_cluster: StartCluster, clients: Clients, private_redis: RedisServer
+) -> None:
+    cluster = start_cluster(3, url=private_redis.url, **FAST)
+    users = [await join(clients, cluster[n], f"u{n}") for n in range(3)]
+    assert private_redis.process is not None
+    private_redis.process.send_signal(signal.SIGSTOP)
+    await asyncio.sleep(1.5 * 2)  # every heartbeat expires inside Redis meanwhile
+    private_redis.process.send_signal(signal.SIGCONT)
+
+    async def all_routable() -> bool:
+        routed = [await try_send(cluster[(n + 1) % 3], f"u{n}", "back") for n in range(3)]
+        return routed == [1, 1, 1]
+
+    await wait_until(all_routable, 5.0)
+    await asyncio.sleep(1.5 + 1.0)  # past the point where a hasty survivor would reap
+    assert all([await all_routable()])
+    stats = [await cluster[n].stats() for n in range(3)]
+    assert sum(s.get("reaped", 0) for s in stats) == 0
+    assert sum(s.get("offline_u0", 0) + s.get("offline_u1", 0) for s in stats) == 0
+    assert len(users) == 3
+
+
 async def test_liveness_two_reapers_at_once_leave_nothing_behind(
     private_redis: RedisServer, prefix: str
 ) -> None:
@@ -228,6 +251,10 @@ async def test_liveness_two_reapers_at_once_leave_nothing_behind(
     await registry.register(*dead)
     await redis.hset(keys.instances, "ghost", json.dumps({"started_at": 1.0}))
     reapers = [_liveness(redis, keys, registry, name) for name in ("s1", "s2")]
+    for reaper in reapers:
+        await reaper.tick()
+    await asyncio.sleep(1.5)  # healthy for a whole TTL: now they may reap
+    assert all(r.may_reap() for r in reapers)
     await asyncio.gather(*(r.sweep() for r in reapers))
     assert await redis.hlen(keys.connections) == 0
     assert [k async for k in redis.scan_iter(match="{" + prefix + "}:[aipum]:*")] == []

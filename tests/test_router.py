@@ -460,7 +460,7 @@ async def test_dispatch_disconnect_closes_targets(redis: Redis) -> None:
     router = Router(redis, KEYS, "i1", {one.id: one, two.id: two}, OWNER)
     await router.dispatch(control("disconnect", ["i1:1"], '{"code":4000,"reason":"bye"}'))
     assert sockets[0].closed == []
-    assert sockets[1].closed == [(4000, "bye")]
+    await eventually(lambda: sockets[1].closed == [(4000, "bye")])
 
 
 @pytest.mark.parametrize("payload", ["not json", '{"reason":"no code"}', '{"code":"x"}', "[]"])

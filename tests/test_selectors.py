@@ -138,9 +138,12 @@ def test_compile_all_alone_is_a_broadcast() -> None:
     assert program.ops == ["B"]
 
 
-def test_compile_all_inside_a_combination_reads_every_connection() -> None:
-    program = (AllSelector() & UserSelector("a")).compile(KEYS)
-    assert program.ops == ["A", "S4", "&"]
+def test_compile_all_in_a_combination_is_simplified_away() -> None:
+    assert (AllSelector() & UserSelector("a")).compile(KEYS).ops == ["S4"]
+    assert (UserSelector("a") & AllSelector()).compile(KEYS).ops == ["S4"]
+    assert (UserSelector("a") | AllSelector()).compile(KEYS).ops == ["B"]
+    nested = PathSelector("/p") & (UserSelector("a") | AllSelector())
+    assert nested.compile(KEYS).ops == ["S4", "A", "&"]
 
 
 def test_compile_and_or_are_postfix() -> None:

@@ -12,9 +12,9 @@ local groups, order, found = {}, {}, 0
 for i = 5, #ARGV do
   local id = ARGV[i]
   local raw = redis.call('HGET', KEYS[1], id)
-  if raw then
+  local ok, record = pcall(cjson.decode, raw or '')
+  if raw and ok and type(record) == 'table' and type(record.k) == 'table' then
     found = found + 1
-    local record = cjson.decode(raw)
     local names, keys = {}, {}
     for _, name in ipairs(type(record.g) == 'table' and record.g or {}) do
       if name ~= ARGV[2] then names[#names + 1] = name end

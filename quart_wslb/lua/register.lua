@@ -10,8 +10,11 @@ local old = redis.call('HGET', KEYS[1], ARGV[1])
 if old then
   local keep = {}
   for i = 3, #KEYS do keep[KEYS[i]] = true end
-  for _, key in ipairs(cjson.decode(old).k) do
-    if not keep[key] then redis.call('SREM', key, ARGV[1]) end
+  local ok, record = pcall(cjson.decode, old)
+  if ok and type(record) == 'table' and type(record.k) == 'table' then
+    for _, key in ipairs(record.k) do
+      if not keep[key] then redis.call('SREM', key, ARGV[1]) end
+    end
   end
 end
 local created = redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])

@@ -11,10 +11,16 @@
 -- ARGV[5]  payload
 -- ARGV[6]  heartbeat key prefix, ARGV[7] instance set prefix (for a broadcast)
 -- ARGV[8..] program, postfix: S<n> members of KEYS[n]; A every id; C<id> one id if it
---          exists; & and | combine the top two sets; a lone B is a broadcast.
+--          exists; M<n> followed by n ids, those of them that exist; & and | combine
+--          the top two sets; a lone B is a broadcast.
 -- Connection ids are "<instance>:<token>", so the owner needs no lookup. Keys built
 -- here from the prefixes share the registry's hash tag, hence its cluster slot.
 local publish = ARGV[1] == 'publish'
+
+-- Counting everyone needs no member list.
+if ARGV[1] == 'count' and #ARGV == 8 and (ARGV[8] == 'A' or ARGV[8] == 'B') then
+  return redis.call('SCARD', KEYS[2])
+end
 
 -- No instance has ever announced itself under this prefix: a wrong prefix, or a
 -- cluster that is down. Say so (-1) rather than "routed to nobody".
@@ -43,7 +49,8 @@ local function members(key)
 end
 
 local stack = {}
-for i = 8, #ARGV do
+local i = 8
+while i <= #ARGV do
   local op = ARGV[i]
   local code = string.sub(op, 1, 1)
   if code == 'S' then
@@ -54,6 +61,14 @@ for i = 8, #ARGV do
     local id, set = string.sub(op, 2), {}
     if redis.call('HEXISTS', KEYS[1], id) == 1 then set[id] = true end
     stack[#stack + 1] = set
+  elseif code == 'M' then
+    -- M<n> then n ids: the connections among them that exist, as one set.
+    local n, set = tonumber(string.sub(op, 2)), {}
+    for j = i + 1, i + n do
+      if redis.call('HEXISTS', KEYS[1], ARGV[j]) == 1 then set[ARGV[j]] = true end
+    end
+    stack[#stack + 1] = set
+    i = i + n
   else
     local right, left, out = table.remove(stack), table.remove(stack), {}
     if code == '&' then
@@ -64,6 +79,7 @@ for i = 8, #ARGV do
     end
     stack[#stack + 1] = out
   end
+  i = i + 1
 end
 
 if ARGV[1] == 'count' then

@@ -10,8 +10,10 @@ for i = 1, #ARGV do
   local id = ARGV[i]
   local raw = redis.call('HGET', KEYS[1], id)
   if raw then
-    local record = cjson.decode(raw)
-    for _, key in ipairs(record.k) do
+    -- A record that is not ours (corrupt, or written by hand) is still removed.
+    local ok, record = pcall(cjson.decode, raw)
+    if not ok or type(record) ~= 'table' then record = {} end
+    for _, key in ipairs(type(record.k) == 'table' and record.k or {}) do
       redis.call('SREM', key, id)
     end
     redis.call('HDEL', KEYS[1], id)

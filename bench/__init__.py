@@ -1,0 +1,1 @@
+"""The benchmark suite of quart-wslb: ``python -m bench`` (see docs/benchmarks.md)."""

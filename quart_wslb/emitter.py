@@ -25,8 +25,9 @@ from .batch import GroupCommit
 from .config import default_instance_id, validated_instance_id, validated_prefix
 from .connection import ConnectionRecord
 from .envelope import Kind, head, pack
-from .exceptions import NoInstancesError, redis_deadline
+from .exceptions import NoInstancesError, redis_deadline, redis_errors
 from .keys import Keys
+from .redis_client import make_client
 from .selectors import AllSelector, Program, Selector
 
 __all__ = ("AsyncEmitter", "Route", "Stream")
@@ -92,13 +93,16 @@ class AsyncEmitter:
         if redis is not None and redis.connection_pool.connection_kwargs.get("decode_responses"):
             raise ValueError("the redis client must not set decode_responses=True")
         self._owns_client = redis is None
-        self._redis = redis or Redis.from_url(
-            cast(str, redis_url), socket_timeout=timeout, socket_connect_timeout=timeout
-        )
+        self._redis = redis or make_client(cast(str, redis_url), timeout)
         self.keys = Keys.of(validated_prefix(prefix), self._redis)
         #: The id that envelopes from here carry as their origin.
         self.origin = validated_instance_id(origin or "emitter-" + default_instance_id())
         self.timeout = timeout
+        # Encoded once: redis-py would encode these on every call of the hot path.
+        self._fixed_keys = [
+            k.encode() for k in (self.keys.connections, self.keys.all, self.keys.instances)
+        ]
+        self._channel_base = self.keys.channel_base.encode()
         self._route = self._redis.register_script(source("route"))
         self._publish = GroupCommit(self._redis, self._route, timeout)
         self._match = self._redis.register_script(source("match"))
@@ -147,10 +151,10 @@ class AsyncEmitter:
     async def _route_program(
         self, message_id: str, program: Program, kind: Kind, payload: bytes
     ) -> Route:
-        async with redis_deadline(self.timeout, "send"):
+        with redis_errors("send"):  # GroupCommit bounds every round trip in time
             routed, reached, unheard = await self._publish(
                 self._script_keys(program),
-                ["publish", self.keys.channel_base, head(message_id, self.origin, kind), payload]
+                [b"publish", self._channel_base, head(message_id, self.origin, kind), payload]
                 + program.ops,
             )
         if routed == -1:
@@ -160,9 +164,9 @@ class AsyncEmitter:
             )
         return Route(message_id, int(routed), int(reached), tuple(i.decode() for i in unheard))
 
-    def _script_keys(self, program: Program) -> list[str]:
+    def _script_keys(self, program: Program) -> list[Any]:
         """``KEYS`` of route.lua and match.lua: three fixed ones, then the program's."""
-        return [self.keys.connections, self.keys.all, self.keys.instances, *program.keys]
+        return [*self._fixed_keys, *program.keys]
 
     async def resolve(self, selector: Selector) -> dict[str, list[str]]:
         """``{instance id: [connection ids]}`` for every connection ``selector`` matches."""

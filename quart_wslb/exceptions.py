@@ -8,8 +8,8 @@ app raises ``RuntimeError``. Everything that comes from the cluster derives from
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 
 from redis.exceptions import RedisError, ResponseError
 
@@ -19,6 +19,7 @@ __all__ = (
     "RedisUnavailableError",
     "WsLoadBalanceError",
     "redis_deadline",
+    "redis_errors",
 )
 
 
@@ -43,13 +44,21 @@ class NotStartedError(WsLoadBalanceError, RuntimeError):
     """The extension is used before the app started serving (or after it stopped)."""
 
 
-@asynccontextmanager
-async def redis_deadline(seconds: float, what: str) -> AsyncIterator[None]:
-    """Bound a Redis exchange in time; turn every failure into ``RedisUnavailableError``."""
+@contextmanager
+def redis_errors(what: str) -> Iterator[None]:
+    """Turn Redis failures into ours: silence is ``RedisUnavailableError``, an error reply
+    a plain ``WsLoadBalanceError``. Costs nothing when nothing fails (no timer)."""
     try:
-        async with asyncio.timeout(seconds):
-            yield
+        yield
     except ResponseError as error:  # Redis answered: with an error, not silence
         raise WsLoadBalanceError(f"{what}: Redis answered with an error: {error}") from error
     except (RedisError, OSError, TimeoutError) as error:
         raise RedisUnavailableError(f"{what}: Redis did not answer ({error!r})") from error
+
+
+@asynccontextmanager
+async def redis_deadline(seconds: float, what: str) -> AsyncIterator[None]:
+    """Bound a Redis exchange in time, and turn its failures into ours."""
+    with redis_errors(what):
+        async with asyncio.timeout(seconds):
+            yield

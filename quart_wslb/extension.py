@@ -23,6 +23,7 @@ from .envelope import pack
 from .exceptions import NoInstancesError, NotStartedError, RedisUnavailableError, redis_deadline
 from .keys import Keys
 from .liveness import InstanceInfo, Liveness
+from .redis_client import make_client
 from .registry import Registry
 from .route import call_getter
 from .router import Router
@@ -222,9 +223,7 @@ class WsLoadBalance:
     async def _start(self) -> None:
         settings = self.settings
         timeout = settings.redis_timeout
-        redis = self._client or Redis.from_url(
-            settings.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout
-        )
+        redis = self._client or make_client(settings.redis_url, timeout)
         keys = Keys.of(settings.prefix, redis)
         instance = settings.instance_id
         registry = Registry(redis, keys)

@@ -170,3 +170,20 @@ async def test_disconnect_rejects_reserved_close_codes(emitter: AsyncEmitter) ->
     for code in (1001, 1011, 2999, 5000):
         with pytest.raises(ValueError):
             await emitter.disconnect(UserSelector("x"), code)
+
+
+async def test_emitter_client_from_url_packs_like_redis_py(redis_url: str, prefix: str) -> None:
+    from redis.asyncio import Connection
+
+    from quart_wslb.redis_client import make_client
+
+    client = make_client(redis_url, 1.0)
+    try:
+        args = ("EVALSHA", "abc", 2, b"k\x00", "k\u00e9", 3.5, -7, "x y")
+        connection = client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+        packed = b"".join(connection.pack_command(*args))
+        assert packed == b"".join(Connection().pack_command(*args))
+        await client.set(prefix + ":probe", "v", px=1000)
+        assert await client.get(prefix + ":probe") == b"v"
+    finally:
+        await client.aclose()

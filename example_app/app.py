@@ -1,12 +1,12 @@
 """A small chat that runs as several instances on one Redis: ``example_app.app:app``.
 
-Connect with ``ws://HOST/ws?user=alice&room=lobby``; the room is the connection's
-metadata, fixed for its lifetime. Every JSON frame a client receives has a ``type`` and
+Connect with ``ws://HOST/ws?user=alice&room=lobby``; the connection joins the room, a
+group (and keeps the room name in its metadata too). Every JSON frame a client receives has a ``type`` and
 ``sent_by``, the instance that called ``send``; the ``welcome`` frame names the instance
 that holds the socket, which is the one that delivers every frame on it. Frames that
 only this instance writes to its own client carry ``delivered_by`` too. Client frames:
 
-* ``{"type": "say", "text": "..."}``: to everyone in the room (``MetadataSelector``).
+* ``{"type": "say", "text": "..."}``: to everyone in the room (a group: ``GroupSelector``).
 * ``{"type": "dm", "to": "bob", "text": "..."}``: to every connection of one user
   (``UserSelector``), wherever it is; the sender gets a ``dm_sent`` receipt with the
   number of connections it was routed to.
@@ -30,7 +30,7 @@ from typing import Any
 from quart import Quart, Response, request, websocket
 
 from quart_wslb import (
-    MetadataSelector,
+    GroupSelector,
     RedisUnavailableError,
     UserSelector,
     WsLoadBalance,
@@ -124,6 +124,7 @@ async def chat() -> None:
     if user is None:
         await websocket.close(POLICY_VIOLATION, "add ?user=NAME to the URL")
         return
+    await conn.join(room)  # the room is a group: GroupSelector(room) reaches its members
     me = {"user": user, "room": room, "instance": wslb.instance_id, "connection": conn.id}
     await conn.send(_local({"type": "welcome", **me}))
     await _presence(me, "joined")
@@ -150,7 +151,7 @@ async def _handle(me: dict[str, str], raw: str | bytes) -> dict[str, Any] | None
     try:
         if kind == "say":
             message = _stamped({"type": "room", "room": room, "from": user, "text": text})
-            await wslb.send(MetadataSelector(room=room), message)
+            await wslb.send(GroupSelector(room), message)
             return None
         if kind == "dm":
             to = frame.get("to")
@@ -169,7 +170,7 @@ async def _roster(room: str) -> dict[str, Any]:
     try:
         people = [
             {"user": record.user, "instance": record.instance, "connection": record.id}
-            async for record in wslb.connections(MetadataSelector(room=room))
+            async for record in wslb.connections(GroupSelector(room))
         ]
     except WsLoadBalanceError as error:
         return {"type": "error", "text": f"could not list the room: {error}"}
@@ -180,6 +181,6 @@ async def _presence(me: dict[str, str], event: str) -> None:
     """Tell the room that this client joined or left; skipped if Redis cannot be reached."""
     message = _stamped({"type": "presence", "event": event, **me})
     try:
-        await wslb.send(MetadataSelector(room=me["room"]), message)
+        await wslb.send(GroupSelector(me["room"]), message)
     except WsLoadBalanceError as error:  # such as NotStartedError while the instance stops
         log.info("%s %s %s: not announced (%s)", me["user"], event, me["room"], error)

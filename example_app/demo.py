@@ -133,7 +133,7 @@ async def run_demo(front: str) -> None:
         if receipt["routed"] != 1:
             raise DemoError(f"the dm was routed to {receipt['routed']} connections, not 1")
 
-        print("\nbob says hello to the room (MetadataSelector(room='lobby')):")
+        print("\nbob says hello to the room (GroupSelector('lobby')):")
         await bob.say({"type": "say", "text": "hello lobby"})
         await alice.expect("room", **{"from": "bob", "text": "hello lobby"})
         await bob.expect("room", **{"from": "bob", "text": "hello lobby"})

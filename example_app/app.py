@@ -1,8 +1,8 @@
 """A small chat that runs as several instances on one Redis: ``example_app.app:app``.
 
 Connect with ``ws://HOST/ws?user=alice&room=lobby``; the connection joins the room, a
-group (and keeps the room name in its metadata too). Every JSON frame a client receives has a ``type`` and
-``sent_by``, the instance that called ``send``; the ``welcome`` frame names the instance
+group (and keeps the room name in its metadata too). Every JSON frame a client receives
+has a ``type`` and ``sent_by``, the instance that called ``send``; the ``welcome`` frame names the instance
 that holds the socket, which is the one that delivers every frame on it. Frames that
 only this instance writes to its own client carry ``delivered_by`` too. Client frames:
 

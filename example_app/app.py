@@ -2,9 +2,10 @@
 
 Connect with ``ws://HOST/ws?user=alice&room=lobby``; the connection joins the room, a
 group (and keeps the room name in its metadata too). Every JSON frame a client receives
-has a ``type`` and ``sent_by``, the instance that called ``send``; the ``welcome`` frame names the instance
-that holds the socket, which is the one that delivers every frame on it. Frames that
-only this instance writes to its own client carry ``delivered_by`` too. Client frames:
+has a ``type`` and ``sent_by``, the instance that called ``send``; the ``welcome`` frame
+names the instance that holds the socket, which is the one that delivers every frame on
+it. Frames that only this instance writes to its own client carry ``delivered_by`` too.
+Client frames:
 
 * ``{"type": "say", "text": "..."}``: to everyone in the room (a group: ``GroupSelector``).
 * ``{"type": "dm", "to": "bob", "text": "..."}``: to every connection of one user

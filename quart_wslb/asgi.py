@@ -88,10 +88,9 @@ class WebsocketGuard:
                 await tracked_send(
                     {"type": "websocket.close", "code": MESSAGE_TOO_BIG, "reason": ""}
                 )
-                await signals.send(
-                    signals.message_dropped,
+                await signals.dropped(
                     self._owner,
-                    reason="too_large",
+                    "too_large",
                     message_id=None,
                     connection=None,
                     detail=f"client frame on {scope['path']} over {self.limit} bytes",

@@ -216,10 +216,9 @@ class Connection:
     async def offer(self, frame: Frame, message_id: str | None) -> bool:
         """Queue one frame without waiting; apply the queue-full policy if it is full."""
         if self._closed:  # closing already (say, for being slow): report, quietly
-            await signals.send(
-                signals.message_dropped,
+            await signals.dropped(
                 self._owner,
-                reason="closed",
+                "closed",
                 message_id=message_id,
                 connection=self,
                 detail="the connection is closing",
@@ -231,10 +230,9 @@ class Connection:
         except asyncio.QueueFull:
             pass
         log.warning("send queue of %s is full (%s)", self.id, self._policy)
-        await signals.send(
-            signals.message_dropped,
+        await signals.dropped(
             self._owner,
-            reason="queue_full",
+            "queue_full",
             message_id=message_id,
             connection=self,
             detail=f"policy {self._policy}",
@@ -278,10 +276,9 @@ class Connection:
         if self._closer is not None:  # bounded by CLOSE_TIMEOUT
             await asyncio.gather(self._closer, return_exceptions=True)
         if unsent := self._queue.qsize():
-            await signals.send(
-                signals.message_dropped,
+            await signals.dropped(
                 self._owner,
-                reason="closed",
+                "closed",
                 message_id=None,
                 connection=self,
                 detail=f"{unsent} frames queued when the connection ended",

@@ -123,7 +123,7 @@ class Router:
             await self.dispatch(raw)
         except Exception as error:
             log.exception("dropped a message that could not be handled")
-            await self._dropped("malformed", None, None, repr(error))
+            await signals.dropped(self._owner, "malformed", detail=repr(error))
 
     async def dispatch(self, raw: bytes) -> None:
         """Deliver one envelope to its local targets; a bad one is logged and skipped."""
@@ -134,7 +134,7 @@ class Router:
             envelope = decode(raw)
         except EnvelopeError as error:
             log.warning("dropped a malformed envelope: %s", error)
-            await self._dropped("malformed", None, None, str(error))
+            await signals.dropped(self._owner, "malformed", detail=str(error))
             return
         if signals.message_received.receivers:
             await signals.send(signals.message_received, self._owner, envelope=envelope)
@@ -150,7 +150,7 @@ class Router:
             owner = self._local.get(target)
             if owner is None:
                 log.debug("message %s: no local connection %s", envelope.id, target)
-                await self._dropped("gone", envelope.id, None, target)
+                await signals.dropped(self._owner, "gone", message_id=envelope.id, detail=target)
             else:
                 await owner.offer(frame, envelope.id)
 
@@ -169,19 +169,12 @@ class Router:
                 close = json.loads(text)
                 code, reason = int(close["code"]), str(close.get("reason", ""))
             except (ValueError, TypeError, KeyError, RecursionError) as error:
-                await self._dropped("malformed", envelope.id, None, f"disconnect: {error!r}")
+                await signals.dropped(
+                    self._owner,
+                    "malformed",
+                    message_id=envelope.id,
+                    detail=f"disconnect: {error!r}",
+                )
                 return
             for connection in targets:
                 await connection.close(code, reason)
-
-    async def _dropped(
-        self, reason: str, message_id: str | None, connection: Connection | None, detail: str
-    ) -> None:
-        await signals.send(
-            signals.message_dropped,
-            self._owner,
-            reason=reason,
-            message_id=message_id,
-            connection=connection,
-            detail=detail,
-        )

@@ -108,8 +108,24 @@ class Selector(ABC):
         return program
 
 
+class _IndexSelector(Selector):
+    """A selector served by one index set."""
+
+    __slots__ = ()
+
+    @abstractmethod
+    def key(self, keys: Keys) -> str:
+        """The index set of its connections."""
+
+    def drivers(self, keys: Keys) -> list[Driver]:
+        return [("set", self.key(keys))]
+
+    def emit(self, program: Program, keys: Keys) -> None:
+        program.set_op(self.key(keys))
+
+
 @dataclass(frozen=True, slots=True)
-class UserSelector(Selector):
+class UserSelector(_IndexSelector):
     """Every connection of one user, on whatever instance."""
 
     user: str
@@ -117,18 +133,15 @@ class UserSelector(Selector):
     def __post_init__(self) -> None:
         _text(self.user, "user")
 
-    def drivers(self, keys: Keys) -> list[Driver]:
-        return [("set", keys.user(self.user))]
-
-    def emit(self, program: Program, keys: Keys) -> None:
-        program.set_op(keys.user(self.user))
+    def key(self, keys: Keys) -> str:
+        return keys.user(self.user)
 
     def matches(self, connection: ConnectionInfo) -> bool:
         return connection.user == self.user
 
 
 @dataclass(frozen=True, slots=True)
-class PathSelector(Selector):
+class PathSelector(_IndexSelector):
     """Every connection on one concrete websocket path, such as ``/ws/red``."""
 
     path: str
@@ -136,11 +149,8 @@ class PathSelector(Selector):
     def __post_init__(self) -> None:
         _text(self.path, "path")
 
-    def drivers(self, keys: Keys) -> list[Driver]:
-        return [("set", keys.path(self.path))]
-
-    def emit(self, program: Program, keys: Keys) -> None:
-        program.set_op(keys.path(self.path))
+    def key(self, keys: Keys) -> str:
+        return keys.path(self.path)
 
     def matches(self, connection: ConnectionInfo) -> bool:
         return connection.path == self.path
@@ -204,7 +214,7 @@ class MetadataSelector(Selector):
 
 
 @dataclass(frozen=True, slots=True)
-class GroupSelector(Selector):
+class GroupSelector(_IndexSelector):
     """Every connection that joined group ``name`` (a room), on whatever instance."""
 
     name: str
@@ -212,14 +222,11 @@ class GroupSelector(Selector):
     def __post_init__(self) -> None:
         _text(self.name, "group name")
 
-    def drivers(self, keys: Keys) -> list[Driver]:
-        return [("set", keys.group(self.name))]
-
-    def emit(self, program: Program, keys: Keys) -> None:
-        program.set_op(keys.group(self.name))
+    def key(self, keys: Keys) -> str:
+        return keys.group(self.name)
 
     def matches(self, connection: ConnectionInfo) -> bool:
-        return self.name in getattr(connection, "groups", ())
+        return self.name in connection.groups
 
 
 class CustomSelector(Selector):

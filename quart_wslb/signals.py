@@ -28,6 +28,7 @@ __all__ = (
     "subscriber_lost",
     "user_offline",
     "user_online",
+    "dropped",
     "presence",
     "send",
 )
@@ -98,3 +99,23 @@ async def presence(sender: object, online: list[str], offline: list[str]) -> Non
         await send(user_online, sender, user=user)
     for user in offline:
         await send(user_offline, sender, user=user)
+
+
+async def dropped(
+    sender: object,
+    reason: str,
+    *,
+    message_id: str | None = None,
+    connection: object = None,
+    detail: str = "",
+) -> None:
+    """Send ``message_dropped`` (see its comment for the reasons)."""
+    if message_dropped.receivers:
+        await send(
+            message_dropped,
+            sender,
+            reason=reason,
+            message_id=message_id,
+            connection=connection,
+            detail=detail,
+        )

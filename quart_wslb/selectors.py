@@ -93,6 +93,13 @@ class Selector(ABC):
     def drivers(self, keys: Keys) -> list[Driver]:
         """The sets whose members include every match, for paged streaming."""
 
+    def _breadth(self) -> int:
+        """How many connections it tends to match, as a rank: one (0) to everyone (9).
+
+        A query of ``a & b`` scans the narrower side's sets and filters by the other.
+        """
+        return 9 if not self.indexed else 5
+
     @abstractmethod
     def emit(self, program: Program, keys: Keys) -> None:
         """Append this selector's ops (and the keys they read) to ``program``."""
@@ -136,6 +143,9 @@ class UserSelector(_IndexSelector):
     def key(self, keys: Keys) -> str:
         return keys.user(self.user)
 
+    def _breadth(self) -> int:
+        return 1
+
     def matches(self, connection: ConnectionInfo) -> bool:
         return connection.user == self.user
 
@@ -167,6 +177,9 @@ class ConnectionSelector(Selector):
 
     def drivers(self, keys: Keys) -> list[Driver]:
         return [("id", self.id)]
+
+    def _breadth(self) -> int:
+        return 0
 
     def emit(self, program: Program, keys: Keys) -> None:
         program.ops.append("C" + self.id)
@@ -261,6 +274,9 @@ class AllSelector(Selector):
     def drivers(self, keys: Keys) -> list[Driver]:
         return [("set", keys.all)]
 
+    def _breadth(self) -> int:
+        return 9
+
     def emit(self, program: Program, keys: Keys) -> None:
         program.ops.append("A")
 
@@ -298,7 +314,11 @@ class AndSelector(Selector):
         return AndSelector(left, right)
 
     def drivers(self, keys: Keys) -> list[Driver]:
-        return (self.left if self.left.indexed else self.right).drivers(keys)
+        sides = [side for side in (self.left, self.right) if side.indexed]
+        return min(sides or [self.left], key=lambda side: side._breadth()).drivers(keys)
+
+    def _breadth(self) -> int:
+        return min(self.left._breadth(), self.right._breadth())
 
     def compile(self, keys: Keys) -> Program:
         if isinstance(self.right, AllSelector):  # x & everyone is x: no member list
@@ -341,6 +361,9 @@ class OrSelector(Selector):
 
     def drivers(self, keys: Keys) -> list[Driver]:
         return self.left.drivers(keys) + self.right.drivers(keys)
+
+    def _breadth(self) -> int:
+        return max(self.left._breadth(), self.right._breadth())
 
     def compile(self, keys: Keys) -> Program:
         if isinstance(self.left, AllSelector) or isinstance(self.right, AllSelector):

@@ -311,3 +311,12 @@ async def test_resolve_combinations(
 async def test_resolve_groups_ids_by_owning_instance(emitter: AsyncEmitter) -> None:
     result = await emitter.resolve(PathSelector("/ws/ab") | UserSelector("x:y"))
     assert result == {"i1": ["i1:ab"], "i2": ["i2:colon"], "i3": ["i3:anon"]}
+
+
+def test_drivers_of_an_and_scan_the_narrower_side() -> None:
+    narrow = GroupSelector("lobby") & UserSelector("bob")
+    assert narrow.drivers(KEYS) == [("set", KEYS.user("bob"))]
+    one = PathSelector("/p") & ConnectionSelector("i1:c")
+    assert one.drivers(KEYS) == [("id", "i1:c")]
+    either = UserSelector("a") | GroupSelector("g")
+    assert either.drivers(KEYS) == [("set", KEYS.user("a")), ("set", KEYS.group("g"))]

@@ -76,7 +76,10 @@ class AsyncEmitter:
 
     Give it a ``redis.asyncio.Redis`` client (kept open on :meth:`aclose`) or a
     ``redis_url``. Every call is bounded by ``timeout`` seconds and raises
-    :class:`~quart_wslb.RedisUnavailableError` past it.
+    :class:`~quart_wslb.RedisUnavailableError` past it. A ``strict`` emitter (the default)
+    raises :class:`~quart_wslb.NoInstancesError` from sends and queries when no instance
+    ever announced itself under the prefix (a wrong prefix); the extension's emitter is
+    not strict, because right after Redis lost its data that is a normal, passing state.
     """
 
     def __init__(
@@ -87,6 +90,7 @@ class AsyncEmitter:
         prefix: str = "wslb",
         origin: str | None = None,
         timeout: float = 5.0,
+        strict: bool = True,
     ) -> None:
         if (redis is None) == (redis_url is None):
             raise TypeError("give exactly one of redis and redis_url")
@@ -98,6 +102,8 @@ class AsyncEmitter:
         #: The id that envelopes from here carry as their origin.
         self.origin = validated_instance_id(origin or "emitter-" + default_instance_id())
         self.timeout = timeout
+        #: Raise ``NoInstancesError`` where no instance announced itself under the prefix.
+        self.strict = strict
         # Encoded once: redis-py would encode these on every call of the hot path.
         self._fixed_keys = [
             k.encode() for k in (self.keys.connections, self.keys.all, self.keys.instances)
@@ -158,10 +164,8 @@ class AsyncEmitter:
                 + program.ops,
             )
         if routed == -1:
-            raise NoInstancesError(
-                f"no instance has announced itself under prefix {self.keys.prefix!r}: "
-                "a wrong prefix, or the cluster is down"
-            )
+            self._no_instances()
+            return Route(message_id, 0, 0, ())
         return Route(message_id, int(routed), int(reached), tuple(i.decode() for i in unheard))
 
     def _script_keys(self, program: Program) -> list[Any]:
@@ -182,12 +186,32 @@ class AsyncEmitter:
             return sum([len(ids) async for ids in self._matching_ids(selector)])
         program = selector.compile(self.keys)
         async with redis_deadline(self.timeout, "count"):
-            return int(
+            count = int(
                 await self._route(
                     keys=self._script_keys(program),
                     args=["count", "", "", "", *program.ops],
                 )
             )
+        if count == -1:
+            self._no_instances()
+            return 0
+        return count
+
+    def _no_instances(self) -> None:
+        """Nobody announced itself under the prefix: an error for a strict emitter."""
+        if self.strict:
+            raise NoInstancesError(
+                f"no instance has announced itself under prefix {self.keys.prefix!r}: "
+                "a wrong prefix, or the cluster is down"
+            )
+
+    async def _check_instances(self) -> bool:
+        """Whether any instance announced itself (raises instead, if strict)."""
+        async with redis_deadline(self.timeout, "query"):
+            present = bool(await self._redis.exists(self.keys.instances))
+        if not present:
+            self._no_instances()
+        return present
 
     def connections(self, selector: Selector = EVERYONE) -> Stream[ConnectionRecord]:
         """The record of every matching connection, read in bounded pages.
@@ -199,6 +223,8 @@ class AsyncEmitter:
         return Stream(self._connections(selector))
 
     async def _connections(self, selector: Selector) -> AsyncIterator[ConnectionRecord]:
+        if not await self._check_instances():
+            return
         cover = selector.cover() or AllSelector()
         program = cover.compile(self.keys)
         # Several drivers (an | of selectors) may list one connection twice, and so may
@@ -220,6 +246,8 @@ class AsyncEmitter:
     async def _users(self, selector: Selector) -> AsyncIterator[str]:
         seen: set[str] = set()  # HSCAN, like SSCAN, may return an entry twice
         if isinstance(selector, AllSelector):
+            if not await self._check_instances():
+                return
             async for name, _ in self._redis.hscan_iter(self.keys.presence, count=PAGE):
                 user = cast(bytes, name).decode()
                 if user not in seen:

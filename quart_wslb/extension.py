@@ -20,7 +20,7 @@ from .config import QueueFullPolicy, Settings, UserGetter, resolve_settings
 from .connection import Activity, Connection, ConnectionRecord
 from .emitter import EVERYONE, AsyncEmitter, Stream
 from .envelope import pack
-from .exceptions import NoInstancesError, NotStartedError, RedisUnavailableError, redis_deadline
+from .exceptions import NotStartedError, RedisUnavailableError, redis_deadline
 from .keys import Keys
 from .liveness import InstanceInfo, Liveness
 from .redis_client import make_client
@@ -152,12 +152,7 @@ class WsLoadBalance:
         :class:`~quart_wslb.RedisUnavailableError` when Redis does not answer in time.
         """
         kind, payload = pack(message)
-        try:
-            route = await self.emitter.route(selector, kind, payload)
-        except NoInstancesError:
-            # Only right after Redis lost its data: this instance announces itself again
-            # within a heartbeat, and until then nobody can be routed to.
-            return 0
+        route = await self.emitter.route(selector, kind, payload)
         if route.unheard:
             log.info("message %s: nobody listens for %s", route.message_id, route.unheard)
         await signals.send(
@@ -176,10 +171,7 @@ class WsLoadBalance:
         Returns how many connections were told to close; each handler then ends and its
         connection leaves the registry.
         """
-        try:
-            return await self.emitter.disconnect(selector, code, reason)
-        except NoInstancesError:  # as in send: only while Redis is being repopulated
-            return 0
+        return await self.emitter.disconnect(selector, code, reason)
 
     async def join(self, selector: Selector, group: str) -> int:
         """Add every matching connection, anywhere, to ``group``; returns how many."""
@@ -258,7 +250,11 @@ class WsLoadBalance:
         )
         if clients.enabled:
             tasks.append(asyncio.create_task(clients.run(), name="wslb-clients"))
-        emitter = AsyncEmitter(redis, prefix=settings.prefix, origin=instance, timeout=timeout)
+        # Not strict: right after Redis lost its data no instance is listed until this one
+        # beats again, and sends then route to nobody rather than fail.
+        emitter = AsyncEmitter(
+            redis, prefix=settings.prefix, origin=instance, timeout=timeout, strict=False
+        )
         self._runtime = _Runtime(redis, registry, router, liveness, emitter, tasks)
         try:
             await asyncio.wait_for(router.subscribed.wait(), timeout)

@@ -141,7 +141,16 @@ async def test_send_to_a_prefix_without_instances_raises(
     emitter = AsyncEmitter(redis, prefix=prefix + "-typo")
     with pytest.raises(NoInstancesError, match="typo"):
         await emitter.send(AllSelector(), "x")
-    assert await emitter.count() == 0
+    with pytest.raises(NoInstancesError):
+        await emitter.count(UserSelector("x"))
+    with pytest.raises(NoInstancesError):
+        await emitter.connections()
+    with pytest.raises(NoInstancesError):
+        await emitter.users()
+    lenient = AsyncEmitter(redis, prefix=prefix + "-typo", strict=False)
+    assert await lenient.send(AllSelector(), "x") == 0
+    assert await lenient.count() == 0
+    assert await lenient.connections() == []
 
 
 async def test_unreachable_redis_fails_within_the_timeout() -> None:

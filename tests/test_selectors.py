@@ -68,6 +68,7 @@ async def fixture_emitter(fake_server: fakeredis.FakeServer) -> AsyncIterator[As
         if id_ in ("i1:ab", "i2:brace"):
             connection.groups.add("g*")
         await registry.register(connection)
+    await redis.hset(KEYS.instances, "i1", "{}")  # a cluster that has announced itself
     yield AsyncEmitter(redis, prefix=PREFIX)
     await redis.aclose()
 

@@ -18,16 +18,17 @@ local publish = ARGV[1] == 'publish'
 local root = string.sub(KEYS[1], 1, -7)  -- KEYS[1] is <root>:conns
 local FIRST_OP = 5
 
+-- No instance has ever announced itself under this prefix: a wrong prefix, or a
+-- cluster that is down. Say so (-1) rather than "routed to nobody" or "none".
+if redis.call('EXISTS', KEYS[3]) == 0 then
+  if publish then return {-1, 0, {}} end
+  return -1
+end
+
 -- Counting everyone needs no member list.
 local lone = #ARGV == FIRST_OP and ARGV[FIRST_OP]
 if ARGV[1] == 'count' and (lone == 'A' or lone == 'B') then
   return redis.call('SCARD', KEYS[2])
-end
-
--- No instance has ever announced itself under this prefix: a wrong prefix, or a
--- cluster that is down. Say so (-1) rather than "routed to nobody".
-if publish and redis.call('EXISTS', KEYS[3]) == 0 then
-  return {-1, 0, {}}
 end
 
 if publish and lone == 'B' then

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 import fakeredis
 import pytest
 import redis
+from redis.asyncio import Redis
 
 from quart_wslb.testing import RedisServer
 from tests.cluster import Clients, Cluster
@@ -52,10 +53,10 @@ def fixture_fake_server() -> fakeredis.FakeServer:
     return fakeredis.FakeServer()
 
 
-@pytest.fixture(name="fake_redis")
-async def fixture_fake_redis(fake_server: fakeredis.FakeServer) -> AsyncIterator[object]:
-    """An asyncio client of ``fake_server``."""
-    client = fakeredis.FakeAsyncRedis(server=fake_server)
+@pytest.fixture(name="redis")
+async def fixture_redis(fake_server: fakeredis.FakeServer) -> AsyncIterator[Redis]:
+    """An asyncio client of ``fake_server`` (tests on a real Redis define their own)."""
+    client: Redis = fakeredis.FakeAsyncRedis(server=fake_server)
     yield client
     await client.aclose()
 

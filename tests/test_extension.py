@@ -75,13 +75,6 @@ async def fixture_two(fake_server: fakeredis.FakeServer) -> AsyncIterator[tuple[
         yield one, two
 
 
-@pytest.fixture(name="redis")
-async def fixture_redis(fake_server: fakeredis.FakeServer) -> AsyncIterator[Redis]:
-    client = fake_client(fake_server)
-    yield client
-    await client.aclose()
-
-
 def test_init_app_registers_the_extension(redis: Redis) -> None:
     app, wslb = make_app(redis, "i1")
     assert app.extensions["wslb"] is wslb

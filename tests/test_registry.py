@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import fakeredis
@@ -13,19 +13,11 @@ from quart_wslb.connection import Connection
 from quart_wslb.registry import REAP_BATCH, Registry, Removal, Repair
 from tests.support import (
     KEYS,
-    fake_client,
     make_connection,
     registry_keys,
     set_members,
     stored_record,
 )
-
-
-@pytest.fixture(name="redis")
-async def fixture_redis(fake_server: fakeredis.FakeServer) -> AsyncIterator[Redis]:
-    client = fake_client(fake_server)
-    yield client
-    await client.aclose()
 
 
 @pytest.fixture(name="registry")

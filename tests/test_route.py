@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any, cast
 
-import fakeredis
 import pytest
 from quart import Quart, abort, websocket
 from quart.signals import got_websocket_exception
@@ -20,17 +19,9 @@ from tests.support import (
     PREFIX,
     SOON,
     eventually,
-    fake_client,
     recording,
     stored_record,
 )
-
-
-@pytest.fixture(name="redis")
-async def fixture_redis(fake_server: fakeredis.FakeServer) -> AsyncIterator[Redis]:
-    client = fake_client(fake_server)
-    yield client
-    await client.aclose()
 
 
 def tracked_app(

@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
-import fakeredis
 import pytest
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
@@ -40,7 +39,6 @@ from tests.support import (
     SOON,
     FakeWebsocket,
     eventually,
-    fake_client,
     make_connection,
     received,
     recording,
@@ -57,13 +55,6 @@ PEOPLE = {
     "i2:c1": ("carol", "/ws/green", "green"),
     "i3:d1": ("dave", "/ws/red", "red"),
 }
-
-
-@pytest.fixture(name="redis")
-async def fixture_redis(fake_server: fakeredis.FakeServer) -> AsyncIterator[Redis]:
-    client = fake_client(fake_server)
-    yield client
-    await client.aclose()
 
 
 async def heartbeat(redis: Redis, *names: str) -> None:

@@ -57,7 +57,7 @@ async def run_connections(
     pool = Pool(name, servers[0].port)
     count = params.idle_connections
     client = aioredis.Redis.from_url(redis_url)
-    members = Keys(f"bench-{tag}").instance_connections("i0")
+    members = Keys(f"bench-{tag}").records("i0")
     try:
         worker = psutil.Process(servers[0].worker_pid())
         await _settle()
@@ -74,11 +74,11 @@ async def run_connections(
         await pool.close()
         if name == WSLB:
             deadline = time.monotonic() + DRAIN_TIMEOUT
-            while await client.scard(members) and time.monotonic() < deadline:
+            while await client.hlen(members) and time.monotonic() < deadline:
                 await asyncio.sleep(0.01)
         disconnect_s = time.perf_counter() - start
         server3 = server.read()
-        left = int(await client.scard(members)) if name == WSLB else 0
+        left = int(await client.hlen(members)) if name == WSLB else 0
         foreign = watch.foreign_cores()
     finally:
         await pool.close()
@@ -159,12 +159,14 @@ async def registry_once(params: Params, redis_url: str, redis_pid: int) -> dict[
         watch = LoadWatch([os.getpid(), redis_pid])
         mem0 = _used_memory(redis_url)
         register_s = await _each(count, lambda i: registry.register(connections[i]))
+        # What the records keep, without the buffers of the pool's open connections
+        # (tens of KB each, per client rather than per record).
+        await client.connection_pool.disconnect()
+        await asyncio.sleep(0.1)
         mem1 = _used_memory(redis_url)
-        unregister_s = await _each(
-            count, lambda i: registry.unregister([connections[i].id], "reg0")
-        )
+        unregister_s = await _each(count, lambda i: registry.unregister([connections[i].id]))
         mem2 = _used_memory(redis_url)
-        left = int(await client.hlen(keys.connections))
+        left = int(await client.hlen(keys.records("reg0")))
         foreign = watch.foreign_cores()
     finally:
         await client.aclose()

@@ -105,9 +105,7 @@ class AsyncEmitter:
         #: Raise ``NoInstancesError`` where no instance announced itself under the prefix.
         self.strict = strict
         # Encoded once: redis-py would encode these on every call of the hot path.
-        self._fixed_keys = [
-            k.encode() for k in (self.keys.connections, self.keys.all, self.keys.instances)
-        ]
+        self._fixed_keys = [k.encode() for k in (self.keys.users, self.keys.instances)]
         self._channel_base = self.keys.channel_base.encode()
         self._route = self._redis.register_script(source("route"))
         self._publish = GroupCommit(self._redis, self._route, timeout)
@@ -169,7 +167,7 @@ class AsyncEmitter:
         return Route(message_id, int(routed), int(reached), tuple(i.decode() for i in unheard))
 
     def _script_keys(self, program: Program) -> list[Any]:
-        """``KEYS`` of route.lua and match.lua: three fixed ones, then the program's."""
+        """``KEYS`` of route.lua and match.lua: two fixed ones, then the program's."""
         return [*self._fixed_keys, *program.keys]
 
     async def resolve(self, selector: Selector) -> dict[str, list[str]]:
@@ -231,8 +229,7 @@ class AsyncEmitter:
         # SSCAN itself when the set shrinks while it is scanned.
         seen: set[str] = set()
         for kind, value in cover.drivers(self.keys):
-            pages = self._scan(value) if kind == "set" else _single(value)
-            async for page in pages:
+            async for page in self._pages(kind, value):
                 for record in await self._records(page, program):
                     if record.id not in seen and selector.matches(record):
                         seen.add(record.id)
@@ -248,7 +245,7 @@ class AsyncEmitter:
         if isinstance(selector, AllSelector):
             if not await self._check_instances():
                 return
-            async for name, _ in self._redis.hscan_iter(self.keys.presence, count=PAGE):
+            async for name, _ in self._redis.hscan_iter(self.keys.users, count=PAGE):
                 user = cast(bytes, name).decode()
                 if user not in seen:
                     seen.add(user)
@@ -277,7 +274,7 @@ class AsyncEmitter:
             async with redis_deadline(self.timeout, action):
                 changed += int(
                     await self._membership(
-                        keys=[self.keys.connections, self.keys.group(group)],
+                        keys=[self.keys.users, self.keys.group(group)],
                         args=[action, group, self.keys.channel(""), start, *ids],
                     )
                 )
@@ -292,6 +289,39 @@ class AsyncEmitter:
                 page = []
         if page:
             yield page
+
+    def _pages(self, kind: str, value: str) -> AsyncIterator[list[str]]:
+        """The candidate ids of one driver (see ``selectors.Driver``), in pages."""
+        if kind == "set":
+            return self._scan(value)
+        if kind == "user":
+            return self._user_ids(value)
+        if kind == "all":
+            return self._every_id()
+        return _single(value)
+
+    async def _user_ids(self, user: str) -> AsyncIterator[list[str]]:
+        async with redis_deadline(self.timeout, "query"):
+            raw = cast(bytes | None, await self._redis.hget(self.keys.users, user))
+        ids = raw.decode().split() if raw else []
+        for start in range(0, len(ids), PAGE):
+            yield ids[start : start + PAGE]
+
+    async def _every_id(self) -> AsyncIterator[list[str]]:
+        """The ids in every announced instance's hash of records, page by page."""
+        async with redis_deadline(self.timeout, "query"):
+            instances = sorted(await self._redis.hkeys(self.keys.instances))
+        for name in instances:
+            instance = cast(bytes, name).decode()
+            cursor: int | None = None
+            while cursor != 0:
+                async with redis_deadline(self.timeout, "scan"):
+                    # Values come too: HSCAN NOVALUES needs Redis 7.4.
+                    cursor, page = await self._redis.hscan(
+                        self.keys.records(instance), cursor or 0, count=PAGE
+                    )
+                if page:
+                    yield [f"{instance}:{cast(bytes, t).decode()}" for t in page]
 
     async def _scan(self, key: str) -> AsyncIterator[list[str]]:
         cursor: int | None = None

@@ -347,9 +347,7 @@ class WsLoadBalance:
         if runtime is not None:
             try:
                 async with redis_deadline(self.settings.redis_timeout, "unregister"):
-                    removal = await runtime.registry.unregister(
-                        [connection.id], connection.instance
-                    )
+                    removal = await runtime.registry.unregister([connection.id])
                 await signals.presence(self, [], removal.offline)
             except Exception as error:
                 log.warning("could not unregister %s: %r", connection.id, error)

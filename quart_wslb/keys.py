@@ -4,7 +4,10 @@ Registry keys share the hash tag ``{prefix}`` so that one Lua script can read an
 them atomically, on one Redis Cluster slot. Each user-supplied value is the *last*
 component of its key and the component before it is a fixed word, so no value can
 collide with another kind of key; metadata keys carry the length of the metadata name
-so that ``a=b:c`` and ``a:b=c`` stay apart. Values are never used as glob patterns.
+(in UTF-8 bytes, as Lua counts) so that ``a=b:c`` and ``a:b=c`` stay apart. Values are
+never used as glob patterns. The Lua scripts rebuild these names from a record
+(``lua/_common.lua``), so the two must agree; ``tests/test_registry.py`` holds them
+together.
 """
 
 from __future__ import annotations
@@ -37,24 +40,23 @@ class Keys:
     def _root(self) -> str:
         return "{" + self.prefix + "}"
 
-    @property
-    def connections(self) -> str:
-        """Hash: connection id -> JSON record."""
-        return f"{self._root}:conns"
+    def records(self, instance: str) -> str:
+        """Hash: connection token -> JSON record, for the connections ``instance`` owns.
+
+        One hash per instance is also the instance's index: its size is its connection
+        count and reaping walks it.
+        """
+        return f"{self._root}:c:{instance}"
 
     @property
-    def all(self) -> str:
-        """Set: every connection id in the cluster."""
-        return f"{self._root}:all"
+    def users(self) -> str:
+        """Hash: user -> the user's connection ids, space-separated (also presence)."""
+        return f"{self._root}:users"
 
     @property
     def instances(self) -> str:
         """Hash: instance id -> JSON record (started_at, ...)."""
         return f"{self._root}:instances"
-
-    def instance_connections(self, instance: str) -> str:
-        """Set: the connection ids an instance owns (what reaping removes)."""
-        return f"{self._root}:i:{instance}"
 
     def heartbeat(self, instance: str) -> str:
         """String with a TTL: present while the instance is alive."""
@@ -64,26 +66,17 @@ class Keys:
         """String with a TTL: held by the survivor that reaps a dead instance."""
         return f"{self._root}:reap:{instance}"
 
-    def user(self, user: str) -> str:
-        """Set: connection ids of one user."""
-        return f"{self._root}:u:{user}"
-
     def path(self, path: str) -> str:
         """Set: connection ids on one concrete websocket path."""
         return f"{self._root}:p:{path}"
 
     def metadata(self, name: str, value: str) -> str:
         """Set: connection ids whose metadata maps ``name`` to ``value``."""
-        return f"{self._root}:m:{len(name)}:{name}:{value}"
+        return f"{self._root}:m:{len(name.encode())}:{name}:{value}"
 
     def group(self, name: str) -> str:
         """Set: connection ids that joined group ``name``."""
         return f"{self._root}:g:{name}"
-
-    @property
-    def presence(self) -> str:
-        """Hash: user -> how many connections the user has in the cluster."""
-        return f"{self._root}:presence"
 
     @property
     def channel_base(self) -> str:

@@ -124,7 +124,7 @@ class Liveness:
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.set(self._keys.heartbeat(self._instance), "1", px=self._ttl_ms)
             pipe.hset(self._keys.instances, self._instance, record)
-            pipe.scard(self._keys.instance_connections(self._instance))
+            pipe.hlen(self._keys.records(self._instance))
             pipe.publish(self._keys.channel(self._instance), self._router.next_probe())
             _, _, registered, heard = await pipe.execute()
         return int(registered), int(heard)
@@ -207,7 +207,7 @@ class Liveness:
         async with self._redis.pipeline(transaction=False) as pipe:
             for name in names:
                 pipe.exists(self._keys.heartbeat(name.decode()))
-                pipe.scard(self._keys.instance_connections(name.decode()))
+                pipe.hlen(self._keys.records(name.decode()))
             counts: list[int] = await pipe.execute()
         listed = []
         for i, name in enumerate(names):

@@ -1,9 +1,12 @@
 """The Redis schema of connection records and their indexes.
 
-A record is one field of the ``conns`` hash (id -> JSON). Each index is a set of ids:
-every connection, per instance, per user, per path, per metadata pair. The record lists
-the index sets it was added to, so removing it (locally, or by a survivor reaping a dead
-instance) needs no knowledge of how the keys were built. Every change is one script call.
+A record is one field of its instance's hash (token -> JSON), so that hash is also the
+index of the instance's connections. The ``users`` hash maps each user to its connection
+ids (and so says who is present); every path, metadata pair and group has a set of ids.
+Removing a connection (locally, or by a survivor reaping a dead instance) rebuilds those
+set names from the record in Lua, the same way :class:`~quart_wslb.keys.Keys` builds
+them. Every change is one script call. This layout keeps Redis memory at about 300 bytes
+per connection (``docs/redis-schema.md``).
 """
 
 from __future__ import annotations
@@ -55,36 +58,37 @@ class Registry:
         self._unregister = redis.register_script(source("unregister"))
 
     def index_keys(self, connection: Connection) -> list[str]:
-        """Every set the connection belongs to."""
+        """Every set the connection belongs to (its user is a field of ``users``)."""
         keys = self._keys
-        names = [keys.all, keys.instance_connections(connection.instance)]
-        if connection.user is not None:
-            names.append(keys.user(connection.user))
-        names.append(keys.path(connection.path))
+        names = [keys.path(connection.path)]
         names.extend(keys.metadata(k, v) for k, v in sorted(connection.metadata.items()))
         names.extend(keys.group(g) for g in sorted(connection.groups))
         return names
 
-    def record(self, connection: Connection, index_keys: list[str]) -> str:
-        """The JSON record stored for a connection."""
-        return json.dumps(
-            {
-                "u": connection.user,
-                "p": connection.path,
-                "m": connection.metadata,
-                "g": sorted(connection.groups),
-                # A string: Redis's cjson keeps only 14 significant digits of a number,
-                # and membership.lua rewrites records.
-                "t": repr(connection.connected_at),
-                "k": index_keys,
-            },
-            separators=(",", ":"),
-        )
+    def record(self, connection: Connection) -> str:
+        """The JSON record stored for a connection; empty parts are left out."""
+        data: dict[str, object] = {"p": connection.path}
+        if connection.user is not None:
+            data["u"] = connection.user
+        if connection.metadata:
+            data["m"] = connection.metadata
+        if connection.groups:
+            data["g"] = sorted(connection.groups)
+        # A string: Redis's cjson keeps only 14 significant digits of a number, and
+        # membership.lua rewrites records.
+        data["t"] = repr(connection.connected_at)
+        # Raw UTF-8 rather than \u escapes: the scripts build key names from these bytes.
+        return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
 
     def _register_call(self, connection: Connection) -> tuple[list[str], list[str]]:
-        index_keys = self.index_keys(connection)
-        keys = [self._keys.connections, self._keys.presence, *index_keys]
-        return keys, [connection.id, self.record(connection, index_keys), connection.user or ""]
+        keys = [
+            self._keys.users,
+            self._keys.records(connection.instance),
+            *self.index_keys(connection),
+        ]
+        token = connection.id.partition(":")[2]
+        args = [connection.id, token, self.record(connection), connection.user or ""]
+        return keys, args
 
     async def register(self, *connections: Connection) -> list[str]:
         """Write records and every index entry, each atomically, in one round trip.
@@ -102,14 +106,11 @@ class Registry:
                 online = await pipe.execute()
         return [c.user for c, new in zip(connections, online, strict=True) if new and c.user]
 
-    async def unregister(self, ids: Sequence[str], instance: str | None = None) -> Removal:
+    async def unregister(self, ids: Sequence[str]) -> Removal:
         """Remove records and their index entries."""
         if not ids:
             return Removal(0, [])
-        keys = [self._keys.connections, self._keys.presence]
-        if instance is not None:
-            keys.append(self._keys.instance_connections(instance))
-        removed, offline = await self._unregister(keys=keys, args=list(ids))
+        removed, offline = await self._unregister(keys=[self._keys.users], args=list(ids))
         return Removal(int(removed), [u.decode() for u in offline])
 
     async def reconcile(self, instance: str, local: Mapping[str, Connection]) -> Repair:
@@ -119,8 +120,11 @@ class Registry:
         connection closed during the repair is removed again, and unregistering twice is
         harmless.
         """
-        members = self._keys.instance_connections(instance)
-        remote = {m.decode() async for m in self._redis.sscan_iter(members, count=1000)}
+        records = self._keys.records(instance)
+        remote = {
+            f"{instance}:{token.decode()}"
+            async for token, _ in self._redis.hscan_iter(records, count=1000)
+        }
         held = {i: c for i, c in local.items() if not c.registering}
         missing = [c for i, c in held.items() if i not in remote]
         extra = [i for i in remote if i not in local]
@@ -129,9 +133,9 @@ class Registry:
         if missing:
             online = await self.register(*missing)
             closed = [c.id for c in missing if c.id not in local]
-            gone = await self.unregister(closed, instance)
+            gone = await self.unregister(closed)
             missing = [c for c in missing if c.id in local]
-        removal = await self.unregister(extra, instance)
+        removal = await self.unregister(extra)
         return Repair(len(missing), removal.removed, online, removal.offline + gone.offline)
 
     async def unregister_instance(self, instance: str, unless_alive: str | None = None) -> Removal:
@@ -139,11 +143,11 @@ class Registry:
 
         With ``unless_alive`` (its heartbeat key), stop as soon as the instance is back.
         """
-        members = self._keys.instance_connections(instance)
+        records = self._keys.records(instance)
         total = Removal(0, [])
-        while batch := cast(list[bytes], await self._redis.srandmember(members, REAP_BATCH)):
+        while batch := cast(list[bytes], await self._redis.hrandfield(records, REAP_BATCH)):
             if unless_alive is not None and await self._redis.exists(unless_alive):
                 break
-            removal = await self.unregister([i.decode() for i in batch], instance)
+            removal = await self.unregister([f"{instance}:{t.decode()}" for t in batch])
             total = Removal(total.removed + removal.removed, total.offline + removal.offline)
         return total

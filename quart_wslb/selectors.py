@@ -36,25 +36,27 @@ __all__ = (
 
 @dataclass(slots=True)
 class Program:
-    """A compiled selector: Redis keys (``KEYS[4..]``) and postfix ops for ``route.lua``.
+    """A compiled selector: Redis keys (``KEYS[3..]``) and postfix ops for ``route.lua``.
 
-    Ops: ``S<n>`` members of ``KEYS[n]``; ``A`` every connection; ``C<id>`` one
-    connection if it exists; ``&`` and ``|`` combine the top two sets; a lone ``B``
-    is a broadcast to every instance.
+    Ops: ``S<n>`` members of ``KEYS[n]``; ``U<user>`` the user's connections; ``A``
+    every connection; ``C<id>`` one connection if it exists; ``&`` and ``|`` combine the
+    top two sets; a lone ``B`` is a broadcast to every instance.
     """
 
     keys: list[str] = field(default_factory=list)
     ops: list[str] = field(default_factory=list)
 
     def set_op(self, key: str) -> None:
-        """Push the members of ``key``; the first three ``KEYS`` are fixed, hence ``+ 4``."""
+        """Push the members of ``key``; the first two ``KEYS`` are fixed, hence ``+ 3``."""
         if key not in self.keys:
             self.keys.append(key)
-        self.ops.append(f"S{self.keys.index(key) + 4}")
+        self.ops.append(f"S{self.keys.index(key) + 3}")
 
 
-#: Where streaming starts: ``("set", key)`` to scan a set, ``("id", id)`` for one id.
+#: Where streaming starts: ``("set", key)`` to scan a set, ``("id", id)`` for one id,
+#: ``("user", name)`` for one user's connections, ``("all", "")`` for every connection.
 Driver = tuple[str, str]
+EVERY: Driver = ("all", "")
 
 
 def _text(value: object, what: str) -> str:
@@ -132,7 +134,7 @@ class _IndexSelector(Selector):
 
 
 @dataclass(frozen=True, slots=True)
-class UserSelector(_IndexSelector):
+class UserSelector(Selector):
     """Every connection of one user, on whatever instance."""
 
     user: str
@@ -140,8 +142,11 @@ class UserSelector(_IndexSelector):
     def __post_init__(self) -> None:
         _text(self.user, "user")
 
-    def key(self, keys: Keys) -> str:
-        return keys.user(self.user)
+    def drivers(self, keys: Keys) -> list[Driver]:
+        return [("user", self.user)]
+
+    def emit(self, program: Program, keys: Keys) -> None:
+        program.ops.append("U" + self.user)
 
     def _breadth(self) -> int:
         return 1
@@ -261,7 +266,7 @@ class CustomSelector(Selector):
         return None
 
     def drivers(self, keys: Keys) -> list[Driver]:
-        return [("set", keys.all)]
+        return [EVERY]
 
     def emit(self, program: Program, keys: Keys) -> None:
         raise TypeError(f"{type(self).__name__} has no index; it is matched record by record")
@@ -272,7 +277,7 @@ class AllSelector(Selector):
     """Every connection in the cluster; alone, it is one broadcast publish."""
 
     def drivers(self, keys: Keys) -> list[Driver]:
-        return [("set", keys.all)]
+        return [EVERY]
 
     def _breadth(self) -> int:
         return 9

@@ -185,11 +185,28 @@ async def received(pubsub: PubSub, wait: float = 0.02) -> list[bytes]:
 
 async def stored_record(redis: Redis, connection_id: str) -> dict[str, Any]:
     """The JSON record Redis holds for a connection."""
-    raw = await redis.hget(KEYS.connections, connection_id)
+    instance, _, token = connection_id.partition(":")
+    raw = await redis.hget(KEYS.records(instance), token)
     if raw is None:
         raise AssertionError(f"no record for {connection_id}")
     record: dict[str, Any] = json.loads(raw)
     return record
+
+
+async def record_ids(redis: Redis, keys: Keys = KEYS) -> set[str]:
+    """The id of every record in Redis, whatever instance hash holds it."""
+    ids: set[str] = set()
+    async for key in redis.scan_iter(match=keys.records("*")):
+        instance = cast(bytes, key).decode().rpartition(":")[2]
+        tokens = cast(list[bytes], await redis.hkeys(key))
+        ids.update(f"{instance}:{token.decode()}" for token in tokens)
+    return ids
+
+
+async def user_ids(redis: Redis, user: str, keys: Keys = KEYS) -> list[str]:
+    """The connection ids that the ``users`` hash lists for ``user``."""
+    raw = await redis.hget(keys.users, user)
+    return raw.decode().split() if isinstance(raw, bytes) else []
 
 
 async def set_members(redis: Redis, key: str) -> set[str]:
@@ -198,5 +215,6 @@ async def set_members(redis: Redis, key: str) -> set[str]:
 
 
 async def registry_keys(redis: Redis) -> set[str]:
-    """Every key under ``PREFIX``."""
-    return {key.decode() async for key in redis.scan_iter(match="{" + PREFIX + "}*")}
+    """Every key under ``PREFIX`` but the list of instances (registering lists one)."""
+    names = {key.decode() async for key in redis.scan_iter(match="{" + PREFIX + "}*")}
+    return names - {KEYS.instances}

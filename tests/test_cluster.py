@@ -17,6 +17,7 @@ from websockets.exceptions import ConnectionClosed
 from quart_wslb.envelope import Envelope, encode
 from quart_wslb.keys import Keys
 from tests.cluster import Clients, Cluster, Instance
+from tests.support import record_ids
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 StartCluster = Callable[..., Cluster]
@@ -138,12 +139,14 @@ async def test_handler_room_message_crosses_instances(
 
 
 async def registry_size(redis_url: str, prefix: str) -> tuple[int, int, int]:
-    """(records, ids in the all-set, keys under the prefix other than instance bookkeeping)."""
+    """(records, ids the users hash lists, keys under the prefix other than instance
+    bookkeeping)."""
     client = aioredis.Redis.from_url(redis_url)
     keys = Keys(prefix)
     try:
-        records = await client.hlen(keys.connections)
-        members = await client.scard(keys.all)
+        records = len(await record_ids(client, keys))
+        lists = await client.hvals(keys.users)
+        members = sum(len(ids.split()) for ids in lists)
         names = [k async for k in client.scan_iter(match="{" + prefix + "}*")]
     finally:
         await client.aclose()
@@ -160,7 +163,7 @@ async def test_closed_connections_leave_the_registry(
     ivy, _ = await clients.join(cluster[1], "ivy", "blue")
     records, members, others = await registry_size(redis_url, prefix)
     assert (records, members) == (2, 2)
-    assert others > 2  # record hash, all-set, per-instance, user, path and metadata sets
+    assert others > 2  # record hashes, users hash, path and metadata sets
     await hal.close()
     await ivy.send("close")  # the handler returns by itself
     with pytest.raises(ConnectionClosed):

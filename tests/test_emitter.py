@@ -126,13 +126,13 @@ async def test_join_and_leave_change_records_and_survive_unregister(
     keys = Keys(prefix)
     assert await emitter.join(UserSelector("u1"), "club") == populated // 10 + 1
     assert await emitter.count(GroupSelector("club")) == populated // 10 + 1
-    record = json.loads(await redis.hget(keys.connections, "i1:c1") or b"{}")
-    assert "club" in record["g"] and keys.group("club") in record["k"]
+    record = json.loads(await redis.hget(keys.records("i1"), "c1") or b"{}")
+    assert "club" in record["g"]
     assert await emitter.leave(MetadataSelector(room="r1") & UserSelector("u1"), "club") > 0
     remaining = {r.id async for r in emitter.connections(GroupSelector("club"))}
     assert remaining == {f"i1:c{n}" for n in range(populated) if n % 10 == 1 and n % 3 != 1}
     await Registry(redis, keys).unregister_instance("i1")
-    assert not await redis.exists(keys.group("club"), keys.group("g"), keys.all)
+    assert not await redis.exists(keys.group("club"), keys.group("g"), keys.users)
 
 
 async def test_send_to_a_prefix_without_instances_raises(

@@ -36,6 +36,7 @@ from tests.support import (
     fake_client,
     make_app,
     received,
+    record_ids,
     recording,
     registry_keys,
     serving,
@@ -231,14 +232,14 @@ async def test_closed_websocket_leaves_no_record(two: tuple[Served, Served]) -> 
             conn_id = await greeting(ws)
             assert list(one.wslb.local_connections) == [conn_id]
             keys = await registry_keys(one.redis)
-            assert {KEYS.user("alice"), KEYS.path("/ws/red"), KEYS.metadata("room", "red")} <= keys
-            assert await one.redis.hexists(KEYS.connections, conn_id)
+            assert {KEYS.users, KEYS.path("/ws/red"), KEYS.metadata("room", "red")} <= keys
+            assert conn_id in await record_ids(one.redis)
     assert [c["connection"].id for c in opened.calls] == [conn_id]
     assert [c["connection"].id for c in closed.calls] == [conn_id]
     assert one.wslb.local_connections == {}
-    assert await one.redis.hlen(KEYS.connections) == 0
+    assert len(await record_ids(one.redis)) == 0
     assert not await one.redis.exists(
-        KEYS.all, KEYS.user("alice"), KEYS.path("/ws/red"), KEYS.metadata("room", "red")
+        KEYS.users, KEYS.path("/ws/red"), KEYS.metadata("room", "red")
     )
     assert await two_.wslb.send(UserSelector("alice"), "late") == 0
 
@@ -250,7 +251,7 @@ async def test_handler_return_leaves_no_record(two: tuple[Served, Served]) -> No
         await ws.send("close")
         with pytest.raises(WebsocketDisconnectError):
             await frame(ws)
-    assert await one.redis.hlen(KEYS.connections) == 0
+    assert len(await record_ids(one.redis)) == 0
     assert one.wslb.local_connections == {}
 
 
@@ -259,7 +260,8 @@ async def test_anonymous_connection_has_no_user_index(two: tuple[Served, Served]
     async with one.client.websocket("/ws/red") as ws:
         conn_id = await greeting(ws)
         record = await stored_record(one.redis, conn_id)
-        assert record["u"] is None
+        assert "u" not in record
+        assert await one.redis.hlen(KEYS.users) == 0
         assert await two_.wslb.send(PathSelector("/ws/red"), "hi") == 1
         assert await frame(ws) == "hi"
 
@@ -273,13 +275,13 @@ async def test_stop_closes_clients_and_removes_the_instance(
     await test_app.startup()
     async with app.test_client().websocket("/ws/red?user=alice") as ws:
         await greeting(ws)
-        assert await redis.hlen(KEYS.connections) == 1
+        assert len(await record_ids(redis)) == 1
         await test_app.shutdown()
         with pytest.raises(WebsocketDisconnectError) as closed:
             await frame(ws)
     assert closed.value.args == (1001,)
-    assert await redis.hlen(KEYS.connections) == 0
-    assert not await redis.exists(KEYS.instance_connections("i1"), KEYS.heartbeat("i1"))
+    assert len(await record_ids(redis)) == 0
+    assert not await redis.exists(KEYS.records("i1"), KEYS.heartbeat("i1"))
     await redis.aclose()
 
 
@@ -311,7 +313,7 @@ async def test_client_leaving_during_open_leaves_nothing(
                     await entered.wait()
         await asyncio.sleep(0.01)
         assert one.wslb.local_connections == {}
-        assert await one.redis.hlen(KEYS.connections) == 0
+        assert len(await record_ids(one.redis)) == 0
 
 
 async def test_presence_signals_fire_once_per_user(two: tuple[Served, Served]) -> None:
@@ -359,7 +361,7 @@ async def test_disconnect_closes_a_client_on_another_instance(
             await frame(alice)
         assert closed.value.args == (4003,)
         await eventually(lambda: not one.wslb.local_connections)
-    assert await one.redis.hlen(KEYS.connections) == 0
+    assert len(await record_ids(one.redis)) == 0
 
 
 async def test_join_makes_a_group_addressable(two: tuple[Served, Served]) -> None:

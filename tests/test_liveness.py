@@ -60,7 +60,7 @@ def report(what: str, seconds: float) -> None:
 async def records_of(url: str, prefix: str, instance: str) -> int:
     client = aioredis.Redis.from_url(url)
     try:
-        return int(await client.scard(Keys(prefix).instance_connections(instance)))
+        return int(await client.hlen(Keys(prefix).records(instance)))
     finally:
         await client.aclose()
 
@@ -256,9 +256,8 @@ async def test_liveness_two_reapers_at_once_leave_nothing_behind(
     await asyncio.sleep(1.5)  # healthy for a whole TTL: now they may reap
     assert all(r.may_reap() for r in reapers)
     await asyncio.gather(*(r.sweep() for r in reapers))
-    assert await redis.hlen(keys.connections) == 0
-    assert [k async for k in redis.scan_iter(match="{" + prefix + "}:[aipum]:*")] == []
-    assert not await redis.exists(keys.all)
+    assert [k async for k in redis.scan_iter(match="{" + prefix + "}:[cpmg]:*")] == []
+    assert not await redis.exists(keys.users)
     assert await redis.hkeys(keys.instances) == []
     await redis.aclose()
 

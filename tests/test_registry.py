@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,9 +15,11 @@ from quart_wslb.registry import REAP_BATCH, Registry, Removal, Repair
 from tests.support import (
     KEYS,
     make_connection,
+    record_ids,
     registry_keys,
     set_members,
     stored_record,
+    user_ids,
 )
 
 
@@ -43,20 +46,19 @@ async def register_all(registry: Registry, connections: Sequence[Connection]) ->
 async def test_index_keys_lists_every_set() -> None:
     registry = Registry(fakeredis.FakeAsyncRedis(), KEYS)
     assert registry.index_keys(alice()) == [
-        KEYS.all,
-        KEYS.instance_connections("i1"),
-        KEYS.user("alice"),
         KEYS.path("/ws/red"),
         KEYS.metadata("room", "red"),
         KEYS.metadata("team", "b"),
     ]
 
 
-async def test_index_keys_anonymous_has_no_user_set() -> None:
+async def test_record_leaves_out_empty_parts() -> None:
     registry = Registry(fakeredis.FakeAsyncRedis(), KEYS)
-    keys = registry.index_keys(make_connection(user=None))
-    assert not [key for key in keys if key.startswith(KEYS.user(""))]
-    assert KEYS.path("/ws/red") in keys
+    connection = make_connection(user=None, metadata={})
+    assert json.loads(registry.record(connection)) == {
+        "p": "/ws/red",
+        "t": repr(connection.connected_at),
+    }
 
 
 async def test_register_writes_record_and_every_index(redis: Redis, registry: Registry) -> None:
@@ -68,14 +70,17 @@ async def test_register_writes_record_and_every_index(redis: Redis, registry: Re
         "u": "alice",
         "p": "/ws/red",
         "m": {"team": "b", "room": "red"},
-        "g": [],
         "t": repr(connection.connected_at),
-        "k": index_keys,
     }
     for key in index_keys:
         assert await set_members(redis, key) == {connection.id}, key
-    assert await redis.hget(KEYS.presence, "alice") == b"1"
-    assert await registry_keys(redis) == {KEYS.connections, KEYS.presence, *index_keys}
+    assert await user_ids(redis, "alice") == [connection.id]
+    assert await registry_keys(redis) == {KEYS.records("i1"), KEYS.users, *index_keys}
+    # The owner is listed (queries of everyone walk the list), but never overwritten.
+    assert await redis.hget(KEYS.instances, "i1") == b"{}"
+    await redis.hset(KEYS.instances, "i1", '{"started_at": 1.0}')
+    await registry.register(bob())
+    assert await redis.hget(KEYS.instances, "i1") == b'{"started_at": 1.0}'
 
 
 async def test_register_is_one_script_call_per_connection(
@@ -93,45 +98,40 @@ async def test_register_is_one_script_call_per_connection(
     connection = alice()
     await registry.register(connection)
     assert len(calls) == 1
-    assert calls[0]["keys"] == [
-        KEYS.connections,
-        KEYS.presence,
-        *registry.index_keys(connection),
-    ]
-    assert calls[0]["args"][0] == connection.id
+    assert calls[0]["keys"] == [KEYS.users, KEYS.records("i1"), *registry.index_keys(connection)]
+    assert calls[0]["args"][:2] == [connection.id, "alice"]
 
 
 async def test_register_twice_keeps_one_record(redis: Redis, registry: Registry) -> None:
     assert await registry.register(alice()) == ["alice"]
     assert await registry.register(alice()) == []
-    assert await redis.hlen(KEYS.connections) == 1
-    assert await set_members(redis, KEYS.all) == {"i1:alice"}
-    assert await redis.hget(KEYS.presence, "alice") == b"1"
+    assert await record_ids(redis) == {"i1:alice"}
+    assert await user_ids(redis, "alice") == ["i1:alice"]
 
 
 async def test_unregister_removes_record_and_every_index(redis: Redis, registry: Registry) -> None:
     await register_all(registry, [alice(), bob()])
     assert await registry.unregister(["i1:alice"]) == Removal(1, ["alice"])
-    assert await redis.hget(KEYS.connections, "i1:alice") is None
+    assert await record_ids(redis) == {"i1:bob"}
     for key in registry.index_keys(alice()):
         assert "i1:alice" not in await set_members(redis, key), key
     assert await set_members(redis, KEYS.metadata("room", "red")) == {"i1:bob"}
-    assert await redis.exists(KEYS.user("alice"), KEYS.metadata("team", "b")) == 0
+    assert await redis.exists(KEYS.metadata("team", "b")) == 0
+    assert await user_ids(redis, "alice") == []
 
 
 async def test_unregister_last_connection_leaves_no_keys(redis: Redis, registry: Registry) -> None:
     await register_all(registry, [alice(), bob()])
-    assert await registry.unregister(["i1:alice", "i1:bob"], "i1") == Removal(2, ["alice", "bob"])
+    assert await registry.unregister(["i1:alice", "i1:bob"]) == Removal(2, ["alice", "bob"])
     assert await registry_keys(redis) == set()
 
 
 async def test_unregister_twice_is_harmless(redis: Redis, registry: Registry) -> None:
     await register_all(registry, [alice(), bob()])
-    assert await registry.unregister(["i1:alice"], "i1") == Removal(1, ["alice"])
-    assert await registry.unregister(["i1:alice"], "i1") == Removal(0, [])
+    assert await registry.unregister(["i1:alice"]) == Removal(1, ["alice"])
     assert await registry.unregister(["i1:alice"]) == Removal(0, [])
-    assert await set_members(redis, KEYS.all) == {"i1:bob"}
-    assert await redis.hlen(KEYS.connections) == 1
+    assert await record_ids(redis) == {"i1:bob"}
+    assert await set_members(redis, KEYS.path("/ws/red")) == {"i1:bob"}
 
 
 async def test_unregister_nothing_is_zero(registry: Registry) -> None:
@@ -140,16 +140,33 @@ async def test_unregister_nothing_is_zero(registry: Registry) -> None:
 
 async def test_unregister_unknown_ids_counts_none(registry: Registry) -> None:
     await registry.register(bob())
-    assert await registry.unregister(["i1:nobody", "i9:x"]) == Removal(0, [])
+    assert await registry.unregister(["i1:nobody", "i9:x", "no-colon"]) == Removal(0, [])
 
 
-async def test_unregister_cleans_instance_set_without_record(
-    redis: Redis, registry: Registry
-) -> None:
-    """A stale id in the instance set (its record already gone) is removed as well."""
-    await redis.sadd(KEYS.instance_connections("i1"), "i1:stale")
-    assert await registry.unregister(["i1:stale"], "i1") == Removal(0, [])
-    assert await redis.exists(KEYS.instance_connections("i1")) == 0
+async def test_unregister_corrupt_record_is_removed(redis: Redis, registry: Registry) -> None:
+    await redis.hset(KEYS.records("i1"), "bad", "not json")
+    assert await registry.unregister(["i1:bad"]) == Removal(1, [])
+    assert await registry_keys(redis) == set()
+
+
+async def test_register_index_names_match_the_scripts(redis: Redis, registry: Registry) -> None:
+    """The scripts rebuild set names from a record as keys.py builds them: with
+    non-ASCII text (lengths in bytes), colons and spaces, nothing is left behind."""
+    odd = make_connection(
+        id="i1:odd",
+        user="zoë :x",
+        path="/ws/ça:va",
+        metadata={"café": "a:b", "n:m": "é"},
+    )
+    odd.groups.update({"g:1", "ü"})
+    await registry.register(odd)
+    assert await registry_keys(redis) == {
+        KEYS.records("i1"),
+        KEYS.users,
+        *registry.index_keys(odd),
+    }
+    assert await registry.unregister([odd.id]) == Removal(1, ["zoë :x"])
+    assert await registry_keys(redis) == set()
 
 
 async def test_unregister_instance_removes_only_its_connections(
@@ -159,12 +176,11 @@ async def test_unregister_instance_removes_only_its_connections(
     await register_all(registry, [alice(), bob(), other])
     removal = await registry.unregister_instance("i1")
     assert (removal.removed, sorted(removal.offline)) == (2, ["alice", "bob"])
-    assert await redis.hkeys(KEYS.connections) == [b"i2:carol"]
+    assert await record_ids(redis) == {"i2:carol"}
     assert await set_members(redis, KEYS.metadata("room", "red")) == {"i2:carol"}
-    assert await redis.exists(KEYS.instance_connections("i1")) == 0
     assert await registry_keys(redis) == {
-        KEYS.connections,
-        KEYS.presence,
+        KEYS.records("i2"),
+        KEYS.users,
         *registry.index_keys(other),
     }
 
@@ -181,9 +197,9 @@ async def test_unregister_instance_in_batches(
     batches: list[int] = []
     unregister = registry.unregister
 
-    async def spy(ids: Sequence[str], instance: str | None = None) -> Removal:
+    async def spy(ids: Sequence[str]) -> Removal:
         batches.append(len(ids))
-        return await unregister(ids, instance)
+        return await unregister(ids)
 
     monkeypatch.setattr(registry, "unregister", spy)
     removal = await registry.unregister_instance("i1")
@@ -197,7 +213,7 @@ async def test_unregister_instance_in_batches(
 async def test_unregister_instance_with_nothing_is_zero(redis: Redis, registry: Registry) -> None:
     await registry.register(bob())
     assert await registry.unregister_instance("i9") == Removal(0, [])
-    assert await redis.hlen(KEYS.connections) == 1
+    assert await record_ids(redis) == {"i1:bob"}
 
 
 async def test_reconcile_restores_missing_and_removes_extra(
@@ -210,9 +226,9 @@ async def test_reconcile_restores_missing_and_removes_extra(
     kept.registering = lost.registering = False
     local = {kept.id: kept, lost.id: lost}
     assert await registry.reconcile("i1", local) == Repair(1, 1, ["bob"], [])
-    assert set(await redis.hkeys(KEYS.connections)) == {b"i1:alice", b"i1:bob", b"i2:other"}
-    assert await set_members(redis, KEYS.user("zed")) == {"i2:other"}
-    assert await set_members(redis, KEYS.user("bob")) == {"i1:bob"}
+    assert await record_ids(redis) == {"i1:alice", "i1:bob", "i2:other"}
+    assert await user_ids(redis, "zed") == ["i2:other"]
+    assert await user_ids(redis, "bob") == ["i1:bob"]
     assert await registry.reconcile("i1", local) == Repair(0, 0, [], [])
 
 
@@ -245,7 +261,7 @@ async def test_reconcile_leaves_connections_still_registering(
     local = {opening.id: opening, opened.id: opened}
     assert opening.registering
     assert await registry.reconcile("i1", local) == Repair(0, 0, [], [])
-    assert await redis.hkeys(KEYS.connections) == [b"i1:bob"]
+    assert await record_ids(redis) == {"i1:bob"}
     await registry.register(opening)
     assert await registry.reconcile("i1", local) == Repair(0, 0, [], [])
 
@@ -264,7 +280,17 @@ async def test_presence_counts_connections_per_user(redis: Redis, registry: Regi
     anonymous = make_connection(id="i1:c", user=None)
     assert await registry.register(first, anonymous) == ["ann"]
     assert await registry.register(second) == []
-    assert await redis.hgetall(KEYS.presence) == {b"ann": b"2"}
+    assert await redis.hgetall(KEYS.users) == {b"ann": b"i1:a i2:b"}
     assert await registry.unregister([first.id, anonymous.id]) == Removal(2, [])
+    assert await redis.hgetall(KEYS.users) == {b"ann": b"i2:b"}
     assert await registry.unregister([second.id]) == Removal(1, ["ann"])
-    assert await redis.exists(KEYS.presence) == 0
+    assert await redis.exists(KEYS.users) == 0
+
+
+async def test_register_again_as_another_user_moves_the_user(
+    redis: Redis, registry: Registry
+) -> None:
+    """A repair that finds a record under another user takes it from the old one."""
+    await registry.register(make_connection(id="i1:a", user="ann"))
+    assert await registry.register(make_connection(id="i1:a", user="bea")) == ["bea"]
+    assert await redis.hgetall(KEYS.users) == {b"bea": b"i1:a"}

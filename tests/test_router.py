@@ -509,10 +509,10 @@ async def test_join_keeps_the_record_exact_on_real_redis(redis_url: str, prefix:
         connection.connected_at = 1795938967.3960772
         await Registry(redis, keys).register(connection)
         await redis.hset(keys.instances, "i1", "{}")
-        before = json.loads(await redis.hget(keys.connections, "i1:x") or b"")
+        before = json.loads(await redis.hget(keys.records("i1"), "x") or b"")
         emitter = AsyncEmitter(redis, prefix=prefix)
         assert await emitter.join(UserSelector("ann"), "vip") == 1
-        after = json.loads(await redis.hget(keys.connections, "i1:x") or b"")
+        after = json.loads(await redis.hget(keys.records("i1"), "x") or b"")
         assert after["g"] == ["vip"]
         assert {k: after[k] for k in "upmt"} == {k: before[k] for k in "upmt"}
     finally:

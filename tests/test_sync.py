@@ -30,12 +30,10 @@ def fixture_cluster_keys(redis_url: str, prefix: str) -> Iterator[Keys]:
     client = redis.Redis.from_url(redis_url)
     for n, user in enumerate(("ann", "bob")):
         cid = f"i1:c{n}"
-        sets = [keys.all, keys.instance_connections("i1"), keys.user(user)]
-        record = {"u": user, "p": "/ws", "m": {}, "g": [], "t": 1.0, "k": sets}
-        client.hset(keys.connections, cid, json.dumps(record))
-        client.hincrby(keys.presence, user, 1)
-        for key in sets:
-            client.sadd(key, cid)
+        record = {"u": user, "p": "/ws", "t": "1.0"}
+        client.hset(keys.records("i1"), f"c{n}", json.dumps(record))
+        client.hset(keys.users, user, cid)
+        client.sadd(keys.path("/ws"), cid)
     client.hset(keys.instances, "i1", json.dumps({"started_at": 1.0}))
     yield keys
     client.close()

@@ -1,8 +1,8 @@
 -- Add connections to a group, or remove them from it, and tell their owners.
--- The record keeps the group's name ("g") and set ("k"), so unregistering removes the
--- membership too; the owning instance is told so that it can restore the membership
--- if Redis loses its data.
--- KEYS[1]  hash: connection id -> record
+-- The record keeps the group's name ("g"), so unregistering removes the membership too;
+-- the owning instance is told so that it can restore the membership if Redis loses
+-- its data.
+-- KEYS[1]  hash: user -> connection ids (names the root of every key)
 -- KEYS[2]  the group's set
 -- ARGV[1]  "join" or "leave", ARGV[2] group name, ARGV[3] instance channel prefix,
 -- ARGV[4]  control envelope head (kind join/leave), ARGV[5..] connection ids
@@ -11,27 +11,22 @@ local join = ARGV[1] == 'join'
 local groups, order, found = {}, {}, 0
 for i = 5, #ARGV do
   local id = ARGV[i]
-  local raw = redis.call('HGET', KEYS[1], id)
-  local ok, record = pcall(cjson.decode, raw or '')
-  if raw and ok and type(record) == 'table' and type(record.k) == 'table' then
+  local key, token = record_at(id)
+  local record = key and decode_record(redis.call('HGET', key, token) or nil)
+  if record then
     found = found + 1
-    local names, keys = {}, {}
+    local names = {}
     for _, name in ipairs(type(record.g) == 'table' and record.g or {}) do
       if name ~= ARGV[2] then names[#names + 1] = name end
     end
-    for _, key in ipairs(record.k) do
-      if key ~= KEYS[2] then keys[#keys + 1] = key end
-    end
     if join then
       names[#names + 1] = ARGV[2]
-      keys[#keys + 1] = KEYS[2]
       redis.call('SADD', KEYS[2], id)
     else
       redis.call('SREM', KEYS[2], id)
     end
     record.g = names
-    record.k = keys
-    redis.call('HSET', KEYS[1], id, cjson.encode(record))
+    redis.call('HSET', key, token, cjson.encode(record))
     local instance = string.match(id, '^[^:]+')
     if not groups[instance] then
       groups[instance] = {}

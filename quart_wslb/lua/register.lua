@@ -1,27 +1,28 @@
 -- Register one connection in one round trip.
--- KEYS[1]  hash: connection id -> record
--- KEYS[2]  hash: user -> connection count (presence)
--- KEYS[3..] every index set the connection belongs to (the record's "k" lists them)
--- ARGV[1]  connection id, ARGV[2] record (JSON), ARGV[3] user ("" for none)
+-- KEYS[1]  hash: user -> connection ids (presence)
+-- KEYS[2]  hash: token -> record, of the owning instance
+-- KEYS[3..] every index set the connection belongs to (index_keys of its record)
+-- Also lists the owning instance in <ROOT>:instances, if it is not there yet.
+-- ARGV[1]  connection id, ARGV[2] token, ARGV[3] record (JSON), ARGV[4] user ("" for none)
 -- Returns 1 when this made the user present in the cluster (first connection), else 0.
--- Registering again (a repair) rewrites the record, counts the user once, and takes the
--- connection out of sets that the old record listed and the new one does not.
-local old = redis.call('HGET', KEYS[1], ARGV[1])
+-- Registering again (a repair) rewrites the record and takes the connection out of the
+-- sets and the user that the old record named and the new one does not.
+local id = ARGV[1]
+local old = decode_record(redis.call('HGET', KEYS[2], ARGV[2]) or nil)
 if old then
   local keep = {}
   for i = 3, #KEYS do keep[KEYS[i]] = true end
-  local ok, record = pcall(cjson.decode, old)
-  if ok and type(record) == 'table' and type(record.k) == 'table' then
-    for _, key in ipairs(record.k) do
-      if not keep[key] then redis.call('SREM', key, ARGV[1]) end
-    end
+  for _, key in ipairs(index_keys(old)) do
+    if not keep[key] then redis.call('SREM', key, id) end
   end
+  if type(old.u) == 'string' and old.u ~= ARGV[4] then user_remove(old.u, id) end
 end
-local created = redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+-- Lists the owner among the instances even before its first heartbeat: queries of
+-- everyone walk that list, and a crash before the heartbeat still gets reaped.
+redis.call('HSETNX', ROOT .. ':instances', string.match(id, '^[^:]+'), '{}')
 for i = 3, #KEYS do
-  redis.call('SADD', KEYS[i], ARGV[1])
+  redis.call('SADD', KEYS[i], id)
 end
-if created == 1 and ARGV[3] ~= '' then
-  if redis.call('HINCRBY', KEYS[2], ARGV[3], 1) == 1 then return 1 end
-end
+if ARGV[4] ~= '' then return user_add(ARGV[4], id) end
 return 0

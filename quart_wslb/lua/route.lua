@@ -1,26 +1,23 @@
 -- Resolve a compiled selector to its owning instances and publish one envelope per
 -- owning instance: the whole send is one round trip. In "count" mode, only count.
--- KEYS[1]  hash: connection id -> record
--- KEYS[2]  set: every connection id
--- KEYS[3]  hash: instance id -> record (the cluster's instances)
--- KEYS[4..] index sets named by the program
+-- KEYS[1]  hash: user -> connection ids
+-- KEYS[2]  hash: instance id -> record (the cluster's instances)
+-- KEYS[3..] index sets named by the program
 -- ARGV[1]  "publish", or "count" (returns a number, publishes nothing)
 -- ARGV[2]  channel base: channels are <base>:ch:<instance> and <base>:bcast (keys.py)
 -- ARGV[3]  envelope head, up to and including '"targets":'
 -- ARGV[4]  payload
--- ARGV[5..] program, postfix: S<n> members of KEYS[n]; A every id; C<id> one id if it
---          exists; M<n> followed by n ids, those of them that exist; & and | combine
---          the top two sets; a lone B is a broadcast.
+-- ARGV[5..] program, postfix: S<n> members of KEYS[n]; U<user> the user's connections;
+--          A every id; C<id> one id if it exists; M<n> followed by n ids, those of them
+--          that exist; & and | combine the top two sets; a lone B is a broadcast.
 -- Connection ids are "<instance>:<token>", so the owner needs no lookup. The keys built
--- here (<root>:hb:<instance>, <root>:i:<instance>, as in keys.py) share the registry's
--- hash tag, hence its cluster slot.
+-- here (_common.lua, as in keys.py) share the registry's hash tag, hence its slot.
 local publish = ARGV[1] == 'publish'
-local root = string.sub(KEYS[1], 1, -7)  -- KEYS[1] is <root>:conns
 local FIRST_OP = 5
 
 -- No instance has ever announced itself under this prefix: a wrong prefix, or a
 -- cluster that is down. Say so (-1) rather than "routed to nobody" or "none".
-if redis.call('EXISTS', KEYS[3]) == 0 then
+if redis.call('EXISTS', KEYS[2]) == 0 then
   if publish then return {-1, 0, {}} end
   return -1
 end
@@ -28,15 +25,19 @@ end
 -- Counting everyone needs no member list.
 local lone = #ARGV == FIRST_OP and ARGV[FIRST_OP]
 if ARGV[1] == 'count' and (lone == 'A' or lone == 'B') then
-  return redis.call('SCARD', KEYS[2])
+  local count = 0
+  for _, instance in ipairs(redis.call('HKEYS', KEYS[2])) do
+    count = count + redis.call('HLEN', ROOT .. ':c:' .. instance)
+  end
+  return count
 end
 
 if publish and lone == 'B' then
   -- One publish for every instance; count only the connections of live instances.
   local count = 0
-  for _, instance in ipairs(redis.call('HKEYS', KEYS[3])) do
-    if redis.call('EXISTS', root .. ':hb:' .. instance) == 1 then
-      count = count + redis.call('SCARD', root .. ':i:' .. instance)
+  for _, instance in ipairs(redis.call('HKEYS', KEYS[2])) do
+    if redis.call('EXISTS', ROOT .. ':hb:' .. instance) == 1 then
+      count = count + redis.call('HLEN', ROOT .. ':c:' .. instance)
     end
   end
   if count == 0 then return {0, 0, {}} end
@@ -45,10 +46,15 @@ if publish and lone == 'B' then
   return {count, heard, {}}
 end
 
-local function members(key)
+local function as_set(ids)
   local set = {}
-  for _, id in ipairs(redis.call('SMEMBERS', key)) do set[id] = true end
+  for _, id in ipairs(ids) do set[id] = true end
   return set
+end
+
+local function exists(id)
+  local key, token = record_at(id)
+  return key ~= nil and redis.call('HEXISTS', key, token) == 1
 end
 
 local stack = {}
@@ -57,18 +63,20 @@ while i <= #ARGV do
   local op = ARGV[i]
   local code = string.sub(op, 1, 1)
   if code == 'S' then
-    stack[#stack + 1] = members(KEYS[tonumber(string.sub(op, 2))])
+    stack[#stack + 1] = as_set(redis.call('SMEMBERS', KEYS[tonumber(string.sub(op, 2))]))
+  elseif code == 'U' then
+    stack[#stack + 1] = as_set(user_ids(string.sub(op, 2)))
   elseif code == 'A' or code == 'B' then
-    stack[#stack + 1] = members(KEYS[2])
+    stack[#stack + 1] = as_set(every_id())
   elseif code == 'C' then
     local id, set = string.sub(op, 2), {}
-    if redis.call('HEXISTS', KEYS[1], id) == 1 then set[id] = true end
+    if exists(id) then set[id] = true end
     stack[#stack + 1] = set
   elseif code == 'M' then
     -- M<n> then n ids: the connections among them that exist, as one set.
     local n, set = tonumber(string.sub(op, 2)), {}
     for j = i + 1, i + n do
-      if redis.call('HEXISTS', KEYS[1], ARGV[j]) == 1 then set[ARGV[j]] = true end
+      if exists(ARGV[j]) then set[ARGV[j]] = true end
     end
     stack[#stack + 1] = set
     i = i + n

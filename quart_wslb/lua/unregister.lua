@@ -1,32 +1,24 @@
--- Remove connections and every index entry their records list; safe to run twice,
+-- Remove connections and every index entry their records name; safe to run twice,
 -- and from several instances at once (each step is a no-op when already done).
--- KEYS[1]  hash: connection id -> record
--- KEYS[2]  hash: user -> connection count (presence)
--- KEYS[3]  optional: the owning instance's set, cleaned even where a record is missing
+-- KEYS[1]  hash: user -> connection ids (presence)
 -- ARGV     connection ids
 -- Returns {records removed, users whose last connection this removed...}.
 local removed, offline = 0, {}
 for i = 1, #ARGV do
   local id = ARGV[i]
-  local raw = redis.call('HGET', KEYS[1], id)
+  local key, token = record_at(id)
+  local raw = key and redis.call('HGET', key, token)
   if raw then
     -- A record that is not ours (corrupt, or written by hand) is still removed.
-    local ok, record = pcall(cjson.decode, raw)
-    if not ok or type(record) ~= 'table' then record = {} end
-    for _, key in ipairs(type(record.k) == 'table' and record.k or {}) do
-      redis.call('SREM', key, id)
+    local record = decode_record(raw) or {}
+    for _, set in ipairs(index_keys(record)) do
+      redis.call('SREM', set, id)
     end
-    redis.call('HDEL', KEYS[1], id)
+    redis.call('HDEL', key, token)
     removed = removed + 1
-    if type(record.u) == 'string' then
-      if redis.call('HINCRBY', KEYS[2], record.u, -1) <= 0 then
-        redis.call('HDEL', KEYS[2], record.u)
-        offline[#offline + 1] = record.u
-      end
+    if type(record.u) == 'string' and user_remove(record.u, id) == 1 then
+      offline[#offline + 1] = record.u
     end
-  end
-  if KEYS[3] then
-    redis.call('SREM', KEYS[3], id)
   end
 end
 return {removed, offline}

@@ -1,0 +1,89 @@
+-- Shared by the scripts that read records (quart_wslb/_lua.py prepends it). Mirrors quart_wslb/keys.py:
+-- ROOT is "{prefix}", taken from KEYS[1], which is always <ROOT>:users.
+local ROOT = string.sub(KEYS[1], 1, -7)
+
+-- A connection id is "<instance>:<token>"; its record is field <token> of <ROOT>:c:<instance>.
+local function record_at(id)
+  local instance, token = string.match(id, '^([^:]+):(.+)$')
+  if not instance then return nil, nil end
+  return ROOT .. ':c:' .. instance, token
+end
+
+local function get_record(id)
+  local key, token = record_at(id)
+  if not key then return nil end
+  return redis.call('HGET', key, token) or nil
+end
+
+local function decode_record(raw)
+  local ok, record = pcall(cjson.decode, raw or '')
+  if ok and type(record) == 'table' then return record end
+  return nil
+end
+
+-- The index sets a record's connection is in (its user is indexed in <ROOT>:users).
+local function index_keys(record)
+  local keys = {}
+  if type(record.p) == 'string' then keys[#keys + 1] = ROOT .. ':p:' .. record.p end
+  if type(record.m) == 'table' then
+    for name, value in pairs(record.m) do
+      keys[#keys + 1] = ROOT .. ':m:' .. #name .. ':' .. name .. ':' .. tostring(value)
+    end
+  end
+  if type(record.g) == 'table' then
+    for _, name in ipairs(record.g) do keys[#keys + 1] = ROOT .. ':g:' .. name end
+  end
+  return keys
+end
+
+-- <ROOT>:users maps a user to its connection ids, space-separated (ids have no spaces):
+-- a user is present while the field exists. Far smaller than a set per user; a change
+-- costs time linear in that user's connection count.
+local function user_ids(user)
+  local ids, raw = {}, redis.call('HGET', KEYS[1], user)
+  if raw then
+    for id in string.gmatch(raw, '[^ ]+') do ids[#ids + 1] = id end
+  end
+  return ids
+end
+
+-- Returns 1 when this made the user present (its first connection).
+local function user_add(user, id)
+  local raw = redis.call('HGET', KEYS[1], user)
+  if not raw then
+    redis.call('HSET', KEYS[1], user, id)
+    return 1
+  end
+  if not string.find(' ' .. raw .. ' ', ' ' .. id .. ' ', 1, true) then
+    redis.call('HSET', KEYS[1], user, raw .. ' ' .. id)
+  end
+  return 0
+end
+
+-- Returns 1 when this removed the user's last connection.
+local function user_remove(user, id)
+  local raw = redis.call('HGET', KEYS[1], user)
+  if not raw then return 0 end
+  local left = {}
+  for other in string.gmatch(raw, '[^ ]+') do
+    if other ~= id then left[#left + 1] = other end
+  end
+  if #left == 0 then
+    redis.call('HDEL', KEYS[1], user)
+    return 1
+  end
+  redis.call('HSET', KEYS[1], user, table.concat(left, ' '))
+  return 0
+end
+
+-- Every connection id of the instances announced in <ROOT>:instances.
+local function every_id()
+  local ids = {}
+  for _, instance in ipairs(redis.call('HKEYS', ROOT .. ':instances')) do
+    for _, token in ipairs(redis.call('HKEYS', ROOT .. ':c:' .. instance)) do
+      ids[#ids + 1] = instance .. ':' .. token
+    end
+  end
+  return ids
+end
+

@@ -262,6 +262,24 @@ async def test_liveness_two_reapers_at_once_leave_nothing_behind(
     await redis.aclose()
 
 
+async def test_liveness_instance_that_never_beat_is_reaped(
+    private_redis: RedisServer, prefix: str
+) -> None:
+    """An instance that crashed after registering, before its first heartbeat."""
+    redis = aioredis.Redis.from_url(private_redis.url)
+    keys = Keys(prefix)
+    registry = Registry(redis, keys)
+    await registry.register(*[_record(f"early:{n}", f"user{n}", n) for n in range(20)])
+    assert await redis.hget(keys.instances, "early") == b"{}"
+    survivor = _liveness(redis, keys, registry, "s1")
+    await survivor.tick()
+    await asyncio.sleep(1.5)  # healthy for a whole TTL: now it may reap
+    await survivor.sweep()
+    assert await redis.exists(keys.records("early"), keys.users) == 0
+    assert await redis.hkeys(keys.instances) == [b"s1"]
+    await redis.aclose()
+
+
 def _record(id: str, user: str, n: int) -> Connection:
     return Connection(
         id=id,

@@ -4,8 +4,10 @@ Each instance subscribes to its own channel (envelopes for connections it owns; 
 :mod:`quart_wslb.emitter` for the publishing side) and to the broadcast channel. The loop
 is modelled on redis-py's ``PubSub.run``: it re-raises cancellation, and on any other
 error logs, backs off and subscribes again; a probe that the liveness loop publishes on
-the instance's own channel proves it still hears (see :mod:`quart_wslb.liveness`).
-Control envelopes (join, leave, disconnect) act on the local connections they target.
+the instance's own channel proves it still hears (see :mod:`quart_wslb.liveness`). It
+reads through :mod:`quart_wslb.subscriber`, which hands over every message that arrived
+at once. Control envelopes (join, leave, disconnect) act on the local connections they
+target.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from . import signals
 from .connection import Connection
 from .envelope import CONTROL_KINDS, Envelope, EnvelopeError, decode
 from .keys import Keys
+from .subscriber import Subscription, subscribe
 
 __all__ = ("Router",)
 
@@ -86,19 +89,13 @@ class Router:
         delay = BACKOFF_MIN
         while True:
             try:
-                async with self._redis.pubsub() as pubsub:
-                    await pubsub.subscribe(*channels)
+                async with subscribe(self._redis, channels) as subscription:
                     await self._subscribed()
                     delay = BACKOFF_MIN
-                    while not self._restart:
-                        message = await pubsub.get_message(
-                            ignore_subscribe_messages=True, timeout=READ_TIMEOUT
-                        )
-                        if message is not None and message["type"] == "message":
-                            self.last_message = time.monotonic()
-                            await self._dispatch_guarded(message["data"])
+                    await self._listen(subscription)
                 self.subscribed.clear()
             except asyncio.CancelledError:
+                self.subscribed.clear()
                 raise
             except Exception as error:
                 self.subscribed.clear()
@@ -106,6 +103,17 @@ class Router:
                 await signals.send(signals.subscriber_lost, self._owner, error=error)
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))
                 delay = min(delay * 2, BACKOFF_MAX)
+
+    async def _listen(self, subscription: Subscription) -> None:
+        """Dispatch every message in order until a restart is asked for.
+
+        Each read waits at most ``READ_TIMEOUT``, so a restart takes effect that soon; the
+        messages of a read already taken off the socket are dispatched first.
+        """
+        while not self._restart:
+            for raw in await subscription.read(READ_TIMEOUT):
+                self.last_message = time.monotonic()
+                await self._dispatch_guarded(raw)
 
     async def _subscribed(self) -> None:
         self._restart = False

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Iterator
+import secrets
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from redis.asyncio import Redis
@@ -29,10 +31,12 @@ from quart_wslb import (
 )
 from quart_wslb.connection import Connection
 from quart_wslb.emitter import AsyncEmitter, Route
-from quart_wslb.envelope import Envelope, decode, encode
+from quart_wslb.envelope import Envelope, Frame, decode, encode
 from quart_wslb.keys import Keys
+from quart_wslb.redis_client import make_client
 from quart_wslb.registry import Registry
-from quart_wslb.router import Router
+from quart_wslb.router import READ_TIMEOUT, Router
+from quart_wslb.testing import RedisServer
 from tests.support import (
     KEYS,
     PREFIX,
@@ -517,3 +521,124 @@ async def test_join_keeps_the_record_exact_on_real_redis(redis_url: str, prefix:
         assert {k: after[k] for k in "upmt"} == {k: before[k] for k in "upmt"}
     finally:
         await redis.aclose()
+
+
+class Keeping:
+    """A local connection that keeps the frames it is offered, in order."""
+
+    def __init__(self, id: str) -> None:
+        self.id = id
+        self.frames: list[Frame] = []
+
+    async def offer(self, frame: Frame, message_id: str | None) -> bool:
+        self.frames.append(frame)
+        return True
+
+
+def keeping(*ids: str) -> dict[str, Connection]:
+    return {id: cast(Connection, Keeping(id)) for id in ids}
+
+
+def frames_of(local: Mapping[str, Connection], id: str) -> list[Frame]:
+    return cast(Keeping, local[id]).frames
+
+
+@asynccontextmanager
+async def real_client(url: str) -> AsyncIterator[Redis]:
+    """A client built the way the extension builds its own (RESP3, hiredis packing)."""
+    client = make_client(url, SOON)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+async def pubsub_clients(redis: Redis) -> int:
+    return len(await redis.client_list(_type="pubsub"))
+
+
+@pytest.mark.integration
+async def test_run_on_real_redis_delivers_in_order_and_skips_junk(
+    redis_url: str, prefix: str
+) -> None:
+    keys = Keys(prefix)
+    local = keeping("i1:a")
+    expected = [f"{n:05d}" + "p" * 200 for n in range(3000)]
+    async with real_client(redis_url) as redis:
+        router = Router(redis, keys, "i1", local, OWNER)
+        with recording(signals.message_dropped, OWNER) as dropped:
+            async with running(router):
+                async with redis.pipeline(transaction=False) as pipe:
+                    for n, frame in enumerate(expected):
+                        if n % 100 == 50:
+                            pipe.publish(keys.channel("i1"), b"junk")
+                        channel = keys.broadcast if n % 7 == 0 else keys.channel("i1")
+                        pipe.publish(channel, raw(["i1:a"], frame))
+                    await pipe.execute()
+                async with asyncio.timeout(SOON * 5):
+                    while len(frames_of(local, "i1:a")) < len(expected):
+                        await asyncio.sleep(0.01)
+    assert frames_of(local, "i1:a") == expected
+    assert dropped.reasons() == ["malformed"] * 30
+
+
+@pytest.mark.integration
+async def test_run_on_real_redis_resubscribes_after_client_kill(
+    private_redis: RedisServer,
+) -> None:
+    calls: list[float] = []
+
+    async def callback() -> None:
+        calls.append(time.monotonic())
+
+    local = keeping("i1:a")
+    async with real_client(private_redis.url) as redis:
+        router = Router(redis, KEYS, "i1", local, OWNER)
+        router.on_subscribed(callback)
+        with recording(signals.subscriber_lost, OWNER) as lost:
+            async with running(router):
+                assert await redis.client_kill_filter(_type="pubsub") == 1
+                await eventually(lambda: len(calls) == 2 and router.subscribed.is_set())
+                assert await redis.publish(KEYS.channel("i1"), raw(["i1:a"], "after")) == 1
+                await eventually(lambda: frames_of(local, "i1:a") == ["after"])
+                assert await pubsub_clients(redis) == 1
+    assert [type(call["error"]) for call in lost.calls] == [RedisConnectionError]
+
+
+@pytest.mark.integration
+async def test_run_on_real_redis_restart_takes_effect_within_read_timeout(
+    redis_url: str, prefix: str
+) -> None:
+    calls: list[float] = []
+
+    async def callback() -> None:
+        calls.append(time.monotonic())
+
+    keys = Keys(prefix)
+    async with real_client(redis_url) as redis:
+        router = Router(redis, keys, "i1", {}, OWNER)
+        router.on_subscribed(callback)
+        async with running(router):
+            await eventually(lambda: len(calls) == 1)
+            await asyncio.sleep(0.05)  # in the middle of a read that finds nothing
+            asked = time.monotonic()
+            router.restart()
+            await eventually(lambda: len(calls) == 2)
+            assert calls[1] - asked < READ_TIMEOUT + 0.25
+            assert await redis.pubsub_numsub(keys.broadcast) == [(keys.broadcast.encode(), 1)]
+            assert await redis.publish(keys.channel("i1"), router.next_probe()) == 1
+            await eventually(lambda: router.missed_probes() == 0)
+
+
+@pytest.mark.integration
+async def test_run_on_real_redis_cancellation_closes_the_connection(redis_url: str) -> None:
+    async with real_client(redis_url) as redis:
+        before = await pubsub_clients(redis)
+        router = Router(redis, Keys("t-" + secrets.token_hex(4)), "i1", {}, OWNER)
+        async with running(router) as task:
+            assert await pubsub_clients(redis) == before + 1
+        assert task.cancelled()
+        assert not router.subscribed.is_set()
+        async with asyncio.timeout(SOON):
+            while await pubsub_clients(redis) > before:
+                await asyncio.sleep(0.01)

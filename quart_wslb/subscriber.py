@@ -1,0 +1,197 @@
+"""Reading this instance's channels with as little work per message as possible.
+
+redis-py's ``PubSub.get_message`` pays, for every message, a stack of coroutines (retry
+wrapper, connection read, parser, push handler), a fresh timeout and a dict: at
+saturation that was a third of the receiving instance's CPU, several times what
+dispatching the message costs. Here the socket is read once for whatever has arrived
+(hundreds of messages under load), every complete reply is parsed with
+``hiredis.Reader``, and the payloads come back as one list, in order.
+
+Only reading bypasses redis-py. The connection comes from the client's own pool, so it
+was made, connected and handshaken (host or Unix socket, TLS, credentials, database,
+RESP2 or RESP3) exactly as the client was configured; SUBSCRIBE goes through the
+connection's public ``send_command``. Both protocols are read alike: a RESP3 push and a
+RESP2 array of a pub/sub message parse to the same three-item list.
+
+Clients whose connections have no socket (fakeredis) are read through ``PubSub``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Protocol
+
+import hiredis
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import InvalidResponse, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+__all__ = (
+    "READ_SIZE",
+    "PubSubSubscription",
+    "StreamSubscription",
+    "Subscription",
+    "stream_of",
+    "subscribe",
+)
+
+log = logging.getLogger("quart_wslb")
+#: Most bytes taken off the socket at once: about 170 envelopes of 370 bytes, so one
+#: batch is dispatched without yielding to the event loop for a couple of ms at most.
+READ_SIZE = 1 << 16
+#: How long Redis may take to confirm the subscription when the client sets no
+#: ``socket_timeout``.
+CONFIRM_TIMEOUT = 5.0
+#: What ``hiredis.Reader.gets`` returns while no complete reply is buffered (its default,
+#: ``False``, is also a valid RESP3 reply).
+_INCOMPLETE = object()
+
+
+class Subscription(Protocol):
+    """A subscription to some channels that hands out the payloads of their messages."""
+
+    async def read(self, timeout: float) -> list[bytes]:
+        """The next messages' payloads, in order; ``[]`` after ``timeout`` s of silence.
+
+        Raises a ``redis.exceptions.RedisError`` once the subscription is lost.
+        """
+        ...
+
+
+def stream_of(connection: AbstractConnection) -> asyncio.StreamReader | None:
+    """The socket reader of a connected redis-py connection; ``None`` if it has none.
+
+    redis-py offers no public way to read a connection's raw bytes. Its asyncio
+    connections (TCP, TLS and Unix socket alike) keep an ``asyncio.StreamReader`` in the
+    private ``_reader``, which its own parsers read; this is the only private name
+    quart-wslb uses, and ``tests/test_subscriber.py`` fails if redis-py changes it.
+    fakeredis keeps something else there, hence the ``None``.
+    """
+    stream = getattr(connection, "_reader", None)
+    return stream if isinstance(stream, asyncio.StreamReader) else None
+
+
+class StreamSubscription:
+    """Messages parsed straight off a subscribed connection's socket."""
+
+    def __init__(self, stream: asyncio.StreamReader, channels: Sequence[str]) -> None:
+        self._stream = stream
+        self._parser = hiredis.Reader(
+            protocolError=InvalidResponse, replyError=ResponseError, notEnoughData=_INCOMPLETE
+        )
+        self._unconfirmed = {channel.encode() for channel in channels}
+        # Messages parsed while waiting for confirmations, for the first read.
+        self._ready: list[bytes] = []
+        # A failure parsed after good messages: raised once those were handed out.
+        self._failure: Exception | None = None
+
+    async def confirm(self, timeout: float) -> None:
+        """Wait until Redis confirmed every channel (at most ``timeout`` seconds)."""
+        deadline = time.monotonic() + timeout
+        while self._unconfirmed:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise RedisTimeoutError(f"Redis did not confirm the subscription in {timeout}s")
+            self._ready += await self._next(remaining)
+
+    async def read(self, timeout: float) -> list[bytes]:
+        """The next messages' payloads, in order; ``[]`` after ``timeout`` s of silence."""
+        if self._ready:
+            ready, self._ready = self._ready, []
+            return ready
+        return await self._next(timeout)
+
+    async def _next(self, timeout: float) -> list[bytes]:
+        if self._failure is not None:
+            raise self._failure
+        data = await self._receive(timeout)
+        return self._parse(data) if data else []
+
+    async def _receive(self, timeout: float) -> bytes:
+        """Whatever the socket has (waiting at most ``timeout``); ``b""`` if nothing came."""
+        deadline = asyncio.timeout(timeout)
+        try:
+            async with deadline:
+                data = await self._stream.read(READ_SIZE)
+        except OSError as error:  # TimeoutError is one: ours expiring, or the socket's
+            if deadline.expired():
+                return b""
+            raise RedisConnectionError(f"subscriber connection failed: {error!r}") from error
+        if not data:
+            raise RedisConnectionError("Redis closed the subscriber connection")
+        return data
+
+    def _parse(self, data: bytes) -> list[bytes]:
+        """The payloads of the messages that ``data`` completes; other replies handled."""
+        self._parser.feed(data)
+        gets = self._parser.gets
+        messages: list[bytes] = []
+        try:
+            while (reply := gets()) is not _INCOMPLETE:
+                # [b"message", channel, payload]; a RESP3 push is a list subclass.
+                if isinstance(reply, list) and len(reply) == 3 and reply[0] == b"message":
+                    messages.append(reply[2])
+                else:
+                    self._other(reply)
+        except (InvalidResponse, ResponseError) as error:
+            # The messages before it still count; the connection does not.
+            self._failure = error
+        return messages
+
+    def _other(self, reply: object) -> None:
+        """A reply that is not a message: a confirmation, an error, or an unused push."""
+        if isinstance(reply, ResponseError):
+            raise reply
+        if isinstance(reply, list) and len(reply) == 3 and reply[0] == b"subscribe":
+            self._unconfirmed.discard(reply[1])
+        else:
+            log.debug("subscriber ignored a reply: %.200r", reply)
+
+
+class PubSubSubscription:
+    """Messages through redis-py's ``PubSub``, one per read (for fakeredis)."""
+
+    def __init__(self, pubsub: PubSub) -> None:
+        self._pubsub = pubsub
+
+    async def read(self, timeout: float) -> list[bytes]:
+        """The next message's payload, or ``[]`` after ``timeout`` s of silence."""
+        message = await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=timeout)
+        if message is not None and message["type"] == "message":
+            return [message["data"]]
+        return []
+
+
+@asynccontextmanager
+async def subscribe(redis: Redis, channels: Sequence[str]) -> AsyncIterator[Subscription]:
+    """Subscribe to ``channels`` on a connection of ``redis``'s pool for the block.
+
+    Returns once Redis has confirmed every channel. The connection is closed at the end
+    (a subscribed connection can serve nothing else) and handed back to the pool.
+    """
+    pool = redis.connection_pool
+    # Public, but not annotated in redis-py.
+    connection: AbstractConnection = await pool.get_connection()  # type: ignore[no-untyped-call]
+    stream = stream_of(connection)
+    if stream is None:
+        await pool.release(connection)
+        log.info("no socket to read the subscription from; reading it through PubSub")
+        async with redis.pubsub() as pubsub:
+            await pubsub.subscribe(*channels)
+            yield PubSubSubscription(pubsub)
+        return
+    try:
+        subscription = StreamSubscription(stream, channels)
+        await connection.send_command("SUBSCRIBE", *channels, check_health=False)
+        await subscription.confirm(connection.socket_timeout or CONFIRM_TIMEOUT)
+        yield subscription
+    finally:
+        await connection.disconnect(nowait=True)
+        await pool.release(connection)

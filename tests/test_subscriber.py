@@ -1,0 +1,263 @@
+"""The subscription reader: RESP parsed straight off the socket, in batches, in order;
+anything that is not a message is a confirmation, ignored, or the end of the connection.
+
+The unit tests feed bytes to a real ``asyncio.StreamReader``; the integration tests
+subscribe on a real ``redis-server``, in both protocols."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import InvalidResponse, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from quart_wslb.subscriber import (
+    READ_SIZE,
+    PubSubSubscription,
+    StreamSubscription,
+    stream_of,
+    subscribe,
+)
+from tests.support import SOON
+
+CHANNELS = ("t:ch:i1", "t:broadcast")
+#: A read that finds nothing waits this long.
+QUIET = 0.05
+
+
+def bulk(data: bytes) -> bytes:
+    return b"$%d\r\n%s\r\n" % (len(data), data)
+
+
+def array(*items: bytes, push: bool = False) -> bytes:
+    return b"%c%d\r\n%s" % (ord(">" if push else "*"), len(items), b"".join(items))
+
+
+def message(payload: bytes, *, push: bool = False, channel: bytes = b"t:ch:i1") -> bytes:
+    return array(bulk(b"message"), bulk(channel), bulk(payload), push=push)
+
+
+def confirmation(channel: str, count: int, *, push: bool = False) -> bytes:
+    return array(bulk(b"subscribe"), bulk(channel.encode()), b":%d\r\n" % count, push=push)
+
+
+def subscription_of(*chunks: bytes) -> tuple[asyncio.StreamReader, StreamSubscription]:
+    """A subscription to ``CHANNELS`` over a stream that already holds ``chunks``."""
+    stream = asyncio.StreamReader()
+    for chunk in chunks:
+        stream.feed_data(chunk)
+    return stream, StreamSubscription(stream, CHANNELS)
+
+
+async def test_stream_subscription_message_split_across_reads() -> None:
+    whole = message(b'{"v":1}\nhello')
+    stream, subscription = subscription_of(whole[:7])
+    assert await subscription.read(QUIET) == []
+    stream.feed_data(whole[7:20])
+    assert await subscription.read(QUIET) == []
+    stream.feed_data(whole[20:] + message(b"next")[:3])
+    assert await subscription.read(QUIET) == [b'{"v":1}\nhello']
+    stream.feed_data(message(b"next")[3:])
+    assert await subscription.read(QUIET) == [b"next"]
+
+
+@pytest.mark.parametrize("push", [False, True], ids=["resp2", "resp3"])
+async def test_stream_subscription_many_messages_in_one_read(push: bool) -> None:
+    payloads = [b"m%d\n" % n + b"x" * (n % 50) for n in range(500)]
+    _, subscription = subscription_of(b"".join(message(p, push=push) for p in payloads))
+    assert await subscription.read(QUIET) == payloads
+
+
+async def test_stream_subscription_read_takes_at_most_read_size() -> None:
+    payloads = [b"%06d" % n + b"y" * 300 for n in range(1000)]  # about 330 KB
+    _, subscription = subscription_of(b"".join(message(p) for p in payloads))
+    batches: list[list[bytes]] = []
+    while sum(map(len, batches)) < len(payloads):
+        batches.append(await subscription.read(QUIET))
+    assert [p for batch in batches for p in batch] == payloads
+    assert len(batches) > 1
+    assert max(map(len, batches)) <= READ_SIZE // 300 + 1
+
+
+async def test_stream_subscription_silence_returns_nothing_within_timeout() -> None:
+    _, subscription = subscription_of()
+    started = time.monotonic()
+    assert await subscription.read(QUIET) == []
+    assert QUIET * 0.9 <= time.monotonic() - started < QUIET + 0.2
+
+
+@pytest.mark.parametrize("push", [False, True], ids=["resp2", "resp3"])
+async def test_stream_subscription_confirm_keeps_messages_that_came_first(push: bool) -> None:
+    stream, subscription = subscription_of(
+        confirmation(CHANNELS[0], 1, push=push), message(b"early", push=push)
+    )
+    confirming = asyncio.create_task(subscription.confirm(SOON))
+    await asyncio.sleep(QUIET)
+    assert not confirming.done()
+    stream.feed_data(confirmation(CHANNELS[1], 2, push=push) + message(b"later", push=push))
+    await asyncio.wait_for(confirming, SOON)
+    assert await subscription.read(QUIET) == [b"early", b"later"]
+
+
+async def test_stream_subscription_confirm_times_out() -> None:
+    _, subscription = subscription_of(confirmation(CHANNELS[0], 1))
+    started = time.monotonic()
+    with pytest.raises(RedisTimeoutError, match="did not confirm"):
+        await subscription.confirm(0.1)
+    assert time.monotonic() - started < 0.1 + 0.2
+
+
+async def test_stream_subscription_ignores_unexpected_replies(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, "quart_wslb")
+    _, subscription = subscription_of(
+        array(bulk(b"pong"), bulk(b"")),
+        array(bulk(b"invalidate"), array(bulk(b"key")), push=True),
+        b":1\r\n",
+        b"+OK\r\n",
+        b"#f\r\n",
+        array(bulk(b"message"), bulk(b"too short")),
+        array(bulk(b"unsubscribe"), bulk(b"t:ch:i1"), b":0\r\n"),
+        message(b"wanted"),
+    )
+    assert await subscription.read(QUIET) == [b"wanted"]
+    assert caplog.text.count("subscriber ignored a reply") == 7
+
+
+async def test_stream_subscription_error_reply_ends_it_after_earlier_messages() -> None:
+    _, subscription = subscription_of(
+        message(b"before"), b"-NOPERM no permissions\r\n", message(b"after")
+    )
+    assert await subscription.read(QUIET) == [b"before"]
+    with pytest.raises(ResponseError, match="NOPERM"):
+        await subscription.read(QUIET)
+    with pytest.raises(ResponseError, match="NOPERM"):
+        await subscription.read(QUIET)
+
+
+async def test_stream_subscription_garbage_ends_it_after_earlier_messages() -> None:
+    _, subscription = subscription_of(message(b"before") + b"!garbage\r\n" + message(b"after"))
+    assert await subscription.read(QUIET) == [b"before"]
+    with pytest.raises(InvalidResponse):
+        await subscription.read(QUIET)
+
+
+async def test_stream_subscription_end_of_stream_is_a_lost_connection() -> None:
+    stream, subscription = subscription_of(message(b"last"))
+    stream.feed_eof()
+    assert await subscription.read(QUIET) == [b"last"]
+    with pytest.raises(RedisConnectionError, match="closed"):
+        await subscription.read(QUIET)
+
+
+@pytest.mark.parametrize("error", [ConnectionResetError(104, "reset"), TimeoutError(110, "TCP")])
+async def test_stream_subscription_socket_error_is_a_lost_connection(error: OSError) -> None:
+    """A socket's own timeout (say, TCP keepalive giving up) is not a quiet read."""
+    stream, subscription = subscription_of()
+    stream.set_exception(error)
+    with pytest.raises(RedisConnectionError, match="subscriber connection failed"):
+        await subscription.read(QUIET)
+
+
+async def test_stream_subscription_read_is_cancellable() -> None:
+    _, subscription = subscription_of()
+    reading = asyncio.create_task(subscription.read(SOON * 10))
+    await asyncio.sleep(QUIET)
+    reading.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reading
+    assert reading.cancelled()
+
+
+async def test_subscribe_without_a_socket_reads_through_pubsub(redis: Redis) -> None:
+    async with subscribe(redis, CHANNELS) as subscription:
+        assert isinstance(subscription, PubSubSubscription)
+        assert await redis.publish(CHANNELS[1], b"via pubsub") == 1
+        got: list[bytes] = []
+        async with asyncio.timeout(SOON):
+            while not got:
+                got += await subscription.read(QUIET)
+    assert got == [b"via pubsub"]
+
+
+async def pubsub_clients(redis: Redis) -> int:
+    return len(await redis.client_list(_type="pubsub"))
+
+
+async def no_pubsub_clients(redis: Redis) -> None:
+    """Wait (at most ``SOON``) until Redis has no subscribed client left."""
+    async with asyncio.timeout(SOON):
+        while await pubsub_clients(redis):
+            await asyncio.sleep(0.01)
+
+
+@pytest.fixture(name="real_redis", params=[2, 3], ids=["resp2", "resp3"])
+async def fixture_real_redis(
+    redis_url: str, request: pytest.FixtureRequest
+) -> AsyncIterator[Redis]:
+    """A client of the real Redis, speaking RESP2 or RESP3."""
+    client = Redis.from_url(redis_url, protocol=request.param)
+    yield client
+    await client.aclose()
+
+
+@pytest.mark.integration
+async def test_stream_of_a_real_connection_is_its_socket_reader(real_redis: Redis) -> None:
+    """The one private redis-py name we read (``Connection._reader``) is still there."""
+    connection = await real_redis.connection_pool.get_connection()  # type: ignore[no-untyped-call]
+    try:
+        assert isinstance(stream_of(connection), asyncio.StreamReader)
+    finally:
+        await real_redis.connection_pool.release(connection)
+
+
+@pytest.mark.integration
+async def test_subscribe_on_real_redis_reads_in_order_and_closes(
+    real_redis: Redis, prefix: str
+) -> None:
+    channels = (f"{prefix}:one", f"{prefix}:two")
+    payloads = [b"%d\n" % n + b"z" * 200 for n in range(3000)]
+    got: list[bytes] = []
+    async with subscribe(real_redis, channels) as subscription:
+        assert isinstance(subscription, StreamSubscription)
+        assert await real_redis.pubsub_numsub(*channels) == [(c.encode(), 1) for c in channels]
+        async with real_redis.pipeline(transaction=False) as pipe:
+            for n, payload in enumerate(payloads):
+                pipe.publish(channels[n % 2], payload)
+            await pipe.execute()
+        async with asyncio.timeout(SOON * 5):
+            while len(got) < len(payloads):
+                got += await subscription.read(QUIET)
+        assert await pubsub_clients(real_redis) == 1
+    assert got == payloads
+    await no_pubsub_clients(real_redis)
+
+
+@pytest.mark.integration
+async def test_subscribe_on_real_redis_refused_is_an_error(redis_url: str, prefix: str) -> None:
+    """A subscription that Redis refuses (here: no permission) fails with Redis's error."""
+    admin = Redis.from_url(redis_url)
+    user = f"{prefix}-nosub"
+    try:
+        await admin.acl_setuser(
+            user, enabled=True, passwords=["+pw"], commands=["+@all"], reset_channels=True
+        )
+        client = Redis.from_url(redis_url, username=user, password="pw")
+        try:
+            with pytest.raises(ResponseError, match="NOPERM"):
+                async with subscribe(client, (f"{prefix}:a", f"{prefix}:b")):
+                    pass
+            assert await client.ping()
+        finally:
+            await client.aclose()
+        await no_pubsub_clients(admin)
+    finally:
+        await admin.acl_deluser(user)
+        await admin.aclose()

@@ -5,6 +5,10 @@ nobody. Calls made while one is in flight queue up, and as soon as it returns th
 out together in one pipeline, then the next queue, and so on: under load a send costs a
 share of a round trip instead of one of its own. Each round trip is bounded by
 ``timeout``, so a queued caller waits at most for two of them.
+
+Round trips go through :class:`~quart_wslb.wire.Exchange` (replies parsed straight off the
+socket) where the client has sockets, and through a redis-py pipeline otherwise
+(fakeredis).
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
+
+from .wire import Exchange
 
 __all__ = ("GroupCommit",)
 
@@ -33,6 +39,8 @@ class GroupCommit:
         self._busy = False
         self._queue: list[Call] = []
         self._drainer: asyncio.Task[None] | None = None
+        self._exchange = Exchange(redis)
+        self._raw: bool | None = None  # whether the exchange can be used; known at first use
 
     async def __call__(self, keys: list[str], args: list[Any]) -> Any:
         """The script's result for ``keys`` and ``args``, raised errors included."""
@@ -43,6 +51,11 @@ class GroupCommit:
         self._busy = True
         try:
             async with asyncio.timeout(self._timeout):
+                if await self._is_raw():
+                    (result,) = await self._round_trip([(keys, args)])
+                    if isinstance(result, BaseException):
+                        raise result
+                    return result
                 return await self._script(keys=keys, args=args)
         finally:
             if self._queue:
@@ -77,6 +90,8 @@ class GroupCommit:
                 future.set_result(result)
 
     async def _pipeline(self, batch: list[Call]) -> list[Any]:
+        if await self._is_raw():
+            return await self._round_trip([(keys, args) for keys, args, _ in batch])
         for attempt in range(2):
             async with self._redis.pipeline(transaction=False) as pipe:
                 for keys, args, _ in batch:
@@ -87,3 +102,28 @@ class GroupCommit:
             # Redis restarted empty: load the script once, then run the batch again.
             self._script.sha = await self._redis.script_load(self._script.script)
         return results
+
+    async def _round_trip(self, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        """Replies to ``calls`` through the exchange; errors are returned, not raised."""
+        results = await self._exchange.run([self._evalsha(*call) for call in calls])
+        missing = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
+        if missing:
+            # Redis lost its script cache (a restart): load the script, run again only the
+            # calls that did not run.
+            self._script.sha = await self._redis.script_load(self._script.script)
+            again = await self._exchange.run([self._evalsha(*calls[i]) for i in missing])
+            for i, result in zip(missing, again, strict=True):
+                results[i] = result
+        return results
+
+    def _evalsha(self, keys: list[str], args: list[Any]) -> list[Any]:
+        return ["EVALSHA", self._script.sha, len(keys), *keys, *args]
+
+    async def _is_raw(self) -> bool:
+        if self._raw is None:
+            self._raw = await self._exchange.supported()
+        return self._raw
+
+    async def aclose(self) -> None:
+        """Hand the exchange's connection back to the client's pool."""
+        await self._exchange.aclose()

@@ -113,7 +113,9 @@ class AsyncEmitter:
         self._membership = self._redis.register_script(source("membership"))
 
     async def aclose(self) -> None:
-        """Close the Redis client if this emitter created it."""
+        """Give back the connection that sends use, and close the Redis client if this
+        emitter created it."""
+        await self._publish.aclose()
         if self._owns_client:
             await self._redis.aclose()
 

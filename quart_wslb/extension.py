@@ -281,6 +281,7 @@ class WsLoadBalance:
         except Exception as error:
             log.warning("could not unregister this instance's connections: %r", error)
         self._runtime = None
+        await runtime.emitter.aclose()  # the client is runtime.redis, closed next if ours
         if runtime.redis is not self._client:
             await runtime.redis.aclose()
 

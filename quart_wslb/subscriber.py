@@ -25,7 +25,6 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Protocol
 
-import hiredis
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.connection import AbstractConnection
@@ -33,25 +32,14 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import InvalidResponse, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-__all__ = (
-    "READ_SIZE",
-    "PubSubSubscription",
-    "StreamSubscription",
-    "Subscription",
-    "stream_of",
-    "subscribe",
-)
+from .wire import INCOMPLETE, READ_SIZE, parser, stream_of
+
+__all__ = ("PubSubSubscription", "StreamSubscription", "Subscription", "subscribe")
 
 log = logging.getLogger("quart_wslb")
-#: Most bytes taken off the socket at once: about 170 envelopes of 370 bytes, so one
-#: batch is dispatched without yielding to the event loop for a couple of ms at most.
-READ_SIZE = 1 << 16
 #: How long Redis may take to confirm the subscription when the client sets no
 #: ``socket_timeout``.
 CONFIRM_TIMEOUT = 5.0
-#: What ``hiredis.Reader.gets`` returns while no complete reply is buffered (its default,
-#: ``False``, is also a valid RESP3 reply).
-_INCOMPLETE = object()
 
 
 class Subscription(Protocol):
@@ -65,27 +53,12 @@ class Subscription(Protocol):
         ...
 
 
-def stream_of(connection: AbstractConnection) -> asyncio.StreamReader | None:
-    """The socket reader of a connected redis-py connection; ``None`` if it has none.
-
-    redis-py offers no public way to read a connection's raw bytes. Its asyncio
-    connections (TCP, TLS and Unix socket alike) keep an ``asyncio.StreamReader`` in the
-    private ``_reader``, which its own parsers read; this is the only private name
-    quart-wslb uses, and ``tests/test_subscriber.py`` fails if redis-py changes it.
-    fakeredis keeps something else there, hence the ``None``.
-    """
-    stream = getattr(connection, "_reader", None)
-    return stream if isinstance(stream, asyncio.StreamReader) else None
-
-
 class StreamSubscription:
     """Messages parsed straight off a subscribed connection's socket."""
 
     def __init__(self, stream: asyncio.StreamReader, channels: Sequence[str]) -> None:
         self._stream = stream
-        self._parser = hiredis.Reader(
-            protocolError=InvalidResponse, replyError=ResponseError, notEnoughData=_INCOMPLETE
-        )
+        self._parser = parser()
         self._unconfirmed = {channel.encode() for channel in channels}
         # Messages parsed while waiting for confirmations, for the first read.
         self._ready: list[bytes] = []
@@ -134,7 +107,7 @@ class StreamSubscription:
         gets = self._parser.gets
         messages: list[bytes] = []
         try:
-            while (reply := gets()) is not _INCOMPLETE:
+            while (reply := gets()) is not INCOMPLETE:
                 # [b"message", channel, payload]; a RESP3 push is a list subclass.
                 if isinstance(reply, list) and len(reply) == 3 and reply[0] == b"message":
                     messages.append(reply[2])

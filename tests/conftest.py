@@ -61,6 +61,16 @@ async def fixture_redis(fake_server: fakeredis.FakeServer) -> AsyncIterator[Redi
     await client.aclose()
 
 
+@pytest.fixture(name="real_redis", params=[2, 3], ids=["resp2", "resp3"])
+async def fixture_real_redis(
+    redis_url: str, request: pytest.FixtureRequest
+) -> AsyncIterator[Redis]:
+    """A client of the real Redis, speaking RESP2 or RESP3."""
+    client = Redis.from_url(redis_url, protocol=request.param)
+    yield client
+    await client.aclose()
+
+
 @pytest.fixture(name="start_cluster")
 def fixture_start_cluster(
     redis_url: str, prefix: str, tmp_path: os.PathLike[str]

@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
+import fakeredis
 import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
@@ -91,3 +92,30 @@ async def test_group_commit_survives_a_caller_giving_up(
     assert (await stayer)[1] == b"3"
     assert quitter.cancelled()
     assert (await commit([prefix], ["4"]))[1] == b"4"  # and it is not stuck busy
+
+
+async def test_group_commit_after_a_flush_runs_each_call_once(private_redis: RedisServer) -> None:
+    """Calls that Redis refused for want of the script run again, and only they do."""
+    redis = aioredis.Redis.from_url(private_redis.url)
+    commit = GroupCommit(redis, redis.register_script("return redis.call('INCR', KEYS[1])"), 5.0)
+    assert await commit(["n"], []) == 1
+    await redis.script_flush()
+    assert await commit(["n"], []) == 2  # a lone call
+    await redis.script_flush()
+    results = await asyncio.gather(*(commit(["n"], []) for _ in range(20)))
+    assert sorted(results) == list(range(3, 23))
+    assert await redis.get("n") == b"22"
+    await commit.aclose()
+    await redis.aclose()
+
+
+async def test_group_commit_without_sockets_uses_redis_py_pipelines() -> None:
+    """fakeredis connections have no socket to read: the same results through redis-py."""
+    redis = fakeredis.FakeAsyncRedis()
+    commit = make(redis)
+    assert await commit(["k"], ["a"]) == [b"k", b"a"]
+    results = await asyncio.gather(*(commit(["k"], [str(n)]) for n in range(50)))
+    assert [r[1] for r in results] == [str(n).encode() for n in range(50)]
+    assert commit.pipelines >= 1
+    assert commit._raw is False
+    await redis.aclose()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio import Redis
@@ -17,13 +16,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import InvalidResponse, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from quart_wslb.subscriber import (
-    READ_SIZE,
-    PubSubSubscription,
-    StreamSubscription,
-    stream_of,
-    subscribe,
-)
+from quart_wslb.subscriber import PubSubSubscription, StreamSubscription, subscribe
+from quart_wslb.wire import READ_SIZE
 from tests.support import SOON
 
 CHANNELS = ("t:ch:i1", "t:broadcast")
@@ -196,26 +190,6 @@ async def no_pubsub_clients(redis: Redis) -> None:
     async with asyncio.timeout(SOON):
         while await pubsub_clients(redis):
             await asyncio.sleep(0.01)
-
-
-@pytest.fixture(name="real_redis", params=[2, 3], ids=["resp2", "resp3"])
-async def fixture_real_redis(
-    redis_url: str, request: pytest.FixtureRequest
-) -> AsyncIterator[Redis]:
-    """A client of the real Redis, speaking RESP2 or RESP3."""
-    client = Redis.from_url(redis_url, protocol=request.param)
-    yield client
-    await client.aclose()
-
-
-@pytest.mark.integration
-async def test_stream_of_a_real_connection_is_its_socket_reader(real_redis: Redis) -> None:
-    """The one private redis-py name we read (``Connection._reader``) is still there."""
-    connection = await real_redis.connection_pool.get_connection()  # type: ignore[no-untyped-call]
-    try:
-        assert isinstance(stream_of(connection), asyncio.StreamReader)
-    finally:
-        await real_redis.connection_pool.release(connection)
 
 
 @pytest.mark.integration

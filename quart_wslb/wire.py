@@ -1,0 +1,113 @@
+"""Raw RESP on redis-py's connections: replies parsed straight off the socket by hiredis.
+
+redis-py makes, connects and handshakes connections (host or Unix socket, TLS,
+credentials, database, RESP2 or RESP3) exactly as the user's client is configured; we keep
+that. What we skip is its per-reply path (a stack of coroutines, a timeout and response
+callbacks for every reply), which on the hot paths cost more than the work itself:
+:mod:`quart_wslb.subscriber` reads pub/sub messages, :class:`Exchange` runs pipelined
+script calls for :mod:`quart_wslb.batch`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+import hiredis
+from redis.asyncio import Redis
+from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import InvalidResponse, NoScriptError, ResponseError
+
+__all__ = ("INCOMPLETE", "READ_SIZE", "Exchange", "parser", "stream_of")
+
+#: Most bytes taken off a socket at once.
+READ_SIZE = 1 << 16
+#: What a parser's ``gets`` returns while no complete reply is buffered (hiredis's
+#: default, ``False``, is also a valid RESP3 reply).
+INCOMPLETE = object()
+
+
+def parser() -> hiredis.Reader:
+    """A hiredis parser that returns error replies as redis-py's ``ResponseError``."""
+    return hiredis.Reader(
+        protocolError=InvalidResponse, replyError=ResponseError, notEnoughData=INCOMPLETE
+    )
+
+
+def stream_of(connection: AbstractConnection) -> asyncio.StreamReader | None:
+    """The socket reader of a connected redis-py connection; ``None`` if it has none.
+
+    redis-py offers no public way to read a connection's raw bytes. Its asyncio
+    connections (TCP, TLS and Unix socket alike) keep an ``asyncio.StreamReader`` in the
+    private ``_reader``, which its own parsers read; this is the only private name
+    quart-wslb uses, and ``tests/test_wire.py`` fails if redis-py changes it.
+    fakeredis keeps something else there, hence the ``None``.
+    """
+    stream = getattr(connection, "_reader", None)
+    return stream if isinstance(stream, asyncio.StreamReader) else None
+
+
+class Exchange:
+    """Pipelined round trips on one connection of a client's pool, kept for the purpose.
+
+    One round trip at a time (the caller serialises them). Any failure mid-way, a
+    timeout or a cancellation included, drops the connection, since its stream is then
+    in an unknown state; the next round trip connects again.
+    """
+
+    def __init__(self, redis: Redis) -> None:
+        self._pool = redis.connection_pool
+        self._connection: AbstractConnection | None = None
+
+    async def supported(self) -> bool:
+        """Whether the client's connections have a socket to read (not fakeredis)."""
+        if stream_of(await self._connected()) is not None:
+            return True
+        await self.aclose()
+        return False
+
+    async def run(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        """The replies to ``commands``, in order; an error reply is returned, not raised."""
+        connection = await self._connected()
+        try:
+            packed = [hiredis.pack_command(tuple(command)) for command in commands]
+            await connection.send_packed_command(packed, check_health=False)
+            return await _read(connection, len(commands))
+        except BaseException:
+            await connection.disconnect(nowait=True)
+            raise
+
+    async def aclose(self) -> None:
+        """Hand the connection back to the pool."""
+        if self._connection is not None:
+            connection, self._connection = self._connection, None
+            await self._pool.release(connection)
+
+    async def _connected(self) -> AbstractConnection:
+        if self._connection is None:
+            # Public, but not annotated in redis-py.
+            self._connection = await self._pool.get_connection()  # type: ignore[no-untyped-call]
+        if not self._connection.is_connected:
+            await self._connection.connect()
+        return self._connection
+
+
+async def _read(connection: AbstractConnection, count: int) -> list[Any]:
+    stream = stream_of(connection)
+    if stream is None:
+        raise RedisConnectionError("the connection has no socket to read")
+    reader, replies = parser(), list[Any]()
+    while len(replies) < count:
+        reply = reader.gets()
+        if reply is INCOMPLETE:
+            data = await stream.read(READ_SIZE)
+            if not data:
+                raise RedisConnectionError("Redis closed the connection")
+            reader.feed(data)
+        elif isinstance(reply, ResponseError) and str(reply).startswith("NOSCRIPT"):
+            replies.append(NoScriptError(str(reply)))
+        else:
+            replies.append(reply)
+    return replies

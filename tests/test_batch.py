@@ -119,3 +119,27 @@ async def test_group_commit_without_sockets_uses_redis_py_pipelines() -> None:
     assert commit.pipelines >= 1
     assert commit._raw is False
     await redis.aclose()
+
+
+async def test_group_commit_loops_of_sends_fill_their_batches(
+    redis: aioredis.Redis, prefix: str
+) -> None:
+    """Callers that send again as soon as they are answered join the next batch, rather
+    than each starting a round trip of its own."""
+    commit = make(redis)
+    sizes: list[int] = []
+    run = commit._run
+
+    async def spy(batch: Any) -> None:
+        sizes.append(len(batch))
+        await run(batch)
+
+    commit._run = spy  # type: ignore[method-assign]
+
+    async def loop(worker: int) -> None:
+        for n in range(10):
+            assert (await commit([prefix], [f"{worker}.{n}"]))[1] == f"{worker}.{n}".encode()
+
+    await asyncio.gather(*(loop(w) for w in range(16)))
+    assert sum(sizes) == 16 * 10 - 1  # all but the first, lone call
+    assert sizes[1:-1] == [16] * (len(sizes) - 2)

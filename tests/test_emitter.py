@@ -196,3 +196,33 @@ async def test_emitter_client_from_url_packs_like_redis_py(redis_url: str, prefi
         assert await client.get(prefix + ":probe") == b"v"
     finally:
         await client.aclose()
+
+
+async def test_send_to_a_one_connection_user_publishes_what_the_general_path_does(
+    emitter: AsyncEmitter, redis: aioredis.Redis, prefix: str
+) -> None:
+    """route.lua's shortcut for a user with one connection writes the same envelope as
+    its general path (here forced by ``u | u``), down to the byte; unheard is reported."""
+    keys = Keys(prefix)
+    await Registry(redis, keys).register(make_connection(id="i1:Ab-_9", user="solo"))
+    async with redis.pubsub() as pubsub:
+        await pubsub.subscribe(keys.channel("i1"))
+        await pubsub.get_message(timeout=1)
+        one = await emitter.route(UserSelector("solo"), "text", b"hi")
+        both = await emitter.route(UserSelector("solo") | UserSelector("solo"), "text", b"hi")
+        envelopes: list[bytes] = []
+        for _ in range(10):  # bounded: each read waits at most a second
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
+            if message:
+                envelopes.append(message["data"])
+            if len(envelopes) == 2:
+                break
+    assert (one.routed, one.instances, both.routed) == (1, 1, 1)
+    first, second = (
+        e.replace(r.message_id.encode(), b"ID")
+        for e, r in zip(envelopes, (one, both), strict=True)
+    )
+    assert first == second
+    assert first.endswith(b'"targets":["i1:Ab-_9"]}\nhi')
+    await redis.hset(keys.users, "ghost", "i9:x")  # an owner nobody hears
+    assert (await emitter.route(UserSelector("ghost"), "text", b"x")).unheard == ("i9",)

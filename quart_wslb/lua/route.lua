@@ -14,6 +14,22 @@
 -- here (_common.lua, as in keys.py) share the registry's hash tag, hence its slot.
 local publish = ARGV[1] == 'publish'
 local FIRST_OP = 5
+local lone = #ARGV == FIRST_OP and ARGV[FIRST_OP]
+
+-- The hot path: a send to one user who has one connection. Two calls (HGET, PUBLISH)
+-- and no tables; a user found means instances have announced themselves.
+if publish and lone and string.byte(lone) == 85 then  -- 'U'
+  local ids = redis.call('HGET', KEYS[1], string.sub(lone, 2))
+  if ids and not string.find(ids, ' ', 1, true) then
+    local instance = string.match(ids, '^[^:]+')
+    -- Ids are [A-Za-z0-9_.:-]: quoted as they are, they are the JSON cjson would write.
+    local envelope = ARGV[3] .. '["' .. ids .. '"]}\n' .. ARGV[4]
+    if redis.call('PUBLISH', ARGV[2] .. ':ch:' .. instance, envelope) > 0 then
+      return {1, 1, {}}
+    end
+    return {0, 0, {instance}}
+  end
+end
 
 -- No instance has ever announced itself under this prefix: a wrong prefix, or a
 -- cluster that is down. Say so (-1) rather than "routed to nobody" or "none".
@@ -23,7 +39,6 @@ if redis.call('EXISTS', KEYS[2]) == 0 then
 end
 
 -- Counting everyone needs no member list.
-local lone = #ARGV == FIRST_OP and ARGV[FIRST_OP]
 if ARGV[1] == 'count' and (lone == 'A' or lone == 'B') then
   local count = 0
   for _, instance in ipairs(redis.call('HKEYS', KEYS[2])) do

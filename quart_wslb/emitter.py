@@ -305,6 +305,10 @@ class AsyncEmitter:
     async def _user_ids(self, user: str) -> AsyncIterator[list[str]]:
         async with redis_deadline(self.timeout, "query"):
             raw = cast(bytes | None, await self._redis.hget(self.keys.users, user))
+        if raw == b"*":  # a user with many connections: they are in a set of their own
+            async for page in self._scan(self.keys.user_set(user)):
+                yield page
+            return
         ids = raw.decode().split() if raw else []
         for start in range(0, len(ids), PAGE):
             yield ids[start : start + PAGE]

@@ -50,8 +50,13 @@ class Keys:
 
     @property
     def users(self) -> str:
-        """Hash: user -> the user's connection ids, space-separated (also presence)."""
+        """Hash: user -> the user's connection ids, space-separated, or ``*`` when they
+        are in :meth:`user_set`; a user is present while its field exists."""
         return f"{self._root}:users"
+
+    def user_set(self, user: str) -> str:
+        """Set: the connection ids of a user with more than a few connections."""
+        return f"{self._root}:u:{user}"
 
     @property
     def instances(self) -> str:

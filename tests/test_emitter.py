@@ -226,3 +226,17 @@ async def test_send_to_a_one_connection_user_publishes_what_the_general_path_doe
     assert first.endswith(b'"targets":["i1:Ab-_9"]}\nhi')
     await redis.hset(keys.users, "ghost", "i9:x")  # an owner nobody hears
     assert (await emitter.route(UserSelector("ghost"), "text", b"x")).unheard == ("i9",)
+
+
+async def test_send_to_a_user_with_many_connections_reaches_them_all(
+    emitter: AsyncEmitter, redis: aioredis.Redis, prefix: str
+) -> None:
+    keys = Keys(prefix)
+    crowd = [make_connection(id=f"i{n % 2}:c{n}", user="crowd") for n in range(20)]
+    await Registry(redis, keys).register(*crowd)
+    assert await redis.hget(keys.users, "crowd") == b"*"
+    assert await emitter.count(UserSelector("crowd")) == 20
+    records = await emitter.connections(UserSelector("crowd"))
+    assert {r.id for r in records} == {c.id for c in crowd}
+    route = await emitter.route(UserSelector("crowd"), "text", b"x")
+    assert (route.routed, sorted(route.unheard)) == (0, ["i0", "i1"])  # nobody subscribed

@@ -53,6 +53,7 @@ def every_key(keys: Keys) -> dict[str, tuple[str, ...]]:
         add(keys.heartbeat(value), "heartbeat", value)
         add(keys.reap_lock(value), "reap_lock", value)
         add(keys.group(value), "group", value)
+        add(keys.user_set(value), "user_set", value)
         add(keys.path(value), "path", value)
     for name in dict.fromkeys([*NAMES, *ADVERSARIAL]):
         for value in ADVERSARIAL:
@@ -62,7 +63,7 @@ def every_key(keys: Keys) -> dict[str, tuple[str, ...]]:
 
 def test_keys_never_collide_across_kinds_or_values() -> None:
     built = every_key(Keys("t"))
-    assert len(built) == 2 + 5 * len(ADVERSARIAL) + len(set(NAMES + ADVERSARIAL)) * len(
+    assert len(built) == 2 + 6 * len(ADVERSARIAL) + len(set(NAMES + ADVERSARIAL)) * len(
         ADVERSARIAL
     )
 
@@ -105,7 +106,12 @@ def test_keys_prefixes_never_share_a_key() -> None:
 def test_keys_values_are_the_last_component() -> None:
     keys = Keys("t")
     for value in ADVERSARIAL:
-        for key in (keys.group(value), keys.path(value), keys.metadata("n", value)):
+        for key in (
+            keys.group(value),
+            keys.path(value),
+            keys.metadata("n", value),
+            keys.user_set(value),
+        ):
             assert key.endswith(":" + value)
     assert keys.metadata("room", "red") == "{t}:m:4:room:red"
     assert keys.metadata("café", "x") == "{t}:m:5:café:x"  # bytes, as Lua counts

@@ -37,10 +37,20 @@ local function index_keys(record)
 end
 
 -- <ROOT>:users maps a user to its connection ids, space-separated (ids have no spaces):
--- a user is present while the field exists. Far smaller than a set per user; a change
--- costs time linear in that user's connection count.
+-- a user is present while its field exists. That is far smaller than a set per user,
+-- but a change rewrites the list, so past SPILL ids the user's ids move to a set of
+-- their own, <ROOT>:u:<user>, and the field holds the marker '*' (an id always has a
+-- ':'). The set stays until the user's last connection goes.
+local SPILL = 8
+
+local function user_set(user)
+  return ROOT .. ':u:' .. user
+end
+
 local function user_ids(user)
-  local ids, raw = {}, redis.call('HGET', KEYS[1], user)
+  local raw = redis.call('HGET', KEYS[1], user)
+  if raw == '*' then return redis.call('SMEMBERS', user_set(user)) end
+  local ids = {}
   if raw then
     for id in string.gmatch(raw, '[^ ]+') do ids[#ids + 1] = id end
   end
@@ -54,9 +64,21 @@ local function user_add(user, id)
     redis.call('HSET', KEYS[1], user, id)
     return 1
   end
-  if not string.find(' ' .. raw .. ' ', ' ' .. id .. ' ', 1, true) then
-    redis.call('HSET', KEYS[1], user, raw .. ' ' .. id)
+  if raw == '*' then
+    redis.call('SADD', user_set(user), id)
+    return 0
   end
+  local listed = ' ' .. raw .. ' '
+  if string.find(listed, ' ' .. id .. ' ', 1, true) then return 0 end
+  local _, spaces = string.gsub(raw, ' ', ' ')
+  if spaces + 1 < SPILL then
+    redis.call('HSET', KEYS[1], user, raw .. ' ' .. id)
+    return 0
+  end
+  local ids = {id}
+  for other in string.gmatch(raw, '[^ ]+') do ids[#ids + 1] = other end
+  redis.call('SADD', user_set(user), unpack(ids))
+  redis.call('HSET', KEYS[1], user, '*')
   return 0
 end
 
@@ -64,6 +86,12 @@ end
 local function user_remove(user, id)
   local raw = redis.call('HGET', KEYS[1], user)
   if not raw then return 0 end
+  if raw == '*' then
+    redis.call('SREM', user_set(user), id)
+    if redis.call('SCARD', user_set(user)) > 0 then return 0 end
+    redis.call('HDEL', KEYS[1], user)
+    return 1
+  end
   local left = {}
   for other in string.gmatch(raw, '[^ ]+') do
     if other ~= id then left[#left + 1] = other end

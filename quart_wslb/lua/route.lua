@@ -20,7 +20,7 @@ local lone = #ARGV == FIRST_OP and ARGV[FIRST_OP]
 -- and no tables; a user found means instances have announced themselves.
 if publish and lone and string.byte(lone) == 85 then  -- 'U'
   local ids = redis.call('HGET', KEYS[1], string.sub(lone, 2))
-  if ids and not string.find(ids, ' ', 1, true) then
+  if ids and ids ~= '*' and not string.find(ids, ' ', 1, true) then
     local instance = string.match(ids, '^[^:]+')
     -- Ids are [A-Za-z0-9_.:-]: quoted as they are, they are the JSON cjson would write.
     local envelope = ARGV[3] .. '["' .. ids .. '"]}\n' .. ARGV[4]

@@ -27,6 +27,8 @@ __all__ = ("GroupCommit",)
 
 log = logging.getLogger("quart_wslb")
 Call = tuple[list[str], list[Any], "asyncio.Future[Any]"]
+#: Seconds without a call after which the connection goes back to the client's pool.
+IDLE_RELEASE = 1.0
 
 
 class GroupCommit:
@@ -41,9 +43,14 @@ class GroupCommit:
         self._drainer: asyncio.Task[None] | None = None
         self._exchange = Exchange(redis)
         self._raw: bool | None = None  # whether the exchange can be used; known at first use
+        self._release: asyncio.TimerHandle | None = None
+        self._releasing: set[asyncio.Future[None]] = set()
 
     async def __call__(self, keys: list[str], args: list[Any]) -> Any:
         """The script's result for ``keys`` and ``args``, raised errors included."""
+        if self._release is not None:
+            self._release.cancel()
+            self._release = None
         if self._busy:
             future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
             self._queue.append((keys, args, future))
@@ -61,7 +68,7 @@ class GroupCommit:
             if self._queue:
                 self._drainer = asyncio.create_task(self._drain(), name="wslb-group-commit")
             else:
-                self._busy = False
+                self._idle()
 
     async def _drain(self) -> None:
         try:
@@ -74,7 +81,7 @@ class GroupCommit:
                 # after a batch: a lone call never waits for it.
                 await asyncio.sleep(0)
         finally:
-            self._busy = False
+            self._idle()
             for _, _, future in self._queue:  # only if cancelled: nobody is left waiting
                 if not future.done():
                     future.set_exception(ConnectionError("the batch was abandoned"))
@@ -113,11 +120,17 @@ class GroupCommit:
         results = await self._exchange.run([self._evalsha(*call) for call in calls])
         missing = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
         if missing:
-            # Redis lost its script cache (a restart): load the script, run again only the
-            # calls that did not run.
-            self._script.sha = await self._redis.script_load(self._script.script)
-            again = await self._exchange.run([self._evalsha(*calls[i]) for i in missing])
-            for i, result in zip(missing, again, strict=True):
+            # Redis lost its script cache (a restart): load the script (on this same
+            # connection, which has just proved it works) and run again only the calls
+            # that did not run; if that fails, only they fail.
+            load = ["SCRIPT", "LOAD", self._script.script]
+            try:
+                again = await self._exchange.run(
+                    [load, *(self._evalsha(*calls[i]) for i in missing)]
+                )
+            except Exception as error:
+                again = [None] + [error] * len(missing)
+            for i, result in zip(missing, again[1:], strict=True):
                 results[i] = result
         return results
 
@@ -129,6 +142,24 @@ class GroupCommit:
             self._raw = await self._exchange.supported()
         return self._raw
 
+    def _idle(self) -> None:
+        """Nothing in flight: hand the connection back to the pool if it stays so for
+        ``IDLE_RELEASE`` seconds (sooner would cost every lone call a pool round)."""
+        self._busy = False
+        loop = asyncio.get_running_loop()
+        self._release = loop.call_later(IDLE_RELEASE, self._release_now)
+
+    def _release_now(self) -> None:
+        self._release = None
+        if not self._busy:
+            task = asyncio.ensure_future(self._exchange.release())
+            self._releasing.add(task)  # a reference, until it is done
+            task.add_done_callback(self._releasing.discard)
+
     async def aclose(self) -> None:
-        """Hand the exchange's connection back to the client's pool."""
-        await self._exchange.aclose()
+        """Hand the exchange's connection back to the client's pool (it is handed back
+        whenever no call is in flight anyway; this is for a call still running)."""
+        if self._release is not None:
+            self._release.cancel()
+            self._release = None
+        await self._exchange.release()

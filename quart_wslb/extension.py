@@ -277,6 +277,7 @@ class WsLoadBalance:
         try:
             async with redis_deadline(timeout * 4, "stop"):
                 removal = await runtime.registry.unregister_instance(self.instance_id)
+                await runtime.liveness.delist()  # only now: records left get reaped
             await signals.presence(self, [], removal.offline)
         except Exception as error:
             log.warning("could not unregister this instance's connections: %r", error)

@@ -82,6 +82,7 @@ class Liveness:
         self._local = local
         self._owner = owner
         self._reap = redis.register_script(source("reap"))
+        self._delist = redis.register_script(source("delist"))
         self._ticks = 0
         self._known: set[str] = set()
         # Monotonic time since which every tick reached Redis; None after a failed one.
@@ -179,7 +180,7 @@ class Liveness:
         removal = await self._registry.unregister_instance(
             instance, unless_alive=self._keys.heartbeat(instance)
         )
-        await self._redis.hdel(self._keys.instances, instance)
+        await self.delist(instance)
         log.warning("reaped instance %s: %d connections removed", instance, removal.removed)
         await signals.send(
             signals.instance_reaped,
@@ -217,11 +218,19 @@ class Liveness:
         return listed
 
     async def leave(self) -> None:
-        """Remove the heartbeat and the instance record (a graceful stop)."""
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.delete(self._keys.heartbeat(self._instance))
-            pipe.hdel(self._keys.instances, self._instance)
-            await pipe.execute()
+        """Remove the heartbeat (a graceful stop); :meth:`delist` follows the records."""
+        await self._redis.delete(self._keys.heartbeat(self._instance))
+
+    async def delist(self, instance: str | None = None) -> bool:
+        """Take ``instance`` (default: this one) off the list of instances, if it has no
+        heartbeat and no records left; else it stays listed, for a survivor to reap."""
+        name = instance or self._instance
+        keys = self._keys
+        return bool(
+            await self._delist(
+                keys=[keys.instances, keys.heartbeat(name), keys.records(name)], args=[name]
+            )
+        )
 
 
 def _started_at(record: bytes) -> float:

@@ -15,10 +15,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import hiredis
+from redis._parsers.base import BaseParser
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import InvalidResponse, NoScriptError, ResponseError
+from redis.exceptions import InvalidResponse, RedisError, ResponseError
 
 __all__ = ("INCOMPLETE", "READ_SIZE", "Exchange", "parser", "stream_of")
 
@@ -49,28 +50,39 @@ def stream_of(connection: AbstractConnection) -> asyncio.StreamReader | None:
     return stream if isinstance(stream, asyncio.StreamReader) else None
 
 
-class Exchange:
-    """Pipelined round trips on one connection of a client's pool, kept for the purpose.
+def error_of(reply: ResponseError) -> RedisError:
+    """The exception redis-py raises for an error reply (``NoScriptError``,
+    ``BusyLoadingError``, ``ReadOnlyError``...), so errors read here are classified as
+    everywhere else in the client."""
+    error: RedisError = BaseParser.parse_error(str(reply))  # type: ignore[no-untyped-call]
+    return error
 
-    One round trip at a time (the caller serialises them). Any failure mid-way, a
-    timeout or a cancellation included, drops the connection, since its stream is then
-    in an unknown state; the next round trip connects again.
+
+class Exchange:
+    """Pipelined round trips on a connection taken from a client's pool.
+
+    One round trip at a time (the caller serialises them). The connection is kept from
+    one round trip to the next until :meth:`release` hands it back to the pool (the
+    caller does so whenever it goes idle). Any failure mid-way, a timeout or a
+    cancellation included, drops the connection, since its stream is then in an unknown
+    state; the next round trip connects again.
     """
 
     def __init__(self, redis: Redis) -> None:
         self._pool = redis.connection_pool
         self._connection: AbstractConnection | None = None
+        self._running = False
 
     async def supported(self) -> bool:
         """Whether the client's connections have a socket to read (not fakeredis)."""
-        if stream_of(await self._connected()) is not None:
-            return True
-        await self.aclose()
-        return False
+        supported = stream_of(await self._connected()) is not None
+        await self.release()
+        return supported
 
     async def run(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
         """The replies to ``commands``, in order; an error reply is returned, not raised."""
         connection = await self._connected()
+        self._running = True
         try:
             packed = [hiredis.pack_command(tuple(command)) for command in commands]
             await connection.send_packed_command(packed, check_health=False)
@@ -78,10 +90,13 @@ class Exchange:
         except BaseException:
             await connection.disconnect(nowait=True)
             raise
+        finally:
+            self._running = False
 
-    async def aclose(self) -> None:
-        """Hand the connection back to the pool."""
-        if self._connection is not None:
+    async def release(self) -> None:
+        """Hand the connection back to the pool, unless a round trip is reading it (then
+        whoever runs round trips releases it when they are done)."""
+        if self._connection is not None and not self._running:
             connection, self._connection = self._connection, None
             await self._pool.release(connection)
 
@@ -106,8 +121,10 @@ async def _read(connection: AbstractConnection, count: int) -> list[Any]:
             if not data:
                 raise RedisConnectionError("Redis closed the connection")
             reader.feed(data)
-        elif isinstance(reply, ResponseError) and str(reply).startswith("NOSCRIPT"):
-            replies.append(NoScriptError(str(reply)))
+        elif isinstance(reply, hiredis.PushNotification):
+            continue  # out of band (RESP3 client tracking, server notices): no one's reply
+        elif isinstance(reply, ResponseError):
+            replies.append(error_of(reply))
         else:
             replies.append(reply)
     return replies

@@ -11,6 +11,7 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from quart_wslb import batch
 from quart_wslb.batch import GroupCommit
 from quart_wslb.testing import RedisServer
 
@@ -143,3 +144,36 @@ async def test_group_commit_loops_of_sends_fill_their_batches(
     await asyncio.gather(*(loop(w) for w in range(16)))
     assert sum(sizes) == 16 * 10 - 1  # all but the first, lone call
     assert sizes[1:-1] == [16] * (len(sizes) - 2)
+
+
+async def test_group_commit_gives_its_connection_back_when_idle(
+    redis: aioredis.Redis, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An emitter over a shared client does not keep one of its connections for good."""
+    monkeypatch.setattr(batch, "IDLE_RELEASE", 0.05)
+    commit = make(redis)
+    await asyncio.gather(*(commit([prefix], [str(n)]) for n in range(10)))
+    assert len(redis.connection_pool._in_use_connections) == 1
+    await asyncio.sleep(0.2)
+    assert not redis.connection_pool._in_use_connections
+    assert (await commit([prefix], ["again"]))[1] == b"again"
+
+
+async def test_group_commit_reloads_the_script_on_its_own_connection(
+    private_redis: RedisServer,
+) -> None:
+    """After a flush, the script is loaded where the calls run: with a pool of one
+    connection, held by the group commit, nothing else could load it."""
+    pool = aioredis.BlockingConnectionPool.from_url(
+        private_redis.url, max_connections=1, timeout=1
+    )
+    redis = aioredis.Redis(connection_pool=pool)
+    commit = make(redis)
+    assert (await commit(["k"], ["warm"]))[1] == b"warm"
+    async with aioredis.Redis.from_url(private_redis.url) as admin:
+        await admin.script_flush()
+    results = await asyncio.gather(*(commit(["k"], [str(n)]) for n in range(5)))
+    assert [r[1] for r in results] == [str(n).encode() for n in range(5)]
+    await commit.aclose()
+    await redis.aclose()
+    await pool.aclose()  # a pool given to the client is not closed with it

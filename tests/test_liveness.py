@@ -280,6 +280,27 @@ async def test_liveness_instance_that_never_beat_is_reaped(
     await redis.aclose()
 
 
+async def test_liveness_delist_keeps_an_instance_that_still_has_records(
+    private_redis: RedisServer, prefix: str
+) -> None:
+    """A reaper that emptied an instance must not unlist it if it registered meanwhile:
+    unlisted records would never be reaped."""
+    redis = aioredis.Redis.from_url(private_redis.url)
+    keys = Keys(prefix)
+    registry = Registry(redis, keys)
+    survivor = _liveness(redis, keys, registry, "s1")
+    await registry.register(_record("late:1", "bob", 1))  # lists "late", no heartbeat
+    assert not await survivor.delist("late")
+    assert await redis.hexists(keys.instances, "late")
+    await redis.set(keys.heartbeat("late"), "1")
+    await registry.unregister(["late:1"])
+    assert not await survivor.delist("late")  # it beats: not ours to unlist
+    await redis.delete(keys.heartbeat("late"))
+    assert await survivor.delist("late")
+    assert not await redis.hexists(keys.instances, "late")
+    await redis.aclose()
+
+
 def _record(id: str, user: str, n: int) -> Connection:
     return Connection(
         id=id,

@@ -5,15 +5,16 @@ round trip does not finish."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any, cast
 
 import fakeredis
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import BusyLoadingError, NoScriptError, ReadOnlyError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
 
 from quart_wslb.testing import RedisServer
-from quart_wslb.wire import Exchange, stream_of
+from quart_wslb.wire import Exchange, _read, error_of, stream_of
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -32,7 +33,7 @@ async def test_exchange_is_not_supported_without_sockets() -> None:
     redis = fakeredis.FakeAsyncRedis()
     exchange = Exchange(redis)
     assert not await exchange.supported()
-    assert redis.connection_pool._in_use_connections == set()  # handed back at once
+    assert not redis.connection_pool._in_use_connections  # handed back at once
     await redis.aclose()
 
 
@@ -50,7 +51,7 @@ async def test_exchange_replies_in_order_with_errors_returned(
     assert isinstance(replies[500], NoScriptError)
     assert isinstance(replies[501], ResponseError)  # WRONGTYPE, returned rather than raised
     assert replies[502] == [1, [b"a"]]
-    await exchange.aclose()
+    await exchange.release()
     await real_redis.delete(key)
 
 
@@ -65,7 +66,7 @@ async def test_exchange_cancelled_mid_reply_drops_the_connection(
             await exchange.run([["BLPOP", f"{{{prefix}}}:never", 1]])
     assert await exchange.run([["PING"]]) in ([b"PONG"], ["PONG"])
     assert await exchange.run([["ECHO", "x"]]) == [b"x"]
-    await exchange.aclose()
+    await exchange.release()
 
 
 @pytest.mark.integration
@@ -79,5 +80,49 @@ async def test_exchange_reconnects_after_its_connection_is_killed(
     with pytest.raises(RedisConnectionError):
         await exchange.run([["PING"]])
     assert await exchange.run([["ECHO", "back"]]) == [b"back"]
-    await exchange.aclose()
+    await exchange.release()
     await client.aclose()
+
+
+@pytest.mark.parametrize(
+    ("message", "kind"),
+    [
+        ("NOSCRIPT No matching script", NoScriptError),
+        ("LOADING Redis is loading the dataset in memory", BusyLoadingError),
+        ("READONLY You can't write against a read only replica.", ReadOnlyError),
+        ("ERR unknown command", ResponseError),
+    ],
+)
+def test_error_of_classifies_as_redis_py_does(message: str, kind: type[Exception]) -> None:
+    error = error_of(ResponseError(message))
+    assert type(error) is kind
+
+
+class FakeConnection:
+    """What ``_read`` needs of a connection: its stream."""
+
+    def __init__(self, data: bytes) -> None:
+        self._reader = asyncio.StreamReader()
+        self._reader.feed_data(data)
+
+
+async def test_read_skips_out_of_band_pushes() -> None:
+    """A RESP3 push (client tracking, server notices) is nobody's reply."""
+    data = b">2\r\n$10\r\ninvalidate\r\n*0\r\n+OK\r\n>1\r\n$1\r\nx\r\n:7\r\n"
+    assert await _read(cast(Any, FakeConnection(data)), 2) == [b"OK", 7]
+
+
+@pytest.mark.integration
+async def test_exchange_release_waits_for_a_round_trip_in_flight(
+    real_redis: Redis, prefix: str
+) -> None:
+    """The connection never goes back to the pool while a reply is still being read."""
+    pool = real_redis.connection_pool
+    exchange = Exchange(real_redis)
+    slow = asyncio.create_task(exchange.run([["BLPOP", f"{{{prefix}}}:never", "0.3"]]))
+    await asyncio.sleep(0.05)
+    await exchange.release()
+    assert len(pool._in_use_connections) == 1  # still ours: BLPOP is being read
+    assert await slow == [None]
+    await exchange.release()
+    assert len(pool._in_use_connections) == 0

@@ -9,9 +9,13 @@ messages per second. Each run measures this process from the publisher's start t
 last envelope dispatched: CPU µs per message (``time.process_time``) and messages per
 second. Runs alternate the lean reader
 (:mod:`quart_wslb.subscriber`) with the ``PubSub.get_message`` loop it replaced (kept
-here as ``LegacyRouter``), ``--repeat`` times each.
+here as ``LegacyRouter``), ``--repeat`` times each. With ``--writers`` the local
+connections are real :class:`~quart_wslb.connection.Connection` objects (a bounded queue
+and a writer task each) whose ASGI send only counts: all of quart-wslb's receiving path,
+without the server's cost of writing a frame.
 
     .venv/bin/python -m bench.subscriber [--messages 50000] [--repeat 5] [--rate 14000]
+                                         [--writers]
 """
 
 from __future__ import annotations
@@ -30,10 +34,11 @@ from multiprocessing.synchronize import Event
 from typing import cast
 
 import hiredis
+from quart.wrappers import Websocket
 from redis.asyncio import Redis
 
 from quart_wslb import signals
-from quart_wslb.connection import Connection
+from quart_wslb.connection import Activity, Connection
 from quart_wslb.envelope import Envelope, Frame, encode
 from quart_wslb.keys import Keys
 from quart_wslb.redis_client import make_client
@@ -105,6 +110,32 @@ class Counting:
         return True
 
 
+def writer(id: str, tally: Tally) -> Connection:
+    """A real connection, queue and writer task included, whose ASGI send only counts."""
+
+    async def send(event: object) -> None:
+        tally.count += 1
+        if tally.count == tally.total:
+            tally.done.set()
+
+    activity = Activity(send=send)
+    activity.accepted.set()
+    connection = Connection(
+        id=id,
+        user=None,
+        path="/ws",
+        instance=INSTANCE,
+        metadata={},
+        websocket=cast(Websocket, None),
+        queue_size=64,
+        policy="drop",
+        owner=None,
+        activity=activity,
+    )
+    connection.start()
+    return connection
+
+
 def envelopes(targets: Sequence[str], count: int, payload: int) -> list[bytes]:
     """``count`` envelopes as the route script publishes them, one target each."""
     frame = ("x" * payload)[:payload]
@@ -159,13 +190,20 @@ class Result:
 
 
 async def measure(
-    server: RedisServer, legacy: bool, messages: list[bytes], connections: int, rate: int
+    server: RedisServer,
+    legacy: bool,
+    messages: list[bytes],
+    connections: int,
+    rate: int,
+    writers: bool = False,
 ) -> Result:
     """Run one router (lean or legacy) while a publisher process sends ``messages``."""
     redis: Redis = make_client(server.url, 5.0)
     tally = Tally(len(messages))
     ids = [f"{INSTANCE}:{n}" for n in range(connections)]
-    local = {id: cast(Connection, Counting(id, tally)) for id in ids}
+    local = {
+        id: writer(id, tally) if writers else cast(Connection, Counting(id, tally)) for id in ids
+    }
     router = (LegacyRouter if legacy else Router)(redis, KEYS, INSTANCE, local, None)
     task = asyncio.create_task(router.run())
     context = multiprocessing.get_context("spawn")
@@ -186,6 +224,9 @@ async def measure(
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+        if writers:
+            for connection in local.values():
+                await connection.stop()
         await redis.aclose()
         await asyncio.to_thread(process.join, 30)
     loop = "legacy PubSub.get_message" if legacy else "lean reader"
@@ -209,7 +250,9 @@ async def run(args: argparse.Namespace) -> list[Result]:
         await admin.aclose()
         for n in range(args.repeat):
             for legacy in (True, False):
-                result = await measure(server, legacy, messages, args.connections, args.rate)
+                result = await measure(
+                    server, legacy, messages, args.connections, args.rate, args.writers
+                )
                 print(
                     f"  run {n + 1} {result.loop:<26} {result.cpu_us:7.2f} µs CPU/msg "
                     f"{result.rate:9,.0f} msg/s",
@@ -245,6 +288,9 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=200, help="local connections")
     parser.add_argument("--payload", type=int, default=200, help="frame bytes")
     parser.add_argument("--rate", type=int, default=0, help="msg/s to publish (0: flat out)")
+    parser.add_argument(
+        "--writers", action="store_true", help="real connections with a no-op ASGI send"
+    )
     results = asyncio.run(run(parser.parse_args()))
     print(summary(results))
 

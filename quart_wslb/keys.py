@@ -14,7 +14,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ("Keys",)
+__all__ = ("LAYOUT", "Keys")
+
+#: The version of this layout of keys, stored under the prefix by every instance: one
+#: prefix cannot hold two layouts (their instances would not see each other's records).
+LAYOUT = "2"
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +61,11 @@ class Keys:
     def user_set(self, user: str) -> str:
         """Set: the connection ids of a user with more than a few connections."""
         return f"{self._root}:u:{user}"
+
+    @property
+    def layout(self) -> str:
+        """String: the :data:`LAYOUT` of the keys under this prefix."""
+        return f"{self._root}:layout"
 
     @property
     def instances(self) -> str:

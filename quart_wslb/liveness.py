@@ -32,7 +32,8 @@ from redis.asyncio import Redis
 from . import signals
 from ._lua import source
 from .connection import Connection
-from .keys import Keys
+from .exceptions import WsLoadBalanceError
+from .keys import LAYOUT, Keys
 from .registry import Registry
 from .router import Router
 
@@ -120,13 +121,27 @@ class Liveness:
         await self.sweep()
 
     async def beat(self) -> tuple[int, int]:
-        """Refresh the heartbeat; returns (records Redis holds for us, probe listeners)."""
+        """Refresh the heartbeat; returns (records Redis holds for us, probe listeners).
+
+        Raises :class:`~quart_wslb.WsLoadBalanceError`, announcing nothing, when the
+        prefix holds keys of another layout (another version of quart-wslb).
+        """
+        keys = self._keys
         record = json.dumps({"started_at": self.started_at})
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.set(self._keys.heartbeat(self._instance), "1", px=self._ttl_ms)
-            pipe.hset(self._keys.instances, self._instance, record)
-            pipe.hlen(self._keys.records(self._instance))
-            pipe.publish(self._keys.channel(self._instance), self._router.next_probe())
+            pipe.setnx(keys.layout, LAYOUT)  # SET NX GET would need Redis 7
+            pipe.get(keys.layout)
+            _, layout = await pipe.execute()
+            if layout not in (None, LAYOUT.encode()):
+                raise WsLoadBalanceError(
+                    f"prefix {keys.prefix!r} holds keys of layout {layout!r}, written by "
+                    f"another version of quart-wslb (this one writes layout {LAYOUT}): "
+                    "give this version a prefix of its own"
+                )
+            pipe.set(keys.heartbeat(self._instance), "1", px=self._ttl_ms)
+            pipe.hset(keys.instances, self._instance, record)
+            pipe.hlen(keys.records(self._instance))
+            pipe.publish(keys.channel(self._instance), self._router.next_probe())
             _, _, registered, heard = await pipe.execute()
         return int(registered), int(heard)
 
@@ -228,7 +243,8 @@ class Liveness:
         keys = self._keys
         return bool(
             await self._delist(
-                keys=[keys.instances, keys.heartbeat(name), keys.records(name)], args=[name]
+                keys=[keys.instances, keys.heartbeat(name), keys.records(name), keys.layout],
+                args=[name],
             )
         )
 

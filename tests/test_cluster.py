@@ -150,7 +150,7 @@ async def registry_size(redis_url: str, prefix: str) -> tuple[int, int, int]:
         names = [k async for k in client.scan_iter(match="{" + prefix + "}*")]
     finally:
         await client.aclose()
-    bookkeeping = (b":instances", b":hb:")
+    bookkeeping = (b":instances", b":hb:", b":layout")
     others = [n for n in names if not any(part in n for part in bookkeeping)]
     return records, members, len(others)
 

@@ -11,6 +11,7 @@ import fakeredis
 import pytest
 from quart import Quart
 from quart import typing as quart_typing
+from quart.testing.app import LifespanError
 from quart.testing.connections import WebsocketDisconnectError
 from redis.asyncio import Redis
 
@@ -282,6 +283,26 @@ async def test_stop_closes_clients_and_removes_the_instance(
     assert closed.value.args == (1001,)
     assert len(await record_ids(redis)) == 0
     assert not await redis.exists(KEYS.records("i1"), KEYS.heartbeat("i1"))
+    assert not await redis.exists(KEYS.instances, KEYS.layout)  # it was the last one
+    await redis.aclose()
+
+
+async def test_start_refuses_a_prefix_of_another_layout(
+    fake_server: fakeredis.FakeServer,
+) -> None:
+    """Two versions whose keys differ cannot share a prefix: each would miss the other's
+    records. The instance says so at start and announces nothing."""
+    redis = fake_client(fake_server)
+    await redis.set(KEYS.layout, "1")
+    app, _ = make_app(redis, "i1")
+    with pytest.raises(LifespanError, match="layout b'1'.*a prefix of its own"):
+        await app.test_app().startup()  # Quart's test app reports the startup failure
+    assert not await redis.exists(KEYS.instances, KEYS.heartbeat("i1"))
+    await redis.delete(KEYS.layout)
+    test_app = app.test_app()
+    await test_app.startup()
+    assert await redis.get(KEYS.layout) == b"2"
+    await test_app.shutdown()
     await redis.aclose()
 
 

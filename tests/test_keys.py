@@ -47,6 +47,7 @@ def every_key(keys: Keys) -> dict[str, tuple[str, ...]]:
         built[key] = how
 
     add(keys.users, "users")
+    add(keys.layout, "layout")
     add(keys.instances, "instances")
     for value in ADVERSARIAL:
         add(keys.records(value), "records", value)
@@ -63,7 +64,7 @@ def every_key(keys: Keys) -> dict[str, tuple[str, ...]]:
 
 def test_keys_never_collide_across_kinds_or_values() -> None:
     built = every_key(Keys("t"))
-    assert len(built) == 2 + 6 * len(ADVERSARIAL) + len(set(NAMES + ADVERSARIAL)) * len(
+    assert len(built) == 3 + 6 * len(ADVERSARIAL) + len(set(NAMES + ADVERSARIAL)) * len(
         ADVERSARIAL
     )
 

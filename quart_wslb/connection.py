@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import time
+from collections import deque
 from collections.abc import Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
@@ -93,6 +94,41 @@ class _Membership(Protocol):
 
     async def join(self, selector: Selector, group: str) -> int: ...
     async def leave(self, selector: Selector, group: str) -> int: ...
+
+
+class Outbox:
+    """A connection's bounded queue of frames, with one consumer: its writer.
+
+    Lighter than ``asyncio.Queue`` (built for many producers and consumers), since each
+    frame crosses one on the receiving instance's hot path.
+    """
+
+    __slots__ = ("_frames", "_limit", "_waiter")
+
+    def __init__(self, limit: int) -> None:
+        self._frames: deque[Frame] = deque()
+        self._limit = limit
+        self._waiter: asyncio.Future[None] | None = None
+
+    def __len__(self) -> int:
+        return len(self._frames)
+
+    def put(self, frame: Frame) -> bool:
+        """Queue ``frame`` and wake the writer; ``False`` (nothing queued) when full."""
+        if len(self._frames) >= self._limit:
+            return False
+        self._frames.append(frame)
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        return True
+
+    async def get(self) -> Frame:
+        """The oldest frame, waiting for one if there is none."""
+        while not self._frames:
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        return self._frames.popleft()
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,7 +212,7 @@ class Connection:
         #: The groups (rooms) it belongs to; change them with :meth:`join` and :meth:`leave`.
         self.groups: set[str] = set()
         self._websocket = websocket
-        self._queue: asyncio.Queue[Frame] = asyncio.Queue(queue_size)
+        self._queue = Outbox(queue_size)
         self._policy = policy
         self._owner = owner
         self._writer: asyncio.Task[None] | None = None
@@ -224,11 +260,8 @@ class Connection:
                 detail="the connection is closing",
             )
             return False
-        try:
-            self._queue.put_nowait(frame)
+        if self._queue.put(frame):
             return True
-        except asyncio.QueueFull:
-            pass
         log.warning("send queue of %s is full (%s)", self.id, self._policy)
         await signals.dropped(
             self._owner,
@@ -275,7 +308,7 @@ class Connection:
             await asyncio.gather(self._writer, return_exceptions=True)
         if self._closer is not None:  # bounded by CLOSE_TIMEOUT
             await asyncio.gather(self._closer, return_exceptions=True)
-        if unsent := self._queue.qsize():
+        if unsent := len(self._queue):
             await signals.dropped(
                 self._owner,
                 "closed",

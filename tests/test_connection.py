@@ -8,7 +8,7 @@ import fakeredis
 import pytest
 
 from quart_wslb import signals
-from quart_wslb.connection import SLOW_CLIENT_CLOSE, Connection
+from quart_wslb.connection import SLOW_CLIENT_CLOSE, Connection, Outbox
 from quart_wslb.envelope import Envelope, encode
 from quart_wslb.router import Router
 from tests.support import KEYS, SOON, FakeWebsocket, eventually, make_connection, recording
@@ -200,3 +200,27 @@ async def test_close_from_the_handler_does_not_cancel_it() -> None:
     task = asyncio.current_task()
     assert task is not None
     assert task.cancelling() == 0
+
+
+async def test_outbox_is_a_bounded_fifo() -> None:
+    outbox = Outbox(2)
+    assert outbox.put("a") and outbox.put(b"b")
+    assert not outbox.put("c")  # full: nothing queued
+    assert len(outbox) == 2
+    assert [await outbox.get(), await outbox.get()] == ["a", b"b"]
+    assert len(outbox) == 0
+
+
+async def test_outbox_get_waits_for_a_put_and_survives_cancellation() -> None:
+    outbox = Outbox(4)
+    waiting = asyncio.create_task(outbox.get())
+    await asyncio.sleep(0)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert outbox.put("after")  # no error from the cancelled waiter
+    getter = asyncio.create_task(outbox.get())
+    await asyncio.sleep(0)
+    assert outbox.put("next")
+    assert await asyncio.wait_for(getter, 1) == "after"
+    assert await asyncio.wait_for(outbox.get(), 1) == "next"

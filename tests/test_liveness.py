@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
+from quart_wslb import AsyncEmitter, UserSelector
 from quart_wslb.connection import Connection
 from quart_wslb.keys import Keys
 from quart_wslb.liveness import Liveness
@@ -24,6 +25,8 @@ from quart_wslb.registry import Registry
 from quart_wslb.router import Router
 from quart_wslb.testing import RedisServer
 from tests.cluster import Clients, Cluster, HttpError, Instance
+from tests.proxy import FreezingProxy
+from tests.support import FakeWebsocket, make_connection
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 StartCluster = Callable[..., Cluster]
@@ -299,6 +302,55 @@ async def test_liveness_delist_keeps_an_instance_that_still_has_records(
     assert await survivor.delist("late")
     assert not await redis.hexists(keys.instances, "late")
     await redis.aclose()
+
+
+async def test_liveness_silent_subscriber_is_replaced(
+    private_redis: RedisServer, prefix: str
+) -> None:
+    """A subscriber whose connection stays up but hears nothing (no error ever comes) is
+    found by the probes it misses and subscribed again; delivery resumes."""
+    interval = 0.3
+    async with FreezingProxy(private_redis.port) as proxy:
+        redis = aioredis.Redis(port=proxy.port)
+        keys = Keys(prefix)
+        socket = FakeWebsocket()
+        connection = make_connection(socket, id="solo:c1", user="ann")
+        connection.start()
+        local = {connection.id: connection}
+        router = Router(redis, keys, "solo", local, None)
+        liveness = Liveness(
+            redis, keys, "solo", interval=interval, ttl=1.0, registry=Registry(redis, keys),
+            router=router, local=local, owner=None,
+        )  # fmt: skip
+        router.on_subscribed(liveness.resubscribed)  # as the extension wires them
+        await Registry(redis, keys).register(connection)
+        connection.registering = False
+        tasks = [asyncio.create_task(router.run()), asyncio.create_task(liveness.run())]
+        try:
+            async with asyncio.timeout(5):
+                await router.subscribed.wait()
+            emitter = AsyncEmitter(redis, prefix=prefix)
+            assert await emitter.send(UserSelector("ann"), "before") == 1
+            assert await socket.wait_sent(1) == ["before"]
+            assert proxy.freeze() == proxy.subscribers[:1]
+            frozen = time.monotonic()
+            # Redis still counts the frozen subscriber, so sends are "routed", but lost.
+            assert await emitter.send(UserSelector("ann"), "lost") == 1
+            async with asyncio.timeout(10):
+                while len(proxy.subscribers) < 2:  # a new SUBSCRIBE: the loop restarted
+                    await asyncio.sleep(0.02)
+                while router.missed_probes() or not router.subscribed.is_set():
+                    await asyncio.sleep(0.02)
+            report("silent subscriber replaced after", time.monotonic() - frozen)
+            assert await emitter.send(UserSelector("ann"), "after") == 1
+            assert await socket.wait_sent(2) == ["before", "after"]
+            await emitter.aclose()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await connection.stop()
+            await redis.aclose()
 
 
 def _record(id: str, user: str, n: int) -> Connection:

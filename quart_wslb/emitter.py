@@ -146,17 +146,26 @@ class AsyncEmitter:
         message_id = os.urandom(8).hex()
         if selector.indexed:
             program = selector.compile(self.keys)
-            return await self._route_program(message_id, program, kind, payload)
-        routed, instances, unheard = 0, 0, set[str]()
+            routed, reached, unheard = await self._route_program(
+                message_id, program, kind, payload
+            )
+            instances = reached if isinstance(reached, int) else len(reached)
+            return Route(message_id, routed, instances, unheard)
+        # Pages of matches, by id: an instance may own connections on several pages.
+        total, owners, missed = 0, set[str](), set[str]()
         async for ids in self._matching_ids(selector):
-            route = await self._route_program(message_id, _by_id(ids), kind, payload)
-            routed, instances = routed + route.routed, instances + route.instances
-            unheard.update(route.unheard)
-        return Route(message_id, routed, instances, tuple(sorted(unheard)))
+            routed, reached, unheard = await self._route_program(
+                message_id, _by_id(ids), kind, payload
+            )
+            total += routed
+            owners.update(cast(list[str], reached))
+            missed.update(unheard)
+        return Route(message_id, total, len(owners), tuple(sorted(missed)))
 
     async def _route_program(
         self, message_id: str, program: Program, kind: Kind, payload: bytes
-    ) -> Route:
+    ) -> tuple[int, int | list[str], tuple[str, ...]]:
+        """(routed, the instances reached or a broadcast's count of them, unheard)."""
         with redis_errors("send"):  # GroupCommit bounds every round trip in time
             routed, reached, unheard = await self._publish(
                 self._script_keys(program),
@@ -165,8 +174,9 @@ class AsyncEmitter:
             )
         if routed == -1:
             self._no_instances()
-            return Route(message_id, 0, 0, ())
-        return Route(message_id, int(routed), int(reached), tuple(i.decode() for i in unheard))
+            return 0, 0, ()
+        names = reached if isinstance(reached, int) else [i.decode() for i in reached]
+        return int(routed), names, tuple(i.decode() for i in unheard)
 
     def _script_keys(self, program: Program) -> list[Any]:
         """``KEYS`` of route.lua and match.lua: two fixed ones, then the program's."""

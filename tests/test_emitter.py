@@ -240,3 +240,23 @@ async def test_send_to_a_user_with_many_connections_reaches_them_all(
     assert {r.id for r in records} == {c.id for c in crowd}
     route = await emitter.route(UserSelector("crowd"), "text", b"x")
     assert (route.routed, sorted(route.unheard)) == (0, ["i0", "i1"])  # nobody subscribed
+
+
+async def test_route_of_a_custom_selector_counts_each_instance_once(
+    emitter: AsyncEmitter, redis: aioredis.Redis, prefix: str
+) -> None:
+    """Matches of a custom selector are routed page by page; an instance that owns
+    connections on several pages is one instance reached, not one per page."""
+    keys = Keys(prefix)
+    connections = [
+        make_connection(id=f"i{n % 2 + 1}:c{n}", user=f"u{n}", metadata={"n": str(n)})
+        for n in range(MANY * 2)
+    ]
+    await Registry(redis, keys).register(*connections)
+    async with redis.pubsub() as pubsub:
+        await pubsub.subscribe(keys.channel("i1"), keys.channel("i2"))
+        evens = await emitter.route(EvenNumbered(), "text", b"x")
+        either = await emitter.route(MetadataSelector(n="1") | EvenNumbered(), "text", b"x")
+    # Even n are all on i1 (n % 2 + 1): MANY matches, over three pages or more.
+    assert (evens.routed, evens.instances, evens.unheard) == (MANY, 1, ())
+    assert (either.routed, either.instances) == (MANY + 1, 2)

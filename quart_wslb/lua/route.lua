@@ -10,6 +10,8 @@
 -- ARGV[5..] program, postfix: S<n> members of KEYS[n]; U<user> the user's connections;
 --          A every id; C<id> one id if it exists; M<n> followed by n ids, those of them
 --          that exist; & and | combine the top two sets; a lone B is a broadcast.
+-- Publish mode returns {connections routed, the instances reached (their ids; for a
+-- broadcast, how many heard it), the owners nobody heard}; -1 routed: no instance ever.
 -- Connection ids are "<instance>:<token>", so the owner needs no lookup. The keys built
 -- here (_common.lua, as in keys.py) share the registry's hash tag, hence its slot.
 local publish = ARGV[1] == 'publish'
@@ -25,9 +27,9 @@ if publish and lone and string.byte(lone) == 85 then  -- 'U'
     -- Ids are [A-Za-z0-9_.:-]: quoted as they are, they are the JSON cjson would write.
     local envelope = ARGV[3] .. '["' .. ids .. '"]}\n' .. ARGV[4]
     if redis.call('PUBLISH', ARGV[2] .. ':ch:' .. instance, envelope) > 0 then
-      return {1, 1, {}}
+      return {1, {instance}, {}}
     end
-    return {0, 0, {instance}}
+    return {0, {}, {instance}}
   end
 end
 
@@ -128,13 +130,13 @@ end
 
 -- An instance channel nobody hears belongs to a dead or cut-off instance: its
 -- connections are not counted as routed, and the caller is told which it was.
-local routed, reached, unheard = 0, 0, {}
+local routed, reached, unheard = 0, {}, {}
 for _, instance in ipairs(order) do
   local ids = groups[instance]
   local envelope = ARGV[3] .. cjson.encode(ids) .. '}\n' .. ARGV[4]
   if redis.call('PUBLISH', ARGV[2] .. ':ch:' .. instance, envelope) > 0 then
     routed = routed + #ids
-    reached = reached + 1
+    reached[#reached + 1] = instance
   else
     unheard[#unheard + 1] = instance
   end

@@ -157,8 +157,9 @@ class GroupCommit:
             task.add_done_callback(self._releasing.discard)
 
     async def aclose(self) -> None:
-        """Hand the exchange's connection back to the client's pool (it is handed back
-        whenever no call is in flight anyway; this is for a call still running)."""
+        """Hand the exchange's connection back to the client's pool now; it goes back by
+        itself ``IDLE_RELEASE`` seconds after the last call ends, which is also when one
+        that a call is still reading goes back."""
         if self._release is not None:
             self._release.cancel()
             self._release = None

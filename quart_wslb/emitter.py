@@ -25,8 +25,8 @@ from .batch import GroupCommit
 from .config import default_instance_id, validated_instance_id, validated_prefix
 from .connection import ConnectionRecord
 from .envelope import Kind, head, pack
-from .exceptions import NoInstancesError, redis_deadline, redis_errors
-from .keys import Keys
+from .exceptions import NoInstancesError, WsLoadBalanceError, redis_deadline, redis_errors
+from .keys import LAYOUT, Keys
 from .redis_client import make_client
 from .selectors import AllSelector, Program, Selector
 
@@ -104,6 +104,7 @@ class AsyncEmitter:
         self.timeout = timeout
         #: Raise ``NoInstancesError`` where no instance announced itself under the prefix.
         self.strict = strict
+        self._layout_seen = False
         # Encoded once: redis-py would encode these on every call of the hot path.
         self._fixed_keys = [k.encode() for k in (self.keys.users, self.keys.instances)]
         self._channel_base = self.keys.channel_base.encode()
@@ -143,6 +144,7 @@ class AsyncEmitter:
     async def route(self, selector: Selector, kind: Kind, payload: bytes) -> Route:
         """Publish one envelope of ``kind`` to the owners of the matching connections."""
         _check(selector)
+        await self._check_layout()
         message_id = os.urandom(8).hex()
         if selector.indexed:
             program = selector.compile(self.keys)
@@ -192,6 +194,7 @@ class AsyncEmitter:
     async def count(self, selector: Selector = EVERYONE) -> int:
         """How many connections in the cluster ``selector`` matches."""
         _check(selector)
+        await self._check_layout()
         if not selector.indexed:
             return sum([len(ids) async for ids in self._matching_ids(selector)])
         program = selector.compile(self.keys)
@@ -215,8 +218,22 @@ class AsyncEmitter:
                 "a wrong prefix, or the cluster is down"
             )
 
+    async def _check_layout(self) -> None:
+        """Raise if the prefix holds keys of another version's layout (read until seen)."""
+        if self._layout_seen:
+            return
+        async with redis_deadline(self.timeout, "query"):
+            layout = await self._redis.get(self.keys.layout)
+        if layout is not None and layout != LAYOUT.encode():
+            raise WsLoadBalanceError(
+                f"prefix {self.keys.prefix!r} holds keys of layout {layout!r}, written by "
+                f"another version of quart-wslb (this one reads layout {LAYOUT})"
+            )
+        self._layout_seen = layout is not None
+
     async def _check_instances(self) -> bool:
         """Whether any instance announced itself (raises instead, if strict)."""
+        await self._check_layout()
         async with redis_deadline(self.timeout, "query"):
             present = bool(await self._redis.exists(self.keys.instances))
         if not present:

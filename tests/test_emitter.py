@@ -20,6 +20,7 @@ from quart_wslb import (
     NoInstancesError,
     RedisUnavailableError,
     UserSelector,
+    WsLoadBalanceError,
 )
 from quart_wslb.emitter import PAGE
 from quart_wslb.keys import Keys
@@ -260,3 +261,23 @@ async def test_route_of_a_custom_selector_counts_each_instance_once(
     # Even n are all on i1 (n % 2 + 1): MANY matches, over three pages or more.
     assert (evens.routed, evens.instances, evens.unheard) == (MANY, 1, ())
     assert (either.routed, either.instances) == (MANY + 1, 2)
+
+
+async def test_emitter_refuses_a_prefix_of_another_layout(
+    redis: aioredis.Redis, prefix: str
+) -> None:
+    """Keys of another version would be misread: every kind of call says so instead."""
+    keys = Keys(prefix)
+    await redis.set(keys.layout, "1")
+    await redis.hset(keys.instances, "i1", "{}")
+    emitter = AsyncEmitter(redis, prefix=prefix)
+    with pytest.raises(WsLoadBalanceError, match="layout b'1'"):
+        await emitter.send(UserSelector("ann"), "x")
+    with pytest.raises(WsLoadBalanceError, match="layout b'1'"):
+        await emitter.count()
+    with pytest.raises(WsLoadBalanceError, match="layout b'1'"):
+        await emitter.connections()
+    await redis.set(keys.layout, "2")
+    assert await emitter.count() == 0
+    await emitter.aclose()
+    await redis.delete(keys.layout, keys.instances)

@@ -178,7 +178,7 @@ class AsyncEmitter:
             self._no_instances()
             return 0, 0, ()
         names = reached if isinstance(reached, int) else [i.decode() for i in reached]
-        return int(routed), names, tuple(i.decode() for i in unheard)
+        return int(routed), names, tuple([i.decode() for i in unheard]) if unheard else ()
 
     def _script_keys(self, program: Program) -> list[Any]:
         """``KEYS`` of route.lua and match.lua: two fixed ones, then the program's."""
@@ -219,7 +219,9 @@ class AsyncEmitter:
             )
 
     async def _check_layout(self) -> None:
-        """Raise if the prefix holds keys of another version's layout (read until seen)."""
+        """Raise if the prefix holds keys of another version's layout (read once: an
+        empty prefix has nothing to misread, and instances of another layout refuse to
+        start beside ours)."""
         if self._layout_seen:
             return
         async with redis_deadline(self.timeout, "query"):
@@ -229,7 +231,7 @@ class AsyncEmitter:
                 f"prefix {self.keys.prefix!r} holds keys of layout {layout!r}, written by "
                 f"another version of quart-wslb (this one reads layout {LAYOUT})"
             )
-        self._layout_seen = layout is not None
+        self._layout_seen = True
 
     async def _check_instances(self) -> bool:
         """Whether any instance announced itself (raises instead, if strict)."""

@@ -102,12 +102,15 @@ class Counting:
         self.id = id
         self._tally = tally
 
-    async def offer(self, frame: Frame, message_id: str | None) -> bool:
+    def put_nowait(self, frame: Frame) -> bool:
         tally = self._tally
         tally.count += 1
         if tally.count == tally.total:
             tally.done.set()
         return True
+
+    async def offer(self, frame: Frame, message_id: str | None) -> bool:
+        return self.put_nowait(frame)
 
 
 def writer(id: str, tally: Tally) -> Connection:

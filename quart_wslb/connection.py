@@ -249,6 +249,11 @@ class Connection:
         await cast(_Membership, self._owner).leave(ConnectionSelector(self.id), group)
         self.groups.discard(group)
 
+    def put_nowait(self, frame: Frame) -> bool:
+        """Queue one frame if the connection is open and its queue has room; else
+        ``False``, and :meth:`offer` applies the policy (and reports the drop)."""
+        return not self._closed and self._queue.put(frame)
+
     async def offer(self, frame: Frame, message_id: str | None) -> bool:
         """Queue one frame without waiting; apply the queue-full policy if it is full."""
         if self._closed:  # closing already (say, for being slow): report, quietly

@@ -155,14 +155,15 @@ class WsLoadBalance:
         route = await self.emitter.route(selector, kind, payload)
         if route.unheard:
             log.info("message %s: nobody listens for %s", route.message_id, route.unheard)
-        await signals.send(
-            signals.message_routed,
-            self,
-            message_id=route.message_id,
-            selector=selector,
-            routed=route.routed,
-            instances=route.instances,
-        )
+        if signals.message_routed.receivers:  # the hot path: no call when nobody listens
+            await signals.send(
+                signals.message_routed,
+                self,
+                message_id=route.message_id,
+                selector=selector,
+                routed=route.routed,
+                instances=route.instances,
+            )
         return route.routed
 
     async def disconnect(self, selector: Selector, code: int = 1000, reason: str = "") -> int:

@@ -111,8 +111,10 @@ class Router:
         messages of a read already taken off the socket are dispatched first.
         """
         while not self._restart:
-            for raw in await subscription.read(READ_TIMEOUT):
+            batch = await subscription.read(READ_TIMEOUT)
+            if batch:
                 self.last_message = time.monotonic()
+            for raw in batch:
                 await self._dispatch_guarded(raw)
 
     async def _subscribed(self) -> None:
@@ -156,6 +158,8 @@ class Router:
             return
         for target in envelope.targets:
             owner = self._local.get(target)
+            if owner is not None and owner.put_nowait(frame):
+                continue  # queued: the common case, with no coroutine
             if owner is None:
                 log.debug("message %s: no local connection %s", envelope.id, target)
                 await signals.dropped(self._owner, "gone", message_id=envelope.id, detail=target)

@@ -224,3 +224,13 @@ async def test_outbox_get_waits_for_a_put_and_survives_cancellation() -> None:
     assert outbox.put("next")
     assert await asyncio.wait_for(getter, 1) == "after"
     assert await asyncio.wait_for(outbox.get(), 1) == "next"
+
+
+async def test_connection_put_nowait_queues_only_while_open_with_room() -> None:
+    """The router's fast path: anything else goes through ``offer`` and its policy."""
+    socket = FakeWebsocket(block=True)
+    connection = make_connection(socket, queue_size=1)
+    assert connection.put_nowait("a")
+    assert not connection.put_nowait("b")  # full
+    await connection.close(1000)
+    assert not connection.put_nowait("c")  # closing

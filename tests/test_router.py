@@ -530,9 +530,12 @@ class Keeping:
         self.id = id
         self.frames: list[Frame] = []
 
-    async def offer(self, frame: Frame, message_id: str | None) -> bool:
+    def put_nowait(self, frame: Frame) -> bool:
         self.frames.append(frame)
         return True
+
+    async def offer(self, frame: Frame, message_id: str | None) -> bool:
+        return self.put_nowait(frame)
 
 
 def keeping(*ids: str) -> dict[str, Connection]:

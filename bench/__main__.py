@@ -43,6 +43,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--window", type=int, help="sends in flight at saturation")
     parser.add_argument("--peer-server", choices=("uvicorn", "hypercorn"),
                         help="ASGI server of python-socketio (default uvicorn)")  # fmt: skip
+    parser.add_argument("--server", choices=("hypercorn", "uvicorn"),
+                        help="ASGI server of quart-wslb (default hypercorn)")  # fmt: skip
     parser.add_argument("--idle", type=int, help="idle websockets held by one instance")
     parser.add_argument("--attempts", type=int,
                         help="repeat a measurement disturbed by other processes, up to "
@@ -70,6 +72,7 @@ def params_from(args: argparse.Namespace) -> Params:
         messages=args.messages,
         window=args.window,
         peer_server=args.peer_server,
+        server=args.server,
         idle_connections=args.idle,
         attempts=args.attempts,
     )

@@ -42,6 +42,8 @@ class Params:
     idle_connections: int
     #: The ASGI server of the python-socketio peer.
     peer_server: str = "uvicorn"
+    #: The ASGI server of quart-wslb's instances (Hypercorn, what it is tested under).
+    server: str = "hypercorn"
     #: Seconds to wait, before each scenario, for a machine that others keep busy.
     quiet_wait: float = 0.0
     #: Runs of a measurement while other processes kept more than ``MAX_FOREIGN`` cores

@@ -49,7 +49,7 @@ class System:
     @classmethod
     def of(cls, name: str, params: Params) -> System:
         if name == WSLB:
-            return cls(name, "hypercorn", "bench.app:app")
+            return cls(name, params.server, "bench.app:app")
         if name == PEER:
             return cls(name, params.peer_server, "bench.peer_app:app")
         raise ValueError(f"unknown system {name!r}")

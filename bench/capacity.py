@@ -25,7 +25,7 @@ import redis.asyncio as aioredis
 from bench.clients import Pool
 from bench.config import MAX_FOREIGN, WSLB, Params
 from bench.fire import user_name
-from bench.procs import CpuMeter, LoadWatch, redis_info, start_servers, stop_all, wait_quiet
+from bench.procs import CpuMeter, LoadWatch, quietest, redis_info, start_servers, stop_all
 from bench.scenario import System
 from quart_wslb.connection import Connection
 from quart_wslb.keys import Keys
@@ -134,18 +134,12 @@ async def _each(count: int, call: Any) -> float:
 async def run_registry(params: Params, redis_url: str, redis_pid: int) -> dict[str, Any]:
     """:func:`registry_once`, repeated (``params.attempts`` in all) while others load the
     machine; the run with the least foreign load is kept."""
-    best: dict[str, Any] | None = None
-    for attempt in range(1, params.attempts + 1):
-        if attempt > 1:
-            await asyncio.to_thread(wait_quiet, params.quiet_wait)
-        row = await registry_once(params, redis_url, redis_pid)
-        if best is None or row["foreign_cores"] < best["foreign_cores"]:
-            best = row
-        if row["foreign_cores"] <= MAX_FOREIGN:
-            break
-    if best is None:
-        raise ValueError("attempts must be at least 1")
-    return {**best, "attempts": attempt}
+    return await quietest(
+        lambda: registry_once(params, redis_url, redis_pid),
+        params.attempts,
+        params.quiet_wait,
+        MAX_FOREIGN,
+    )
 
 
 async def registry_once(params: Params, redis_url: str, redis_pid: int) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from bench.procs import (
     Server,
     aget_json,
     busy_cpu,
+    quietest,
     redis_info,
     start_servers,
     stop_all,
@@ -202,20 +203,13 @@ async def measure_quietly(
 ) -> dict[str, Any]:
     """:func:`measure`, repeated (``params.attempts`` in all) while others load the
     machine; the run with the least foreign load is kept."""
-    best: dict[str, Any] | None = None
-    for attempt in range(1, ctx.params.attempts + 1):
-        if attempt > 1:
-            await asyncio.to_thread(wait_quiet, ctx.params.quiet_wait)
-        row = await measure(ctx, mode, count, rate, window)
-        row["attempts"] = attempt
-        if best is None or row["foreign_cores"] < best["foreign_cores"]:
-            best = row
-        if row["foreign_cores"] <= MAX_FOREIGN:
-            break
-    if best is None:
-        raise ValueError("attempts must be at least 1")
-    best["attempts"] = attempt
-    return best
+    params = ctx.params
+    return await quietest(
+        lambda: measure(ctx, mode, count, rate, window),
+        params.attempts,
+        params.quiet_wait,
+        MAX_FOREIGN,
+    )
 
 
 async def run_scenario(

@@ -58,12 +58,10 @@ class GroupCommit:
         self._busy = True
         try:
             async with asyncio.timeout(self._timeout):
-                if await self._is_raw():
-                    (result,) = await self._round_trip([(keys, args)])
-                    if isinstance(result, BaseException):
-                        raise result
-                    return result
-                return await self._script(keys=keys, args=args)
+                (result,) = await self._round_trip([(keys, args)])
+            if isinstance(result, BaseException):
+                raise result
+            return result
         finally:
             if self._queue:
                 self._drainer = asyncio.create_task(self._drain(), name="wslb-group-commit")
@@ -102,22 +100,11 @@ class GroupCommit:
                 future.set_result(result)
 
     async def _pipeline(self, batch: list[Call]) -> list[Any]:
-        if await self._is_raw():
-            return await self._round_trip([(keys, args) for keys, args, _ in batch])
-        for attempt in range(2):
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for keys, args, _ in batch:
-                    pipe.evalsha(self._script.sha, len(keys), *keys, *args)
-                results: list[Any] = await pipe.execute(raise_on_error=False)
-            if attempt or not any(isinstance(r, NoScriptError) for r in results):
-                return results
-            # Redis restarted empty: load the script once, then run the batch again.
-            self._script.sha = await self._redis.script_load(self._script.script)
-        return results
+        return await self._round_trip([(keys, args) for keys, args, _ in batch])
 
     async def _round_trip(self, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
-        """Replies to ``calls`` through the exchange; errors are returned, not raised."""
-        results = await self._exchange.run([self._evalsha(*call) for call in calls])
+        """Replies to ``calls`` in one round trip; errors are returned, not raised."""
+        results = await self._commands([self._evalsha(*call) for call in calls])
         missing = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
         if missing:
             # Redis lost its script cache (a restart): load the script (on this same
@@ -125,13 +112,21 @@ class GroupCommit:
             # that did not run; if that fails, only they fail.
             load = ["SCRIPT", "LOAD", self._script.script]
             try:
-                again = await self._exchange.run(
-                    [load, *(self._evalsha(*calls[i]) for i in missing)]
-                )
+                again = await self._commands([load, *(self._evalsha(*calls[i]) for i in missing)])
             except Exception as error:
                 again = [None] + [error] * len(missing)
             for i, result in zip(missing, again[1:], strict=True):
                 results[i] = result
+        return results
+
+    async def _commands(self, commands: list[list[Any]]) -> list[Any]:
+        """Pipelined commands: through the exchange, or a redis-py pipeline (fakeredis)."""
+        if await self._is_raw():
+            return await self._exchange.run(commands)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for command in commands:
+                pipe.execute_command(*command)
+            results: list[Any] = await pipe.execute(raise_on_error=False)
         return results
 
     def _evalsha(self, keys: list[str], args: list[Any]) -> list[Any]:

@@ -1,10 +1,19 @@
-"""Group commit for script calls: concurrent calls share round trips.
+"""Group commit for a batched script: concurrent calls share round trips and script calls.
 
 A call made while no other is in flight goes out at once, alone, so a lone send waits for
 nobody. Calls made while one is in flight queue up, and as soon as it returns they all go
-out together in one pipeline, then the next queue, and so on: under load a send costs a
-share of a round trip instead of one of its own. Each round trip is bounded by
-``timeout``, so a queued caller waits at most for two of them.
+out together, then the next queue, and so on: under load a send costs a share of a round
+trip, of a script call and (for ``route.lua``) of a publish, instead of one of each. Each
+round trip is bounded by ``timeout``, so a queued caller waits at most for two of them.
+
+The script takes its calls in one ``EVALSHA``: ``KEYS`` are the fixed keys, then each
+call's keys; ``ARGV`` the fixed arguments, then for each call the offset of its keys
+(past the fixed ones), its argument count and its arguments. It returns one flat array:
+for each call the count of its reply's items, then the items (a caller gets them as a
+list), or -1 and an error message for a call that failed alone (its caller gets the
+error). Flat, because Redis turns nested Lua tables into a reply slowly. A long queue
+is split into several such script calls (``MAX_CALLS``, ``MAX_BYTES``), pipelined in
+the same round trip.
 
 Round trips go through :class:`~quart_wslb.wire.Exchange` (replies parsed straight off the
 socket) where the client has sockets, and through a redis-py pipeline otherwise
@@ -15,29 +24,44 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
-from .wire import Exchange
+from .wire import Exchange, error_of
 
 __all__ = ("GroupCommit",)
 
 log = logging.getLogger("quart_wslb")
-Call = tuple[list[str], list[Any], "asyncio.Future[Any]"]
+#: One call: its keys and its arguments.
+Args = tuple[list[Any], list[bytes | str]]
+Call = tuple[list[Any], list[bytes | str], "asyncio.Future[Any]"]
 #: Seconds without a call after which the connection goes back to the client's pool.
 IDLE_RELEASE = 1.0
+#: Most calls, and most bytes of arguments, in one script call: a script holds Redis for
+#: its whole run, and ``route.lua`` publishes what one script call routes at once.
+MAX_CALLS = 128
+MAX_BYTES = 1 << 20
 
 
 class GroupCommit:
-    """Runs one Lua script for many concurrent callers, batching them into pipelines."""
+    """Runs a batched Lua script for many concurrent callers (see the module's doc)."""
 
-    def __init__(self, redis: Redis, script: AsyncScript, timeout: float) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        script: AsyncScript,
+        timeout: float,
+        keys: Sequence[Any] = (),
+        args: Sequence[Any] = (),
+    ) -> None:
         self._redis = redis
         self._script = script
         self._timeout = timeout
+        self._keys, self._args = list(keys), list(args)  # first in every script call
         self._busy = False
         self._queue: list[Call] = []
         self._drainer: asyncio.Task[None] | None = None
@@ -46,8 +70,8 @@ class GroupCommit:
         self._release: asyncio.TimerHandle | None = None
         self._releasing: set[asyncio.Future[None]] = set()
 
-    async def __call__(self, keys: list[str], args: list[Any]) -> Any:
-        """The script's result for ``keys`` and ``args``, raised errors included."""
+    async def __call__(self, keys: list[Any], args: list[bytes | str]) -> Any:
+        """The script's reply to one call of ``keys`` and ``args``; an error raises."""
         if self._release is not None:
             self._release.cancel()
             self._release = None
@@ -102,21 +126,26 @@ class GroupCommit:
     async def _pipeline(self, batch: list[Call]) -> list[Any]:
         return await self._round_trip([(keys, args) for keys, args, _ in batch])
 
-    async def _round_trip(self, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+    async def _round_trip(self, calls: list[Args]) -> list[Any]:
         """Replies to ``calls`` in one round trip; errors are returned, not raised."""
-        results = await self._commands([self._evalsha(*call) for call in calls])
-        missing = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
+        chunks = _chunks(calls)
+        commands = [self._evalsha(chunk) for chunk in chunks]
+        replies = await self._commands(commands)
+        missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
         if missing:
             # Redis lost its script cache (a restart): load the script (on this same
-            # connection, which has just proved it works) and run again only the calls
-            # that did not run; if that fails, only they fail.
+            # connection, which has just proved it works) and run again only the script
+            # calls that did not run; if that fails, only their calls fail.
             load = ["SCRIPT", "LOAD", self._script.script]
             try:
-                again = await self._commands([load, *(self._evalsha(*calls[i]) for i in missing)])
+                again = await self._commands([load, *(commands[i] for i in missing)])
             except Exception as error:
                 again = [None] + [error] * len(missing)
-            for i, result in zip(missing, again[1:], strict=True):
-                results[i] = result
+            for i, reply in zip(missing, again[1:], strict=True):
+                replies[i] = reply
+        results: list[Any] = []
+        for chunk, reply in zip(chunks, replies, strict=True):
+            results += _split(reply, len(chunk))
         return results
 
     async def _commands(self, commands: list[list[Any]]) -> list[Any]:
@@ -129,7 +158,11 @@ class GroupCommit:
             results: list[Any] = await pipe.execute(raise_on_error=False)
         return results
 
-    def _evalsha(self, keys: list[str], args: list[Any]) -> list[Any]:
+    def _evalsha(self, calls: list[Args]) -> list[Any]:
+        keys, args = list(self._keys), list(self._args)
+        for call_keys, call_args in calls:
+            args += [len(keys) - len(self._keys), len(call_args), *call_args]
+            keys += call_keys
         return ["EVALSHA", self._script.sha, len(keys), *keys, *args]
 
     async def _is_raw(self) -> bool:
@@ -159,3 +192,48 @@ class GroupCommit:
             self._release.cancel()
             self._release = None
         await self._exchange.release()
+
+
+def _chunks(calls: list[Args]) -> list[list[Args]]:
+    """``calls`` in order, cut into script calls of at most ``MAX_CALLS`` calls and
+    ``MAX_BYTES`` of arguments (a single larger call goes alone)."""
+    chunks: list[list[Args]] = [[]]
+    size = 0
+    for call in calls:
+        weight = sum(map(len, call[1]))
+        if chunks[-1] and (len(chunks[-1]) >= MAX_CALLS or size + weight > MAX_BYTES):
+            chunks.append([])
+            size = 0
+        chunks[-1].append(call)
+        size += weight
+    return chunks
+
+
+def _split(reply: Any, count: int) -> list[Any]:
+    """The replies of a script call's ``count`` calls, cut out of its flat reply: its
+    error if it failed as a whole; a call's error as the exception redis-py would raise."""
+    if isinstance(reply, BaseException):
+        return [reply] * count
+    if not isinstance(reply, list):
+        reply = [reply]  # reported below
+    replies: list[Any] = []
+    at = 0
+    try:
+        while at < len(reply):
+            size = reply[at]
+            if size == -1:
+                replies.append(error_of(ResponseError(_text(reply[at + 1]))))
+                at += 2
+            else:
+                replies.append(reply[at + 1 : at + 1 + size])
+                at += 1 + size
+    except (TypeError, IndexError):
+        pass  # the count check below reports it
+    if len(replies) != count or at != len(reply):
+        error = ResponseError(f"expected {count} replies from the script, got {reply!r:.100}")
+        return [error] * count
+    return replies
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)

@@ -5,7 +5,8 @@ cluster from outside a connection: the extension uses one, and so can a worker, 
 script or another web framework. It never subscribes and never appears as an instance.
 
 A built-in selector is resolved by Redis itself: a send is one script call that resolves
-it and publishes one envelope per owning instance. A :class:`CustomSelector` is
+it and publishes one envelope per owning instance, and concurrent sends share that script
+call and those publishes (:mod:`quart_wslb.batch`). A :class:`CustomSelector` is
 evaluated here, over records read in bounded pages, and its matches are then routed by
 id, a page at a time.
 """
@@ -25,7 +26,13 @@ from .batch import GroupCommit
 from .config import default_instance_id, validated_instance_id, validated_prefix
 from .connection import ConnectionRecord
 from .envelope import Kind, head, pack
-from .exceptions import NoInstancesError, WsLoadBalanceError, redis_deadline, redis_errors
+from .exceptions import (
+    REDIS_FAILURES,
+    NoInstancesError,
+    WsLoadBalanceError,
+    ours,
+    redis_deadline,
+)
 from .keys import LAYOUT, Keys
 from .redis_client import make_client
 from .selectors import AllSelector, Program, Selector
@@ -107,9 +114,14 @@ class AsyncEmitter:
         self._layout_seen = False
         # Encoded once: redis-py would encode these on every call of the hot path.
         self._fixed_keys = [k.encode() for k in (self.keys.users, self.keys.instances)]
-        self._channel_base = self.keys.channel_base.encode()
-        self._route = self._redis.register_script(source("route"))
-        self._publish = GroupCommit(self._redis, self._route, timeout)
+        self._publish = GroupCommit(
+            self._redis,
+            self._redis.register_script(source("route")),
+            timeout,
+            keys=self._fixed_keys,
+            args=[self.keys.channel_base.encode(), self.origin.encode()],
+        )
+        self._count = self._redis.register_script(source("count"))
         self._match = self._redis.register_script(source("match"))
         self._membership = self._redis.register_script(source("membership"))
 
@@ -144,7 +156,8 @@ class AsyncEmitter:
     async def route(self, selector: Selector, kind: Kind, payload: bytes) -> Route:
         """Publish one envelope of ``kind`` to the owners of the matching connections."""
         _check(selector)
-        await self._check_layout()
+        if not self._layout_seen:
+            await self._check_layout()
         message_id = os.urandom(8).hex()
         if selector.indexed:
             program = selector.compile(self.keys)
@@ -168,17 +181,20 @@ class AsyncEmitter:
         self, message_id: str, program: Program, kind: Kind, payload: bytes
     ) -> tuple[int, int | list[str], tuple[str, ...]]:
         """(routed, the instances reached or a broadcast's count of them, unheard)."""
-        with redis_errors("send"):  # GroupCommit bounds every round trip in time
-            routed, reached, unheard = await self._publish(
-                self._script_keys(program),
-                [b"publish", self._channel_base, head(message_id, self.origin, kind), payload]
-                + program.ops,
-            )
+        try:  # GroupCommit bounds every round trip in time
+            reply = await self._publish(program.keys, [message_id, kind, payload, *program.ops])
+        except REDIS_FAILURES as error:  # not redis_errors(): this is the hot path
+            raise ours(error, "send") from error
+        # route.lua: routed, instances reached (-1: a broadcast's count follows), their
+        # ids, then the owners nobody heard.
+        routed, reached = reply[0], reply[1]
         if routed == -1:
             self._no_instances()
             return 0, 0, ()
-        names = reached if isinstance(reached, int) else [i.decode() for i in reached]
-        return int(routed), names, tuple([i.decode() for i in unheard]) if unheard else ()
+        if reached == -1:
+            return routed, reply[2], ()
+        names = [i.decode() for i in reply[2:]]
+        return routed, names[:reached], tuple(names[reached:])
 
     def _script_keys(self, program: Program) -> list[Any]:
         """``KEYS`` of route.lua and match.lua: two fixed ones, then the program's."""
@@ -199,12 +215,7 @@ class AsyncEmitter:
             return sum([len(ids) async for ids in self._matching_ids(selector)])
         program = selector.compile(self.keys)
         async with redis_deadline(self.timeout, "count"):
-            count = int(
-                await self._route(
-                    keys=self._script_keys(program),
-                    args=["count", "", "", "", *program.ops],
-                )
-            )
+            count = int(await self._count(keys=self._script_keys(program), args=program.ops))
         if count == -1:
             self._no_instances()
             return 0

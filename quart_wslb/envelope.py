@@ -1,14 +1,17 @@
 """The wire envelope: what one instance publishes to another.
 
-An envelope is one JSON header line, a newline, then the payload bytes untouched::
+One publish on an instance's channel carries one or more messages: a JSON header line
+that lists them, a newline, then their payloads back to back, untouched::
 
-    {"v":1,"id":"...","origin":"...","kind":"json","targets":["..."]}\\n<payload>
+    {"v":2,"origin":"...","messages":[{"id":"...","kind":"text","targets":["..."],"size":5},
+    ...]}\\n<payload><payload>...
 
-The payload stays out of the JSON so that binary frames need no base64 and text is not
-escaped twice. The header ends with ``targets`` so that the routing script can append the
-ids it resolved to a head that Python built (see :func:`head`). The header is checked by a
-versioned marshmallow schema; unknown header fields are ignored so that a later minor
-version may add some (a signature, a stream offset).
+Concurrent sends share one publish per instance (``lua/route.lua`` batches them), so an
+instance parses one header for all the messages it was sent at once. The payloads stay
+out of the JSON so that binary frames need no base64 and text is not escaped twice;
+``size`` (bytes) says where each ends. The header is checked by a versioned marshmallow
+schema; unknown header fields are ignored so that a later minor version may add some (a
+signature, a stream offset).
 """
 
 from __future__ import annotations
@@ -34,13 +37,14 @@ __all__ = (
     "to_frame",
 )
 
-VERSION = 1
+VERSION = 2
 Kind = Literal["text", "binary", "json", "join", "leave", "disconnect"]
 #: Kinds that are instructions to the owning instance, not frames for the client:
 #: ``join``/``leave`` carry a group name, ``disconnect`` ``{"code": int, "reason": str}``.
 CONTROL_KINDS = frozenset({"join", "leave", "disconnect"})
 #: What a websocket sends: ``str`` as a text frame, ``bytes`` as a binary frame.
 Frame = str | bytes
+_KINDS = ("text", "binary", "json", "join", "leave", "disconnect")
 
 
 class EnvelopeError(ValueError):
@@ -49,7 +53,7 @@ class EnvelopeError(ValueError):
 
 @dataclass(slots=True)
 class Envelope:
-    """A decoded envelope; ``targets`` empty means every local connection."""
+    """One decoded message; ``targets`` empty means every local connection."""
 
     id: str
     origin: str
@@ -64,18 +68,25 @@ class Envelope:
         return self.frame if isinstance(self.frame, bytes) else self.frame.encode("utf-8")
 
 
+class _MessageSchema(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+    id = fields.String(required=True, validate=validate.Length(min=1, max=200))
+    kind = fields.String(required=True, validate=validate.OneOf(_KINDS))
+    targets = fields.List(fields.String(validate=validate.Length(min=1)), required=True)
+    size = fields.Integer(required=True, strict=True, validate=validate.Range(min=0))
+
+
 class _HeaderSchema(Schema):
     class Meta:
         unknown = EXCLUDE
 
     v = fields.Integer(required=True, strict=True, validate=validate.Equal(VERSION))
-    id = fields.String(required=True, validate=validate.Length(min=1, max=200))
     origin = fields.String(required=True, validate=validate.Length(min=1, max=200))
-    kind = fields.String(
-        required=True,
-        validate=validate.OneOf(("text", "binary", "json", "join", "leave", "disconnect")),
+    messages = fields.List(
+        fields.Nested(_MessageSchema), required=True, validate=validate.Length(min=1)
     )
-    targets = fields.List(fields.String(validate=validate.Length(min=1)), required=True)
 
     @post_load
     def _drop_version(self, data: dict[str, Any], **_: Any) -> dict[str, Any]:
@@ -85,7 +96,7 @@ class _HeaderSchema(Schema):
 
 _SCHEMA = _HeaderSchema()
 _DECODER = json.JSONDecoder()
-_KINDS = frozenset(("text", "binary", "json", "join", "leave", "disconnect"))
+_KIND_SET = frozenset(_KINDS)
 
 
 def quick_header(header: bytes) -> dict[str, Any] | None:
@@ -102,21 +113,38 @@ def quick_header(header: bytes) -> dict[str, Any] | None:
         return None
     if end != len(text) or type(data) is not dict:
         return None
-    version, id, origin = data.get("v"), data.get("id"), data.get("origin")
-    kind, targets = data.get("kind"), data.get("targets")
+    version, origin, messages = data.get("v"), data.get("origin"), data.get("messages")
     if (
         type(version) is not int
         or version != VERSION
-        or type(id) is not str
-        or not 0 < len(id) <= 200
         or type(origin) is not str
         or not 0 < len(origin) <= 200
-        or kind not in _KINDS
-        or type(targets) is not list
-        or not all(type(t) is str and t for t in targets)
+        or type(messages) is not list
+        or not messages
     ):
         return None
-    return {"id": id, "origin": origin, "kind": kind, "targets": targets}
+    checked = [_quick_message(m) for m in messages]
+    if None in checked:
+        return None
+    return {"origin": origin, "messages": checked}
+
+
+def _quick_message(data: object) -> dict[str, Any] | None:
+    if type(data) is not dict:
+        return None
+    get = data.get
+    id, kind, targets, size = get("id"), get("kind"), get("targets"), get("size")
+    if (
+        type(id) is not str
+        or not 0 < len(id) <= 200
+        or kind not in _KIND_SET
+        or type(targets) is not list
+        or not all(type(t) is str and t for t in targets)
+        or type(size) is not int
+        or size < 0
+    ):
+        return None
+    return {"id": id, "kind": kind, "targets": targets, "size": size}
 
 
 _dumps = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
@@ -140,22 +168,34 @@ def pack(message: object) -> tuple[Kind, bytes]:
 
 
 def head(message_id: str, origin: str, kind: Kind) -> bytes:
-    """The header up to ``"targets":``; the router appends ``[ids]}`` and the payload."""
+    """An envelope of one message, up to its ``"targets":``: a script appends
+    ``[ids],"size":n}]}``, a newline and the payload."""
     return (
-        f'{{"v":{VERSION},"id":{_dumps(message_id)},"origin":{_dumps(origin)},'
+        f'{{"v":{VERSION},"origin":{_dumps(origin)},"messages":[{{"id":{_dumps(message_id)},'
         f'"kind":"{kind}","targets":'
     ).encode()
 
 
-def encode(envelope: Envelope) -> bytes:
-    """The complete wire form (what :func:`head` plus the routing script produce)."""
-    start = head(envelope.id, envelope.origin, envelope.kind)
-    return start + _dumps(envelope.targets).encode() + b"}\n" + envelope.payload
+def encode(*envelopes: Envelope) -> bytes:
+    """The wire form of one or more messages from one origin (what ``route.lua`` writes)."""
+    if not envelopes or len({e.origin for e in envelopes}) != 1:
+        raise ValueError("encode needs one or more envelopes of one origin")
+    payloads = [e.payload for e in envelopes]
+    header = {
+        "v": VERSION,
+        "origin": envelopes[0].origin,
+        "messages": [
+            {"id": e.id, "kind": e.kind, "targets": e.targets, "size": len(p)}
+            for e, p in zip(envelopes, payloads, strict=True)
+        ],
+    }
+    return _dumps(header).encode() + b"\n" + b"".join(payloads)
 
 
-def decode(raw: bytes) -> Envelope:
-    """Parse and validate one envelope; raises :class:`EnvelopeError` on any defect."""
-    header, sep, payload = raw.partition(b"\n")
+def decode(raw: bytes) -> list[Envelope]:
+    """Parse and validate one publish: its messages, in order; raises
+    :class:`EnvelopeError` on any defect (then none of them is delivered)."""
+    header, sep, body = raw.partition(b"\n")
     if not sep:
         raise EnvelopeError("no header line")
     data = quick_header(header)
@@ -164,12 +204,25 @@ def decode(raw: bytes) -> Envelope:
             data = _SCHEMA.loads(header)
         except (ValidationError, ValueError, RecursionError) as error:
             raise EnvelopeError(f"bad header: {error!r:.200}") from error
-    if data["kind"] == "binary":
-        return Envelope(frame=payload, **data)
-    try:
-        return Envelope(frame=payload.decode("utf-8"), **data)
-    except UnicodeDecodeError as error:
-        raise EnvelopeError("text payload is not UTF-8") from error
+    messages: list[dict[str, Any]] = data["messages"]
+    if sum(m["size"] for m in messages) != len(body):
+        raise EnvelopeError("the sizes in the header do not add up to the payloads")
+    origin, start, envelopes = data["origin"], 0, []
+    for message in messages:
+        end = start + message["size"]
+        envelopes.append(_envelope(origin, message, body[start:end]))
+        start = end
+    return envelopes
+
+
+def _envelope(origin: str, message: dict[str, Any], payload: bytes) -> Envelope:
+    frame: Frame = payload
+    if message["kind"] != "binary":
+        try:
+            frame = payload.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise EnvelopeError(f"message {message['id']}: text is not UTF-8") from error
+    return Envelope(message["id"], origin, message["kind"], message["targets"], frame)
 
 
 def to_frame(message: object) -> Frame:

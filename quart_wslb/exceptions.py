@@ -44,16 +44,26 @@ class NotStartedError(WsLoadBalanceError, RuntimeError):
     """The extension is used before the app started serving (or after it stopped)."""
 
 
+#: What a Redis exchange may raise when it fails: see :func:`ours`.
+REDIS_FAILURES = (RedisError, OSError, TimeoutError)
+
+
+def ours(error: BaseException, what: str) -> WsLoadBalanceError:
+    """Our error for a Redis failure (one of ``REDIS_FAILURES``): an error reply is a
+    plain ``WsLoadBalanceError``, anything else (silence) ``RedisUnavailableError``."""
+    if isinstance(error, ResponseError):  # Redis answered: with an error, not silence
+        return WsLoadBalanceError(f"{what}: Redis answered with an error: {error}")
+    return RedisUnavailableError(f"{what}: Redis did not answer ({error!r})")
+
+
 @contextmanager
 def redis_errors(what: str) -> Iterator[None]:
-    """Turn Redis failures into ours: silence is ``RedisUnavailableError``, an error reply
-    a plain ``WsLoadBalanceError``. Costs nothing when nothing fails (no timer)."""
+    """Turn Redis failures into ours (see :func:`ours`). Costs nothing when nothing
+    fails (no timer)."""
     try:
         yield
-    except ResponseError as error:  # Redis answered: with an error, not silence
-        raise WsLoadBalanceError(f"{what}: Redis answered with an error: {error}") from error
-    except (RedisError, OSError, TimeoutError) as error:
-        raise RedisUnavailableError(f"{what}: Redis did not answer ({error!r})") from error
+    except REDIS_FAILURES as error:
+        raise ours(error, what) from error
 
 
 @asynccontextmanager

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 
 __all__ = ("LAYOUT", "Keys")
 
-#: The version of this layout of keys, stored under the prefix by every instance: one
-#: prefix cannot hold two layouts (their instances would not see each other's records).
-LAYOUT = "2"
+#: The version of this layout of keys and of the wire envelope, stored under the prefix by
+#: every instance: one prefix cannot hold two layouts (their instances would not see each
+#: other's records, nor read each other's envelopes).
+LAYOUT = "3"
 
 
 @dataclass(frozen=True, slots=True)

@@ -128,7 +128,7 @@ class Router:
                 log.warning("after subscribing: %r", error)
 
     async def _dispatch_guarded(self, raw: bytes) -> None:
-        """One bad message must cost one message, never the subscription."""
+        """One bad publish must cost that publish, never the subscription."""
         try:
             await self.dispatch(raw)
         except Exception as error:
@@ -136,16 +136,27 @@ class Router:
             await signals.dropped(self._owner, "malformed", detail=repr(error))
 
     async def dispatch(self, raw: bytes) -> None:
-        """Deliver one envelope to its local targets; a bad one is logged and skipped."""
+        """Deliver every message of one publish to its local targets, in order; a
+        malformed publish is logged and skipped."""
         if raw.startswith(PROBE) and raw[len(PROBE) :].isdigit():
             self._probe_seen = max(self._probe_seen, int(raw[len(PROBE) :]))
             return
         try:
-            envelope = decode(raw)
+            envelopes = decode(raw)
         except EnvelopeError as error:
             log.warning("dropped a malformed envelope: %s", error)
             await signals.dropped(self._owner, "malformed", detail=str(error))
             return
+        for envelope in envelopes:
+            try:
+                await self._deliver(envelope)
+            except Exception as error:  # one message's failure costs only that message
+                log.exception("dropped message %s, which could not be handled", envelope.id)
+                await signals.dropped(
+                    self._owner, "malformed", message_id=envelope.id, detail=repr(error)
+                )
+
+    async def _deliver(self, envelope: Envelope) -> None:
         if signals.message_received.receivers:
             await signals.send(signals.message_received, self._owner, envelope=envelope)
         if envelope.kind in CONTROL_KINDS:

@@ -1,4 +1,5 @@
-"""GroupCommit against a real Redis: lone calls go alone, concurrent ones share pipelines."""
+"""GroupCommit against a real Redis: lone calls go alone, concurrent ones share script
+calls and round trips."""
 
 from __future__ import annotations
 
@@ -15,9 +16,30 @@ from quart_wslb import batch
 from quart_wslb.batch import GroupCommit
 from quart_wslb.testing import RedisServer
 
-# Echo the key and argument; fail on demand, to show errors reach only their caller.
-SCRIPT = "if ARGV[1] == 'fail' then return redis.error_reply('asked to') end " \
-    "return {KEYS[1], ARGV[1]}"  # fmt: skip
+# A batched script (see quart_wslb.batch): after the fixed keys and arguments, each call
+# is its key offset, its argument count and its arguments; the reply is flat, each call's
+# item count then its items. Each call's reply echoes its first key and argument; a call
+# fails on demand, to show errors reach only their caller.
+BATCHED = """
+local fixed_keys, fixed_args = tonumber(ARGV[1]), tonumber(ARGV[2])
+local out, i = {}, 3 + fixed_args
+local function put(...)
+  for _, item in ipairs({...}) do out[#out + 1] = item end
+end
+while i <= #ARGV do
+  local koff, n = tonumber(ARGV[i]), tonumber(ARGV[i + 1])
+  %s
+  i = i + 2 + n
+end
+return out
+"""
+SCRIPT = (
+    BATCHED
+    % """
+  if ARGV[i + 2] == 'fail' then put(-1, 'ERR asked to')
+  else put(2, KEYS[fixed_keys + koff + 1], ARGV[i + 2]) end"""
+)
+COUNTER = BATCHED % "put(1, redis.call('INCR', KEYS[fixed_keys + koff + 1]))"
 
 
 @pytest.fixture(name="redis")
@@ -38,7 +60,7 @@ class Counting(GroupCommit):
 
 
 def make(redis: aioredis.Redis) -> Counting:
-    return Counting(redis, redis.register_script(SCRIPT), timeout=5.0)
+    return Counting(redis, redis.register_script(SCRIPT), timeout=5.0, args=[0, 0])
 
 
 async def test_group_commit_lone_call_goes_alone(redis: aioredis.Redis, prefix: str) -> None:
@@ -98,13 +120,13 @@ async def test_group_commit_survives_a_caller_giving_up(
 async def test_group_commit_after_a_flush_runs_each_call_once(private_redis: RedisServer) -> None:
     """Calls that Redis refused for want of the script run again, and only they do."""
     redis = aioredis.Redis.from_url(private_redis.url)
-    commit = GroupCommit(redis, redis.register_script("return redis.call('INCR', KEYS[1])"), 5.0)
-    assert await commit(["n"], []) == 1
+    commit = GroupCommit(redis, redis.register_script(COUNTER), 5.0, args=[0, 0])
+    assert await commit(["n"], []) == [1]
     await redis.script_flush()
-    assert await commit(["n"], []) == 2  # a lone call
+    assert await commit(["n"], []) == [2]  # a lone call
     await redis.script_flush()
     results = await asyncio.gather(*(commit(["n"], []) for _ in range(20)))
-    assert sorted(results) == list(range(3, 23))
+    assert sorted(r[0] for r in results) == list(range(3, 23))
     assert await redis.get("n") == b"22"
     await commit.aclose()
     await redis.aclose()
@@ -177,3 +199,49 @@ async def test_group_commit_reloads_the_script_on_its_own_connection(
     await commit.aclose()
     await redis.aclose()
     await pool.aclose()  # a pool given to the client is not closed with it
+
+
+async def test_group_commit_passes_fixed_keys_and_args_first(
+    redis: aioredis.Redis, prefix: str
+) -> None:
+    fixed = [prefix + "fixed-1", prefix + "fixed-2"]
+    commit = GroupCommit(redis, redis.register_script(SCRIPT), 5.0, keys=fixed, args=[2, 1, "x"])
+    results = await asyncio.gather(*(commit([f"{prefix}{n}"], [str(n)]) for n in range(5)))
+    assert results == [[f"{prefix}{n}".encode(), str(n).encode()] for n in range(5)]
+
+
+async def test_group_commit_batch_is_one_script_call(
+    redis: aioredis.Redis, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A queue goes out as one EVALSHA, cut at MAX_CALLS calls or MAX_BYTES of
+    arguments, and all its script calls share one round trip."""
+    monkeypatch.setattr(batch, "MAX_CALLS", 10)
+    monkeypatch.setattr(batch, "MAX_BYTES", 1000)
+    commit = make(redis)
+    sent: list[int] = []
+    commands = commit._commands
+
+    async def spy(batch: list[list[Any]]) -> list[Any]:
+        sent.append(len(batch))
+        return await commands(batch)
+
+    commit._commands = spy  # type: ignore[method-assign,assignment]
+    results = await asyncio.gather(*(commit([prefix], [str(n)]) for n in range(26)))
+    assert [r[1] for r in results] == [str(n).encode() for n in range(26)]
+    assert sent == [1, 3]  # the lone first call, then 25 calls in 10 + 10 + 5
+    big = "x" * 600  # two of these pass MAX_BYTES
+    sent.clear()
+    results = await asyncio.gather(*(commit([prefix], [big, str(n)]) for n in range(4)))
+    assert [r[1] for r in results] == [big.encode()] * 4
+    assert sent == [1, 3]
+
+
+def test_split_cuts_a_flat_reply_per_call() -> None:
+    from redis.exceptions import NoScriptError
+
+    reply = [2, b"a", b"b", -1, b"NOSCRIPT gone", 0, 1, 7]
+    first, error, empty, last = batch._split(reply, 4)
+    assert (first, empty, last) == ([b"a", b"b"], [], [7])
+    assert isinstance(error, NoScriptError)
+    for bad in ([2, b"a"], [1, b"a", 1], [b"x"], 5):
+        assert all(isinstance(r, ResponseError) for r in batch._split(bad, 1))

@@ -3,6 +3,7 @@ disconnect, and the errors a misconfigured emitter gives."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -23,7 +24,8 @@ from quart_wslb import (
     WsLoadBalanceError,
 )
 from quart_wslb.emitter import PAGE
-from quart_wslb.keys import Keys
+from quart_wslb.envelope import decode
+from quart_wslb.keys import LAYOUT, Keys
 from quart_wslb.registry import Registry
 from quart_wslb.testing import free_port
 from tests.support import make_connection
@@ -116,7 +118,7 @@ async def test_send_routes_custom_matches_to_their_owner(
             message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
             if message:
                 header = json.loads(message["data"].partition(b"\n")[0])
-                targets.extend(header["targets"])
+                targets.extend(t for m in header["messages"] for t in m["targets"])
     assert routed == (populated + 1) // 2
     assert sorted(targets) == sorted(f"i1:c{n}" for n in range(0, populated, 2))
 
@@ -224,9 +226,42 @@ async def test_send_to_a_one_connection_user_publishes_what_the_general_path_doe
         for e, r in zip(envelopes, (one, both), strict=True)
     )
     assert first == second
-    assert first.endswith(b'"targets":["i1:Ab-_9"]}\nhi')
+    assert first.endswith(b'"targets":["i1:Ab-_9"],"size":2}]}\nhi')
     await redis.hset(keys.users, "ghost", "i9:x")  # an owner nobody hears
     assert (await emitter.route(UserSelector("ghost"), "text", b"x")).unheard == ("i9",)
+
+
+async def test_concurrent_sends_share_one_publish_per_instance(
+    emitter: AsyncEmitter, redis: aioredis.Redis, prefix: str
+) -> None:
+    """Sends made while another is in flight go out together: one script call, and one
+    publish per owning instance that carries their messages in the order they were sent."""
+    keys = Keys(prefix)
+    people = [make_connection(id=f"i{n % 2 + 1}:c{n}", user=f"u{n}") for n in range(20)]
+    await Registry(redis, keys).register(*people)
+    await emitter.route(UserSelector("u0"), "text", b"warm-up")  # the layout is read once
+    async with redis.pubsub() as pubsub:
+        await pubsub.subscribe(keys.channel("i1"), keys.channel("i2"))
+        for _ in range(2):
+            await pubsub.get_message(timeout=1)
+        routes = await asyncio.gather(
+            *(emitter.route(UserSelector(f"u{n}"), "text", str(n).encode()) for n in range(20))
+        )
+        publishes: dict[str, list[bytes]] = {"i1": [], "i2": []}
+        for _ in range(50):  # bounded: each read waits at most a second
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
+            if message:
+                publishes[message["channel"].decode().rpartition(":")[2]].append(message["data"])
+            if sum(len(decode(m)) for p in publishes.values() for m in p) == 20:
+                break
+    assert [r.routed for r in routes] == [1] * 20
+    # The first send (to u0, on i1) goes alone, as nothing was in flight; the other 19
+    # share one script call, hence one publish to each instance.
+    assert [len(publishes["i1"]), len(publishes["i2"])] == [2, 1]
+    for instance, first in (("i1", 0), ("i2", 1)):
+        messages = [e for raw in publishes[instance] for e in decode(raw)]
+        assert [e.frame for e in messages] == [str(n) for n in range(first, 20, 2)]
+        assert [e.id for e in messages] == [r.message_id for r in routes[first::2]]
 
 
 async def test_send_to_a_user_with_many_connections_reaches_them_all(
@@ -277,7 +312,7 @@ async def test_emitter_refuses_a_prefix_of_another_layout(
         await emitter.count()
     with pytest.raises(WsLoadBalanceError, match="layout b'1'"):
         await emitter.connections()
-    await redis.set(keys.layout, "2")
+    await redis.set(keys.layout, LAYOUT)
     assert await emitter.count() == 0
     await emitter.aclose()
     await redis.delete(keys.layout, keys.instances)

@@ -20,12 +20,17 @@ from quart_wslb.envelope import (
     to_frame,
 )
 
+HEADER_FIELDS = ("v", "origin", "messages")
 
-def header(**fields: Any) -> bytes:
-    """A header line with the given fields over valid defaults (``None`` removes one)."""
-    data: dict[str, Any] = {"v": VERSION, "id": "m1", "origin": "i1", "kind": "text"}
-    data["targets"] = ["i1:a"]
-    data.update(fields)
+
+def header(size: Any = 2, **fields: Any) -> bytes:
+    """A header line of one message of ``size`` bytes, with the given fields (of the
+    header, or of its message) over valid defaults; ``None`` removes one."""
+    message: dict[str, Any] = {"id": "m1", "kind": "text", "targets": ["i1:a"], "size": size}
+    data: dict[str, Any] = {"v": VERSION, "origin": "i1"}
+    for name, value in fields.items():
+        (data if name in HEADER_FIELDS else message)[name] = value
+    data.setdefault("messages", [{k: v for k, v in message.items() if v is not None}])
     return json.dumps({k: v for k, v in data.items() if v is not None}).encode()
 
 
@@ -101,19 +106,33 @@ def test_to_frame_rejects_other_types() -> None:
 @pytest.mark.parametrize("targets", [[], ["i1:a"], ["i1:a", "i1:b"]])
 def test_encode_decode_round_trip(kind: Kind, frame: Frame, targets: list[str]) -> None:
     envelope = Envelope(id="m-é", origin="host-1", kind=kind, targets=targets, frame=frame)
-    assert decode(encode(envelope)) == envelope
+    assert decode(encode(envelope)) == [envelope]
 
 
-def test_encode_is_head_targets_then_payload() -> None:
+def test_encode_decode_several_messages_in_order() -> None:
+    envelopes = [
+        Envelope(id="m1", origin="i0", kind="text", targets=["i1:a"], frame="é\n"),
+        Envelope(id="m2", origin="i0", kind="binary", targets=[], frame=b"\n\x00"),
+        Envelope(id="m3", origin="i0", kind="join", targets=["i1:a", "i1:b"], frame="room"),
+    ]
+    assert decode(encode(*envelopes)) == envelopes
+
+
+def test_encode_needs_one_origin() -> None:
+    with pytest.raises(ValueError, match="one origin"):
+        encode()
+    with pytest.raises(ValueError, match="one origin"):
+        encode(Envelope("a", "i0", "text", [], "x"), Envelope("b", "i1", "text", [], "y"))
+
+
+def test_encode_is_head_targets_size_then_payload() -> None:
     envelope = Envelope(id="m1", origin="i1", kind="binary", targets=["i1:a"], frame=b"\x00")
     raw = encode(envelope)
-    assert raw == head("m1", "i1", "binary") + b'["i1:a"]}\n\x00'
+    assert raw == head("m1", "i1", "binary") + b'["i1:a"],"size":1}]}\n\x00'
     assert json.loads(raw.partition(b"\n")[0]) == {
         "v": VERSION,
-        "id": "m1",
         "origin": "i1",
-        "kind": "binary",
-        "targets": ["i1:a"],
+        "messages": [{"id": "m1", "kind": "binary", "targets": ["i1:a"], "size": 1}],
     }
 
 
@@ -123,13 +142,15 @@ def test_envelope_payload_is_utf8_of_text() -> None:
 
 
 def test_decode_json_kind_gives_text_frame() -> None:
-    envelope = decode(header(kind="json") + b'\n{"a":1}')
+    [envelope] = decode(header(kind="json", size=7) + b'\n{"a":1}')
     assert envelope.frame == '{"a":1}'
 
 
 def test_decode_ignores_unknown_header_fields() -> None:
-    envelope = decode(header(signature="abc", offset={"n": 1}) + b"\nhi")
-    assert envelope == Envelope(id="m1", origin="i1", kind="text", targets=["i1:a"], frame="hi")
+    raw = header(signature="abc", offset={"n": 1}) + b"\nhi"
+    assert decode(raw) == [
+        Envelope(id="m1", origin="i1", kind="text", targets=["i1:a"], frame="hi")
+    ]
 
 
 @pytest.mark.parametrize(
@@ -141,26 +162,36 @@ def test_decode_ignores_unknown_header_fields() -> None:
         pytest.param(b"\xff\xfe\nhi", id="header-not-utf8"),
         pytest.param(b"[1, 2]\nhi", id="header-not-object"),
         pytest.param(b"\nhi", id="empty-header"),
-        pytest.param(header(v=2) + b"\nhi", id="version-2"),
+        pytest.param(header(v=1) + b"\nhi", id="version-1"),
         pytest.param(header(v=0) + b"\nhi", id="version-0"),
-        pytest.param(header(v="1") + b"\nhi", id="version-str"),
-        pytest.param(header(v=1.0) + b"\nhi", id="version-float"),
+        pytest.param(header(v="2") + b"\nhi", id="version-str"),
+        pytest.param(header(v=2.0) + b"\nhi", id="version-float"),
         pytest.param(header(v=True) + b"\nhi", id="version-bool"),
         pytest.param(header(v=None) + b"\nhi", id="missing-version"),
-        pytest.param(header(id=None) + b"\nhi", id="missing-id"),
         pytest.param(header(origin=None) + b"\nhi", id="missing-origin"),
+        pytest.param(header(origin="") + b"\nhi", id="empty-origin"),
+        pytest.param(header(messages=None) + b"\nhi", id="missing-messages"),
+        pytest.param(header(messages=[]) + b"\n", id="no-messages"),
+        pytest.param(header(messages={"id": "m1"}) + b"\nhi", id="messages-object"),
+        pytest.param(header(messages=[1]) + b"\nhi", id="message-int"),
+        pytest.param(header(id=None) + b"\nhi", id="missing-id"),
         pytest.param(header(kind=None) + b"\nhi", id="missing-kind"),
         pytest.param(header(targets=None) + b"\nhi", id="missing-targets"),
+        pytest.param(header(size=None) + b"\nhi", id="missing-size"),
         pytest.param(header(id="") + b"\nhi", id="empty-id"),
         pytest.param(header(id=7) + b"\nhi", id="id-int"),
-        pytest.param(header(origin="") + b"\nhi", id="empty-origin"),
         pytest.param(header(kind="xml") + b"\nhi", id="unknown-kind"),
         pytest.param(header(kind=1) + b"\nhi", id="kind-int"),
         pytest.param(header(targets="i1:a") + b"\nhi", id="targets-str"),
         pytest.param(header(targets=[1]) + b"\nhi", id="target-int"),
         pytest.param(header(targets=[""]) + b"\nhi", id="target-empty"),
+        pytest.param(header(size=-1) + b"\nhi", id="size-negative"),
+        pytest.param(header(size="2") + b"\nhi", id="size-str"),
+        pytest.param(header(size=True) + b"\nhi", id="size-bool"),
+        pytest.param(header(size=3) + b"\nhi", id="size-past-the-end"),
+        pytest.param(header(size=1) + b"\nhi", id="size-short-of-the-end"),
         pytest.param(header(kind="text") + b"\n\xff\xfe", id="text-not-utf8"),
-        pytest.param(header(kind="json") + b"\n\xc3", id="json-not-utf8"),
+        pytest.param(header(kind="json", size=1) + b"\n\xc3", id="json-not-utf8"),
     ],
 )
 def test_decode_rejects_malformed(raw: bytes) -> None:
@@ -169,30 +200,42 @@ def test_decode_rejects_malformed(raw: bytes) -> None:
 
 
 def test_decode_binary_payload_need_not_be_utf8() -> None:
-    assert decode(header(kind="binary") + b"\n\xff\xfe").frame == b"\xff\xfe"
+    assert decode(header(kind="binary") + b"\n\xff\xfe")[0].frame == b"\xff\xfe"
 
 
 def test_envelope_error_is_a_value_error() -> None:
     assert issubclass(EnvelopeError, ValueError)
 
 
+M = b'{"id":"m","kind":"text","targets":["i:c"],"size":1}'
 QUICK_CORPUS = [
-    b'{"v":1,"id":"m","origin":"o","kind":"text","targets":["i:c"]}',
-    b'{"v":1,"id":"m","origin":"o","kind":"binary","targets":[]}',
-    b'{"v":1,"id":"m","origin":"o","kind":"join","targets":["a","b"],"extra":[1]}',
-    b'{"v":1,"id":"m","origin":"o","kind":"nope","targets":[]}',
-    b'{"v":true,"id":"m","origin":"o","kind":"text","targets":[]}',
-    b'{"v":1.0,"id":"m","origin":"o","kind":"text","targets":[]}',
-    b'{"v":2,"id":"m","origin":"o","kind":"text","targets":[]}',
-    b'{"v":1,"id":"","origin":"o","kind":"text","targets":[]}',
-    b'{"v":1,"id":"' + b"x" * 201 + b'","origin":"o","kind":"text","targets":[]}',
-    b'{"v":1,"id":"m","origin":"o","kind":"text","targets":[""]}',
-    b'{"v":1,"id":"m","origin":"o","kind":"text","targets":[1]}',
-    b'{"v":1,"id":"m","origin":"o","kind":"text","targets":"i:c"}',
-    b'{"v":1,"id":"m","origin":"o","kind":"text"}',
-    b'{"v":1,"id":5,"origin":"o","kind":"text","targets":[]}',
-    b' {"v":1,"id":"m","origin":"o","kind":"text","targets":[]}',
-    b'{"v":1,"id":"m","origin":"o","kind":"text","targets":[]} x',
+    b'{"v":2,"origin":"o","messages":[' + M + b"]}",
+    b'{"v":2,"origin":"o","messages":[' + M + b"," + M + b"]}",
+    b'{"v":2,"origin":"o","messages":[{"id":"m","kind":"binary","targets":[],"size":0}]}',
+    b'{"v":2,"origin":"o","messages":[{"id":"m","kind":"join","targets":["a","b"],'
+    b'"size":3,"extra":[1]}],"extra":{}}',
+    b'{"v":2,"origin":"o","messages":[{"id":"m","kind":"nope","targets":[],"size":0}]}',
+    b'{"v":2,"origin":"o","messages":[{"id":"","kind":"text","targets":[],"size":0}]}',
+    b'{"v":2,"origin":"o","messages":[{"id":"' + b"x" * 201 + b'","kind":"text",'
+    b'"targets":[],"size":0}]}',
+    b'{"v":2,"origin":"o","messages":[{"id":"m","kind":"text","targets":[""],"size":0}]}',
+    b'{"v":2,"origin":"o","messages":[{"id":"m","kind":"text","targets":[1],"size":0}]}',
+    b'{"v":2,"origin":"o","messages":[{"id":"m","kind":"text","targets":"i:c","size":0}]}',
+    b'{"v":2,"origin":"o","messages":[{"id":"m","kind":"text","targets":[]}]}',
+    b'{"v":2,"origin":"o","messages":[{"id":5,"kind":"text","targets":[],"size":0}]}',
+    b'{"v":2,"origin":"o","messages":[{"id":"m","kind":"text","targets":[],"size":-1}]}',
+    b'{"v":2,"origin":"o","messages":[{"id":"m","kind":"text","targets":[],"size":1.0}]}',
+    b'{"v":2,"origin":"o","messages":[{"id":"m","kind":"text","targets":[],"size":true}]}',
+    b'{"v":2,"origin":"o","messages":[' + M + b",7]}",
+    b'{"v":2,"origin":"o","messages":[]}',
+    b'{"v":2,"origin":"o","messages":{}}',
+    b'{"v":2,"origin":"","messages":[' + M + b"]}",
+    b'{"v":2,"messages":[' + M + b"]}",
+    b'{"v":true,"origin":"o","messages":[' + M + b"]}",
+    b'{"v":2.0,"origin":"o","messages":[' + M + b"]}",
+    b'{"v":1,"origin":"o","messages":[' + M + b"]}",
+    b' {"v":2,"origin":"o","messages":[' + M + b"]}",
+    b'{"v":2,"origin":"o","messages":[' + M + b"]} x",
     b"[1, 2]",
     b"\xff\xfe",
 ]

@@ -28,6 +28,7 @@ from quart_wslb import (
 )
 from quart_wslb.config import DEFAULTS
 from quart_wslb.envelope import decode
+from quart_wslb.keys import LAYOUT
 from tests.support import (
     KEYS,
     PREFIX,
@@ -157,7 +158,7 @@ async def test_send_bad_message_raises_before_publishing(
             assert await one.wslb.send(UserSelector("alice"), "ok") == 1
             assert await frame(ws) == "ok"
         envelopes = [raw for raw in await received(pubsub) if raw.startswith(b"{")]
-    assert [decode(raw).frame for raw in envelopes] == ["ok"]
+    assert [e.frame for raw in envelopes for e in decode(raw)] == ["ok"]
 
 
 async def test_send_crosses_instances(two: tuple[Served, Served]) -> None:
@@ -301,7 +302,7 @@ async def test_start_refuses_a_prefix_of_another_layout(
     await redis.delete(KEYS.layout)
     test_app = app.test_app()
     await test_app.startup()
-    assert await redis.get(KEYS.layout) == b"2"
+    assert await redis.get(KEYS.layout) == LAYOUT.encode()
     await test_app.shutdown()
     await redis.aclose()
 

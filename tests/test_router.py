@@ -104,7 +104,9 @@ async def instances(redis: Redis, *names: str) -> AsyncIterator[dict[str, PubSub
 
 
 async def envelopes(pubsubs: dict[str, PubSub]) -> dict[str, list[Envelope]]:
-    return {name: [decode(raw) for raw in await received(p)] for name, p in pubsubs.items()}
+    return {
+        name: [e for raw in await received(p) for e in decode(raw)] for name, p in pubsubs.items()
+    }
 
 
 @asynccontextmanager
@@ -215,7 +217,7 @@ async def test_route_all_is_one_broadcast(redis: Redis, sender: AsyncEmitter) ->
     assert route.routed == len(PEOPLE)
     assert route.instances == 2
     assert got_one == got_two
-    [envelope] = [decode(raw) for raw in got_one]
+    [envelope] = [e for raw in got_one for e in decode(raw)]
     assert envelope.targets == []
     assert envelope.frame == b"\x00\n\xff"
     assert envelope.id == route.message_id
@@ -297,6 +299,36 @@ async def test_dispatch_drops_malformed_envelope(redis: Redis, data: bytes) -> N
     assert dropped.reasons() == ["malformed"]
     assert dropped.calls[0]["message_id"] is None
     assert dropped.calls[0]["connection"] is None
+
+
+async def test_dispatch_delivers_every_message_of_a_publish_in_order(redis: Redis) -> None:
+    """Concurrent sends arrive as one publish; each message reaches its own targets, in
+    order, and one that fails to deliver costs only itself."""
+    sockets = [FakeWebsocket() for _ in range(3)]
+    connections = [make_connection(s, id=f"i1:{n}") for n, s in enumerate(sockets)]
+
+    class Broken:
+        def put_nowait(self, frame: Frame) -> bool:
+            raise RuntimeError("broken connection")
+
+    publish = encode(
+        *(
+            Envelope(id=f"m{n}", origin="i0", kind="text", targets=[f"i1:{n % 3}"], frame=str(n))
+            for n in range(9)
+        )
+    )
+    async with started(connections[0], connections[2]) as local:
+        local = {**local, "i1:1": cast(Connection, Broken())}
+        router = Router(redis, KEYS, "i1", local, OWNER)
+        with recording(signals.message_dropped, OWNER) as dropped:
+            await router.dispatch(publish)
+        assert await sockets[0].wait_sent(3) == ["0", "3", "6"]
+        assert await sockets[2].wait_sent(3) == ["2", "5", "8"]
+    assert [(c["reason"], c["message_id"]) for c in dropped.calls] == [
+        ("malformed", "m1"),
+        ("malformed", "m4"),
+        ("malformed", "m7"),
+    ]
 
 
 async def test_dispatch_reports_unknown_targets_gone(redis: Redis) -> None:

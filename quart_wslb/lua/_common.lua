@@ -115,3 +115,67 @@ local function every_id()
   return ids
 end
 
+
+-- A compiled selector (selectors.Program) run over ARGV[first..last], postfix: S<n>
+-- members of KEYS[n + koff]; U<user> the user's connections; A (or B) every id; C<id>
+-- one id if it exists; M<n> then n ids, those of them that exist; & and | combine the
+-- top two sets. Returns the matching ids as a set (id -> true).
+local function as_set(ids)
+  local set = {}
+  for _, id in ipairs(ids) do set[id] = true end
+  return set
+end
+
+local function exists(id)
+  local key, token = record_at(id)
+  return key ~= nil and redis.call('HEXISTS', key, token) == 1
+end
+
+local function run_program(first, last, koff)
+  local stack = {}
+  local i = first
+  while i <= last do
+    local op = ARGV[i]
+    local code = string.sub(op, 1, 1)
+    if code == 'S' then
+      stack[#stack + 1] = as_set(redis.call('SMEMBERS', KEYS[koff + tonumber(string.sub(op, 2))]))
+    elseif code == 'U' then
+      stack[#stack + 1] = as_set(user_ids(string.sub(op, 2)))
+    elseif code == 'A' or code == 'B' then
+      stack[#stack + 1] = as_set(every_id())
+    elseif code == 'C' then
+      local id, set = string.sub(op, 2), {}
+      if exists(id) then set[id] = true end
+      stack[#stack + 1] = set
+    elseif code == 'M' then
+      local n, set = tonumber(string.sub(op, 2)), {}
+      for j = i + 1, i + n do
+        if exists(ARGV[j]) then set[ARGV[j]] = true end
+      end
+      stack[#stack + 1] = set
+      i = i + n
+    else
+      local right, left, out = table.remove(stack), table.remove(stack), {}
+      if code == '&' then
+        for id in pairs(left) do if right[id] then out[id] = true end end
+      else
+        for id in pairs(left) do out[id] = true end
+        for id in pairs(right) do out[id] = true end
+      end
+      stack[#stack + 1] = out
+    end
+    i = i + 1
+  end
+  return stack[1] or {}
+end
+
+-- Every connection of the live instances (a heartbeat): what a broadcast reaches.
+local function live_count()
+  local count = 0
+  for _, instance in ipairs(redis.call('HKEYS', ROOT .. ':instances')) do
+    if redis.call('EXISTS', ROOT .. ':hb:' .. instance) == 1 then
+      count = count + redis.call('HLEN', ROOT .. ':c:' .. instance)
+    end
+  end
+  return count
+end

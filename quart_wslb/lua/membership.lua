@@ -5,7 +5,7 @@
 -- KEYS[1]  hash: user -> connection ids (names the root of every key)
 -- KEYS[2]  the group's set
 -- ARGV[1]  "join" or "leave", ARGV[2] group name, ARGV[3] instance channel prefix,
--- ARGV[4]  control envelope head (kind join/leave), ARGV[5..] connection ids
+-- ARGV[4]  control envelope head (envelope.head, kind join/leave), ARGV[5..] connection ids
 -- Returns how many of the ids exist (whether or not they were members already).
 local join = ARGV[1] == 'join'
 local groups, order, found = {}, {}, 0
@@ -37,6 +37,6 @@ for i = 5, #ARGV do
 end
 for _, instance in ipairs(order) do
   redis.call('PUBLISH', ARGV[3] .. instance,
-    ARGV[4] .. cjson.encode(groups[instance]) .. '}\n' .. ARGV[2])
+    ARGV[4] .. cjson.encode(groups[instance]) .. ',"size":' .. #ARGV[2] .. '}]}\n' .. ARGV[2])
 end
 return found

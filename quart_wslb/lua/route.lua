@@ -1,144 +1,138 @@
--- Resolve a compiled selector to its owning instances and publish one envelope per
--- owning instance: the whole send is one round trip. In "count" mode, only count.
+-- Route a batch of sends: resolve each one's compiled selector to its owning instances,
+-- then publish ONE envelope per instance channel carrying every message of the batch
+-- for that instance (envelope.py's wire format), so that concurrent sends share a
+-- round trip, a script call and a publish. Called through batch.GroupCommit.
 -- KEYS[1]  hash: user -> connection ids
 -- KEYS[2]  hash: instance id -> record (the cluster's instances)
--- KEYS[3..] index sets named by the program
--- ARGV[1]  "publish", or "count" (returns a number, publishes nothing)
--- ARGV[2]  channel base: channels are <base>:ch:<instance> and <base>:bcast (keys.py)
--- ARGV[3]  envelope head, up to and including '"targets":'
--- ARGV[4]  payload
--- ARGV[5..] program, postfix: S<n> members of KEYS[n]; U<user> the user's connections;
---          A every id; C<id> one id if it exists; M<n> followed by n ids, those of them
---          that exist; & and | combine the top two sets; a lone B is a broadcast.
--- Publish mode returns {connections routed, the instances reached (their ids; for a
--- broadcast, how many heard it), the owners nobody heard}; -1 routed: no instance ever.
--- Connection ids are "<instance>:<token>", so the owner needs no lookup. The keys built
--- here (_common.lua, as in keys.py) share the registry's hash tag, hence its slot.
-local publish = ARGV[1] == 'publish'
-local FIRST_OP = 5
-local lone = #ARGV == FIRST_OP and ARGV[FIRST_OP]
+-- KEYS[3..] index sets named by the calls' programs
+-- ARGV[1]  channel base: channels are <base>:ch:<instance> and <base>:bcast (keys.py)
+-- ARGV[2]  origin (an instance id: JSON-safe as it is)
+-- ARGV[3..] the calls, each: its offset into KEYS, its argument count n, then n
+--          arguments: message id (hex), kind, payload, program (see run_program; a
+--          lone B is a broadcast to every instance).
+-- Returns, flat, for each call: the count of its items, then the items: connections
+-- routed (-1: no instance ever announced itself under the prefix), how many instances
+-- were reached, their ids, then the ids of the owners nobody heard (dead or cut off);
+-- for a broadcast: routed, -1, how many instances heard it. A call whose program failed
+-- is -1 and the error's message instead (batch.py's convention).
+-- Connection ids are "<instance>:<token>" of [A-Za-z0-9_.:-], so the owner needs no
+-- lookup and an id is quoted as it is. The keys built here (_common.lua, as in keys.py)
+-- share the registry's hash tag, hence its slot.
+local base, origin = ARGV[1], ARGV[2]
+local bundles, channels = {}, {}
 
--- The hot path: a send to one user who has one connection. Two calls (HGET, PUBLISH)
--- and no tables; a user found means instances have announced themselves.
-if publish and lone and string.byte(lone) == 85 then  -- 'U'
-  local ids = redis.call('HGET', KEYS[1], string.sub(lone, 2))
-  if ids and ids ~= '*' and not string.find(ids, ' ', 1, true) then
-    local instance = string.match(ids, '^[^:]+')
-    -- Ids are [A-Za-z0-9_.:-]: quoted as they are, they are the JSON cjson would write.
-    local envelope = ARGV[3] .. '["' .. ids .. '"]}\n' .. ARGV[4]
-    if redis.call('PUBLISH', ARGV[2] .. ':ch:' .. instance, envelope) > 0 then
-      return {1, {instance}, {}}
+local function add(channel, id, kind, targets, payload)
+  local bundle = bundles[channel]
+  if not bundle then
+    bundle = {entries = {}, payloads = {}}
+    bundles[channel] = bundle
+    channels[#channels + 1] = channel
+  end
+  bundle.entries[#bundle.entries + 1] = '{"id":"' .. id .. '","kind":"' .. kind ..
+    '","targets":' .. targets .. ',"size":' .. #payload .. '}'
+  bundle.payloads[#bundle.payloads + 1] = payload
+end
+
+-- {instance -> ids} and the instances in order, for the program in ARGV[first..last].
+local function owners(first, last, koff)
+  local groups, order = {}, {}
+  for id in pairs(run_program(first, last, koff)) do
+    local instance = string.match(id, '^[^:]+')
+    local group = groups[instance]
+    if not group then
+      group = {}
+      groups[instance] = group
+      order[#order + 1] = instance
     end
-    return {0, {}, {instance}}
+    group[#group + 1] = id
   end
+  return groups, order
 end
 
--- No instance has ever announced itself under this prefix: a wrong prefix, or a
--- cluster that is down. Say so (-1) rather than "routed to nobody" or "none".
-if redis.call('EXISTS', KEYS[2]) == 0 then
-  if publish then return {-1, 0, {}} end
-  return -1
-end
-
--- Counting everyone needs no member list.
-if ARGV[1] == 'count' and (lone == 'A' or lone == 'B') then
-  local count = 0
-  for _, instance in ipairs(redis.call('HKEYS', KEYS[2])) do
-    count = count + redis.call('HLEN', ROOT .. ':c:' .. instance)
-  end
-  return count
-end
-
-if publish and lone == 'B' then
-  -- One publish for every instance; count only the connections of live instances.
-  local count = 0
-  for _, instance in ipairs(redis.call('HKEYS', KEYS[2])) do
-    if redis.call('EXISTS', ROOT .. ':hb:' .. instance) == 1 then
-      count = count + redis.call('HLEN', ROOT .. ':c:' .. instance)
-    end
-  end
-  if count == 0 then return {0, 0, {}} end
-  local heard = redis.call('PUBLISH', ARGV[2] .. ':bcast', ARGV[3] .. '[]}\n' .. ARGV[4])
-  if heard == 0 then return {0, 0, {}} end
-  return {count, heard, {}}
-end
-
-local function as_set(ids)
-  local set = {}
-  for _, id in ipairs(ids) do set[id] = true end
-  return set
-end
-
-local function exists(id)
-  local key, token = record_at(id)
-  return key ~= nil and redis.call('HEXISTS', key, token) == 1
-end
-
-local stack = {}
-local i = FIRST_OP
+-- Resolve every call and file its message in the bundles. What a call resolved to is
+-- kept for its reply: the instance of a lone connection (the hot path: a user with one
+-- connection, no tables), or {groups, order}, {broadcast = live}, {err = message}, or
+-- false when no instance ever announced itself.
+local anyone = redis.call('EXISTS', KEYS[2]) == 1
+local calls, live = {}, nil
+local i = 3
 while i <= #ARGV do
-  local op = ARGV[i]
-  local code = string.sub(op, 1, 1)
-  if code == 'S' then
-    stack[#stack + 1] = as_set(redis.call('SMEMBERS', KEYS[tonumber(string.sub(op, 2))]))
-  elseif code == 'U' then
-    stack[#stack + 1] = as_set(user_ids(string.sub(op, 2)))
-  elseif code == 'A' or code == 'B' then
-    stack[#stack + 1] = as_set(every_id())
-  elseif code == 'C' then
-    local id, set = string.sub(op, 2), {}
-    if exists(id) then set[id] = true end
-    stack[#stack + 1] = set
-  elseif code == 'M' then
-    -- M<n> then n ids: the connections among them that exist, as one set.
-    local n, set = tonumber(string.sub(op, 2)), {}
-    for j = i + 1, i + n do
-      if exists(ARGV[j]) then set[ARGV[j]] = true end
+  local koff, n = tonumber(ARGV[i]), tonumber(ARGV[i + 1])
+  local first, last = i + 2, i + 1 + n
+  local id, kind, payload = ARGV[first], ARGV[first + 1], ARGV[first + 2]
+  local op, call = ARGV[last], nil
+  if not anyone then
+    call = false
+  elseif last == first + 3 and string.byte(op) == 85 then  -- 'U': one user
+    local ids = redis.call('HGET', KEYS[1], string.sub(op, 2))
+    if ids and ids ~= '*' and not string.find(ids, ' ', 1, true) then
+      call = string.match(ids, '^[^:]+')
+      add(base .. ':ch:' .. call, id, kind, '["' .. ids .. '"]', payload)
     end
-    stack[#stack + 1] = set
-    i = i + n
-  else
-    local right, left, out = table.remove(stack), table.remove(stack), {}
-    if code == '&' then
-      for id in pairs(left) do if right[id] then out[id] = true end end
-    else
-      for id in pairs(left) do out[id] = true end
-      for id in pairs(right) do out[id] = true end
+  elseif last == first + 3 and op == 'B' then
+    live = live or live_count()
+    call = {broadcast = live}
+    if live > 0 then add(base .. ':bcast', id, kind, '[]', payload) end
+  end
+  if call == nil then
+    local ok, groups, order = pcall(owners, first + 3, last, koff)
+    if ok then
+      call = {groups = groups, order = order}
+      for _, instance in ipairs(order) do
+        local ids = groups[instance]
+        local targets = #ids == 1 and '["' .. ids[1] .. '"]' or cjson.encode(ids)
+        add(base .. ':ch:' .. instance, id, kind, targets, payload)
+      end
+    else  -- redis.call raises a table {err = ...} (Redis 7) or a string
+      call = {err = type(groups) == 'table' and groups.err or tostring(groups)}
     end
-    stack[#stack + 1] = out
   end
-  i = i + 1
+  calls[#calls + 1] = call
+  i = last + 1
 end
 
-if ARGV[1] == 'count' then
-  local count = 0
-  for _ in pairs(stack[1]) do count = count + 1 end
-  return count
+-- One publish per channel; a channel nobody hears belongs to a dead or cut-off instance.
+local heard = {}
+for _, channel in ipairs(channels) do
+  local bundle = bundles[channel]
+  heard[channel] = redis.call('PUBLISH', channel,
+    '{"v":2,"origin":"' .. origin .. '","messages":[' .. table.concat(bundle.entries, ',') ..
+    ']}\n' .. table.concat(bundle.payloads))
 end
 
-local groups, order = {}, {}
-for id in pairs(stack[1]) do
-  local instance = string.match(id, '^[^:]+')
-  local group = groups[instance]
-  if not group then
-    group = {}
-    groups[instance] = group
-    order[#order + 1] = instance
-  end
-  group[#group + 1] = id
+-- One flat reply, because Redis converts a Lua table to a reply slowly (it looks for
+-- several special fields in each): each call's item count, then its items.
+local out = {}
+local function put(items)
+  out[#out + 1] = #items
+  for k = 1, #items do out[#out + 1] = items[k] end
 end
-
--- An instance channel nobody hears belongs to a dead or cut-off instance: its
--- connections are not counted as routed, and the caller is told which it was.
-local routed, reached, unheard = 0, {}, {}
-for _, instance in ipairs(order) do
-  local ids = groups[instance]
-  local envelope = ARGV[3] .. cjson.encode(ids) .. '}\n' .. ARGV[4]
-  if redis.call('PUBLISH', ARGV[2] .. ':ch:' .. instance, envelope) > 0 then
-    routed = routed + #ids
-    reached[#reached + 1] = instance
+for _, call in ipairs(calls) do
+  if type(call) == 'string' then  -- the hot path, without a table
+    local reached, n = heard[base .. ':ch:' .. call] > 0 and 1 or 0, #out
+    out[n + 1], out[n + 2], out[n + 3], out[n + 4] = 3, reached, reached, call
+  elseif call == false then
+    put({-1, 0})
+  elseif call.err then
+    out[#out + 1] = -1
+    out[#out + 1] = call.err
+  elseif call.broadcast then
+    local count = heard[base .. ':bcast'] or 0
+    put({count > 0 and call.broadcast or 0, -1, count})
   else
-    unheard[#unheard + 1] = instance
+    local routed, reached, unheard = 0, {}, {}
+    for _, instance in ipairs(call.order) do
+      if heard[base .. ':ch:' .. instance] > 0 then
+        routed = routed + #call.groups[instance]
+        reached[#reached + 1] = instance
+      else
+        unheard[#unheard + 1] = instance
+      end
+    end
+    local items = {routed, #reached}
+    for _, instance in ipairs(reached) do items[#items + 1] = instance end
+    for _, instance in ipairs(unheard) do items[#items + 1] = instance end
+    put(items)
   end
 end
-return {routed, reached, unheard}
+return out

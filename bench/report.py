@@ -196,9 +196,11 @@ def format_report(results: dict[str, Any]) -> str:
         out.append(f"{'mode':<10}{'msg/s':>8}{'pub/s':>8}{'p50ms':>8}{'p99ms':>8}"
                    f"{'B/msg':>7}{'CPUus':>7}")  # fmt: skip
         for r in results["floor"]:
+            runs = ", ".join(f"{x:.0f}" for x in r.get("runs", []))
+            median = f"  median of {runs}" if runs else ""
             out.append(f"{r['mode']:<10}{r['throughput']:>8.0f}{r['send_rate']:>8.0f}"
                        f"{r['p50_ms']:>8.2f}{r['p99_ms']:>8.2f}{r['redis_bytes_per_msg']:>7.0f}"
-                       f"{r['cpu_us_per_msg']:>7.0f}")  # fmt: skip
+                       f"{r['cpu_us_per_msg']:>7.0f}{median}")  # fmt: skip
     if results.get("connections") or results.get("registry"):
         out += ["", "## connections (one instance)"]
         out.append("srv us: CPU of the instance and Redis per connect / per disconnect; "

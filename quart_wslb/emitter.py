@@ -160,41 +160,39 @@ class AsyncEmitter:
             await self._check_layout()
         message_id = os.urandom(8).hex()
         if selector.indexed:
-            program = selector.compile(self.keys)
-            routed, reached, unheard = await self._route_program(
-                message_id, program, kind, payload
+            reply = await self._route_program(
+                message_id, selector.compile(self.keys), kind, payload
             )
-            instances = reached if isinstance(reached, int) else len(reached)
-            return Route(message_id, routed, instances, unheard)
+            routed, reached = reply[0], reply[1]
+            unheard = _names(reply[2 + reached :]) if reached >= 0 else ()
+            # reached: how many instances (-1: a broadcast's count of them follows)
+            return Route(message_id, routed, reached if reached >= 0 else reply[2], unheard)
         # Pages of matches, by id: an instance may own connections on several pages.
         total, owners, missed = 0, set[str](), set[str]()
         async for ids in self._matching_ids(selector):
-            routed, reached, unheard = await self._route_program(
-                message_id, _by_id(ids), kind, payload
-            )
-            total += routed
-            owners.update(cast(list[str], reached))
-            missed.update(unheard)
+            reply = await self._route_program(message_id, _by_id(ids), kind, payload)
+            reached = reply[1]
+            total += reply[0]
+            owners.update(_names(reply[2 : 2 + reached]))
+            missed.update(_names(reply[2 + reached :]))
         return Route(message_id, total, len(owners), tuple(sorted(missed)))
 
     async def _route_program(
         self, message_id: str, program: Program, kind: Kind, payload: bytes
-    ) -> tuple[int, int | list[str], tuple[str, ...]]:
-        """(routed, the instances reached or a broadcast's count of them, unheard)."""
+    ) -> list[Any]:
+        """route.lua's reply for one send: connections routed, how many instances were
+        reached (-1 for a broadcast, then how many heard it), their ids, then the
+        owners nobody heard. No instance ever announced itself: ``[0, 0]``."""
         try:  # GroupCommit bounds every round trip in time
-            reply = await self._publish(program.keys, [message_id, kind, payload, *program.ops])
+            reply: list[Any] = await self._publish(
+                program.keys, [message_id, kind, payload, *program.ops]
+            )
         except REDIS_FAILURES as error:  # not redis_errors(): this is the hot path
             raise ours(error, "send") from error
-        # route.lua: routed, instances reached (-1: a broadcast's count follows), their
-        # ids, then the owners nobody heard.
-        routed, reached = reply[0], reply[1]
-        if routed == -1:
+        if reply[0] == -1:
             self._no_instances()
-            return 0, 0, ()
-        if reached == -1:
-            return routed, reply[2], ()
-        names = [i.decode() for i in reply[2:]]
-        return routed, names[:reached], tuple(names[reached:])
+            return [0, 0]
+        return reply
 
     def _script_keys(self, program: Program) -> list[Any]:
         """``KEYS`` of route.lua and match.lua: two fixed ones, then the program's."""
@@ -396,6 +394,10 @@ async def _single(id: str) -> AsyncIterator[list[str]]:
 def _by_id(ids: Sequence[str]) -> Program:
     """The program of ``ConnectionSelector(a) | ConnectionSelector(b) | ...``, as one op."""
     return Program(ops=[f"M{len(ids)}", *ids])
+
+
+def _names(raw: list[bytes]) -> tuple[str, ...]:
+    return tuple([name.decode() for name in raw]) if raw else ()
 
 
 def _check(selector: object) -> None:

@@ -87,7 +87,7 @@ async def send(signal: NamedSignal, sender: object, **kwargs: Any) -> None:
     for receiver in signal.receivers_for(sender):
         try:
             result = receiver(sender, **kwargs)
-            if inspect.isawaitable(result):
+            if result is not None and inspect.isawaitable(result):  # sync ones return None
                 await result
         except Exception:
             log.exception("a receiver of the %s signal failed", signal.name)

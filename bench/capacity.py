@@ -31,7 +31,7 @@ from quart_wslb.connection import Connection
 from quart_wslb.keys import Keys
 from quart_wslb.registry import Registry
 
-__all__ = ("registry_once", "run_connections", "run_registry")
+__all__ = ("registry_once", "run_connections", "run_registry", "socketless")
 
 CONCURRENCY = 64
 DRAIN_TIMEOUT = 60.0
@@ -103,7 +103,7 @@ async def run_connections(
     }
 
 
-def _fake(index: int, instance: str) -> Connection:
+def socketless(index: int, instance: str) -> Connection:
     """A connection with no socket: all that ``Registry`` reads of it is real."""
     return Connection(
         id=f"{instance}:{index:08d}{os.urandom(4).hex()}",
@@ -148,7 +148,7 @@ async def registry_once(params: Params, redis_url: str, redis_pid: int) -> dict[
     keys = Keys(f"bench-r{os.urandom(3).hex()}")
     client = aioredis.Redis.from_url(redis_url, max_connections=CONCURRENCY * 2)
     registry = Registry(client, keys)
-    connections = [_fake(i, "reg0") for i in range(count)]
+    connections = [socketless(i, "reg0") for i in range(count)]
     try:
         watch = LoadWatch([os.getpid(), redis_pid])
         mem0 = _used_memory(redis_url)

@@ -138,7 +138,8 @@ def _announce(cluster: Cluster, *, from_env: bool) -> None:
     elif cluster.redis is not None and cluster.redis.process is not None:
         print(
             f"Redis: embedded redis-server on {cluster.redis_url}, "
-            f"pid {cluster.redis.process.pid} (stopped on exit)"
+            f"pid {cluster.redis.process.pid}, dir {cluster.redis.directory} "
+            "(stopped and removed on exit)"
         )
     for instance in cluster.instances:
         print(f"{instance.id}: {instance.url}  pid {instance.pid}")

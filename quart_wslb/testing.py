@@ -56,6 +56,11 @@ class RedisServer:
         """``redis://127.0.0.1:<port>/0``."""
         return f"redis://127.0.0.1:{self.port}/0"
 
+    @property
+    def directory(self) -> str | None:
+        """The server's temporary working directory, from ``start()`` to ``close()``."""
+        return self._dir.name if self._dir is not None else None
+
     def start(self, timeout: float = 10.0) -> None:
         """Start the server and wait until it answers PING."""
         if self._dir is None:

@@ -37,8 +37,8 @@ __all__ = ("GroupCommit",)
 
 log = logging.getLogger("quart_wslb")
 #: One call: its keys and its arguments.
-Args = tuple[list[Any], list[bytes | str]]
-Call = tuple[list[Any], list[bytes | str], "asyncio.Future[Any]"]
+Args = tuple[list[Any], list[bytes | str], bool]
+Call = tuple[list[Any], list[bytes | str], bool, "asyncio.Future[Any]"]
 #: Seconds without a call after which the connection goes back to the client's pool.
 IDLE_RELEASE = 1.0
 #: Most calls, and most bytes of arguments, in one script call: a script holds Redis for
@@ -70,19 +70,25 @@ class GroupCommit:
         self._release: asyncio.TimerHandle | None = None
         self._releasing: set[asyncio.Future[None]] = set()
 
-    async def __call__(self, keys: list[Any], args: list[bytes | str]) -> Any:
-        """The script's reply to one call of ``keys`` and ``args``; an error raises."""
+    async def __call__(
+        self, keys: list[Any], args: list[bytes | str], *, alone: bool = False
+    ) -> Any:
+        """The script's reply to one call of ``keys`` and ``args``; an error raises.
+
+        An ``alone`` call (one that may hold Redis long) gets a script call of its own,
+        in the same round trip as the others.
+        """
         if self._release is not None:
             self._release.cancel()
             self._release = None
         if self._busy:
             future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-            self._queue.append((keys, args, future))
+            self._queue.append((keys, args, alone, future))
             return await future
         self._busy = True
         try:
             async with asyncio.timeout(self._timeout):
-                (result,) = await self._round_trip([(keys, args)])
+                (result,) = await self._round_trip([(keys, args, alone)])
             if isinstance(result, BaseException):
                 raise result
             return result
@@ -104,7 +110,7 @@ class GroupCommit:
                 await asyncio.sleep(0)
         finally:
             self._idle()
-            for _, _, future in self._queue:  # only if cancelled: nobody is left waiting
+            for *_, future in self._queue:  # only if cancelled: nobody is left waiting
                 if not future.done():
                     future.set_exception(ConnectionError("the batch was abandoned"))
             self._queue = []
@@ -115,7 +121,7 @@ class GroupCommit:
                 results = await self._pipeline(batch)
         except Exception as error:  # the whole round trip failed: every caller hears it
             results = [error] * len(batch)
-        for (_, _, future), result in zip(batch, results, strict=True):
+        for (*_, future), result in zip(batch, results, strict=True):
             if future.done():  # its caller gave up (its own deadline)
                 continue
             if isinstance(result, BaseException):
@@ -124,7 +130,7 @@ class GroupCommit:
                 future.set_result(result)
 
     async def _pipeline(self, batch: list[Call]) -> list[Any]:
-        return await self._round_trip([(keys, args) for keys, args, _ in batch])
+        return await self._round_trip([(keys, args, alone) for keys, args, alone, _ in batch])
 
     async def _round_trip(self, calls: list[Args]) -> list[Any]:
         """Replies to ``calls`` in one round trip; errors are returned, not raised."""
@@ -160,7 +166,7 @@ class GroupCommit:
 
     def _evalsha(self, calls: list[Args]) -> list[Any]:
         keys, args = list(self._keys), list(self._args)
-        for call_keys, call_args in calls:
+        for call_keys, call_args, _ in calls:
             args += [len(keys) - len(self._keys), len(call_args), *call_args]
             keys += call_keys
         return ["EVALSHA", self._script.sha, len(keys), *keys, *args]
@@ -196,12 +202,15 @@ class GroupCommit:
 
 def _chunks(calls: list[Args]) -> list[list[Args]]:
     """``calls`` in order, cut into script calls of at most ``MAX_CALLS`` calls and
-    ``MAX_BYTES`` of arguments (a single larger call goes alone)."""
+    ``MAX_BYTES`` of arguments; a single larger call, or an ``alone`` one, goes alone."""
     chunks: list[list[Args]] = [[]]
     size = 0
     for call in calls:
         weight = sum(map(len, call[1]))
-        if chunks[-1] and (len(chunks[-1]) >= MAX_CALLS or size + weight > MAX_BYTES):
+        last = chunks[-1]
+        if last and (
+            call[2] or last[-1][2] or len(last) >= MAX_CALLS or size + weight > MAX_BYTES
+        ):
             chunks.append([])
             size = 0
         chunks[-1].append(call)
@@ -221,6 +230,8 @@ def _split(reply: Any, count: int) -> list[Any]:
     try:
         while at < len(reply):
             size = reply[at]
+            if type(size) is not int or size < -1:
+                break  # reported below
             if size == -1:
                 replies.append(error_of(ResponseError(_text(reply[at + 1]))))
                 at += 2

@@ -25,7 +25,7 @@ from ._lua import source
 from .batch import GroupCommit
 from .config import default_instance_id, validated_instance_id, validated_prefix
 from .connection import ConnectionRecord
-from .envelope import Kind, head, pack
+from .envelope import KINDS, Kind, head, pack
 from .exceptions import (
     REDIS_FAILURES,
     NoInstancesError,
@@ -141,7 +141,7 @@ class AsyncEmitter:
         under the prefix (a wrong prefix), rather than answering 0.
         """
         kind, payload = pack(message)
-        return (await self.route(selector, kind, payload)).routed
+        return (await self._route(selector, kind, payload)).routed
 
     async def disconnect(self, selector: Selector, code: int = 1000, reason: str = "") -> int:
         """Close every matching connection, on whichever instance owns it.
@@ -151,10 +151,26 @@ class AsyncEmitter:
         if not isinstance(code, int) or not (code == 1000 or 3000 <= code <= 4999):
             raise ValueError("close code must be 1000 or in 3000-4999")
         payload = json.dumps({"code": code, "reason": reason}).encode()
-        return (await self.route(selector, "disconnect", payload)).routed
+        return (await self._route(selector, "disconnect", payload)).routed
 
     async def route(self, selector: Selector, kind: Kind, payload: bytes) -> Route:
-        """Publish one envelope of ``kind`` to the owners of the matching connections."""
+        """Publish one message of ``kind`` to the owners of the matching connections.
+
+        Raises ``ValueError`` for an unknown ``kind`` or a payload that the receiving
+        instances could not decode (text that is not UTF-8), before anything is
+        published: concurrent sends share envelopes, and one bad message would cost the
+        others theirs.
+        """
+        if kind not in KINDS:
+            raise ValueError(f"unknown kind {kind!r}")
+        if kind != "binary":
+            try:
+                payload.decode("utf-8")
+            except (UnicodeDecodeError, AttributeError) as error:
+                raise ValueError(f"a {kind} payload must be UTF-8 bytes") from error
+        return await self._route(selector, kind, payload)
+
+    async def _route(self, selector: Selector, kind: Kind, payload: bytes) -> Route:
         _check(selector)
         if not self._layout_seen:
             await self._check_layout()
@@ -185,7 +201,7 @@ class AsyncEmitter:
         owners nobody heard. No instance ever announced itself: ``[0, 0]``."""
         try:  # GroupCommit bounds every round trip in time
             reply: list[Any] = await self._publish(
-                program.keys, [message_id, kind, payload, *program.ops]
+                program.keys, [message_id, kind, payload, *program.ops], alone=_heavy(program)
             )
         except REDIS_FAILURES as error:  # not redis_errors(): this is the hot path
             raise ours(error, "send") from error
@@ -195,7 +211,7 @@ class AsyncEmitter:
         return reply
 
     def _script_keys(self, program: Program) -> list[Any]:
-        """``KEYS`` of route.lua and match.lua: two fixed ones, then the program's."""
+        """``KEYS`` of count.lua and match.lua: two fixed ones, then the program's."""
         return [*self._fixed_keys, *program.keys]
 
     async def resolve(self, selector: Selector) -> dict[str, list[str]]:
@@ -394,6 +410,14 @@ async def _single(id: str) -> AsyncIterator[list[str]]:
 def _by_id(ids: Sequence[str]) -> Program:
     """The program of ``ConnectionSelector(a) | ConnectionSelector(b) | ...``, as one op."""
     return Program(ops=[f"M{len(ids)}", *ids])
+
+
+def _heavy(program: Program) -> bool:
+    """Whether a send may hold Redis long (a set of unknown size, every connection, a
+    page of ids): then it runs in a script call of its own, so that a batch of them
+    cannot stall everyone else's commands. One user, one id or a broadcast is light."""
+    ops = program.ops
+    return len(ops) != 1 or ops[0][0] not in "UCB"
 
 
 def _names(raw: list[bytes]) -> tuple[str, ...]:

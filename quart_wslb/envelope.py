@@ -24,6 +24,7 @@ from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_load, val
 
 __all__ = (
     "CONTROL_KINDS",
+    "KINDS",
     "VERSION",
     "Envelope",
     "EnvelopeError",
@@ -44,7 +45,8 @@ Kind = Literal["text", "binary", "json", "join", "leave", "disconnect"]
 CONTROL_KINDS = frozenset({"join", "leave", "disconnect"})
 #: What a websocket sends: ``str`` as a text frame, ``bytes`` as a binary frame.
 Frame = str | bytes
-_KINDS = ("text", "binary", "json", "join", "leave", "disconnect")
+#: Every kind an envelope's message may have.
+KINDS: frozenset[str] = frozenset(("text", "binary", "json", "join", "leave", "disconnect"))
 
 
 class EnvelopeError(ValueError):
@@ -73,7 +75,7 @@ class _MessageSchema(Schema):
         unknown = EXCLUDE
 
     id = fields.String(required=True, validate=validate.Length(min=1, max=200))
-    kind = fields.String(required=True, validate=validate.OneOf(_KINDS))
+    kind = fields.String(required=True, validate=validate.OneOf(sorted(KINDS)))
     targets = fields.List(fields.String(validate=validate.Length(min=1)), required=True)
     size = fields.Integer(required=True, strict=True, validate=validate.Range(min=0))
 
@@ -96,7 +98,6 @@ class _HeaderSchema(Schema):
 
 _SCHEMA = _HeaderSchema()
 _DECODER = json.JSONDecoder()
-_KIND_SET = frozenset(_KINDS)
 
 
 def quick_header(header: bytes) -> dict[str, Any] | None:
@@ -140,7 +141,7 @@ def _plain_message(data: object) -> bool:
     if (
         type(id) is not str
         or not 0 < len(id) <= 200
-        or kind not in _KIND_SET
+        or kind not in KINDS
         or type(targets) is not list
         or type(size) is not int
         or size < 0

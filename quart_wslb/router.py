@@ -153,7 +153,7 @@ class Router:
             except Exception as error:  # one message's failure costs only that message
                 log.exception("dropped message %s, which could not be handled", envelope.id)
                 await signals.dropped(
-                    self._owner, "malformed", message_id=envelope.id, detail=repr(error)
+                    self._owner, "error", message_id=envelope.id, detail=repr(error)
                 )
 
     async def _deliver(self, envelope: Envelope) -> None:

@@ -36,10 +36,13 @@ __all__ = (
 
 @dataclass(slots=True)
 class Program:
-    """A compiled selector: Redis keys (``KEYS[3..]``) and postfix ops for ``route.lua``.
+    """A compiled selector: Redis keys and postfix ops for the scripts (``run_program``
+    in ``lua/_common.lua``).
 
-    Ops: ``S<n>`` members of ``KEYS[n]``; ``U<user>`` the user's connections; ``A``
-    every connection; ``C<id>`` one connection if it exists; ``&`` and ``|`` combine the
+    Ops: ``S<n>`` members of the ``n``-th key, counting the two fixed keys (``KEYS[n]``
+    for a script call of its own; in a batch, offset by the keys of the calls before);
+    ``U<user>`` the user's connections; ``A`` every connection; ``C<id>`` one connection
+    if it exists; ``M<n>`` then ``n`` ids, those that exist; ``&`` and ``|`` combine the
     top two sets; a lone ``B`` is a broadcast to every instance.
     """
 

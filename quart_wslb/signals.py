@@ -49,6 +49,7 @@ message_received: NamedSignal = _signals.signal("message_received")
 message_delivered: NamedSignal = _signals.signal("message_delivered")
 #: Something was not delivered. Receivers: ``(sender, reason, message_id, connection,
 #: detail)``. ``reason`` is one of ``"malformed"`` (an envelope failed the schema),
+#: ``"error"`` (delivering one message raised; logged with its traceback),
 #: ``"queue_full"``, ``"gone"`` (no such local connection), ``"closed"`` (still queued
 #: when the connection ended) or ``"too_large"`` (a client frame over
 #: ``WSLB_MAX_MESSAGE_SIZE``; the socket was closed with 1009). ``message_id`` and

@@ -243,5 +243,19 @@ def test_split_cuts_a_flat_reply_per_call() -> None:
     first, error, empty, last = batch._split(reply, 4)
     assert (first, empty, last) == ([b"a", b"b"], [], [7])
     assert isinstance(error, NoScriptError)
-    for bad in ([2, b"a"], [1, b"a", 1], [b"x"], 5):
+    for bad in ([2, b"a"], [1, b"a", 1], [b"x"], 5, [-2, 0]):  # [-2, 0] once looped forever
         assert all(isinstance(r, ResponseError) for r in batch._split(bad, 1))
+
+
+def test_chunks_give_alone_calls_a_script_call_of_their_own() -> None:
+    light: batch.Args = ([], ["x"], False)
+    heavy: batch.Args = ([], ["y"], True)
+    chunks = batch._chunks([light, light, heavy, light, heavy, heavy, light])
+    assert [[c[2] for c in chunk] for chunk in chunks] == [
+        [False, False],
+        [True],
+        [False],
+        [True],
+        [True],
+        [False],
+    ]

@@ -7,6 +7,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
+from typing import Any, cast
 
 import pytest
 import redis.asyncio as aioredis
@@ -19,11 +20,12 @@ from quart_wslb import (
     GroupSelector,
     MetadataSelector,
     NoInstancesError,
+    PathSelector,
     RedisUnavailableError,
     UserSelector,
     WsLoadBalanceError,
 )
-from quart_wslb.emitter import PAGE
+from quart_wslb.emitter import PAGE, Route
 from quart_wslb.envelope import decode
 from quart_wslb.keys import LAYOUT, Keys
 from quart_wslb.registry import Registry
@@ -262,6 +264,54 @@ async def test_concurrent_sends_share_one_publish_per_instance(
         messages = [e for raw in publishes[instance] for e in decode(raw)]
         assert [e.frame for e in messages] == [str(n) for n in range(first, 20, 2)]
         assert [e.id for e in messages] == [r.message_id for r in routes[first::2]]
+
+
+async def test_a_batch_of_mixed_sends_routes_each_its_own(
+    emitter: AsyncEmitter, redis: aioredis.Redis, prefix: str
+) -> None:
+    """Sends in flight together: each gets its own result, index keys are read at each
+    call's offset, an error (a key of the wrong type) reaches only its caller, and sends
+    that may hold Redis long (sets) each get a script call of their own."""
+    keys = Keys(prefix)
+    people = [make_connection(id=f"i1:c{n}", user=f"u{n}", path=f"/p{n % 2}") for n in range(6)]
+    await Registry(redis, keys).register(*people)
+    await redis.set(keys.heartbeat("i1"), "1")
+    await redis.set(keys.path("/bad"), "not a set")
+    await emitter.route(UserSelector("u0"), "text", b"warm-up")
+    evalsha: list[int] = []
+    commands = emitter._publish._commands
+
+    async def spy(batch: list[list[Any]]) -> list[Any]:
+        evalsha.append(sum(command[0] == "EVALSHA" for command in batch))
+        return await commands(batch)
+
+    emitter._publish._commands = spy  # type: ignore[method-assign,assignment]
+    async with redis.pubsub() as pubsub:
+        await pubsub.subscribe(keys.channel("i1"), keys.broadcast)
+        results = await asyncio.gather(
+            emitter.route(PathSelector("/p0"), "text", b"a"),
+            emitter.route(UserSelector("u1"), "text", b"b"),
+            emitter.route(AllSelector(), "text", b"c"),
+            emitter.route(PathSelector("/bad"), "text", b"d"),
+            emitter.route(PathSelector("/p1") & UserSelector("u3"), "text", b"e"),
+            return_exceptions=True,
+        )
+    routed = [r.routed if isinstance(r, Route) else type(r) for r in results]
+    assert routed == [3, 1, 6, WsLoadBalanceError, 1]
+    assert "WRONGTYPE" in str(results[3])
+    # The first goes alone; then u1 and the broadcast share a script call, and each
+    # set-reading send has its own, all in one round trip.
+    assert evalsha == [1, 3]
+
+
+async def test_route_refuses_what_receivers_could_not_decode(emitter: AsyncEmitter) -> None:
+    """One bad message would cost the others of its envelope theirs: refused up front."""
+    with pytest.raises(ValueError, match="unknown kind"):
+        await emitter.route(UserSelector("u"), cast(Any, 'te"xt'), b"x")
+    with pytest.raises(ValueError, match="UTF-8"):
+        await emitter.route(UserSelector("u"), "text", b"\xff\xfe")
+    with pytest.raises(ValueError, match="UTF-8"):
+        await emitter.route(UserSelector("u"), "json", cast(Any, "not bytes"))
 
 
 async def test_send_to_a_user_with_many_connections_reaches_them_all(

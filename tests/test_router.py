@@ -325,9 +325,9 @@ async def test_dispatch_delivers_every_message_of_a_publish_in_order(redis: Redi
         assert await sockets[0].wait_sent(3) == ["0", "3", "6"]
         assert await sockets[2].wait_sent(3) == ["2", "5", "8"]
     assert [(c["reason"], c["message_id"]) for c in dropped.calls] == [
-        ("malformed", "m1"),
-        ("malformed", "m4"),
-        ("malformed", "m7"),
+        ("error", "m1"),
+        ("error", "m4"),
+        ("error", "m7"),
     ]
 
 

@@ -38,7 +38,8 @@ __all__ = ("GroupCommit",)
 log = logging.getLogger("quart_wslb")
 #: One call: its keys and its arguments.
 Args = tuple[list[Any], list[bytes | str], bool]
-Call = tuple[list[Any], list[bytes | str], bool, "asyncio.Future[Any]"]
+#: A queued call, and the future its caller waits on.
+Call = tuple[Args, "asyncio.Future[Any]"]
 #: Seconds without a call after which the connection goes back to the client's pool.
 IDLE_RELEASE = 1.0
 #: Most calls, and most bytes of arguments, in one script call: a script holds Redis for
@@ -83,7 +84,7 @@ class GroupCommit:
             self._release = None
         if self._busy:
             future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-            self._queue.append((keys, args, alone, future))
+            self._queue.append(((keys, args, alone), future))
             return await future
         self._busy = True
         try:
@@ -110,7 +111,7 @@ class GroupCommit:
                 await asyncio.sleep(0)
         finally:
             self._idle()
-            for *_, future in self._queue:  # only if cancelled: nobody is left waiting
+            for _, future in self._queue:  # only if cancelled: nobody is left waiting
                 if not future.done():
                     future.set_exception(ConnectionError("the batch was abandoned"))
             self._queue = []
@@ -121,7 +122,7 @@ class GroupCommit:
                 results = await self._pipeline(batch)
         except Exception as error:  # the whole round trip failed: every caller hears it
             results = [error] * len(batch)
-        for (*_, future), result in zip(batch, results, strict=True):
+        for (_, future), result in zip(batch, results, strict=True):
             if future.done():  # its caller gave up (its own deadline)
                 continue
             if isinstance(result, BaseException):
@@ -130,7 +131,7 @@ class GroupCommit:
                 future.set_result(result)
 
     async def _pipeline(self, batch: list[Call]) -> list[Any]:
-        return await self._round_trip([(keys, args, alone) for keys, args, alone, _ in batch])
+        return await self._round_trip([call for call, _ in batch])
 
     async def _round_trip(self, calls: list[Args]) -> list[Any]:
         """Replies to ``calls`` in one round trip; errors are returned, not raised."""

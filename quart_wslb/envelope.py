@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_load, validate
 
@@ -46,7 +46,7 @@ CONTROL_KINDS = frozenset({"join", "leave", "disconnect"})
 #: What a websocket sends: ``str`` as a text frame, ``bytes`` as a binary frame.
 Frame = str | bytes
 #: Every kind an envelope's message may have.
-KINDS: frozenset[str] = frozenset(("text", "binary", "json", "join", "leave", "disconnect"))
+KINDS: frozenset[str] = frozenset(get_args(Kind))
 
 
 class EnvelopeError(ValueError):

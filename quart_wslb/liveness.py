@@ -6,7 +6,8 @@ Every ``WSLB_HEARTBEAT_INTERVAL`` one bounded tick of :class:`Liveness` does, in
    read how many records Redis holds for this instance, and publish a probe on this
    instance's own channel; all one round trip.
 2. **probe check**: if nobody heard the probe, or the subscriber has missed the last two,
-   the subscriber is restarted (a killed or silently dead pub/sub connection).
+   the subscriber is restarted (a killed or silently dead pub/sub connection), once it
+   has delivered what its connection still holds (see :meth:`Router.restart`).
 3. **repair**: if Redis holds a different number of records than this instance has live
    connections (Redis restarted and lost its data, an unregister failed, the instance was
    reaped while cut off), :meth:`Registry.reconcile` makes them agree; a full
@@ -114,7 +115,11 @@ class Liveness:
         # that lags behind a backlog still receives, and restarting it would drop that.
         deaf = self._router.missed_probes() >= MISSED_PROBES
         if heard == 0 or (deaf and self._router.silent_for() > self._interval):
-            log.warning("subscriber is deaf (probe heard by %d); restarting it", heard)
+            log.warning(
+                "subscriber is deaf (probe heard by %d); restarting it once it has "
+                "delivered what it holds",
+                heard,
+            )
             self._router.restart()
         if registered != len(self._local) or self._ticks % FULL_REPAIR_EVERY == 0:
             await self.repair()

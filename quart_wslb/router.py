@@ -3,11 +3,13 @@
 Each instance subscribes to its own channel (envelopes for connections it owns; see
 :mod:`quart_wslb.emitter` for the publishing side) and to the broadcast channel. The loop
 is modelled on redis-py's ``PubSub.run``: it re-raises cancellation, and on any other
-error logs, backs off and subscribes again; a probe that the liveness loop publishes on
-the instance's own channel proves it still hears (see :mod:`quart_wslb.liveness`). It
-reads through :mod:`quart_wslb.subscriber`, which hands over every message that arrived
-at once. Control envelopes (join, leave, disconnect) act on the local connections they
-target.
+error logs (with the traceback when it is not a Redis failure), sends ``subscriber_lost``
+with a reason, backs off and subscribes again; a probe that the liveness loop publishes
+on the instance's own channel proves it still hears (see :mod:`quart_wslb.liveness`).
+Whatever the connection holds is delivered before it is dropped: everything Redis sent
+before closing it, and on a restart, whatever keeps arriving. It reads through
+:mod:`quart_wslb.subscriber`, which hands over every message that arrived at once.
+Control envelopes (join, leave, disconnect) act on the local connections they target.
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 
 from . import signals
 from .connection import Connection
 from .envelope import CONTROL_KINDS, Envelope, EnvelopeError, decode
 from .keys import Keys
-from .subscriber import Subscription, subscribe
+from .subscriber import SubscriberClosedError, Subscription, output_buffer_cuts, subscribe
 
 __all__ = ("Router",)
 
@@ -35,6 +39,24 @@ READ_TIMEOUT = 0.5
 #: Probes start with a byte that no envelope starts with (an envelope starts with "{").
 PROBE = b"\x00probe:"
 BACKOFF_MIN, BACKOFF_MAX = 0.05, 2.0
+#: Longest a restart waits for the subscriber to deliver what keeps arriving.
+DRAIN_LIMIT = 5.0
+
+
+#: What each ``subscriber_lost`` reason (but ``"unexpected"``) costs this instance,
+#: besides what is published until it listens again.
+LOSSES = {
+    "closed": "what Redis still held for it when it closed the connection (at most "
+    "client-output-buffer-limit pubsub)",
+    "output_buffer_limit": "what Redis still held for it (at most "
+    "client-output-buffer-limit pubsub)",
+    "error": "what was in flight",
+    "deaf": "what was published while it heard nothing",
+}
+
+
+class SubscriberRestartedError(RedisConnectionError):
+    """The subscriber was restarted for missing its probes (see :meth:`Router.restart`)."""
 
 
 class Router:
@@ -55,7 +77,10 @@ class Router:
         self._owner = owner
         #: Set while this instance is subscribed to its channels.
         self.subscribed = asyncio.Event()
-        self._restart = False
+        # Monotonic time at which a restart was asked for; None if none was.
+        self._restart: float | None = None
+        # Redis's count of output-buffer-limit cuts when we subscribed (None: unknown).
+        self._cuts: int | None = None
         self._probe_sent = 0
         self._probe_seen = 0
         #: Monotonic time of the last message the subscriber received.
@@ -80,11 +105,23 @@ class Router:
         return time.monotonic() - self.last_message
 
     def restart(self) -> None:
-        """Drop the subscription and subscribe again (within ``READ_TIMEOUT``)."""
-        self._restart = True
+        """Subscribe again once the subscriber has delivered what it already holds.
+
+        The loop reads on until the connection ends (Redis closed it: everything it sent
+        is delivered) or no message comes for ``READ_TIMEOUT``, for at most
+        ``DRAIN_LIMIT`` seconds; then it subscribes again and sends ``subscriber_lost``.
+        """
+        if self._restart is None:
+            self._restart = time.monotonic()
 
     async def run(self) -> None:
-        """Subscribe and deliver until cancelled; no error other than cancellation ends it."""
+        """Subscribe and deliver until cancelled; no error other than cancellation ends it.
+
+        Redis failures are routine: logged at WARNING, retried with backoff. Anything
+        else is a bug: logged at ERROR with its traceback and retried after
+        ``BACKOFF_MAX``, since an instance without a subscriber would accept clients it
+        can never deliver to. Either way ``subscriber_lost`` says why.
+        """
         channels = (self._keys.channel(self._instance), self._keys.broadcast)
         delay = BACKOFF_MIN
         while True:
@@ -92,40 +129,91 @@ class Router:
                 async with subscribe(self._redis, channels) as subscription:
                     await self._subscribed()
                     delay = BACKOFF_MIN
+                    self._cuts = await output_buffer_cuts(self._redis)
                     await self._listen(subscription)
-                self.subscribed.clear()
             except asyncio.CancelledError:
                 self.subscribed.clear()
                 raise
             except Exception as error:
                 self.subscribed.clear()
-                log.warning("subscriber lost (%r); subscribing again in %.2fs", error, delay)
-                await signals.send(signals.subscriber_lost, self._owner, error=error)
-                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-                delay = min(delay * 2, BACKOFF_MAX)
+                if pause := await self._lost(error, delay):
+                    await asyncio.sleep(pause * random.uniform(0.5, 1.0))
+                    delay = min(pause * 2, BACKOFF_MAX)
 
     async def _listen(self, subscription: Subscription) -> None:
-        """Dispatch every message in order until a restart is asked for.
+        """Dispatch every message in order until the subscription ends.
 
-        Each read waits at most ``READ_TIMEOUT``, so a restart takes effect that soon; the
-        messages of a read already taken off the socket are dispatched first.
+        Each read waits at most ``READ_TIMEOUT``. After :meth:`restart` the loop goes on
+        while messages keep coming (see there), then raises
+        :class:`SubscriberRestartedError`.
         """
-        while not self._restart:
+        while True:
             batch = await subscription.read(READ_TIMEOUT)
             if batch:
                 self.last_message = time.monotonic()
             for raw in batch:
                 await self._dispatch_guarded(raw)
+            asked = self._restart
+            if asked is not None and (not batch or time.monotonic() - asked > DRAIN_LIMIT):
+                raise SubscriberRestartedError(
+                    "the subscriber missed its probes; restarted "
+                    + ("once it fell silent" if not batch else f"after {DRAIN_LIMIT}s")
+                )
+
+    async def _lost(self, error: Exception, delay: float) -> float:
+        """Log and signal a lost subscription; returns the delay before the next try
+        (none after a restart: the connection was fine, only deaf)."""
+        reason = await self._reason(error)
+        if reason == "deaf":
+            delay = 0.0
+        elif reason == "unexpected":
+            delay = BACKOFF_MAX
+            log.error(
+                "the subscriber loop failed unexpectedly; subscribing again in %.2fs",
+                delay,
+                exc_info=error,
+            )
+        else:
+            log.warning(
+                "subscriber lost (%s: %s); lost for this instance: %s, and what is "
+                "published until it listens again; subscribing again in %.2fs",
+                reason,
+                error,
+                LOSSES[reason],
+                delay,
+            )
+        await signals.send(signals.subscriber_lost, self._owner, error=error, reason=reason)
+        return delay
+
+    async def _reason(self, error: Exception) -> str:
+        if isinstance(error, SubscriberRestartedError):
+            return "deaf"
+        if isinstance(error, SubscriberClosedError):
+            return await self._why_closed()
+        if isinstance(error, (RedisError, OSError)):
+            return "error"
+        return "unexpected"
+
+    async def _why_closed(self) -> str:
+        """``"output_buffer_limit"`` if Redis counted one more client cut for its
+        ``client-output-buffer-limit`` while we were subscribed (on servers that count
+        them), else ``"closed"``."""
+        before, self._cuts = self._cuts, None
+        after = await output_buffer_cuts(self._redis) if before is not None else None
+        cut = before is not None and after is not None and after > before
+        return "output_buffer_limit" if cut else "closed"
 
     async def _subscribed(self) -> None:
-        self._restart = False
+        self._restart = None
         self._probe_seen = self._probe_sent
         self.subscribed.set()
         for callback in self._on_subscribed:
             try:
                 await callback()
-            except Exception as error:
+            except (RedisError, OSError) as error:
                 log.warning("after subscribing: %r", error)
+            except Exception:
+                log.exception("a callback after subscribing failed")
 
     async def _dispatch_guarded(self, raw: bytes) -> None:
         """One bad publish must cost that publish, never the subscription."""

@@ -73,8 +73,16 @@ user_online: NamedSignal = _signals.signal("user_online")
 #: A user's last connection in the cluster closed or was reaped (sent once, by the
 #: instance that removed it). Receivers: ``(sender, user)``.
 user_offline: NamedSignal = _signals.signal("user_offline")
-#: The subscriber connection failed; it is being re-established with backoff.
-#: Receivers: ``(sender, error)``.
+#: The subscriber connection was lost; it is being re-established (with backoff, but
+#: after a restart). Receivers: ``(sender, error, reason)``. ``reason`` is one of
+#: ``"closed"`` (Redis closed the connection: ``CLIENT KILL``, ``timeout``, its
+#: ``client-output-buffer-limit pubsub``...; everything it sent first was delivered),
+#: ``"output_buffer_limit"`` (closed, and Redis counted a client cut for that limit
+#: meanwhile, where it counts them), ``"error"`` (any other Redis or network failure),
+#: ``"deaf"`` (the liveness probe found it deaf; restarted once it delivered what it
+#: held) or ``"unexpected"`` (not a Redis failure: a bug, logged with its traceback).
+#: ``error`` is the exception (a ``redis.exceptions.ConnectionError`` for the first two
+#: and ``"deaf"``).
 subscriber_lost: NamedSignal = _signals.signal("subscriber_lost")
 
 

@@ -29,26 +29,43 @@ from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import InvalidResponse, ResponseError
+from redis.exceptions import InvalidResponse, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .wire import INCOMPLETE, READ_SIZE, parser, stream_of
 
-__all__ = ("PubSubSubscription", "StreamSubscription", "Subscription", "subscribe")
+__all__ = (
+    "PubSubSubscription",
+    "StreamSubscription",
+    "SubscriberClosedError",
+    "Subscription",
+    "output_buffer_cuts",
+    "subscribe",
+)
 
 log = logging.getLogger("quart_wslb")
 #: How long Redis may take to confirm the subscription when the client sets no
 #: ``socket_timeout``.
 CONFIRM_TIMEOUT = 5.0
+#: The ``INFO stats`` field that counts the clients Redis disconnected for
+#: ``client-output-buffer-limit`` (newer servers only: Redis 7.0 has none).
+OUTPUT_BUFFER_CUTS = "client_output_buffer_limit_disconnections"
+
+
+class SubscriberClosedError(RedisConnectionError):
+    """Redis closed the subscriber connection; every message it sent before was read."""
 
 
 class Subscription(Protocol):
     """A subscription to some channels that hands out the payloads of their messages."""
 
     async def read(self, timeout: float) -> list[bytes]:
-        """The next messages' payloads, in order; ``[]`` after ``timeout`` s of silence.
+        """The next messages' payloads, in order; ``[]`` when no whole message came
+        within ``timeout`` s.
 
-        Raises a ``redis.exceptions.RedisError`` once the subscription is lost.
+        Raises a ``redis.exceptions.RedisError`` once the subscription is lost
+        (:class:`SubscriberClosedError` when Redis closed it), and only once every
+        message that arrived ahead of the loss was handed out.
         """
         ...
 
@@ -75,11 +92,16 @@ class StreamSubscription:
             self._ready += await self._next(remaining)
 
     async def read(self, timeout: float) -> list[bytes]:
-        """The next messages' payloads, in order; ``[]`` after ``timeout`` s of silence."""
+        """The next messages' payloads, in order; ``[]`` when no whole message came
+        within ``timeout`` s (a message split across reads is waited for)."""
         if self._ready:
             ready, self._ready = self._ready, []
             return ready
-        return await self._next(timeout)
+        deadline = time.monotonic() + timeout
+        while not (messages := await self._next(max(0.0, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline:
+                break
+        return messages
 
     async def _next(self, timeout: float) -> list[bytes]:
         if self._failure is not None:
@@ -97,8 +119,8 @@ class StreamSubscription:
             if deadline.expired():
                 return b""
             raise RedisConnectionError(f"subscriber connection failed: {error!r}") from error
-        if not data:
-            raise RedisConnectionError("Redis closed the subscriber connection")
+        if not data:  # the stream hands out everything before the end first
+            raise SubscriberClosedError("Redis closed the subscriber connection")
         return data
 
     def _parse(self, data: bytes) -> list[bytes]:
@@ -135,11 +157,29 @@ class PubSubSubscription:
         self._pubsub = pubsub
 
     async def read(self, timeout: float) -> list[bytes]:
-        """The next message's payload, or ``[]`` after ``timeout`` s of silence."""
-        message = await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=timeout)
-        if message is not None and message["type"] == "message":
-            return [message["data"]]
+        """The next message's payload, or ``[]`` when none came within ``timeout`` s."""
+        deadline = time.monotonic() + timeout
+        while (remaining := deadline - time.monotonic()) > 0:
+            message = await self._pubsub.get_message(
+                ignore_subscribe_messages=True, timeout=remaining
+            )
+            if message is not None and message["type"] == "message":
+                return [message["data"]]
         return []
+
+
+async def output_buffer_cuts(redis: Redis, timeout: float = 1.0) -> int | None:
+    """How many clients Redis disconnected for ``client-output-buffer-limit`` so far;
+    ``None`` where it does not say (older servers, ``INFO`` refused, no answer within
+    ``timeout`` s)."""
+    try:
+        async with asyncio.timeout(timeout):
+            stats = await redis.info("stats")
+    except (RedisError, TimeoutError) as error:
+        log.debug("INFO stats failed: %r", error)
+        return None
+    count = stats.get(OUTPUT_BUFFER_CUTS)
+    return count if isinstance(count, int) else None
 
 
 @asynccontextmanager

@@ -103,6 +103,17 @@ class Instance:
         self._reap_group()
         return self.process.returncode
 
+    def pause(self) -> None:
+        """SIGSTOP the whole process group (parent and worker): frozen, sockets open."""
+        os.killpg(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT the process group after :meth:`pause`."""
+        try:
+            os.killpg(self.process.pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+
     def crash(self) -> None:
         """SIGKILL the whole process group: the worker gets no chance to clean up."""
         try:

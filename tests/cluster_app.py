@@ -81,8 +81,9 @@ def _count_repaired(sender: WsLoadBalance, restored: int, removed: int) -> None:
 
 
 @signals.subscriber_lost.connect_via(wslb)
-def _count_lost(sender: WsLoadBalance, error: Exception) -> None:
+def _count_lost(sender: WsLoadBalance, error: Exception, reason: str = "", **_: Any) -> None:
     stats["subscriber_lost"] += 1
+    stats[f"subscriber_lost_{reason}"] += 1
 
 
 @app.errorhandler(RedisUnavailableError)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import cast
 
 import pytest
 from redis.asyncio import Redis
@@ -16,7 +17,12 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import InvalidResponse, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from quart_wslb.subscriber import PubSubSubscription, StreamSubscription, subscribe
+from quart_wslb.subscriber import (
+    PubSubSubscription,
+    StreamSubscription,
+    output_buffer_cuts,
+    subscribe,
+)
 from quart_wslb.wire import READ_SIZE
 from tests.support import SOON
 
@@ -235,3 +241,38 @@ async def test_subscribe_on_real_redis_refused_is_an_error(redis_url: str, prefi
     finally:
         await admin.acl_deluser(user)
         await admin.aclose()
+
+
+class Info:
+    """What ``output_buffer_cuts`` needs of a client: ``info``, answering ``stats``."""
+
+    def __init__(self, stats: dict[str, object], delay: float = 0.0) -> None:
+        self.stats = stats
+        self.delay = delay
+
+    async def info(self, section: str) -> dict[str, object]:
+        await asyncio.sleep(self.delay)
+        return self.stats if section == "stats" else {}
+
+
+async def test_output_buffer_cuts_reads_the_counter_where_redis_has_one() -> None:
+    counter = Info({"client_output_buffer_limit_disconnections": 7, "total_connections": 9})
+    assert await output_buffer_cuts(cast(Redis, counter)) == 7
+    assert await output_buffer_cuts(cast(Redis, Info({"total_connections": 9}))) is None
+
+
+async def test_output_buffer_cuts_unknown_when_redis_refuses_or_hangs(redis: Redis) -> None:
+    assert await output_buffer_cuts(redis) is None  # fakeredis has no INFO
+    started = time.monotonic()
+    hanging = Info({"client_output_buffer_limit_disconnections": 1}, delay=SOON * 10)
+    assert await output_buffer_cuts(cast(Redis, hanging), timeout=QUIET) is None
+    assert time.monotonic() - started < SOON
+
+
+async def test_stream_subscription_read_waits_for_a_split_message_within_timeout() -> None:
+    """A read that got part of a message waits for the rest (a drain ends only on a read
+    that brings nothing whole)."""
+    whole = message(b"x" * 1000)
+    stream, subscription = subscription_of(whole[:100])
+    asyncio.get_running_loop().call_later(QUIET / 2, stream.feed_data, whole[100:])
+    assert await subscription.read(QUIET * 4) == [b"x" * 1000]

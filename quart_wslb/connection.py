@@ -337,8 +337,11 @@ class Connection:
                     await direct(_send_event(frame))
                 else:
                     await self._websocket.send(frame)
-            except Exception:  # the socket is gone; the handler is ending too
-                log.debug("writing to %s failed", self.id, exc_info=True)
+            except Exception as error:  # the socket is gone; the handler is ending too
+                log.warning("writing to %s failed; its writer stops", self.id, exc_info=True)
+                await signals.dropped(
+                    self._owner, "closed", connection=self, detail=f"writing failed: {error!r}"
+                )
                 return
             if delivered.receivers:
                 await signals.send(delivered, self._owner, connection=self, frame=frame)

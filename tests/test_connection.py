@@ -133,15 +133,23 @@ async def test_close_failure_is_swallowed() -> None:
     await connection.close()  # does not raise
 
 
-async def test_writer_stops_when_client_is_gone() -> None:
+async def test_writer_stops_when_client_is_gone(caplog: pytest.LogCaptureFixture) -> None:
     socket = FakeWebsocket(fail=True)
     connection = make_connection(socket, owner=OWNER)
     connection.start()
-    with recording(signals.message_delivered, OWNER) as delivered:
+    with (
+        recording(signals.message_delivered, OWNER) as delivered,
+        recording(signals.message_dropped, OWNER) as dropped,
+    ):
         await connection.offer("x", None)
         await asyncio.sleep(0.01)
     await connection.stop()
     assert delivered.calls == []
+    assert dropped.reasons() == ["closed"]
+    assert "ConnectionResetError" in dropped.calls[0]["detail"]
+    [record] = [r for r in caplog.records if "writing to" in r.getMessage()]
+    assert record.levelname == "WARNING"
+    assert record.exc_info is not None
 
 
 async def test_stop_reports_unsent_frames_closed() -> None:

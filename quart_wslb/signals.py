@@ -75,7 +75,7 @@ user_online: NamedSignal = _signals.signal("user_online")
 user_offline: NamedSignal = _signals.signal("user_offline")
 #: The subscriber connection was lost; it is being re-established (with backoff, but
 #: after a restart). Receivers: ``(sender, error, reason)``. ``reason`` is one of
-#: ``"closed"`` (Redis closed the connection: ``CLIENT KILL``, ``timeout``, its
+#: ``"closed"`` (Redis closed the connection: ``CLIENT KILL``, a restart, its
 #: ``client-output-buffer-limit pubsub``...; everything it sent first was delivered),
 #: ``"output_buffer_limit"`` (closed, and Redis counted a client cut for that limit
 #: meanwhile, where it counts them), ``"error"`` (any other Redis or network failure),

@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
-from quart_wslb import AsyncEmitter, UserSelector
+from quart_wslb import AsyncEmitter, UserSelector, signals
 from quart_wslb.connection import Connection
 from quart_wslb.keys import Keys
 from quart_wslb.liveness import Liveness
@@ -26,7 +26,7 @@ from quart_wslb.router import Router
 from quart_wslb.testing import RedisServer
 from tests.cluster import Clients, Cluster, HttpError, Instance
 from tests.proxy import FreezingProxy
-from tests.support import FakeWebsocket, make_connection
+from tests.support import FakeWebsocket, Recorder, make_connection
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 StartCluster = Callable[..., Cluster]
@@ -311,6 +311,8 @@ async def test_liveness_silent_subscriber_is_replaced(
     found by the probes it misses and subscribed again; delivery resumes."""
     interval = 0.3
     async with FreezingProxy(private_redis.port) as proxy:
+        lost = Recorder()
+        signals.subscriber_lost.connect(lost)
         redis = aioredis.Redis(port=proxy.port)
         keys = Keys(prefix)
         socket = FakeWebsocket()
@@ -344,8 +346,10 @@ async def test_liveness_silent_subscriber_is_replaced(
             report("silent subscriber replaced after", time.monotonic() - frozen)
             assert await emitter.send(UserSelector("ann"), "after") == 1
             assert await socket.wait_sent(2) == ["before", "after"]
+            assert lost.reasons() == ["deaf"]
             await emitter.aclose()
         finally:
+            signals.subscriber_lost.disconnect(lost)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)

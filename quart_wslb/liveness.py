@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import cast
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from . import signals
 from ._lua import source
@@ -92,7 +93,8 @@ class Liveness:
         self.started_at = time.time()
 
     async def run(self) -> None:
-        """Tick every interval until cancelled; a failed tick is logged, never fatal."""
+        """Tick every interval until cancelled; a failed tick is logged (with its
+        traceback unless Redis failed), never fatal."""
         while True:
             started = time.monotonic()
             try:
@@ -100,9 +102,12 @@ class Liveness:
                     await self.tick()
             except asyncio.CancelledError:
                 raise
-            except Exception as error:
+            except (RedisError, OSError, WsLoadBalanceError) as error:  # TimeoutError too
                 self._healthy_since = None
                 log.warning("liveness tick failed: %r", error)
+            except Exception:  # a bug: its traceback, and the next tick tries again
+                self._healthy_since = None
+                log.exception("liveness tick failed unexpectedly")
             await asyncio.sleep(max(0.0, self._interval - (time.monotonic() - started)))
 
     async def tick(self) -> None:

@@ -12,8 +12,10 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import fakeredis
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
@@ -403,3 +405,40 @@ async def test_liveness_idle_client_is_closed_and_pinged_client_stays(
     assert await cluster[0].send({"user": "quiet"}, "x") == 0
     assert await cluster[0].send({"user": "chatty"}, "x") == 1
     answering.cancel()
+
+
+@pytest.mark.parametrize(
+    ("error", "level", "traceback"),
+    [(RedisConnectionError("reset"), "WARNING", False), (RuntimeError("a bug"), "ERROR", True)],
+)
+async def test_liveness_failed_tick_is_logged_and_the_next_one_runs(
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    error: Exception,
+    level: str,
+    traceback: bool,
+) -> None:
+    redis = fakeredis.FakeAsyncRedis()
+    liveness = _liveness(redis, Keys("t"), Registry(redis, Keys("t")), "solo")
+    ticks = 0
+
+    async def failing() -> None:
+        nonlocal ticks
+        ticks += 1
+        raise error
+
+    monkeypatch.setattr(liveness, "tick", failing)
+    monkeypatch.setattr(liveness, "_interval", 0.01)
+    task = asyncio.create_task(liveness.run())
+    try:
+        async with asyncio.timeout(2.0):
+            while ticks < 2:
+                await asyncio.sleep(0.01)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await redis.aclose()
+    records = [r for r in caplog.records if "liveness tick failed" in r.getMessage()]
+    assert records and {(r.levelname, r.exc_info is not None) for r in records} == {
+        (level, traceback)
+    }

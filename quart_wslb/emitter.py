@@ -21,6 +21,7 @@ from typing import Any, Generic, TypeVar, cast
 
 from redis.asyncio import Redis
 
+from ._compat import check
 from ._lua import source
 from .batch import GroupCommit
 from .config import default_instance_id, validated_instance_id, validated_prefix
@@ -103,6 +104,7 @@ class AsyncEmitter:
             raise TypeError("give exactly one of redis and redis_url")
         if redis is not None and redis.connection_pool.connection_kwargs.get("decode_responses"):
             raise ValueError("the redis client must not set decode_responses=True")
+        check()  # says, once, what the installed redis-py cannot do fast
         self._owns_client = redis is None
         self._redis = redis or make_client(cast(str, redis_url), timeout)
         self.keys = Keys.of(validated_prefix(prefix), self._redis)

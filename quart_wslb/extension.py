@@ -13,7 +13,7 @@ from typing import Any
 from quart import Quart, websocket
 from redis.asyncio import Redis
 
-from . import signals
+from . import _compat, signals
 from .asgi import ACTIVITY, GOING_AWAY, WebsocketGuard
 from .clients import ClientLiveness
 from .config import QueueFullPolicy, Settings, UserGetter, resolve_settings
@@ -215,6 +215,7 @@ class WsLoadBalance:
 
     async def _start(self) -> None:
         settings = self.settings
+        _compat.check()  # says, once, what the installed redis-py cannot do fast
         timeout = settings.redis_timeout
         redis = self._client or make_client(settings.redis_url, timeout)
         keys = Keys.of(settings.prefix, redis)

@@ -41,7 +41,7 @@ def fixture_cluster_keys(redis_url: str, prefix: str) -> Iterator[Keys]:
 
 def listen(redis_url: str, channel: str) -> tuple[Any, redis.Redis]:
     client = redis.Redis.from_url(redis_url)
-    pubsub = client.pubsub()  # type: ignore[no-untyped-call]
+    pubsub = client.pubsub()
     pubsub.subscribe(channel)
     pubsub.get_message(timeout=1)
     return pubsub, client

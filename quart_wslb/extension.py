@@ -49,8 +49,9 @@ class _Runtime:
 class WsLoadBalance:
     """Cluster-wide websocket messaging for one Quart app.
 
-    Every keyword argument overrides the matching ``WSLB_*`` config key, which overrides
-    the default (see :data:`quart_wslb.config.DEFAULTS`). Nothing connects until the app
+    Every keyword argument overrides the matching ``app.config["WSLB_*"]`` key, which
+    overrides the environment variable of the same name, which overrides the default
+    (see :mod:`quart_wslb.config`). Nothing connects until the app
     starts serving. ``redis`` takes a ready ``redis.asyncio.Redis`` client instead of
     ``redis_url`` (the caller keeps it: it is not closed on stop).
     """

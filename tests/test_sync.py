@@ -124,6 +124,19 @@ def test_emitter_works_in_a_forked_child(redis_url: str, prefix: str, cluster_ke
     client.close()
 
 
+@pytest.mark.integration
+def test_emitter_reads_exported_options(
+    monkeypatch: pytest.MonkeyPatch, redis_url: str, prefix: str
+) -> None:
+    monkeypatch.setenv("WSLB_REDIS_URL", redis_url)
+    monkeypatch.setenv("WSLB_PREFIX", prefix + "-env")
+    monkeypatch.setenv("WSLB_REDIS_TIMEOUT", "0.75")
+    with Emitter() as emitter:
+        assert emitter.timeout == 0.75  # checked first: a regression reaches no other Redis
+        with pytest.raises(NoInstancesError, match=prefix + "-env"):
+            emitter.send(UserSelector("x"), "x")
+
+
 def test_emitter_errors_are_clear(redis_url: str, prefix: str) -> None:
     with pytest.raises(ValueError, match="PREFIX"):
         Emitter(redis_url, prefix="no spaces")

@@ -1,7 +1,7 @@
 """The quart-wslb app that the benchmark runs as N Hypercorn instances.
 
-Configured from the environment like ``tests/cluster_app.py``: every ``WSLB_*`` variable
-becomes a config key (``WSLB_REDIS_URL``, ``WSLB_PREFIX``, ``WSLB_INSTANCE_ID``).
+Configured from the environment like ``tests/cluster_app.py``: the extension reads the
+``WSLB_*`` variables itself (``WSLB_REDIS_URL``, ``WSLB_PREFIX``, ``WSLB_INSTANCE_ID``).
 ``BENCH_COUNT=0`` disconnects the counter of received envelopes (the profile runs
 without it); otherwise one ``message_received`` receiver adds one to a counter.
 
@@ -21,13 +21,9 @@ from quart import Quart, request, websocket
 
 from bench.fire import fire, fire_args
 from quart_wslb import UserSelector, WsLoadBalance, current_connection, signals, ws_route
-from quart_wslb.config import from_environ
 from quart_wslb.envelope import Envelope
 
 app = Quart(__name__)
-
-
-app.config.update(from_environ())
 wslb = WsLoadBalance(app)
 received = 0
 

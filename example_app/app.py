@@ -18,8 +18,9 @@ with the instance that holds them, read from Redis (``WsLoadBalance.connections`
 
 ``POST /notify/<user>`` with a JSON body pushes ``{"type": "notify", "data": body}`` to
 that user and answers ``{"routed": n, "instance": "<the instance that answered>"}``.
-``GET /cluster`` lists the live instances (``WsLoadBalance.instances()``). Every
-``WSLB_*`` environment variable is read into the config (numbers as numbers).
+``GET /cluster`` lists the live instances (``WsLoadBalance.instances()``). The extension
+reads its options from the ``WSLB_*`` environment variables itself (``WSLB_REDIS_URL``,
+``WSLB_INSTANCE_ID``, ``WSLB_PREFIX``...), as any app's does.
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ from quart_wslb import (
     current_connection,
     ws_route,
 )
-from quart_wslb.config import from_environ
 
 __all__ = ("app", "wslb")
 
@@ -56,7 +56,6 @@ for _logger in (log, logging.getLogger("quart_wslb")):  # Hypercorn configures i
     _logger.setLevel(logging.INFO)
 
 app = Quart(__name__)
-app.config.update(from_environ())
 #: The extension; ``current_app.wslb`` is the same object (this name is typed for mypy).
 wslb = WsLoadBalance(app)
 

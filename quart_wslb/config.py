@@ -1,4 +1,16 @@
-"""Settings: keyword argument > ``app.config["WSLB_*"]`` > :data:`DEFAULTS`."""
+"""Settings, one option at a time: keyword argument > ``app.config["WSLB_*"]`` >
+environment variable ``WSLB_*`` > :data:`DEFAULTS`.
+
+One name per option, ``WSLB_<OPTION>``, serves as both the config key and the environment
+variable, and every way of running quart-wslb (the Quart extension, the emitters, the
+Flask extension) reads both. Code wins over the environment: what an app sets is a
+decision, what the environment holds is the deployment's default for what the app left
+open (so a plain ``WsLoadBalance(app)`` takes ``WSLB_INSTANCE_ID`` from the environment).
+
+A new option is one entry in :data:`DEFAULTS`, one field of :class:`Settings`, its check in
+``_validated``, and, if it is a number, its name in ``_NUMBERS`` (environment variables
+are text); its row in docs/reference.md's table; a keyword of ``WsLoadBalance``.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +28,10 @@ __all__ = (
     "QueueFullPolicy",
     "Settings",
     "UserGetter",
+    "config_key",
+    "emitter_options",
     "from_environ",
+    "option",
     "resolve_settings",
 )
 
@@ -27,7 +42,8 @@ QueueFullPolicy = Literal["close", "drop"]
 _INSTANCE_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 _PREFIX_RE = re.compile(r"[A-Za-z0-9_.\-:]{1,64}")
 
-#: Every option, its default, and the ``WSLB_*`` config key it is read from.
+#: Every option and its default; each is read from the config key and the environment
+#: variable ``WSLB_<OPTION>`` (see :func:`config_key`).
 DEFAULTS: dict[str, Any] = {
     "redis_url": "redis://127.0.0.1:6379/0",
     "instance_id": None,  # generated per process: host-pid-random
@@ -71,6 +87,7 @@ def default_instance_id() -> str:
 
 
 #: Options whose environment variables are read as numbers (the rest stay text).
+#: ``user`` (a callable) cannot come from the environment.
 _NUMBERS = frozenset(
     {
         "max_message_size",
@@ -84,37 +101,69 @@ _NUMBERS = frozenset(
 )
 
 
-def from_environ(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """The ``WSLB_*`` variables of ``environ`` (default ``os.environ``) as config values.
+def config_key(name: str) -> str:
+    """The config key, and environment variable, of option ``name``: ``WSLB_<NAME>``."""
+    return f"WSLB_{name.upper()}"
 
-    For twelve-factor deployments: ``app.config.update(from_environ())``. Numeric options
-    become ``int`` or ``float``; every other option stays text; unknown ``WSLB_*`` names
-    are left out. A numeric option that is not a number raises ``ValueError``.
+
+def from_environ(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The environment layer: the ``WSLB_*`` variables of ``environ`` (default
+    ``os.environ``) as config values.
+
+    :func:`resolve_settings` applies it itself, below ``app.config``; this shows what the
+    environment sets. Numeric options become ``int`` or ``float``; every other option
+    stays text; empty variables, ``WSLB_USER`` and unknown ``WSLB_*`` names are left out.
+    A numeric option that is not a number raises ``ValueError`` naming the variable.
     """
     environ = os.environ if environ is None else environ
-    config: dict[str, Any] = {}
-    for name in DEFAULTS:
-        value = environ.get(f"WSLB_{name.upper()}")
-        if not value or name == "user":  # unset or empty: the default applies
-            continue
-        if name in _NUMBERS:
-            try:
-                config[f"WSLB_{name.upper()}"] = int(value)
-            except ValueError:
-                config[f"WSLB_{name.upper()}"] = float(value)
-        else:
-            config[f"WSLB_{name.upper()}"] = value
-    return config
+    layer = {config_key(name): _environ_value(name, environ) for name in DEFAULTS}
+    return {key: value for key, value in layer.items() if value is not None}
 
 
-def resolve_settings(overrides: Mapping[str, Any], config: Mapping[str, Any]) -> Settings:
-    """Merge one option at a time: argument (not ``None``) > config key > default."""
-    values: dict[str, Any] = {}
-    for name, default in DEFAULTS.items():
-        value = overrides.get(name)
-        if value is None:
-            value = config.get(f"WSLB_{name.upper()}", default)
-        values[name] = value
+def option(
+    name: str,
+    override: Any = None,
+    config: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Any:
+    """One option by the layers, not yet validated: ``override`` (unless ``None``) >
+    ``config[WSLB_<NAME>]`` > the environment variable ``WSLB_<NAME>`` > the default."""
+    if override is not None:
+        return override
+    key = config_key(name)
+    if config is not None and key in config:
+        return config[key]
+    value = _environ_value(name, os.environ if environ is None else environ)
+    return DEFAULTS[name] if value is None else value
+
+
+def _environ_value(name: str, environ: Mapping[str, str]) -> Any:
+    """Option ``name`` as the environment sets it; ``None`` where it does not."""
+    key = config_key(name)
+    value = environ.get(key)
+    if not value or name == "user":  # unset or empty: the next layer applies
+        return None
+    if name not in _NUMBERS:
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        pass
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"{key} in the environment must be a number, not {value!r}") from None
+
+
+def resolve_settings(
+    overrides: Mapping[str, Any],
+    config: Mapping[str, Any],
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Merge one option at a time (see :func:`option`): argument (not ``None``) > config
+    key > environment variable (``environ``, default ``os.environ``) > default; then
+    validate."""
+    values = {name: option(name, overrides.get(name), config, environ) for name in DEFAULTS}
     if values["instance_id"] is None:
         values["instance_id"] = default_instance_id()
     return _validated(values)
@@ -176,3 +225,17 @@ def _seconds(value: object) -> bool:
         and math.isfinite(value)
         and value > 0
     )
+
+
+def emitter_options(
+    redis_url: str | None, prefix: str | None, timeout: float | None
+) -> tuple[str, str, float]:
+    """An emitter's ``redis_url``, ``prefix`` and ``timeout`` (the ``redis_timeout``
+    option), each by the layers argument > environment variable > default, validated."""
+    url = option("redis_url", redis_url)
+    if not isinstance(url, str) or not url:
+        raise ValueError("WSLB_REDIS_URL must be a non-empty string")
+    seconds = option("redis_timeout", timeout)
+    if not _seconds(seconds):
+        raise ValueError("WSLB_REDIS_TIMEOUT must be a positive number of seconds")
+    return url, validated_prefix(option("prefix", prefix)), float(seconds)

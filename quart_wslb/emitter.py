@@ -21,9 +21,10 @@ from typing import Any, Generic, TypeVar, cast
 
 from redis.asyncio import Redis
 
+from ._compat import check
 from ._lua import source
 from .batch import GroupCommit
-from .config import default_instance_id, validated_instance_id, validated_prefix
+from .config import default_instance_id, emitter_options, validated_instance_id
 from .connection import ConnectionRecord
 from .envelope import KINDS, Kind, head, pack
 from .exceptions import (
@@ -81,8 +82,11 @@ class Route:
 class AsyncEmitter:
     """Cluster-wide operations over one Redis and one prefix (asyncio).
 
-    Give it a ``redis.asyncio.Redis`` client (kept open on :meth:`aclose`) or a
-    ``redis_url``. Every call is bounded by ``timeout`` seconds and raises
+    Give it a ``redis.asyncio.Redis`` client (kept open on :meth:`aclose`), or a
+    ``redis_url``. ``redis_url``, ``prefix`` and ``timeout`` that are not given are read
+    from the environment like the extension's options (``WSLB_REDIS_URL``,
+    ``WSLB_PREFIX``, ``WSLB_REDIS_TIMEOUT``), else take their defaults (see
+    :mod:`quart_wslb.config`). Every call is bounded by ``timeout`` seconds and raises
     :class:`~quart_wslb.RedisUnavailableError` past it. A ``strict`` emitter (the default)
     raises :class:`~quart_wslb.NoInstancesError` from sends and queries when no instance
     ever announced itself under the prefix (a wrong prefix); the extension's emitter is
@@ -94,18 +98,20 @@ class AsyncEmitter:
         redis: Redis | None = None,
         *,
         redis_url: str | None = None,
-        prefix: str = "wslb",
+        prefix: str | None = None,
         origin: str | None = None,
-        timeout: float = 5.0,
+        timeout: float | None = None,
         strict: bool = True,
     ) -> None:
-        if (redis is None) == (redis_url is None):
-            raise TypeError("give exactly one of redis and redis_url")
+        if redis is not None and redis_url is not None:
+            raise TypeError("give at most one of redis and redis_url")
         if redis is not None and redis.connection_pool.connection_kwargs.get("decode_responses"):
             raise ValueError("the redis client must not set decode_responses=True")
+        check()  # says, once, what the installed redis-py cannot do fast
+        url, prefix, timeout = emitter_options(redis_url, prefix, timeout)
         self._owns_client = redis is None
-        self._redis = redis or make_client(cast(str, redis_url), timeout)
-        self.keys = Keys.of(validated_prefix(prefix), self._redis)
+        self._redis = redis or make_client(url, timeout)
+        self.keys = Keys.of(prefix, self._redis)
         #: The id that envelopes from here carry as their origin.
         self.origin = validated_instance_id(origin or "emitter-" + default_instance_id())
         self.timeout = timeout

@@ -13,7 +13,7 @@ from typing import Any
 from quart import Quart, websocket
 from redis.asyncio import Redis
 
-from . import signals
+from . import _compat, signals
 from .asgi import ACTIVITY, GOING_AWAY, WebsocketGuard
 from .clients import ClientLiveness
 from .config import QueueFullPolicy, Settings, UserGetter, resolve_settings
@@ -49,8 +49,9 @@ class _Runtime:
 class WsLoadBalance:
     """Cluster-wide websocket messaging for one Quart app.
 
-    Every keyword argument overrides the matching ``WSLB_*`` config key, which overrides
-    the default (see :data:`quart_wslb.config.DEFAULTS`). Nothing connects until the app
+    Every keyword argument overrides the matching ``app.config["WSLB_*"]`` key, which
+    overrides the environment variable of the same name, which overrides the default
+    (see :mod:`quart_wslb.config`). Nothing connects until the app
     starts serving. ``redis`` takes a ready ``redis.asyncio.Redis`` client instead of
     ``redis_url`` (the caller keeps it: it is not closed on stop).
     """
@@ -215,6 +216,7 @@ class WsLoadBalance:
 
     async def _start(self) -> None:
         settings = self.settings
+        _compat.check()  # says, once, what the installed redis-py cannot do fast
         timeout = settings.redis_timeout
         redis = self._client or make_client(settings.redis_url, timeout)
         keys = Keys.of(settings.prefix, redis)

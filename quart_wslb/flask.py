@@ -2,7 +2,8 @@
 
 Install with ``pip install quart-wslb[flask]``. It hosts no websocket: it is an
 :class:`~quart_wslb.Emitter` configured from the same ``WSLB_*`` keys as the Quart
-extension (``WSLB_REDIS_URL``, ``WSLB_PREFIX``, ``WSLB_REDIS_TIMEOUT``)::
+extension (``WSLB_REDIS_URL``, ``WSLB_PREFIX``, ``WSLB_REDIS_TIMEOUT``, in the config or
+the environment)::
 
     from flask import Flask, current_app
     from quart_wslb import UserSelector
@@ -33,7 +34,8 @@ __all__ = ("WsLoadBalance",)
 class WsLoadBalance:
     """Binds an :class:`~quart_wslb.Emitter` to a Flask app as ``app.wslb``.
 
-    Keyword arguments win over ``app.config["WSLB_*"]``, which wins over the defaults.
+    Keyword arguments win over ``app.config["WSLB_*"]``, which wins over the environment
+    variables of the same names, which win over the defaults.
     """
 
     def __init__(

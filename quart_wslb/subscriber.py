@@ -13,7 +13,9 @@ RESP2 or RESP3) exactly as the client was configured; SUBSCRIBE goes through the
 connection's public ``send_command``. Both protocols are read alike: a RESP3 push and a
 RESP2 array of a pub/sub message parse to the same three-item list.
 
-Clients whose connections have no socket (fakeredis) are read through ``PubSub``.
+Clients whose connections have no socket (fakeredis) are read through ``PubSub``, and so
+are all clients where :func:`quart_wslb._compat.check` found the installed redis-py or
+hiredis unable to serve raw reads (it says so at WARNING).
 """
 
 from __future__ import annotations
@@ -25,14 +27,15 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Protocol
 
-from redis.asyncio import Redis
+from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import InvalidResponse, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .wire import INCOMPLETE, READ_SIZE, parser, stream_of
+from ._compat import check, get_connection, stream_of
+from .wire import INCOMPLETE, READ_SIZE, parser
 
 __all__ = (
     "PubSubSubscription",
@@ -190,16 +193,14 @@ async def subscribe(redis: Redis, channels: Sequence[str]) -> AsyncIterator[Subs
     (a subscribed connection can serve nothing else) and handed back to the pool.
     """
     pool = redis.connection_pool
-    # Public, but not annotated in redis-py.
-    connection: AbstractConnection = await pool.get_connection()  # type: ignore[no-untyped-call]
-    stream = stream_of(connection)
-    if stream is None:
-        await pool.release(connection)
+    raw = await _raw_connection(pool)
+    if raw is None:
         log.info("no socket to read the subscription from; reading it through PubSub")
         async with redis.pubsub() as pubsub:
             await pubsub.subscribe(*channels)
             yield PubSubSubscription(pubsub)
         return
+    connection, stream = raw
     try:
         subscription = StreamSubscription(stream, channels)
         await connection.send_command("SUBSCRIBE", *channels, check_health=False)
@@ -208,3 +209,18 @@ async def subscribe(redis: Redis, channels: Sequence[str]) -> AsyncIterator[Subs
     finally:
         await connection.disconnect(nowait=True)
         await pool.release(connection)
+
+
+async def _raw_connection(
+    pool: ConnectionPool,
+) -> tuple[AbstractConnection, asyncio.StreamReader] | None:
+    """A connection of ``pool`` and its socket reader; ``None`` (holding nothing) where
+    there is no socket to read (fakeredis) or raw reads are off (:func:`check`)."""
+    if not check().raw:
+        return None
+    connection = await get_connection(pool)
+    stream = stream_of(connection)
+    if stream is None:
+        await pool.release(connection)
+        return None
+    return connection, stream

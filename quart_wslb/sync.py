@@ -17,7 +17,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable, Coroutine, I
 from types import TracebackType
 from typing import Any, TypeVar, cast
 
-from .config import validated_instance_id, validated_prefix
+from .config import emitter_options, validated_instance_id
 from .connection import ConnectionRecord
 from .emitter import EVERYONE, AsyncEmitter
 from .exceptions import RedisUnavailableError
@@ -35,30 +35,31 @@ GRACE = 1.0
 class Emitter:
     """Send to, query and act on connections anywhere in the cluster, synchronously.
 
-    Takes the same arguments as :class:`~quart_wslb.AsyncEmitter` except a client
-    (``redis_url`` is required). Use it as a context manager, or call :meth:`close`.
+    Takes the same arguments as :class:`~quart_wslb.AsyncEmitter` except a client; as
+    there, ``redis_url``, ``prefix`` and ``timeout`` that are not given are read from the
+    environment (``WSLB_*``), else take their defaults. Use it as a context manager, or
+    call :meth:`close`.
     """
 
     def __init__(
         self,
-        redis_url: str,
+        redis_url: str | None = None,
         *,
-        prefix: str = "wslb",
+        prefix: str | None = None,
         origin: str | None = None,
-        timeout: float = 5.0,
+        timeout: float | None = None,
     ) -> None:
+        # Resolved and validated now, in the caller's thread, so bad settings fail at
+        # construction (and the loop thread sees the environment as it was then).
+        redis_url, prefix, timeout = emitter_options(redis_url, prefix, timeout)
+        if origin is not None:
+            validated_instance_id(origin)
         self._options: dict[str, Any] = {
             "redis_url": redis_url,
             "prefix": prefix,
             "origin": origin,
             "timeout": timeout,
         }
-        # Validate now, in the caller's thread, so bad settings fail at construction.
-        validated_prefix(prefix)
-        if origin is not None:
-            validated_instance_id(origin)
-        if not isinstance(redis_url, str) or not redis_url:
-            raise ValueError("redis_url must be a non-empty string")
         self.timeout = timeout
         self._lock = threading.Lock()
         self._pid = -1

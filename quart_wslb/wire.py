@@ -5,23 +5,24 @@ credentials, database, RESP2 or RESP3) exactly as the user's client is configure
 that. What we skip is its per-reply path (a stack of coroutines, a timeout and response
 callbacks for every reply), which on the hot paths cost more than the work itself:
 :mod:`quart_wslb.subscriber` reads pub/sub messages, :class:`Exchange` runs pipelined
-script calls for :mod:`quart_wslb.batch`.
+script calls for :mod:`quart_wslb.batch`. The redis-py and hiredis names this needs beyond
+their public API come from :mod:`quart_wslb._compat`, which checks them.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from typing import Any
 
 import hiredis
-from redis._parsers.base import BaseParser
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import InvalidResponse, RedisError, ResponseError
 
-__all__ = ("INCOMPLETE", "READ_SIZE", "Exchange", "parser", "stream_of")
+from ._compat import PushNotification, check, get_connection, parse_error, stream_of
+
+__all__ = ("INCOMPLETE", "READ_SIZE", "Exchange", "error_of", "parser")
 
 #: Most bytes taken off a socket at once.
 READ_SIZE = 1 << 16
@@ -37,25 +38,11 @@ def parser() -> hiredis.Reader:
     )
 
 
-def stream_of(connection: AbstractConnection) -> asyncio.StreamReader | None:
-    """The socket reader of a connected redis-py connection; ``None`` if it has none.
-
-    redis-py offers no public way to read a connection's raw bytes. Its asyncio
-    connections (TCP, TLS and Unix socket alike) keep an ``asyncio.StreamReader`` in the
-    private ``_reader``, which its own parsers read; this is the only private name
-    quart-wslb uses, and ``tests/test_wire.py`` fails if redis-py changes it.
-    fakeredis keeps something else there, hence the ``None``.
-    """
-    stream = getattr(connection, "_reader", None)
-    return stream if isinstance(stream, asyncio.StreamReader) else None
-
-
 def error_of(reply: ResponseError) -> RedisError:
     """The exception redis-py raises for an error reply (``NoScriptError``,
     ``BusyLoadingError``, ``ReadOnlyError``...), so errors read here are classified as
     everywhere else in the client."""
-    error: RedisError = BaseParser.parse_error(str(reply))  # type: ignore[no-untyped-call]
-    return error
+    return parse_error(str(reply))
 
 
 class Exchange:
@@ -74,7 +61,10 @@ class Exchange:
         self._running = False
 
     async def supported(self) -> bool:
-        """Whether the client's connections have a socket to read (not fakeredis)."""
+        """Whether the client's connections have a socket to read (not fakeredis), and
+        the installed redis-py and hiredis allow reading it (:mod:`quart_wslb._compat`)."""
+        if not check().raw:
+            return False
         supported = stream_of(await self._connected()) is not None
         await self.release()
         return supported
@@ -102,10 +92,9 @@ class Exchange:
 
     async def _connected(self) -> AbstractConnection:
         if self._connection is None:
-            # Public, but not annotated in redis-py.
-            self._connection = await self._pool.get_connection()  # type: ignore[no-untyped-call]
+            self._connection = await get_connection(self._pool)
         if not self._connection.is_connected:
-            await self._connection.connect()
+            await self._connection.connect()  # type: ignore[no-untyped-call]
         return self._connection
 
 
@@ -121,7 +110,7 @@ async def _read(connection: AbstractConnection, count: int) -> list[Any]:
             if not data:
                 raise RedisConnectionError("Redis closed the connection")
             reader.feed(data)
-        elif isinstance(reply, hiredis.PushNotification):
+        elif isinstance(reply, PushNotification):
             continue  # out of band (RESP3 client tracking, server notices): no one's reply
         elif isinstance(reply, ResponseError):
             replies.append(error_of(reply))

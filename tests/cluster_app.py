@@ -1,6 +1,7 @@
 """The Quart app that the integration tests run as several Hypercorn instances.
 
-Configured from the environment (``WSLB_REDIS_URL``, ``WSLB_PREFIX``, ``WSLB_INSTANCE_ID``).
+A plain ``WsLoadBalance(app)``: the extension reads its options from the environment
+(``WSLB_REDIS_URL``, ``WSLB_PREFIX``, ``WSLB_INSTANCE_ID``...) itself.
 It counts every envelope its instance receives, so tests can prove which instances
 a send reached.
 """
@@ -28,13 +29,9 @@ from quart_wslb import (
     signals,
     ws_route,
 )
-from quart_wslb.config import from_environ
 from quart_wslb.envelope import CONTROL_KINDS, Envelope
 
 app = Quart(__name__)
-
-
-app.config.update(from_environ())
 wslb = WsLoadBalance(app)
 stats: Counter[str] = Counter()
 

@@ -16,6 +16,16 @@ from quart_wslb.testing import RedisServer
 from tests.cluster import Clients, Cluster
 
 
+@pytest.fixture(autouse=True)
+def no_exported_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every app, emitter and instance reads ``WSLB_*`` from the environment: options
+    exported in the shell that runs the tests must not reach them (``WSLB_TEST_*`` are
+    the tests' own)."""
+    for name in list(os.environ):
+        if name.startswith("WSLB_") and not name.startswith("WSLB_TEST_"):
+            monkeypatch.delenv(name)
+
+
 @pytest.fixture(name="redis_url", scope="session")
 def fixture_redis_url() -> Iterator[str]:
     """A real Redis: ``WSLB_TEST_REDIS_URL``, else a private server for the session."""

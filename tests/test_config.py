@@ -1,14 +1,25 @@
-"""Settings: argument > ``app.config`` > default, and validation."""
+"""Settings: argument > ``app.config`` > environment > default, and validation."""
 
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
+from redis.asyncio import Redis
 
-from quart_wslb.config import DEFAULTS, default_instance_id, resolve_settings
+from quart_wslb.config import (
+    DEFAULTS,
+    default_instance_id,
+    emitter_options,
+    from_environ,
+    resolve_settings,
+)
+from quart_wslb.keys import Keys
+from tests.cluster import Cluster
 
 
 def user_a() -> str:
@@ -39,6 +50,23 @@ EXTRA_CHOICES: dict[str, tuple[Any, Any]] = {
     "idle_timeout": (30.0, 60.0),
 }
 OPTIONS = {**CHOICES, **{k: v for k, v in EXTRA_CHOICES.items() if k in DEFAULTS}}
+#: option -> (environment variable's text, the value it stands for): distinct from the
+#: argument values of ``OPTIONS`` and from the defaults.
+ENVIRON: dict[str, tuple[str, Any]] = {
+    "redis_url": ("redis://env:6379/3", "redis://env:6379/3"),
+    "instance_id": ("env-1", "env-1"),
+    "prefix": ("env", "env"),
+    "max_message_size": ("30", 30),
+    "send_queue_size": ("5", 5),
+    "queue_full": ("drop", "drop"),
+    "redis_timeout": ("2.5", 2.5),
+    "heartbeat_interval": ("1.25", 1.25),
+    "instance_ttl": ("12", 12.0),
+    "ping_interval": ("4", 4.0),
+    "ping_message": ("env-ping", "env-ping"),
+    "idle_timeout": ("40", 40.0),
+}
+FROM_ENVIRON = sorted(set(OPTIONS) & set(ENVIRON))
 
 
 def config_key(option: str) -> str:
@@ -67,6 +95,87 @@ def test_resolve_config_beats_default(option: str) -> None:
 def test_resolve_default_when_nothing_given(option: str) -> None:
     settings = resolve_settings({}, {})
     assert getattr(settings, option) == DEFAULTS[option]
+
+
+def test_every_option_but_user_comes_from_the_environment() -> None:
+    assert set(ENVIRON) >= set(DEFAULTS) - {"user"}
+
+
+@pytest.mark.parametrize("option", FROM_ENVIRON)
+def test_resolve_environment_beats_default(option: str) -> None:
+    text, value = ENVIRON[option]
+    settings = resolve_settings({}, {}, {config_key(option): text})
+    assert getattr(settings, option) == value != DEFAULTS[option]
+
+
+@pytest.mark.parametrize("option", FROM_ENVIRON)
+def test_resolve_config_beats_environment(option: str) -> None:
+    configured, _ = OPTIONS[option]
+    text, _ = ENVIRON[option]
+    settings = resolve_settings({}, {config_key(option): configured}, {config_key(option): text})
+    assert getattr(settings, option) == configured
+
+
+@pytest.mark.parametrize("option", FROM_ENVIRON)
+def test_resolve_argument_beats_environment(option: str) -> None:
+    argument, _ = OPTIONS[option]
+    text, _ = ENVIRON[option]
+    settings = resolve_settings({option: argument}, {}, {config_key(option): text})
+    assert getattr(settings, option) == argument
+
+
+def test_resolve_reads_os_environ_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WSLB_INSTANCE_ID", "exported-1")
+    monkeypatch.setenv("WSLB_REDIS_URL", "redis://exported:6379/4")
+    settings = resolve_settings({}, {})
+    assert (settings.instance_id, settings.redis_url) == ("exported-1", "redis://exported:6379/4")
+
+
+def test_resolve_environment_never_sets_the_user_getter() -> None:
+    assert resolve_settings({}, {}, {"WSLB_USER": "alice"}).user is None
+
+
+def test_resolve_empty_variable_is_unset() -> None:
+    assert resolve_settings({}, {}, {"WSLB_PREFIX": ""}).prefix == DEFAULTS["prefix"]
+
+
+@pytest.mark.parametrize("name", ["WSLB_INSTANCE_TTL", "WSLB_SEND_QUEUE_SIZE"])
+def test_resolve_environment_number_that_is_not_one_names_the_variable(name: str) -> None:
+    with pytest.raises(ValueError, match=f"{name} in the environment must be a number"):
+        resolve_settings({}, {}, {name: "soon"})
+
+
+def test_resolve_environment_values_are_validated() -> None:
+    with pytest.raises(ValueError, match="WSLB_INSTANCE_ID"):
+        resolve_settings({}, {}, {"WSLB_INSTANCE_ID": "has:colon"})
+    with pytest.raises(ValueError, match="WSLB_SEND_QUEUE_SIZE"):
+        resolve_settings({}, {}, {"WSLB_SEND_QUEUE_SIZE": "1.5"})
+
+
+def test_emitter_options_argument_beats_environment_beats_default(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert emitter_options(None, None, None) == (DEFAULTS["redis_url"], "wslb", 5.0)
+    monkeypatch.setenv("WSLB_REDIS_URL", "redis://env:1/0")
+    monkeypatch.setenv("WSLB_PREFIX", "env")
+    monkeypatch.setenv("WSLB_REDIS_TIMEOUT", "0.25")
+    assert emitter_options(None, None, None) == ("redis://env:1/0", "env", 0.25)
+    assert emitter_options("redis://arg:1/0", "arg", 2) == ("redis://arg:1/0", "arg", 2.0)
+    with pytest.raises(ValueError, match="WSLB_REDIS_TIMEOUT"):
+        emitter_options(None, None, -1)
+    with pytest.raises(ValueError, match="WSLB_REDIS_URL"):
+        emitter_options("", None, None)
+
+
+def test_reference_table_lists_every_option_with_its_variable() -> None:
+    """docs/reference.md's one table of options: a row per option, naming its key."""
+    reference = (Path(__file__).parent.parent / "docs" / "reference.md").read_text()
+    section = reference.split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `(\w+)` \| ([^|]*) \|", section, flags=re.MULTILINE)
+    documented = {name: key for name, key in rows}
+    assert set(documented) == set(DEFAULTS) | {"redis"}
+    for name in DEFAULTS:
+        assert f"`{config_key(name)}`" in documented[name], name
 
 
 def test_resolve_ignores_unrelated_config() -> None:
@@ -187,8 +296,6 @@ def test_settings_are_frozen() -> None:
 
 
 def test_from_environ_types_numbers_and_keeps_text() -> None:
-    from quart_wslb.config import from_environ
-
     environ = {
         "WSLB_REDIS_URL": "redis://h:1/2",
         "WSLB_INSTANCE_ID": "123",
@@ -208,3 +315,18 @@ def test_from_environ_types_numbers_and_keeps_text() -> None:
     }
     with pytest.raises(ValueError):
         from_environ({"WSLB_INSTANCE_TTL": "soon"})
+
+
+@pytest.mark.integration
+async def test_plain_app_takes_exported_instance_id_and_redis_url(
+    start_cluster: Callable[..., Cluster], redis_url: str, prefix: str
+) -> None:
+    """``tests/cluster_app.py`` is a plain ``WsLoadBalance(app)``: the instance takes the
+    id, Redis and prefix exported for its process, and nothing from anywhere else."""
+    cluster = start_cluster(1, WSLB_INSTANCE_ID="exported-7")
+    assert (await cluster[0].stats())["instance"] == "exported-7"
+    client = Redis.from_url(redis_url)
+    try:
+        assert await client.exists(Keys(prefix).heartbeat("exported-7")) == 1
+    finally:
+        await client.aclose()

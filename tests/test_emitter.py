@@ -167,9 +167,28 @@ async def test_unreachable_redis_fails_within_the_timeout() -> None:
     await emitter.aclose()
 
 
+@pytest.mark.integration
+async def test_constructor_reads_exported_options(
+    monkeypatch: pytest.MonkeyPatch, redis_url: str, prefix: str
+) -> None:
+    """Like the extension: what is not given comes from ``WSLB_*``, then the defaults."""
+    monkeypatch.setenv("WSLB_REDIS_URL", redis_url)
+    monkeypatch.setenv("WSLB_PREFIX", prefix)
+    monkeypatch.setenv("WSLB_REDIS_TIMEOUT", "0.75")
+    emitter = AsyncEmitter(strict=False)
+    try:
+        # Checked before any call, so that a regression never reaches another Redis.
+        assert (emitter.keys.prefix, emitter.timeout) == (prefix, 0.75)
+        assert await emitter.count() == 0
+        assert await emitter.join(UserSelector("nobody"), "g") == 0
+    finally:
+        await emitter.aclose()
+    emitter = AsyncEmitter(redis_url=redis_url, prefix="arg", timeout=1)
+    assert (emitter.keys.prefix, emitter.timeout) == ("arg", 1.0)
+    await emitter.aclose()
+
+
 async def test_constructor_rejects_bad_arguments(redis: aioredis.Redis) -> None:
-    with pytest.raises(TypeError):
-        AsyncEmitter()
     with pytest.raises(TypeError):
         AsyncEmitter(redis, redis_url="redis://127.0.0.1:1/0")
     with pytest.raises(ValueError, match="PREFIX"):

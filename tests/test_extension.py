@@ -120,6 +120,22 @@ def test_init_app_argument_beats_config(redis: Redis) -> None:
     assert (settings.prefix, settings.send_queue_size, settings.queue_full) == ("cfg", 7, "drop")
 
 
+def test_init_app_plain_app_reads_exported_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``WsLoadBalance(app)`` and nothing else: the environment sets what the app left open,
+    and the app's config, then an argument, win over it."""
+    monkeypatch.setenv("WSLB_INSTANCE_ID", "exported-1")
+    monkeypatch.setenv("WSLB_REDIS_URL", "redis://exported:6390/2")
+    monkeypatch.setenv("WSLB_SEND_QUEUE_SIZE", "9")
+    monkeypatch.setenv("WSLB_PREFIX", "env")
+    settings = WsLoadBalance(Quart(__name__)).settings
+    assert (settings.instance_id, settings.redis_url) == ("exported-1", "redis://exported:6390/2")
+    assert (settings.send_queue_size, settings.prefix) == (9, "env")
+    app = Quart(__name__)
+    app.config["WSLB_PREFIX"] = "cfg"
+    settings = WsLoadBalance(app, send_queue_size=3).settings
+    assert (settings.prefix, settings.send_queue_size) == ("cfg", 3)
+
+
 def test_init_app_bad_config_raises(redis: Redis) -> None:
     app = Quart(__name__)
     app.config["WSLB_INSTANCE_ID"] = "has:colon"

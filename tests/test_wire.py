@@ -1,6 +1,6 @@
-"""Raw RESP round trips on redis-py's connections: the one private name they read, replies
-in order, error replies returned, and a connection dropped (then made again) whenever a
-round trip does not finish."""
+"""Raw RESP round trips on redis-py's connections: replies in order, error replies
+returned, and a connection dropped (then made again) whenever a round trip does not finish.
+The redis-py names they rely on are tested in ``tests/test_compat.py``."""
 
 from __future__ import annotations
 
@@ -10,23 +10,13 @@ from typing import Any, cast
 import fakeredis
 import pytest
 from redis.asyncio import Redis
-from redis.exceptions import BusyLoadingError, NoScriptError, ReadOnlyError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
 
 from quart_wslb.testing import RedisServer
-from quart_wslb.wire import Exchange, _read, error_of, stream_of
+from quart_wslb.wire import Exchange, _read
 
 pytestmark = pytest.mark.timeout(30)
-
-
-@pytest.mark.integration
-async def test_stream_of_a_real_connection_is_its_socket_reader(real_redis: Redis) -> None:
-    """The one private redis-py name we read (``Connection._reader``) is still there."""
-    connection = await real_redis.connection_pool.get_connection()  # type: ignore[no-untyped-call]
-    try:
-        assert isinstance(stream_of(connection), asyncio.StreamReader)
-    finally:
-        await real_redis.connection_pool.release(connection)
 
 
 async def test_exchange_is_not_supported_without_sockets() -> None:
@@ -82,20 +72,6 @@ async def test_exchange_reconnects_after_its_connection_is_killed(
     assert await exchange.run([["ECHO", "back"]]) == [b"back"]
     await exchange.release()
     await client.aclose()
-
-
-@pytest.mark.parametrize(
-    ("message", "kind"),
-    [
-        ("NOSCRIPT No matching script", NoScriptError),
-        ("LOADING Redis is loading the dataset in memory", BusyLoadingError),
-        ("READONLY You can't write against a read only replica.", ReadOnlyError),
-        ("ERR unknown command", ResponseError),
-    ],
-)
-def test_error_of_classifies_as_redis_py_does(message: str, kind: type[Exception]) -> None:
-    error = error_of(ResponseError(message))
-    assert type(error) is kind
 
 
 class FakeConnection:

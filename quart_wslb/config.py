@@ -52,6 +52,7 @@ DEFAULTS: dict[str, Any] = {
     "send_queue_size": 256,
     "queue_full": "close",
     "redis_timeout": 5.0,
+    "redis_max_connections": 32,
     "heartbeat_interval": 2.0,
     "instance_ttl": 6.0,
     "ping_interval": None,  # seconds; None: no pings
@@ -59,6 +60,11 @@ DEFAULTS: dict[str, Any] = {
     "idle_timeout": None,  # seconds; None: never close for silence
     "user": None,
 }
+
+
+#: Fewest Redis connections an instance works with: its subscriber holds one for good,
+#: sends (batched) one, and the rest need one at a time.
+MIN_REDIS_CONNECTIONS = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +78,7 @@ class Settings:
     send_queue_size: int
     queue_full: QueueFullPolicy
     redis_timeout: float
+    redis_max_connections: int
     heartbeat_interval: float
     instance_ttl: float
     ping_interval: float | None
@@ -93,6 +100,7 @@ _NUMBERS = frozenset(
         "max_message_size",
         "send_queue_size",
         "redis_timeout",
+        "redis_max_connections",
         "heartbeat_interval",
         "instance_ttl",
         "ping_interval",
@@ -177,6 +185,7 @@ def _validated(v: dict[str, Any]) -> Settings:
     for name in ("max_message_size", "send_queue_size"):
         if isinstance(v[name], bool) or not isinstance(v[name], int) or v[name] < 1:
             raise ValueError(f"WSLB_{name.upper()} must be a positive int")
+    validated_max_connections(v["redis_max_connections"])
     for name in ("redis_timeout", "heartbeat_interval", "instance_ttl"):
         if not _seconds(v[name]):
             raise ValueError(f"WSLB_{name.upper()} must be a positive number of seconds")
@@ -207,6 +216,13 @@ def validated_instance_id(value: object) -> str:
     """An instance (or emitter) id: 1-64 characters of ``A-Z a-z 0-9 _ . -``."""
     if not isinstance(value, str) or not _INSTANCE_RE.fullmatch(value):
         raise ValueError("WSLB_INSTANCE_ID must be 1-64 characters of A-Z a-z 0-9 _ . -")
+    return value
+
+
+def validated_max_connections(value: object) -> int:
+    """A bound of a Redis connection pool: an int of at least ``MIN_REDIS_CONNECTIONS``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < MIN_REDIS_CONNECTIONS:
+        raise ValueError(f"WSLB_REDIS_MAX_CONNECTIONS must be an int >= {MIN_REDIS_CONNECTIONS}")
     return value
 
 

@@ -24,7 +24,13 @@ from redis.asyncio import Redis
 from ._compat import check
 from ._lua import source
 from .batch import GroupCommit
-from .config import default_instance_id, emitter_options, validated_instance_id
+from .config import (
+    default_instance_id,
+    emitter_options,
+    option,
+    validated_instance_id,
+    validated_max_connections,
+)
 from .connection import ConnectionRecord
 from .envelope import KINDS, Kind, head, pack
 from .exceptions import (
@@ -86,11 +92,14 @@ class AsyncEmitter:
     ``redis_url``. ``redis_url``, ``prefix`` and ``timeout`` that are not given are read
     from the environment like the extension's options (``WSLB_REDIS_URL``,
     ``WSLB_PREFIX``, ``WSLB_REDIS_TIMEOUT``), else take their defaults (see
-    :mod:`quart_wslb.config`). Every call is bounded by ``timeout`` seconds and raises
-    :class:`~quart_wslb.RedisUnavailableError` past it. A ``strict`` emitter (the default)
-    raises :class:`~quart_wslb.NoInstancesError` from sends and queries when no instance
-    ever announced itself under the prefix (a wrong prefix); the extension's emitter is
-    not strict, because right after Redis lost its data that is a normal, passing state.
+    :mod:`quart_wslb.config`). A client built from the URL holds at most
+    ``max_connections`` (``WSLB_REDIS_MAX_CONNECTIONS``), and a call waits for a free
+    one. Every Redis exchange of a call is bounded by ``timeout`` seconds from its start
+    and raises :class:`~quart_wslb.RedisUnavailableError` past it. A ``strict`` emitter
+    (the default) raises :class:`~quart_wslb.NoInstancesError` from sends and queries
+    when no instance ever announced itself under the prefix (a wrong prefix); the
+    extension's emitter is not strict, because right after Redis lost its data that is a
+    normal, passing state.
     """
 
     def __init__(
@@ -102,6 +111,7 @@ class AsyncEmitter:
         origin: str | None = None,
         timeout: float | None = None,
         strict: bool = True,
+        max_connections: int | None = None,
     ) -> None:
         if redis is not None and redis_url is not None:
             raise TypeError("give at most one of redis and redis_url")
@@ -110,7 +120,8 @@ class AsyncEmitter:
         check()  # says, once, what the installed redis-py cannot do fast
         url, prefix, timeout = emitter_options(redis_url, prefix, timeout)
         self._owns_client = redis is None
-        self._redis = redis or make_client(url, timeout)
+        bound = validated_max_connections(option("redis_max_connections", max_connections))
+        self._redis = redis or make_client(url, timeout, bound)
         self.keys = Keys.of(prefix, self._redis)
         #: The id that envelopes from here carry as their origin.
         self.origin = validated_instance_id(origin or "emitter-" + default_instance_id())

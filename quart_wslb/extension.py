@@ -67,6 +67,7 @@ class WsLoadBalance:
         send_queue_size: int | None = None,
         queue_full: QueueFullPolicy | None = None,
         redis_timeout: float | None = None,
+        redis_max_connections: int | None = None,
         heartbeat_interval: float | None = None,
         instance_ttl: float | None = None,
         ping_interval: float | None = None,
@@ -84,6 +85,7 @@ class WsLoadBalance:
             "send_queue_size": send_queue_size,
             "queue_full": queue_full,
             "redis_timeout": redis_timeout,
+            "redis_max_connections": redis_max_connections,
             "heartbeat_interval": heartbeat_interval,
             "instance_ttl": instance_ttl,
             "ping_interval": ping_interval,
@@ -218,7 +220,9 @@ class WsLoadBalance:
         settings = self.settings
         _compat.check()  # says, once, what the installed redis-py cannot do fast
         timeout = settings.redis_timeout
-        redis = self._client or make_client(settings.redis_url, timeout)
+        redis = self._client or make_client(
+            settings.redis_url, timeout, settings.redis_max_connections
+        )
         keys = Keys.of(settings.prefix, redis)
         instance = settings.instance_id
         registry = Registry(redis, keys)

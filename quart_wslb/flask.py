@@ -2,8 +2,8 @@
 
 Install with ``pip install quart-wslb[flask]``. It hosts no websocket: it is an
 :class:`~quart_wslb.Emitter` configured from the same ``WSLB_*`` keys as the Quart
-extension (``WSLB_REDIS_URL``, ``WSLB_PREFIX``, ``WSLB_REDIS_TIMEOUT``, in the config or
-the environment)::
+extension (``WSLB_REDIS_URL``, ``WSLB_PREFIX``, ``WSLB_REDIS_TIMEOUT``,
+``WSLB_REDIS_MAX_CONNECTIONS``, in the config or the environment)::
 
     from flask import Flask, current_app
     from quart_wslb import UserSelector
@@ -45,11 +45,13 @@ class WsLoadBalance:
         redis_url: str | None = None,
         prefix: str | None = None,
         redis_timeout: float | None = None,
+        redis_max_connections: int | None = None,
     ) -> None:
         self._overrides: dict[str, object] = {
             "redis_url": redis_url,
             "prefix": prefix,
             "redis_timeout": redis_timeout,
+            "redis_max_connections": redis_max_connections,
         }
         self.emitter: Emitter | None = None
         if app is not None:
@@ -61,7 +63,10 @@ class WsLoadBalance:
             raise RuntimeError("the app already has a WsLoadBalance")
         settings = resolve_settings(self._overrides, app.config)
         emitter = Emitter(
-            settings.redis_url, prefix=settings.prefix, timeout=settings.redis_timeout
+            settings.redis_url,
+            prefix=settings.prefix,
+            timeout=settings.redis_timeout,
+            max_connections=settings.redis_max_connections,
         )
         app.extensions["wslb"] = emitter
         app.wslb = emitter  # type: ignore[attr-defined]

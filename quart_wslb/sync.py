@@ -17,7 +17,12 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable, Coroutine, I
 from types import TracebackType
 from typing import Any, TypeVar, cast
 
-from .config import emitter_options, validated_instance_id
+from .config import (
+    emitter_options,
+    option,
+    validated_instance_id,
+    validated_max_connections,
+)
 from .connection import ConnectionRecord
 from .emitter import EVERYONE, AsyncEmitter
 from .exceptions import RedisUnavailableError
@@ -48,10 +53,12 @@ class Emitter:
         prefix: str | None = None,
         origin: str | None = None,
         timeout: float | None = None,
+        max_connections: int | None = None,
     ) -> None:
         # Resolved and validated now, in the caller's thread, so bad settings fail at
         # construction (and the loop thread sees the environment as it was then).
         redis_url, prefix, timeout = emitter_options(redis_url, prefix, timeout)
+        bound = validated_max_connections(option("redis_max_connections", max_connections))
         if origin is not None:
             validated_instance_id(origin)
         self._options: dict[str, Any] = {
@@ -59,6 +66,7 @@ class Emitter:
             "prefix": prefix,
             "origin": origin,
             "timeout": timeout,
+            "max_connections": bound,
         }
         self.timeout = timeout
         self._lock = threading.Lock()

@@ -48,6 +48,7 @@ EXTRA_CHOICES: dict[str, tuple[Any, Any]] = {
     "ping_interval": (5.0, 7.0),
     "ping_message": ("p1", b"p2"),
     "idle_timeout": (30.0, 60.0),
+    "redis_max_connections": (8, 16),
 }
 OPTIONS = {**CHOICES, **{k: v for k, v in EXTRA_CHOICES.items() if k in DEFAULTS}}
 #: option -> (environment variable's text, the value it stands for): distinct from the
@@ -65,6 +66,7 @@ ENVIRON: dict[str, tuple[str, Any]] = {
     "ping_interval": ("4", 4.0),
     "ping_message": ("env-ping", "env-ping"),
     "idle_timeout": ("40", 40.0),
+    "redis_max_connections": ("24", 24),
 }
 FROM_ENVIRON = sorted(set(OPTIONS) & set(ENVIRON))
 
@@ -330,3 +332,10 @@ async def test_plain_app_takes_exported_instance_id_and_redis_url(
         assert await client.exists(Keys(prefix).heartbeat("exported-7")) == 1
     finally:
         await client.aclose()
+
+
+def test_redis_max_connections_must_leave_room_for_the_subscriber() -> None:
+    for bad in (0, 3, -1, True, 2.5, "8"):
+        with pytest.raises(ValueError, match="WSLB_REDIS_MAX_CONNECTIONS"):
+            resolve_settings({"redis_max_connections": bad}, {})
+    assert resolve_settings({}, {"WSLB_REDIS_MAX_CONNECTIONS": 4}).redis_max_connections == 4

@@ -29,7 +29,7 @@ from quart_wslb.emitter import PAGE, Route
 from quart_wslb.envelope import decode
 from quart_wslb.keys import LAYOUT, Keys
 from quart_wslb.registry import Registry
-from quart_wslb.testing import free_port
+from quart_wslb.testing import RedisServer, free_port
 from tests.support import make_connection
 
 MANY = PAGE * 2 + 37  # more than two pages
@@ -385,3 +385,22 @@ async def test_emitter_refuses_a_prefix_of_another_layout(
     assert await emitter.count() == 0
     await emitter.aclose()
     await redis.delete(keys.layout, keys.instances)
+
+
+@pytest.mark.integration
+async def test_emitter_from_url_waits_for_a_free_connection(private_redis: RedisServer) -> None:
+    """More concurrent calls than the pool holds: they wait their turn, none fails."""
+    emitter = AsyncEmitter(
+        redis_url=private_redis.url, timeout=5.0, strict=False, max_connections=4
+    )
+    admin = aioredis.Redis.from_url(private_redis.url)
+    try:
+        counts = await asyncio.gather(*(emitter.count(UserSelector("x")) for _ in range(300)))
+        assert counts == [0] * 300
+        clients = (await admin.info("clients"))["connected_clients"]
+        assert clients <= 4 + 1, f"{clients} connections with max_connections=4"
+    finally:
+        await admin.aclose()
+        await emitter.aclose()
+    with pytest.raises(ValueError, match="MAX_CONNECTIONS"):
+        AsyncEmitter(redis_url=private_redis.url, max_connections=1)

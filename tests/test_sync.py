@@ -7,6 +7,7 @@ import multiprocessing
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -135,3 +136,18 @@ def test_emitter_errors_are_clear(redis_url: str, prefix: str) -> None:
         with pytest.raises(RedisUnavailableError):
             emitter.send(UserSelector("x"), "x")
         assert time.monotonic() - started < 2.5
+
+
+@pytest.mark.integration
+def test_emitter_threads_beyond_its_pool_wait_for_a_connection(
+    redis_url: str, prefix: str, cluster_keys: Keys
+) -> None:
+    client = redis.Redis.from_url(redis_url)
+    before = int(client.info("clients")["connected_clients"])
+    with Emitter(redis_url, prefix=prefix, max_connections=4) as emitter:
+        with ThreadPoolExecutor(max_workers=64) as pool:
+            counts = list(pool.map(lambda _: emitter.count(UserSelector("bob")), range(300)))
+        during = int(client.info("clients")["connected_clients"]) - before
+    client.close()
+    assert counts == [1] * 300
+    assert during <= 4, f"{during} connections with max_connections=4"

@@ -1,0 +1,126 @@
+"""The clients quart-wslb builds: a bounded pool that makes callers wait, never fail."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import resource
+import time
+from collections.abc import Callable
+
+import pytest
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from websockets.asyncio.client import ClientConnection, connect
+
+from quart_wslb.keys import Keys
+from quart_wslb.redis_client import make_client
+from quart_wslb.testing import RedisServer
+from tests.cluster import Cluster, Instance
+
+StartCluster = Callable[..., Cluster]
+#: Simultaneous connects of the burst: a crashed instance's clients landing on a survivor.
+BURST = 1000
+#: The instance's pool bound in that test: far fewer connections than clients.
+BOUND = 20
+
+
+async def _connect_and_echo(instance: Instance, n: int) -> ClientConnection:
+    """Connect user ``u<n>`` alone in room ``r<n>``, then prove it is routable at once:
+    its handler sends to its room (a lookup in Redis), which reaches it only if it is
+    registered. Joining a group on top exercises the query path."""
+    client = await connect(instance.ws(f"/ws/r{n}?user=u{n}"), open_timeout=60)
+    hello = json.loads(await asyncio.wait_for(client.recv(), 60))
+    assert hello["user"] == f"u{n}", hello
+    await client.send(f"join:g{n}")
+    done = json.loads(await asyncio.wait_for(client.recv(), 60))
+    assert done == {"done": f"join:g{n}", "groups": [f"g{n}"]}, done
+    await client.send("hi")
+    echo = json.loads(await asyncio.wait_for(client.recv(), 60))
+    assert echo == {"from": f"u{n}", "text": "hi"}, echo
+    return client
+
+
+def _raise_fd_limit(needed: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < needed:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(needed, hard), hard))
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(240)
+async def test_make_client_burst_of_connects_registers_every_connection(
+    start_cluster: StartCluster, redis_url: str, prefix: str
+) -> None:
+    _raise_fd_limit(4 * BURST)
+    cluster = start_cluster(1, WSLB_REDIS_MAX_CONNECTIONS=str(BOUND))
+    instance = cluster[0]
+    started = time.monotonic()
+    results = await asyncio.gather(
+        *(_connect_and_echo(instance, n) for n in range(BURST)), return_exceptions=True
+    )
+    took = time.monotonic() - started
+    clients = [r for r in results if isinstance(r, ClientConnection)]
+    failures = [r for r in results if not isinstance(r, ClientConnection)]
+    log = instance.log.read_text()
+    unreachable = log.count("opened while Redis is unreachable")
+    try:
+        assert not failures, (
+            f"{len(failures)} of {BURST} clients failed in {took:.1f}s "
+            f"({unreachable} registrations failed), first: {failures[0]!r}"
+        )
+        assert unreachable == 0, f"{unreachable} registrations failed"
+        redis = aioredis.Redis.from_url(redis_url)
+        try:
+            keys = Keys(prefix)
+            registered = await redis.hlen(keys.records(instance.id))
+            names = await redis.client_list()
+        finally:
+            await redis.aclose()
+        assert registered == BURST, f"{registered} of {BURST} records"
+        # The instance's connections, at most the bound, and this test's client.
+        assert len(names) <= BOUND + 1, f"{len(names)} Redis connections, bound {BOUND}"
+    finally:
+        await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
+    # Every unregistration succeeds too (the same burst, the other way).
+    async with aioredis.Redis.from_url(redis_url) as redis:
+        deadline = time.monotonic() + 60
+        while (left := await redis.hlen(Keys(prefix).records(instance.id))) and (
+            time.monotonic() < deadline
+        ):
+            await asyncio.sleep(0.2)
+    log = instance.log.read_text()
+    failed = log.count("could not unregister")
+    assert left == 0 and failed == 0, f"{left} records left, {failed} unregisters failed"
+
+
+@pytest.mark.integration
+async def test_make_client_pool_is_bounded_and_waits(private_redis: RedisServer) -> None:
+    client = make_client(private_redis.url, 5.0, max_connections=3)
+    try:
+        started = time.monotonic()
+        replies = await asyncio.gather(*(client.ping() for _ in range(50)))
+        took = time.monotonic() - started
+        assert replies == [True] * 50, f"after {took:.2f}s"
+        info = await client.info("clients")
+        assert info["connected_clients"] <= 3, info
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.integration
+async def test_make_client_gives_up_waiting_for_a_connection_within_the_timeout(
+    private_redis: RedisServer,
+) -> None:
+    client = make_client(private_redis.url, 0.5, max_connections=1)
+    try:
+        held = await client.connection_pool.get_connection()  # type: ignore[no-untyped-call]
+        started = time.monotonic()
+        with pytest.raises(RedisConnectionError, match="No connection available"):
+            await client.ping()
+        took = time.monotonic() - started
+        assert took < 0.5 + 1.0, f"waited {took:.2f}s for a connection, timeout 0.5s"
+        await client.connection_pool.release(held)
+        assert await client.ping() is True
+    finally:
+        await client.aclose()

@@ -4,7 +4,9 @@ A call made while no other is in flight goes out at once, alone, so a lone send 
 nobody. Calls made while one is in flight queue up, and as soon as it returns they all go
 out together, then the next queue, and so on: under load a send costs a share of a round
 trip, of a script call and (for ``route.lua``) of a publish, instead of one of each. Each
-round trip is bounded by ``timeout``, so a queued caller waits at most for two of them.
+caller waits at most ``timeout`` from its own call, queued or not (``TimeoutError``); a
+queued call whose caller gave up before its batch went out is left out of it, so it has
+no effect.
 
 The script takes its calls in one ``EVALSHA``: ``KEYS`` are the fixed keys, then each
 call's keys; ``ARGV`` the fixed arguments, then for each call the offset of its keys
@@ -85,7 +87,10 @@ class GroupCommit:
         if self._busy:
             future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
             self._queue.append(((keys, args, alone), future))
-            return await future
+            # From this call's start, not its batch's: else a call queued behind a stalled
+            # round trip would wait for that one's timeout, then for its own.
+            async with asyncio.timeout(self._timeout):
+                return await future  # a timeout cancels the future: _drain skips it
         self._busy = True
         try:
             async with asyncio.timeout(self._timeout):
@@ -102,8 +107,10 @@ class GroupCommit:
     async def _drain(self) -> None:
         try:
             while self._queue:
-                batch, self._queue = self._queue, []
-                await self._run(batch)
+                batch = [call for call in self._queue if not call[1].done()]
+                self._queue = []
+                if batch:  # else every caller gave up: nothing to send
+                    await self._run(batch)
                 # Let the callers just answered run first: those that send again (any
                 # loop of sends) then join the next batch instead of each starting a
                 # round trip of its own. Only ever one event-loop turn, and only here,

@@ -318,11 +318,11 @@ class AsyncEmitter:
         if isinstance(selector, AllSelector):
             if not await self._check_instances():
                 return
-            async for name, _ in self._redis.hscan_iter(self.keys.users, count=PAGE):
-                user = cast(bytes, name).decode()
-                if user not in seen:
-                    seen.add(user)
-                    yield user
+            async for page in self._fields(self.keys.users):
+                for user in page:
+                    if user not in seen:
+                        seen.add(user)
+                        yield user
             return
         async for record in self.connections(selector):
             if record.user is not None and record.user not in seen:
@@ -390,15 +390,18 @@ class AsyncEmitter:
             instances = sorted(await self._redis.hkeys(self.keys.instances))
         for name in instances:
             instance = cast(bytes, name).decode()
-            cursor: int | None = None
-            while cursor != 0:
-                async with redis_deadline(self.timeout, "scan"):
-                    # Values come too: HSCAN NOVALUES needs Redis 7.4.
-                    cursor, page = await self._redis.hscan(
-                        self.keys.records(instance), cursor or 0, count=PAGE
-                    )
-                if page:
-                    yield [f"{instance}:{cast(bytes, t).decode()}" for t in page]
+            async for page in self._fields(self.keys.records(instance)):
+                yield [f"{instance}:{token}" for token in page]
+
+    async def _fields(self, key: str) -> AsyncIterator[list[str]]:
+        """The field names of a hash, a bounded page (one deadline) at a time."""
+        cursor: int | None = None
+        while cursor != 0:
+            async with redis_deadline(self.timeout, "scan"):
+                # Values come too: HSCAN NOVALUES needs Redis 7.4.
+                cursor, page = await self._redis.hscan(key, cursor or 0, count=PAGE)
+            if page:
+                yield [cast(bytes, name).decode() for name in page]
 
     async def _scan(self, key: str) -> AsyncIterator[list[str]]:
         cursor: int | None = None

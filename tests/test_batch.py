@@ -259,3 +259,28 @@ def test_chunks_give_alone_calls_a_script_call_of_their_own() -> None:
         [True],
         [False],
     ]
+
+
+@pytest.mark.integration
+async def test_group_commit_queued_call_times_out_from_its_own_start(
+    private_redis: RedisServer,
+) -> None:
+    redis = aioredis.Redis.from_url(private_redis.url)
+    commit = GroupCommit(redis, redis.register_script(SCRIPT), timeout=2.0, args=[0, 0])
+    admin = aioredis.Redis.from_url(private_redis.url)
+    try:
+        assert (await commit(["k"], ["warm"]))[1] == b"warm"
+        # Long enough for the queued call's batch to stall too (it would go out at 2s).
+        await admin.client_pause(5000)
+        first = asyncio.create_task(commit(["k"], ["1"]))
+        await asyncio.sleep(0.2)  # the first is in flight: the next one queues
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(TimeoutError):
+            await commit(["k"], ["2"])
+        took = asyncio.get_running_loop().time() - started
+        assert took < 2.0 + 1.0, f"a queued call blocked {took:.2f}s with a 2s timeout"
+        with pytest.raises(TimeoutError):
+            await first
+    finally:  # the private server goes with the test: no need to unpause it
+        await admin.aclose()
+        await redis.aclose()

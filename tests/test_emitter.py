@@ -388,6 +388,29 @@ async def test_emitter_refuses_a_prefix_of_another_layout(
 
 
 @pytest.mark.integration
+async def test_send_queued_behind_a_stalled_send_fails_within_its_own_timeout(
+    private_redis: RedisServer,
+) -> None:
+    emitter = AsyncEmitter(redis_url=private_redis.url, timeout=2.0, strict=False)
+    admin = aioredis.Redis.from_url(private_redis.url)
+    try:
+        assert await emitter.send(UserSelector("x"), "warm") == 0
+        await admin.client_pause(5000)
+        first = asyncio.create_task(emitter.send(UserSelector("x"), "1"))
+        await asyncio.sleep(0.2)  # in flight: the next send queues behind it
+        started = time.monotonic()
+        with pytest.raises(RedisUnavailableError):
+            await emitter.send(UserSelector("x"), "2")
+        took = time.monotonic() - started
+        assert took < 2.0 + 1.0, f"a queued send blocked {took:.2f}s with a 2s timeout"
+        with pytest.raises(RedisUnavailableError):
+            await first
+    finally:  # the private server goes with the test: no need to unpause it
+        await admin.aclose()
+        await emitter.aclose()
+
+
+@pytest.mark.integration
 async def test_emitter_from_url_waits_for_a_free_connection(private_redis: RedisServer) -> None:
     """More concurrent calls than the pool holds: they wait their turn, none fails."""
     emitter = AsyncEmitter(

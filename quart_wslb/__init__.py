@@ -8,6 +8,7 @@ from .emitter import AsyncEmitter
 from .exceptions import (
     NoInstancesError,
     NotStartedError,
+    RedisAuthenticationError,
     RedisUnavailableError,
     WsLoadBalanceError,
 )
@@ -46,6 +47,7 @@ __all__ = (
     "NotStartedError",
     "OrSelector",
     "PathSelector",
+    "RedisAuthenticationError",
     "RedisUnavailableError",
     "Selector",
     "UserSelector",

@@ -11,12 +11,20 @@ import asyncio
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import (
+    AuthenticationError,
+    AuthenticationWrongNumberOfArgsError,
+    AuthorizationError,
+    RedisError,
+    ResponseError,
+)
 
 __all__ = (
     "NoInstancesError",
     "NotStartedError",
+    "RedisAuthenticationError",
     "RedisUnavailableError",
+    "describe",
     "WsLoadBalanceError",
     "redis_deadline",
     "redis_errors",
@@ -35,6 +43,13 @@ class RedisUnavailableError(WsLoadBalanceError):
     """
 
 
+class RedisAuthenticationError(RedisUnavailableError):
+    """Redis refused the credentials of ``WSLB_REDIS_URL`` (a wrong or missing password
+    or user name): retrying does not help. An instance fails to start on it; later (a
+    rotated password) it is raised where ``RedisUnavailableError`` would be, and is one,
+    so code that handles Redis being out of reach handles it too."""
+
+
 class NoInstancesError(WsLoadBalanceError):
     """No instance has announced itself under the prefix: a wrong prefix, or a cluster
     that is down. Raised by emitters instead of quietly routing to nobody."""
@@ -46,14 +61,30 @@ class NotStartedError(WsLoadBalanceError, RuntimeError):
 
 #: What a Redis exchange may raise when it fails: see :func:`ours`.
 REDIS_FAILURES = (RedisError, OSError, TimeoutError)
+#: What redis-py raises when Redis refuses the credentials (``WRONGPASS``, ``NOAUTH``...).
+AUTH_FAILURES = (AuthenticationError, AuthorizationError, AuthenticationWrongNumberOfArgsError)
 
 
 def ours(error: BaseException, what: str) -> WsLoadBalanceError:
-    """Our error for a Redis failure (one of ``REDIS_FAILURES``): an error reply is a
-    plain ``WsLoadBalanceError``, anything else (silence) ``RedisUnavailableError``."""
+    """Our error for a Redis failure (one of ``REDIS_FAILURES``): refused credentials are
+    ``RedisAuthenticationError``, another error reply a plain ``WsLoadBalanceError``,
+    anything else (silence) ``RedisUnavailableError``."""
+    if isinstance(error, AUTH_FAILURES):  # before ResponseError: some derive from it
+        return RedisAuthenticationError(
+            f"{what}: Redis refused the credentials of the Redis URL ({describe(error)})"
+        )
     if isinstance(error, ResponseError):  # Redis answered: with an error, not silence
         return WsLoadBalanceError(f"{what}: Redis answered with an error: {error}")
-    return RedisUnavailableError(f"{what}: Redis did not answer ({error!r})")
+    if isinstance(error, TimeoutError):  # asyncio's deadline: it says nothing itself
+        return RedisUnavailableError(f"{what}: Redis did not answer in time")
+    return RedisUnavailableError(f"{what}: Redis did not answer ({describe(error)})")
+
+
+def describe(error: BaseException) -> str:
+    """``"<type>: <message>"`` for a log line or an error message: redis-py's own repr
+    of its errors names only their type (``auth:AuthenticationError``)."""
+    text = str(error)
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 @contextmanager

@@ -20,7 +20,12 @@ from .config import QueueFullPolicy, Settings, UserGetter, resolve_settings
 from .connection import Activity, Connection, ConnectionRecord
 from .emitter import EVERYONE, AsyncEmitter, Stream
 from .envelope import pack
-from .exceptions import NotStartedError, RedisUnavailableError, redis_deadline
+from .exceptions import (
+    NotStartedError,
+    RedisAuthenticationError,
+    RedisUnavailableError,
+    redis_deadline,
+)
 from .keys import Keys
 from .liveness import InstanceInfo, Liveness
 from .redis_client import make_client
@@ -241,10 +246,11 @@ class WsLoadBalance:
         # After Redis comes back (possibly empty), restore our records at once.
         router.on_subscribed(liveness.resubscribed)
         try:
-            async with redis_deadline(timeout, "start"):
-                await liveness.beat()
-        except RedisUnavailableError as error:
-            log.warning("starting without Redis (%s); retrying in the background", error)
+            await _first_beat(liveness, timeout)
+        except BaseException:
+            if redis is not self._client:
+                await redis.aclose()
+            raise
         tasks = [
             asyncio.create_task(router.run(), name="wslb-subscriber"),
             asyncio.create_task(liveness.run(), name="wslb-liveness"),
@@ -361,6 +367,18 @@ class WsLoadBalance:
             except Exception as error:
                 log.warning("could not unregister %s: %r", connection.id, error)
         await signals.send(signals.connection_closed, self, connection=connection)
+
+
+async def _first_beat(liveness: Liveness, timeout: float) -> None:
+    """Announce the instance; Redis being out of reach is no reason not to start (it is
+    retried in the background), but refused credentials are: retrying cannot help."""
+    try:
+        async with redis_deadline(timeout, "start"):
+            await liveness.beat()
+    except RedisAuthenticationError:
+        raise
+    except RedisUnavailableError as error:
+        log.warning("starting without Redis (%s); retrying in the background", error)
 
 
 def _activity(found: object) -> Activity | None:

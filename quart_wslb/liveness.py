@@ -34,7 +34,7 @@ from redis.exceptions import RedisError
 from . import signals
 from ._lua import source
 from .connection import Connection
-from .exceptions import WsLoadBalanceError
+from .exceptions import WsLoadBalanceError, describe
 from .keys import LAYOUT, Keys
 from .registry import Registry
 from .router import Router
@@ -104,7 +104,7 @@ class Liveness:
                 raise
             except (RedisError, OSError, WsLoadBalanceError) as error:  # TimeoutError too
                 self._healthy_since = None
-                log.warning("liveness tick failed: %r", error)
+                log.warning("liveness tick failed: %s", describe(error))
             except Exception:  # a bug: its traceback, and the next tick tries again
                 self._healthy_since = None
                 log.exception("liveness tick failed unexpectedly")

@@ -28,6 +28,7 @@ from redis.exceptions import RedisError
 from . import signals
 from .connection import Connection
 from .envelope import CONTROL_KINDS, Envelope, EnvelopeError, decode
+from .exceptions import describe
 from .keys import Keys
 from .subscriber import SubscriberClosedError, Subscription, output_buffer_cuts, subscribe
 
@@ -211,7 +212,7 @@ class Router:
             try:
                 await callback()
             except (RedisError, OSError) as error:
-                log.warning("after subscribing: %r", error)
+                log.warning("after subscribing: %s", describe(error))
             except Exception:
                 log.exception("a callback after subscribing failed")
 

@@ -399,7 +399,7 @@ async def test_send_queued_behind_a_stalled_send_fails_within_its_own_timeout(
         first = asyncio.create_task(emitter.send(UserSelector("x"), "1"))
         await asyncio.sleep(0.2)  # in flight: the next send queues behind it
         started = time.monotonic()
-        with pytest.raises(RedisUnavailableError):
+        with pytest.raises(RedisUnavailableError, match="in time"):
             await emitter.send(UserSelector("x"), "2")
         took = time.monotonic() - started
         assert took < 2.0 + 1.0, f"a queued send blocked {took:.2f}s with a 2s timeout"

@@ -22,6 +22,8 @@ from quart_wslb import (
     MetadataSelector,
     NotStartedError,
     PathSelector,
+    RedisAuthenticationError,
+    RedisUnavailableError,
     UserSelector,
     WsLoadBalance,
     signals,
@@ -29,6 +31,7 @@ from quart_wslb import (
 from quart_wslb.config import DEFAULTS
 from quart_wslb.envelope import decode
 from quart_wslb.keys import LAYOUT
+from quart_wslb.testing import RedisServer
 from tests.support import (
     KEYS,
     PREFIX,
@@ -418,3 +421,49 @@ async def test_join_makes_a_group_addressable(two: tuple[Served, Served]) -> Non
         assert await one.wslb.send(GroupSelector("vip"), "alice only") == 1
         assert await frame(alice) == "alice only"
         assert await silent(bob)
+
+
+@pytest.fixture(name="locked_redis")
+async def fixture_locked_redis(private_redis: RedisServer) -> AsyncIterator[str]:
+    """A private Redis that requires the password ``right-pass``; yields its address."""
+    async with Redis.from_url(private_redis.url) as admin:
+        await admin.config_set("requirepass", "right-pass")
+    yield f"127.0.0.1:{private_redis.port}"
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("credentials", [":wrong-pass@", "", "nobody:right-pass@"])
+async def test_start_fails_when_redis_refuses_the_credentials(
+    locked_redis: str, credentials: str
+) -> None:
+    app = Quart(__name__)
+    WsLoadBalance(app, redis_url=f"redis://{credentials}{locked_redis}/0", redis_timeout=2)
+    with pytest.raises(LifespanError, match="refused the credentials") as raised:
+        await app.test_app().startup()
+    assert "right-pass" not in str(raised.value)
+    assert "wrong-pass" not in str(raised.value)
+
+
+@pytest.mark.integration
+async def test_send_after_a_password_change_says_the_credentials_were_refused(
+    locked_redis: str,
+) -> None:
+    app = Quart(__name__)
+    wslb = WsLoadBalance(app, redis_url=f"redis://:right-pass@{locked_redis}/0", redis_timeout=2)
+    test_app = app.test_app()
+    await test_app.startup()
+    try:
+        assert await wslb.send(UserSelector("nobody"), "x") == 0
+        async with Redis.from_url(f"redis://:right-pass@{locked_redis}/0") as admin:
+            await admin.config_set("requirepass", "rotated-pass")
+            await admin.client_kill_filter(_type="normal", skipme=True)
+        with pytest.raises(RedisUnavailableError):  # the killed connection, or the password
+            await wslb.send(UserSelector("nobody"), "x")
+        for call in (wslb.send(UserSelector("nobody"), "x"), wslb.count()):
+            with pytest.raises(RedisAuthenticationError, match="refused the") as raised:
+                await call
+            assert isinstance(raised.value, RedisUnavailableError)  # Redis is out of reach
+            assert "right-pass" not in str(raised.value)
+            assert "did not answer" not in str(raised.value)
+    finally:
+        await test_app.shutdown()

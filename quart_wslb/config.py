@@ -20,8 +20,9 @@ import re
 import secrets
 import socket
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 __all__ = (
     "DEFAULTS",
@@ -32,6 +33,7 @@ __all__ = (
     "emitter_options",
     "from_environ",
     "option",
+    "redact_url",
     "resolve_settings",
 )
 
@@ -67,11 +69,45 @@ DEFAULTS: dict[str, Any] = {
 MIN_REDIS_CONNECTIONS = 4
 
 
-@dataclass(frozen=True, slots=True)
-class Settings:
-    """The resolved, validated options of one extension."""
+def redact_url(url: str) -> str:
+    """``url`` with its password (and user name) replaced by ``***``: in the authority
+    part and in a ``password=`` query parameter, as redis-py reads both."""
+    try:
+        parts = urlsplit(url)
+        pairs = parse_qsl(parts.query, keep_blank_values=True)
+    except ValueError:  # not a URL we can take apart: show none of it
+        return "***"
+    secret = {"password", "username"}
+    if "@" not in parts.netloc and not any(k in secret for k, _ in pairs):
+        return url
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rpartition("@")[2]
+    query = urlencode([(k, "***" if k in secret else v) for k, v in pairs], safe="*")
+    # Spelled out: urlunsplit would write unix:///path as unix:/path.
+    return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
 
-    redis_url: str
+
+def _redacted_url(value: object) -> str:
+    return repr(redact_url(value)) if isinstance(value, str) else repr(value)
+
+
+def _hidden(value: object) -> str:
+    return "'***'" if value else repr(value)
+
+
+#: Field metadata: how ``repr`` shows a field that holds a credential. Mark any new
+#: option that holds one with ``field(metadata=SECRET)``.
+SECRET: Mapping[str, Callable[[object], str]] = {"redact": _hidden}
+URL: Mapping[str, Callable[[object], str]] = {"redact": _redacted_url}
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class Settings:
+    """The resolved, validated options of one extension. Its ``repr`` shows no
+    credential (the Redis URL's password, any field marked ``SECRET``)."""
+
+    redis_url: str = field(metadata=URL)
     instance_id: str
     prefix: str
     max_message_size: int
@@ -85,6 +121,13 @@ class Settings:
     ping_message: str | bytes
     idle_timeout: float | None
     user: UserGetter | None
+
+    def __repr__(self) -> str:
+        shown = []
+        for option in fields(self):
+            redact = option.metadata.get("redact", repr)
+            shown.append(f"{option.name}={redact(getattr(self, option.name))}")
+        return f"Settings({', '.join(shown)})"
 
 
 def default_instance_id() -> str:

@@ -126,7 +126,7 @@ def room_metadata() -> dict[str, str]:
     return {"room": (websocket.view_args or {})["room"]}
 
 
-def make_app(redis: Redis, instance: str, **options: Any) -> tuple[Quart, WsLoadBalance]:
+def make_app(redis: Redis | None, instance: str, **options: Any) -> tuple[Quart, WsLoadBalance]:
     """A Quart app with one tracked route, ``/ws/<room>?user=<name>``, that greets the
     client with ``{"hello": <connection id>}``, echoes ``"echo:<text>"`` and ends on
     ``"close"``."""

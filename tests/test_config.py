@@ -334,6 +334,30 @@ async def test_plain_app_takes_exported_instance_id_and_redis_url(
         await client.aclose()
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://:hunter2@db:6379/0",
+        "rediss://app:hunter2@db:6380/1",
+        "redis://db:6379/0?password=hunter2&socket_timeout=1",
+        "unix://app:hunter2@/run/redis.sock?db=2",
+    ],
+)
+def test_settings_repr_hides_the_redis_password(url: str) -> None:
+    settings = resolve_settings({"redis_url": url}, {})
+    assert settings.redis_url == url  # the value itself is untouched
+    for shown in (repr(settings), str(settings)):
+        assert "hunter2" not in shown, shown
+        assert "redis_url=" in shown and "db" in shown or "redis.sock" in shown, shown
+        assert "***" in shown, shown
+
+
+def test_settings_repr_shows_a_url_without_credentials_as_it_is() -> None:
+    settings = resolve_settings({"redis_url": "redis://db:6379/3"}, {})
+    assert "redis_url='redis://db:6379/3'" in repr(settings)
+    assert f"prefix={settings.prefix!r}" in repr(settings)
+
+
 def test_redis_max_connections_must_leave_room_for_the_subscriber() -> None:
     for bad in (0, 3, -1, True, 2.5, "8"):
         with pytest.raises(ValueError, match="WSLB_REDIS_MAX_CONNECTIONS"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
@@ -467,3 +468,36 @@ async def test_send_after_a_password_change_says_the_credentials_were_refused(
             assert "did not answer" not in str(raised.value)
     finally:
         await test_app.shutdown()
+
+
+@pytest.mark.integration
+async def test_password_appears_in_no_log_line_error_or_record(
+    locked_redis: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The password of the Redis URL, through a start, a registered connection, a
+    rotated password (failing sends, ticks, subscriptions) and a stop."""
+    caplog.set_level(logging.DEBUG)
+    url = f"redis://:right-pass@{locked_redis}/0"
+    app, wslb = make_app(None, "i1", redis_url=url, heartbeat_interval=0.2, instance_ttl=1.0)
+    seen: list[str] = [repr(wslb.settings), str(wslb.settings)]
+    async with app.test_app() as test_app:
+        async with test_app.test_client().websocket("/ws/red?user=ann") as ws:
+            await greeting(ws)
+            async with Redis.from_url(url) as admin:
+                for key in await admin.keys("*"):
+                    seen.append(repr(await admin.dump(key)))
+                await admin.config_set("requirepass", "rotated-pass")
+                await admin.client_kill_filter(_type="normal", skipme=True)
+            for _ in range(2):
+                try:
+                    await wslb.send(UserSelector("ann"), "x")
+                except RedisUnavailableError as error:
+                    seen.append(str(error))
+            await asyncio.sleep(1.0)  # failing liveness ticks and subscriptions
+    assert len(seen) > 5
+    seen += [record.getMessage() for record in caplog.records]
+    leaks = [text for text in seen if "right-pass" in text or "rotated-pass" in text]
+    assert not leaks, leaks[:3]
+    refused = [text for text in seen if "refused the credentials" in text]
+    unclear = [text for text in seen if "auth:AuthenticationError" in text]
+    assert refused and not unclear, unclear[:3]

@@ -318,7 +318,7 @@ class AsyncEmitter:
         if isinstance(selector, AllSelector):
             if not await self._check_instances():
                 return
-            async for page in self._fields(self.keys.users):
+            async for page in self._scan(self.keys.users, fields=True):
                 for user in page:
                     if user not in seen:
                         seen.add(user)
@@ -390,26 +390,20 @@ class AsyncEmitter:
             instances = sorted(await self._redis.hkeys(self.keys.instances))
         for name in instances:
             instance = cast(bytes, name).decode()
-            async for page in self._fields(self.keys.records(instance)):
+            async for page in self._scan(self.keys.records(instance), fields=True):
                 yield [f"{instance}:{token}" for token in page]
 
-    async def _fields(self, key: str) -> AsyncIterator[list[str]]:
-        """The field names of a hash, a bounded page (one deadline) at a time."""
+    async def _scan(self, key: str, *, fields: bool = False) -> AsyncIterator[list[str]]:
+        """The members of a set, or with ``fields`` the field names of a hash, a page
+        (one bounded exchange) at a time."""
+        # Values come too with HSCAN: HSCAN NOVALUES needs Redis 7.4.
+        scan = self._redis.hscan if fields else self._redis.sscan
         cursor: int | None = None
         while cursor != 0:
             async with redis_deadline(self.timeout, "scan"):
-                # Values come too: HSCAN NOVALUES needs Redis 7.4.
-                cursor, page = await self._redis.hscan(key, cursor or 0, count=PAGE)
+                cursor, page = await scan(key, cursor or 0, count=PAGE)
             if page:
                 yield [cast(bytes, name).decode() for name in page]
-
-    async def _scan(self, key: str) -> AsyncIterator[list[str]]:
-        cursor: int | None = None
-        while cursor != 0:
-            async with redis_deadline(self.timeout, "scan"):
-                cursor, members = await self._redis.sscan(key, cursor or 0, count=PAGE)
-            if members:
-                yield [cast(bytes, m).decode() for m in members]
 
     async def _records(self, ids: list[str], program: Program) -> list[ConnectionRecord]:
         async with redis_deadline(self.timeout, "query"):

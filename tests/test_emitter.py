@@ -411,7 +411,9 @@ async def test_send_queued_behind_a_stalled_send_fails_within_its_own_timeout(
 
 
 @pytest.mark.integration
-async def test_emitter_from_url_waits_for_a_free_connection(private_redis: RedisServer) -> None:
+async def test_emitter_from_url_waits_for_a_free_connection(
+    private_redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """More concurrent calls than the pool holds: they wait their turn, none fails."""
     emitter = AsyncEmitter(
         redis_url=private_redis.url, timeout=5.0, strict=False, max_connections=4
@@ -427,3 +429,6 @@ async def test_emitter_from_url_waits_for_a_free_connection(private_redis: Redis
         await emitter.aclose()
     with pytest.raises(ValueError, match="MAX_CONNECTIONS"):
         AsyncEmitter(redis_url=private_redis.url, max_connections=1)
+    monkeypatch.setenv("WSLB_REDIS_MAX_CONNECTIONS", "2")  # read like the other options
+    with pytest.raises(ValueError, match="MAX_CONNECTIONS"):
+        AsyncEmitter(redis_url=private_redis.url)

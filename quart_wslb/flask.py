@@ -2,7 +2,7 @@
 
 Install with ``pip install quart-wslb[flask]``. It hosts no websocket: it is an
 :class:`~quart_wslb.Emitter` configured from the same ``WSLB_*`` keys as the Quart
-extension (``WSLB_REDIS_URL``, ``WSLB_PREFIX``, ``WSLB_REDIS_TIMEOUT``)::
+extension (``WSLB_REDIS_URL``, ``WSLB_PREFIX``, ``WSLB_REDIS_TIMEOUT``, ``WSLB_SECRET``)::
 
     from flask import Flask, current_app
     from quart_wslb import UserSelector
@@ -43,11 +43,13 @@ class WsLoadBalance:
         redis_url: str | None = None,
         prefix: str | None = None,
         redis_timeout: float | None = None,
+        secret: object = None,
     ) -> None:
         self._overrides: dict[str, object] = {
             "redis_url": redis_url,
             "prefix": prefix,
             "redis_timeout": redis_timeout,
+            "secret": secret,
         }
         self.emitter: Emitter | None = None
         if app is not None:
@@ -59,7 +61,10 @@ class WsLoadBalance:
             raise RuntimeError("the app already has a WsLoadBalance")
         settings = resolve_settings(self._overrides, app.config)
         emitter = Emitter(
-            settings.redis_url, prefix=settings.prefix, timeout=settings.redis_timeout
+            settings.redis_url,
+            prefix=settings.prefix,
+            timeout=settings.redis_timeout,
+            secret=settings.secret,
         )
         app.extensions["wslb"] = emitter
         app.wslb = emitter  # type: ignore[attr-defined]

@@ -22,6 +22,7 @@ from .connection import ConnectionRecord
 from .emitter import EVERYONE, AsyncEmitter
 from .exceptions import RedisUnavailableError
 from .selectors import Selector
+from .signing import Keyring
 
 __all__ = ("Emitter",)
 
@@ -36,7 +37,8 @@ class Emitter:
     """Send to, query and act on connections anywhere in the cluster, synchronously.
 
     Takes the same arguments as :class:`~quart_wslb.AsyncEmitter` except a client
-    (``redis_url`` is required). Use it as a context manager, or call :meth:`close`.
+    (``redis_url`` is required), ``secret`` included. Use it as a context manager, or
+    call :meth:`close`.
     """
 
     def __init__(
@@ -46,12 +48,15 @@ class Emitter:
         prefix: str = "wslb",
         origin: str | None = None,
         timeout: float = 5.0,
+        secret: object = None,
     ) -> None:
         self._options: dict[str, Any] = {
             "redis_url": redis_url,
             "prefix": prefix,
             "origin": origin,
             "timeout": timeout,
+            # Parsed now: a bad secret fails here, and the text is not kept.
+            "secret": None if secret is None else Keyring.parse(secret),
         }
         # Validate now, in the caller's thread, so bad settings fail at construction.
         validated_prefix(prefix)

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from quart_wslb.config import DEFAULTS, default_instance_id, resolve_settings
+from quart_wslb.signing import Keyring
 
 
 def user_a() -> str:
@@ -37,6 +38,7 @@ EXTRA_CHOICES: dict[str, tuple[Any, Any]] = {
     "ping_interval": (5.0, 7.0),
     "ping_message": ("p1", b"p2"),
     "idle_timeout": (30.0, 60.0),
+    "secret": (Keyring.parse("a:argument-secret-0001"), Keyring.parse("c:config-secret-00001")),
 }
 OPTIONS = {**CHOICES, **{k: v for k, v in EXTRA_CHOICES.items() if k in DEFAULTS}}
 

@@ -43,7 +43,9 @@ __all__ = (
     "Predicate",
     "Verifier",
     "canonical",
+    "message",
     "predicate",
+    "sel_text",
 )
 
 #: Seconds a message's timestamp may differ from the receiver's clock (either way):
@@ -139,6 +141,8 @@ class Keyring:
         key = self._accepted.get(kid)
         if key is None:
             return f"unknown key id {kid[:40]!r}"
+        if not mac.isascii():  # compare_digest takes ASCII text only
+            return "bad MAC"
         return None if hmac.compare_digest(key.mac(data), mac) else "bad MAC"
 
     def fragment(
@@ -203,19 +207,14 @@ def predicate(sel: list[str], keys: Keys) -> Predicate | None:
     evaluated over the connection alone (the postfix ops of ``selectors.Program``);
     ``None`` for a selector that cannot be read. ``S<key>`` holds when ``key`` is one
     of the connection's index sets: its path's, a group's or a metadata pair's."""
-    if len(sel) == 1:  # the common case: one operand
-        op = sel[0]
-        if op[:1] == "U" and len(op) > 1:
-            user = op[1:]
-            return lambda c: c.user == user
-        if op[:1] != "M":
-            return _operand(op, keys)
+    if len(sel) == 1 and sel[0][:1] != "M":  # the common case: one operand
+        return _operand(sel[0], keys)
     stack: list[Predicate] = []
     i = 0
     while i < len(sel):
         op, code = sel[i], sel[i][:1]
         if code == "M":
-            count = int(op[1:]) if op[1:].isdigit() else -1
+            count = int(op[1:]) if op[1:].isdigit() and len(op) < 12 else -1
             ids = frozenset(sel[i + 1 : i + 1 + count])
             if count < 0 or i + count >= len(sel):
                 return None
@@ -274,7 +273,7 @@ def _index(key: str, keys: Keys) -> Predicate | None:
     if kind == "m":
         length, _, pair = value.partition(":")
         raw = pair.encode()
-        if not length.isdigit() or raw[int(length) : int(length) + 1] != b":":
+        if not length.isdigit() or len(length) > 10 or raw[int(length) : int(length) + 1] != b":":
             return None
         try:
             name = raw[: int(length)].decode()

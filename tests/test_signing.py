@@ -148,8 +148,8 @@ async def recv(client: ClientConnection) -> Any:
 
 
 async def no_refusals(cluster: Cluster) -> None:
-    for index in range(cluster.n):
-        stats = await cluster[index].stats()
+    for instance in cluster.instances:
+        stats = await instance.stats()
         assert not [name for name in stats if name.startswith("dropped")], stats
 
 
@@ -215,6 +215,26 @@ async def test_signing_emitters_sign_and_others_are_refused(
     assert await silent(ann)
     await wait_stat(cluster, 1, "dropped_unsigned", 2)
     await wait_stat(cluster, 1, "dropped_bad_signature", 4)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(90)
+async def test_signing_key_rotation_mid_deploy_refuses_nothing(
+    start_cluster: StartCluster, clients: Clients
+) -> None:
+    """Step 2 of a rotation, half deployed: one instance still signs with the old key,
+    the other already with the new one; each accepts what the other signs."""
+    cluster = start_cluster(
+        1, WSLB_SECRET="k0:older-secret-of-the-test,k1:first-secret-of-the-test"
+    )
+    cluster.env["WSLB_SECRET"] = SECRET  # k1 signs, k0 accepted
+    cluster.spawn(1).wait_ready()
+    ann, _ = await clients.join(cluster[0], "ann")
+    bob, _ = await clients.join(cluster[1], "bob")
+    assert await cluster[0].send({"user": "bob"}, "signed with k0") == 1
+    assert await cluster[1].send({"user": "ann"}, "signed with k1") == 1
+    assert (await recv(bob), await recv(ann)) == ("signed with k0", "signed with k1")
+    await no_refusals(cluster)
 
 
 @pytest.mark.integration
@@ -289,6 +309,7 @@ def test_keyring_parse_text_first_signs_all_accepted() -> None:
     assert RING.check(RING.sign(data), data) is None
     assert RING.check(old.sign(data), data) is None  # the old key is still accepted
     assert old.check(RING.sign(data), data) == "unknown key id 'k1'"
+    assert RING.check("k1:" + "é" * 32, data) == "bad MAC"
     assert RING.check(RING.sign(data), b"other") == "bad MAC"
 
 
@@ -366,10 +387,12 @@ def test_predicate_matches_what_the_selector_matches() -> None:
         ["Ua", "|"],
         ["M3", "a"],
         ["Mx"],
+        ["M" + "9" * 5000, "a"],
         ["S{other}:g:vip"],
         ["S{t}:q:vip"],
         ["S{t}:m:9:room:x"],
         ["S{t}:m:x:room:x"],
+        ["S{t}:m:" + "9" * 5000 + ":room:x"],
     ],
 )
 def test_predicate_refuses_what_it_cannot_read(sel: list[str]) -> None:
@@ -496,3 +519,32 @@ async def test_signing_router_refuses_unsigned_and_retargeted(redis: aioredis.Re
     finally:
         await ann.stop()
         await bob.stop()
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"sig": "k1:" + "é" * 32},
+        {"sig": "no-colon"},
+        {"ts": 10**30},
+        {"ts": -1},
+        {"sel": ["M" + "9" * 5000, "i1:a"]},
+        {"sel": ["S{t}:m:" + "9" * 5000 + ":room:x"]},
+        {"sel": ["Uann\0"]},
+    ],
+)
+async def test_signing_router_refuses_hostile_fields_without_raising(
+    redis: aioredis.Redis, change: dict[str, Any]
+) -> None:
+    """Whatever a forger puts in the signature fields costs that message only, refused
+    as a bad signature; dispatch itself never raises."""
+    ann = make_connection(id="i1:a", user="ann")
+    owner = object()
+    router = Router(redis, KEYS, "i1", {ann.id: ann}, owner, keyring=RING)
+    envelope = signed(RING, ["i1:a"], ["Uann"], "forged")
+    for name, value in change.items():
+        setattr(envelope, name, value)
+    with recording(signals.message_dropped, owner) as dropped:
+        await router.dispatch(encode(envelope))
+    assert dropped.reasons() == ["bad_signature"]
+    assert len(ann._queue) == 0

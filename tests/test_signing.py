@@ -10,7 +10,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import pytest
 import redis.asyncio as aioredis
@@ -39,9 +39,15 @@ from tests.cluster import Clients, Cluster
 from tests.support import make_connection, received, recording
 
 StartCluster = Callable[..., Cluster]
+F = TypeVar("F", bound=Callable[..., Any])
 #: Two keys: k1 signs, k0 is still accepted (a rotation under way).
 SECRET = "k1:first-secret-of-the-test,k0:older-secret-of-the-test"
 QUIET = 0.5  # how long "nothing arrives" is watched
+
+
+def cluster_test(test: F) -> F:
+    """Marks a test that runs real Redis and Hypercorn processes (and may take longer)."""
+    return cast(F, pytest.mark.integration(pytest.mark.timeout(90)(test)))
 
 
 @asynccontextmanager
@@ -87,8 +93,7 @@ async def wait_stat(cluster: Cluster, index: int, name: str, value: int) -> None
     raise AssertionError(f"{name} never reached {value}: {stats}")
 
 
-@pytest.mark.integration
-@pytest.mark.timeout(90)
+@cluster_test
 async def test_signing_forged_broadcast_is_dropped_with_a_secret(
     start_cluster: StartCluster, clients: Clients, redis_url: str, prefix: str
 ) -> None:
@@ -108,8 +113,7 @@ async def test_signing_forged_broadcast_is_dropped_with_a_secret(
         assert await asyncio.wait_for(client.recv(), 5) == "signed, so delivered"
 
 
-@pytest.mark.integration
-@pytest.mark.timeout(90)
+@cluster_test
 async def test_signing_forged_disconnect_with_a_bad_code_is_rejected(
     start_cluster: StartCluster, clients: Clients, redis_url: str, prefix: str
 ) -> None:
@@ -127,8 +131,7 @@ async def test_signing_forged_disconnect_with_a_bad_code_is_rejected(
     assert await asyncio.wait_for(ann.recv(), 5) == "still here"
 
 
-@pytest.mark.integration
-@pytest.mark.timeout(90)
+@cluster_test
 async def test_signing_forged_probe_is_rejected(
     start_cluster: StartCluster, redis_url: str, prefix: str
 ) -> None:
@@ -153,8 +156,7 @@ async def no_refusals(cluster: Cluster) -> None:
         assert not [name for name in stats if name.startswith("dropped")], stats
 
 
-@pytest.mark.integration
-@pytest.mark.timeout(90)
+@cluster_test
 async def test_signing_signed_sends_arrive_across_the_cluster(
     start_cluster: StartCluster, clients: Clients
 ) -> None:
@@ -190,8 +192,7 @@ async def test_signing_signed_sends_arrive_across_the_cluster(
     await no_refusals(cluster)
 
 
-@pytest.mark.integration
-@pytest.mark.timeout(90)
+@cluster_test
 async def test_signing_emitters_sign_and_others_are_refused(
     start_cluster: StartCluster, clients: Clients, redis_url: str, prefix: str
 ) -> None:
@@ -217,8 +218,7 @@ async def test_signing_emitters_sign_and_others_are_refused(
     await wait_stat(cluster, 1, "dropped_bad_signature", 4)
 
 
-@pytest.mark.integration
-@pytest.mark.timeout(90)
+@cluster_test
 async def test_signing_key_rotation_mid_deploy_refuses_nothing(
     start_cluster: StartCluster, clients: Clients
 ) -> None:
@@ -237,8 +237,7 @@ async def test_signing_key_rotation_mid_deploy_refuses_nothing(
     await no_refusals(cluster)
 
 
-@pytest.mark.integration
-@pytest.mark.timeout(90)
+@cluster_test
 async def test_signing_replayed_redirected_and_stale_messages_are_refused(
     start_cluster: StartCluster, clients: Clients, redis_url: str, prefix: str
 ) -> None:

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
+from .signing import Keyring
+
 __all__ = (
     "DEFAULTS",
     "QueueFullPolicy",
@@ -61,6 +63,9 @@ DEFAULTS: dict[str, Any] = {
     "ping_message": '{"type":"ping"}',
     "idle_timeout": None,  # seconds; None: never close for silence
     "user": None,
+    # "kid1:secret1,kid0:secret0" or {kid: secret}: the first signs, all are accepted.
+    # None: every publish under the prefix is trusted (docs/security.md).
+    "secret": None,
 }
 
 
@@ -121,6 +126,8 @@ class Settings:
     ping_message: str | bytes
     idle_timeout: float | None
     user: UserGetter | None
+    #: The keys that sign and check envelopes; never shown (``repr`` leaves it out).
+    secret: Keyring | None = field(default=None, metadata=SECRET)
 
     def __repr__(self) -> str:
         shown = []
@@ -252,6 +259,8 @@ def _validated(v: dict[str, Any]) -> Settings:
         raise ValueError("WSLB_QUEUE_FULL must be 'close' or 'drop'")
     if v["user"] is not None and not callable(v["user"]):
         raise TypeError("WSLB_USER must be a callable or None")
+    if v["secret"] is not None:
+        v["secret"] = Keyring.parse(v["secret"])  # its errors never quote a secret
     return Settings(**v)
 
 

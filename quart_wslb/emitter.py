@@ -13,7 +13,6 @@ id, a page at a time.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import AsyncIterator, Generator, Sequence
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from .config import (
     validated_max_connections,
 )
 from .connection import ConnectionRecord
-from .envelope import KINDS, Kind, head, pack
+from .envelope import KINDS, Kind, close_payload, head, pack
 from .exceptions import (
     REDIS_FAILURES,
     NoInstancesError,
@@ -43,6 +42,7 @@ from .exceptions import (
 from .keys import LAYOUT, Keys
 from .redis_client import make_client
 from .selectors import AllSelector, Program, Selector
+from .signing import Keyring, canonical
 
 __all__ = ("AsyncEmitter", "Route", "Stream")
 
@@ -100,6 +100,10 @@ class AsyncEmitter:
     when no instance ever announced itself under the prefix (a wrong prefix); the
     extension's emitter is not strict, because right after Redis lost its data that is a
     normal, passing state.
+    With a ``secret`` (``"kid:secret,..."``, a ``{key id: secret}`` mapping or a
+    :class:`~quart_wslb.signing.Keyring`; else ``WSLB_SECRET``), every message it
+    publishes is signed with the first key, as instances with a secret require
+    (``docs/security.md``).
     """
 
     def __init__(
@@ -112,6 +116,7 @@ class AsyncEmitter:
         timeout: float | None = None,
         strict: bool = True,
         max_connections: int | None = None,
+        secret: object = None,
     ) -> None:
         if redis is not None and redis_url is not None:
             raise TypeError("give at most one of redis and redis_url")
@@ -128,6 +133,8 @@ class AsyncEmitter:
         self.timeout = timeout
         #: Raise ``NoInstancesError`` where no instance announced itself under the prefix.
         self.strict = strict
+        secret = option("secret", secret)
+        self._keyring = None if secret is None else Keyring.parse(secret)
         self._layout_seen = False
         # Encoded once: redis-py would encode these on every call of the hot path.
         self._fixed_keys = [k.encode() for k in (self.keys.users, self.keys.instances)]
@@ -165,9 +172,7 @@ class AsyncEmitter:
 
         Returns how many connections were told to close.
         """
-        if not isinstance(code, int) or not (code == 1000 or 3000 <= code <= 4999):
-            raise ValueError("close code must be 1000 or in 3000-4999")
-        payload = json.dumps({"code": code, "reason": reason}).encode()
+        payload = close_payload(code, reason)
         return (await self._route(selector, "disconnect", payload)).routed
 
     async def route(self, selector: Selector, kind: Kind, payload: bytes) -> Route:
@@ -216,9 +221,12 @@ class AsyncEmitter:
         """route.lua's reply for one send: connections routed, how many instances were
         reached (-1 for a broadcast, then how many heard it), their ids, then the
         owners nobody heard. No instance ever announced itself: ``[0, 0]``."""
+        signature = self._sign(message_id, kind, payload, program)
         try:  # GroupCommit bounds every round trip in time
             reply: list[Any] = await self._publish(
-                program.keys, [message_id, kind, payload, *program.ops], alone=_heavy(program)
+                program.keys,
+                [message_id, kind, payload, signature, *program.ops],
+                alone=_heavy(program),
             )
         except REDIS_FAILURES as error:  # not redis_errors(): this is the hot path
             raise ours(error, "send") from error
@@ -226,6 +234,12 @@ class AsyncEmitter:
             self._no_instances()
             return [0, 0]
         return reply
+
+    def _sign(self, message_id: str, kind: Kind, payload: bytes, program: Program) -> bytes:
+        """The fragment that opens the message's entries: empty without a secret."""
+        if self._keyring is None:
+            return b""
+        return self._keyring.fragment(self.origin, message_id, kind, payload, canonical(program))
 
     def _script_keys(self, program: Program) -> list[Any]:
         """``KEYS`` of count.lua and match.lua: two fixed ones, then the program's."""
@@ -341,9 +355,16 @@ class AsyncEmitter:
         _check(selector)
         if not isinstance(group, str) or not group:
             raise TypeError("a group name must be a non-empty str")
-        start = head(os.urandom(8).hex(), self.origin, action)
+        payload = group.encode()
+        # Signed with the selector's program, or a page's ids for a custom selector; an
+        # id per page, since an instance may own connections on several pages and
+        # would refuse a second copy of one signed message as a replay.
+        program = selector.compile(self.keys) if selector.indexed else None
         changed = 0
         async for ids in self._matching_ids(selector):
+            message_id = os.urandom(8).hex()
+            signature = self._sign(message_id, action, payload, program or _by_id(ids))
+            start = head(message_id, self.origin, action, signature)
             async with redis_deadline(self.timeout, action):
                 changed += int(
                     await self._membership(

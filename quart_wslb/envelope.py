@@ -11,7 +11,8 @@ instance parses one header for all the messages it was sent at once. The payload
 out of the JSON so that binary frames need no base64 and text is not escaped twice;
 ``size`` (bytes) says where each ends. The header is checked by a versioned marshmallow
 schema; unknown header fields are ignored so that a later minor version may add some (a
-signature, a stream offset).
+stream offset). With a secret, each message entry starts with its signature: ``ts``,
+``sel`` and ``sig`` (:mod:`quart_wslb.signing`).
 """
 
 from __future__ import annotations
@@ -25,16 +26,19 @@ from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_load, val
 __all__ = (
     "CONTROL_KINDS",
     "KINDS",
+    "MAX_CLOSE_REASON",
     "VERSION",
     "Envelope",
     "EnvelopeError",
     "Frame",
     "Kind",
+    "close_payload",
     "decode",
     "encode",
     "head",
     "pack",
     "quick_header",
+    "read_close",
     "to_frame",
 )
 
@@ -63,6 +67,11 @@ class Envelope:
     targets: list[str]
     #: The websocket frame, decoded once for all local targets.
     frame: Frame
+    #: Signed messages only (:mod:`quart_wslb.signing`): when it was sent (Unix ms),
+    #: the selector it was sent to, and ``<key id>:<mac>``.
+    ts: int | None = None
+    sel: list[str] | None = None
+    sig: str | None = None
 
     @property
     def payload(self) -> bytes:
@@ -78,6 +87,9 @@ class _MessageSchema(Schema):
     kind = fields.String(required=True, validate=validate.OneOf(sorted(KINDS)))
     targets = fields.List(fields.String(validate=validate.Length(min=1)), required=True)
     size = fields.Integer(required=True, strict=True, validate=validate.Range(min=0))
+    ts = fields.Integer(strict=True)
+    sel = fields.List(fields.String(), validate=validate.Length(min=1))
+    sig = fields.String(validate=validate.Length(min=1, max=200))
 
 
 class _HeaderSchema(Schema):
@@ -133,8 +145,9 @@ def quick_header(header: bytes) -> dict[str, Any] | None:
 
 
 def _plain_message(data: object) -> bool:
-    """Whether ``data`` is a message entry the schema accepts as it is (no extra field)."""
-    if type(data) is not dict or len(data) != 4:
+    """Whether ``data`` is a message entry the schema accepts as it is: four fields, or
+    seven for a signed one (no other field)."""
+    if type(data) is not dict or (len(data) != 4 and (len(data) != 7 or not _signed(data))):
         return False
     get = data.get
     id, kind, targets, size = get("id"), get("kind"), get("targets"), get("size")
@@ -149,6 +162,19 @@ def _plain_message(data: object) -> bool:
         return False
     for target in targets:  # a loop: for one or two targets, cheaper than all()
         if type(target) is not str or not target:
+            return False
+    return True
+
+
+def _signed(data: dict[str, Any]) -> bool:
+    """Whether a message entry's signature fields are as the schema accepts them."""
+    ts, sel, sig = data.get("ts"), data.get("sel"), data.get("sig")
+    if type(ts) is not int or type(sig) is not str or not 0 < len(sig) <= 200:
+        return False
+    if type(sel) is not list or not sel:
+        return False
+    for op in sel:
+        if type(op) is not str:
             return False
     return True
 
@@ -173,13 +199,15 @@ def pack(message: object) -> tuple[Kind, bytes]:
     raise TypeError(f"message must be str, bytes, dict or list, not {type(message).__name__}")
 
 
-def head(message_id: str, origin: str, kind: Kind) -> bytes:
+def head(message_id: str, origin: str, kind: Kind, signature: bytes = b"") -> bytes:
     """An envelope of one message, up to its ``"targets":``: a script appends
-    ``[ids],"size":n}]}``, a newline and the payload."""
+    ``[ids],"size":n}]}``, a newline and the payload. ``signature`` is the fragment
+    that opens a signed entry (``Keyring.fragment``)."""
     return (
-        f'{{"v":{VERSION},"origin":{_dumps(origin)},"messages":[{{"id":{_dumps(message_id)},'
-        f'"kind":"{kind}","targets":'
-    ).encode()
+        f'{{"v":{VERSION},"origin":{_dumps(origin)},"messages":[{{'.encode()
+        + signature
+        + f'"id":{_dumps(message_id)},"kind":"{kind}","targets":'.encode()
+    )
 
 
 def encode(*envelopes: Envelope) -> bytes:
@@ -190,12 +218,18 @@ def encode(*envelopes: Envelope) -> bytes:
     header = {
         "v": VERSION,
         "origin": envelopes[0].origin,
-        "messages": [
-            {"id": e.id, "kind": e.kind, "targets": e.targets, "size": len(p)}
-            for e, p in zip(envelopes, payloads, strict=True)
-        ],
+        "messages": [_entry(e, p) for e, p in zip(envelopes, payloads, strict=True)],
     }
     return _dumps(header).encode() + b"\n" + b"".join(payloads)
+
+
+def _entry(envelope: Envelope, payload: bytes) -> dict[str, Any]:
+    entry: dict[str, Any] = {}
+    if envelope.sig is not None:  # first, as route.lua writes them
+        entry.update(ts=envelope.ts, sel=envelope.sel, sig=envelope.sig)
+    entry.update(id=envelope.id, kind=envelope.kind, targets=envelope.targets)
+    entry["size"] = len(payload)
+    return entry
 
 
 def decode(raw: bytes) -> list[Envelope]:
@@ -222,10 +256,44 @@ def decode(raw: bytes) -> list[Envelope]:
             frame = payload if message["kind"] == "binary" else payload.decode("utf-8")
         except UnicodeDecodeError as error:
             raise EnvelopeError(f"message {message['id']}: text is not UTF-8") from error
-        envelopes.append(
-            Envelope(message["id"], origin, message["kind"], message["targets"], frame)
-        )
+        envelope = Envelope(message["id"], origin, message["kind"], message["targets"], frame)
+        if "sig" in message:
+            envelope.ts, envelope.sel, envelope.sig = (
+                message.get("ts"),
+                message.get("sel"),
+                message["sig"],
+            )
+        envelopes.append(envelope)
     return envelopes
+
+
+#: Most bytes of UTF-8 in a close frame's reason (RFC 6455: 125 bytes of payload).
+MAX_CLOSE_REASON = 123
+
+
+def close_payload(code: int, reason: str) -> bytes:
+    """The payload of a ``disconnect`` control; ``ValueError`` for a close code other
+    than 1000 or 3000-4999, or a reason that is not a str of at most 123 UTF-8 bytes."""
+    _check_close(code, reason)
+    return _dumps({"code": code, "reason": reason}).encode()
+
+
+def read_close(text: str) -> tuple[int, str]:
+    """The code and reason of a ``disconnect`` payload, checked as
+    :func:`close_payload` checks them; ``ValueError`` otherwise."""
+    data = json.loads(text)
+    if type(data) is not dict or "code" not in data:
+        raise ValueError("a disconnect needs an object with a code")
+    code, reason = data["code"], data.get("reason", "")
+    _check_close(code, reason)
+    return code, reason
+
+
+def _check_close(code: object, reason: object) -> None:
+    if type(code) is not int or not (code == 1000 or 3000 <= code <= 4999):
+        raise ValueError(f"close code must be 1000 or in 3000-4999, not {code!r:.20}")
+    if type(reason) is not str or len(reason.encode("utf-8", "replace")) > MAX_CLOSE_REASON:
+        raise ValueError(f"a close reason must be a str of at most {MAX_CLOSE_REASON} bytes")
 
 
 def to_frame(message: object) -> Frame:

@@ -58,7 +58,9 @@ class WsLoadBalance:
     overrides the environment variable of the same name, which overrides the default
     (see :mod:`quart_wslb.config`). Nothing connects until the app
     starts serving. ``redis`` takes a ready ``redis.asyncio.Redis`` client instead of
-    ``redis_url`` (the caller keeps it: it is not closed on stop).
+    ``redis_url`` (the caller keeps it: it is not closed on stop). ``secret``
+    (``WSLB_SECRET``) makes the instance sign what it publishes and refuse what is not
+    signed (``docs/security.md``).
     """
 
     def __init__(
@@ -80,6 +82,7 @@ class WsLoadBalance:
         idle_timeout: float | None = None,
         user: UserGetter | None = None,
         redis: Redis | None = None,
+        secret: str | Mapping[str, str | bytes] | None = None,
     ) -> None:
         self._client = redis
         self._overrides: dict[str, Any] = {
@@ -97,6 +100,7 @@ class WsLoadBalance:
             "ping_message": ping_message,
             "idle_timeout": idle_timeout,
             "user": user,
+            "secret": secret,
         }
         self._settings: Settings | None = None
         self._local: dict[str, Connection] = {}
@@ -231,7 +235,7 @@ class WsLoadBalance:
         keys = Keys.of(settings.prefix, redis)
         instance = settings.instance_id
         registry = Registry(redis, keys)
-        router = Router(redis, keys, instance, self._local, self)
+        router = Router(redis, keys, instance, self._local, self, keyring=settings.secret)
         liveness = Liveness(
             redis,
             keys,
@@ -266,7 +270,12 @@ class WsLoadBalance:
         # Not strict: right after Redis lost its data no instance is listed until this one
         # beats again, and sends then route to nobody rather than fail.
         emitter = AsyncEmitter(
-            redis, prefix=settings.prefix, origin=instance, timeout=timeout, strict=False
+            redis,
+            prefix=settings.prefix,
+            origin=instance,
+            timeout=timeout,
+            strict=False,
+            secret=settings.secret,
         )
         self._runtime = _Runtime(redis, registry, router, liveness, emitter, tasks)
         try:

@@ -3,7 +3,7 @@
 Install with ``pip install quart-wslb[flask]``. It hosts no websocket: it is an
 :class:`~quart_wslb.Emitter` configured from the same ``WSLB_*`` keys as the Quart
 extension (``WSLB_REDIS_URL``, ``WSLB_PREFIX``, ``WSLB_REDIS_TIMEOUT``,
-``WSLB_REDIS_MAX_CONNECTIONS``, in the config or the environment)::
+``WSLB_REDIS_MAX_CONNECTIONS``, ``WSLB_SECRET``, in the config or the environment)::
 
     from flask import Flask, current_app
     from quart_wslb import UserSelector
@@ -46,12 +46,14 @@ class WsLoadBalance:
         prefix: str | None = None,
         redis_timeout: float | None = None,
         redis_max_connections: int | None = None,
+        secret: object = None,
     ) -> None:
         self._overrides: dict[str, object] = {
             "redis_url": redis_url,
             "prefix": prefix,
             "redis_timeout": redis_timeout,
             "redis_max_connections": redis_max_connections,
+            "secret": secret,
         }
         self.emitter: Emitter | None = None
         if app is not None:
@@ -67,6 +69,7 @@ class WsLoadBalance:
             prefix=settings.prefix,
             timeout=settings.redis_timeout,
             max_connections=settings.redis_max_connections,
+            secret=settings.secret,
         )
         app.extensions["wslb"] = emitter
         app.wslb = emitter  # type: ignore[attr-defined]

@@ -10,12 +10,13 @@ Whatever the connection holds is delivered before it is dropped: everything Redi
 before closing it, and on a restart, whatever keeps arriving. It reads through
 :mod:`quart_wslb.subscriber`, which hands over every message that arrived at once.
 Control envelopes (join, leave, disconnect) act on the local connections they target.
+With a secret, only signed messages are delivered, each only to the targets its signed
+selector selects (:mod:`quart_wslb.signing`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
 import time
@@ -27,9 +28,10 @@ from redis.exceptions import RedisError
 
 from . import signals
 from .connection import Connection
-from .envelope import CONTROL_KINDS, Envelope, EnvelopeError, decode
+from .envelope import CONTROL_KINDS, Envelope, EnvelopeError, decode, read_close
 from .exceptions import describe
 from .keys import Keys
+from .signing import Keyring, Verifier
 from .subscriber import SubscriberClosedError, Subscription, output_buffer_cuts, subscribe
 
 __all__ = ("Router",)
@@ -70,6 +72,7 @@ class Router:
         instance: str,
         local: Mapping[str, Connection],
         owner: object,
+        keyring: Keyring | None = None,
     ) -> None:
         self._redis = redis
         self._keys = keys
@@ -87,6 +90,9 @@ class Router:
         #: Monotonic time of the last message the subscriber received.
         self.last_message = time.monotonic()
         self._on_subscribed: list[Callable[[], Awaitable[None]]] = []
+        self._keyring = keyring
+        #: Checks every message when there is a secret; ``None``: everything is trusted.
+        self._verifier = None if keyring is None else Verifier(keyring, keys)
 
     def on_subscribed(self, callback: Callable[[], Awaitable[None]]) -> None:
         """Call ``callback`` after every (re)subscription, once the loop is listening."""
@@ -95,6 +101,8 @@ class Router:
     def next_probe(self) -> bytes:
         """The next probe to publish on this instance's own channel."""
         self._probe_sent += 1
+        if self._keyring is not None:
+            return PROBE + self._keyring.probe(self._instance, self._probe_sent)
         return PROBE + str(self._probe_sent).encode()
 
     def missed_probes(self) -> int:
@@ -226,9 +234,10 @@ class Router:
 
     async def dispatch(self, raw: bytes) -> None:
         """Deliver every message of one publish to its local targets, in order; a
-        malformed publish is logged and skipped."""
-        if raw.startswith(PROBE) and raw[len(PROBE) :].isdigit():
-            self._probe_seen = max(self._probe_seen, int(raw[len(PROBE) :]))
+        malformed publish is logged and skipped, and so is (with a secret) every message
+        that is not signed, signed badly or not fresh."""
+        if raw.startswith(PROBE):
+            await self._probe(raw[len(PROBE) :])
             return
         try:
             envelopes = decode(raw)
@@ -236,7 +245,14 @@ class Router:
             log.warning("dropped a malformed envelope: %s", error)
             await signals.dropped(self._owner, "malformed", detail=str(error))
             return
+        verifier = self._verifier
         for envelope in envelopes:
+            if verifier is not None:
+                admitted, problems = self._admit(verifier, envelope)
+                for problem in problems:
+                    await self._refuse(envelope, problem)
+                if not admitted:
+                    continue
             try:
                 await self._deliver(envelope)
             except Exception as error:  # one message's failure costs only that message
@@ -244,6 +260,56 @@ class Router:
                 await signals.dropped(
                     self._owner, "error", message_id=envelope.id, detail=repr(error)
                 )
+
+    async def _probe(self, tail: bytes) -> None:
+        """Count a probe as heard, unless it is one this instance never sent: a probe
+        numbered past the last one published would hide every missed probe after it."""
+        digits, _, signature = tail.partition(b":")
+        if not digits.isdigit() or len(digits) > 20:
+            await self._drop_probe("malformed", "not a probe number")
+            return
+        number = int(digits)
+        if self._verifier is not None:
+            problem = self._verifier.probe(self._instance, number, signature)
+            if problem is not None:
+                await self._drop_probe("bad_signature" if signature else "unsigned", problem)
+                return
+        if number > self._probe_sent:
+            problem = f"probe {number} was never sent (last sent: {self._probe_sent})"
+            await self._drop_probe("malformed", problem)
+            return
+        self._probe_seen = max(self._probe_seen, number)
+
+    async def _drop_probe(self, reason: str, problem: str) -> None:
+        log.warning("dropped a probe: %s", problem)
+        await signals.dropped(self._owner, reason, detail=f"probe: {problem}")
+
+    def _admit(self, verifier: Verifier, envelope: Envelope) -> tuple[bool, list[str]]:
+        """Whether to deliver a message (authentic, fresh and new), and the problems to
+        report. Its targets are cut down to the local connections that its signed
+        selector selects: the targets are Redis's work, not the sender's, so they carry
+        no signature. Not a coroutine: it runs for every message."""
+        problem = verifier.check(envelope)
+        if problem is not None:
+            return False, [problem]
+        match = verifier.selects(envelope.sel or [])
+        everyone = envelope.sel == ["B"]  # a broadcast: no targets, every connection
+        if match is None or not (envelope.targets or everyone):
+            return False, ["unreadable selector, or no targets"]
+        targets, problems, local = [], [], self._local
+        for target in envelope.targets:
+            connection = local.get(target)
+            if connection is None or match(connection):  # unknown ones are reported "gone"
+                targets.append(target)
+            else:
+                problems.append(f"target outside the selector: {target}")
+        envelope.targets = targets
+        return bool(targets) or everyone, problems
+
+    async def _refuse(self, envelope: Envelope, problem: str) -> None:
+        reason = "unsigned" if problem == "unsigned" else "bad_signature"
+        log.warning("refused message %s from %s: %s", envelope.id, envelope.origin, problem)
+        await signals.dropped(self._owner, reason, message_id=envelope.id, detail=problem)
 
     async def _deliver(self, envelope: Envelope) -> None:
         if signals.message_received.receivers:
@@ -278,9 +344,9 @@ class Router:
                 connection.groups.discard(text)
         else:
             try:
-                close = json.loads(text)
-                code, reason = int(close["code"]), str(close.get("reason", ""))
-            except (ValueError, TypeError, KeyError, RecursionError) as error:
+                code, reason = read_close(text)
+            except (ValueError, RecursionError) as error:
+                log.warning("dropped disconnect %s: %s", envelope.id, error)
                 await signals.dropped(
                     self._owner,
                     "malformed",

@@ -52,8 +52,12 @@ message_delivered: NamedSignal = _signals.signal("message_delivered")
 #: ``"error"`` (delivering one message raised; logged with its traceback),
 #: ``"queue_full"``, ``"gone"`` (no such local connection), ``"closed"`` (still queued
 #: when the connection ended) or ``"too_large"`` (a client frame over
-#: ``WSLB_MAX_MESSAGE_SIZE``; the socket was closed with 1009). ``message_id`` and
-#: ``connection`` are ``None`` when unknown.
+#: ``WSLB_MAX_MESSAGE_SIZE``; the socket was closed with 1009). ``"malformed"`` also
+#: covers a disconnect with an invalid close code or reason and a probe this instance
+#: never sent. With ``WSLB_SECRET``: ``"unsigned"`` (a message or probe without a
+#: signature) and ``"bad_signature"`` (a wrong MAC, an unknown key id, a stale or
+#: replayed message, or a target its signed selector does not select; ``detail`` says
+#: which). ``message_id`` and ``connection`` are ``None`` when unknown.
 message_dropped: NamedSignal = _signals.signal("message_dropped")
 
 #: This instance saw another instance's heartbeat appear. Receivers: ``(sender, instance)``.

@@ -27,6 +27,7 @@ from .connection import ConnectionRecord
 from .emitter import EVERYONE, AsyncEmitter
 from .exceptions import RedisUnavailableError
 from .selectors import Selector
+from .signing import Keyring
 
 __all__ = ("Emitter",)
 
@@ -40,8 +41,8 @@ GRACE = 1.0
 class Emitter:
     """Send to, query and act on connections anywhere in the cluster, synchronously.
 
-    Takes the same arguments as :class:`~quart_wslb.AsyncEmitter` except a client; as
-    there, ``redis_url``, ``prefix`` and ``timeout`` that are not given are read from the
+    Takes the same arguments as :class:`~quart_wslb.AsyncEmitter` except a client,
+    ``secret`` included; as there, options that are not given are read from the
     environment (``WSLB_*``), else take their defaults. Use it as a context manager, or
     call :meth:`close`.
     """
@@ -54,6 +55,7 @@ class Emitter:
         origin: str | None = None,
         timeout: float | None = None,
         max_connections: int | None = None,
+        secret: object = None,
     ) -> None:
         # Resolved and validated now, in the caller's thread, so bad settings fail at
         # construction (and the loop thread sees the environment as it was then).
@@ -67,6 +69,8 @@ class Emitter:
             "origin": origin,
             "timeout": timeout,
             "max_connections": bound,
+            # Parsed now: a bad secret fails here, and the text is not kept.
+            "secret": Keyring.parse(secret) if (secret := option("secret", secret)) else None,
         }
         self.timeout = timeout
         self._lock = threading.Lock()

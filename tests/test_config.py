@@ -19,6 +19,7 @@ from quart_wslb.config import (
     resolve_settings,
 )
 from quart_wslb.keys import Keys
+from quart_wslb.signing import Keyring
 from tests.cluster import Cluster
 
 
@@ -49,6 +50,7 @@ EXTRA_CHOICES: dict[str, tuple[Any, Any]] = {
     "ping_message": ("p1", b"p2"),
     "idle_timeout": (30.0, 60.0),
     "redis_max_connections": (8, 16),
+    "secret": (Keyring.parse("a:argument-secret-0001"), Keyring.parse("c:config-secret-00001")),
 }
 OPTIONS = {**CHOICES, **{k: v for k, v in EXTRA_CHOICES.items() if k in DEFAULTS}}
 #: option -> (environment variable's text, the value it stands for): distinct from the
@@ -67,6 +69,7 @@ ENVIRON: dict[str, tuple[str, Any]] = {
     "ping_message": ("env-ping", "env-ping"),
     "idle_timeout": ("40", 40.0),
     "redis_max_connections": ("24", 24),
+    "secret": ("e:environ-secret-0001", Keyring.parse("e:environ-secret-0001")),
 }
 FROM_ENVIRON = sorted(set(OPTIONS) & set(ENVIRON))
 

@@ -136,6 +136,19 @@ def test_encode_is_head_targets_size_then_payload() -> None:
     }
 
 
+def test_encode_decode_signed_round_trip() -> None:
+    envelope = Envelope("m1", "i1", "text", ["i1:a"], "hi", ts=5, sel=["Ua"], sig="k:ab")
+    raw = encode(envelope)
+    assert raw.startswith(b'{"v":2,"origin":"i1","messages":[{"ts":5,"sel":["Ua"],"sig":"k:ab",')
+    assert decode(raw) == [envelope]
+
+
+def test_head_opens_with_the_signature() -> None:
+    start = head("m1", "i1", "join", b'"ts":5,"sel":["Ua"],"sig":"k:ab",')
+    [envelope] = decode(start + b'["i1:a"],"size":3}]}\nvip')
+    assert (envelope.ts, envelope.sel, envelope.sig, envelope.frame) == (5, ["Ua"], "k:ab", "vip")
+
+
 def test_envelope_payload_is_utf8_of_text() -> None:
     envelope = Envelope(id="m", origin="o", kind="text", targets=[], frame="é")
     assert envelope.payload == "é".encode()
@@ -238,6 +251,29 @@ QUICK_CORPUS = [
     b'{"v":2,"origin":"o","messages":[' + M + b"]} x",
     b"[1, 2]",
     b"\xff\xfe",
+    # Signed entries: ts, sel and sig first (route.lua's order), or anywhere.
+    b'{"v":2,"origin":"o","messages":[{"ts":1,"sel":["Ua"],"sig":"k:ab",' + M[1:] + b"]}",
+    b'{"v":2,"origin":"o","messages":[{"id":"m","kind":"text","targets":[],"size":0,'
+    b'"sig":"k:ab","ts":5,"sel":["S{p}:g:x","Ub","|"]}]}',
+    b'{"v":2,"origin":"o","messages":[{"ts":1,"sel":["Ua"],"sig":"k:ab",'
+    + M[1:]
+    + b","
+    + M
+    + b"]}",
+    b'{"v":2,"origin":"o","messages":[{"ts":1.5,"sel":["Ua"],"sig":"k",' + M[1:] + b"]}",
+    b'{"v":2,"origin":"o","messages":[{"ts":true,"sel":["Ua"],"sig":"k",' + M[1:] + b"]}",
+    b'{"v":2,"origin":"o","messages":[{"ts":1,"sel":[],"sig":"k",' + M[1:] + b"]}",
+    b'{"v":2,"origin":"o","messages":[{"ts":1,"sel":"Ua","sig":"k",' + M[1:] + b"]}",
+    b'{"v":2,"origin":"o","messages":[{"ts":1,"sel":[1],"sig":"k",' + M[1:] + b"]}",
+    b'{"v":2,"origin":"o","messages":[{"ts":1,"sel":["Ua"],"sig":"",' + M[1:] + b"]}",
+    b'{"v":2,"origin":"o","messages":[{"ts":1,"sel":["Ua"],"sig":5,' + M[1:] + b"]}",
+    b'{"v":2,"origin":"o","messages":[{"ts":1,"sel":["Ua"],"sig":"'
+    + b"k" * 201
+    + b'",'
+    + M[1:]
+    + b"]}",
+    b'{"v":2,"origin":"o","messages":[{"ts":1,"sel":["Ua"],"xyz":"k",' + M[1:] + b"]}",
+    b'{"v":2,"origin":"o","messages":[{"sig":"k:ab",' + M[1:] + b"]}",
 ]
 
 
@@ -255,3 +291,11 @@ def test_quick_header_accepts_only_what_the_schema_accepts(header: bytes) -> Non
     if quick is not None:  # the fast path may defer to the schema, never disagree with it
         assert quick == full
     assert (quick is None) >= (full is None)
+
+
+def test_quick_header_takes_signed_entries_on_the_fast_path() -> None:
+    from quart_wslb.envelope import quick_header
+
+    signed = b'{"v":2,"origin":"o","messages":[{"ts":1,"sel":["Ua"],"sig":"k:ab",' + M[1:]
+    for header in (signed + b"]}", signed + b"," + M + b"]}"):
+        assert quick_header(header) is not None, header

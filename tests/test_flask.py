@@ -19,9 +19,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 StartCluster = Callable[..., Cluster]
 
 
-def make_flask_app(redis_url: str, prefix: str) -> Flask:
+def make_flask_app(redis_url: str, prefix: str, **config: str) -> Flask:
     app = Flask(__name__)
-    app.config.update(WSLB_REDIS_URL=redis_url, WSLB_PREFIX=prefix)
+    app.config.update(WSLB_REDIS_URL=redis_url, WSLB_PREFIX=prefix, **config)
     WsLoadBalance(app)
 
     @app.post("/notify/<user>")
@@ -57,6 +57,20 @@ async def test_flask_view_sends_to_quart_clients(
     app.extensions["wslb"].close()
     with pytest.raises(asyncio.TimeoutError):
         await asyncio.wait_for(bob.recv(), 0.3)
+
+
+async def test_flask_with_the_cluster_secret_signs_its_sends(
+    start_cluster: StartCluster, clients: Clients, redis_url: str, prefix: str
+) -> None:
+    secret = "k1:the-flask-and-quart-secret"
+    cluster = start_cluster(1, WSLB_SECRET=secret)
+    alice, _ = await clients.join(cluster[0], "alice", "red")
+    app = make_flask_app(redis_url, prefix, WSLB_SECRET=secret)
+    answer = await asyncio.to_thread(app.test_client().post, "/notify/alice", json=[1])
+    assert answer.get_json() == {"routed": 1}
+    assert json.loads(await asyncio.wait_for(alice.recv(), 5)) == [1]
+    assert "dropped_unsigned" not in await cluster[0].stats()
+    app.extensions["wslb"].close()
 
 
 async def test_flask_many_threads_each_message_arrives_once(

@@ -38,6 +38,7 @@ from quart_wslb.keys import Keys
 from quart_wslb.redis_client import make_client
 from quart_wslb.registry import Registry
 from quart_wslb.router import READ_TIMEOUT, Router
+from quart_wslb.signing import Keyring
 from quart_wslb.subscriber import SubscriberClosedError
 from quart_wslb.testing import RedisServer
 from tests.cluster import Clients, Cluster
@@ -441,6 +442,43 @@ async def test_dispatch_probe_is_counted_not_dropped(redis: Redis) -> None:
     assert dropped.calls == []
 
 
+@pytest.mark.parametrize(
+    "probe",
+    [
+        b"\x00probe:" + str(10**18).encode(),
+        b"\x00probe:2",
+        b"\x00probe:x",
+        b"\x00probe:" + b"9" * 5000,
+    ],
+)
+async def test_dispatch_probe_never_sent_is_dropped(redis: Redis, probe: bytes) -> None:
+    """A probe numbered past the last one sent (forged) would hide every missed probe
+    after it, disabling deaf-subscriber detection: it is dropped and signalled."""
+    router = Router(redis, KEYS, "i1", {}, OWNER)
+    router.next_probe()
+    with recording(signals.message_dropped, OWNER) as dropped:
+        await router.dispatch(probe)
+    assert dropped.reasons() == ["malformed"]
+    assert router.missed_probes() == 1
+    router.next_probe()
+    assert router.missed_probes() == 2
+
+
+async def test_dispatch_probe_with_a_secret_must_be_signed(redis: Redis) -> None:
+    ring = Keyring.parse("k1:a-secret-for-the-probes")
+    router = Router(redis, KEYS, "i1", {}, OWNER, keyring=ring)
+    probe = router.next_probe()
+    assert probe.startswith(b"\x00probe:1:k1:")
+    other = Keyring.parse("k1:another-secret-entirely")
+    with recording(signals.message_dropped, OWNER) as dropped:
+        await router.dispatch(b"\x00probe:1")
+        await router.dispatch(b"\x00probe:1:" + other.probe("i1", 1).partition(b":")[2])
+        assert router.missed_probes() == 1
+        await router.dispatch(probe)
+    assert dropped.reasons() == ["unsigned", "bad_signature"]
+    assert router.missed_probes() == 0
+
+
 async def test_run_hears_its_own_probes(redis: Redis) -> None:
     router = Router(redis, KEYS, "i1", {}, OWNER)
     async with running(router):
@@ -620,7 +658,21 @@ async def test_dispatch_disconnect_closes_targets(redis: Redis) -> None:
     await eventually(lambda: sockets[1].closed == [(4000, "bye")])
 
 
-@pytest.mark.parametrize("payload", ["not json", '{"reason":"no code"}', '{"code":"x"}', "[]"])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        "not json",
+        '{"reason":"no code"}',
+        '{"code":"x"}',
+        "[]",
+        '{"code":99999,"reason":"out of range"}',
+        '{"code":1006}',
+        '{"code":4000.0}',
+        '{"code":true}',
+        '{"code":4000,"reason":7}',
+        '{"code":4000,"reason":"' + "x" * 124 + '"}',
+    ],
+)
 async def test_dispatch_bad_disconnect_is_malformed(redis: Redis, payload: str) -> None:
     socket = FakeWebsocket()
     connection = make_connection(socket, id="i1:a")

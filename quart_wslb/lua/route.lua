@@ -8,8 +8,11 @@
 -- ARGV[1]  channel base: channels are <base>:ch:<instance> and <base>:bcast (keys.py)
 -- ARGV[2]  origin (an instance id: JSON-safe as it is)
 -- ARGV[3..] the calls, each: its offset into KEYS, its argument count n, then n
---          arguments: message id (hex), kind, payload, program (see run_program; a
---          lone B is a broadcast to every instance).
+--          arguments: message id (hex), kind, payload, signature, program (see
+--          run_program; a lone B is a broadcast to every instance). The signature is
+--          empty, or a JSON fragment ("ts":..,"sel":..,"sig":"..",) that opens the
+--          message's entry as it is: it was computed (signing.py) before this script
+--          ran, so that the key never reaches Redis.
 -- Returns, flat, for each call: the count of its items, then the items: connections
 -- routed (-1: no instance ever announced itself under the prefix), how many instances
 -- were reached, their ids, then the ids of the owners nobody heard (dead or cut off);
@@ -21,15 +24,15 @@
 local base, origin = ARGV[1], ARGV[2]
 local bundles, channels = {}, {}
 
-local function add(channel, id, kind, targets, payload)
+local function add(channel, id, kind, targets, payload, signature)
   local bundle = bundles[channel]
   if not bundle then
     bundle = {entries = {}, payloads = {}}
     bundles[channel] = bundle
     channels[#channels + 1] = channel
   end
-  bundle.entries[#bundle.entries + 1] = '{"id":"' .. id .. '","kind":"' .. kind ..
-    '","targets":' .. targets .. ',"size":' .. #payload .. '}'
+  bundle.entries[#bundle.entries + 1] = '{' .. signature .. '"id":"' .. id ..
+    '","kind":"' .. kind .. '","targets":' .. targets .. ',"size":' .. #payload .. '}'
   bundle.payloads[#bundle.payloads + 1] = payload
 end
 
@@ -59,29 +62,30 @@ local i = 3
 while i <= #ARGV do
   local koff, n = tonumber(ARGV[i]), tonumber(ARGV[i + 1])
   local first, last = i + 2, i + 1 + n
-  local id, kind, payload = ARGV[first], ARGV[first + 1], ARGV[first + 2]
+  local id, kind, payload, signature = ARGV[first], ARGV[first + 1], ARGV[first + 2],
+    ARGV[first + 3]
   local op, call = ARGV[last], nil
   if not anyone then
     call = false
-  elseif last == first + 3 and string.byte(op) == 85 then  -- 'U': one user
+  elseif last == first + 4 and string.byte(op) == 85 then  -- 'U': one user
     local ids = redis.call('HGET', KEYS[1], string.sub(op, 2))
     if ids and ids ~= '*' and not string.find(ids, ' ', 1, true) then
       call = string.match(ids, '^[^:]+')
-      add(base .. ':ch:' .. call, id, kind, '["' .. ids .. '"]', payload)
+      add(base .. ':ch:' .. call, id, kind, '["' .. ids .. '"]', payload, signature)
     end
-  elseif last == first + 3 and op == 'B' then
+  elseif last == first + 4 and op == 'B' then
     live = live or live_count()
     call = {broadcast = live}
-    if live > 0 then add(base .. ':bcast', id, kind, '[]', payload) end
+    if live > 0 then add(base .. ':bcast', id, kind, '[]', payload, signature) end
   end
   if call == nil then
-    local ok, groups, order = pcall(owners, first + 3, last, koff)
+    local ok, groups, order = pcall(owners, first + 4, last, koff)
     if ok then
       call = {groups = groups, order = order}
       for _, instance in ipairs(order) do
         local ids = groups[instance]
         local targets = #ids == 1 and '["' .. ids[1] .. '"]' or cjson.encode(ids)
-        add(base .. ':ch:' .. instance, id, kind, targets, payload)
+        add(base .. ':ch:' .. instance, id, kind, targets, payload, signature)
       end
     else  -- redis.call raises a table {err = ...} (Redis 7) or a string
       call = {err = type(groups) == 'table' and groups.err or tostring(groups)}

@@ -1,0 +1,360 @@
+"""Signed envelopes: the keys, the MAC of each message, and the receiver's checks.
+
+Without a secret, anyone who can ``PUBLISH`` under the prefix is trusted: a publish on
+an instance's channel (or the broadcast channel) that parses as an envelope is
+delivered. With a secret (``WSLB_SECRET``), every message entry of an envelope carries
+a MAC that the sender computes in Python, before the routing script runs, so that the
+key never reaches Redis (where ``MONITOR`` or ``SLOWLOG`` would show it)::
+
+    {"ts":<ms>,"sel":[<selector>],"sig":"<key id>:<mac>","id":...,"kind":...,
+     "targets":[...],"size":n}
+
+The MAC covers every byte the sender decides: origin, message id, kind, the timestamp,
+the selector as compiled (:func:`canonical`: the program's ops with each ``S<n>`` op
+naming its key) and the payload. The targets are what Redis computed, so they are not
+signed; instead the receiver checks each target against the signed selector on its
+own records of the connection (:func:`predicate`), so a captured message cannot be
+redirected to anyone the sender did not select. A timestamp window and a bounded set
+of recent MACs (:class:`Verifier`) stop replays. Probes carry a MAC of their own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import re
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
+
+from .envelope import Envelope
+from .keys import Keys
+from .selectors import Program
+
+if TYPE_CHECKING:
+    from .connection import ConnectionInfo
+
+__all__ = (
+    "RECENT",
+    "WINDOW",
+    "Keyring",
+    "Predicate",
+    "Verifier",
+    "canonical",
+    "message",
+    "predicate",
+    "sel_text",
+)
+
+#: Seconds a message's timestamp may differ from the receiver's clock (either way):
+#: generous, for clock skew and a subscriber working through a backlog.
+WINDOW = 30.0
+#: MACs of recent messages an instance keeps to refuse replays (see :class:`Verifier`).
+RECENT = 100_000
+#: Bytes of HMAC-SHA256 kept: 128 bits, as hex.
+MAC_BYTES = 16
+MIN_SECRET = 16
+_KID_RE = re.compile(r"[A-Za-z0-9_.\-]{1,32}")
+#: What a JSON string must escape (``ensure_ascii=False``), NUL aside (see sel_text).
+_ESCAPE_RE = re.compile(r'["\\\x01-\x1f]')
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+#: Whether a connection is one that a signed selector selected.
+Predicate = Callable[["ConnectionInfo"], bool]
+
+
+class _Key:
+    """HMAC-SHA256 under one secret, its padded inner and outer states hashed once
+    (RFC 2104): a MAC then costs two copies and two short hashes, about a third of
+    ``hmac.digest``'s time, which sets the key up again on every call."""
+
+    __slots__ = ("_inner", "_outer")
+
+    def __init__(self, secret: bytes) -> None:
+        if len(secret) > 64:  # the block size: longer keys are hashed first
+            secret = hashlib.sha256(secret).digest()
+        padded = secret.ljust(64, b"\0")
+        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in padded))
+        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in padded))
+
+    def mac(self, data: bytes) -> str:
+        inner = self._inner.copy()
+        inner.update(data)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.digest()[:MAC_BYTES].hex()
+
+
+class Keyring:
+    """Secrets by key id: the first signs, every one is accepted (for rotation).
+
+    Built by :meth:`parse` from ``"kid1:secret1,kid0:secret0"`` (``WSLB_SECRET``), a
+    mapping of key id to secret, or another keyring. Key ids are 1-32 characters of
+    ``A-Z a-z 0-9 _ . -``; secrets are at least 16 bytes and contain no ``,``. Its
+    ``repr`` shows key ids only, never a secret.
+    """
+
+    __slots__ = ("_accepted", "_key", "signing")
+
+    def __init__(self, secrets: Mapping[str, bytes]) -> None:
+        if not secrets:
+            raise ValueError("a secret needs at least one key")
+        for kid, key in secrets.items():
+            if not isinstance(kid, str) or not _KID_RE.fullmatch(kid):
+                raise ValueError("key ids must be 1-32 characters of A-Z a-z 0-9 _ . -")
+            if not isinstance(key, bytes) or len(key) < MIN_SECRET:
+                raise ValueError(
+                    f"the secret of key id {kid!r} must be at least {MIN_SECRET} bytes"
+                )
+        #: The key id that signs.
+        self.signing = next(iter(secrets))
+        self._accepted = {kid: _Key(key) for kid, key in secrets.items()}
+        self._key = self._accepted[self.signing]
+
+    @classmethod
+    def parse(cls, value: object) -> Keyring:
+        """A keyring from ``WSLB_SECRET``'s text, a ``{key id: secret}`` mapping or a
+        keyring; a ``ValueError`` (which never quotes a secret) for anything else."""
+        if isinstance(value, Keyring):
+            return value
+        if isinstance(value, str):
+            pairs = [item.partition(":") for item in value.split(",")]
+            if any(not sep for _, sep, _ in pairs):
+                raise ValueError("WSLB_SECRET must be 'kid:secret', comma-separated")
+            value = {kid.strip(): secret for kid, _, secret in pairs}
+        if not isinstance(value, Mapping):
+            raise TypeError("a secret must be a str or a mapping of key id to secret")
+        return cls({k: v.encode() if isinstance(v, str) else v for k, v in value.items()})
+
+    def __repr__(self) -> str:
+        return f"Keyring(signing={self.signing!r}, accepted={list(self._accepted)!r})"
+
+    def sign(self, data: bytes) -> str:
+        """``<key id>:<mac>`` of ``data`` under the signing key."""
+        return f"{self.signing}:{self._key.mac(data)}"
+
+    def check(self, signature: str, data: bytes) -> str | None:
+        """``None`` when ``signature`` is a MAC of ``data`` under an accepted key; else
+        what is wrong with it."""
+        kid, _, mac = signature.partition(":")
+        key = self._accepted.get(kid)
+        if key is None:
+            return f"unknown key id {kid[:40]!r}"
+        if not mac.isascii():  # compare_digest takes ASCII text only
+            return "bad MAC"
+        return None if hmac.compare_digest(key.mac(data), mac) else "bad MAC"
+
+    def fragment(
+        self, origin: str, message_id: str, kind: str, payload: bytes, sel: list[str]
+    ) -> bytes:
+        """What ``route.lua`` puts at the start of a message entry: ``"ts":..,"sel":..,
+        "sig":"..",`` (sent now). ``ValueError`` for a selector value with a NUL."""
+        ts = time.time_ns() // 1_000_000
+        text = sel_text(sel)
+        if text is None:
+            raise ValueError("a selector whose values hold a NUL character cannot be signed")
+        sig = self.sign(message(origin, message_id, kind, ts, text, payload))
+        if _ESCAPE_RE.search(text) is None:  # the common case: nothing to escape
+            listed = '["' + text.replace("\0", '","') + '"]'
+        else:
+            listed = _dumps(sel)
+        return f'"ts":{ts},"sel":{listed},"sig":"{sig}",'.encode()
+
+    def probe(self, instance: str, number: int) -> bytes:
+        """The signed tail of probe ``number`` of ``instance``: ``N:<kid>:<mac>``."""
+        return f"{number}:{self.sign(_probe(instance, number))}".encode()
+
+
+def _probe(instance: str, number: int) -> bytes:
+    return f"probe\n{instance}\n{number}".encode()
+
+
+def sel_text(sel: list[str]) -> str | None:
+    """The selector's ops joined by NULs, as the MAC covers them; ``None`` when an op
+    holds a NUL itself (that would be ambiguous, so it is never signed nor accepted)."""
+    text = "\0".join(sel)
+    return text if text.count("\0") == len(sel) - 1 else None
+
+
+def message(origin: str, message_id: str, kind: str, ts: int, sel: str, payload: bytes) -> bytes:
+    """The bytes a message's MAC covers, each field unambiguous: origins are checked by
+    the sender, kinds are fixed words, ``ts`` is an int, and ``sel`` (:func:`sel_text`)
+    comes with its length, so that no byte can move between it and the payload."""
+    return f"{origin}\n{message_id}\n{kind}\n{ts}\n{len(sel)}\n{sel}".encode() + payload
+
+
+def canonical(program: Program) -> list[str]:
+    """A program's ops with each ``S<n>`` op naming its key (``S<key>``): what it means
+    on its own, outside the script call that numbers the keys."""
+    if not program.keys:  # no set op: the ops as they are (the hot path)
+        return program.ops
+    ops, out, i = program.ops, [], 0
+    while i < len(ops):
+        op = ops[i]
+        if op[:1] == "M":  # M<n> and its n ids, which may start with anything
+            count = int(op[1:])
+            out.extend(ops[i : i + 1 + count])
+            i += 1 + count
+            continue
+        out.append("S" + program.keys[int(op[1:]) - 3] if op[:1] == "S" else op)
+        i += 1
+    return out
+
+
+def predicate(sel: list[str], keys: Keys) -> Predicate | None:
+    """Whether a local connection is one that the signed selector ``sel`` selects,
+    evaluated over the connection alone (the postfix ops of ``selectors.Program``);
+    ``None`` for a selector that cannot be read. ``S<key>`` holds when ``key`` is one
+    of the connection's index sets: its path's, a group's or a metadata pair's."""
+    if len(sel) == 1 and sel[0][:1] != "M":  # the common case: one operand
+        return _operand(sel[0], keys)
+    stack: list[Predicate] = []
+    i = 0
+    while i < len(sel):
+        op, code = sel[i], sel[i][:1]
+        if code == "M":
+            count = int(op[1:]) if op[1:].isdigit() and len(op) < 12 else -1
+            ids = frozenset(sel[i + 1 : i + 1 + count])
+            if count < 0 or i + count >= len(sel):
+                return None
+            stack.append(_among(ids))
+            i += count
+        elif op in ("&", "|") and len(stack) >= 2:
+            right, left = stack.pop(), stack.pop()
+            stack.append(_both(left, right) if op == "&" else _either(left, right))
+        else:
+            single = _operand(op, keys)
+            if single is None:
+                return None
+            stack.append(single)
+        i += 1
+    return stack[0] if len(stack) == 1 else None
+
+
+def _among(ids: frozenset[str]) -> Predicate:
+    return lambda c: c.id in ids
+
+
+def _both(left: Predicate, right: Predicate) -> Predicate:
+    return lambda c: left(c) and right(c)
+
+
+def _either(left: Predicate, right: Predicate) -> Predicate:
+    return lambda c: left(c) or right(c)
+
+
+def _everyone(connection: ConnectionInfo) -> bool:
+    return True
+
+
+def _operand(op: str, keys: Keys) -> Predicate | None:
+    code, value = op[:1], op[1:]
+    if code == "U" and value:
+        return lambda c: c.user == value
+    if code == "C" and value:
+        return lambda c: c.id == value
+    if op in ("A", "B"):
+        return _everyone
+    if code == "S":
+        return _index(value, keys)
+    return None
+
+
+def _index(key: str, keys: Keys) -> Predicate | None:
+    """A test of membership of index set ``key``, if it is one under ``keys``' prefix
+    (each parse is checked by building the name again, as ``Keys`` does)."""
+    _, _, rest = key.partition("}:")
+    kind, _, value = rest.partition(":")
+    if kind == "p" and keys.path(value) == key:
+        return lambda c: c.path == value
+    if kind == "g" and keys.group(value) == key:
+        return lambda c: value in c.groups
+    if kind == "m":
+        length, _, pair = value.partition(":")
+        raw = pair.encode()
+        if not length.isdigit() or len(length) > 10 or raw[int(length) : int(length) + 1] != b":":
+            return None
+        try:
+            name = raw[: int(length)].decode()
+            wanted = raw[int(length) + 1 :].decode()
+        except UnicodeDecodeError:
+            return None
+        if keys.metadata(name, wanted) == key:
+            return lambda c: c.metadata.get(name) == wanted
+    return None
+
+
+class Verifier:
+    """An instance's checks of signed messages: MAC, freshness, replays.
+
+    A message is fresh when its timestamp is within ``window`` seconds of this clock.
+    The MAC of every accepted message is kept for ``2 * window`` (past that, a replay
+    is stale anyway), at most ``recent`` of them: when more arrive within that time,
+    the oldest are forgotten and every message not newer than the newest forgotten
+    one is refused as a possible replay, so a flood of legitimate traffic narrows the
+    window rather than opening a hole.
+    """
+
+    __slots__ = ("_floor", "_keyring", "_keys", "_known", "_recent", "_seen", "_window")
+
+    def __init__(
+        self, keyring: Keyring, keys: Keys, window: float = WINDOW, recent: int = RECENT
+    ) -> None:
+        self._keyring = keyring
+        self._keys = keys
+        self._window = int(window * 1000)
+        self._recent = recent
+        #: (when it was accepted, in ms; its timestamp; its MAC), oldest first.
+        self._seen: deque[tuple[int, int, str]] = deque()
+        self._known: set[str] = set()
+        self._floor = 0  # timestamps at or below it may be forgotten replays
+
+    def check(self, envelope: Envelope) -> str | None:
+        """``None`` for an authentic, fresh, first-seen message; else why not."""
+        sig, ts, sel = envelope.sig, envelope.ts, envelope.sel
+        if sig is None:
+            return "unsigned"
+        if ts is None or sel is None:
+            return "incomplete signature"
+        text = "\0".join(sel)  # sel_text and message, inline: this runs per message
+        if text.count("\0") != len(sel) - 1:
+            return "a selector value holds a NUL"
+        data = (
+            f"{envelope.origin}\n{envelope.id}\n{envelope.kind}\n{ts}\n{len(text)}\n{text}"
+        ).encode() + envelope.payload
+        problem = self._keyring.check(sig, data)
+        if problem is not None:
+            return problem
+        now = time.time_ns() // 1_000_000
+        if abs(now - ts) > self._window:
+            return f"stale: sent {(now - ts) / 1000:.1f}s from now"
+        known = self._known
+        if ts <= self._floor or sig in known:
+            return "replayed"
+        known.add(sig)
+        seen = self._seen
+        seen.append((now, ts, sig))
+        if seen[0][0] < now - 2 * self._window or len(seen) > self._recent:
+            self._forget(now)
+        return None
+
+    def _forget(self, now: int) -> None:
+        seen, expired = self._seen, now - 2 * self._window
+        while seen and (seen[0][0] < expired or len(seen) > self._recent):
+            received, ts, sig = seen.popleft()
+            self._known.discard(sig)
+            if received >= expired:  # forgotten early: its replays must still fail
+                self._floor = max(self._floor, ts)
+
+    def selects(self, sel: list[str]) -> Predicate | None:
+        """The local test of the targets of a message signed with ``sel``."""
+        return predicate(sel, self._keys)
+
+    def probe(self, instance: str, number: int, signature: bytes) -> str | None:
+        """``None`` when ``signature`` signs probe ``number`` of ``instance``; else why
+        not (``"unsigned"`` when there is none)."""
+        if not signature:
+            return "unsigned"
+        data = _probe(instance, number)
+        return self._keyring.check(signature.decode("utf-8", "replace"), data)

@@ -95,7 +95,7 @@ class Keyring:
     ``repr`` shows key ids only, never a secret.
     """
 
-    __slots__ = ("_accepted", "_key", "signing")
+    __slots__ = ("_accepted", "_identity", "_key", "signing")
 
     def __init__(self, secrets: Mapping[str, bytes]) -> None:
         if not secrets:
@@ -111,6 +111,8 @@ class Keyring:
         self.signing = next(iter(secrets))
         self._accepted = {kid: _Key(key) for kid, key in secrets.items()}
         self._key = self._accepted[self.signing]
+        # What equality compares: key ids, in order, and a MAC standing for each secret.
+        self._identity = tuple((kid, key.mac(b"")) for kid, key in self._accepted.items())
 
     @classmethod
     def parse(cls, value: object) -> Keyring:
@@ -126,6 +128,12 @@ class Keyring:
         if not isinstance(value, Mapping):
             raise TypeError("a secret must be a str or a mapping of key id to secret")
         return cls({k: v.encode() if isinstance(v, str) else v for k, v in value.items()})
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Keyring) and self._identity == other._identity
+
+    def __hash__(self) -> int:
+        return hash(self._identity)
 
     def __repr__(self) -> str:
         return f"Keyring(signing={self.signing!r}, accepted={list(self._accepted)!r})"

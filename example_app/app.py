@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+from types import SimpleNamespace
 from typing import Any
 
 from quart import Quart, Response, request, websocket
@@ -40,6 +41,7 @@ from quart_wslb import (
     current_connection,
     ws_route,
 )
+from quart_wslb.server import server_options
 
 __all__ = ("app", "wslb")
 
@@ -58,6 +60,8 @@ for _logger in (log, logging.getLogger("quart_wslb")):  # Hypercorn configures i
 app = Quart(__name__)
 #: The extension; ``current_app.wslb`` is the same object (this name is typed for mypy).
 wslb = WsLoadBalance(app)
+#: The frame limit for the server: ``hypercorn --config python:example_app.app.hypercorn``.
+hypercorn = SimpleNamespace(**server_options(app))
 
 
 def _arg(name: str) -> str:

@@ -154,6 +154,7 @@ class Cluster:
         pythonpath = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
         process = subprocess.Popen(
             [sys.executable, "-m", "hypercorn", "example_app.app:app",
+             "--config", "python:example_app.app.hypercorn",
              "--bind", f"127.0.0.1:{port}", "--graceful-timeout", str(GRACEFUL_TIMEOUT)],
             cwd=ROOT,
             env={**env, "WSLB_INSTANCE_ID": instance_id, "PYTHONPATH": pythonpath,

@@ -2,7 +2,10 @@
 
 - A client frame larger than ``WSLB_MAX_MESSAGE_SIZE`` closes the websocket with 1009
   before any handler sees it; the handler then sees an ordinary disconnect and ends, and
-  its connection leaves the registry.
+  its connection leaves the registry. The server should refuse such frames itself (it
+  holds a whole message in memory before the app sees it: :mod:`quart_wslb.server`); the
+  guard still catches text whose characters the server counted but whose UTF-8 bytes are
+  over the limit, and says once when the server's own limit is evidently higher.
 - When the server gives up on a websocket (Hypercorn cancels the app once its graceful
   timeout has passed on shutdown), the client gets 1001 "going away", so it reconnects
   elsewhere, instead of 1011 "internal error".
@@ -28,7 +31,14 @@ from hypercorn.typing import (
 from . import signals
 from .connection import Activity
 
-__all__ = ("ACTIVITY", "GOING_AWAY", "MESSAGE_TOO_BIG", "WebsocketGuard", "too_large")
+__all__ = (
+    "ACTIVITY",
+    "GOING_AWAY",
+    "MESSAGE_TOO_BIG",
+    "WebsocketGuard",
+    "server_unbounded",
+    "too_large",
+)
 
 log = logging.getLogger("quart_wslb")
 ASGIApp = Callable[[Scope, ASGIReceiveCallable, ASGISendCallable], Awaitable[None]]
@@ -36,6 +46,16 @@ MESSAGE_TOO_BIG = 1009
 GOING_AWAY = 1001
 #: The scope key under which the middleware keeps the websocket's :class:`Activity`.
 ACTIVITY = "quart_wslb.activity"
+
+
+def server_unbounded(event: ASGIReceiveEvent, limit: int) -> bool:
+    """Whether the server let through a frame that its own limit, set to ``limit``, would
+    have refused (Hypercorn counts bytes of binary frames and characters of text)."""
+    data = event.get("bytes")
+    text = event.get("text")
+    return (isinstance(data, bytes) and len(data) > limit) or (
+        isinstance(text, str) and len(text) > limit
+    )
 
 
 def too_large(event: ASGIReceiveEvent, limit: int) -> bool:
@@ -56,6 +76,7 @@ class WebsocketGuard:
         self.app = app
         self.limit = limit
         self._owner = owner
+        self._warned = False
 
     async def __call__(
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
@@ -85,6 +106,7 @@ class WebsocketGuard:
             activity.received = time.monotonic()
             if too_large(event, self.limit):
                 log.warning("closed %s: client frame over %d bytes", scope["path"], self.limit)
+                self._warn_unbounded(event)
                 await tracked_send(
                     {"type": "websocket.close", "code": MESSAGE_TOO_BIG, "reason": ""}
                 )
@@ -108,3 +130,16 @@ class WebsocketGuard:
             if open_:
                 await send({"type": "websocket.close", "code": GOING_AWAY, "reason": ""})
             raise
+
+    def _warn_unbounded(self, event: ASGIReceiveEvent) -> None:
+        """Say once per process that the server buffers frames past the limit."""
+        if self._warned or not server_unbounded(event, self.limit):
+            return
+        self._warned = True
+        log.warning(
+            "the server delivered a client frame over WSLB_MAX_MESSAGE_SIZE (%d): its own "
+            "limit is higher, so it holds frames up to that size in memory; give it the "
+            "same limit (quart_wslb.server.hypercorn_config, or websocket_max_message_size "
+            "in its config file)",
+            self.limit,
+        )

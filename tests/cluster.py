@@ -161,6 +161,7 @@ class Cluster:
         with log.open("wb") as output:
             process = subprocess.Popen(
                 [sys.executable, "-m", "hypercorn", "tests.cluster_app:app",
+                 "--config", "python:tests.cluster_app.hypercorn",
                  "--bind", f"127.0.0.1:{port}", "--graceful-timeout", "5"],
                 cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT,
                 start_new_session=True,

@@ -9,6 +9,7 @@ a send reached.
 from __future__ import annotations
 
 from collections import Counter
+from types import SimpleNamespace
 from typing import Any
 
 from quart import Quart, current_app, request, websocket
@@ -30,10 +31,15 @@ from quart_wslb import (
     ws_route,
 )
 from quart_wslb.envelope import CONTROL_KINDS, Envelope
+from quart_wslb.server import server_options
 
 app = Quart(__name__)
 wslb = WsLoadBalance(app)
 stats: Counter[str] = Counter()
+
+
+#: The server's settings: ``hypercorn --config python:tests.cluster_app.hypercorn``.
+hypercorn = SimpleNamespace(**server_options(app))
 
 
 @signals.message_received.connect_via(wslb)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from typing import Any, cast
@@ -19,7 +20,14 @@ from hypercorn.typing import (
 from quart.testing.connections import WebsocketDisconnectError
 
 from quart_wslb import signals
-from quart_wslb.asgi import ACTIVITY, GOING_AWAY, MESSAGE_TOO_BIG, WebsocketGuard, too_large
+from quart_wslb.asgi import (
+    ACTIVITY,
+    GOING_AWAY,
+    MESSAGE_TOO_BIG,
+    WebsocketGuard,
+    server_unbounded,
+    too_large,
+)
 from quart_wslb.connection import Activity
 from tests.support import SOON, recording, registry_keys, serving
 
@@ -58,6 +66,21 @@ def binary(value: bytes) -> ASGIReceiveEvent:
 )
 def test_too_large_counts_utf8_bytes(event: ASGIReceiveEvent, limit: int, expected: bool) -> None:
     assert too_large(event, limit) is expected
+
+
+@pytest.mark.parametrize(
+    ("event", "expected"),
+    [
+        (binary(b"x" * 11), True),
+        (binary(b"x" * 10), False),
+        (text("x" * 11), True),
+        (text("é" * 6), False),  # 12 bytes, but 6 characters: what Hypercorn counts
+    ],
+)
+def test_server_unbounded_counts_what_the_server_counts(
+    event: ASGIReceiveEvent, expected: bool
+) -> None:
+    assert server_unbounded(event, 10) is expected
 
 
 class Harness:
@@ -108,6 +131,24 @@ async def test_guard_closes_oversized_frame_with_1009() -> None:
     ]
     assert dropped.reasons() == ["too_large"]
     assert "/ws/x" in dropped.calls[0]["detail"]
+
+
+async def test_guard_warns_once_that_the_server_let_a_frame_through(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def unbounded() -> list[str]:
+        return [r.message for r in caplog.records if "its own limit is higher" in r.message]
+
+    guard = Harness().app()
+    with caplog.at_level(logging.WARNING, logger="quart_wslb"):
+        for event in (text("é" * 6), binary(b"x" * 11), binary(b"x" * 11)):
+            harness = Harness(event)
+            guard.app = harness.app().app  # a fresh connection through the same guard
+            await guard(ws_scope(), harness.receive, harness.send)
+            assert closes(harness.sent) == [MESSAGE_TOO_BIG]
+            if event.get("text") is not None:
+                assert unbounded() == []  # the server cannot count UTF-8 bytes of text
+    assert len(unbounded()) == 1
 
 
 async def test_guard_passes_small_frames_untouched() -> None:

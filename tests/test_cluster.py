@@ -183,7 +183,9 @@ async def test_oversized_client_frame_closes_with_1009(
 ) -> None:
     cluster = start_cluster(1, WSLB_MAX_MESSAGE_SIZE="1000")
     jo, _ = await clients.join(cluster[0], "jo", "red")
-    await jo.send("x" * 1001)
+    # 600 characters pass the server's limit (it counts characters); 1200 UTF-8 bytes
+    # do not pass the guard's.
+    await jo.send("é" * 600)
     with pytest.raises(ConnectionClosed) as closed:
         await asyncio.wait_for(jo.recv(), 5)
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009

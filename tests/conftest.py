@@ -6,14 +6,20 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any, cast
 
 import fakeredis
 import pytest
 import redis
 from redis.asyncio import Redis
 
+from quart_wslb.acl import acl_rules
 from quart_wslb.testing import RedisServer
 from tests.cluster import Clients, Cluster
+from tests.support import acl_url
+
+#: The prefixes of the tests on the real Redis (see ``prefix``), as an ACL glob.
+TEST_PREFIXES = "test-*"
 
 
 @pytest.fixture(autouse=True)
@@ -26,8 +32,8 @@ def no_exported_options(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(name)
 
 
-@pytest.fixture(name="redis_url", scope="session")
-def fixture_redis_url() -> Iterator[str]:
+@pytest.fixture(name="admin_redis_url", scope="session")
+def fixture_admin_redis_url() -> Iterator[str]:
     """A real Redis: ``WSLB_TEST_REDIS_URL``, else a private server for the session."""
     url = os.environ.get("WSLB_TEST_REDIS_URL")
     if url:
@@ -37,12 +43,44 @@ def fixture_redis_url() -> Iterator[str]:
         yield server.url
 
 
+@pytest.fixture(name="redis_url", scope="session")
+def fixture_redis_url(admin_redis_url: str) -> Iterator[str]:
+    """The URL that the code under test uses: ``admin_redis_url``, or with
+    ``WSLB_TEST_ACL=1`` a user that has only the documented ACL rules
+    (:func:`quart_wslb.acl.acl_rules`) for the tests' prefixes."""
+    if os.environ.get("WSLB_TEST_ACL") != "1":
+        yield admin_redis_url
+        return
+    name, password = f"wslb-test-{secrets.token_hex(3)}", secrets.token_hex(16)
+    with redis.Redis.from_url(admin_redis_url) as admin:
+        rules = acl_rules(TEST_PREFIXES)
+        admin.execute_command("ACL", "SETUSER", name, "reset", "on", f">{password}", *rules)
+        try:
+            yield acl_url(admin_redis_url, name, password)
+            refused = acl_refusals(admin, name)
+        finally:
+            admin.execute_command("ACL", "DELUSER", name)
+    # Code that swallows an error (a retrying loop) would hide a refusal from the tests.
+    assert not refused, f"Redis refused the ACL user: {refused}"
+
+
+def acl_refusals(admin: redis.Redis, user: str) -> list[str]:
+    """What Redis refused ``user`` (its ACL LOG), less redis-py's ``CLIENT SETINFO`` on
+    connect, which Redis 6.2 refuses and redis-py ignores."""
+    entries = cast(list[dict[str, Any]], admin.acl_log(count=128))
+    return [
+        f"{entry['reason']} {entry['object']}"
+        for entry in entries
+        if entry["username"] == user and entry["object"] != "client"
+    ]
+
+
 @pytest.fixture(name="prefix")
-def fixture_prefix(redis_url: str) -> Iterator[str]:
+def fixture_prefix(admin_redis_url: str) -> Iterator[str]:
     """A key prefix of this test's own; its keys are deleted afterwards (never FLUSHALL)."""
     prefix = "test-" + secrets.token_hex(4)
     yield prefix
-    client = redis.Redis.from_url(redis_url)
+    client = redis.Redis.from_url(admin_redis_url)
     try:
         for key in client.scan_iter(match="{" + prefix + "}*", count=1000):
             client.delete(key)
@@ -73,10 +111,11 @@ async def fixture_redis(fake_server: fakeredis.FakeServer) -> AsyncIterator[Redi
 
 @pytest.fixture(name="real_redis", params=[2, 3], ids=["resp2", "resp3"])
 async def fixture_real_redis(
-    redis_url: str, request: pytest.FixtureRequest
+    admin_redis_url: str, request: pytest.FixtureRequest
 ) -> AsyncIterator[Redis]:
-    """A client of the real Redis, speaking RESP2 or RESP3."""
-    client = Redis.from_url(redis_url, protocol=request.param)
+    """An admin client of the real Redis, speaking RESP2 or RESP3: for the tests of the
+    wire modules, which use names of their own and inspect with admin commands."""
+    client = Redis.from_url(admin_redis_url, protocol=request.param)
     yield client
     await client.aclose()
 

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, cast
+from urllib.parse import urlsplit, urlunsplit
 
 import fakeredis
 from blinker import ANY, NamedSignal
@@ -218,3 +219,10 @@ async def registry_keys(redis: Redis) -> set[str]:
     """Every key under ``PREFIX`` but the list of instances (registering lists one)."""
     names = {key.decode() async for key in redis.scan_iter(match="{" + PREFIX + "}*")}
     return names - {KEYS.instances}
+
+
+def acl_url(url: str, user: str, password: str) -> str:
+    """``url`` with ``user:password@`` in place of any credentials it had."""
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:{password}@{host}"))

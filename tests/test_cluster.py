@@ -56,7 +56,7 @@ async def test_send_user_reaches_every_connection_of_the_user(
 
 
 async def test_send_targeted_reaches_only_the_owning_instance(
-    start_cluster: StartCluster, clients: Clients, redis_url: str, prefix: str
+    start_cluster: StartCluster, clients: Clients, admin_redis_url: str, prefix: str
 ) -> None:
     cluster = start_cluster(3)
     carol, _ = await clients.join(cluster[0], "carol", "red")
@@ -65,7 +65,7 @@ async def test_send_targeted_reaches_only_the_owning_instance(
     assert [await receive(carol) for _ in range(20)] == [{"n": n} for n in range(20)]
     # every instance listens on its own channel, and only the owner got anything
     assert await envelopes(cluster) == [20, 0, 0]
-    client = aioredis.Redis.from_url(redis_url)
+    client = aioredis.Redis.from_url(admin_redis_url)
     keys = Keys(prefix)
     channels = [keys.channel(i.id) for i in cluster.instances]
     numsub = dict(await client.pubsub_numsub(*channels))
@@ -138,10 +138,10 @@ async def test_handler_room_message_crosses_instances(
     await gus.close()
 
 
-async def registry_size(redis_url: str, prefix: str) -> tuple[int, int, int]:
+async def registry_size(admin_redis_url: str, prefix: str) -> tuple[int, int, int]:
     """(records, ids the users hash lists, keys under the prefix other than instance
     bookkeeping)."""
-    client = aioredis.Redis.from_url(redis_url)
+    client = aioredis.Redis.from_url(admin_redis_url)
     keys = Keys(prefix)
     try:
         records = len(await record_ids(client, keys))
@@ -156,12 +156,12 @@ async def registry_size(redis_url: str, prefix: str) -> tuple[int, int, int]:
 
 
 async def test_closed_connections_leave_the_registry(
-    start_cluster: StartCluster, clients: Clients, redis_url: str, prefix: str
+    start_cluster: StartCluster, clients: Clients, admin_redis_url: str, prefix: str
 ) -> None:
     cluster = start_cluster(2)
     hal, _ = await clients.join(cluster[0], "hal", "red")
     ivy, _ = await clients.join(cluster[1], "ivy", "blue")
-    records, members, others = await registry_size(redis_url, prefix)
+    records, members, others = await registry_size(admin_redis_url, prefix)
     assert (records, members) == (2, 2)
     assert others > 2  # record hashes, users hash, path and metadata sets
     await hal.close()
@@ -170,16 +170,16 @@ async def test_closed_connections_leave_the_registry(
         while True:
             await asyncio.wait_for(ivy.recv(), 5)
     for _ in range(50):
-        if await registry_size(redis_url, prefix) == (0, 0, 0):
+        if await registry_size(admin_redis_url, prefix) == (0, 0, 0):
             break
         await asyncio.sleep(0.05)
-    assert await registry_size(redis_url, prefix) == (0, 0, 0)
+    assert await registry_size(admin_redis_url, prefix) == (0, 0, 0)
     assert await cluster[1].send({"user": "hal"}, "x") == 0
     assert await cluster[0].send({"path": "/ws/blue"}, "x") == 0
 
 
 async def test_oversized_client_frame_closes_with_1009(
-    start_cluster: StartCluster, clients: Clients, redis_url: str, prefix: str
+    start_cluster: StartCluster, clients: Clients, admin_redis_url: str, prefix: str
 ) -> None:
     cluster = start_cluster(1, WSLB_MAX_MESSAGE_SIZE="1000")
     jo, _ = await clients.join(cluster[0], "jo", "red")
@@ -190,21 +190,21 @@ async def test_oversized_client_frame_closes_with_1009(
         await asyncio.wait_for(jo.recv(), 5)
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
     for _ in range(50):
-        if (await registry_size(redis_url, prefix))[0] == 0:
+        if (await registry_size(admin_redis_url, prefix))[0] == 0:
             break
         await asyncio.sleep(0.05)
-    assert (await registry_size(redis_url, prefix))[0] == 0
+    assert (await registry_size(admin_redis_url, prefix))[0] == 0
     assert (await cluster[0].stats())["dropped_too_large"] == 1
 
 
 async def test_malformed_envelope_is_dropped_and_delivery_goes_on(
-    start_cluster: StartCluster, clients: Clients, redis_url: str, prefix: str
+    start_cluster: StartCluster, clients: Clients, admin_redis_url: str, prefix: str
 ) -> None:
     cluster = start_cluster(2)
     kim, kim_id = await clients.join(cluster[0], "kim", "red")
     channel = Keys(prefix).channel("i0")
     good = encode(Envelope("m1", "test", "text", [kim_id], "still alive"))
-    client = aioredis.Redis.from_url(redis_url)
+    client = aioredis.Redis.from_url(admin_redis_url)
     try:
         garbage_and_good = (
             b"",
@@ -228,7 +228,7 @@ async def test_malformed_envelope_is_dropped_and_delivery_goes_on(
 
 
 async def test_graceful_stop_closes_1001_and_unregisters(
-    start_cluster: StartCluster, clients: Clients, redis_url: str, prefix: str
+    start_cluster: StartCluster, clients: Clients, admin_redis_url: str, prefix: str
 ) -> None:
     cluster = start_cluster(2)
     leo, _ = await clients.join(cluster[0], "leo", "red")
@@ -237,9 +237,9 @@ async def test_graceful_stop_closes_1001_and_unregisters(
     with pytest.raises(ConnectionClosed) as closed:
         await asyncio.wait_for(leo.recv(), 5)
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
-    records, members, _ = await registry_size(redis_url, prefix)
+    records, members, _ = await registry_size(admin_redis_url, prefix)
     assert (records, members) == (1, 1)
-    client = aioredis.Redis.from_url(redis_url)
+    client = aioredis.Redis.from_url(admin_redis_url)
     keys = Keys(prefix)
     try:
         assert not await client.exists(keys.heartbeat("i0"))
@@ -271,7 +271,7 @@ async def post(instance: Instance, path: str, body: dict[str, Any]) -> Any:
 
 
 async def test_groups_route_only_to_instances_with_members(
-    start_cluster: StartCluster, clients: Clients, redis_url: str, prefix: str
+    start_cluster: StartCluster, clients: Clients, admin_redis_url: str, prefix: str
 ) -> None:
     cluster = start_cluster(3)
     ann, ann_id = await clients.join(cluster[0], "ann")
@@ -304,7 +304,7 @@ async def test_groups_route_only_to_instances_with_members(
         await asyncio.sleep(0.05)
         query = await post(cluster[0], "/query", {"selector": {"group": "lobby"}})
     assert query["count"] == 1 and query["users"] == ["ben"]
-    redis = aioredis.Redis.from_url(redis_url)
+    redis = aioredis.Redis.from_url(admin_redis_url)
     try:
         members = await redis.smembers(Keys(prefix).group("lobby"))
     finally:
@@ -359,7 +359,7 @@ async def test_custom_selector_send_reaches_only_matches(
 
 
 async def test_disconnect_user_on_two_instances(
-    start_cluster: StartCluster, clients: Clients, redis_url: str, prefix: str
+    start_cluster: StartCluster, clients: Clients, admin_redis_url: str, prefix: str
 ) -> None:
     cluster = start_cluster(3)
     kim0, _ = await clients.join(cluster[0], "kim")
@@ -373,10 +373,10 @@ async def test_disconnect_user_on_two_instances(
         assert closed.value.rcvd is not None
         assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (4001, "kicked")
     for _ in range(50):
-        if (await registry_size(redis_url, prefix))[0] == 1:
+        if (await registry_size(admin_redis_url, prefix))[0] == 1:
             break
         await asyncio.sleep(0.05)
-    assert (await registry_size(redis_url, prefix))[0] == 1
+    assert (await registry_size(admin_redis_url, prefix))[0] == 1
     assert await cluster[2].send({"user": "kim"}, "x") == 0
     assert await cluster[2].send({"user": "lou"}, "still here") == 1
     assert await asyncio.wait_for(other.recv(), 5) == "still here"

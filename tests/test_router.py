@@ -825,7 +825,7 @@ async def test_run_on_real_redis_resubscribes_after_client_kill(
 
 @pytest.mark.integration
 async def test_run_on_real_redis_restart_takes_effect_within_read_timeout(
-    redis_url: str, prefix: str
+    admin_redis_url: str, prefix: str
 ) -> None:
     calls: list[float] = []
 
@@ -833,7 +833,7 @@ async def test_run_on_real_redis_restart_takes_effect_within_read_timeout(
         calls.append(time.monotonic())
 
     keys = Keys(prefix)
-    async with real_client(redis_url) as redis:
+    async with real_client(admin_redis_url) as redis:
         router = Router(redis, keys, "i1", {}, OWNER)
         router.on_subscribed(callback)
         async with running(router):
@@ -849,8 +849,8 @@ async def test_run_on_real_redis_restart_takes_effect_within_read_timeout(
 
 
 @pytest.mark.integration
-async def test_run_on_real_redis_cancellation_closes_the_connection(redis_url: str) -> None:
-    async with real_client(redis_url) as redis:
+async def test_run_on_real_redis_cancellation_closes_the_connection(admin_redis_url: str) -> None:
+    async with real_client(admin_redis_url) as redis:
         before = await pubsub_clients(redis)
         router = Router(redis, Keys("t-" + secrets.token_hex(4)), "i1", {}, OWNER)
         async with running(router) as task:

@@ -221,15 +221,17 @@ async def test_subscribe_on_real_redis_reads_in_order_and_closes(
 
 
 @pytest.mark.integration
-async def test_subscribe_on_real_redis_refused_is_an_error(redis_url: str, prefix: str) -> None:
+async def test_subscribe_on_real_redis_refused_is_an_error(
+    admin_redis_url: str, prefix: str
+) -> None:
     """A subscription that Redis refuses (here: no permission) fails with Redis's error."""
-    admin = Redis.from_url(redis_url)
+    admin = Redis.from_url(admin_redis_url)
     user = f"{prefix}-nosub"
     try:
         await admin.acl_setuser(
             user, enabled=True, passwords=["+pw"], commands=["+@all"], reset_channels=True
         )
-        client = Redis.from_url(redis_url, username=user, password="pw")
+        client = Redis.from_url(admin_redis_url, username=user, password="pw")
         try:
             with pytest.raises(ResponseError, match="NOPERM"):
                 async with subscribe(client, (f"{prefix}:a", f"{prefix}:b")):

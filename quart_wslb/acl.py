@@ -1,0 +1,47 @@
+"""The least a Redis user needs to run quart-wslb: its keys, its channels, its commands.
+
+``ACL SETUSER <name> on ><password> <rules>`` with :func:`acl_rules` makes a user that
+reaches only the keys and channels under one prefix, with only the commands that
+quart-wslb sends itself or from its Lua scripts (Redis checks those too).
+``tests/test_acl.py`` holds :data:`COMMANDS` and the scripts together, and the
+integration suite runs once as such a user (``WSLB_TEST_ACL=1``).
+"""
+
+from __future__ import annotations
+
+__all__ = ("COMMANDS", "acl_rules")
+
+#: Every command quart-wslb sends, lowercase as ACL rules name them. ``AUTH`` and
+#: ``HELLO`` are allowed to every user; redis-py's ``CLIENT SETINFO`` on connect may be
+#: refused (redis-py ignores the refusal).
+COMMANDS: tuple[str, ...] = (
+    # connection and scripts
+    "select", "evalsha", "script|load", "multi", "exec",
+    # pub/sub
+    "subscribe", "publish",
+    # strings and keys
+    "get", "set", "setnx", "del", "exists", "pexpire",
+    # hashes
+    "hget", "hset", "hsetnx", "hdel", "hexists", "hlen", "hkeys", "hgetall", "hscan",
+    "hrandfield",
+    # sets
+    "sadd", "srem", "smembers", "scard", "sismember", "sscan",
+)  # fmt: skip
+
+
+def acl_rules(prefix: str = "wslb") -> list[str]:
+    """The ACL rules of a user that can run quart-wslb under ``prefix`` and do no more.
+
+    ``prefix`` is a ``WSLB_PREFIX``, or a glob of them (``"test-*"``). Keys and channels
+    both start with ``{prefix}`` (channels carry the database after it). Needs Redis 6.2
+    or later (channel rules).
+    """
+    root = "{" + prefix + "}"
+    return [
+        "resetkeys",
+        "resetchannels",
+        f"~{root}*",
+        f"&{root}*",
+        "-@all",
+        *(f"+{command}" for command in COMMANDS),
+    ]

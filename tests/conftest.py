@@ -52,13 +52,15 @@ def fixture_redis_url(admin_redis_url: str) -> Iterator[str]:
         yield admin_redis_url
         return
     name, password = f"wslb-test-{secrets.token_hex(3)}", secrets.token_hex(16)
+    # No admin connection stays open meanwhile: tests count the server's clients.
     with redis.Redis.from_url(admin_redis_url) as admin:
         rules = acl_rules(TEST_PREFIXES)
         admin.execute_command("ACL", "SETUSER", name, "reset", "on", f">{password}", *rules)
-        try:
-            yield acl_url(admin_redis_url, name, password)
+    try:
+        yield acl_url(admin_redis_url, name, password)
+    finally:
+        with redis.Redis.from_url(admin_redis_url) as admin:
             refused = acl_refusals(admin, name)
-        finally:
             admin.execute_command("ACL", "DELUSER", name)
     # Code that swallows an error (a retrying loop) would hide a refusal from the tests.
     assert not refused, f"Redis refused the ACL user: {refused}"

@@ -54,7 +54,7 @@ def _raise_fd_limit(needed: int) -> None:
 @pytest.mark.integration
 @pytest.mark.timeout(240)
 async def test_make_client_burst_of_connects_registers_every_connection(
-    start_cluster: StartCluster, redis_url: str, prefix: str
+    start_cluster: StartCluster, admin_redis_url: str, prefix: str
 ) -> None:
     _raise_fd_limit(4 * BURST)
     cluster = start_cluster(1, WSLB_REDIS_MAX_CONNECTIONS=str(BOUND))
@@ -74,7 +74,7 @@ async def test_make_client_burst_of_connects_registers_every_connection(
             f"({unreachable} registrations failed), first: {failures[0]!r}"
         )
         assert unreachable == 0, f"{unreachable} registrations failed"
-        redis = aioredis.Redis.from_url(redis_url)
+        redis = aioredis.Redis.from_url(admin_redis_url)
         try:
             keys = Keys(prefix)
             registered = await redis.hlen(keys.records(instance.id))
@@ -87,7 +87,7 @@ async def test_make_client_burst_of_connects_registers_every_connection(
     finally:
         await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
     # Every unregistration succeeds too (the same burst, the other way).
-    async with aioredis.Redis.from_url(redis_url) as redis:
+    async with aioredis.Redis.from_url(admin_redis_url) as redis:
         deadline = time.monotonic() + 60
         while (left := await redis.hlen(Keys(prefix).records(instance.id))) and (
             time.monotonic() < deadline

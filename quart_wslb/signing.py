@@ -55,6 +55,9 @@ WINDOW = 30.0
 RECENT = 100_000
 #: Bytes of HMAC-SHA256 kept: 128 bits, as hex.
 MAC_BYTES = 16
+#: Origins whose replay floors a :class:`Verifier` keeps before dropping those that
+#: have fallen below the window (emitters take a new origin per process).
+FLOORS = 4096
 MIN_SECRET = 16
 _KID_RE = re.compile(r"[A-Za-z0-9_.\-]{1,32}")
 #: What a JSON string must escape (``ensure_ascii=False``), NUL aside (see sel_text).
@@ -299,12 +302,14 @@ class Verifier:
     A message is fresh when its timestamp is within ``window`` seconds of this clock.
     The MAC of every accepted message is kept for ``2 * window`` (past that, a replay
     is stale anyway), at most ``recent`` of them: when more arrive within that time,
-    the oldest are forgotten and every message not newer than the newest forgotten
-    one is refused as a possible replay, so a flood of legitimate traffic narrows the
-    window rather than opening a hole.
+    the oldest are forgotten, and every message of the same origin not newer than the
+    newest forgotten one is refused as a possible replay, so a flood of legitimate
+    traffic narrows the window rather than opening a hole. The floor is kept per
+    origin: timestamps are only compared with others from the same clock, so a sender
+    whose clock runs behind another's is not refused when the other's floor rises.
     """
 
-    __slots__ = ("_floor", "_keyring", "_keys", "_known", "_recent", "_seen", "_window")
+    __slots__ = ("_floors", "_keyring", "_keys", "_known", "_recent", "_seen", "_window")
 
     def __init__(
         self, keyring: Keyring, keys: Keys, window: float = WINDOW, recent: int = RECENT
@@ -313,10 +318,11 @@ class Verifier:
         self._keys = keys
         self._window = int(window * 1000)
         self._recent = recent
-        #: (when it was accepted, in ms; its timestamp; its MAC), oldest first.
-        self._seen: deque[tuple[int, int, str]] = deque()
+        #: (when it was accepted, in ms; its origin; its timestamp; its MAC), oldest first.
+        self._seen: deque[tuple[int, str, int, str]] = deque()
         self._known: set[str] = set()
-        self._floor = 0  # timestamps at or below it may be forgotten replays
+        #: Per origin, the timestamp at or below which its messages may be forgotten replays.
+        self._floors: dict[str, int] = {}
 
     def check(self, envelope: Envelope) -> str | None:
         """``None`` for an authentic, fresh, first-seen message; else why not."""
@@ -337,23 +343,27 @@ class Verifier:
         now = time.time_ns() // 1_000_000
         if abs(now - ts) > self._window:
             return f"stale: sent {(now - ts) / 1000:.1f}s from now"
-        known = self._known
-        if ts <= self._floor or sig in known:
+        known, origin = self._known, envelope.origin
+        if sig in known or ts <= self._floors.get(origin, 0):
             return "replayed"
         known.add(sig)
         seen = self._seen
-        seen.append((now, ts, sig))
+        seen.append((now, origin, ts, sig))
         if seen[0][0] < now - 2 * self._window or len(seen) > self._recent:
             self._forget(now)
         return None
 
     def _forget(self, now: int) -> None:
-        seen, expired = self._seen, now - 2 * self._window
+        seen, expired, floors = self._seen, now - 2 * self._window, self._floors
         while seen and (seen[0][0] < expired or len(seen) > self._recent):
-            received, ts, sig = seen.popleft()
+            received, origin, ts, sig = seen.popleft()
             self._known.discard(sig)
-            if received >= expired:  # forgotten early: its replays must still fail
-                self._floor = max(self._floor, ts)
+            # Forgotten early: its replays must still fail.
+            if received >= expired and ts > floors.get(origin, 0):
+                floors[origin] = ts
+        if len(floors) > FLOORS:  # a floor below the window stops nothing the window lets in
+            oldest = now - self._window
+            self._floors = {origin: ts for origin, ts in floors.items() if ts >= oldest}
 
     def selects(self, sel: list[str]) -> Predicate | None:
         """The local test of the targets of a message signed with ``sel``."""

@@ -447,6 +447,19 @@ def test_verifier_past_its_bound_refuses_what_it_forgot() -> None:
     assert len(verifier._seen) == 2
 
 
+def test_verifier_floor_is_per_origin_so_a_slow_clock_is_not_refused() -> None:
+    verifier = Verifier(RING, KEYS, recent=2)
+    now = time.time_ns() // 1_000_000
+    fast = [signed(RING, [], ["B"], id=f"f{n}", origin="fast", ts=now + n) for n in range(3)]
+    for envelope in fast:
+        assert verifier.check(envelope) is None
+    # "fast"'s floor rose to its forgotten message's timestamp; "slow"'s clock is 2 s
+    # behind, within the window: its fresh messages are not replays.
+    late = signed(RING, [], ["B"], id="s0", origin="slow", ts=now - 2_000)
+    assert verifier.check(late) is None
+    assert verifier.check(fast[0]) == "replayed"
+
+
 def test_verifier_probe_signed_by_the_ring() -> None:
     verifier = Verifier(RING, KEYS)
     number, _, signature = RING.probe("i0", 7).partition(b":")

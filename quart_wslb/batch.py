@@ -5,8 +5,11 @@ nobody. Calls made while one is in flight queue up, and as soon as it returns th
 out together, then the next queue, and so on: under load a send costs a share of a round
 trip, of a script call and (for ``route.lua``) of a publish, instead of one of each. Each
 caller waits at most ``timeout`` from its own call, queued or not (``TimeoutError``); a
-queued call whose caller gave up before its batch went out is left out of it, so it has
-no effect.
+queued call whose caller gave up before its batch is written is left out of it, so it
+has no effect. A batch is cut only once its connection is ready (taken from the pool,
+connected), right before the write: a caller may give up while the batch waits to
+reconnect after a blip, and then may send again. (On the redis-py pipelines of the
+fallback path, which make their connection themselves, the batch is cut before that.)
 
 The script takes its calls in one ``EVALSHA``: ``KEYS`` are the fixed keys, then each
 call's keys; ``ARGV`` the fixed arguments, then for each call the offset of its keys
@@ -126,6 +129,12 @@ class GroupCommit:
     async def _run(self, batch: list[Call]) -> None:
         try:
             async with asyncio.timeout(self._timeout):
+                await self._ready()
+                # Nothing left to wait for before the write: leave out now the calls
+                # whose callers gave up while the connection was made.
+                batch = [call for call in batch if not call[1].done()]
+                if not batch:
+                    return
                 results = await self._pipeline(batch)
         except Exception as error:  # the whole round trip failed: every caller hears it
             results = [error] * len(batch)
@@ -178,6 +187,12 @@ class GroupCommit:
             args += [len(keys) - len(self._keys), len(call_args), *call_args]
             keys += call_keys
         return ["EVALSHA", self._script.sha, len(keys), *keys, *args]
+
+    async def _ready(self) -> None:
+        """Wait for what a round trip would wait for before it writes (the exchange's
+        connection); nothing to wait for on redis-py pipelines."""
+        if await self._is_raw():
+            await self._exchange.ready()
 
     async def _is_raw(self) -> bool:
         if self._raw is None:

@@ -69,16 +69,27 @@ class Exchange:
         await self.release()
         return supported
 
+    async def ready(self) -> None:
+        """Take a connection from the pool and connect it, unless done already: all that
+        a round trip may wait for before it writes. A :meth:`run` right after this writes
+        without waiting (no other task runs in between), so the caller can still choose,
+        with nothing left to wait for, what to send."""
+        try:
+            await self._connected()
+        except BaseException:
+            await self._drop()  # a handshake cut short would leave its reply unread
+            raise
+
     async def run(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
         """The replies to ``commands``, in order; an error reply is returned, not raised."""
-        connection = await self._connected()
         self._running = True
         try:
+            connection = await self._connected()
             packed = [hiredis.pack_command(tuple(command)) for command in commands]
             await connection.send_packed_command(packed, check_health=False)
             return await _read(connection, len(commands))
         except BaseException:
-            await connection.disconnect(nowait=True)
+            await self._drop()
             raise
         finally:
             self._running = False
@@ -89,6 +100,12 @@ class Exchange:
         if self._connection is not None and not self._running:
             connection, self._connection = self._connection, None
             await self._pool.release(connection)
+
+    async def _drop(self) -> None:
+        """Close the connection (kept, to connect again): its stream is in an unknown
+        state."""
+        if self._connection is not None:
+            await self._connection.disconnect(nowait=True)
 
     async def _connected(self) -> AbstractConnection:
         if self._connection is None:

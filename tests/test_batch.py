@@ -15,6 +15,7 @@ from redis.exceptions import ResponseError
 from quart_wslb import batch
 from quart_wslb.batch import GroupCommit
 from quart_wslb.testing import RedisServer
+from tests.support import eventually
 
 # A batched script (see quart_wslb.batch): after the fixed keys and arguments, each call
 # is its key offset, its argument count and its arguments; the reply is flat, each call's
@@ -61,6 +62,19 @@ class Counting(GroupCommit):
 
 def make(redis: aioredis.Redis) -> Counting:
     return Counting(redis, redis.register_script(SCRIPT), timeout=5.0, args=[0, 0])
+
+
+def batch_sizes(commit: GroupCommit) -> list[int]:
+    """The size of each batch that ``commit`` drains from its queue, as it goes."""
+    sizes: list[int] = []
+    run = commit._run
+
+    async def spy(batch: Any) -> None:
+        sizes.append(len(batch))
+        await run(batch)
+
+    commit._run = spy  # type: ignore[method-assign]
+    return sizes
 
 
 async def test_group_commit_lone_call_goes_alone(redis: aioredis.Redis, prefix: str) -> None:
@@ -150,14 +164,7 @@ async def test_group_commit_loops_of_sends_fill_their_batches(
     """Callers that send again as soon as they are answered join the next batch, rather
     than each starting a round trip of its own."""
     commit = make(redis)
-    sizes: list[int] = []
-    run = commit._run
-
-    async def spy(batch: Any) -> None:
-        sizes.append(len(batch))
-        await run(batch)
-
-    commit._run = spy  # type: ignore[method-assign]
+    sizes = batch_sizes(commit)
 
     async def loop(worker: int) -> None:
         for n in range(10):
@@ -277,3 +284,40 @@ async def test_group_commit_leaves_out_a_call_whose_caller_gave_up(
     assert quitter.cancelled()
     assert await redis.get(prefix + ":quitter") is None
     assert await redis.get(prefix + ":stayer") == b"1"
+
+
+@pytest.mark.integration
+async def test_group_commit_never_sends_a_call_whose_caller_gave_up_while_it_reconnected(
+    private_redis: RedisServer,
+) -> None:
+    """Redis stalls (CLIENT PAUSE): the call in flight times out, which drops its
+    connection, so the batch queued behind it has to connect again, and the handshake
+    waits for the pause to end. Its caller's deadline passes meanwhile: once Redis is
+    back, its call must not run, since its caller was told it failed and may retry."""
+    # A handshake that waits for Redis's answer whatever the redis-py release.
+    redis = aioredis.Redis.from_url(private_redis.url + "?client_name=batch")
+    admin = aioredis.Redis.from_url(private_redis.url)
+    commit = GroupCommit(redis, redis.register_script(COUNTER), timeout=1.0, args=[0, 0])
+    batches = batch_sizes(commit)
+    try:
+        assert await commit(["warm"], []) == [1]
+        # Ends after the queued caller's deadline (0.3 + 1.0 s), before its batch's
+        # (1.0 + 1.0 s, the batch going out when the first call times out).
+        await admin.client_pause(1650)
+        first = asyncio.create_task(commit(["first"], []))
+        await eventually(lambda: commit._busy)
+        await asyncio.sleep(0.3)  # not a wait for anything: the second caller comes later
+        queued = asyncio.create_task(commit(["queued"], []))
+        await eventually(lambda: len(commit._queue) == 1)
+        with pytest.raises(TimeoutError):
+            await first
+        with pytest.raises(TimeoutError):
+            await queued
+        await eventually(lambda: not commit._busy)  # the batch is over: sent or not
+        assert batches == [1], f"the queued call was not in a batch of its own: {batches}"
+        assert await admin.get("queued") is None, "a call was run after its caller gave up"
+        assert await commit(["after"], []) == [1]  # and the connection is sound
+    finally:  # the private server goes with the test: no need to unpause it
+        await commit.aclose()
+        await admin.aclose()
+        await redis.aclose()

@@ -74,6 +74,29 @@ async def test_exchange_reconnects_after_its_connection_is_killed(
     await client.aclose()
 
 
+@pytest.mark.integration
+@pytest.mark.parametrize("step", ["ready", "run"])
+async def test_exchange_cut_short_in_its_handshake_connects_again(
+    private_redis: RedisServer, step: str
+) -> None:
+    """A caller gives up while the connection's handshake waits for a stalled Redis:
+    the handshake's late replies must not be read as the next round trip's."""
+    client = Redis.from_url(private_redis.url + "?client_name=wire")  # a reply to wait for
+    admin = Redis.from_url(private_redis.url)
+    exchange = Exchange(client)
+    try:
+        await admin.client_pause(500)
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.2):
+                await (exchange.ready() if step == "ready" else exchange.run([["PING"]]))
+        assert await admin.ping()  # the pause is over: the handshake's replies are out
+        assert await exchange.run([["ECHO", "next"]]) == [b"next"]
+    finally:
+        await exchange.release()
+        await admin.aclose()
+        await client.aclose()
+
+
 class FakeConnection:
     """What ``_read`` needs of a connection: its stream."""
 

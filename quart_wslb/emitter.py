@@ -195,7 +195,7 @@ class AsyncEmitter:
     async def _route(self, selector: Selector, kind: Kind, payload: bytes) -> Route:
         _check(selector)
         if not self._layout_seen:
-            await self._check_layout()
+            return await self._first_route(selector, kind, payload)
         message_id = os.urandom(8).hex()
         if selector.indexed:
             reply = await self._route_program(
@@ -214,6 +214,18 @@ class AsyncEmitter:
             owners.update(_names(reply[2 : 2 + reached]))
             missed.update(_names(reply[2 + reached :]))
         return Route(message_id, total, len(owners), tuple(sorted(missed)))
+
+    async def _first_route(self, selector: Selector, kind: Kind, payload: bytes) -> Route:
+        """:meth:`_route` for a call made before the layout marker was read: it reads
+        the marker first. A built-in selector's send gets one deadline for both, from its
+        own start, as for any other send; a custom selector's reads pages, each (and so
+        the marker) bounded on its own."""
+        if not selector.indexed:
+            await self._check_layout()
+            return await self._route(selector, kind, payload)
+        async with redis_deadline(self.timeout, "send"):
+            await self._check_layout()
+            return await self._route(selector, kind, payload)
 
     async def _route_program(
         self, message_id: str, program: Program, kind: Kind, payload: bytes
@@ -255,11 +267,12 @@ class AsyncEmitter:
     async def count(self, selector: Selector = EVERYONE) -> int:
         """How many connections in the cluster ``selector`` matches."""
         _check(selector)
-        await self._check_layout()
-        if not selector.indexed:
+        if not selector.indexed:  # pages, each bounded on its own
+            await self._check_layout()
             return sum([len(ids) async for ids in self._matching_ids(selector)])
         program = selector.compile(self.keys)
-        async with redis_deadline(self.timeout, "count"):
+        async with redis_deadline(self.timeout, "count"):  # one deadline, marker included
+            await self._check_layout()
             count = int(await self._count(keys=self._script_keys(program), args=program.ops))
         if count == -1:
             self._no_instances()

@@ -30,7 +30,7 @@ from quart_wslb.envelope import decode
 from quart_wslb.keys import LAYOUT, Keys
 from quart_wslb.registry import Registry
 from quart_wslb.testing import RedisServer, free_port
-from tests.support import make_connection
+from tests.support import eventually, make_connection
 
 MANY = PAGE * 2 + 37  # more than two pages
 
@@ -397,15 +397,54 @@ async def test_send_queued_behind_a_stalled_send_fails_within_its_own_timeout(
         assert await emitter.send(UserSelector("x"), "warm") == 0
         await admin.client_pause(5000)
         first = asyncio.create_task(emitter.send(UserSelector("x"), "1"))
-        await asyncio.sleep(0.2)  # in flight: the next send queues behind it
+        await eventually(lambda: emitter._publish._busy)  # in flight
         started = time.monotonic()
+        second = asyncio.create_task(emitter.send(UserSelector("x"), "2"))
+        await eventually(lambda: len(emitter._publish._queue) == 1)  # queued behind it
         with pytest.raises(RedisUnavailableError, match="in time"):
-            await emitter.send(UserSelector("x"), "2")
+            await second
         took = time.monotonic() - started
         assert took < 2.0 + 1.0, f"a queued send blocked {took:.2f}s with a 2s timeout"
         with pytest.raises(RedisUnavailableError):
             await first
     finally:  # the private server goes with the test: no need to unpause it
+        await admin.aclose()
+        await emitter.aclose()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("call", ["send", "disconnect", "count"])
+async def test_emitter_first_call_raises_within_its_timeout_of_its_start(
+    private_redis: RedisServer, call: str
+) -> None:
+    """An emitter's first call reads the layout marker, then runs its script: both
+    within one deadline. Redis answers the marker late (all commands paused), then
+    stalls the script (writes paused: Redis takes up that pause, queued first, before
+    it answers the marker), so two deadlines in a row would take nearly twice it."""
+    timeout = 3.0
+    # A handshake that waits for Redis whatever the redis-py release: the marker's GET
+    # is sent only once the first pause is over, after the second pause was queued.
+    url = private_redis.url + "?client_name=first"
+    emitter = AsyncEmitter(redis_url=url, timeout=timeout, strict=False)
+    admin = aioredis.Redis.from_url(private_redis.url)
+    writes = aioredis.Redis.from_url(private_redis.url)
+    try:
+        await writes.ping()  # connected before the pause
+        await admin.client_pause(int((timeout - 0.2) * 1000))
+        pause_writes = asyncio.ensure_future(writes.client_pause(10_000, all=False))
+        started = time.monotonic()
+        with pytest.raises(RedisUnavailableError, match="in time"):
+            if call == "send":
+                await emitter.send(UserSelector("x"), "hi")
+            elif call == "disconnect":
+                await emitter.disconnect(UserSelector("x"))
+            else:
+                await emitter.count(UserSelector("x"))
+        took = time.monotonic() - started
+        assert took < timeout + 1.0, f"the first {call} took {took:.2f}s with a {timeout}s timeout"
+        assert await pause_writes  # the stall really came after the marker's answer
+    finally:  # the private server goes with the test: no need to unpause it
+        await writes.aclose()
         await admin.aclose()
         await emitter.aclose()
 

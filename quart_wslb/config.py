@@ -22,7 +22,7 @@ import socket
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
-from urllib.parse import parse_qsl, urlencode, urlsplit
+from urllib.parse import parse_qsl, unquote_plus, urlsplit
 
 from .signing import Keyring
 
@@ -75,22 +75,35 @@ MIN_REDIS_CONNECTIONS = 4
 
 
 def redact_url(url: str) -> str:
-    """``url`` with its password (and user name) replaced by ``***``: in the authority
-    part and in a ``password=`` query parameter, as redis-py reads both."""
+    """``url`` with its credentials replaced by ``***``: the password (and user name) of
+    the authority part, and every query parameter that names a password
+    (``password=``, the TLS key's ``ssl_password=``...) or the user name, since redis-py
+    reads them all. Everything else is kept as written."""
     try:
         parts = urlsplit(url)
         pairs = parse_qsl(parts.query, keep_blank_values=True)
     except ValueError:  # not a URL we can take apart: show none of it
         return "***"
-    secret = {"password", "username"}
-    if "@" not in parts.netloc and not any(k in secret for k, _ in pairs):
+    if "@" not in parts.netloc and not any(_secret_parameter(k) for k, _ in pairs):
         return url
     netloc = parts.netloc
     if "@" in netloc:
         netloc = "***@" + netloc.rpartition("@")[2]
-    query = urlencode([(k, "***" if k in secret else v) for k, v in pairs], safe="*")
+    query = "&".join(_redacted_parameter(item) for item in parts.query.split("&"))
     # Spelled out: urlunsplit would write unix:///path as unix:/path.
     return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
+
+
+def _secret_parameter(name: str) -> bool:
+    """Whether a URL query parameter holds a credential: a user name or any password."""
+    name = name.casefold()
+    return name == "username" or "password" in name
+
+
+def _redacted_parameter(item: str) -> str:
+    """One ``name=value`` of a query, its value hidden if it is a credential."""
+    name = item.partition("=")[0]
+    return f"{name}=***" if _secret_parameter(unquote_plus(name)) else item
 
 
 def _redacted_url(value: object) -> str:

@@ -16,6 +16,7 @@ from quart_wslb.config import (
     default_instance_id,
     emitter_options,
     from_environ,
+    redact_url,
     resolve_settings,
 )
 from quart_wslb.keys import Keys
@@ -344,6 +345,8 @@ async def test_plain_app_takes_exported_instance_id_and_redis_url(
         "rediss://app:hunter2@db:6380/1",
         "redis://db:6379/0?password=hunter2&socket_timeout=1",
         "unix://app:hunter2@/run/redis.sock?db=2",
+        "rediss://db:6380/0?ssl_password=hunter2&ssl_ca_certs=/ca.pem",  # the TLS key's
+        "rediss://db:6380/0?SSL_Password=hunter2",
     ],
 )
 def test_settings_repr_hides_the_redis_password(url: str) -> None:
@@ -353,6 +356,13 @@ def test_settings_repr_hides_the_redis_password(url: str) -> None:
         assert "hunter2" not in shown, shown
         assert "redis_url=" in shown and "db" in shown or "redis.sock" in shown, shown
         assert "***" in shown, shown
+
+
+def test_redact_url_hides_every_query_parameter_that_names_a_password() -> None:
+    url = "rediss://db:6380/0?ssl_password=pw1&password=pw2&username=u&ssl_ca_certs=/ca.pem"
+    assert redact_url(url) == (
+        "rediss://db:6380/0?ssl_password=***&password=***&username=***&ssl_ca_certs=/ca.pem"
+    )
 
 
 def test_settings_repr_shows_a_url_without_credentials_as_it_is() -> None:

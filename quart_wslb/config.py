@@ -21,13 +21,14 @@ import secrets
 import socket
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal
+from typing import Any, Literal, cast
 from urllib.parse import parse_qsl, unquote_plus, urlsplit
 
 from .signing import Keyring
 
 __all__ = (
     "DEFAULTS",
+    "EmitterOptions",
     "QueueFullPolicy",
     "Settings",
     "UserGetter",
@@ -143,11 +144,16 @@ class Settings:
     secret: Keyring | None = field(default=None, metadata=SECRET)
 
     def __repr__(self) -> str:
-        shown = []
-        for option in fields(self):
-            redact = option.metadata.get("redact", repr)
-            shown.append(f"{option.name}={redact(getattr(self, option.name))}")
-        return f"Settings({', '.join(shown)})"
+        return _redacted_repr(self)
+
+
+def _redacted_repr(options: Settings | EmitterOptions) -> str:
+    """``Name(field=value, ...)``, each field shown as its metadata's ``redact`` says."""
+    shown = []
+    for option in fields(options):
+        redact = option.metadata.get("redact", repr)
+        shown.append(f"{option.name}={redact(getattr(options, option.name))}")
+    return f"{type(options).__name__}({', '.join(shown)})"
 
 
 def default_instance_id() -> str:
@@ -241,8 +247,7 @@ def resolve_settings(
 
 
 def _validated(v: dict[str, Any]) -> Settings:
-    if not isinstance(v["redis_url"], str) or not v["redis_url"]:
-        raise ValueError("WSLB_REDIS_URL must be a non-empty string")
+    validated_url(v["redis_url"])
     validated_instance_id(v["instance_id"])
     validated_prefix(v["prefix"])
     for name in ("max_message_size", "send_queue_size"):
@@ -250,9 +255,7 @@ def _validated(v: dict[str, Any]) -> Settings:
             raise ValueError(f"WSLB_{name.upper()} must be a positive int")
     validated_max_connections(v["redis_max_connections"])
     for name in ("redis_timeout", "heartbeat_interval", "instance_ttl"):
-        if not _seconds(v[name]):
-            raise ValueError(f"WSLB_{name.upper()} must be a positive number of seconds")
-        v[name] = float(v[name])
+        v[name] = _validated_seconds(name, v[name])
     for name in ("ping_interval", "idle_timeout"):
         if v[name] is not None:
             if not _seconds(v[name]):
@@ -272,9 +275,21 @@ def _validated(v: dict[str, Any]) -> Settings:
         raise ValueError("WSLB_QUEUE_FULL must be 'close' or 'drop'")
     if v["user"] is not None and not callable(v["user"]):
         raise TypeError("WSLB_USER must be a callable or None")
-    if v["secret"] is not None:
-        v["secret"] = Keyring.parse(v["secret"])  # its errors never quote a secret
+    v["secret"] = _keyring(v["secret"])
     return Settings(**v)
+
+
+def _keyring(secret: object) -> Keyring | None:
+    """``WSLB_SECRET`` parsed; ``None`` only when none is set. An empty one (``""``,
+    ``{}``) is a ``ValueError``, never a quiet "do not sign"; errors never quote it."""
+    return None if secret is None else Keyring.parse(secret)
+
+
+def validated_url(value: object) -> str:
+    """A Redis URL: a non-empty string (redis-py checks the rest when it connects)."""
+    if not isinstance(value, str) or not value:
+        raise ValueError("WSLB_REDIS_URL must be a non-empty string")
+    return value
 
 
 def validated_instance_id(value: object) -> str:
@@ -298,6 +313,13 @@ def validated_prefix(value: object) -> str:
     return value
 
 
+def _validated_seconds(name: str, value: object) -> float:
+    """Option ``name``'s positive, finite number of seconds, as a float."""
+    if not _seconds(value):
+        raise ValueError(f"{config_key(name)} must be a positive number of seconds")
+    return float(cast(float, value))
+
+
 def _seconds(value: object) -> bool:
     """Whether ``value`` is a finite, positive int or float (not a bool)."""
     return (
@@ -308,15 +330,51 @@ def _seconds(value: object) -> bool:
     )
 
 
+@dataclass(frozen=True, slots=True, repr=False)
+class EmitterOptions:
+    """An emitter's resolved, validated options (:func:`emitter_options`). Its ``repr``
+    shows no credential."""
+
+    redis_url: str = field(metadata=URL)
+    prefix: str
+    #: Seconds (``WSLB_REDIS_TIMEOUT``).
+    timeout: float
+    #: The bound of a pool built from ``redis_url`` (``WSLB_REDIS_MAX_CONNECTIONS``).
+    max_connections: int
+    #: Signs every message sent (``WSLB_SECRET``); ``None``: messages go unsigned.
+    keyring: Keyring | None = field(metadata=SECRET)
+
+    def __repr__(self) -> str:
+        return _redacted_repr(self)
+
+
 def emitter_options(
-    redis_url: str | None, prefix: str | None, timeout: float | None
-) -> tuple[str, str, float]:
-    """An emitter's ``redis_url``, ``prefix`` and ``timeout`` (the ``redis_timeout``
-    option), each by the layers argument > environment variable > default, validated."""
-    url = option("redis_url", redis_url)
-    if not isinstance(url, str) or not url:
-        raise ValueError("WSLB_REDIS_URL must be a non-empty string")
-    seconds = option("redis_timeout", timeout)
-    if not _seconds(seconds):
-        raise ValueError("WSLB_REDIS_TIMEOUT must be a positive number of seconds")
-    return url, validated_prefix(option("prefix", prefix)), float(seconds)
+    *,
+    redis_url: str | None = None,
+    prefix: str | None = None,
+    timeout: float | None = None,
+    max_connections: int | None = None,
+    secret: object = None,
+    config: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> EmitterOptions:
+    """The options of an emitter (:class:`~quart_wslb.AsyncEmitter`,
+    :class:`~quart_wslb.Emitter`, the Flask extension), each by the layers argument (not
+    ``None``) > ``config`` > environment variable > default, and validated.
+
+    Reads and checks only these five options: an emitter uses no other, so an instance's
+    option that is wrong for it (``WSLB_PING_INTERVAL``...) does not fail an emitter.
+    """
+
+    def layered(name: str, override: Any) -> Any:
+        return option(name, override, config, environ)
+
+    return EmitterOptions(
+        redis_url=validated_url(layered("redis_url", redis_url)),
+        prefix=validated_prefix(layered("prefix", prefix)),
+        timeout=_validated_seconds("redis_timeout", layered("redis_timeout", timeout)),
+        max_connections=validated_max_connections(
+            layered("redis_max_connections", max_connections)
+        ),
+        keyring=_keyring(layered("secret", secret)),
+    )

@@ -138,6 +138,14 @@ def test_emitter_errors_are_clear(redis_url: str, prefix: str) -> None:
         assert time.monotonic() - started < 2.5
 
 
+@pytest.mark.parametrize("secret", ["", {}])
+def test_emitter_empty_secret_is_an_error_as_in_the_async_emitter(secret: object) -> None:
+    """An empty secret is a mistake (a variable that did not expand): say so, rather than
+    send unsigned messages that the instances then refuse."""
+    with pytest.raises(ValueError):
+        Emitter("redis://127.0.0.1:1/0", secret=secret)
+
+
 @pytest.mark.integration
 def test_emitter_threads_beyond_its_pool_wait_for_a_connection(
     redis_url: str, prefix: str, cluster_keys: Keys

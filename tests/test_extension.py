@@ -101,6 +101,13 @@ def test_init_app_later(redis: Redis) -> None:
     assert wslb.settings.prefix == DEFAULTS["prefix"]
 
 
+async def test_init_app_refuses_a_client_that_decodes_responses() -> None:
+    decoding = Redis(decode_responses=True)  # as the emitters do (checked_client)
+    with pytest.raises(ValueError, match="decode_responses"):
+        WsLoadBalance(Quart(__name__), redis=decoding)
+    await decoding.aclose()
+
+
 def test_init_app_twice_raises(redis: Redis) -> None:
     app, wslb = make_app(redis, "i1")
     with pytest.raises(RuntimeError, match="already bound"):

@@ -91,6 +91,17 @@ def get_connection_needing_a_command_name(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(ConnectionPool, "get_connection", get_connection)
 
 
+def reader_without_not_enough_data(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hiredis whose Reader takes ``notEnoughData=`` but answers ``False`` anyway."""
+    real = hiredis.Reader
+
+    def reader(**options: Any) -> Any:
+        options.pop("notEnoughData", None)
+        return real(**options)
+
+    monkeypatch.setattr(hiredis, "Reader", reader)
+
+
 def connection_without_reader(monkeypatch: pytest.MonkeyPatch) -> None:
     original = Connection.__init__
 
@@ -107,6 +118,7 @@ def connection_without_reader(monkeypatch: pytest.MonkeyPatch) -> None:
         (without_push_notifications, "has no PushNotification (3.2 has)"),
         (get_connection_needing_a_command_name, "ConnectionPool.get_connection() needs"),
         (connection_without_reader, "Connection has no _reader"),
+        (reader_without_not_enough_data, "hiredis.Reader ignores notEnoughData"),
     ],
 )
 def test_check_raw_name_gone_warns_once_and_turns_raw_reads_off(

@@ -17,7 +17,7 @@ from blinker import ANY, NamedSignal
 from quart import Quart, websocket
 from quart import typing as quart_typing
 from quart.wrappers import Websocket
-from redis.asyncio import Redis
+from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.client import PubSub
 
 from quart_wslb import WsLoadBalance, current_connection, ws_route
@@ -242,3 +242,15 @@ def acl_refusals(admin: redis.Redis, user: str) -> list[str]:
         for entry in entries
         if entry["username"] == user and entry["object"] not in {"client|setinfo", *unnamed}
     ]
+
+
+def in_use(pool: ConnectionPool) -> int:
+    """How many of ``pool``'s connections are taken (not idle in it).
+
+    redis-py has no public count across its releases, so this is the one place the tests
+    read its private ``_in_use_connections``; ``tests/test_compat.py`` checks it, and it
+    fails loudly rather than answer 0 on a redis-py that drops the name."""
+    taken = getattr(pool, "_in_use_connections", None)
+    if not isinstance(taken, set):
+        raise AssertionError("redis-py's pool has no _in_use_connections set: update in_use")
+    return len(taken)

@@ -138,7 +138,8 @@ def test_emitter_errors_are_clear(redis_url: str, prefix: str) -> None:
         started = time.monotonic()
         with pytest.raises(RedisUnavailableError):
             emitter.send(UserSelector("x"), "x")
-        assert time.monotonic() - started < 2.5
+        took = time.monotonic() - started
+        assert took < 2.5, f"an unreachable Redis answered after {took:.2f}s (timeout 0.5s)"
 
 
 @pytest.mark.parametrize("secret", ["", {}])

@@ -146,6 +146,16 @@ class Settings:
     def __repr__(self) -> str:
         return _redacted_repr(self)
 
+    def emitter_options(self) -> EmitterOptions:
+        """The options of this instance's emitter: these settings, as they resolved."""
+        return EmitterOptions(
+            self.redis_url,
+            self.prefix,
+            self.redis_timeout,
+            self.redis_max_connections,
+            self.secret,
+        )
+
 
 def _redacted_repr(options: Settings | EmitterOptions) -> str:
     """``Name(field=value, ...)``, each field shown as its metadata's ``redact`` says."""

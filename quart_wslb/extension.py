@@ -268,13 +268,8 @@ class WsLoadBalance:
             tasks.append(asyncio.create_task(clients.run(), name="wslb-clients"))
         # Not strict: right after Redis lost its data no instance is listed until this one
         # beats again, and sends then route to nobody rather than fail.
-        emitter = AsyncEmitter(
-            redis,
-            prefix=settings.prefix,
-            origin=instance,
-            timeout=timeout,
-            strict=False,
-            secret=settings.secret,
+        emitter = AsyncEmitter.from_options(
+            settings.emitter_options(), redis, origin=instance, strict=False
         )
         self._runtime = _Runtime(redis, registry, router, liveness, emitter, tasks)
         try:

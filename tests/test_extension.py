@@ -155,6 +155,17 @@ def test_init_app_bad_config_raises(redis: Redis) -> None:
     assert "wslb" not in app.extensions
 
 
+async def test_serving_emitter_takes_the_settings_not_the_environment(
+    fake_server: fakeredis.FakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The instance's own emitter uses the options the app resolved (config over the
+    environment), rather than reading the environment again."""
+    monkeypatch.setenv("WSLB_REDIS_MAX_CONNECTIONS", "2")  # refused, but the argument wins
+    async with serving(fake_server, "i1", redis_max_connections=8, redis_timeout=3) as one:
+        emitter = one.wslb.emitter
+        assert (emitter.keys.prefix, emitter.timeout) == (PREFIX, 3.0)
+
+
 async def test_send_before_serving_raises(redis: Redis) -> None:
     _, wslb = make_app(redis, "i1")
     with pytest.raises(NotStartedError, match="not serving"):

@@ -15,7 +15,8 @@ Name                                       Needed for                   Without 
 ``ConnectionPool.get_connection()`` with   raw reads (a connection of   as above
 no command name (redis-py 5.3)             the client's own pool)
 ``hiredis.PushNotification`` and           raw reads (RESP3 pushes      as above
-``Reader(notEnoughData=)`` (hiredis 3.2)   told from replies)
+``Reader(notEnoughData=)`` (hiredis 3.2),  told from replies)
+made by :func:`parser`
 ``redis._parsers.base.BaseParser``         classifying error replies    ``NoScriptError``
 ``.parse_error``                           (``NoScriptError``...)       or ``ResponseError``
 ``redis.utils.HIREDIS_AVAILABLE``,         packing commands with        redis-py packs
@@ -37,7 +38,7 @@ from typing import Any
 import hiredis
 from redis.asyncio import BlockingConnectionPool, Connection, ConnectionPool
 from redis.asyncio.connection import AbstractConnection
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import InvalidResponse, NoScriptError, RedisError, ResponseError
 
 try:
     from redis._parsers.base import BaseParser
@@ -53,12 +54,14 @@ except ImportError:  # pragma: no cover - depends on the redis-py release
     HiredisRespSerializer = None  # type: ignore[assignment,misc]
 
 __all__ = (
+    "INCOMPLETE",
     "PushNotification",
     "Support",
     "check",
     "get_connection",
     "packing_connection",
     "parse_error",
+    "parser",
     "stream_of",
 )
 
@@ -72,6 +75,20 @@ class _NoPush(list[Any]):
 
 #: The type hiredis gives RESP3 pushes (hiredis 3.2 or later).
 PushNotification: type[list[Any]] = getattr(hiredis, "PushNotification", _NoPush)
+
+
+#: What a :func:`parser`'s ``gets`` returns while no complete reply is buffered
+#: (hiredis's default, ``False``, is also a valid RESP3 reply).
+INCOMPLETE = object()
+
+
+def parser() -> hiredis.Reader:
+    """A hiredis parser for raw reads: error replies come back as redis-py's
+    ``ResponseError``, and :data:`INCOMPLETE` while no reply is whole. Only for where
+    :func:`check` found raw reads supported (``notEnoughData=`` needs hiredis 3.2)."""
+    return hiredis.Reader(
+        protocolError=InvalidResponse, replyError=ResponseError, notEnoughData=INCOMPLETE
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,9 +133,8 @@ def _raw_problems() -> list[str]:
     if PushNotification is _NoPush:
         problems.append(f"hiredis {hiredis.__version__} has no PushNotification (3.2 has)")
     else:
-        incomplete = object()
-        reader = hiredis.Reader(notEnoughData=incomplete)
-        if reader.gets() is not incomplete:
+        reader = parser()  # the one the raw reads use
+        if reader.gets() is not INCOMPLETE:
             problems.append("hiredis.Reader ignores notEnoughData")
         reader.feed(b">1\r\n$1\r\nx\r\n")
         if not isinstance(reader.gets(), PushNotification):

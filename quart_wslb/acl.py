@@ -11,12 +11,16 @@ from __future__ import annotations
 
 __all__ = ("COMMANDS", "acl_rules")
 
-#: Every command quart-wslb sends, lowercase as ACL rules name them. ``AUTH`` and
-#: ``HELLO`` are allowed to every user; redis-py's ``CLIENT SETINFO`` on connect may be
-#: refused (redis-py ignores the refusal).
+#: Every command quart-wslb sends, lowercase as ACL rules name them, and those that
+#: options of the Redis URL make redis-py send: ``PING`` (``health_check_interval=``) and
+#: ``CLIENT SETNAME`` (``client_name=``), both harmless. ``AUTH`` and ``HELLO`` are
+#: allowed to every user; redis-py's ``CLIENT SETINFO`` on connect may be refused
+#: (redis-py ignores the refusal).
 COMMANDS: tuple[str, ...] = (
     # connection, scripts, and INFO stats (to tell an output-buffer cut of the subscriber)
     "select", "evalsha", "script|load", "multi", "exec", "info",
+    # what URL options make redis-py send
+    "ping", "client|setname",
     # pub/sub
     "subscribe", "publish",
     # strings and keys

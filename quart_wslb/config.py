@@ -21,13 +21,14 @@ import secrets
 import socket
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal
-from urllib.parse import parse_qsl, urlencode, urlsplit
+from typing import Any, Literal, cast
+from urllib.parse import parse_qsl, unquote_plus, urlsplit
 
 from .signing import Keyring
 
 __all__ = (
     "DEFAULTS",
+    "EmitterOptions",
     "QueueFullPolicy",
     "Settings",
     "UserGetter",
@@ -75,22 +76,35 @@ MIN_REDIS_CONNECTIONS = 4
 
 
 def redact_url(url: str) -> str:
-    """``url`` with its password (and user name) replaced by ``***``: in the authority
-    part and in a ``password=`` query parameter, as redis-py reads both."""
+    """``url`` with its credentials replaced by ``***``: the password (and user name) of
+    the authority part, and every query parameter that names a password
+    (``password=``, the TLS key's ``ssl_password=``...) or the user name, since redis-py
+    reads them all. Everything else is kept as written."""
     try:
         parts = urlsplit(url)
         pairs = parse_qsl(parts.query, keep_blank_values=True)
     except ValueError:  # not a URL we can take apart: show none of it
         return "***"
-    secret = {"password", "username"}
-    if "@" not in parts.netloc and not any(k in secret for k, _ in pairs):
+    if "@" not in parts.netloc and not any(_secret_parameter(k) for k, _ in pairs):
         return url
     netloc = parts.netloc
     if "@" in netloc:
         netloc = "***@" + netloc.rpartition("@")[2]
-    query = urlencode([(k, "***" if k in secret else v) for k, v in pairs], safe="*")
+    query = "&".join(_redacted_parameter(item) for item in parts.query.split("&"))
     # Spelled out: urlunsplit would write unix:///path as unix:/path.
     return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
+
+
+def _secret_parameter(name: str) -> bool:
+    """Whether a URL query parameter holds a credential: a user name or any password."""
+    name = name.casefold()
+    return name == "username" or "password" in name
+
+
+def _redacted_parameter(item: str) -> str:
+    """One ``name=value`` of a query, its value hidden if it is a credential."""
+    name = item.partition("=")[0]
+    return f"{name}=***" if _secret_parameter(unquote_plus(name)) else item
 
 
 def _redacted_url(value: object) -> str:
@@ -130,11 +144,26 @@ class Settings:
     secret: Keyring | None = field(default=None, metadata=SECRET)
 
     def __repr__(self) -> str:
-        shown = []
-        for option in fields(self):
-            redact = option.metadata.get("redact", repr)
-            shown.append(f"{option.name}={redact(getattr(self, option.name))}")
-        return f"Settings({', '.join(shown)})"
+        return _redacted_repr(self)
+
+    def emitter_options(self) -> EmitterOptions:
+        """The options of this instance's emitter: these settings, as they resolved."""
+        return EmitterOptions(
+            self.redis_url,
+            self.prefix,
+            self.redis_timeout,
+            self.redis_max_connections,
+            self.secret,
+        )
+
+
+def _redacted_repr(options: Settings | EmitterOptions) -> str:
+    """``Name(field=value, ...)``, each field shown as its metadata's ``redact`` says."""
+    shown = []
+    for option in fields(options):
+        redact = option.metadata.get("redact", repr)
+        shown.append(f"{option.name}={redact(getattr(options, option.name))}")
+    return f"{type(options).__name__}({', '.join(shown)})"
 
 
 def default_instance_id() -> str:
@@ -228,8 +257,7 @@ def resolve_settings(
 
 
 def _validated(v: dict[str, Any]) -> Settings:
-    if not isinstance(v["redis_url"], str) or not v["redis_url"]:
-        raise ValueError("WSLB_REDIS_URL must be a non-empty string")
+    validated_url(v["redis_url"])
     validated_instance_id(v["instance_id"])
     validated_prefix(v["prefix"])
     for name in ("max_message_size", "send_queue_size"):
@@ -237,9 +265,7 @@ def _validated(v: dict[str, Any]) -> Settings:
             raise ValueError(f"WSLB_{name.upper()} must be a positive int")
     validated_max_connections(v["redis_max_connections"])
     for name in ("redis_timeout", "heartbeat_interval", "instance_ttl"):
-        if not _seconds(v[name]):
-            raise ValueError(f"WSLB_{name.upper()} must be a positive number of seconds")
-        v[name] = float(v[name])
+        v[name] = _validated_seconds(name, v[name])
     for name in ("ping_interval", "idle_timeout"):
         if v[name] is not None:
             if not _seconds(v[name]):
@@ -259,9 +285,21 @@ def _validated(v: dict[str, Any]) -> Settings:
         raise ValueError("WSLB_QUEUE_FULL must be 'close' or 'drop'")
     if v["user"] is not None and not callable(v["user"]):
         raise TypeError("WSLB_USER must be a callable or None")
-    if v["secret"] is not None:
-        v["secret"] = Keyring.parse(v["secret"])  # its errors never quote a secret
+    v["secret"] = _keyring(v["secret"])
     return Settings(**v)
+
+
+def _keyring(secret: object) -> Keyring | None:
+    """``WSLB_SECRET`` parsed; ``None`` only when none is set. An empty one (``""``,
+    ``{}``) is a ``ValueError``, never a quiet "do not sign"; errors never quote it."""
+    return None if secret is None else Keyring.parse(secret)
+
+
+def validated_url(value: object) -> str:
+    """A Redis URL: a non-empty string (redis-py checks the rest when it connects)."""
+    if not isinstance(value, str) or not value:
+        raise ValueError("WSLB_REDIS_URL must be a non-empty string")
+    return value
 
 
 def validated_instance_id(value: object) -> str:
@@ -285,6 +323,13 @@ def validated_prefix(value: object) -> str:
     return value
 
 
+def _validated_seconds(name: str, value: object) -> float:
+    """Option ``name``'s positive, finite number of seconds, as a float."""
+    if not _seconds(value):
+        raise ValueError(f"{config_key(name)} must be a positive number of seconds")
+    return float(cast(float, value))
+
+
 def _seconds(value: object) -> bool:
     """Whether ``value`` is a finite, positive int or float (not a bool)."""
     return (
@@ -295,15 +340,51 @@ def _seconds(value: object) -> bool:
     )
 
 
+@dataclass(frozen=True, slots=True, repr=False)
+class EmitterOptions:
+    """An emitter's resolved, validated options (:func:`emitter_options`). Its ``repr``
+    shows no credential."""
+
+    redis_url: str = field(metadata=URL)
+    prefix: str
+    #: Seconds (``WSLB_REDIS_TIMEOUT``).
+    timeout: float
+    #: The bound of a pool built from ``redis_url`` (``WSLB_REDIS_MAX_CONNECTIONS``).
+    max_connections: int
+    #: Signs every message sent (``WSLB_SECRET``); ``None``: messages go unsigned.
+    keyring: Keyring | None = field(metadata=SECRET)
+
+    def __repr__(self) -> str:
+        return _redacted_repr(self)
+
+
 def emitter_options(
-    redis_url: str | None, prefix: str | None, timeout: float | None
-) -> tuple[str, str, float]:
-    """An emitter's ``redis_url``, ``prefix`` and ``timeout`` (the ``redis_timeout``
-    option), each by the layers argument > environment variable > default, validated."""
-    url = option("redis_url", redis_url)
-    if not isinstance(url, str) or not url:
-        raise ValueError("WSLB_REDIS_URL must be a non-empty string")
-    seconds = option("redis_timeout", timeout)
-    if not _seconds(seconds):
-        raise ValueError("WSLB_REDIS_TIMEOUT must be a positive number of seconds")
-    return url, validated_prefix(option("prefix", prefix)), float(seconds)
+    *,
+    redis_url: str | None = None,
+    prefix: str | None = None,
+    timeout: float | None = None,
+    max_connections: int | None = None,
+    secret: object = None,
+    config: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> EmitterOptions:
+    """The options of an emitter (:class:`~quart_wslb.AsyncEmitter`,
+    :class:`~quart_wslb.Emitter`, the Flask extension), each by the layers argument (not
+    ``None``) > ``config`` > environment variable > default, and validated.
+
+    Reads and checks only these five options: an emitter uses no other, so an instance's
+    option that is wrong for it (``WSLB_PING_INTERVAL``...) does not fail an emitter.
+    """
+
+    def layered(name: str, override: Any) -> Any:
+        return option(name, override, config, environ)
+
+    return EmitterOptions(
+        redis_url=validated_url(layered("redis_url", redis_url)),
+        prefix=validated_prefix(layered("prefix", prefix)),
+        timeout=_validated_seconds("redis_timeout", layered("redis_timeout", timeout)),
+        max_connections=validated_max_connections(
+            layered("redis_max_connections", max_connections)
+        ),
+        keyring=_keyring(layered("secret", secret)),
+    )

@@ -16,20 +16,14 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator, Generator, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar, cast
+from typing import Any, Generic, Self, TypeVar, cast
 
 from redis.asyncio import Redis
 
 from ._compat import check
 from ._lua import source
 from .batch import GroupCommit
-from .config import (
-    default_instance_id,
-    emitter_options,
-    option,
-    validated_instance_id,
-    validated_max_connections,
-)
+from .config import EmitterOptions, default_instance_id, emitter_options, validated_instance_id
 from .connection import ConnectionRecord
 from .envelope import KINDS, Kind, close_payload, head, pack
 from .exceptions import (
@@ -40,9 +34,9 @@ from .exceptions import (
     redis_deadline,
 )
 from .keys import LAYOUT, Keys
-from .redis_client import make_client
+from .redis_client import checked_client, make_client
 from .selectors import AllSelector, Program, Selector
-from .signing import Keyring, canonical
+from .signing import canonical
 
 __all__ = ("AsyncEmitter", "Route", "Stream")
 
@@ -120,21 +114,48 @@ class AsyncEmitter:
     ) -> None:
         if redis is not None and redis_url is not None:
             raise TypeError("give at most one of redis and redis_url")
-        if redis is not None and redis.connection_pool.connection_kwargs.get("decode_responses"):
-            raise ValueError("the redis client must not set decode_responses=True")
+        options = emitter_options(
+            redis_url=redis_url,
+            prefix=prefix,
+            timeout=timeout,
+            max_connections=max_connections,
+            secret=secret,
+        )
+        self._setup(options, redis, origin, strict)
+
+    @classmethod
+    def from_options(
+        cls,
+        options: EmitterOptions,
+        redis: Redis | None = None,
+        *,
+        origin: str | None = None,
+        strict: bool = True,
+    ) -> Self:
+        """An emitter of options resolved already (:func:`~quart_wslb.config.emitter_options`),
+        with ``redis`` as its client if given (then ``options.redis_url`` and
+        ``options.max_connections`` go unused)."""
+        emitter = cls.__new__(cls)
+        emitter._setup(options, redis, origin, strict)
+        return emitter
+
+    def _setup(
+        self, options: EmitterOptions, redis: Redis | None, origin: str | None, strict: bool
+    ) -> None:
+        """The construction proper, from resolved options."""
+        if redis is not None:
+            checked_client(redis)
         check()  # says, once, what the installed redis-py cannot do fast
-        url, prefix, timeout = emitter_options(redis_url, prefix, timeout)
+        prefix, timeout = options.prefix, options.timeout
         self._owns_client = redis is None
-        bound = validated_max_connections(option("redis_max_connections", max_connections))
-        self._redis = redis or make_client(url, timeout, bound)
+        self._redis = redis or make_client(options.redis_url, timeout, options.max_connections)
         self.keys = Keys.of(prefix, self._redis)
         #: The id that envelopes from here carry as their origin.
         self.origin = validated_instance_id(origin or "emitter-" + default_instance_id())
         self.timeout = timeout
         #: Raise ``NoInstancesError`` where no instance announced itself under the prefix.
         self.strict = strict
-        secret = option("secret", secret)
-        self._keyring = None if secret is None else Keyring.parse(secret)
+        self._keyring = options.keyring
         self._layout_seen = False
         # Encoded once: redis-py would encode these on every call of the hot path.
         self._fixed_keys = [k.encode() for k in (self.keys.users, self.keys.instances)]

@@ -28,7 +28,7 @@ from .exceptions import (
 )
 from .keys import Keys
 from .liveness import InstanceInfo, Liveness
-from .redis_client import make_client
+from .redis_client import checked_client, make_client
 from .registry import Registry
 from .route import call_getter
 from .router import Router
@@ -112,9 +112,8 @@ class WsLoadBalance:
         """Resolve the settings and hook into ``app``'s serving lifecycle."""
         if self._settings is not None:
             raise RuntimeError("this WsLoadBalance is already bound to an app")
-        pool_options = self._client.connection_pool.connection_kwargs if self._client else {}
-        if pool_options.get("decode_responses"):
-            raise ValueError("the redis client must not set decode_responses=True")
+        if self._client is not None:
+            checked_client(self._client)
         if "wslb" in app.extensions:
             raise RuntimeError("the app already has a WsLoadBalance")
         self._settings = resolve_settings(self._overrides, app.config)
@@ -269,13 +268,8 @@ class WsLoadBalance:
             tasks.append(asyncio.create_task(clients.run(), name="wslb-clients"))
         # Not strict: right after Redis lost its data no instance is listed until this one
         # beats again, and sends then route to nobody rather than fail.
-        emitter = AsyncEmitter(
-            redis,
-            prefix=settings.prefix,
-            origin=instance,
-            timeout=timeout,
-            strict=False,
-            secret=settings.secret,
+        emitter = AsyncEmitter.from_options(
+            settings.emitter_options(), redis, origin=instance, strict=False
         )
         self._runtime = _Runtime(redis, registry, router, liveness, emitter, tasks)
         try:

@@ -25,7 +25,7 @@ import atexit
 
 from flask import Flask
 
-from .config import resolve_settings
+from .config import emitter_options
 from .sync import Emitter
 
 __all__ = ("WsLoadBalance",)
@@ -48,13 +48,11 @@ class WsLoadBalance:
         redis_max_connections: int | None = None,
         secret: object = None,
     ) -> None:
-        self._overrides: dict[str, object] = {
-            "redis_url": redis_url,
-            "prefix": prefix,
-            "redis_timeout": redis_timeout,
-            "redis_max_connections": redis_max_connections,
-            "secret": secret,
-        }
+        self._redis_url = redis_url
+        self._prefix = prefix
+        self._redis_timeout = redis_timeout
+        self._redis_max_connections = redis_max_connections
+        self._secret = secret
         self.emitter: Emitter | None = None
         if app is not None:
             self.init_app(app)
@@ -63,14 +61,16 @@ class WsLoadBalance:
         """Create the app's emitter and register it as ``app.extensions["wslb"]``."""
         if "wslb" in app.extensions:
             raise RuntimeError("the app already has a WsLoadBalance")
-        settings = resolve_settings(self._overrides, app.config)
-        emitter = Emitter(
-            settings.redis_url,
-            prefix=settings.prefix,
-            timeout=settings.redis_timeout,
-            max_connections=settings.redis_max_connections,
-            secret=settings.secret,
+        # Only the emitter's own options: the Quart instances' (pings...) are not read.
+        options = emitter_options(
+            redis_url=self._redis_url,
+            prefix=self._prefix,
+            timeout=self._redis_timeout,
+            max_connections=self._redis_max_connections,
+            secret=self._secret,
+            config=app.config,
         )
+        emitter = Emitter.from_options(options)
         app.extensions["wslb"] = emitter
         app.wslb = emitter  # type: ignore[attr-defined]
         atexit.register(emitter.close)

@@ -22,7 +22,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from ._compat import packing_connection
 from .config import DEFAULTS
 
-__all__ = ("make_client",)
+__all__ = ("checked_client", "make_client")
 
 
 def make_client(
@@ -40,3 +40,13 @@ def make_client(
     if connection_class is not None and urlparse(url).scheme == "redis":
         options["connection_class"] = connection_class
     return Redis.from_pool(BlockingConnectionPool.from_url(url, **options))
+
+
+def checked_client(redis: Redis) -> Redis:
+    """``redis``, a client given to us, if quart-wslb can use it; else ``ValueError``.
+
+    Replies must stay bytes: payloads may be binary, and the fast paths parse them raw.
+    """
+    if redis.connection_pool.connection_kwargs.get("decode_responses"):
+        raise ValueError("the redis client must not set decode_responses=True")
+    return redis

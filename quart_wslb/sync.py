@@ -15,19 +15,13 @@ import os
 import threading
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Coroutine, Iterator
 from types import TracebackType
-from typing import Any, TypeVar, cast
+from typing import Any, Self, TypeVar, cast
 
-from .config import (
-    emitter_options,
-    option,
-    validated_instance_id,
-    validated_max_connections,
-)
+from .config import EmitterOptions, emitter_options, validated_instance_id
 from .connection import ConnectionRecord
 from .emitter import EVERYONE, AsyncEmitter
 from .exceptions import RedisUnavailableError
 from .selectors import Selector
-from .signing import Keyring
 
 __all__ = ("Emitter",)
 
@@ -59,20 +53,29 @@ class Emitter:
     ) -> None:
         # Resolved and validated now, in the caller's thread, so bad settings fail at
         # construction (and the loop thread sees the environment as it was then).
-        redis_url, prefix, timeout = emitter_options(redis_url, prefix, timeout)
-        bound = validated_max_connections(option("redis_max_connections", max_connections))
+        options = emitter_options(
+            redis_url=redis_url,
+            prefix=prefix,
+            timeout=timeout,
+            max_connections=max_connections,
+            secret=secret,  # parsed: a bad one fails here, and the text is not kept
+        )
+        self._setup(options, origin)
+
+    @classmethod
+    def from_options(cls, options: EmitterOptions, *, origin: str | None = None) -> Self:
+        """An emitter of options resolved already (:func:`~quart_wslb.config.emitter_options`)."""
+        emitter = cls.__new__(cls)
+        emitter._setup(options, origin)
+        return emitter
+
+    def _setup(self, options: EmitterOptions, origin: str | None) -> None:
         if origin is not None:
             validated_instance_id(origin)
-        self._options: dict[str, Any] = {
-            "redis_url": redis_url,
-            "prefix": prefix,
-            "origin": origin,
-            "timeout": timeout,
-            "max_connections": bound,
-            # Parsed now: a bad secret fails here, and the text is not kept.
-            "secret": Keyring.parse(secret) if (secret := option("secret", secret)) else None,
-        }
-        self.timeout = timeout
+        #: What the emitter was made with.
+        self.options = options
+        self._origin = origin
+        self.timeout = options.timeout
         self._lock = threading.Lock()
         self._pid = -1
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -164,7 +167,7 @@ class Emitter:
                     target=self._loop.run_forever, name="quart-wslb-emitter", daemon=True
                 )
                 self._thread.start()
-                self._emitter = AsyncEmitter(**self._options)
+                self._emitter = AsyncEmitter.from_options(self.options, origin=self._origin)
             return self._loop, self._emitter
 
 

@@ -18,24 +18,22 @@ import hiredis
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import InvalidResponse, RedisError, ResponseError
+from redis.exceptions import RedisError, ResponseError
 
-from ._compat import PushNotification, check, get_connection, parse_error, stream_of
+from ._compat import (
+    INCOMPLETE,
+    PushNotification,
+    check,
+    get_connection,
+    parse_error,
+    parser,
+    stream_of,
+)
 
 __all__ = ("INCOMPLETE", "READ_SIZE", "Exchange", "error_of", "parser")
 
 #: Most bytes taken off a socket at once.
 READ_SIZE = 1 << 16
-#: What a parser's ``gets`` returns while no complete reply is buffered (hiredis's
-#: default, ``False``, is also a valid RESP3 reply).
-INCOMPLETE = object()
-
-
-def parser() -> hiredis.Reader:
-    """A hiredis parser that returns error replies as redis-py's ``ResponseError``."""
-    return hiredis.Reader(
-        protocolError=InvalidResponse, replyError=ResponseError, notEnoughData=INCOMPLETE
-    )
 
 
 def error_of(reply: ResponseError) -> RedisError:

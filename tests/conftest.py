@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any, cast
 
 import fakeredis
 import pytest
@@ -16,7 +15,7 @@ from redis.asyncio import Redis
 from quart_wslb.acl import acl_rules
 from quart_wslb.testing import RedisServer
 from tests.cluster import Clients, Cluster
-from tests.support import acl_url
+from tests.support import acl_refusals, acl_url
 
 #: The prefixes of the tests on the real Redis (see ``prefix``), as an ACL glob.
 TEST_PREFIXES = "test-*"
@@ -64,17 +63,6 @@ def fixture_redis_url(admin_redis_url: str) -> Iterator[str]:
             admin.execute_command("ACL", "DELUSER", name)
     # Code that swallows an error (a retrying loop) would hide a refusal from the tests.
     assert not refused, f"Redis refused the ACL user: {refused}"
-
-
-def acl_refusals(admin: redis.Redis, user: str) -> list[str]:
-    """What Redis refused ``user`` (its ACL LOG), less redis-py's ``CLIENT SETINFO`` on
-    connect, which Redis 6.2 refuses and redis-py ignores."""
-    entries = cast(list[dict[str, Any]], admin.acl_log(count=128))
-    return [
-        f"{entry['reason']} {entry['object']}"
-        for entry in entries
-        if entry["username"] == user and entry["object"] != "client"
-    ]
 
 
 @pytest.fixture(name="prefix")

@@ -12,11 +12,12 @@ from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import fakeredis
+import redis
 from blinker import ANY, NamedSignal
 from quart import Quart, websocket
 from quart import typing as quart_typing
 from quart.wrappers import Websocket
-from redis.asyncio import Redis
+from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.client import PubSub
 
 from quart_wslb import WsLoadBalance, current_connection, ws_route
@@ -226,3 +227,30 @@ def acl_url(url: str, user: str, password: str) -> str:
     parts = urlsplit(url)
     host = parts.netloc.rpartition("@")[2]
     return urlunsplit(parts._replace(netloc=f"{user}:{password}@{host}"))
+
+
+def acl_refusals(admin: redis.Redis, user: str) -> list[str]:
+    """What Redis refused ``user`` (its ACL LOG), less redis-py's ``CLIENT SETINFO`` on
+    connect, which redis-py sends unasked and ignores a refusal of (Redis 7.2 or later
+    names it ``client|setinfo``; 7.0 has no such subcommand, so nothing is logged; 6.2
+    logs only ``client``, the command, so there every refused ``CLIENT`` is left out)."""
+    version = str(admin.info("server")["redis_version"])
+    unnamed = {"client"} if int(version.partition(".")[0]) < 7 else set()
+    entries = cast(list[dict[str, Any]], admin.acl_log(count=128))
+    return [
+        f"{entry['reason']} {entry['object']}"
+        for entry in entries
+        if entry["username"] == user and entry["object"] not in {"client|setinfo", *unnamed}
+    ]
+
+
+def in_use(pool: ConnectionPool) -> int:
+    """How many of ``pool``'s connections are taken (not idle in it).
+
+    redis-py has no public count across its releases, so this is the one place the tests
+    read its private ``_in_use_connections``; ``tests/test_compat.py`` checks it, and it
+    fails loudly rather than answer 0 on a redis-py that drops the name."""
+    taken = getattr(pool, "_in_use_connections", None)
+    if not isinstance(taken, set):
+        raise AssertionError("redis-py's pool has no _in_use_connections set: update in_use")
+    return len(taken)

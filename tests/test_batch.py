@@ -15,7 +15,7 @@ from redis.exceptions import ResponseError
 from quart_wslb import batch
 from quart_wslb.batch import GroupCommit
 from quart_wslb.testing import RedisServer
-from tests.support import eventually
+from tests.support import eventually, in_use
 
 # A batched script (see quart_wslb.batch): after the fixed keys and arguments, each call
 # is its key offset, its argument count and its arguments; the reply is flat, each call's
@@ -182,9 +182,9 @@ async def test_group_commit_gives_its_connection_back_when_idle(
     monkeypatch.setattr(batch, "IDLE_RELEASE", 0.05)
     commit = make(redis)
     await asyncio.gather(*(commit([prefix], [str(n)]) for n in range(10)))
-    assert len(redis.connection_pool._in_use_connections) == 1
+    assert in_use(redis.connection_pool) == 1
     await asyncio.sleep(0.2)
-    assert not redis.connection_pool._in_use_connections
+    assert not in_use(redis.connection_pool)
     assert (await commit([prefix], ["again"]))[1] == b"again"
 
 

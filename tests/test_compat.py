@@ -9,6 +9,7 @@ import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import fakeredis
 import hiredis
 import pytest
 from redis.asyncio import Connection, ConnectionPool, Redis
@@ -21,7 +22,7 @@ from quart_wslb.subscriber import PubSubSubscription, subscribe
 from quart_wslb.testing import RedisServer
 from quart_wslb.wire import Exchange
 
-from .support import PREFIX, SOON, make_app
+from .support import PREFIX, SOON, in_use, make_app
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -91,6 +92,17 @@ def get_connection_needing_a_command_name(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(ConnectionPool, "get_connection", get_connection)
 
 
+def reader_without_not_enough_data(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hiredis whose Reader takes ``notEnoughData=`` but answers ``False`` anyway."""
+    real = hiredis.Reader
+
+    def reader(**options: Any) -> Any:
+        options.pop("notEnoughData", None)
+        return real(**options)
+
+    monkeypatch.setattr(hiredis, "Reader", reader)
+
+
 def connection_without_reader(monkeypatch: pytest.MonkeyPatch) -> None:
     original = Connection.__init__
 
@@ -107,6 +119,7 @@ def connection_without_reader(monkeypatch: pytest.MonkeyPatch) -> None:
         (without_push_notifications, "has no PushNotification (3.2 has)"),
         (get_connection_needing_a_command_name, "ConnectionPool.get_connection() needs"),
         (connection_without_reader, "Connection has no _reader"),
+        (reader_without_not_enough_data, "hiredis.Reader ignores notEnoughData"),
     ],
 )
 def test_check_raw_name_gone_warns_once_and_turns_raw_reads_off(
@@ -199,3 +212,17 @@ async def test_emitter_checks_on_construction(
     emitter = AsyncEmitter(redis)
     assert any("PushNotification" in w for w in warnings_of(caplog))
     await emitter.aclose()
+
+
+async def test_in_use_counts_the_connections_taken_from_a_pool() -> None:
+    """``tests.support.in_use``, the tests' one reading of redis-py's pool internals."""
+    redis = fakeredis.FakeAsyncRedis()
+    pool = redis.connection_pool
+    assert in_use(pool) == 0
+    first, second = await _compat.get_connection(pool), await _compat.get_connection(pool)
+    assert in_use(pool) == 2
+    await pool.release(first)
+    assert in_use(pool) == 1
+    await pool.release(second)
+    assert in_use(pool) == 0
+    await redis.aclose()

@@ -13,9 +13,11 @@ from redis.asyncio import Redis
 
 from quart_wslb.config import (
     DEFAULTS,
+    EmitterOptions,
     default_instance_id,
     emitter_options,
     from_environ,
+    redact_url,
     resolve_settings,
 )
 from quart_wslb.keys import Keys
@@ -160,16 +162,67 @@ def test_resolve_environment_values_are_validated() -> None:
 def test_emitter_options_argument_beats_environment_beats_default(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    assert emitter_options(None, None, None) == (DEFAULTS["redis_url"], "wslb", 5.0)
+    assert emitter_options() == EmitterOptions(DEFAULTS["redis_url"], "wslb", 5.0, 32, None)
     monkeypatch.setenv("WSLB_REDIS_URL", "redis://env:1/0")
     monkeypatch.setenv("WSLB_PREFIX", "env")
     monkeypatch.setenv("WSLB_REDIS_TIMEOUT", "0.25")
-    assert emitter_options(None, None, None) == ("redis://env:1/0", "env", 0.25)
-    assert emitter_options("redis://arg:1/0", "arg", 2) == ("redis://arg:1/0", "arg", 2.0)
+    monkeypatch.setenv("WSLB_REDIS_MAX_CONNECTIONS", "5")
+    monkeypatch.setenv("WSLB_SECRET", "e:environ-secret-0001")
+    assert emitter_options() == EmitterOptions(
+        "redis://env:1/0", "env", 0.25, 5, Keyring.parse("e:environ-secret-0001")
+    )
+    given = emitter_options(
+        redis_url="redis://arg:1/0",
+        prefix="arg",
+        timeout=2,
+        max_connections=6,
+        secret="a:argument-secret-0001",
+    )
+    assert given == EmitterOptions(
+        "redis://arg:1/0", "arg", 2.0, 6, Keyring.parse("a:argument-secret-0001")
+    )
     with pytest.raises(ValueError, match="WSLB_REDIS_TIMEOUT"):
-        emitter_options(None, None, -1)
+        emitter_options(timeout=-1)
     with pytest.raises(ValueError, match="WSLB_REDIS_URL"):
-        emitter_options("", None, None)
+        emitter_options(redis_url="")
+    with pytest.raises(ValueError, match="WSLB_REDIS_MAX_CONNECTIONS"):
+        emitter_options(max_connections=3)
+
+
+def test_emitter_options_config_sits_between_argument_and_environment() -> None:
+    environ = {
+        "WSLB_PREFIX": "env",
+        "WSLB_REDIS_TIMEOUT": "3",
+        "WSLB_SECRET": "e:environ-secret-0002",
+    }
+    config = {"WSLB_PREFIX": "config", "WSLB_REDIS_MAX_CONNECTIONS": 7}
+    options = emitter_options(prefix=None, timeout=None, config=config, environ=environ)
+    assert (options.prefix, options.timeout, options.max_connections) == ("config", 3.0, 7)
+    assert options.keyring == Keyring.parse("e:environ-secret-0002")
+    assert emitter_options(prefix="arg", config=config, environ=environ).prefix == "arg"
+
+
+def test_emitter_options_read_no_option_an_emitter_does_not_use() -> None:
+    """A Flask app (which never pings) must not fail on the Quart instances' options."""
+    environ = {"WSLB_PING_INTERVAL": "soon", "WSLB_INSTANCE_ID": "has:colon"}
+    config = {"WSLB_IDLE_TIMEOUT": -1, "WSLB_QUEUE_FULL": "explode"}
+    assert emitter_options(config=config, environ=environ).prefix == "wslb"
+
+
+@pytest.mark.parametrize("secret", ["", {}])
+def test_emitter_options_empty_secret_is_an_error(secret: object) -> None:
+    with pytest.raises(ValueError):
+        emitter_options(secret=secret)
+    with pytest.raises(ValueError):
+        emitter_options(config={"WSLB_SECRET": secret})
+
+
+def test_emitter_options_repr_hides_credentials() -> None:
+    options = emitter_options(
+        redis_url="rediss://u:hunter2@db/0?ssl_password=hunter2", secret="k:hunter2-secret-of-16"
+    )
+    assert "hunter2" not in repr(options), repr(options)
+    assert repr(options).startswith("EmitterOptions(redis_url='rediss://***@db/0?"), options
 
 
 def test_reference_table_lists_every_option_with_its_variable() -> None:
@@ -344,6 +397,8 @@ async def test_plain_app_takes_exported_instance_id_and_redis_url(
         "rediss://app:hunter2@db:6380/1",
         "redis://db:6379/0?password=hunter2&socket_timeout=1",
         "unix://app:hunter2@/run/redis.sock?db=2",
+        "rediss://db:6380/0?ssl_password=hunter2&ssl_ca_certs=/ca.pem",  # the TLS key's
+        "rediss://db:6380/0?SSL_Password=hunter2",
     ],
 )
 def test_settings_repr_hides_the_redis_password(url: str) -> None:
@@ -353,6 +408,13 @@ def test_settings_repr_hides_the_redis_password(url: str) -> None:
         assert "hunter2" not in shown, shown
         assert "redis_url=" in shown and "db" in shown or "redis.sock" in shown, shown
         assert "***" in shown, shown
+
+
+def test_redact_url_hides_every_query_parameter_that_names_a_password() -> None:
+    url = "rediss://db:6380/0?ssl_password=pw1&password=pw2&username=u&ssl_ca_certs=/ca.pem"
+    assert redact_url(url) == (
+        "rediss://db:6380/0?ssl_password=***&password=***&username=***&ssl_ca_certs=/ca.pem"
+    )
 
 
 def test_settings_repr_shows_a_url_without_credentials_as_it_is() -> None:

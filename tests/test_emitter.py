@@ -197,6 +197,10 @@ async def test_constructor_rejects_bad_arguments(redis: aioredis.Redis) -> None:
     with pytest.raises(ValueError, match="decode_responses"):
         AsyncEmitter(decoding)
     await decoding.aclose()
+    empties: tuple[object, ...] = ("", {})
+    for empty in empties:  # as the sync Emitter and the extensions
+        with pytest.raises(ValueError):
+            AsyncEmitter(redis, secret=empty)
 
 
 async def test_disconnect_rejects_reserved_close_codes(emitter: AsyncEmitter) -> None:

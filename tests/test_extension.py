@@ -101,6 +101,13 @@ def test_init_app_later(redis: Redis) -> None:
     assert wslb.settings.prefix == DEFAULTS["prefix"]
 
 
+async def test_init_app_refuses_a_client_that_decodes_responses() -> None:
+    decoding = Redis(decode_responses=True)  # as the emitters do (checked_client)
+    with pytest.raises(ValueError, match="decode_responses"):
+        WsLoadBalance(Quart(__name__), redis=decoding)
+    await decoding.aclose()
+
+
 def test_init_app_twice_raises(redis: Redis) -> None:
     app, wslb = make_app(redis, "i1")
     with pytest.raises(RuntimeError, match="already bound"):
@@ -146,6 +153,17 @@ def test_init_app_bad_config_raises(redis: Redis) -> None:
     with pytest.raises(ValueError, match="WSLB_INSTANCE_ID"):
         WsLoadBalance(app, redis=redis)
     assert "wslb" not in app.extensions
+
+
+async def test_serving_emitter_takes_the_settings_not_the_environment(
+    fake_server: fakeredis.FakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The instance's own emitter uses the options the app resolved (config over the
+    environment), rather than reading the environment again."""
+    monkeypatch.setenv("WSLB_REDIS_MAX_CONNECTIONS", "2")  # refused, but the argument wins
+    async with serving(fake_server, "i1", redis_max_connections=8, redis_timeout=3) as one:
+        emitter = one.wslb.emitter
+        assert (emitter.keys.prefix, emitter.timeout) == (PREFIX, 3.0)
 
 
 async def test_send_before_serving_raises(redis: Redis) -> None:

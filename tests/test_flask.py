@@ -73,6 +73,27 @@ async def test_flask_with_the_cluster_secret_signs_its_sends(
     app.extensions["wslb"].close()
 
 
+def test_flask_reads_only_the_options_it_uses(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Quart instances' options (pings, ids, queues) are none of a Flask app's
+    business: a value that they would refuse does not fail it."""
+    monkeypatch.setenv("WSLB_PING_INTERVAL", "soon")
+    monkeypatch.setenv("WSLB_REDIS_TIMEOUT", "0.5")
+    app = Flask(__name__)
+    app.config.update(WSLB_PREFIX="flask", WSLB_IDLE_TIMEOUT=-1, WSLB_INSTANCE_ID="a:b")
+    emitter = WsLoadBalance(app, redis_max_connections=5).emitter
+    assert emitter is not None and emitter.options.prefix == "flask"
+    assert (emitter.timeout, emitter.options.max_connections) == (0.5, 5)
+    emitter.close()
+
+
+@pytest.mark.parametrize("secret", ["", {}])
+def test_flask_empty_secret_is_an_error(secret: object) -> None:
+    app = Flask(__name__)
+    app.config.update(WSLB_SECRET=secret)
+    with pytest.raises(ValueError):
+        WsLoadBalance(app)
+
+
 async def test_flask_many_threads_each_message_arrives_once(
     start_cluster: StartCluster, clients: Clients, redis_url: str, prefix: str
 ) -> None:

@@ -31,14 +31,12 @@ BOUND = 20
 
 async def _connect_and_echo(instance: Instance, n: int) -> ClientConnection:
     """Connect user ``u<n>`` alone in room ``r<n>``, then prove it is routable at once:
-    its handler sends to its room (a lookup in Redis), which reaches it only if it is
-    registered. Joining a group on top exercises the query path."""
+    its handler sends what it says to its room (a lookup in Redis), which reaches it
+    only if it is registered. One round trip after the handshake: the registrations
+    are what the burst tests, and each client costs the shared CI little more."""
     client = await connect(instance.ws(f"/ws/r{n}?user=u{n}"), open_timeout=60)
     hello = json.loads(await asyncio.wait_for(client.recv(), 60))
     assert hello["user"] == f"u{n}", hello
-    await client.send(f"join:g{n}")
-    done = json.loads(await asyncio.wait_for(client.recv(), 60))
-    assert done == {"done": f"join:g{n}", "groups": [f"g{n}"]}, done
     await client.send("hi")
     echo = json.loads(await asyncio.wait_for(client.recv(), 60))
     assert echo == {"from": f"u{n}", "text": "hi"}, echo

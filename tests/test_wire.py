@@ -15,6 +15,7 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from quart_wslb.testing import RedisServer
 from quart_wslb.wire import Exchange, _read
+from tests.support import in_use
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -23,7 +24,7 @@ async def test_exchange_is_not_supported_without_sockets() -> None:
     redis = fakeredis.FakeAsyncRedis()
     exchange = Exchange(redis)
     assert not await exchange.supported()
-    assert not redis.connection_pool._in_use_connections  # handed back at once
+    assert not in_use(redis.connection_pool)  # handed back at once
     await redis.aclose()
 
 
@@ -121,7 +122,7 @@ async def test_exchange_release_waits_for_a_round_trip_in_flight(
     slow = asyncio.create_task(exchange.run([["BLPOP", f"{{{prefix}}}:never", "0.3"]]))
     await asyncio.sleep(0.05)
     await exchange.release()
-    assert len(pool._in_use_connections) == 1  # still ours: BLPOP is being read
+    assert in_use(pool) == 1  # still ours: BLPOP is being read
     assert await slow == [None]
     await exchange.release()
-    assert len(pool._in_use_connections) == 0
+    assert in_use(pool) == 0

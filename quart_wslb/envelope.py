@@ -154,6 +154,7 @@ def _plain_message(data: object) -> bool:
     if (
         type(id) is not str
         or not 0 < len(id) <= 200
+        or type(kind) is not str  # a list or dict is unhashable: the schema says why
         or kind not in KINDS
         or type(targets) is not list
         or type(size) is not int

@@ -247,15 +247,15 @@ class Router:
             return
         verifier = self._verifier
         for envelope in envelopes:
-            if verifier is not None:
-                admitted, problems = self._admit(verifier, envelope)
-                for problem in problems:
-                    await self._refuse(envelope, problem)
-                if not admitted:
-                    continue
-            try:
+            try:  # one message's failure costs only that message, a signed one's too
+                if verifier is not None:
+                    admitted, problems = self._admit(verifier, envelope)
+                    for problem in problems:
+                        await self._refuse(envelope, problem)
+                    if not admitted:
+                        continue
                 await self._deliver(envelope)
-            except Exception as error:  # one message's failure costs only that message
+            except Exception as error:
                 log.exception("dropped message %s, which could not be handled", envelope.id)
                 await signals.dropped(
                     self._owner, "error", message_id=envelope.id, detail=repr(error)

@@ -225,7 +225,7 @@ def predicate(sel: list[str], keys: Keys) -> Predicate | None:
     while i < len(sel):
         op, code = sel[i], sel[i][:1]
         if code == "M":
-            count = int(op[1:]) if op[1:].isdigit() and len(op) < 12 else -1
+            count = int(op[1:]) if _digits(op[1:]) and len(op) < 12 else -1
             ids = frozenset(sel[i + 1 : i + 1 + count])
             if count < 0 or i + count >= len(sel):
                 return None
@@ -241,6 +241,12 @@ def predicate(sel: list[str], keys: Keys) -> Predicate | None:
             stack.append(single)
         i += 1
     return stack[0] if len(stack) == 1 else None
+
+
+def _digits(text: str) -> bool:
+    """Whether ``text`` is a count as the sender writes it: ASCII digits only
+    (``str.isdigit`` also holds for ``"²"``, which ``int`` refuses)."""
+    return text.isascii() and text.isdigit()
 
 
 def _among(ids: frozenset[str]) -> Predicate:
@@ -284,7 +290,7 @@ def _index(key: str, keys: Keys) -> Predicate | None:
     if kind == "m":
         length, _, pair = value.partition(":")
         raw = pair.encode()
-        if not length.isdigit() or len(length) > 10 or raw[int(length) : int(length) + 1] != b":":
+        if not _digits(length) or len(length) > 10 or raw[int(length) : int(length) + 1] != b":":
             return None
         try:
             name = raw[: int(length)].decode()

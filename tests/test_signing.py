@@ -392,6 +392,9 @@ def test_predicate_matches_what_the_selector_matches() -> None:
         ["S{t}:m:9:room:x"],
         ["S{t}:m:x:room:x"],
         ["S{t}:m:" + "9" * 5000 + ":room:x"],
+        ["M\u00b2", "a", "b"],  # str.isdigit() holds for "²", int() refuses it
+        ["S{t}:m:\u00b2:room:x"],
+        ["M\u0663", "a", "b", "c"],  # Arabic-Indic three: int() reads it, ASCII only here
     ],
 )
 def test_predicate_refuses_what_it_cannot_read(sel: list[str]) -> None:
@@ -560,3 +563,56 @@ async def test_signing_router_refuses_hostile_fields_without_raising(
         await router.dispatch(encode(envelope))
     assert dropped.reasons() == ["bad_signature"]
     assert len(ann._queue) == 0
+
+
+@pytest.mark.parametrize("sel", [["M\u00b2", "i1:a", "i1:b"], ["S{t}:m:\u00b2:room:x"]])
+async def test_signing_router_hostile_signed_selector_costs_only_its_message(
+    redis: aioredis.Redis, sel: list[str]
+) -> None:
+    """A key holder's unreadable selector is refused on its own: the other messages of
+    the same publish are delivered."""
+    ann = make_connection(id="i1:a", user="ann")
+    owner = object()
+    router = Router(redis, KEYS, "i1", {ann.id: ann}, owner, keyring=RING)
+    hostile = signed(RING, ["i1:a"], sel, "hostile", id="m1")
+    fine = signed(RING, ["i1:a"], ["Uann"], "fine", id="m2")
+    ann.start()
+    try:
+        with recording(signals.message_dropped, owner) as dropped:
+            await router.dispatch(encode(hostile, fine))
+        assert dropped.reasons() == ["bad_signature"]
+        assert dropped.calls[0]["message_id"] == "m1"
+        assert await ann._websocket.wait_sent(1) == ["fine"]  # type: ignore[attr-defined]
+    finally:
+        await ann.stop()
+
+
+async def test_signing_router_check_that_raises_costs_only_its_message(
+    redis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Should a check of a signed message ever raise, that message alone is dropped."""
+    ann = make_connection(id="i1:a", user="ann")
+    owner = object()
+    router = Router(redis, KEYS, "i1", {ann.id: ann}, owner, keyring=RING)
+    selects = Verifier.selects
+
+    def broken(self: Verifier, sel: list[str]) -> Any:
+        if sel == ["Ubroken"]:
+            raise ValueError("a bug in a check")
+        return selects(self, sel)
+
+    monkeypatch.setattr(Verifier, "selects", broken)
+    ann.start()
+    try:
+        with recording(signals.message_dropped, owner) as dropped:
+            await router.dispatch(
+                encode(
+                    signed(RING, ["i1:a"], ["Ubroken"], "first", id="m1"),
+                    signed(RING, ["i1:a"], ["Uann"], "second", id="m2"),
+                )
+            )
+        assert dropped.reasons() == ["error"]
+        assert dropped.calls[0]["message_id"] == "m1"
+        assert await ann._websocket.wait_sent(1) == ["second"]  # type: ignore[attr-defined]
+    finally:
+        await ann.stop()

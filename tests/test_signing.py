@@ -616,3 +616,35 @@ async def test_signing_router_check_that_raises_costs_only_its_message(
         assert await ann._websocket.wait_sent(1) == ["second"]  # type: ignore[attr-defined]
     finally:
         await ann.stop()
+
+
+async def test_signing_router_checks_targets_once_and_delivers_to_those_it_checked(
+    redis: aioredis.Redis,
+) -> None:
+    """The targets are matched against the selector once, before any await: a
+    connection that appears meanwhile (while signals run) under a target id that had
+    none is reported gone, not handed the message unchecked."""
+    ann = make_connection(id="i1:a", user="ann")
+    bob = make_connection(id="i1:b", user="bob")
+    local = {ann.id: ann}
+    owner = object()
+    router = Router(redis, KEYS, "i1", local, owner, keyring=RING)
+
+    def arrives(sender: object, **_: Any) -> None:
+        local[bob.id] = bob  # registered while the router awaits its signals
+
+    ann.start()
+    bob.start()
+    try:
+        with (
+            signals.message_received.connected_to(arrives, sender=owner),
+            recording(signals.message_dropped, owner) as dropped,
+        ):
+            await router.dispatch(encode(signed(RING, ["i1:a", "i1:b"], ["Uann"], "ann only")))
+        assert await ann._websocket.wait_sent(1) == ["ann only"]  # type: ignore[attr-defined]
+        assert (dropped.reasons(), dropped.calls[0]["detail"]) == (["gone"], "i1:b")
+        assert len(bob._queue) == 0
+        assert bob._websocket.sent == []  # type: ignore[attr-defined]
+    finally:
+        await ann.stop()
+        await bob.stop()

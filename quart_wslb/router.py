@@ -134,17 +134,25 @@ class Router:
         channels = (self._keys.channel(self._instance), self._keys.broadcast)
         delay = BACKOFF_MIN
         while True:
+            since: float | None = None
             try:
+                # Before subscribing: Redis may cut the subscription as soon as it is
+                # confirmed, and every cut after this read must count.
+                self._cuts = await output_buffer_cuts(self._redis)
                 async with subscribe(self._redis, channels) as subscription:
+                    since = time.monotonic()
                     await self._subscribed()
-                    delay = BACKOFF_MIN
-                    self._cuts = await output_buffer_cuts(self._redis)
                     await self._listen(subscription)
             except asyncio.CancelledError:
                 self.subscribed.clear()
                 raise
             except Exception as error:
                 self.subscribed.clear()
+                # Only a subscription that lived resets the backoff: one cut young (say,
+                # for its output buffer under a flood, having delivered a little) is
+                # the same failure again, not a fresh one.
+                if since is not None and time.monotonic() - since > BACKOFF_MAX:
+                    delay = BACKOFF_MIN
                 if pause := await self._lost(error, delay):
                     await asyncio.sleep(pause * random.uniform(0.5, 1.0))
                     delay = min(pause * 2, BACKOFF_MAX)

@@ -315,7 +315,16 @@ class Verifier:
     whose clock runs behind another's is not refused when the other's floor rises.
     """
 
-    __slots__ = ("_floors", "_keyring", "_keys", "_known", "_recent", "_seen", "_window")
+    __slots__ = (
+        "_floors",
+        "_keyring",
+        "_keys",
+        "_known",
+        "_prune_at",
+        "_recent",
+        "_seen",
+        "_window",
+    )
 
     def __init__(
         self, keyring: Keyring, keys: Keys, window: float = WINDOW, recent: int = RECENT
@@ -329,6 +338,8 @@ class Verifier:
         self._known: set[str] = set()
         #: Per origin, the timestamp at or below which its messages may be forgotten replays.
         self._floors: dict[str, int] = {}
+        #: How many floors make the next prune (see _forget).
+        self._prune_at = FLOORS
 
     def check(self, envelope: Envelope) -> str | None:
         """``None`` for an authentic, fresh, first-seen message; else why not."""
@@ -367,9 +378,12 @@ class Verifier:
             # Forgotten early: its replays must still fail.
             if received >= expired and ts > floors.get(origin, 0):
                 floors[origin] = ts
-        if len(floors) > FLOORS:  # a floor below the window stops nothing the window lets in
+        if len(floors) > self._prune_at:  # a floor below the window stops nothing it lets in
             oldest = now - self._window
             self._floors = {origin: ts for origin, ts in floors.items() if ts >= oldest}
+            # Where many origins stay within the window, prune again only once their
+            # number has doubled: amortised O(1) per message, memory at most twice theirs.
+            self._prune_at = max(FLOORS, 2 * len(self._floors))
 
     def selects(self, sel: list[str]) -> Predicate | None:
         """The local test of the targets of a message signed with ``sel``."""

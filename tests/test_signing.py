@@ -648,3 +648,23 @@ async def test_signing_router_checks_targets_once_and_delivers_to_those_it_check
     finally:
         await ann.stop()
         await bob.stop()
+
+
+def test_verifier_prunes_floors_rarely_when_many_origins_stay_in_the_window(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Past ``FLOORS`` origins, the floors are pruned; when all of them are still within
+    the window, pruning removes nothing, and the next prune waits until there are twice
+    as many (not one prune of every floor per message)."""
+    monkeypatch.setattr("quart_wslb.signing.FLOORS", 4)
+    verifier = Verifier(RING, KEYS, recent=1)
+    now = time.time_ns() // 1_000_000
+    sent = [signed(RING, [], ["B"], id="m", origin=f"o{n}", ts=now) for n in range(200)]
+    rebuilds, floors = 0, verifier._floors
+    for envelope in sent:
+        assert verifier.check(envelope) is None
+        rebuilds += verifier._floors is not floors
+        floors = verifier._floors
+    assert len(floors) == 199  # every origin but the last has a forgotten message
+    assert rebuilds <= 8, f"{rebuilds} prunes for 200 messages"
+    assert all(verifier.check(envelope) == "replayed" for envelope in sent[:-1])

@@ -369,14 +369,17 @@ class Verifier:
             if text.count("\0") != len(sel) - 1:
                 return "a selector value holds a NUL"
         origin, frame = envelope.origin, envelope.frame
-        if isinstance(frame, str):  # one string, one encode: its UTF-8 is the payload
-            data = (
-                f"{origin}\n{envelope.id}\n{envelope.kind}\n{ts}\n{len(text)}\n{text}{frame}"
-            ).encode()
-        else:
-            data = (
-                f"{origin}\n{envelope.id}\n{envelope.kind}\n{ts}\n{len(text)}\n{text}"
-            ).encode() + frame
+        try:
+            if isinstance(frame, str):  # one string, one encode: its UTF-8 is the payload
+                data = (
+                    f"{origin}\n{envelope.id}\n{envelope.kind}\n{ts}\n{len(text)}\n{text}{frame}"
+                ).encode()
+            else:
+                data = (
+                    f"{origin}\n{envelope.id}\n{envelope.kind}\n{ts}\n{len(text)}\n{text}"
+                ).encode() + frame
+        except UnicodeEncodeError:  # a lone surrogate (JSON allows them): nobody signs one
+            return "a field is not valid Unicode"
         problem = self._keyring.check(sig, data)
         if problem is not None:
             return problem

@@ -668,3 +668,30 @@ def test_verifier_prunes_floors_rarely_when_many_origins_stay_in_the_window(
     assert len(floors) == 199  # every origin but the last has a forgotten message
     assert rebuilds <= 8, f"{rebuilds} prunes for 200 messages"
     assert all(verifier.check(envelope) == "replayed" for envelope in sent[:-1])
+
+
+@pytest.mark.parametrize("field", ["sel", "id"])
+async def test_signing_router_refuses_lone_surrogates_as_a_bad_signature(
+    redis: aioredis.Redis, field: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """JSON lets anyone who can publish put a lone surrogate in a string, which has no
+    UTF-8: no sender signs one, so the message is refused like a forgery (no ERROR
+    with a traceback), and the rest of the publish is delivered."""
+    ann = make_connection(id="i1:a", user="ann")
+    owner = object()
+    router = Router(redis, KEYS, "i1", {ann.id: ann}, owner, keyring=RING)
+    fine = signed(RING, ["i1:a"], ["Uann"], "fine", id="m2")
+    forged = {"ts": fine.ts, "sel": ["Uann"], "sig": fine.sig, "id": "m1", "kind": "text"}
+    forged[field] = ["Uann\ud800"] if field == "sel" else "m\ud800"
+    header = json.loads(encode(fine).partition(b"\n")[0])
+    header["messages"].insert(0, {**forged, "targets": ["i1:a"], "size": 6})
+    raw = json.dumps(header).encode() + b"\nforgedfine"  # ASCII: the surrogate escaped
+    ann.start()
+    try:
+        with recording(signals.message_dropped, owner) as dropped:
+            await router.dispatch(raw)
+        assert dropped.reasons() == ["bad_signature"]
+        assert await ann._websocket.wait_sent(1) == ["fine"]  # type: ignore[attr-defined]
+    finally:
+        await ann.stop()
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]

@@ -325,6 +325,8 @@ class Verifier:
         "_keyring",
         "_keys",
         "_known",
+        "_last_match",
+        "_last_sel",
         "_prune_at",
         "_recent",
         "_seen",
@@ -347,6 +349,9 @@ class Verifier:
         self._floors: dict[str, int] = {}
         #: How many floors make the next prune (see _forget).
         self._prune_at = FLOORS
+        #: The last selector asked about, and its test (see selects).
+        self._last_sel: list[str] | None = None
+        self._last_match: Predicate | None = None
 
     def check(self, envelope: Envelope, now: int | None = None) -> str | None:
         """``None`` for an authentic, fresh, first-seen message; else why not.
@@ -416,10 +421,19 @@ class Verifier:
             self._prune_at = max(FLOORS, 2 * len(self._floors))
 
     def selects(self, sel: list[str]) -> Predicate | None:
-        """The local test of the targets of a message signed with ``sel``."""
+        """The local test of the targets of a message signed with ``sel``.
+
+        The last one is kept: the messages of a burst of sends to one group or metadata
+        value share their selector, whose test costs a microsecond or two to build.
+        """
+        if sel == self._last_sel:
+            return self._last_match
         if len(sel) == 1 and sel[0][:1] != "M":  # predicate's common case, one call less
-            return _operand(sel[0], self._keys)
-        return predicate(sel, self._keys)
+            match = _operand(sel[0], self._keys)
+        else:
+            match = predicate(sel, self._keys)
+        self._last_sel, self._last_match = sel, match
+        return match
 
     def probe(self, instance: str, number: int, signature: bytes) -> str | None:
         """``None`` when ``signature`` signs probe ``number`` of ``instance``; else why

@@ -695,3 +695,16 @@ async def test_signing_router_refuses_lone_surrogates_as_a_bad_signature(
     finally:
         await ann.stop()
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+def test_verifier_selects_reuses_the_test_of_a_repeated_selector() -> None:
+    verifier = Verifier(RING, KEYS)
+    group = canonical(GroupSelector("vip").compile(KEYS))
+    first = verifier.selects(list(group))
+    assert first is not None and verifier.selects(list(group)) is first
+    ann = make_connection(id="i0:a", user="ann")
+    ann.groups.add("vip")
+    other = verifier.selects(["Ubob"])
+    assert other is not None and other is not first
+    assert (first(ann), other(ann)) == (True, False)
+    assert verifier.selects(["X"]) is None and verifier.selects(["X"]) is None

@@ -565,35 +565,38 @@ async def test_signing_router_refuses_hostile_fields_without_raising(
     assert len(ann._queue) == 0
 
 
+async def first_refused(redis: aioredis.Redis, raw: bytes) -> tuple[list[str], list[Any]]:
+    """Dispatch ``raw`` (messages m1 and m2 to i1:a, user ann) on a router with a
+    secret: why m1 (never m2) was dropped, and what ann received (one frame)."""
+    ann = make_connection(id="i1:a", user="ann")
+    owner = object()
+    router = Router(redis, KEYS, "i1", {ann.id: ann}, owner, keyring=RING)
+    ann.start()
+    try:
+        with recording(signals.message_dropped, owner) as dropped:
+            await router.dispatch(raw)
+        sent: list[Any] = await ann._websocket.wait_sent(1)  # type: ignore[attr-defined]
+    finally:
+        await ann.stop()
+    assert all(call["message_id"] != "m2" for call in dropped.calls)
+    return dropped.reasons(), sent
+
+
 @pytest.mark.parametrize("sel", [["M\u00b2", "i1:a", "i1:b"], ["S{t}:m:\u00b2:room:x"]])
 async def test_signing_router_hostile_signed_selector_costs_only_its_message(
     redis: aioredis.Redis, sel: list[str]
 ) -> None:
     """A key holder's unreadable selector is refused on its own: the other messages of
     the same publish are delivered."""
-    ann = make_connection(id="i1:a", user="ann")
-    owner = object()
-    router = Router(redis, KEYS, "i1", {ann.id: ann}, owner, keyring=RING)
     hostile = signed(RING, ["i1:a"], sel, "hostile", id="m1")
     fine = signed(RING, ["i1:a"], ["Uann"], "fine", id="m2")
-    ann.start()
-    try:
-        with recording(signals.message_dropped, owner) as dropped:
-            await router.dispatch(encode(hostile, fine))
-        assert dropped.reasons() == ["bad_signature"]
-        assert dropped.calls[0]["message_id"] == "m1"
-        assert await ann._websocket.wait_sent(1) == ["fine"]  # type: ignore[attr-defined]
-    finally:
-        await ann.stop()
+    assert await first_refused(redis, encode(hostile, fine)) == (["bad_signature"], ["fine"])
 
 
 async def test_signing_router_check_that_raises_costs_only_its_message(
     redis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Should a check of a signed message ever raise, that message alone is dropped."""
-    ann = make_connection(id="i1:a", user="ann")
-    owner = object()
-    router = Router(redis, KEYS, "i1", {ann.id: ann}, owner, keyring=RING)
     selects = Verifier.selects
 
     def broken(self: Verifier, sel: list[str]) -> Any:
@@ -602,20 +605,11 @@ async def test_signing_router_check_that_raises_costs_only_its_message(
         return selects(self, sel)
 
     monkeypatch.setattr(Verifier, "selects", broken)
-    ann.start()
-    try:
-        with recording(signals.message_dropped, owner) as dropped:
-            await router.dispatch(
-                encode(
-                    signed(RING, ["i1:a"], ["Ubroken"], "first", id="m1"),
-                    signed(RING, ["i1:a"], ["Uann"], "second", id="m2"),
-                )
-            )
-        assert dropped.reasons() == ["error"]
-        assert dropped.calls[0]["message_id"] == "m1"
-        assert await ann._websocket.wait_sent(1) == ["second"]  # type: ignore[attr-defined]
-    finally:
-        await ann.stop()
+    raw = encode(
+        signed(RING, ["i1:a"], ["Ubroken"], "first", id="m1"),
+        signed(RING, ["i1:a"], ["Uann"], "second", id="m2"),
+    )
+    assert await first_refused(redis, raw) == (["error"], ["second"])
 
 
 async def test_signing_router_checks_targets_once_and_delivers_to_those_it_checked(
@@ -677,23 +671,13 @@ async def test_signing_router_refuses_lone_surrogates_as_a_bad_signature(
     """JSON lets anyone who can publish put a lone surrogate in a string, which has no
     UTF-8: no sender signs one, so the message is refused like a forgery (no ERROR
     with a traceback), and the rest of the publish is delivered."""
-    ann = make_connection(id="i1:a", user="ann")
-    owner = object()
-    router = Router(redis, KEYS, "i1", {ann.id: ann}, owner, keyring=RING)
     fine = signed(RING, ["i1:a"], ["Uann"], "fine", id="m2")
     forged = {"ts": fine.ts, "sel": ["Uann"], "sig": fine.sig, "id": "m1", "kind": "text"}
     forged[field] = ["Uann\ud800"] if field == "sel" else "m\ud800"
     header = json.loads(encode(fine).partition(b"\n")[0])
     header["messages"].insert(0, {**forged, "targets": ["i1:a"], "size": 6})
     raw = json.dumps(header).encode() + b"\nforgedfine"  # ASCII: the surrogate escaped
-    ann.start()
-    try:
-        with recording(signals.message_dropped, owner) as dropped:
-            await router.dispatch(raw)
-        assert dropped.reasons() == ["bad_signature"]
-        assert await ann._websocket.wait_sent(1) == ["fine"]  # type: ignore[attr-defined]
-    finally:
-        await ann.stop()
+    assert await first_refused(redis, raw) == (["bad_signature"], ["fine"])
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
 
 

@@ -692,3 +692,17 @@ def test_verifier_selects_reuses_the_test_of_a_repeated_selector() -> None:
     assert other is not None and other is not first
     assert (first(ann), other(ann)) == (True, False)
     assert verifier.selects(["X"]) is None and verifier.selects(["X"]) is None
+
+
+def test_verifier_prunes_the_floors_that_fell_below_the_window(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("quart_wslb.signing.FLOORS", 4)
+    verifier = Verifier(RING, KEYS, window=5, recent=1)
+    then = time.time_ns() // 1_000_000
+    later = then + 6_000  # past the window of everything sent at ``then``
+    for n, ts in enumerate([then] * 10 + [later] * 30):
+        envelope = signed(RING, [], ["B"], id="m", origin=f"o{n}", ts=ts)
+        assert verifier.check(envelope, ts) is None
+    assert 0 < len(verifier._floors) <= 29
+    assert all(ts == later for ts in verifier._floors.values()), verifier._floors

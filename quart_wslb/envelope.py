@@ -147,13 +147,30 @@ def quick_header(header: bytes) -> dict[str, Any] | None:
 def _plain_message(data: object) -> bool:
     """Whether ``data`` is a message entry the schema accepts as it is: four fields, or
     seven for a signed one (no other field)."""
-    if type(data) is not dict or (len(data) != 4 and (len(data) != 7 or not _signed(data))):
+    if type(data) is not dict:
         return False
     get = data.get
+    fields = len(data)
+    if fields != 4:  # the signature's fields, inline: this runs per message
+        if fields != 7:
+            return False
+        ts, sel, sig = get("ts"), get("sel"), get("sig")
+        if (
+            type(ts) is not int
+            or type(sig) is not str
+            or not 0 < len(sig) <= 200
+            or type(sel) is not list
+            or not sel
+        ):
+            return False
+        for op in sel:
+            if type(op) is not str:
+                return False
     id, kind, targets, size = get("id"), get("kind"), get("targets"), get("size")
     if (
         type(id) is not str
         or not 0 < len(id) <= 200
+        or type(kind) is not str  # a list or dict is unhashable: the schema says why
         or kind not in KINDS
         or type(targets) is not list
         or type(size) is not int
@@ -162,19 +179,6 @@ def _plain_message(data: object) -> bool:
         return False
     for target in targets:  # a loop: for one or two targets, cheaper than all()
         if type(target) is not str or not target:
-            return False
-    return True
-
-
-def _signed(data: dict[str, Any]) -> bool:
-    """Whether a message entry's signature fields are as the schema accepts them."""
-    ts, sel, sig = data.get("ts"), data.get("sel"), data.get("sig")
-    if type(ts) is not int or type(sig) is not str or not 0 < len(sig) <= 200:
-        return False
-    if type(sel) is not list or not sel:
-        return False
-    for op in sel:
-        if type(op) is not str:
             return False
     return True
 
@@ -256,13 +260,19 @@ def decode(raw: bytes) -> list[Envelope]:
             frame = payload if message["kind"] == "binary" else payload.decode("utf-8")
         except UnicodeDecodeError as error:
             raise EnvelopeError(f"message {message['id']}: text is not UTF-8") from error
-        envelope = Envelope(message["id"], origin, message["kind"], message["targets"], frame)
         if "sig" in message:
-            envelope.ts, envelope.sel, envelope.sig = (
-                message.get("ts"),
+            envelope = Envelope(
+                message["id"],
+                origin,
+                message["kind"],
+                message["targets"],
+                frame,
+                message.get("ts"),  # the schema lets ts and sel lack: Verifier says so
                 message.get("sel"),
                 message["sig"],
             )
+        else:
+            envelope = Envelope(message["id"], origin, message["kind"], message["targets"], frame)
         envelopes.append(envelope)
     return envelopes
 

@@ -134,17 +134,25 @@ class Router:
         channels = (self._keys.channel(self._instance), self._keys.broadcast)
         delay = BACKOFF_MIN
         while True:
+            since: float | None = None
             try:
+                # Before subscribing: Redis may cut the subscription as soon as it is
+                # confirmed, and every cut after this read must count.
+                self._cuts = await output_buffer_cuts(self._redis)
                 async with subscribe(self._redis, channels) as subscription:
+                    since = time.monotonic()
                     await self._subscribed()
-                    delay = BACKOFF_MIN
-                    self._cuts = await output_buffer_cuts(self._redis)
                     await self._listen(subscription)
             except asyncio.CancelledError:
                 self.subscribed.clear()
                 raise
             except Exception as error:
                 self.subscribed.clear()
+                # Only a subscription that lived resets the backoff: one cut young (say,
+                # for its output buffer under a flood, having delivered a little) is
+                # the same failure again, not a fresh one.
+                if since is not None and time.monotonic() - since > BACKOFF_MAX:
+                    delay = BACKOFF_MIN
                 if pause := await self._lost(error, delay):
                     await asyncio.sleep(pause * random.uniform(0.5, 1.0))
                     delay = min(pause * 2, BACKOFF_MAX)
@@ -246,16 +254,22 @@ class Router:
             await signals.dropped(self._owner, "malformed", detail=str(error))
             return
         verifier = self._verifier
+        # One clock reading for the signed checks of the whole publish (Unix ms).
+        now = 0 if verifier is None else time.time_ns() // 1_000_000
         for envelope in envelopes:
-            if verifier is not None:
-                admitted, problems = self._admit(verifier, envelope)
-                for problem in problems:
-                    await self._refuse(envelope, problem)
-                if not admitted:
-                    continue
-            try:
-                await self._deliver(envelope)
-            except Exception as error:  # one message's failure costs only that message
+            try:  # one message's failure costs only that message, a signed one's too
+                connections: list[Connection] | None = None
+                if verifier is not None:
+                    connections, gone, problems = self._admit(verifier, envelope, now)
+                    for problem in problems:
+                        await self._refuse(envelope, problem)
+                    if envelope.kind not in CONTROL_KINDS:  # as unsigned: controls are quiet
+                        for target in gone:
+                            await self._gone(envelope, target)
+                    if connections is None:
+                        continue
+                await self._deliver(envelope, connections)
+            except Exception as error:
                 log.exception("dropped message %s, which could not be handled", envelope.id)
                 await signals.dropped(
                     self._owner, "error", message_id=envelope.id, detail=repr(error)
@@ -284,57 +298,83 @@ class Router:
         log.warning("dropped a probe: %s", problem)
         await signals.dropped(self._owner, reason, detail=f"probe: {problem}")
 
-    def _admit(self, verifier: Verifier, envelope: Envelope) -> tuple[bool, list[str]]:
-        """Whether to deliver a message (authentic, fresh and new), and the problems to
-        report. Its targets are cut down to the local connections that its signed
-        selector selects: the targets are Redis's work, not the sender's, so they carry
-        no signature. Not a coroutine: it runs for every message."""
-        problem = verifier.check(envelope)
+    def _admit(
+        self, verifier: Verifier, envelope: Envelope, now: int
+    ) -> tuple[list[Connection] | None, list[str], list[str]]:
+        """The local connections to deliver a message to (``None``: refused), its
+        targets that have no local connection, and the problems to report.
+
+        A message is delivered when it is authentic, fresh and new, only to the targets
+        that its signed selector selects: the targets are Redis's work, not the sender's,
+        so they carry no signature. Each is looked up and checked here, once, and
+        delivery takes these very connections: one that appears later under a target id
+        is never handed the message unchecked. Not a coroutine: it runs for every message.
+        """
+        problem = verifier.check(envelope, now)
         if problem is not None:
-            return False, [problem]
+            return None, [], [problem]
         match = verifier.selects(envelope.sel or [])
         everyone = envelope.sel == ["B"]  # a broadcast: no targets, every connection
         if match is None or not (envelope.targets or everyone):
-            return False, ["unreadable selector, or no targets"]
-        targets, problems, local = [], [], self._local
+            return None, [], ["unreadable selector, or no targets"]
+        connections: list[Connection] = []
+        gone: list[str] = []
+        problems: list[str] = []
+        local = self._local
         for target in envelope.targets:
             connection = local.get(target)
-            if connection is None or match(connection):  # unknown ones are reported "gone"
-                targets.append(target)
+            if connection is None:
+                gone.append(target)
+            elif match(connection):
+                connections.append(connection)
             else:
                 problems.append(f"target outside the selector: {target}")
-        envelope.targets = targets
-        return bool(targets) or everyone, problems
+        admitted = connections or gone or everyone
+        return connections if admitted else None, gone, problems
 
     async def _refuse(self, envelope: Envelope, problem: str) -> None:
         reason = "unsigned" if problem == "unsigned" else "bad_signature"
         log.warning("refused message %s from %s: %s", envelope.id, envelope.origin, problem)
         await signals.dropped(self._owner, reason, message_id=envelope.id, detail=problem)
 
-    async def _deliver(self, envelope: Envelope) -> None:
+    async def _deliver(self, envelope: Envelope, connections: list[Connection] | None) -> None:
+        """Hand a message to ``connections`` (those of its targets that :meth:`_admit`
+        checked), or when ``None`` to its targets as they are looked up here; a message
+        without targets goes to every local connection."""
         if signals.message_received.receivers:
             await signals.send(signals.message_received, self._owner, envelope=envelope)
         if envelope.kind in CONTROL_KINDS:
-            await self._control(envelope)
+            await self._control(envelope, connections)
             return
         frame = envelope.frame
         if not envelope.targets:
             for connection in list(self._local.values()):
                 await connection.offer(frame, envelope.id)
             return
+        if connections is not None:
+            for connection in connections:
+                if not connection.put_nowait(frame):
+                    await connection.offer(frame, envelope.id)
+            return
         for target in envelope.targets:
             owner = self._local.get(target)
             if owner is not None and owner.put_nowait(frame):
                 continue  # queued: the common case, with no coroutine
             if owner is None:
-                log.debug("message %s: no local connection %s", envelope.id, target)
-                await signals.dropped(self._owner, "gone", message_id=envelope.id, detail=target)
+                await self._gone(envelope, target)
             else:
                 await owner.offer(frame, envelope.id)
 
-    async def _control(self, envelope: Envelope) -> None:
-        """Apply a join, leave or disconnect to the local connections it targets."""
-        targets = [c for c in map(self._local.get, envelope.targets) if c is not None]
+    async def _gone(self, envelope: Envelope, target: str) -> None:
+        log.debug("message %s: no local connection %s", envelope.id, target)
+        await signals.dropped(self._owner, "gone", message_id=envelope.id, detail=target)
+
+    async def _control(self, envelope: Envelope, connections: list[Connection] | None) -> None:
+        """Apply a join, leave or disconnect to ``connections`` (when ``None``: the
+        local connections it targets)."""
+        targets = connections
+        if targets is None:
+            targets = [c for c in map(self._local.get, envelope.targets) if c is not None]
         text = str(envelope.frame)
         if envelope.kind == "join":
             for connection in targets:

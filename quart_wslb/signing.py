@@ -72,19 +72,19 @@ class _Key:
     (RFC 2104): a MAC then costs two copies and two short hashes, about a third of
     ``hmac.digest``'s time, which sets the key up again on every call."""
 
-    __slots__ = ("_inner", "_outer")
+    __slots__ = ("inner", "outer")
 
     def __init__(self, secret: bytes) -> None:
         if len(secret) > 64:  # the block size: longer keys are hashed first
             secret = hashlib.sha256(secret).digest()
         padded = secret.ljust(64, b"\0")
-        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in padded))
-        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in padded))
+        self.inner = hashlib.sha256(bytes(b ^ 0x36 for b in padded))
+        self.outer = hashlib.sha256(bytes(b ^ 0x5C for b in padded))
 
     def mac(self, data: bytes) -> str:
-        inner = self._inner.copy()
+        inner = self.inner.copy()
         inner.update(data)
-        outer = self._outer.copy()
+        outer = self.outer.copy()
         outer.update(inner.digest())
         return outer.digest()[:MAC_BYTES].hex()
 
@@ -154,7 +154,11 @@ class Keyring:
             return f"unknown key id {kid[:40]!r}"
         if not mac.isascii():  # compare_digest takes ASCII text only
             return "bad MAC"
-        return None if hmac.compare_digest(key.mac(data), mac) else "bad MAC"
+        inner = key.inner.copy()  # _Key.mac, inline: this runs for every message received
+        inner.update(data)
+        outer = key.outer.copy()
+        outer.update(inner.digest())
+        return None if hmac.compare_digest(outer.digest()[:MAC_BYTES].hex(), mac) else "bad MAC"
 
     def fragment(
         self, origin: str, message_id: str, kind: str, payload: bytes, sel: list[str]
@@ -225,7 +229,7 @@ def predicate(sel: list[str], keys: Keys) -> Predicate | None:
     while i < len(sel):
         op, code = sel[i], sel[i][:1]
         if code == "M":
-            count = int(op[1:]) if op[1:].isdigit() and len(op) < 12 else -1
+            count = int(op[1:]) if _digits(op[1:]) and len(op) < 12 else -1
             ids = frozenset(sel[i + 1 : i + 1 + count])
             if count < 0 or i + count >= len(sel):
                 return None
@@ -241,6 +245,12 @@ def predicate(sel: list[str], keys: Keys) -> Predicate | None:
             stack.append(single)
         i += 1
     return stack[0] if len(stack) == 1 else None
+
+
+def _digits(text: str) -> bool:
+    """Whether ``text`` is a count as the sender writes it: ASCII digits only
+    (``str.isdigit`` also holds for ``"²"``, which ``int`` refuses)."""
+    return text.isascii() and text.isdigit()
 
 
 def _among(ids: frozenset[str]) -> Predicate:
@@ -284,7 +294,7 @@ def _index(key: str, keys: Keys) -> Predicate | None:
     if kind == "m":
         length, _, pair = value.partition(":")
         raw = pair.encode()
-        if not length.isdigit() or len(length) > 10 or raw[int(length) : int(length) + 1] != b":":
+        if not _digits(length) or len(length) > 10 or raw[int(length) : int(length) + 1] != b":":
             return None
         try:
             name = raw[: int(length)].decode()
@@ -309,7 +319,19 @@ class Verifier:
     whose clock runs behind another's is not refused when the other's floor rises.
     """
 
-    __slots__ = ("_floors", "_keyring", "_keys", "_known", "_recent", "_seen", "_window")
+    __slots__ = (
+        "_floors",
+        "_keep",
+        "_keyring",
+        "_keys",
+        "_known",
+        "_last_match",
+        "_last_sel",
+        "_prune_at",
+        "_recent",
+        "_seen",
+        "_window",
+    )
 
     def __init__(
         self, keyring: Keyring, keys: Keys, window: float = WINDOW, recent: int = RECENT
@@ -317,57 +339,101 @@ class Verifier:
         self._keyring = keyring
         self._keys = keys
         self._window = int(window * 1000)
+        #: How long (ms) an accepted MAC is kept: past it, a replay is stale anyway.
+        self._keep = 2 * self._window
         self._recent = recent
         #: (when it was accepted, in ms; its origin; its timestamp; its MAC), oldest first.
         self._seen: deque[tuple[int, str, int, str]] = deque()
         self._known: set[str] = set()
         #: Per origin, the timestamp at or below which its messages may be forgotten replays.
         self._floors: dict[str, int] = {}
+        #: How many floors make the next prune (see _forget).
+        self._prune_at = FLOORS
+        #: The last selector asked about, and its test (see selects).
+        self._last_sel: list[str] | None = None
+        self._last_match: Predicate | None = None
 
-    def check(self, envelope: Envelope) -> str | None:
-        """``None`` for an authentic, fresh, first-seen message; else why not."""
+    def check(self, envelope: Envelope, now: int | None = None) -> str | None:
+        """``None`` for an authentic, fresh, first-seen message; else why not.
+
+        ``now`` is this clock in Unix ms (``time.time_ns() // 1_000_000``), read here
+        when not given: a caller checking the messages of one publish reads it once.
+        """
         sig, ts, sel = envelope.sig, envelope.ts, envelope.sel
         if sig is None:
             return "unsigned"
         if ts is None or sel is None:
             return "incomplete signature"
-        text = "\0".join(sel)  # sel_text and message, inline: this runs per message
-        if text.count("\0") != len(sel) - 1:
-            return "a selector value holds a NUL"
-        data = (
-            f"{envelope.origin}\n{envelope.id}\n{envelope.kind}\n{ts}\n{len(text)}\n{text}"
-        ).encode() + envelope.payload
+        # sel_text and message, inline: this runs per message.
+        if len(sel) == 1:
+            text = sel[0]
+            if "\0" in text:
+                return "a selector value holds a NUL"
+        else:
+            text = "\0".join(sel)
+            if text.count("\0") != len(sel) - 1:
+                return "a selector value holds a NUL"
+        origin, frame = envelope.origin, envelope.frame
+        try:
+            if isinstance(frame, str):  # one string, one encode: its UTF-8 is the payload
+                data = (
+                    f"{origin}\n{envelope.id}\n{envelope.kind}\n{ts}\n{len(text)}\n{text}{frame}"
+                ).encode()
+            else:
+                data = (
+                    f"{origin}\n{envelope.id}\n{envelope.kind}\n{ts}\n{len(text)}\n{text}"
+                ).encode() + frame
+        except UnicodeEncodeError:  # a lone surrogate (JSON allows them): nobody signs one
+            return "a field is not valid Unicode"
         problem = self._keyring.check(sig, data)
         if problem is not None:
             return problem
-        now = time.time_ns() // 1_000_000
+        if now is None:
+            now = time.time_ns() // 1_000_000
         if abs(now - ts) > self._window:
             return f"stale: sent {(now - ts) / 1000:.1f}s from now"
-        known, origin = self._known, envelope.origin
-        if sig in known or ts <= self._floors.get(origin, 0):
+        known = self._known
+        if ts <= self._floors.get(origin, 0):
             return "replayed"
+        size = len(known)
         known.add(sig)
+        if len(known) == size:  # it was there: one hash of the MAC instead of two
+            return "replayed"
         seen = self._seen
         seen.append((now, origin, ts, sig))
-        if seen[0][0] < now - 2 * self._window or len(seen) > self._recent:
+        if seen[0][0] < now - self._keep or len(seen) > self._recent:
             self._forget(now)
         return None
 
     def _forget(self, now: int) -> None:
-        seen, expired, floors = self._seen, now - 2 * self._window, self._floors
+        seen, expired, floors = self._seen, now - self._keep, self._floors
         while seen and (seen[0][0] < expired or len(seen) > self._recent):
             received, origin, ts, sig = seen.popleft()
             self._known.discard(sig)
             # Forgotten early: its replays must still fail.
             if received >= expired and ts > floors.get(origin, 0):
                 floors[origin] = ts
-        if len(floors) > FLOORS:  # a floor below the window stops nothing the window lets in
+        if len(floors) > self._prune_at:  # a floor below the window stops nothing it lets in
             oldest = now - self._window
             self._floors = {origin: ts for origin, ts in floors.items() if ts >= oldest}
+            # Where many origins stay within the window, prune again only once their
+            # number has doubled: amortised O(1) per message, memory at most twice theirs.
+            self._prune_at = max(FLOORS, 2 * len(self._floors))
 
     def selects(self, sel: list[str]) -> Predicate | None:
-        """The local test of the targets of a message signed with ``sel``."""
-        return predicate(sel, self._keys)
+        """The local test of the targets of a message signed with ``sel``.
+
+        The last one is kept: the messages of a burst of sends to one group or metadata
+        value share their selector, whose test costs a microsecond or two to build.
+        """
+        if sel == self._last_sel:
+            return self._last_match
+        if len(sel) == 1 and sel[0][:1] != "M":  # predicate's common case, one call less
+            match = _operand(sel[0], self._keys)
+        else:
+            match = predicate(sel, self._keys)
+        self._last_sel, self._last_match = sel, match
+        return match
 
     def probe(self, instance: str, number: int, signature: bytes) -> str | None:
         """``None`` when ``signature`` signs probe ``number`` of ``instance``; else why

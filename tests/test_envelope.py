@@ -195,6 +195,8 @@ def test_decode_ignores_unknown_header_fields() -> None:
         pytest.param(header(id=7) + b"\nhi", id="id-int"),
         pytest.param(header(kind="xml") + b"\nhi", id="unknown-kind"),
         pytest.param(header(kind=1) + b"\nhi", id="kind-int"),
+        pytest.param(header(kind=[]) + b"\nhi", id="kind-list"),
+        pytest.param(header(kind={}) + b"\nhi", id="kind-dict"),
         pytest.param(header(targets="i1:a") + b"\nhi", id="targets-str"),
         pytest.param(header(targets=[1]) + b"\nhi", id="target-int"),
         pytest.param(header(targets=[""]) + b"\nhi", id="target-empty"),
@@ -274,6 +276,9 @@ QUICK_CORPUS = [
     + b"]}",
     b'{"v":2,"origin":"o","messages":[{"ts":1,"sel":["Ua"],"xyz":"k",' + M[1:] + b"]}",
     b'{"v":2,"origin":"o","messages":[{"sig":"k:ab",' + M[1:] + b"]}",
+    # Unhashable kinds: a set lookup would raise TypeError rather than defer.
+    b'{"v":2,"origin":"x","messages":[{"id":"a","kind":[],"targets":[],"size":0}]}',
+    b'{"v":2,"origin":"x","messages":[{"id":"a","kind":{},"targets":[],"size":0}]}',
 ]
 
 

@@ -513,12 +513,12 @@ async def test_run_restart_resubscribes_and_calls_back(
     assert "callback broke" in caplog.text
 
 
-Step = list[bytes] | Exception | Callable[[], list[bytes]]
+Step = list[bytes] | Exception | Callable[[], list[bytes]] | float
 
 
 class Scripted:
-    """A subscription that plays ``steps`` (a batch, an error to raise, or a callable
-    that returns a batch), then stays silent."""
+    """A subscription that plays ``steps`` (a batch, an error to raise, a callable
+    that returns a batch, or seconds of silence), then stays silent."""
 
     def __init__(self, *steps: Step) -> None:
         self.steps = list(steps)
@@ -530,6 +530,9 @@ class Scripted:
         step = self.steps.pop(0)
         if isinstance(step, Exception):
             raise step
+        if isinstance(step, float):
+            await asyncio.sleep(step)
+            return []
         return step() if callable(step) else step
 
 
@@ -604,6 +607,67 @@ async def test_run_closed_by_redis_delivers_everything_before_and_says_why(
     assert frames_of(local, "i1:a") == ["a", "b"]
     assert lost.reasons() == [reason]
     assert lost.calls[0]["error"] is closed
+
+
+async def test_run_backs_off_while_subscriptions_are_cut_young(
+    redis: Redis,
+    scripts: list[Scripted],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Subscriptions that Redis accepts and then cuts at once (a slow instance under a
+    flood: each delivers a little first) do not reset the backoff; one that lived
+    longer than the longest backoff does."""
+
+    async def output_buffer_cuts(redis: Redis) -> int | None:
+        return None
+
+    monkeypatch.setattr("quart_wslb.router.output_buffer_cuts", output_buffer_cuts)
+    monkeypatch.setattr("quart_wslb.router.BACKOFF_MAX", 0.4)
+    local = keeping("i1:a")
+    router = Router(redis, KEYS, "i1", local, OWNER)
+    cut = SubscriberClosedError("Redis closed the subscriber connection")
+    scripts.extend(Scripted(texts(str(n)), cut) for n in range(4))
+    scripts.append(Scripted(texts("lived"), 0.5, cut))
+    with recording(signals.subscriber_lost, OWNER) as lost:
+        async with running(router):
+            await eventually(lambda: len(lost.calls) == 5 and router.subscribed.is_set())
+    lines = [r for r in caplog.records if "subscriber lost" in r.getMessage()]
+    delays = [cast(tuple[Any, ...], r.args)[-1] for r in lines]
+    assert delays == [0.05, 0.1, 0.2, 0.4, 0.05], delays
+    assert frames_of(local, "i1:a") == ["0", "1", "2", "3", "lived"]
+
+
+async def test_run_reads_the_cut_counter_before_subscribing(
+    redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis may cut a subscription as soon as it has confirmed it: the counter is read
+    before subscribing, so that cut counts as one (and listening starts at once)."""
+    counter = [3]
+    events: list[str] = []
+
+    async def output_buffer_cuts(redis: Redis) -> int | None:
+        events.append(f"cuts={counter[0]}")
+        return counter[0]
+
+    @asynccontextmanager
+    async def subscribe(redis: Redis, channels: Any) -> AsyncIterator[Scripted]:
+        events.append("subscribed")
+        if len(events) <= 2:  # the first subscription is cut straight away
+            counter[0] += 1
+            yield Scripted(SubscriberClosedError("Redis closed the subscriber connection"))
+        else:
+            yield Scripted()
+
+    monkeypatch.setattr("quart_wslb.router.output_buffer_cuts", output_buffer_cuts)
+    monkeypatch.setattr("quart_wslb.router.subscribe", subscribe)
+    monkeypatch.setattr("quart_wslb.router.BACKOFF_MAX", 0.05)
+    router = Router(redis, KEYS, "i1", {}, OWNER)
+    with recording(signals.subscriber_lost, OWNER) as lost:
+        async with running(router):
+            await eventually(lambda: len(lost.calls) == 1 and router.subscribed.is_set())
+    assert lost.reasons() == ["output_buffer_limit"]
+    assert events[:3] == ["cuts=3", "subscribed", "cuts=4"], events
 
 
 async def test_run_unexpected_error_is_logged_with_traceback_and_retried(

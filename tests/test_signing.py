@@ -392,6 +392,9 @@ def test_predicate_matches_what_the_selector_matches() -> None:
         ["S{t}:m:9:room:x"],
         ["S{t}:m:x:room:x"],
         ["S{t}:m:" + "9" * 5000 + ":room:x"],
+        ["M\u00b2", "a", "b"],  # str.isdigit() holds for "²", int() refuses it
+        ["S{t}:m:\u00b2:room:x"],
+        ["M\u0663", "a", "b", "c"],  # Arabic-Indic three: int() reads it, ASCII only here
     ],
 )
 def test_predicate_refuses_what_it_cannot_read(sel: list[str]) -> None:
@@ -560,3 +563,146 @@ async def test_signing_router_refuses_hostile_fields_without_raising(
         await router.dispatch(encode(envelope))
     assert dropped.reasons() == ["bad_signature"]
     assert len(ann._queue) == 0
+
+
+async def first_refused(redis: aioredis.Redis, raw: bytes) -> tuple[list[str], list[Any]]:
+    """Dispatch ``raw`` (messages m1 and m2 to i1:a, user ann) on a router with a
+    secret: why m1 (never m2) was dropped, and what ann received (one frame)."""
+    ann = make_connection(id="i1:a", user="ann")
+    owner = object()
+    router = Router(redis, KEYS, "i1", {ann.id: ann}, owner, keyring=RING)
+    ann.start()
+    try:
+        with recording(signals.message_dropped, owner) as dropped:
+            await router.dispatch(raw)
+        sent: list[Any] = await ann._websocket.wait_sent(1)  # type: ignore[attr-defined]
+    finally:
+        await ann.stop()
+    assert all(call["message_id"] != "m2" for call in dropped.calls)
+    return dropped.reasons(), sent
+
+
+@pytest.mark.parametrize("sel", [["M\u00b2", "i1:a", "i1:b"], ["S{t}:m:\u00b2:room:x"]])
+async def test_signing_router_hostile_signed_selector_costs_only_its_message(
+    redis: aioredis.Redis, sel: list[str]
+) -> None:
+    """A key holder's unreadable selector is refused on its own: the other messages of
+    the same publish are delivered."""
+    hostile = signed(RING, ["i1:a"], sel, "hostile", id="m1")
+    fine = signed(RING, ["i1:a"], ["Uann"], "fine", id="m2")
+    assert await first_refused(redis, encode(hostile, fine)) == (["bad_signature"], ["fine"])
+
+
+async def test_signing_router_check_that_raises_costs_only_its_message(
+    redis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Should a check of a signed message ever raise, that message alone is dropped."""
+    selects = Verifier.selects
+
+    def broken(self: Verifier, sel: list[str]) -> Any:
+        if sel == ["Ubroken"]:
+            raise ValueError("a bug in a check")
+        return selects(self, sel)
+
+    monkeypatch.setattr(Verifier, "selects", broken)
+    raw = encode(
+        signed(RING, ["i1:a"], ["Ubroken"], "first", id="m1"),
+        signed(RING, ["i1:a"], ["Uann"], "second", id="m2"),
+    )
+    assert await first_refused(redis, raw) == (["error"], ["second"])
+
+
+async def test_signing_router_checks_targets_once_and_delivers_to_those_it_checked(
+    redis: aioredis.Redis,
+) -> None:
+    """The targets are matched against the selector once, before any await: a
+    connection that appears meanwhile (while signals run) under a target id that had
+    none is reported gone, not handed the message unchecked."""
+    ann = make_connection(id="i1:a", user="ann")
+    bob = make_connection(id="i1:b", user="bob")
+    local = {ann.id: ann}
+    owner = object()
+    router = Router(redis, KEYS, "i1", local, owner, keyring=RING)
+
+    def arrives(sender: object, **_: Any) -> None:
+        local[bob.id] = bob  # registered while the router awaits its signals
+
+    ann.start()
+    bob.start()
+    try:
+        with (
+            signals.message_received.connected_to(arrives, sender=owner),
+            recording(signals.message_dropped, owner) as dropped,
+        ):
+            await router.dispatch(encode(signed(RING, ["i1:a", "i1:b"], ["Uann"], "ann only")))
+        assert await ann._websocket.wait_sent(1) == ["ann only"]  # type: ignore[attr-defined]
+        assert (dropped.reasons(), dropped.calls[0]["detail"]) == (["gone"], "i1:b")
+        assert len(bob._queue) == 0
+        assert bob._websocket.sent == []  # type: ignore[attr-defined]
+    finally:
+        await ann.stop()
+        await bob.stop()
+
+
+def test_verifier_prunes_floors_rarely_when_many_origins_stay_in_the_window(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Past ``FLOORS`` origins, the floors are pruned; when all of them are still within
+    the window, pruning removes nothing, and the next prune waits until there are twice
+    as many (not one prune of every floor per message)."""
+    monkeypatch.setattr("quart_wslb.signing.FLOORS", 4)
+    verifier = Verifier(RING, KEYS, recent=1)
+    now = time.time_ns() // 1_000_000
+    sent = [signed(RING, [], ["B"], id="m", origin=f"o{n}", ts=now) for n in range(200)]
+    rebuilds, floors = 0, verifier._floors
+    for envelope in sent:
+        assert verifier.check(envelope) is None
+        rebuilds += verifier._floors is not floors
+        floors = verifier._floors
+    assert len(floors) == 199  # every origin but the last has a forgotten message
+    assert rebuilds <= 8, f"{rebuilds} prunes for 200 messages"
+    assert all(verifier.check(envelope) == "replayed" for envelope in sent[:-1])
+
+
+@pytest.mark.parametrize("field", ["sel", "id"])
+async def test_signing_router_refuses_lone_surrogates_as_a_bad_signature(
+    redis: aioredis.Redis, field: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """JSON lets anyone who can publish put a lone surrogate in a string, which has no
+    UTF-8: no sender signs one, so the message is refused like a forgery (no ERROR
+    with a traceback), and the rest of the publish is delivered."""
+    fine = signed(RING, ["i1:a"], ["Uann"], "fine", id="m2")
+    forged = {"ts": fine.ts, "sel": ["Uann"], "sig": fine.sig, "id": "m1", "kind": "text"}
+    forged[field] = ["Uann\ud800"] if field == "sel" else "m\ud800"
+    header = json.loads(encode(fine).partition(b"\n")[0])
+    header["messages"].insert(0, {**forged, "targets": ["i1:a"], "size": 6})
+    raw = json.dumps(header).encode() + b"\nforgedfine"  # ASCII: the surrogate escaped
+    assert await first_refused(redis, raw) == (["bad_signature"], ["fine"])
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+def test_verifier_selects_reuses_the_test_of_a_repeated_selector() -> None:
+    verifier = Verifier(RING, KEYS)
+    group = canonical(GroupSelector("vip").compile(KEYS))
+    first = verifier.selects(list(group))
+    assert first is not None and verifier.selects(list(group)) is first
+    ann = make_connection(id="i0:a", user="ann")
+    ann.groups.add("vip")
+    other = verifier.selects(["Ubob"])
+    assert other is not None and other is not first
+    assert (first(ann), other(ann)) == (True, False)
+    assert verifier.selects(["X"]) is None and verifier.selects(["X"]) is None
+
+
+def test_verifier_prunes_the_floors_that_fell_below_the_window(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("quart_wslb.signing.FLOORS", 4)
+    verifier = Verifier(RING, KEYS, window=5, recent=1)
+    then = time.time_ns() // 1_000_000
+    later = then + 6_000  # past the window of everything sent at ``then``
+    for n, ts in enumerate([then] * 10 + [later] * 30):
+        envelope = signed(RING, [], ["B"], id="m", origin=f"o{n}", ts=ts)
+        assert verifier.check(envelope, ts) is None
+    assert 0 < len(verifier._floors) <= 29
+    assert all(ts == later for ts in verifier._floors.values()), verifier._floors

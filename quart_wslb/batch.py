@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -75,6 +76,10 @@ class GroupCommit:
         self._raw: bool | None = None  # whether the exchange can be used; known at first use
         self._release: asyncio.TimerHandle | None = None
         self._releasing: set[asyncio.Future[None]] = set()
+        # Each queued call's deadline, in the order of the calls (so of their deadlines),
+        # and ONE timer for the earliest: a timer per call cost a third of a send's CPU.
+        self._deadlines: deque[tuple[float, asyncio.Future[Any]]] = deque()
+        self._watchdog: asyncio.TimerHandle | None = None
 
     async def __call__(
         self, keys: list[Any], args: list[bytes | str], *, alone: bool = False
@@ -88,12 +93,15 @@ class GroupCommit:
             self._release.cancel()
             self._release = None
         if self._busy:
-            future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            loop = asyncio.get_running_loop()
+            future: asyncio.Future[Any] = loop.create_future()
             self._queue.append(((keys, args, alone), future))
             # From this call's start, not its batch's: else a call queued behind a stalled
             # round trip would wait for that one's timeout, then for its own.
-            async with asyncio.timeout(self._timeout):
-                return await future  # a timeout cancels the future: _drain skips it
+            self._deadlines.append((loop.time() + self._timeout, future))
+            if self._watchdog is None:
+                self._arm()
+            return await future  # failed by _expire in time: _drain then skips it
         self._busy = True
         try:
             async with asyncio.timeout(self._timeout):
@@ -126,6 +134,26 @@ class GroupCommit:
                     future.set_exception(ConnectionError("the batch was abandoned"))
             self._queue = []
 
+    def _arm(self) -> None:
+        """Set the timer for the earliest deadline of a call still waiting, if any."""
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][1].done():
+            deadlines.popleft()
+        if deadlines:
+            self._watchdog = asyncio.get_running_loop().call_at(deadlines[0][0], self._expire)
+        else:
+            self._watchdog = None
+
+    def _expire(self) -> None:
+        """Fail every waiting call whose deadline has passed, as ``asyncio.timeout``
+        would have (``TimeoutError``), then set the timer for the next."""
+        now, deadlines = asyncio.get_running_loop().time(), self._deadlines
+        while deadlines and deadlines[0][0] <= now:
+            _, future = deadlines.popleft()
+            if not future.done():
+                future.set_exception(TimeoutError())
+        self._arm()
+
     async def _run(self, batch: list[Call]) -> None:
         try:
             async with asyncio.timeout(self._timeout):
@@ -145,6 +173,9 @@ class GroupCommit:
                 future.set_exception(result)
             else:
                 future.set_result(result)
+        deadlines = self._deadlines  # answered calls leave it in order: keep it short
+        while deadlines and deadlines[0][1].done():
+            deadlines.popleft()
 
     async def _pipeline(self, batch: list[Call]) -> list[Any]:
         return await self._round_trip([call for call, _ in batch])

@@ -321,3 +321,30 @@ async def test_group_commit_never_sends_a_call_whose_caller_gave_up_while_it_rec
         await commit.aclose()
         await admin.aclose()
         await redis.aclose()
+
+
+@pytest.mark.integration
+async def test_group_commit_queued_calls_share_one_deadline_timer(
+    private_redis: RedisServer,
+) -> None:
+    """Queued calls are timed by one timer for the earliest deadline, not one each: a
+    call stuck behind a stalled round trip still fails within its own timeout, and the
+    answered ones leave the list of deadlines, which stays short."""
+    redis = aioredis.Redis.from_url(private_redis.url)
+    try:
+        commit = GroupCommit(redis, redis.register_script(SCRIPT), timeout=1.0, args=[0, 0])
+        results = await asyncio.gather(*(commit(["k"], [str(n)]) for n in range(100)))
+        assert len(results) == 100
+        assert not commit._deadlines, f"{len(commit._deadlines)} answered calls kept"
+        await redis.client_pause(3000)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        stalled = asyncio.create_task(commit(["k"], ["stalled"]))
+        await eventually(lambda: commit._busy)
+        queued = [asyncio.create_task(commit(["k"], [str(n)])) for n in range(3)]
+        outcomes = await asyncio.gather(stalled, *queued, return_exceptions=True)
+        waited = loop.time() - started
+        assert all(isinstance(o, TimeoutError) for o in outcomes), outcomes
+        assert waited < 1.0 + 1.0, f"the queued calls failed after {waited:.2f}s (timeout 1s)"
+    finally:
+        await redis.aclose()

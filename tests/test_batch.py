@@ -331,8 +331,8 @@ async def test_group_commit_queued_calls_share_one_deadline_timer(
     call stuck behind a stalled round trip still fails within its own timeout, and the
     answered ones leave the list of deadlines, which stays short."""
     redis = aioredis.Redis.from_url(private_redis.url)
+    commit = GroupCommit(redis, redis.register_script(SCRIPT), timeout=1.0, args=[0, 0])
     try:
-        commit = GroupCommit(redis, redis.register_script(SCRIPT), timeout=1.0, args=[0, 0])
         results = await asyncio.gather(*(commit(["k"], [str(n)]) for n in range(100)))
         assert len(results) == 100
         assert not commit._deadlines, f"{len(commit._deadlines)} answered calls kept"
@@ -346,5 +346,7 @@ async def test_group_commit_queued_calls_share_one_deadline_timer(
         waited = loop.time() - started
         assert all(isinstance(o, TimeoutError) for o in outcomes), outcomes
         assert waited < 1.0 + 1.0, f"the queued calls failed after {waited:.2f}s (timeout 1s)"
-    finally:
+        await eventually(lambda: not commit._busy)  # the batch behind them is over too
+    finally:  # the private server goes with the test: no need to unpause it
+        await commit.aclose()
         await redis.aclose()

@@ -20,6 +20,12 @@ error). Flat, because Redis turns nested Lua tables into a reply slowly. A long 
 is split into several such script calls (``MAX_CALLS``, ``MAX_BYTES``), pipelined in
 the same round trip.
 
+:meth:`GroupCommit.many` takes many calls at once (``send_many``) with one future per
+window of them, not one per call: a window is at most ``MAX_PIPELINE`` script calls,
+pipelined in one round trip (queued behind, and sharing it with, the calls already
+waiting if one is in flight); the windows go one after the other, each within
+``timeout`` of its own start.
+
 Round trips go through :class:`~quart_wslb.wire.Exchange` (replies parsed straight off the
 socket) where the client has sockets, and through a redis-py pipeline otherwise
 (fakeredis).
@@ -52,6 +58,11 @@ IDLE_RELEASE = 1.0
 #: its whole run, and ``route.lua`` publishes what one script call routes at once.
 MAX_CALLS = 128
 MAX_BYTES = 1 << 20
+#: Most script calls of :meth:`GroupCommit.many` in one round trip: bounds the bytes in
+#: flight and what one round trip asks of Redis (and of its ``timeout``).
+MAX_PIPELINE = 8
+#: A window of calls given at once, and the future that gets its replies (a list).
+Group = tuple[list[Args], "asyncio.Future[list[Any]]"]
 
 
 class GroupCommit:
@@ -71,6 +82,7 @@ class GroupCommit:
         self._keys, self._args = list(keys), list(args)  # first in every script call
         self._busy = False
         self._queue: list[Call] = []
+        self._groups: list[Group] = []  # windows of many(), queued like calls
         self._drainer: asyncio.Task[None] | None = None
         self._exchange = Exchange(redis)
         self._raw: bool | None = None  # whether the exchange can be used; known at first use
@@ -110,18 +122,52 @@ class GroupCommit:
                 raise result
             return result
         finally:
-            if self._queue:
-                self._drainer = asyncio.create_task(self._drain(), name="wslb-group-commit")
-            else:
-                self._idle()
+            self._handover()
+
+    async def many(self, calls: list[Args]) -> list[Any]:
+        """The script's replies to ``calls``, in order: a call that failed alone gets
+        its error in the list; a round trip that failed raises (``TimeoutError`` past
+        ``timeout``), and then the calls of the windows before it have run, and those
+        of its own may have. One future per window of ``MAX_PIPELINE`` script calls."""
+        results: list[Any] = []
+        for window in _windows(calls):
+            results += await self._window(window)
+        return results
+
+    async def _window(self, calls: list[Args]) -> list[Any]:
+        if self._release is not None:
+            self._release.cancel()
+            self._release = None
+        if self._busy:  # queued like a call: its deadline from now, one future
+            loop = asyncio.get_running_loop()
+            future: asyncio.Future[list[Any]] = loop.create_future()
+            self._groups.append((calls, future))
+            self._deadlines.append((loop.time() + self._timeout, future))
+            if self._watchdog is None:
+                self._arm()
+            return await future
+        self._busy = True
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await self._round_trip(calls)
+        finally:
+            self._handover()
+
+    def _handover(self) -> None:
+        """A lone round trip ended: drain what queued behind it, else go idle."""
+        if self._queue or self._groups:
+            self._drainer = asyncio.create_task(self._drain(), name="wslb-group-commit")
+        else:
+            self._idle()
 
     async def _drain(self) -> None:
         try:
-            while self._queue:
+            while self._queue or self._groups:
                 batch = [call for call in self._queue if not call[1].done()]
                 self._queue = []
-                if batch:  # else every caller gave up: nothing to send
-                    await self._run(batch)
+                groups = self._next_groups()
+                if batch or groups:  # else every caller gave up: nothing to send
+                    await self._run(batch, groups)
                 # Let the callers just answered run first: those that send again (any
                 # loop of sends) then join the next batch instead of each starting a
                 # round trip of its own. Only ever one event-loop turn, and only here,
@@ -129,10 +175,23 @@ class GroupCommit:
                 await asyncio.sleep(0)
         finally:
             self._idle()
-            for _, future in self._queue:  # only if cancelled: nobody is left waiting
+            abandoned = [f for _, f in self._queue] + [f for _, f in self._groups]
+            for future in abandoned:  # only if cancelled: nobody is left waiting
                 if not future.done():
                     future.set_exception(ConnectionError("the batch was abandoned"))
-            self._queue = []
+            self._queue, self._groups = [], []
+
+    def _next_groups(self) -> list[Group]:
+        """The queued windows still awaited, up to about one window's worth of calls
+        (at least one window): several ``many`` at once share a round trip, bounded."""
+        groups: list[Group] = []
+        size = 0
+        while self._groups and (not groups or size < MAX_PIPELINE * MAX_CALLS):
+            calls, future = self._groups.pop(0)
+            if not future.done():
+                groups.append((calls, future))
+                size += len(calls)
+        return groups
 
     def _arm(self) -> None:
         """Set the timer for the earliest deadline of a call still waiting, if any."""
@@ -154,19 +213,21 @@ class GroupCommit:
                 future.set_exception(TimeoutError())
         self._arm()
 
-    async def _run(self, batch: list[Call]) -> None:
+    async def _run(self, batch: list[Call], groups: Sequence[Group] = ()) -> None:
         try:
             async with asyncio.timeout(self._timeout):
                 await self._ready()
                 # Nothing left to wait for before the write: leave out now the calls
                 # whose callers gave up while the connection was made.
                 batch = [call for call in batch if not call[1].done()]
-                if not batch:
+                groups = [group for group in groups if not group[1].done()]
+                if not batch and not groups:
                     return
-                results = await self._pipeline(batch)
+                results = await self._pipeline(batch, groups)
         except Exception as error:  # the whole round trip failed: every caller hears it
-            results = [error] * len(batch)
-        for (_, future), result in zip(batch, results, strict=True):
+            results = [error] * (len(batch) + len(groups))
+        _answer_groups(groups, results[len(batch) :])
+        for (_, future), result in zip(batch, results, strict=False):
             if future.done():  # its caller gave up (its own deadline)
                 continue
             if isinstance(result, BaseException):
@@ -177,8 +238,17 @@ class GroupCommit:
         while deadlines and deadlines[0][1].done():
             deadlines.popleft()
 
-    async def _pipeline(self, batch: list[Call]) -> list[Any]:
-        return await self._round_trip([call for call, _ in batch])
+    async def _pipeline(self, batch: list[Call], groups: Sequence[Group] = ()) -> list[Any]:
+        """The replies of the calls of ``batch``, then one per group (its list)."""
+        calls = [call for call, _ in batch]
+        for group_calls, _ in groups:
+            calls += group_calls
+        results = await self._round_trip(calls)
+        at = len(batch)
+        for group_calls, _ in groups:
+            results[at : at + len(group_calls)] = [results[at : at + len(group_calls)]]
+            at += 1
+        return results
 
     async def _round_trip(self, calls: list[Args]) -> list[Any]:
         """Replies to ``calls`` in one round trip; errors are returned, not raised."""
@@ -252,6 +322,26 @@ class GroupCommit:
             self._release.cancel()
             self._release = None
         await self._exchange.release()
+
+
+def _answer_groups(groups: Sequence[Group], results: list[Any]) -> None:
+    """Give each still awaited window its replies (a list), or the round trip's error."""
+    for (_, future), result in zip(groups, results, strict=True):
+        if future.done():
+            continue
+        if isinstance(result, BaseException):
+            future.set_exception(result)
+        else:
+            future.set_result(result)
+
+
+def _windows(calls: list[Args]) -> list[list[Args]]:
+    """``calls`` in order, in windows of at most ``MAX_PIPELINE`` script calls."""
+    chunks = _chunks(calls) if calls else []
+    return [
+        [call for chunk in chunks[at : at + MAX_PIPELINE] for call in chunk]
+        for at in range(0, len(chunks), MAX_PIPELINE)
+    ]
 
 
 def _chunks(calls: list[Args]) -> list[list[Args]]:

@@ -13,7 +13,14 @@ import asyncio
 import concurrent.futures
 import os
 import threading
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Callable,
+    Coroutine,
+    Iterable,
+    Iterator,
+)
 from types import TracebackType
 from typing import Any, Self, TypeVar, cast
 
@@ -85,6 +92,11 @@ class Emitter:
     def send(self, selector: Selector, message: object) -> int:
         """Like :meth:`AsyncEmitter.send`: returns how many connections it routed to."""
         return self._call(lambda e: e.send(selector, message))
+
+    def send_many(self, messages: Iterable[tuple[Selector, object]]) -> list[int]:
+        """Like :meth:`AsyncEmitter.send_many`: each send's count, in order."""
+        pairs = list(messages)  # read here, in the caller's thread
+        return self._call(lambda e: e.send_many(pairs))
 
     def disconnect(self, selector: Selector, code: int = 1000, reason: str = "") -> int:
         """Like :meth:`AsyncEmitter.disconnect`."""

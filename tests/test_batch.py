@@ -384,7 +384,7 @@ async def test_group_commit_many_lone_windows_go_straight_out(
         evalsha.append(len(batch_))
         return await commands(batch_)
 
-    commit._commands = spy  # type: ignore[method-assign]
+    commit._commands = spy  # type: ignore[method-assign,assignment]
     calls: list[Any] = [([prefix], [str(n)], n == 3) for n in range(1100)]
     results = await commit.many(calls)
     assert [r[1] for r in results] == [str(n).encode() for n in range(1100)]

@@ -512,7 +512,8 @@ async def test_send_many_routes_mixed_selectors_in_order_in_few_round_trips(
     await redis.hset(keys.instances, "i1", json.dumps({"started_at": 1.0}))
     await redis.set(keys.heartbeat("i1"), "1")  # a broadcast counts live instances' records
     messages: list[tuple[Any, object]] = [(UserSelector("ab"[n % 2]), str(n)) for n in range(2100)]
-    extra = {700: (UserB(), "custom"), 1500: (GroupSelector("g"), b"group")}
+    extra: dict[int, tuple[Any, object]] = {700: (UserB(), "custom")}
+    extra[1500] = (GroupSelector("g"), b"group")
     extra |= {1800: (AllSelector(), {"all": 1}), 1900: (UserSelector("nobody"), "x")}
     for at, item in sorted(extra.items()):  # each at its final index
         messages.insert(at, item)

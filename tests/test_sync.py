@@ -176,7 +176,7 @@ def test_emitter_send_many_counts_in_order(
         with pytest.raises(TypeError):
             emitter.send_many([(UserSelector("bob"), None)])
     assert counts == [1 if n % 3 else 0 for n in range(1500)]
-    frames: list[bytes] = []
+    frames: list[str | bytes] = []
     for _ in range(1500):  # bounded: each read waits at most two seconds
         message = pubsub.get_message(ignore_subscribe_messages=True, timeout=2)
         if message is None:

@@ -62,7 +62,7 @@ MAX_BYTES = 1 << 20
 #: flight and what one round trip asks of Redis (and of its ``timeout``).
 MAX_PIPELINE = 8
 #: A window of calls given at once, and the future that gets its replies (a list).
-Group = tuple[list[Args], "asyncio.Future[list[Any]]"]
+Window = tuple[list[Args], "asyncio.Future[list[Any]]"]
 
 
 class GroupCommit:
@@ -82,7 +82,7 @@ class GroupCommit:
         self._keys, self._args = list(keys), list(args)  # first in every script call
         self._busy = False
         self._queue: list[Call] = []
-        self._groups: list[Group] = []  # windows of many(), queued like calls
+        self._window_queue: list[Window] = []  # windows of many(), queued like calls
         self._drainer: asyncio.Task[None] | None = None
         self._exchange = Exchange(redis)
         self._raw: bool | None = None  # whether the exchange can be used; known at first use
@@ -141,7 +141,7 @@ class GroupCommit:
         if self._busy:  # queued like a call: its deadline from now, one future
             loop = asyncio.get_running_loop()
             future: asyncio.Future[list[Any]] = loop.create_future()
-            self._groups.append((calls, future))
+            self._window_queue.append((calls, future))
             self._deadlines.append((loop.time() + self._timeout, future))
             if self._watchdog is None:
                 self._arm()
@@ -155,19 +155,19 @@ class GroupCommit:
 
     def _handover(self) -> None:
         """A lone round trip ended: drain what queued behind it, else go idle."""
-        if self._queue or self._groups:
+        if self._queue or self._window_queue:
             self._drainer = asyncio.create_task(self._drain(), name="wslb-group-commit")
         else:
             self._idle()
 
     async def _drain(self) -> None:
         try:
-            while self._queue or self._groups:
+            while self._queue or self._window_queue:
                 batch = [call for call in self._queue if not call[1].done()]
                 self._queue = []
-                groups = self._next_groups()
-                if batch or groups:  # else every caller gave up: nothing to send
-                    await self._run(batch, groups)
+                windows = self._next_windows()
+                if batch or windows:  # else every caller gave up: nothing to send
+                    await self._run(batch, windows)
                 # Let the callers just answered run first: those that send again (any
                 # loop of sends) then join the next batch instead of each starting a
                 # round trip of its own. Only ever one event-loop turn, and only here,
@@ -175,23 +175,23 @@ class GroupCommit:
                 await asyncio.sleep(0)
         finally:
             self._idle()
-            abandoned = [f for _, f in self._queue] + [f for _, f in self._groups]
+            abandoned = [f for _, f in self._queue] + [f for _, f in self._window_queue]
             for future in abandoned:  # only if cancelled: nobody is left waiting
                 if not future.done():
                     future.set_exception(ConnectionError("the batch was abandoned"))
-            self._queue, self._groups = [], []
+            self._queue, self._window_queue = [], []
 
-    def _next_groups(self) -> list[Group]:
+    def _next_windows(self) -> list[Window]:
         """The queued windows still awaited, up to about one window's worth of calls
         (at least one window): several ``many`` at once share a round trip, bounded."""
-        groups: list[Group] = []
+        windows: list[Window] = []
         size = 0
-        while self._groups and (not groups or size < MAX_PIPELINE * MAX_CALLS):
-            calls, future = self._groups.pop(0)
+        while self._window_queue and (not windows or size < MAX_PIPELINE * MAX_CALLS):
+            calls, future = self._window_queue.pop(0)
             if not future.done():
-                groups.append((calls, future))
+                windows.append((calls, future))
                 size += len(calls)
-        return groups
+        return windows
 
     def _arm(self) -> None:
         """Set the timer for the earliest deadline of a call still waiting, if any."""
@@ -213,21 +213,21 @@ class GroupCommit:
                 future.set_exception(TimeoutError())
         self._arm()
 
-    async def _run(self, batch: list[Call], groups: Sequence[Group] = ()) -> None:
+    async def _run(self, batch: list[Call], windows: Sequence[Window] = ()) -> None:
         try:
             async with asyncio.timeout(self._timeout):
                 await self._ready()
                 # Nothing left to wait for before the write: leave out now the calls
                 # whose callers gave up while the connection was made.
                 batch = [call for call in batch if not call[1].done()]
-                groups = [group for group in groups if not group[1].done()]
-                if not batch and not groups:
+                windows = [window for window in windows if not window[1].done()]
+                if not batch and not windows:
                     return
-                results = await self._pipeline(batch, groups)
+                results = await self._pipeline(batch, windows)
         except Exception as error:  # the whole round trip failed: every caller hears it
-            results = [error] * (len(batch) + len(groups))
-        _answer_groups(groups, results[len(batch) :])
-        for (_, future), result in zip(batch, results, strict=False):
+            results = [error] * (len(batch) + len(windows))
+        _answer_windows(windows, results[len(batch) :])
+        for (_, future), result in zip(batch, results[: len(batch)], strict=True):
             if future.done():  # its caller gave up (its own deadline)
                 continue
             if isinstance(result, BaseException):
@@ -238,15 +238,15 @@ class GroupCommit:
         while deadlines and deadlines[0][1].done():
             deadlines.popleft()
 
-    async def _pipeline(self, batch: list[Call], groups: Sequence[Group] = ()) -> list[Any]:
-        """The replies of the calls of ``batch``, then one per group (its list)."""
+    async def _pipeline(self, batch: list[Call], windows: Sequence[Window] = ()) -> list[Any]:
+        """The replies of the calls of ``batch``, then one per window (its list)."""
         calls = [call for call, _ in batch]
-        for group_calls, _ in groups:
-            calls += group_calls
+        for window_calls, _ in windows:
+            calls += window_calls
         results = await self._round_trip(calls)
         at = len(batch)
-        for group_calls, _ in groups:
-            results[at : at + len(group_calls)] = [results[at : at + len(group_calls)]]
+        for window_calls, _ in windows:
+            results[at : at + len(window_calls)] = [results[at : at + len(window_calls)]]
             at += 1
         return results
 
@@ -324,9 +324,9 @@ class GroupCommit:
         await self._exchange.release()
 
 
-def _answer_groups(groups: Sequence[Group], results: list[Any]) -> None:
+def _answer_windows(windows: Sequence[Window], results: list[Any]) -> None:
     """Give each still awaited window its replies (a list), or the round trip's error."""
-    for (_, future), result in zip(groups, results, strict=True):
+    for (_, future), result in zip(windows, results, strict=True):
         if future.done():
             continue
         if isinstance(result, BaseException):

@@ -202,7 +202,7 @@ class AsyncEmitter:
         for Redis): then the sends before it were routed, and some after it may have
         been.
         """
-        routes = await self.route_many(pack_many(messages))
+        routes = await self._route_many(pack_many(messages))  # packed: valid already
         return [route.routed for route in routes]
 
     async def route_many(self, messages: Sequence[tuple[Selector, Kind, bytes]]) -> list[Route]:
@@ -211,6 +211,9 @@ class AsyncEmitter:
         for selector, kind, payload in messages:
             _check(selector)
             _check_payload(kind, payload)
+        return await self._route_many(messages)
+
+    async def _route_many(self, messages: Sequence[tuple[Selector, Kind, bytes]]) -> list[Route]:
         if messages and not self._layout_seen:
             async with redis_deadline(self.timeout, "send"):
                 await self._check_layout()
@@ -568,7 +571,7 @@ def pack_many(messages: Iterable[tuple[Selector, object]]) -> list[tuple[Selecto
     packed: list[tuple[Selector, Kind, bytes]] = []
     for pair in messages:
         if not isinstance(pair, tuple) or len(pair) != 2:
-            raise TypeError(f"send_many takes (selector, message) pairs, not {pair!r:.60}")
+            raise TypeError("each item of send_many must be a (selector, message) tuple")
         _check(pair[0])
         packed.append((pair[0], *pack(pair[1])))
     return packed

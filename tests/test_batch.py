@@ -55,9 +55,9 @@ class Counting(GroupCommit):
 
     pipelines = 0
 
-    async def _pipeline(self, batch: Any, groups: Any = ()) -> list[Any]:
+    async def _pipeline(self, batch: Any, windows: Any = ()) -> list[Any]:
         self.pipelines += 1
-        return await super()._pipeline(batch, groups)
+        return await super()._pipeline(batch, windows)
 
 
 def make(redis: aioredis.Redis) -> Counting:
@@ -69,9 +69,9 @@ def batch_sizes(commit: GroupCommit) -> list[int]:
     sizes: list[int] = []
     run = commit._run
 
-    async def spy(batch: Any, groups: Any = ()) -> None:
+    async def spy(batch: Any, windows: Any = ()) -> None:
         sizes.append(len(batch))
-        await run(batch, groups)
+        await run(batch, windows)
 
     commit._run = spy  # type: ignore[method-assign]
     return sizes

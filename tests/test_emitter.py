@@ -31,7 +31,7 @@ from quart_wslb.envelope import decode
 from quart_wslb.keys import LAYOUT, Keys
 from quart_wslb.registry import Registry
 from quart_wslb.testing import RedisServer, free_port
-from tests.support import eventually, make_connection
+from tests.support import eventually, make_connection, round_trips
 
 MANY = PAGE * 2 + 37  # more than two pages
 
@@ -302,14 +302,7 @@ async def test_a_batch_of_mixed_sends_routes_each_its_own(
     await redis.set(keys.heartbeat("i1"), "1")
     await redis.set(keys.path("/bad"), "not a set")
     await emitter.route(UserSelector("u0"), "text", b"warm-up")
-    evalsha: list[int] = []
-    commands = emitter._publish._commands
-
-    async def spy(batch: list[list[Any]]) -> list[Any]:
-        evalsha.append(sum(command[0] == "EVALSHA" for command in batch))
-        return await commands(batch)
-
-    emitter._publish._commands = spy  # type: ignore[method-assign,assignment]
+    trips = round_trips(emitter._publish)
     async with redis.pubsub() as pubsub:
         await pubsub.subscribe(keys.channel("i1"), keys.broadcast)
         results = await asyncio.gather(
@@ -325,7 +318,7 @@ async def test_a_batch_of_mixed_sends_routes_each_its_own(
     assert "WRONGTYPE" in str(results[3])
     # The first goes alone; then u1 and the broadcast share a script call, and each
     # set-reading send has its own, all in one round trip.
-    assert evalsha == [1, 3]
+    assert [trip.count("EVALSHA") for trip in trips] == [1, 3]
 
 
 async def test_route_refuses_what_receivers_could_not_decode(emitter: AsyncEmitter) -> None:
@@ -521,14 +514,7 @@ async def test_send_many_routes_mixed_selectors_in_order_in_few_round_trips(
     for at, count in zip(sorted(extra), (2, 1, 3, 0), strict=True):
         expected[at] = count
     await emitter.send(UserSelector("a"), "warm-up")
-    pipelines: list[int] = []
-    commands = emitter._publish._commands
-
-    async def spy(batch: list[list[Any]]) -> list[Any]:
-        pipelines.append(sum(command[0] == "EVALSHA" for command in batch))
-        return await commands(batch)
-
-    emitter._publish._commands = spy  # type: ignore[method-assign,assignment]
+    trips = round_trips(emitter._publish)
     async with redis.pubsub() as pubsub:
         await pubsub.subscribe(keys.channel("i1"), keys.broadcast)
         for _ in range(2):
@@ -547,6 +533,7 @@ async def test_send_many_routes_mixed_selectors_in_order_in_few_round_trips(
     wanted.remove(routes[1800].message_id)
     assert [r.routed for r in routes] == expected
     assert heard == wanted
+    pipelines = [trip.count("EVALSHA") for trip in trips]
     assert max(pipelines) <= MAX_PIPELINE, pipelines
     # 2104 sends in 17 script calls, and the custom one routed alone between them.
     assert len(pipelines) <= 6, pipelines

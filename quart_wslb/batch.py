@@ -130,18 +130,20 @@ class GroupCommit:
         ``timeout``), and then the calls of the windows before it have run, and those
         of its own may have. One future per window of ``MAX_PIPELINE`` script calls."""
         results: list[Any] = []
-        for window in _windows(calls):
-            results += await self._window(window)
+        for chunks in _windows(calls):
+            results += await self._window(chunks)
         return results
 
-    async def _window(self, calls: list[Args]) -> list[Any]:
+    async def _window(self, chunks: list[list[Args]]) -> list[Any]:
+        """One window's replies: its script calls (``chunks``) in a round trip of their
+        own, or, queued behind one in flight, in the next with the calls queued too."""
         if self._release is not None:
             self._release.cancel()
             self._release = None
         if self._busy:  # queued like a call: its deadline from now, one future
             loop = asyncio.get_running_loop()
             future: asyncio.Future[list[Any]] = loop.create_future()
-            self._window_queue.append((calls, future))
+            self._window_queue.append(([call for chunk in chunks for call in chunk], future))
             self._deadlines.append((loop.time() + self._timeout, future))
             if self._watchdog is None:
                 self._arm()
@@ -149,7 +151,7 @@ class GroupCommit:
         self._busy = True
         try:
             async with asyncio.timeout(self._timeout):
-                return await self._round_trip(calls)
+                return await self._round_trip([], chunks)  # cut already
         finally:
             self._handover()
 
@@ -250,9 +252,12 @@ class GroupCommit:
             at += 1
         return results
 
-    async def _round_trip(self, calls: list[Args]) -> list[Any]:
-        """Replies to ``calls`` in one round trip; errors are returned, not raised."""
-        chunks = _chunks(calls)
+    async def _round_trip(
+        self, calls: list[Args], chunks: list[list[Args]] | None = None
+    ) -> list[Any]:
+        """Replies to ``calls`` (or to those of ``chunks``, cut into script calls
+        already) in one round trip; errors are returned, not raised."""
+        chunks = _chunks(calls) if chunks is None else chunks
         commands = [self._evalsha(chunk) for chunk in chunks]
         replies = await self._commands(commands)
         missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
@@ -335,13 +340,10 @@ def _answer_windows(windows: Sequence[Window], results: list[Any]) -> None:
             future.set_result(result)
 
 
-def _windows(calls: list[Args]) -> list[list[Args]]:
-    """``calls`` in order, in windows of at most ``MAX_PIPELINE`` script calls."""
+def _windows(calls: list[Args]) -> list[list[list[Args]]]:
+    """``calls`` in order, cut into script calls, in windows of at most ``MAX_PIPELINE``."""
     chunks = _chunks(calls) if calls else []
-    return [
-        [call for chunk in chunks[at : at + MAX_PIPELINE] for call in chunk]
-        for at in range(0, len(chunks), MAX_PIPELINE)
-    ]
+    return [chunks[at : at + MAX_PIPELINE] for at in range(0, len(chunks), MAX_PIPELINE)]
 
 
 def _chunks(calls: list[Args]) -> list[list[Args]]:

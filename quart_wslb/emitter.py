@@ -6,7 +6,8 @@ script or another web framework. It never subscribes and never appears as an ins
 
 A built-in selector is resolved by Redis itself: a send is one script call that resolves
 it and publishes one envelope per owning instance, and concurrent sends share that script
-call and those publishes (:mod:`quart_wslb.batch`). A :class:`CustomSelector` is
+call and those publishes (:mod:`quart_wslb.batch`); :meth:`AsyncEmitter.send_many`
+hands it many sends at once. A :class:`CustomSelector` is
 evaluated here, over records read in bounded pages, and its matches are then routed by
 id, a page at a time.
 """

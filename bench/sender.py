@@ -11,6 +11,13 @@ benchmark's sending instance does. Each run reports this process's CPU µs per s
 Redis, network excluded).
 
     .venv/bin/python -m bench.sender [--messages 40000] [--senders 32] [--repeat 3]
+
+``--compare`` instead sends ``--messages`` (10,000 by default then) messages three ways
+per run: a loop of ``await send`` (one in flight), ``--senders`` concurrent senders, and
+one ``send_many`` of them all; it prints each one's sends/s and the ratio of
+``send_many`` to the concurrent senders.
+
+    .venv/bin/python -m bench.sender --compare [--messages 10000] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -62,6 +69,37 @@ async def measure(emitter: AsyncEmitter, redis: Redis, args: argparse.Namespace)
     )
 
 
+async def compare(emitter: AsyncEmitter, args: argparse.Namespace) -> str:
+    """One run of ``--compare``: sends/s of a loop, of concurrent senders, of send_many."""
+    text = "x" * args.payload
+    pairs = [(UserSelector(user_name(i % args.users)), text) for i in range(args.messages)]
+
+    async def senders(count: int) -> None:
+        work = iter(pairs)
+
+        async def sender() -> None:
+            for selector, message in work:
+                await emitter.send(selector, message)
+
+        await asyncio.gather(*(sender() for _ in range(count)))
+
+    async def many(_: int) -> None:
+        await emitter.send_many(pairs)
+
+    rates = []
+    for way, count in ((senders, 1), (senders, args.senders), (many, 0)):
+        start = time.perf_counter()
+        async with asyncio.timeout(BUDGET):
+            await way(count)
+        rates.append(args.messages / (time.perf_counter() - start))
+    loop, concurrent, batched = rates
+    return (
+        f"loop {loop:8.0f} sends/s  {args.senders} senders {concurrent:8.0f} sends/s  "
+        f"send_many {batched:8.0f} sends/s  send_many/{args.senders} senders "
+        f"{batched / concurrent:5.2f}"
+    )
+
+
 def listener(url: str, channel: str) -> subprocess.Popen[bytes]:
     """A process subscribed to ``channel`` that discards what it hears."""
     if shutil.which("redis-cli"):
@@ -89,7 +127,10 @@ async def run(args: argparse.Namespace) -> None:
                 await asyncio.sleep(0.05)
             await emitter.send(UserSelector(user_name(0)), "warm-up")  # script, layout
             for _ in range(args.repeat):
-                print(await measure(emitter, redis, args), flush=True)
+                if args.compare:
+                    print(await compare(emitter, args), flush=True)
+                else:
+                    print(await measure(emitter, redis, args), flush=True)
         finally:
             heard.kill()
             heard.wait(10)
@@ -99,12 +140,18 @@ async def run(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.sender", description=__doc__)
-    parser.add_argument("--messages", type=int, default=40_000, help="sends per run")
+    parser.add_argument("--messages", type=int, help="sends per run (40,000; 10,000 to compare)")
     parser.add_argument("--senders", type=int, default=32, help="sends in flight")
     parser.add_argument("--users", type=int, default=200, help="distinct users")
     parser.add_argument("--payload", type=int, default=200, help="characters per message")
     parser.add_argument("--repeat", type=int, default=3, help="runs")
-    asyncio.run(run(parser.parse_args()))
+    parser.add_argument(
+        "--compare", action="store_true", help="a loop, concurrent senders, send_many"
+    )
+    args = parser.parse_args()
+    if args.messages is None:
+        args.messages = 10_000 if args.compare else 40_000
+    asyncio.run(run(args))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,12 @@ error). Flat, because Redis turns nested Lua tables into a reply slowly. A long 
 is split into several such script calls (``MAX_CALLS``, ``MAX_BYTES``), pipelined in
 the same round trip.
 
+:meth:`GroupCommit.many` takes many calls at once (``send_many``) with one future per
+window of them, not one per call: a window is at most ``MAX_PIPELINE`` script calls,
+pipelined in one round trip (queued behind, and sharing it with, the calls already
+waiting if one is in flight); the windows go one after the other, each within
+``timeout`` of its own start.
+
 Round trips go through :class:`~quart_wslb.wire.Exchange` (replies parsed straight off the
 socket) where the client has sockets, and through a redis-py pipeline otherwise
 (fakeredis).
@@ -52,6 +58,11 @@ IDLE_RELEASE = 1.0
 #: its whole run, and ``route.lua`` publishes what one script call routes at once.
 MAX_CALLS = 128
 MAX_BYTES = 1 << 20
+#: Most script calls of :meth:`GroupCommit.many` in one round trip: bounds the bytes in
+#: flight and what one round trip asks of Redis (and of its ``timeout``).
+MAX_PIPELINE = 8
+#: A window of calls given at once, and the future that gets its replies (a list).
+Window = tuple[list[Args], "asyncio.Future[list[Any]]"]
 
 
 class GroupCommit:
@@ -71,6 +82,7 @@ class GroupCommit:
         self._keys, self._args = list(keys), list(args)  # first in every script call
         self._busy = False
         self._queue: list[Call] = []
+        self._window_queue: list[Window] = []  # windows of many(), queued like calls
         self._drainer: asyncio.Task[None] | None = None
         self._exchange = Exchange(redis)
         self._raw: bool | None = None  # whether the exchange can be used; known at first use
@@ -110,18 +122,54 @@ class GroupCommit:
                 raise result
             return result
         finally:
-            if self._queue:
-                self._drainer = asyncio.create_task(self._drain(), name="wslb-group-commit")
-            else:
-                self._idle()
+            self._handover()
+
+    async def many(self, calls: list[Args]) -> list[Any]:
+        """The script's replies to ``calls``, in order: a call that failed alone gets
+        its error in the list; a round trip that failed raises (``TimeoutError`` past
+        ``timeout``), and then the calls of the windows before it have run, and those
+        of its own may have. One future per window of ``MAX_PIPELINE`` script calls."""
+        results: list[Any] = []
+        for chunks in _windows(calls):
+            results += await self._window(chunks)
+        return results
+
+    async def _window(self, chunks: list[list[Args]]) -> list[Any]:
+        """One window's replies: its script calls (``chunks``) in a round trip of their
+        own, or, queued behind one in flight, in the next with the calls queued too."""
+        if self._release is not None:
+            self._release.cancel()
+            self._release = None
+        if self._busy:  # queued like a call: its deadline from now, one future
+            loop = asyncio.get_running_loop()
+            future: asyncio.Future[list[Any]] = loop.create_future()
+            self._window_queue.append(([call for chunk in chunks for call in chunk], future))
+            self._deadlines.append((loop.time() + self._timeout, future))
+            if self._watchdog is None:
+                self._arm()
+            return await future
+        self._busy = True
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await self._round_trip([], chunks)  # cut already
+        finally:
+            self._handover()
+
+    def _handover(self) -> None:
+        """A lone round trip ended: drain what queued behind it, else go idle."""
+        if self._queue or self._window_queue:
+            self._drainer = asyncio.create_task(self._drain(), name="wslb-group-commit")
+        else:
+            self._idle()
 
     async def _drain(self) -> None:
         try:
-            while self._queue:
+            while self._queue or self._window_queue:
                 batch = [call for call in self._queue if not call[1].done()]
                 self._queue = []
-                if batch:  # else every caller gave up: nothing to send
-                    await self._run(batch)
+                windows = self._next_windows()
+                if batch or windows:  # else every caller gave up: nothing to send
+                    await self._run(batch, windows)
                 # Let the callers just answered run first: those that send again (any
                 # loop of sends) then join the next batch instead of each starting a
                 # round trip of its own. Only ever one event-loop turn, and only here,
@@ -129,10 +177,23 @@ class GroupCommit:
                 await asyncio.sleep(0)
         finally:
             self._idle()
-            for _, future in self._queue:  # only if cancelled: nobody is left waiting
+            abandoned = [f for _, f in self._queue] + [f for _, f in self._window_queue]
+            for future in abandoned:  # only if cancelled: nobody is left waiting
                 if not future.done():
                     future.set_exception(ConnectionError("the batch was abandoned"))
-            self._queue = []
+            self._queue, self._window_queue = [], []
+
+    def _next_windows(self) -> list[Window]:
+        """The queued windows still awaited, up to about one window's worth of calls
+        (at least one window): several ``many`` at once share a round trip, bounded."""
+        windows: list[Window] = []
+        size = 0
+        while self._window_queue and (not windows or size < MAX_PIPELINE * MAX_CALLS):
+            calls, future = self._window_queue.pop(0)
+            if not future.done():
+                windows.append((calls, future))
+                size += len(calls)
+        return windows
 
     def _arm(self) -> None:
         """Set the timer for the earliest deadline of a call still waiting, if any."""
@@ -154,19 +215,21 @@ class GroupCommit:
                 future.set_exception(TimeoutError())
         self._arm()
 
-    async def _run(self, batch: list[Call]) -> None:
+    async def _run(self, batch: list[Call], windows: Sequence[Window] = ()) -> None:
         try:
             async with asyncio.timeout(self._timeout):
                 await self._ready()
                 # Nothing left to wait for before the write: leave out now the calls
                 # whose callers gave up while the connection was made.
                 batch = [call for call in batch if not call[1].done()]
-                if not batch:
+                windows = [window for window in windows if not window[1].done()]
+                if not batch and not windows:
                     return
-                results = await self._pipeline(batch)
+                results = await self._pipeline(batch, windows)
         except Exception as error:  # the whole round trip failed: every caller hears it
-            results = [error] * len(batch)
-        for (_, future), result in zip(batch, results, strict=True):
+            results = [error] * (len(batch) + len(windows))
+        _answer_windows(windows, results[len(batch) :])
+        for (_, future), result in zip(batch, results[: len(batch)], strict=True):
             if future.done():  # its caller gave up (its own deadline)
                 continue
             if isinstance(result, BaseException):
@@ -177,12 +240,24 @@ class GroupCommit:
         while deadlines and deadlines[0][1].done():
             deadlines.popleft()
 
-    async def _pipeline(self, batch: list[Call]) -> list[Any]:
-        return await self._round_trip([call for call, _ in batch])
+    async def _pipeline(self, batch: list[Call], windows: Sequence[Window] = ()) -> list[Any]:
+        """The replies of the calls of ``batch``, then one per window (its list)."""
+        calls = [call for call, _ in batch]
+        for window_calls, _ in windows:
+            calls += window_calls
+        results = await self._round_trip(calls)
+        at = len(batch)
+        for window_calls, _ in windows:
+            results[at : at + len(window_calls)] = [results[at : at + len(window_calls)]]
+            at += 1
+        return results
 
-    async def _round_trip(self, calls: list[Args]) -> list[Any]:
-        """Replies to ``calls`` in one round trip; errors are returned, not raised."""
-        chunks = _chunks(calls)
+    async def _round_trip(
+        self, calls: list[Args], chunks: list[list[Args]] | None = None
+    ) -> list[Any]:
+        """Replies to ``calls`` (or to those of ``chunks``, cut into script calls
+        already) in one round trip; errors are returned, not raised."""
+        chunks = _chunks(calls) if chunks is None else chunks
         commands = [self._evalsha(chunk) for chunk in chunks]
         replies = await self._commands(commands)
         missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
@@ -252,6 +327,23 @@ class GroupCommit:
             self._release.cancel()
             self._release = None
         await self._exchange.release()
+
+
+def _answer_windows(windows: Sequence[Window], results: list[Any]) -> None:
+    """Give each still awaited window its replies (a list), or the round trip's error."""
+    for (_, future), result in zip(windows, results, strict=True):
+        if future.done():
+            continue
+        if isinstance(result, BaseException):
+            future.set_exception(result)
+        else:
+            future.set_result(result)
+
+
+def _windows(calls: list[Args]) -> list[list[list[Args]]]:
+    """``calls`` in order, cut into script calls, in windows of at most ``MAX_PIPELINE``."""
+    chunks = _chunks(calls) if calls else []
+    return [chunks[at : at + MAX_PIPELINE] for at in range(0, len(chunks), MAX_PIPELINE)]
 
 
 def _chunks(calls: list[Args]) -> list[list[Args]]:

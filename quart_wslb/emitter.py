@@ -6,7 +6,8 @@ script or another web framework. It never subscribes and never appears as an ins
 
 A built-in selector is resolved by Redis itself: a send is one script call that resolves
 it and publishes one envelope per owning instance, and concurrent sends share that script
-call and those publishes (:mod:`quart_wslb.batch`). A :class:`CustomSelector` is
+call and those publishes (:mod:`quart_wslb.batch`); :meth:`AsyncEmitter.send_many`
+hands it many sends at once. A :class:`CustomSelector` is
 evaluated here, over records read in bounded pages, and its matches are then routed by
 id, a page at a time.
 """
@@ -14,7 +15,7 @@ id, a page at a time.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Generator, Sequence
+from collections.abc import AsyncIterator, Generator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Self, TypeVar, cast
 
@@ -22,7 +23,7 @@ from redis.asyncio import Redis
 
 from ._compat import check
 from ._lua import source
-from .batch import GroupCommit
+from .batch import Args, GroupCommit
 from .config import EmitterOptions, default_instance_id, emitter_options, validated_instance_id
 from .connection import ConnectionRecord
 from .envelope import KINDS, Kind, close_payload, head, pack
@@ -188,6 +189,75 @@ class AsyncEmitter:
         kind, payload = pack(message)
         return (await self._route(selector, kind, payload)).routed
 
+    async def send_many(self, messages: Iterable[tuple[Selector, object]]) -> list[int]:
+        """Send each ``(selector, message)`` as :meth:`send` would, in order, in as few
+        round trips as batching allows; returns each one's count of connections.
+
+        Every pair is checked first: a bad selector or message raises ``TypeError``
+        before anything is published. Built-in selectors' sends go out as script calls
+        of up to ``MAX_CALLS`` sends, ``MAX_PIPELINE`` of them per round trip (10,000
+        one-user sends: 79 script calls in 10 round trips), each round trip bounded by
+        ``timeout`` from its own start, so the whole by ``timeout`` per round trip; a
+        custom selector's send goes alone, between them, as :meth:`send` routes it.
+        An error raises as :meth:`send`'s would (:class:`~quart_wslb.RedisUnavailableError`
+        for Redis): then the sends before it were routed, and some after it may have
+        been.
+        """
+        routes = await self._route_many(pack_many(messages))  # packed: valid already
+        return [route.routed for route in routes]
+
+    async def route_many(self, messages: Sequence[tuple[Selector, Kind, bytes]]) -> list[Route]:
+        """:meth:`route` for each ``(selector, kind, payload)``, batched as
+        :meth:`send_many` does; every one is checked before anything is published."""
+        for selector, kind, payload in messages:
+            _check(selector)
+            _check_payload(kind, payload)
+        return await self._route_many(messages)
+
+    async def _route_many(self, messages: Sequence[tuple[Selector, Kind, bytes]]) -> list[Route]:
+        if messages and not self._layout_seen:
+            async with redis_deadline(self.timeout, "send"):
+                await self._check_layout()
+        routes: list[Route] = []
+        start = 0
+        for at, (selector, kind, payload) in enumerate(messages):
+            if not selector.indexed:  # the built-in ones before it go first, in order
+                routes += await self._route_indexed(messages[start:at])
+                routes.append(await self._route(selector, kind, payload))
+                start = at + 1
+        routes += await self._route_indexed(messages[start:])
+        return routes
+
+    async def _route_indexed(
+        self, messages: Sequence[tuple[Selector, Kind, bytes]]
+    ) -> list[Route]:
+        """The routes of built-in selectors' messages, through ``GroupCommit.many``."""
+        if not messages:
+            return []
+        ids: list[str] = []
+        calls: list[Args] = []
+        for selector, kind, payload in messages:
+            message_id = os.urandom(8).hex()
+            program = selector.compile(self.keys)
+            signature = (
+                b"" if self._keyring is None else self._sign(message_id, kind, payload, program)
+            )
+            ids.append(message_id)
+            args: list[bytes | str] = [message_id, kind, payload, signature, *program.ops]
+            calls.append((program.keys, args, _heavy(program)))
+        try:
+            replies = await self._publish.many(calls)
+        except REDIS_FAILURES as error:
+            raise ours(error, "send") from error
+        routes = []
+        for message_id, reply in zip(ids, replies, strict=True):
+            if isinstance(reply, BaseException):
+                if isinstance(reply, REDIS_FAILURES):
+                    raise ours(reply, "send") from reply
+                raise reply
+            routes.append(self._indexed_route(message_id, self._checked(reply)))
+        return routes
+
     async def disconnect(self, selector: Selector, code: int = 1000, reason: str = "") -> int:
         """Close every matching connection, on whichever instance owns it.
 
@@ -204,13 +274,7 @@ class AsyncEmitter:
         published: concurrent sends share envelopes, and one bad message would cost the
         others theirs.
         """
-        if kind not in KINDS:
-            raise ValueError(f"unknown kind {kind!r}")
-        if kind != "binary":
-            try:
-                payload.decode("utf-8")
-            except (UnicodeDecodeError, AttributeError) as error:
-                raise ValueError(f"a {kind} payload must be UTF-8 bytes") from error
+        _check_payload(kind, payload)
         return await self._route(selector, kind, payload)
 
     async def _route(self, selector: Selector, kind: Kind, payload: bytes) -> Route:
@@ -222,10 +286,7 @@ class AsyncEmitter:
             reply = await self._route_program(
                 message_id, selector.compile(self.keys), kind, payload
             )
-            routed, reached = reply[0], reply[1]
-            unheard = _names(reply[2 + reached :]) if reached >= 0 else ()
-            # reached: how many instances (-1: a broadcast's count of them follows)
-            return Route(message_id, routed, reached if reached >= 0 else reply[2], unheard)
+            return self._indexed_route(message_id, reply)
         # Pages of matches, by id: an instance may own connections on several pages.
         total, owners, missed = 0, set[str](), set[str]()
         async for ids in self._matching_ids(selector):
@@ -266,10 +327,23 @@ class AsyncEmitter:
             )
         except REDIS_FAILURES as error:  # not redis_errors(): this is the hot path
             raise ours(error, "send") from error
+        return self._checked(reply)
+
+    def _checked(self, reply: list[Any]) -> list[Any]:
+        """route.lua's reply, or ``[0, 0]`` (or ``NoInstancesError`` if strict) when no
+        instance ever announced itself."""
         if reply[0] == -1:
             self._no_instances()
             return [0, 0]
         return reply
+
+    @staticmethod
+    def _indexed_route(message_id: str, reply: list[Any]) -> Route:
+        """The :class:`Route` of a built-in selector's send, from route.lua's reply."""
+        routed, reached = reply[0], reply[1]
+        unheard = _names(reply[2 + reached :]) if reached >= 0 else ()
+        # reached: how many instances (-1: a broadcast's count of them follows)
+        return Route(message_id, routed, reached if reached >= 0 else reply[2], unheard)
 
     def _sign(self, message_id: str, kind: Kind, payload: bytes, program: Program) -> bytes:
         """The fragment that opens the message's entries: empty without a secret."""
@@ -490,6 +564,30 @@ def _heavy(program: Program) -> bool:
     cannot stall everyone else's commands. One user, one id or a broadcast is light."""
     ops = program.ops
     return len(ops) != 1 or ops[0][0] not in "UCB"
+
+
+def pack_many(messages: Iterable[tuple[Selector, object]]) -> list[tuple[Selector, Kind, bytes]]:
+    """``(selector, kind, payload)`` of each ``(selector, message)`` pair, as
+    :meth:`AsyncEmitter.send` packs one; ``TypeError`` for a bad pair."""
+    packed: list[tuple[Selector, Kind, bytes]] = []
+    for pair in messages:
+        if not isinstance(pair, tuple) or len(pair) != 2:
+            raise TypeError("each item of send_many must be a (selector, message) tuple")
+        _check(pair[0])
+        packed.append((pair[0], *pack(pair[1])))
+    return packed
+
+
+def _check_payload(kind: object, payload: bytes) -> None:
+    """Raise ``ValueError`` for an unknown ``kind`` or a payload receivers could not
+    decode (text that is not UTF-8)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}")
+    if kind != "binary":
+        try:
+            payload.decode("utf-8")
+        except (UnicodeDecodeError, AttributeError) as error:
+            raise ValueError(f"a {kind} payload must be UTF-8 bytes") from error
 
 
 def _names(raw: list[bytes]) -> tuple[str, ...]:

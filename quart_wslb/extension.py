@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +18,7 @@ from .asgi import ACTIVITY, GOING_AWAY, WebsocketGuard
 from .clients import ClientLiveness
 from .config import QueueFullPolicy, Settings, UserGetter, resolve_settings
 from .connection import Activity, Connection, ConnectionRecord
-from .emitter import EVERYONE, AsyncEmitter, Stream
+from .emitter import EVERYONE, AsyncEmitter, Route, Stream, pack_many
 from .envelope import pack
 from .exceptions import (
     NotStartedError,
@@ -164,6 +164,11 @@ class WsLoadBalance:
         """
         kind, payload = pack(message)
         route = await self.emitter.route(selector, kind, payload)
+        await self._routed(selector, route)
+        return route.routed
+
+    async def _routed(self, selector: Selector, route: Route) -> None:
+        """Log a route's unheard owners; ``message_routed``, when someone listens."""
         if route.unheard:
             log.info("message %s: nobody listens for %s", route.message_id, route.unheard)
         if signals.message_routed.receivers:  # the hot path: no call when nobody listens
@@ -175,7 +180,22 @@ class WsLoadBalance:
                 routed=route.routed,
                 instances=route.instances,
             )
-        return route.routed
+
+    async def send_many(self, messages: Iterable[tuple[Selector, object]]) -> list[int]:
+        """Send each ``(selector, message)`` as :meth:`send` would, in order, in as few
+        round trips as batching allows; returns each one's count of connections.
+
+        Every pair is checked before anything is published (``TypeError``). A Redis
+        failure raises as :meth:`send`'s does; the sends before it were routed, and
+        some after it may have been. See :meth:`AsyncEmitter.send_many
+        <quart_wslb.AsyncEmitter.send_many>` for the batching and its time bound.
+        ``message_routed`` is sent once per message, when someone listens.
+        """
+        packed = pack_many(messages)
+        routes = await self.emitter.route_many(packed)
+        for (selector, _, _), route in zip(packed, routes, strict=True):
+            await self._routed(selector, route)
+        return [route.routed for route in routes]
 
     async def disconnect(self, selector: Selector, code: int = 1000, reason: str = "") -> int:
         """Close every matching connection, on whichever instance owns it.

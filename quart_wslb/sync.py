@@ -13,10 +13,18 @@ import asyncio
 import concurrent.futures
 import os
 import threading
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Callable,
+    Coroutine,
+    Iterable,
+    Iterator,
+)
 from types import TracebackType
 from typing import Any, Self, TypeVar, cast
 
+from .batch import MAX_CALLS, MAX_PIPELINE
 from .config import EmitterOptions, emitter_options, validated_instance_id
 from .connection import ConnectionRecord
 from .emitter import EVERYONE, AsyncEmitter
@@ -86,6 +94,13 @@ class Emitter:
         """Like :meth:`AsyncEmitter.send`: returns how many connections it routed to."""
         return self._call(lambda e: e.send(selector, message))
 
+    def send_many(self, messages: Iterable[tuple[Selector, object]]) -> list[int]:
+        """Like :meth:`AsyncEmitter.send_many`: each send's count, in order."""
+        pairs = list(messages)  # read here, in the caller's thread
+        # Each window of sends is a round trip bounded on its own: patience for each.
+        windows = 1 + len(pairs) // (MAX_CALLS * MAX_PIPELINE)
+        return self._call(lambda e: e.send_many(pairs), windows)
+
     def disconnect(self, selector: Selector, code: int = 1000, reason: str = "") -> int:
         """Like :meth:`AsyncEmitter.disconnect`."""
         return self._call(lambda e: e.disconnect(selector, code, reason))
@@ -141,10 +156,10 @@ class Emitter:
     ) -> None:
         self.close()
 
-    def _call(self, work: Callable[[AsyncEmitter], Coroutine[Any, Any, T]]) -> T:
+    def _call(self, work: Callable[[AsyncEmitter], Coroutine[Any, Any, T]], steps: int = 1) -> T:
         loop, emitter = self._started()
         future = asyncio.run_coroutine_threadsafe(work(emitter), loop)
-        return _result(future, self.timeout)
+        return _result(future, self.timeout * steps)
 
     def _iterate(self, stream: Callable[[AsyncEmitter], AsyncIterable[T]]) -> Iterator[T]:
         loop, emitter = self._started()

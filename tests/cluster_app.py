@@ -159,6 +159,13 @@ async def send() -> dict[str, Any]:
     return {"routed": routed}
 
 
+@app.post("/send_many")
+async def send_many() -> dict[str, Any]:
+    body = await request.get_json()
+    pairs = [(selector_from(spec), message) for spec, message in body["messages"]]
+    return {"routed": await wslb.send_many(pairs)}
+
+
 @app.post("/send_raw")
 async def send_raw() -> dict[str, Any]:
     body = await request.get_data()

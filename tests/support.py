@@ -21,6 +21,7 @@ from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.client import PubSub
 
 from quart_wslb import WsLoadBalance, current_connection, ws_route
+from quart_wslb.batch import GroupCommit
 from quart_wslb.config import QueueFullPolicy
 from quart_wslb.connection import Connection
 from quart_wslb.envelope import Frame
@@ -254,3 +255,16 @@ def in_use(pool: ConnectionPool) -> int:
     if not isinstance(taken, set):
         raise AssertionError("redis-py's pool has no _in_use_connections set: update in_use")
     return len(taken)
+
+
+def round_trips(commit: GroupCommit) -> list[list[str]]:
+    """The command names of each round trip that ``commit`` makes from now on."""
+    trips: list[list[str]] = []
+    commands = commit._commands
+
+    async def spy(batch: list[list[Any]]) -> list[Any]:
+        trips.append([str(command[0]) for command in batch])
+        return await commands(batch)
+
+    commit._commands = spy  # type: ignore[method-assign,assignment]
+    return trips

@@ -15,7 +15,7 @@ from redis.exceptions import ResponseError
 from quart_wslb import batch
 from quart_wslb.batch import GroupCommit
 from quart_wslb.testing import RedisServer
-from tests.support import eventually, in_use
+from tests.support import eventually, in_use, round_trips
 
 # A batched script (see quart_wslb.batch): after the fixed keys and arguments, each call
 # is its key offset, its argument count and its arguments; the reply is flat, each call's
@@ -55,9 +55,9 @@ class Counting(GroupCommit):
 
     pipelines = 0
 
-    async def _pipeline(self, batch: Any) -> list[Any]:
+    async def _pipeline(self, batch: Any, windows: Any = ()) -> list[Any]:
         self.pipelines += 1
-        return await super()._pipeline(batch)
+        return await super()._pipeline(batch, windows)
 
 
 def make(redis: aioredis.Redis) -> Counting:
@@ -69,9 +69,9 @@ def batch_sizes(commit: GroupCommit) -> list[int]:
     sizes: list[int] = []
     run = commit._run
 
-    async def spy(batch: Any) -> None:
+    async def spy(batch: Any, windows: Any = ()) -> None:
         sizes.append(len(batch))
-        await run(batch)
+        await run(batch, windows)
 
     commit._run = spy  # type: ignore[method-assign]
     return sizes
@@ -225,22 +225,15 @@ async def test_group_commit_batch_is_one_script_call(
     monkeypatch.setattr(batch, "MAX_CALLS", 10)
     monkeypatch.setattr(batch, "MAX_BYTES", 1000)
     commit = make(redis)
-    sent: list[int] = []
-    commands = commit._commands
-
-    async def spy(batch: list[list[Any]]) -> list[Any]:
-        sent.append(len(batch))
-        return await commands(batch)
-
-    commit._commands = spy  # type: ignore[method-assign,assignment]
+    trips = round_trips(commit)
     results = await asyncio.gather(*(commit([prefix], [str(n)]) for n in range(26)))
     assert [r[1] for r in results] == [str(n).encode() for n in range(26)]
-    assert sent == [1, 3]  # the lone first call, then 25 calls in 10 + 10 + 5
+    assert [len(trip) for trip in trips] == [1, 3]  # the lone call, then 10 + 10 + 5 calls
     big = "x" * 600  # two of these pass MAX_BYTES
-    sent.clear()
+    trips.clear()
     results = await asyncio.gather(*(commit([prefix], [big, str(n)]) for n in range(4)))
     assert [r[1] for r in results] == [big.encode()] * 4
-    assert sent == [1, 3]
+    assert [len(trip) for trip in trips] == [1, 3]
 
 
 def test_split_cuts_a_flat_reply_per_call() -> None:
@@ -350,3 +343,39 @@ async def test_group_commit_queued_calls_share_one_deadline_timer(
     finally:  # the private server goes with the test: no need to unpause it
         await commit.aclose()
         await redis.aclose()
+
+
+async def test_group_commit_many_shares_round_trips_with_concurrent_calls(
+    redis: aioredis.Redis, prefix: str
+) -> None:
+    """many() answers in order, an error in its list; its windows of MAX_PIPELINE
+    script calls queue behind and share round trips with single calls in flight."""
+    commit = make(redis)
+    calls: list[Any] = [([prefix], ["fail" if n == 5 else str(n)], False) for n in range(3000)]
+    singles = [asyncio.create_task(commit([prefix], [f"s{n}"])) for n in range(50)]
+    await asyncio.sleep(0)  # the first single is in flight: many() queues behind it
+    sent_before = commit.pipelines
+    results = await commit.many(calls)
+    assert isinstance(results[5], ResponseError)
+    assert [r[1] for n, r in enumerate(results) if n != 5] == [
+        str(n).encode() for n in range(3000) if n != 5
+    ]
+    assert [(await s)[1] for s in singles] == [f"s{n}".encode() for n in range(50)]
+    windows = -(-3000 // (batch.MAX_CALLS * batch.MAX_PIPELINE))  # 3: ceil
+    assert windows <= commit.pipelines - sent_before <= windows + 1, commit.pipelines
+    assert await commit.many([]) == []
+
+
+async def test_group_commit_many_lone_windows_go_straight_out(
+    redis: aioredis.Redis, prefix: str
+) -> None:
+    """With nothing else in flight each window is one round trip of its own, of at most
+    MAX_PIPELINE script calls; an alone call keeps a script call of its own."""
+    commit = make(redis)
+    trips = round_trips(commit)
+    calls: list[Any] = [([prefix], [str(n)], n == 3) for n in range(1100)]
+    results = await commit.many(calls)
+    assert [r[1] for r in results] == [str(n).encode() for n in range(1100)]
+    # 3 before the alone one, it, then 1096 in 9 script calls: 11 in all, 8 + 3.
+    assert [len(trip) for trip in trips] == [batch.MAX_PIPELINE, 3]
+    assert commit.pipelines == 0  # no queue: the lone path

@@ -101,3 +101,18 @@ def test_bench_smoke_measures_python_socketio(smoke: tuple[dict[str, Any], Path]
         assert row["throughput"] > 0
     connections = {c["system"] for c in results["connections"]}
     assert connections == {"quart-wslb", "python-socketio"}
+
+
+def test_bench_sender_compare_reports_the_three_ways() -> None:
+    """``python -m bench.sender --compare`` runs and prints each way's rate and the ratio."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.sender", "--compare", "--messages", "500", "--repeat", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    [line] = done.stdout.splitlines()
+    assert "loop" in line and "32 senders" in line and "send_many" in line, line
+    assert float(line.split()[-1]) > 0, line

@@ -443,3 +443,27 @@ async def test_slow_client_never_stalls_the_others(
         assert await slow_gone()  # closed with 1013, and out of the registry
     finally:
         sock.close()
+
+
+async def test_send_many_arrives_in_order_across_instances(
+    start_cluster: StartCluster, clients: Clients
+) -> None:
+    """A handler's send_many of more than one window: every message reaches its
+    clients, in the order given, custom and group selectors included."""
+    cluster = start_cluster(2)
+    people = [
+        (await clients.join(cluster[n % 2], f"u{n}", "red" if n % 2 else "blue"))[0]
+        for n in range(6)
+    ]
+    # 200 messages a client: under the instances' send queue of 256.
+    messages: list[list[Any]] = [[{"user": f"u{n % 6}"}, {"n": n}] for n in range(1200)]
+    messages[600:600] = [[{"room_prefix": "bl"}, "custom"], [{"user": "nobody"}, "x"]]
+    messages.append([{"or": [{"user": "u0"}, {"user": "u1"}]}, "both"])
+    result = await post(cluster[1], "/send_many", {"messages": messages})
+    assert result["routed"] == [1] * 600 + [3, 0] + [1] * 600 + [2]
+    for n, client in enumerate(people):
+        expected: list[Any] = [{"n": k} for k in range(n, 600, 6)]
+        expected += ["custom"] * (n % 2 == 0) + [{"n": k} for k in range(600 + n, 1200, 6)]
+        expected += ["both"] * (n < 2)
+        assert [await receive(client) for _ in expected] == expected, n
+    await assert_silent(*people)

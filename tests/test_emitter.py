@@ -25,12 +25,13 @@ from quart_wslb import (
     UserSelector,
     WsLoadBalanceError,
 )
+from quart_wslb.batch import MAX_PIPELINE
 from quart_wslb.emitter import PAGE, Route
 from quart_wslb.envelope import decode
 from quart_wslb.keys import LAYOUT, Keys
 from quart_wslb.registry import Registry
 from quart_wslb.testing import RedisServer, free_port
-from tests.support import eventually, make_connection
+from tests.support import eventually, make_connection, round_trips
 
 MANY = PAGE * 2 + 37  # more than two pages
 
@@ -301,14 +302,7 @@ async def test_a_batch_of_mixed_sends_routes_each_its_own(
     await redis.set(keys.heartbeat("i1"), "1")
     await redis.set(keys.path("/bad"), "not a set")
     await emitter.route(UserSelector("u0"), "text", b"warm-up")
-    evalsha: list[int] = []
-    commands = emitter._publish._commands
-
-    async def spy(batch: list[list[Any]]) -> list[Any]:
-        evalsha.append(sum(command[0] == "EVALSHA" for command in batch))
-        return await commands(batch)
-
-    emitter._publish._commands = spy  # type: ignore[method-assign,assignment]
+    trips = round_trips(emitter._publish)
     async with redis.pubsub() as pubsub:
         await pubsub.subscribe(keys.channel("i1"), keys.broadcast)
         results = await asyncio.gather(
@@ -324,7 +318,7 @@ async def test_a_batch_of_mixed_sends_routes_each_its_own(
     assert "WRONGTYPE" in str(results[3])
     # The first goes alone; then u1 and the broadcast share a script call, and each
     # set-reading send has its own, all in one round trip.
-    assert evalsha == [1, 3]
+    assert [trip.count("EVALSHA") for trip in trips] == [1, 3]
 
 
 async def test_route_refuses_what_receivers_could_not_decode(emitter: AsyncEmitter) -> None:
@@ -475,3 +469,110 @@ async def test_emitter_from_url_waits_for_a_free_connection(
     monkeypatch.setenv("WSLB_REDIS_MAX_CONNECTIONS", "2")  # read like the other options
     with pytest.raises(ValueError, match="MAX_CONNECTIONS"):
         AsyncEmitter(redis_url=private_redis.url)
+
+
+class UserB(CustomSelector):
+    """The connections of user ``b``, matched here rather than by an index."""
+
+    def matches(self, connection: ConnectionInfo) -> bool:
+        return connection.user == "b"
+
+
+async def heard_ids(pubsub: Any, count: int) -> list[str]:
+    """The ids of the first ``count`` distinct messages heard, in the order heard."""
+    ids: list[str] = []
+    deadline = time.monotonic() + 20
+    while len(ids) < count and time.monotonic() < deadline:
+        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
+        for envelope in decode(message["data"]) if message else ():
+            if envelope.id not in ids[-2:]:  # a custom selector's pages repeat its id
+                ids.append(envelope.id)
+    return ids
+
+
+@pytest.mark.integration
+async def test_send_many_routes_mixed_selectors_in_order_in_few_round_trips(
+    emitter: AsyncEmitter, redis: aioredis.Redis, prefix: str
+) -> None:
+    """Counts come back in order, per selector kind; the messages reach the instance's
+    channel in the order given, custom selectors included; each round trip carries at
+    most MAX_PIPELINE script calls."""
+    keys = Keys(prefix)
+    people = [make_connection(id="i1:c0", user="a"), make_connection(id="i1:c1", user="b")]
+    people.append(make_connection(id="i1:c2", user="b"))
+    people[1].groups.add("g")
+    await Registry(redis, keys).register(*people)
+    await redis.hset(keys.instances, "i1", json.dumps({"started_at": 1.0}))
+    await redis.set(keys.heartbeat("i1"), "1")  # a broadcast counts live instances' records
+    messages: list[tuple[Any, object]] = [(UserSelector("ab"[n % 2]), str(n)) for n in range(2100)]
+    extra: dict[int, tuple[Any, object]] = {700: (UserB(), "custom")}
+    extra[1500] = (GroupSelector("g"), b"group")
+    extra |= {1800: (AllSelector(), {"all": 1}), 1900: (UserSelector("nobody"), "x")}
+    for at, item in sorted(extra.items()):  # each at its final index
+        messages.insert(at, item)
+    expected = [1 + (s == UserSelector("b")) for s, _ in messages]
+    for at, count in zip(sorted(extra), (2, 1, 3, 0), strict=True):
+        expected[at] = count
+    await emitter.send(UserSelector("a"), "warm-up")
+    trips = round_trips(emitter._publish)
+    async with redis.pubsub() as pubsub:
+        await pubsub.subscribe(keys.channel("i1"), keys.broadcast)
+        for _ in range(2):
+            await pubsub.get_message(timeout=1)
+        routes = await emitter.route_many(
+            [
+                (s, "text", m if isinstance(m, bytes) else json.dumps(m).encode())
+                for s, m in messages
+            ]
+        )
+        wanted = [r.message_id for r in routes if r.routed]
+        heard = await heard_ids(pubsub, len(wanted))
+        assert await emitter.send_many([(UserSelector("b"), "x"), (UserB(), b"y")]) == [2, 2]
+    # The broadcast has a channel of its own: only the order on i1's is defined.
+    heard.remove(routes[1800].message_id)
+    wanted.remove(routes[1800].message_id)
+    assert [r.routed for r in routes] == expected
+    assert heard == wanted
+    pipelines = [trip.count("EVALSHA") for trip in trips]
+    assert max(pipelines) <= MAX_PIPELINE, pipelines
+    # 2104 sends in 17 script calls, and the custom one routed alone between them.
+    assert len(pipelines) <= 6, pipelines
+    assert await emitter.send_many([]) == []
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    "bad",
+    [
+        (UserSelector("a"), object()),
+        ("a", "x"),
+        (UserSelector("a"),),
+        [UserSelector("a"), "x"],
+    ],
+)
+async def test_send_many_refuses_bad_pairs_before_publishing_any(
+    emitter: AsyncEmitter, redis: aioredis.Redis, prefix: str, bad: Any
+) -> None:
+    keys = Keys(prefix)
+    await Registry(redis, keys).register(make_connection(id="i1:c0", user="a"))
+    async with redis.pubsub() as pubsub:
+        await pubsub.subscribe(keys.channel("i1"))
+        await pubsub.get_message(timeout=1)
+        with pytest.raises(TypeError):
+            await emitter.send_many([(UserSelector("a"), "first"), bad])
+        with pytest.raises(ValueError, match="UTF-8"):
+            await emitter.route_many(
+                [(UserSelector("a"), "text", b"ok"), (UserSelector("a"), "text", b"\xff")]
+            )
+        assert await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.3) is None
+
+
+@pytest.mark.integration
+async def test_send_many_to_an_unreachable_redis_raises_within_its_timeout() -> None:
+    emitter = AsyncEmitter(redis_url=f"redis://127.0.0.1:{free_port()}", prefix="p", timeout=0.5)
+    start = time.monotonic()
+    with pytest.raises(RedisUnavailableError):
+        await emitter.send_many([(UserSelector("a"), str(n)) for n in range(3000)])
+    took = time.monotonic() - start
+    await emitter.aclose()
+    assert took < 5, f"took {took:.2f} s"

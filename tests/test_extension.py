@@ -519,3 +519,28 @@ async def test_password_appears_in_no_log_line_error_or_record(
     refused = [text for text in seen if "refused the credentials" in text]
     unclear = [text for text in seen if "auth:AuthenticationError" in text]
     assert refused and not unclear, unclear[:3]
+
+
+async def test_send_many_arrives_in_order_with_a_signal_per_message(
+    two: tuple[Served, Served],
+) -> None:
+    one, two_ = two
+    async with (
+        one.client.websocket("/ws/red?user=alice") as alice,
+        two_.client.websocket("/ws/blue?user=bob") as bob,
+    ):
+        await greeting(alice)
+        await greeting(bob)
+        messages: list[tuple[Any, object]] = [(UserSelector("alice"), str(n)) for n in range(6)]
+        messages += [(UserSelector("carol"), "nobody"), (MetadataSelector(room="blue"), [1])]
+        with recording(signals.message_routed, two_.wslb) as routed:
+            counts = await two_.wslb.send_many(messages)
+        assert counts == [1] * 6 + [0, 1]  # (the test app queues 8 frames)
+        assert [await frame(alice) for _ in range(6)] == [str(n) for n in range(6)]
+        assert await frame(bob) == "[1]"
+        with pytest.raises(TypeError):
+            await two_.wslb.send_many([(UserSelector("alice"), "x"), (UserSelector("bob"), 1.5)])
+        assert await silent(alice) and await silent(bob)
+    assert [call["routed"] for call in routed.calls] == counts
+    assert [call["selector"] for call in routed.calls] == [s for s, _ in messages]
+    assert len({call["message_id"] for call in routed.calls}) == len(messages)

@@ -219,6 +219,26 @@ async def test_signing_emitters_sign_and_others_are_refused(
 
 
 @cluster_test
+async def test_signing_send_many_is_signed_message_by_message(
+    start_cluster: StartCluster, clients: Clients, redis_url: str, prefix: str
+) -> None:
+    """An emitter's send_many, signed, is delivered whole by instances that check; the
+    same without the secret is refused, every message of it."""
+    cluster = start_cluster(2, WSLB_SECRET=SECRET)
+    ann, _ = await clients.join(cluster[1], "ann", "red")
+    pairs: list[tuple[Any, object]] = [(UserSelector("ann"), str(n)) for n in range(200)]
+    pairs += [(GroupSelector("none"), "x"), (MetadataSelector(room="red"), "room")]
+    async with emitting(redis_url, prefix, SECRET) as emitter:
+        assert await emitter.send_many(pairs) == [1] * 200 + [0, 1]
+    assert [await recv(ann) for _ in range(201)] == [str(n) for n in range(200)] + ["room"]
+    await no_refusals(cluster)
+    async with emitting(redis_url, prefix, None) as emitter:
+        assert await emitter.send_many(pairs[:50]) == [1] * 50  # routed, then refused
+    assert await silent(ann)
+    await wait_stat(cluster, 1, "dropped_unsigned", 50)
+
+
+@cluster_test
 async def test_signing_key_rotation_mid_deploy_refuses_nothing(
     start_cluster: StartCluster, clients: Clients
 ) -> None:

@@ -19,6 +19,7 @@ from quart_wslb import (
     RedisUnavailableError,
     UserSelector,
 )
+from quart_wslb.envelope import decode
 from quart_wslb.keys import Keys
 from quart_wslb.testing import RedisServer, free_port
 
@@ -163,3 +164,24 @@ def test_emitter_threads_beyond_its_pool_wait_for_a_connection(
             during = int(admin.info("clients")["connected_clients"]) - 1  # less this one
     assert counts == [1] * 300
     assert during <= 4, f"{during} connections with max_connections=4"
+
+
+def test_emitter_send_many_counts_in_order(
+    redis_url: str, prefix: str, cluster_keys: Keys
+) -> None:
+    pubsub, client = listen(redis_url, cluster_keys.channel("i1"))
+    pairs = ((UserSelector("bob" if n % 3 else "nobody"), str(n)) for n in range(1500))
+    with Emitter(redis_url, prefix=prefix) as emitter:
+        counts = emitter.send_many(pairs)  # any iterable, read in the caller's thread
+        with pytest.raises(TypeError):
+            emitter.send_many([(UserSelector("bob"), None)])
+    assert counts == [1 if n % 3 else 0 for n in range(1500)]
+    frames: list[str | bytes] = []
+    for _ in range(1500):  # bounded: each read waits at most two seconds
+        message = pubsub.get_message(ignore_subscribe_messages=True, timeout=2)
+        if message is None:
+            break
+        frames += [e.frame for e in decode(message["data"])]
+    assert frames == [str(n) for n in range(1500) if n % 3]
+    pubsub.close()
+    client.close()

@@ -17,8 +17,10 @@ __all__ = ("COMMANDS", "acl_rules")
 #: allowed to every user; redis-py's ``CLIENT SETINFO`` on connect may be refused
 #: (redis-py ignores the refusal).
 COMMANDS: tuple[str, ...] = (
-    # connection, scripts, and INFO stats (to tell an output-buffer cut of the subscriber)
-    "select", "evalsha", "script|load", "multi", "exec", "info",
+    # connection, scripts (redis-py's pipelines, which register several connections at
+    # once, ask SCRIPT EXISTS first), and INFO stats (to tell an output-buffer cut of the
+    # subscriber)
+    "select", "evalsha", "script|load", "script|exists", "multi", "exec", "info",
     # what URL options make redis-py send
     "ping", "client|setname",
     # pub/sub

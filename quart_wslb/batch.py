@@ -101,18 +101,10 @@ class GroupCommit:
         An ``alone`` call (one that may hold Redis long) gets a script call of its own,
         in the same round trip as the others.
         """
-        if self._release is not None:
-            self._release.cancel()
-            self._release = None
+        self._cancel_release()
         if self._busy:
-            loop = asyncio.get_running_loop()
-            future: asyncio.Future[Any] = loop.create_future()
+            future: asyncio.Future[Any] = self._queued()
             self._queue.append(((keys, args, alone), future))
-            # From this call's start, not its batch's: else a call queued behind a stalled
-            # round trip would wait for that one's timeout, then for its own.
-            self._deadlines.append((loop.time() + self._timeout, future))
-            if self._watchdog is None:
-                self._arm()
             return await future  # failed by _expire in time: _drain then skips it
         self._busy = True
         try:
@@ -137,16 +129,10 @@ class GroupCommit:
     async def _window(self, chunks: list[list[Args]]) -> list[Any]:
         """One window's replies: its script calls (``chunks``) in a round trip of their
         own, or, queued behind one in flight, in the next with the calls queued too."""
-        if self._release is not None:
-            self._release.cancel()
-            self._release = None
+        self._cancel_release()
         if self._busy:  # queued like a call: its deadline from now, one future
-            loop = asyncio.get_running_loop()
-            future: asyncio.Future[list[Any]] = loop.create_future()
+            future: asyncio.Future[list[Any]] = self._queued()
             self._window_queue.append(([call for chunk in chunks for call in chunk], future))
-            self._deadlines.append((loop.time() + self._timeout, future))
-            if self._watchdog is None:
-                self._arm()
             return await future
         self._busy = True
         try:
@@ -154,6 +140,23 @@ class GroupCommit:
                 return await self._round_trip([], chunks)  # cut already
         finally:
             self._handover()
+
+    def _cancel_release(self) -> None:
+        """Cancel the pending hand-back of the connection to the pool, if any."""
+        if self._release is not None:
+            self._release.cancel()
+            self._release = None
+
+    def _queued(self) -> asyncio.Future[Any]:
+        """A future for a queued call, failed by :meth:`_expire` ``timeout`` from now:
+        from the call's own start, not its batch's, else a call queued behind a stalled
+        round trip would wait for that one's timeout, then for its own."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._deadlines.append((loop.time() + self._timeout, future))
+        if self._watchdog is None:
+            self._arm()
+        return future
 
     def _handover(self) -> None:
         """A lone round trip ended: drain what queued behind it, else go idle."""
@@ -195,11 +198,17 @@ class GroupCommit:
                 size += len(calls)
         return windows
 
-    def _arm(self) -> None:
-        """Set the timer for the earliest deadline of a call still waiting, if any."""
+    def _trim(self) -> None:
+        """Forget the deadlines of answered calls at the head (calls are answered in
+        order, so this keeps the list short)."""
         deadlines = self._deadlines
         while deadlines and deadlines[0][1].done():
             deadlines.popleft()
+
+    def _arm(self) -> None:
+        """Set the timer for the earliest deadline of a call still waiting, if any."""
+        self._trim()
+        deadlines = self._deadlines
         if deadlines:
             self._watchdog = asyncio.get_running_loop().call_at(deadlines[0][0], self._expire)
         else:
@@ -236,9 +245,7 @@ class GroupCommit:
                 future.set_exception(result)
             else:
                 future.set_result(result)
-        deadlines = self._deadlines  # answered calls leave it in order: keep it short
-        while deadlines and deadlines[0][1].done():
-            deadlines.popleft()
+        self._trim()
 
     async def _pipeline(self, batch: list[Call], windows: Sequence[Window] = ()) -> list[Any]:
         """The replies of the calls of ``batch``, then one per window (its list)."""
@@ -323,9 +330,7 @@ class GroupCommit:
         """Hand the exchange's connection back to the client's pool now; it goes back by
         itself ``IDLE_RELEASE`` seconds after the last call ends, which is also when one
         that a call is still reading goes back."""
-        if self._release is not None:
-            self._release.cancel()
-            self._release = None
+        self._cancel_release()
         await self._exchange.release()
 
 

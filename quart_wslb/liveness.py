@@ -29,12 +29,11 @@ from dataclasses import dataclass
 from typing import cast
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from . import signals
 from ._lua import source
 from .connection import Connection
-from .exceptions import WsLoadBalanceError, describe
+from .exceptions import REDIS_FAILURES, WsLoadBalanceError, describe
 from .keys import LAYOUT, Keys
 from .registry import Registry
 from .router import Router
@@ -102,7 +101,7 @@ class Liveness:
                     await self.tick()
             except asyncio.CancelledError:
                 raise
-            except (RedisError, OSError, WsLoadBalanceError) as error:  # TimeoutError too
+            except (*REDIS_FAILURES, WsLoadBalanceError) as error:
                 self._healthy_since = None
                 log.warning("liveness tick failed: %s", describe(error))
             except Exception:  # a bug: its traceback, and the next tick tries again

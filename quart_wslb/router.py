@@ -24,12 +24,11 @@ from collections.abc import Awaitable, Callable, Mapping
 
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 
 from . import signals
 from .connection import Connection
 from .envelope import CONTROL_KINDS, Envelope, EnvelopeError, decode, read_close
-from .exceptions import describe
+from .exceptions import REDIS_FAILURES, describe
 from .keys import Keys
 from .signing import Keyring, Verifier
 from .subscriber import SubscriberClosedError, Subscription, output_buffer_cuts, subscribe
@@ -207,7 +206,7 @@ class Router:
             return "deaf"
         if isinstance(error, SubscriberClosedError):
             return await self._why_closed()
-        if isinstance(error, (RedisError, OSError)):
+        if isinstance(error, REDIS_FAILURES):
             return "error"
         return "unexpected"
 
@@ -227,7 +226,7 @@ class Router:
         for callback in self._on_subscribed:
             try:
                 await callback()
-            except (RedisError, OSError) as error:
+            except REDIS_FAILURES as error:
                 log.warning("after subscribing: %s", describe(error))
             except Exception:
                 log.exception("a callback after subscribing failed")

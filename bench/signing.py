@@ -112,7 +112,7 @@ def receive_path(raws: list[bytes], verify: bool) -> Callable[[], int]:
                 match = verifier.selects(envelope.sel or [])  # as Router._admit does
                 if match is None:
                     raise AssertionError("a benchmark selector was refused")
-                for target in envelope.targets:
+                for target in envelope.targets or ():
                     connection = local.get(target)
                     if connection is not None and not match(connection):
                         raise AssertionError("a benchmark target was refused")

@@ -41,6 +41,7 @@ from quart_wslb import signals
 from quart_wslb.connection import Activity, Connection
 from quart_wslb.envelope import Envelope, Frame, encode
 from quart_wslb.keys import Keys
+from quart_wslb.local_index import LocalIndex
 from quart_wslb.redis_client import make_client
 from quart_wslb.router import BACKOFF_MAX, BACKOFF_MIN, READ_TIMEOUT, Router, log
 from quart_wslb.testing import RedisServer
@@ -100,6 +101,10 @@ class Counting:
 
     def __init__(self, id: str, tally: Tally) -> None:
         self.id = id
+        self.user = None
+        self.path = "/"
+        self.metadata: dict[str, str] = {}
+        self.groups: set[str] = set()
         self._tally = tally
 
     def put_nowait(self, frame: Frame) -> bool:
@@ -204,9 +209,9 @@ async def measure(
     redis: Redis = make_client(server.url, 5.0)
     tally = Tally(len(messages))
     ids = [f"{INSTANCE}:{n}" for n in range(connections)]
-    local = {
-        id: writer(id, tally) if writers else cast(Connection, Counting(id, tally)) for id in ids
-    }
+    local = LocalIndex(KEYS)
+    for id in ids:
+        local.add(writer(id, tally) if writers else cast(Connection, Counting(id, tally)))
     router = (LegacyRouter if legacy else Router)(redis, KEYS, INSTANCE, local, None)
     task = asyncio.create_task(router.run())
     context = multiprocessing.get_context("spawn")

@@ -29,6 +29,7 @@ COMMANDS: tuple[str, ...] = (
     "get", "set", "setnx", "del", "exists", "pexpire",
     # hashes
     "hget", "hset", "hsetnx", "hdel", "hexists", "hlen", "hkeys", "hgetall", "hscan",
+    "hincrby",
     "hrandfield",
     # sets
     "sadd", "srem", "smembers", "scard", "sismember", "sscan",

@@ -96,6 +96,26 @@ class _Membership(Protocol):
     async def leave(self, selector: Selector, group: str) -> int: ...
 
 
+class Grouping(Protocol):
+    """Changes a connection's groups, and whatever indexes them
+    (:class:`~quart_wslb.local_index.LocalIndex`)."""
+
+    def join(self, connection: Connection, group: str) -> None: ...
+    def leave(self, connection: Connection, group: str) -> None: ...
+
+
+class _Unindexed:
+    """The grouping of a connection that no index holds: its ``groups`` alone."""
+
+    @staticmethod
+    def join(connection: Connection, group: str) -> None:
+        connection.groups.add(group)
+
+    @staticmethod
+    def leave(connection: Connection, group: str) -> None:
+        connection.groups.discard(group)
+
+
 class Outbox:
     """A connection's bounded queue of frames, with one consumer: its writer.
 
@@ -167,6 +187,7 @@ class Connection:
         "_closed",
         "_closer",
         "_handler",
+        "_index",
         "activity",
         "_owner",
         "_policy",
@@ -196,6 +217,7 @@ class Connection:
         policy: QueueFullPolicy,
         owner: object,
         activity: Activity | None = None,
+        index: Grouping | None = None,
     ) -> None:
         #: Cluster-unique id: ``<instance>:<token>``.
         self.id = id
@@ -215,6 +237,7 @@ class Connection:
         self._queue = Outbox(queue_size)
         self._policy = policy
         self._owner = owner
+        self._index: Grouping = index or _Unindexed()
         self._writer: asyncio.Task[None] | None = None
         self._closer: asyncio.Task[None] | None = None
         self._closed = False
@@ -236,18 +259,18 @@ class Connection:
     async def join(self, group: str) -> None:
         """Join ``group`` (a room): ``GroupSelector(group)`` then reaches this connection."""
         GroupSelector(group)  # validates the name before anything changes
-        self.groups.add(group)
+        self._index.join(self, group)
         try:
             await cast(_Membership, self._owner).join(ConnectionSelector(self.id), group)
         except BaseException:
-            self.groups.discard(group)
+            self._index.leave(self, group)
             raise
 
     async def leave(self, group: str) -> None:
         """Leave ``group``; leaving a group it is not in does nothing."""
         GroupSelector(group)
         await cast(_Membership, self._owner).leave(ConnectionSelector(self.id), group)
-        self.groups.discard(group)
+        self._index.leave(self, group)
 
     def put_nowait(self, frame: Frame) -> bool:
         """Queue one frame if the connection is open and its queue has room; else

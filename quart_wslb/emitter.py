@@ -14,6 +14,7 @@ id, a page at a time.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import AsyncIterator, Generator, Iterable, Sequence
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ T = TypeVar("T")
 PAGE = 500
 #: The default selector of the queries: every connection.
 EVERYONE = AllSelector()
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 class Stream(Generic[T]):
@@ -239,11 +241,9 @@ class AsyncEmitter:
         for selector, kind, payload in messages:
             message_id = os.urandom(8).hex()
             program = selector.compile(self.keys)
-            signature = (
-                b"" if self._keyring is None else self._sign(message_id, kind, payload, program)
-            )
+            fragment = self._fragment(message_id, kind, payload, program)
             ids.append(message_id)
-            args: list[bytes | str] = [message_id, kind, payload, signature, *program.ops]
+            args: list[bytes | str] = [message_id, kind, payload, fragment, *program.ops]
             calls.append((program.keys, args, _heavy(program)))
         try:
             replies = await self._publish.many(calls)
@@ -315,14 +315,11 @@ class AsyncEmitter:
         """route.lua's reply for one send: connections routed, how many instances were
         reached (-1 for a broadcast, then how many heard it), their ids, then the
         owners nobody heard. No instance ever announced itself: ``[0, 0]``."""
-        # No call on the hot path without a secret.
-        signature = (
-            b"" if self._keyring is None else self._sign(message_id, kind, payload, program)
-        )
+        fragment = self._fragment(message_id, kind, payload, program)
         try:  # GroupCommit bounds every round trip in time
             reply: list[Any] = await self._publish(
                 program.keys,
-                [message_id, kind, payload, signature, *program.ops],
+                [message_id, kind, payload, fragment, *program.ops],
                 alone=_heavy(program),
             )
         except REDIS_FAILURES as error:  # not redis_errors(): this is the hot path
@@ -344,6 +341,16 @@ class AsyncEmitter:
         unheard = _names(reply[2 + reached :]) if reached >= 0 else ()
         # reached: how many instances (-1: a broadcast's count of them follows)
         return Route(message_id, routed, reached if reached >= 0 else reply[2], unheard)
+
+    def _fragment(self, message_id: str, kind: Kind, payload: bytes, program: Program) -> bytes:
+        """What opens the message's entries (``route.lua``): its signature with a
+        secret; else its selector, for the receivers to resolve, unless Redis resolves
+        it to ids (:attr:`Program.exact`)."""
+        if self._keyring is not None:
+            return self._sign(message_id, kind, payload, program)
+        if program.exact:
+            return b""
+        return b'"sel":' + _dumps(canonical(program)).encode() + b","
 
     def _sign(self, message_id: str, kind: Kind, payload: bytes, program: Program) -> bytes:
         """The fragment that opens the message's entries: empty without a secret."""
@@ -559,11 +566,11 @@ def _by_id(ids: Sequence[str]) -> Program:
 
 
 def _heavy(program: Program) -> bool:
-    """Whether a send may hold Redis long (a set of unknown size, every connection, a
-    page of ids): then it runs in a script call of its own, so that a batch of them
-    cannot stall everyone else's commands. One user, one id or a broadcast is light."""
+    """Whether a send may hold Redis long (a page of ids): then it runs in a script call
+    of its own, so that a batch of them cannot stall everyone else's commands. Every
+    other send costs Redis O(instances), plus a user's ids (``lua/route.lua``)."""
     ops = program.ops
-    return len(ops) != 1 or ops[0][0] not in "UCB"
+    return len(ops) != 1 and any(op[:1] == "M" for op in ops)
 
 
 def pack_many(messages: Iterable[tuple[Selector, object]]) -> list[tuple[Selector, Kind, bytes]]:

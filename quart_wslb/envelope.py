@@ -3,13 +3,18 @@
 One publish on an instance's channel carries one or more messages: a JSON header line
 that lists them, a newline, then their payloads back to back, untouched::
 
-    {"v":2,"origin":"...","messages":[{"id":"...","kind":"text","targets":["..."],"size":5},
-    ...]}\\n<payload><payload>...
+    {"v":3,"origin":"...","messages":[{"id":"...","kind":"text","targets":["..."],"size":5},
+    {"sel":["S{wslb}:g:room"],"id":"...","kind":"json","size":12},...]}\\n<payload>...
 
 Concurrent sends share one publish per instance (``lua/route.lua`` batches them), so an
 instance parses one header for all the messages it was sent at once. The payloads stay
 out of the JSON so that binary frames need no base64 and text is not escaped twice;
-``size`` (bytes) says where each ends. The header is checked by a versioned marshmallow
+``size`` (bytes) says where each ends. A message lists its ``targets`` (connection ids)
+when Redis resolved its selector to ids (a user, a connection); otherwise it names the
+selector, ``sel`` (``signing.canonical``: postfix ops, each set op naming its key), and
+the receiving instance resolves it over its own connections
+(:class:`~quart_wslb.local_index.LocalIndex`): a broadcast is ``"sel":["B"]``. The
+header is checked by a versioned marshmallow
 schema; unknown header fields are ignored so that a later minor version may add some (a
 stream offset). With a secret, each message entry starts with its signature: ``ts``,
 ``sel`` and ``sig`` (:mod:`quart_wslb.signing`).
@@ -21,7 +26,15 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
-from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_load, validate
+from marshmallow import (
+    EXCLUDE,
+    Schema,
+    ValidationError,
+    fields,
+    post_load,
+    validate,
+    validates_schema,
+)
 
 __all__ = (
     "CONTROL_KINDS",
@@ -42,7 +55,7 @@ __all__ = (
     "to_frame",
 )
 
-VERSION = 2
+VERSION = 3
 Kind = Literal["text", "binary", "json", "join", "leave", "disconnect"]
 #: Kinds that are instructions to the owning instance, not frames for the client:
 #: ``join``/``leave`` carry a group name, ``disconnect`` ``{"code": int, "reason": str}``.
@@ -59,16 +72,17 @@ class EnvelopeError(ValueError):
 
 @dataclass(slots=True)
 class Envelope:
-    """One decoded message; ``targets`` empty means every local connection."""
+    """One decoded message; ``targets`` ``None``: the local connections ``sel`` selects."""
 
     id: str
     origin: str
     kind: Kind
-    targets: list[str]
+    targets: list[str] | None
     #: The websocket frame, decoded once for all local targets.
     frame: Frame
-    #: Signed messages only (:mod:`quart_wslb.signing`): when it was sent (Unix ms),
-    #: the selector it was sent to, and ``<key id>:<mac>``.
+    #: Signed messages (:mod:`quart_wslb.signing`): when it was sent (Unix ms), the
+    #: selector it was sent to, and ``<key id>:<mac>``; ``sel`` also on every message
+    #: sent without ``targets``.
     ts: int | None = None
     sel: list[str] | None = None
     sig: str | None = None
@@ -85,11 +99,16 @@ class _MessageSchema(Schema):
 
     id = fields.String(required=True, validate=validate.Length(min=1, max=200))
     kind = fields.String(required=True, validate=validate.OneOf(sorted(KINDS)))
-    targets = fields.List(fields.String(validate=validate.Length(min=1)), required=True)
+    targets = fields.List(fields.String(validate=validate.Length(min=1)))
     size = fields.Integer(required=True, strict=True, validate=validate.Range(min=0))
     ts = fields.Integer(strict=True)
     sel = fields.List(fields.String(), validate=validate.Length(min=1))
     sig = fields.String(validate=validate.Length(min=1, max=200))
+
+    @validates_schema
+    def _addressed(self, data: dict[str, Any], **_: Any) -> None:
+        if "targets" not in data and "sel" not in data:
+            raise ValidationError("a message needs its targets or its selector (sel)")
 
 
 class _HeaderSchema(Schema):
@@ -145,41 +164,43 @@ def quick_header(header: bytes) -> dict[str, Any] | None:
 
 
 def _plain_message(data: object) -> bool:
-    """Whether ``data`` is a message entry the schema accepts as it is: four fields, or
-    seven for a signed one (no other field)."""
+    """Whether ``data`` is a message entry the schema accepts as it is, with no other
+    field: id, kind, size and ``targets`` or ``sel`` or both; with a signature, also
+    ``ts`` and ``sig``."""
     if type(data) is not dict:
         return False
     get = data.get
-    fields = len(data)
-    if fields != 4:  # the signature's fields, inline: this runs per message
-        if fields != 7:
+    fields = len(data) - ("targets" in data) - ("sel" in data)
+    if fields != 3:  # the signature's fields, inline: this runs per message
+        ts, sig = get("ts"), get("sig")
+        if fields != 5 or type(ts) is not int or type(sig) is not str or not 0 < len(sig) <= 200:
             return False
-        ts, sel, sig = get("ts"), get("sel"), get("sig")
-        if (
-            type(ts) is not int
-            or type(sig) is not str
-            or not 0 < len(sig) <= 200
-            or type(sel) is not list
-            or not sel
-        ):
-            return False
-        for op in sel:
-            if type(op) is not str:
-                return False
-    id, kind, targets, size = get("id"), get("kind"), get("targets"), get("size")
+    id, kind, size = get("id"), get("kind"), get("size")
     if (
         type(id) is not str
         or not 0 < len(id) <= 200
         or type(kind) is not str  # a list or dict is unhashable: the schema says why
         or kind not in KINDS
-        or type(targets) is not list
         or type(size) is not int
         or size < 0
     ):
         return False
-    for target in targets:  # a loop: for one or two targets, cheaper than all()
-        if type(target) is not str or not target:
+    if "targets" in data:
+        targets = data["targets"]
+        if type(targets) is not list:
             return False
+        for target in targets:  # a loop: for one or two targets, cheaper than all()
+            if type(target) is not str or not target:
+                return False
+    elif "sel" not in data:
+        return False
+    if "sel" in data:
+        sel = data["sel"]
+        if type(sel) is not list or not sel:
+            return False
+        for op in sel:
+            if type(op) is not str:
+                return False
     return True
 
 
@@ -231,7 +252,11 @@ def _entry(envelope: Envelope, payload: bytes) -> dict[str, Any]:
     entry: dict[str, Any] = {}
     if envelope.sig is not None:  # first, as route.lua writes them
         entry.update(ts=envelope.ts, sel=envelope.sel, sig=envelope.sig)
-    entry.update(id=envelope.id, kind=envelope.kind, targets=envelope.targets)
+    elif envelope.sel is not None:
+        entry["sel"] = envelope.sel
+    entry.update(id=envelope.id, kind=envelope.kind)
+    if envelope.targets is not None:
+        entry["targets"] = envelope.targets
     entry["size"] = len(payload)
     return entry
 
@@ -260,19 +285,22 @@ def decode(raw: bytes) -> list[Envelope]:
             frame = payload if message["kind"] == "binary" else payload.decode("utf-8")
         except UnicodeDecodeError as error:
             raise EnvelopeError(f"message {message['id']}: text is not UTF-8") from error
+        get = message.get
         if "sig" in message:
             envelope = Envelope(
                 message["id"],
                 origin,
                 message["kind"],
-                message["targets"],
+                get("targets"),
                 frame,
-                message.get("ts"),  # the schema lets ts and sel lack: Verifier says so
-                message.get("sel"),
+                get("ts"),  # the schema lets ts and sel lack: Verifier says so
+                get("sel"),
                 message["sig"],
             )
         else:
-            envelope = Envelope(message["id"], origin, message["kind"], message["targets"], frame)
+            envelope = Envelope(
+                message["id"], origin, message["kind"], get("targets"), frame, sel=get("sel")
+            )
         envelopes.append(envelope)
     return envelopes
 

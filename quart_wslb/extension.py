@@ -28,6 +28,7 @@ from .exceptions import (
 )
 from .keys import Keys
 from .liveness import InstanceInfo, Liveness
+from .local_index import LocalIndex
 from .redis_client import checked_client, make_client
 from .registry import Registry
 from .route import call_getter
@@ -103,7 +104,8 @@ class WsLoadBalance:
             "secret": secret,
         }
         self._settings: Settings | None = None
-        self._local: dict[str, Connection] = {}
+        # Keyed by the prefix's names: rebuilt for the app's prefix by init_app.
+        self._local = LocalIndex(Keys("wslb"))
         self._runtime: _Runtime | None = None
         if app is not None:
             self.init_app(app)
@@ -117,6 +119,7 @@ class WsLoadBalance:
         if "wslb" in app.extensions:
             raise RuntimeError("the app already has a WsLoadBalance")
         self._settings = resolve_settings(self._overrides, app.config)
+        self._local.names = Keys(self._settings.prefix)
         app.extensions["wslb"] = self
         app.wslb = self  # type: ignore[attr-defined]
         app.asgi_app = WebsocketGuard(  # type: ignore[method-assign]
@@ -333,7 +336,7 @@ class WsLoadBalance:
         """
         connection = await self._connection(user, metadata, accept)
         # Local first, so that a message routed right after registering finds it.
-        self._local[connection.id] = connection
+        self._local.add(connection)
         try:
             await self._register(connection)
             connection.start()
@@ -365,6 +368,7 @@ class WsLoadBalance:
             queue_size=settings.send_queue_size,
             policy=settings.queue_full,
             owner=self,
+            index=self._local,
         )
 
     async def _register(self, connection: Connection) -> None:
@@ -379,7 +383,7 @@ class WsLoadBalance:
             connection.registering = False
 
     async def _forget(self, connection: Connection) -> None:
-        self._local.pop(connection.id, None)
+        self._local.discard(connection)
         await connection.stop()
         runtime = self._runtime
         if runtime is not None:

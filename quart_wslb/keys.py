@@ -19,7 +19,7 @@ __all__ = ("LAYOUT", "Keys")
 #: The version of this layout of keys and of the wire envelope, stored under the prefix by
 #: every instance: one prefix cannot hold two layouts (their instances would not see each
 #: other's records, nor read each other's envelopes).
-LAYOUT = "3"
+LAYOUT = "4"
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +92,15 @@ class Keys:
     def group(self, name: str) -> str:
         """Set: connection ids that joined group ``name``."""
         return f"{self._root}:g:{name}"
+
+    def holders(self, index: str) -> str:
+        """Hash: instance -> how many members of index set ``index`` (a :meth:`path`,
+        :meth:`metadata` or :meth:`group` set) it owns; an instance with none has no
+        field. ``<root>:<word>:<value>`` has ``<root>:i<word>:<value>``."""
+        root = self._root
+        if not index.startswith(root + ":"):
+            raise ValueError(f"{index!r} is not a key under {root!r}")
+        return f"{root}:i{index[len(root) + 1 :]}"
 
     @property
     def channel_base(self) -> str:

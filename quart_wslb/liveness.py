@@ -24,7 +24,6 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import cast
 
@@ -32,9 +31,9 @@ from redis.asyncio import Redis
 
 from . import signals
 from ._lua import source
-from .connection import Connection
 from .exceptions import REDIS_FAILURES, WsLoadBalanceError, describe
 from .keys import LAYOUT, Keys
+from .local_index import LocalIndex
 from .registry import Registry
 from .router import Router
 
@@ -71,7 +70,7 @@ class Liveness:
         ttl: float,
         registry: Registry,
         router: Router,
-        local: Mapping[str, Connection],
+        local: LocalIndex,
         owner: object,
     ) -> None:
         self._redis = redis
@@ -155,9 +154,26 @@ class Liveness:
         return int(registered), int(heard)
 
     async def resubscribed(self) -> None:
-        """After (re)subscribing, maybe to a Redis that lost its data: announce, repair."""
+        """After (re)subscribing, maybe to a Redis that lost its data: announce, repair,
+        and take each connection's groups from Redis, where a join or leave made
+        elsewhere while this instance was not listening is recorded (its instructions
+        to this instance were lost)."""
         await self.beat()
         await self.repair()
+        await self.regroup()
+
+    async def regroup(self) -> None:
+        """Make each local connection's groups those that Redis records for it (a
+        connection Redis has no record of keeps its own: the repair restores it)."""
+        changed = 0
+        for id, groups in (await self._registry.groups(self._instance)).items():
+            connection = self._local.get(id)
+            if connection is not None and not connection.registering:
+                if connection.groups != groups:
+                    self._local.regroup(connection, groups)
+                    changed += 1
+        if changed:
+            log.warning("groups of %d connections taken from Redis", changed)
 
     async def repair(self) -> None:
         """Make Redis agree with the connections this instance really holds."""

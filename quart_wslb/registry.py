@@ -19,7 +19,7 @@ from typing import cast
 from redis.asyncio import Redis
 
 from ._lua import source
-from .connection import Connection
+from .connection import Connection, ConnectionRecord
 from .keys import Keys
 
 __all__ = ("Registry", "Removal", "Repair")
@@ -137,6 +137,15 @@ class Registry:
             missing = [c for c in missing if c.id in local]
         removal = await self.unregister(extra)
         return Repair(len(missing), removal.removed, online, removal.offline + gone.offline)
+
+    async def groups(self, instance: str) -> dict[str, frozenset[str]]:
+        """The groups that Redis records for each connection of ``instance``."""
+        records = self._keys.records(instance)
+        found: dict[str, frozenset[str]] = {}
+        async for token, raw in self._redis.hscan_iter(records, count=1000):
+            record = ConnectionRecord.parse(f"{instance}:{token.decode()}", raw)
+            found[record.id] = record.groups
+        return found
 
     async def unregister_instance(self, instance: str, unless_alive: str | None = None) -> Removal:
         """Remove every connection an instance owns, in bounded batches.

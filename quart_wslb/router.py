@@ -9,9 +9,12 @@ on the instance's own channel proves it still hears (see :mod:`quart_wslb.livene
 Whatever the connection holds is delivered before it is dropped: everything Redis sent
 before closing it, and on a restart, whatever keeps arriving. It reads through
 :mod:`quart_wslb.subscriber`, which hands over every message that arrived at once.
-Control envelopes (join, leave, disconnect) act on the local connections they target.
-With a secret, only signed messages are delivered, each only to the targets its signed
-selector selects (:mod:`quart_wslb.signing`).
+A message either lists its targets (a user's or a connection's ids) or names its
+selector, which is resolved here over this instance's own connections
+(:class:`~quart_wslb.local_index.LocalIndex`). Control envelopes (join, leave,
+disconnect) act on the local connections they select. With a secret, only signed
+messages are delivered, each only to the targets its signed selector selects
+(:mod:`quart_wslb.signing`).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -30,6 +33,7 @@ from .connection import Connection
 from .envelope import CONTROL_KINDS, Envelope, EnvelopeError, decode, read_close
 from .exceptions import REDIS_FAILURES, describe
 from .keys import Keys
+from .local_index import LocalIndex
 from .signing import Keyring, Verifier
 from .subscriber import SubscriberClosedError, Subscription, output_buffer_cuts, subscribe
 
@@ -69,7 +73,7 @@ class Router:
         redis: Redis,
         keys: Keys,
         instance: str,
-        local: Mapping[str, Connection],
+        local: LocalIndex,
         owner: object,
         keyring: Keyring | None = None,
     ) -> None:
@@ -312,9 +316,11 @@ class Router:
         problem = verifier.check(envelope, now)
         if problem is not None:
             return None, [], [problem]
+        if envelope.targets is None:  # sent by its selector: the signed one, resolved here
+            found = self._local.resolve(envelope.sel or [])
+            return (None, [], ["unreadable selector"]) if found is None else (found, [], [])
         match = verifier.selects(envelope.sel or [])
-        everyone = envelope.sel == ["B"]  # a broadcast: no targets, every connection
-        if match is None or not (envelope.targets or everyone):
+        if match is None or not envelope.targets:
             return None, [], ["unreadable selector, or no targets"]
         connections: list[Connection] = []
         gone: list[str] = []
@@ -328,7 +334,7 @@ class Router:
                 connections.append(connection)
             else:
                 problems.append(f"target outside the selector: {target}")
-        admitted = connections or gone or everyone
+        admitted = connections or gone
         return connections if admitted else None, gone, problems
 
     async def _refuse(self, envelope: Envelope, problem: str) -> None:
@@ -337,25 +343,29 @@ class Router:
         await signals.dropped(self._owner, reason, message_id=envelope.id, detail=problem)
 
     async def _deliver(self, envelope: Envelope, connections: list[Connection] | None) -> None:
-        """Hand a message to ``connections`` (those of its targets that :meth:`_admit`
-        checked), or when ``None`` to its targets as they are looked up here; a message
-        without targets goes to every local connection."""
+        """Hand a message to ``connections`` (those that :meth:`_admit` checked), or when
+        ``None`` to its targets as they are looked up here, or to the local connections
+        its selector selects when it lists no targets."""
         if signals.message_received.receivers:
             await signals.send(signals.message_received, self._owner, envelope=envelope)
+        if connections is None and envelope.targets is None:
+            connections = self._local.resolve(envelope.sel or [])
+            if connections is None:
+                log.warning("dropped message %s: unreadable selector", envelope.id)
+                await signals.dropped(
+                    self._owner, "malformed", message_id=envelope.id, detail="unreadable selector"
+                )
+                return
         if envelope.kind in CONTROL_KINDS:
             await self._control(envelope, connections)
             return
         frame = envelope.frame
-        if not envelope.targets:
-            for connection in list(self._local.values()):
-                await connection.offer(frame, envelope.id)
-            return
         if connections is not None:
             for connection in connections:
                 if not connection.put_nowait(frame):
                     await connection.offer(frame, envelope.id)
             return
-        for target in envelope.targets:
+        for target in envelope.targets or ():
             owner = self._local.get(target)
             if owner is not None and owner.put_nowait(frame):
                 continue  # queued: the common case, with no coroutine
@@ -370,17 +380,18 @@ class Router:
 
     async def _control(self, envelope: Envelope, connections: list[Connection] | None) -> None:
         """Apply a join, leave or disconnect to ``connections`` (when ``None``: the
-        local connections it targets)."""
+        local connections it lists)."""
         targets = connections
         if targets is None:
-            targets = [c for c in map(self._local.get, envelope.targets) if c is not None]
+            ids = envelope.targets or []
+            targets = [c for c in map(self._local.get, ids) if c is not None]
         text = str(envelope.frame)
         if envelope.kind == "join":
             for connection in targets:
-                connection.groups.add(text)
+                self._local.join(connection, text)
         elif envelope.kind == "leave":
             for connection in targets:
-                connection.groups.discard(text)
+                self._local.leave(connection, text)
         else:
             try:
                 code, reason = read_close(text)

@@ -49,6 +49,28 @@ class Program:
     keys: list[str] = field(default_factory=list)
     ops: list[str] = field(default_factory=list)
 
+    @property
+    def exact(self) -> bool:
+        """Whether a send resolves it to connection ids in Redis (a user, a connection,
+        ids, and ``&`` with any of those), rather than to the instances that hold index
+        members (``lua/route.lua``), which then resolve it themselves."""
+        ops = self.ops
+        if len(ops) == 1:  # the hot path: one operand
+            return ops[0][:1] in ("U", "C")
+        stack: list[bool] = []
+        i = 0
+        while i < len(ops):
+            op = ops[i]
+            if op == "&" or op == "|":
+                right, left = stack.pop(), stack.pop()
+                stack.append(left or right if op == "&" else left and right)
+            else:
+                stack.append(op[:1] in ("U", "C", "M"))
+                if op[:1] == "M":
+                    i += int(op[1:])
+            i += 1
+        return stack[0]
+
     def set_op(self, key: str) -> None:
         """Push the members of ``key``; the first two ``KEYS`` are fixed, hence ``+ 3``."""
         if key not in self.keys:

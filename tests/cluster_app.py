@@ -48,7 +48,7 @@ def _count(sender: WsLoadBalance, envelope: Envelope) -> None:
         stats["controls"] += 1
         return
     stats["envelopes"] += 1
-    stats["targets"] += len(envelope.targets)
+    stats["targets"] += len(envelope.targets or ())
 
 
 @signals.message_dropped.connect_via(wslb)

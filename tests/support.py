@@ -26,6 +26,7 @@ from quart_wslb.config import QueueFullPolicy
 from quart_wslb.connection import Connection
 from quart_wslb.envelope import Frame
 from quart_wslb.keys import Keys
+from quart_wslb.local_index import LocalIndex
 
 #: The key prefix of every unit test (each test has its own fakeredis server).
 PREFIX = "t"
@@ -96,6 +97,14 @@ def make_connection(
         policy=policy,
         owner=owner,
     )
+
+
+def held(*connections: Connection, keys: Keys = KEYS) -> LocalIndex:
+    """An instance's index of ``connections`` (what its router resolves selectors over)."""
+    local = LocalIndex(keys)
+    for connection in connections:
+        local.add(connection)
+    return local
 
 
 @dataclass

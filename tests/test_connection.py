@@ -11,7 +11,7 @@ from quart_wslb import signals
 from quart_wslb.connection import SLOW_CLIENT_CLOSE, Connection, Outbox
 from quart_wslb.envelope import Envelope, encode
 from quart_wslb.router import Router
-from tests.support import KEYS, SOON, FakeWebsocket, eventually, make_connection, recording
+from tests.support import KEYS, SOON, FakeWebsocket, eventually, held, make_connection, recording
 
 OWNER = object()
 
@@ -96,12 +96,12 @@ async def test_slow_client_does_not_stall_others(fake_server: fakeredis.FakeServ
     slow.start()
     fast.start()
     redis = fakeredis.FakeAsyncRedis(server=fake_server)
-    router = Router(redis, KEYS, "i1", {slow.id: slow, fast.id: fast}, OWNER)
+    router = Router(redis, KEYS, "i1", held(slow, fast), OWNER)
     frames = [f"m{n}" for n in range(20)]
     with recording(signals.message_dropped, OWNER) as dropped:
         async with asyncio.timeout(SOON):
             for frame in frames:
-                envelope = Envelope(id=frame, origin="i2", kind="text", targets=[], frame=frame)
+                envelope = Envelope(frame, "i2", "text", None, frame, sel=["B"])
                 await router.dispatch(encode(envelope))
                 await asyncio.sleep(0)  # let the fast writer keep up
             assert await fast_socket.wait_sent(len(frames)) == frames

@@ -294,13 +294,13 @@ async def test_a_batch_of_mixed_sends_routes_each_its_own(
     emitter: AsyncEmitter, redis: aioredis.Redis, prefix: str
 ) -> None:
     """Sends in flight together: each gets its own result, index keys are read at each
-    call's offset, an error (a key of the wrong type) reaches only its caller, and sends
-    that may hold Redis long (sets) each get a script call of their own."""
+    call's offset, and an error (a key of the wrong type) reaches only its caller. Index
+    sends read holders, not members, so they share the script call too."""
     keys = Keys(prefix)
     people = [make_connection(id=f"i1:c{n}", user=f"u{n}", path=f"/p{n % 2}") for n in range(6)]
     await Registry(redis, keys).register(*people)
     await redis.set(keys.heartbeat("i1"), "1")
-    await redis.set(keys.path("/bad"), "not a set")
+    await redis.set(keys.holders(keys.path("/bad")), "not a hash")
     await emitter.route(UserSelector("u0"), "text", b"warm-up")
     trips = round_trips(emitter._publish)
     async with redis.pubsub() as pubsub:
@@ -316,9 +316,8 @@ async def test_a_batch_of_mixed_sends_routes_each_its_own(
     routed = [r.routed if isinstance(r, Route) else type(r) for r in results]
     assert routed == [3, 1, 6, WsLoadBalanceError, 1]
     assert "WRONGTYPE" in str(results[3])
-    # The first goes alone; then u1 and the broadcast share a script call, and each
-    # set-reading send has its own, all in one round trip.
-    assert [trip.count("EVALSHA") for trip in trips] == [1, 3]
+    # The first goes alone; the others, queued behind it, share one script call.
+    assert [trip.count("EVALSHA") for trip in trips] == [1, 1]
 
 
 async def test_route_refuses_what_receivers_could_not_decode(emitter: AsyncEmitter) -> None:
@@ -576,3 +575,77 @@ async def test_send_many_to_an_unreachable_redis_raises_within_its_timeout() -> 
     took = time.monotonic() - start
     await emitter.aclose()
     assert took < 5, f"took {took:.2f} s"
+
+
+async def holders_and_members(
+    redis: aioredis.Redis, keys: Keys
+) -> tuple[dict[str, dict[str, int]], dict[str, dict[str, int]]]:
+    """Every holders hash under the prefix, and what it should hold: per index set, the
+    count of its members on each instance."""
+    root = "{" + keys.prefix + "}:"
+    held: dict[str, dict[str, int]] = {}
+    counted: dict[str, dict[str, int]] = {}
+    async for raw in redis.scan_iter(match=root + "*", count=1000):
+        key = raw.decode() if isinstance(raw, bytes) else raw
+        word = key[len(root) :].partition(":")[0]
+        if word in ("ip", "im", "ig"):
+            pairs = cast(dict[bytes, bytes], await redis.hgetall(key))
+            held[key] = {k.decode(): int(v) for k, v in pairs.items()}
+        elif word in ("p", "m", "g"):
+            counts: dict[str, int] = {}
+            for member in await redis.smembers(key):
+                instance = cast(bytes, member).decode().partition(":")[0]
+                counts[instance] = counts.get(instance, 0) + 1
+            counted[keys.holders(key)] = counts
+    return held, counted
+
+
+@pytest.mark.integration
+async def test_holders_count_each_instances_members_through_every_change(
+    redis: aioredis.Redis, emitter: AsyncEmitter, prefix: str
+) -> None:
+    """Register, register again with other indexes (a repair), join, leave, unregister
+    and reap each keep every holders hash equal to the members it counts."""
+    keys = Keys(prefix)
+    registry = Registry(redis, keys)
+    await redis.hset(keys.instances, "i1", "{}")
+    people = [
+        make_connection(
+            id=f"i{1 + n % 3}:c{n}",
+            user=f"u{n % 4}",
+            path=f"/p{n % 2}",
+            metadata={"m": str(n % 5)},
+        )
+        for n in range(30)
+    ]
+    steps = []
+
+    async def step(name: str) -> None:
+        held, counted = await holders_and_members(redis, keys)
+        assert held == counted, name
+        steps.append(name)
+
+    await registry.register(*people)
+    await step("register")
+    moved = people[:6]
+    for connection in moved:
+        connection.path = "/elsewhere"
+        connection.groups.add("re")
+    await registry.register(*moved)
+    await step("register again")
+    assert await emitter.join(PathSelector("/p0"), "g") == 12
+    assert await emitter.join(UserSelector("u1"), "g") == 8  # some were in g already
+    await step("join")
+    assert await emitter.leave(MetadataSelector(m="2"), "g") == 6
+    await step("leave")
+    await registry.unregister([c.id for c in people[10:15]])
+    await step("unregister")
+    await registry.unregister_instance("i2")
+    await step("reap")
+    held, _ = await holders_and_members(redis, keys)
+    assert held and all("i2" not in counts for counts in held.values())
+    for instance in ("i1", "i3"):
+        await registry.unregister_instance(instance)
+    await step("every instance gone")
+    assert await holders_and_members(redis, keys) == ({}, {})
+    assert len(steps) == 7

@@ -139,7 +139,7 @@ def test_encode_is_head_targets_size_then_payload() -> None:
 def test_encode_decode_signed_round_trip() -> None:
     envelope = Envelope("m1", "i1", "text", ["i1:a"], "hi", ts=5, sel=["Ua"], sig="k:ab")
     raw = encode(envelope)
-    assert raw.startswith(b'{"v":2,"origin":"i1","messages":[{"ts":5,"sel":["Ua"],"sig":"k:ab",')
+    assert raw.startswith(b'{"v":3,"origin":"i1","messages":[{"ts":5,"sel":["Ua"],"sig":"k:ab",')
     assert decode(raw) == [envelope]
 
 
@@ -224,61 +224,70 @@ def test_envelope_error_is_a_value_error() -> None:
 
 M = b'{"id":"m","kind":"text","targets":["i:c"],"size":1}'
 QUICK_CORPUS = [
-    b'{"v":2,"origin":"o","messages":[' + M + b"]}",
-    b'{"v":2,"origin":"o","messages":[' + M + b"," + M + b"]}",
-    b'{"v":2,"origin":"o","messages":[{"id":"m","kind":"binary","targets":[],"size":0}]}',
-    b'{"v":2,"origin":"o","messages":[{"id":"m","kind":"join","targets":["a","b"],'
+    b'{"v":3,"origin":"o","messages":[' + M + b"]}",
+    b'{"v":3,"origin":"o","messages":[' + M + b"," + M + b"]}",
+    b'{"v":3,"origin":"o","messages":[{"id":"m","kind":"binary","targets":[],"size":0}]}',
+    b'{"v":3,"origin":"o","messages":[{"id":"m","kind":"join","targets":["a","b"],'
     b'"size":3,"extra":[1]}],"extra":{}}',
-    b'{"v":2,"origin":"o","messages":[{"id":"m","kind":"nope","targets":[],"size":0}]}',
-    b'{"v":2,"origin":"o","messages":[{"id":"","kind":"text","targets":[],"size":0}]}',
-    b'{"v":2,"origin":"o","messages":[{"id":"' + b"x" * 201 + b'","kind":"text",'
+    b'{"v":3,"origin":"o","messages":[{"id":"m","kind":"nope","targets":[],"size":0}]}',
+    b'{"v":3,"origin":"o","messages":[{"id":"","kind":"text","targets":[],"size":0}]}',
+    b'{"v":3,"origin":"o","messages":[{"id":"' + b"x" * 201 + b'","kind":"text",'
     b'"targets":[],"size":0}]}',
-    b'{"v":2,"origin":"o","messages":[{"id":"m","kind":"text","targets":[""],"size":0}]}',
-    b'{"v":2,"origin":"o","messages":[{"id":"m","kind":"text","targets":[1],"size":0}]}',
-    b'{"v":2,"origin":"o","messages":[{"id":"m","kind":"text","targets":"i:c","size":0}]}',
-    b'{"v":2,"origin":"o","messages":[{"id":"m","kind":"text","targets":[]}]}',
-    b'{"v":2,"origin":"o","messages":[{"id":5,"kind":"text","targets":[],"size":0}]}',
-    b'{"v":2,"origin":"o","messages":[{"id":"m","kind":"text","targets":[],"size":-1}]}',
-    b'{"v":2,"origin":"o","messages":[{"id":"m","kind":"text","targets":[],"size":1.0}]}',
-    b'{"v":2,"origin":"o","messages":[{"id":"m","kind":"text","targets":[],"size":true}]}',
-    b'{"v":2,"origin":"o","messages":[' + M + b",7]}",
-    b'{"v":2,"origin":"o","messages":[]}',
-    b'{"v":2,"origin":"o","messages":{}}',
-    b'{"v":2,"origin":"","messages":[' + M + b"]}",
-    b'{"v":2,"messages":[' + M + b"]}",
+    b'{"v":3,"origin":"o","messages":[{"id":"m","kind":"text","targets":[""],"size":0}]}',
+    b'{"v":3,"origin":"o","messages":[{"id":"m","kind":"text","targets":[1],"size":0}]}',
+    b'{"v":3,"origin":"o","messages":[{"id":"m","kind":"text","targets":"i:c","size":0}]}',
+    b'{"v":3,"origin":"o","messages":[{"id":"m","kind":"text","targets":[]}]}',
+    b'{"v":3,"origin":"o","messages":[{"id":5,"kind":"text","targets":[],"size":0}]}',
+    b'{"v":3,"origin":"o","messages":[{"id":"m","kind":"text","targets":[],"size":-1}]}',
+    b'{"v":3,"origin":"o","messages":[{"id":"m","kind":"text","targets":[],"size":1.0}]}',
+    b'{"v":3,"origin":"o","messages":[{"id":"m","kind":"text","targets":[],"size":true}]}',
+    b'{"v":3,"origin":"o","messages":[' + M + b",7]}",
+    b'{"v":3,"origin":"o","messages":[]}',
+    b'{"v":3,"origin":"o","messages":{}}',
+    b'{"v":3,"origin":"","messages":[' + M + b"]}",
+    b'{"v":3,"messages":[' + M + b"]}",
     b'{"v":true,"origin":"o","messages":[' + M + b"]}",
     b'{"v":2.0,"origin":"o","messages":[' + M + b"]}",
     b'{"v":1,"origin":"o","messages":[' + M + b"]}",
     b' {"v":2,"origin":"o","messages":[' + M + b"]}",
-    b'{"v":2,"origin":"o","messages":[' + M + b"]} x",
+    b'{"v":3,"origin":"o","messages":[' + M + b"]} x",
     b"[1, 2]",
     b"\xff\xfe",
     # Signed entries: ts, sel and sig first (route.lua's order), or anywhere.
-    b'{"v":2,"origin":"o","messages":[{"ts":1,"sel":["Ua"],"sig":"k:ab",' + M[1:] + b"]}",
-    b'{"v":2,"origin":"o","messages":[{"id":"m","kind":"text","targets":[],"size":0,'
+    b'{"v":3,"origin":"o","messages":[{"ts":1,"sel":["Ua"],"sig":"k:ab",' + M[1:] + b"]}",
+    b'{"v":3,"origin":"o","messages":[{"id":"m","kind":"text","targets":[],"size":0,'
     b'"sig":"k:ab","ts":5,"sel":["S{p}:g:x","Ub","|"]}]}',
-    b'{"v":2,"origin":"o","messages":[{"ts":1,"sel":["Ua"],"sig":"k:ab",'
+    b'{"v":3,"origin":"o","messages":[{"ts":1,"sel":["Ua"],"sig":"k:ab",'
     + M[1:]
     + b","
     + M
     + b"]}",
-    b'{"v":2,"origin":"o","messages":[{"ts":1.5,"sel":["Ua"],"sig":"k",' + M[1:] + b"]}",
-    b'{"v":2,"origin":"o","messages":[{"ts":true,"sel":["Ua"],"sig":"k",' + M[1:] + b"]}",
-    b'{"v":2,"origin":"o","messages":[{"ts":1,"sel":[],"sig":"k",' + M[1:] + b"]}",
-    b'{"v":2,"origin":"o","messages":[{"ts":1,"sel":"Ua","sig":"k",' + M[1:] + b"]}",
-    b'{"v":2,"origin":"o","messages":[{"ts":1,"sel":[1],"sig":"k",' + M[1:] + b"]}",
-    b'{"v":2,"origin":"o","messages":[{"ts":1,"sel":["Ua"],"sig":"",' + M[1:] + b"]}",
-    b'{"v":2,"origin":"o","messages":[{"ts":1,"sel":["Ua"],"sig":5,' + M[1:] + b"]}",
-    b'{"v":2,"origin":"o","messages":[{"ts":1,"sel":["Ua"],"sig":"'
+    b'{"v":3,"origin":"o","messages":[{"ts":1.5,"sel":["Ua"],"sig":"k",' + M[1:] + b"]}",
+    b'{"v":3,"origin":"o","messages":[{"ts":true,"sel":["Ua"],"sig":"k",' + M[1:] + b"]}",
+    b'{"v":3,"origin":"o","messages":[{"ts":1,"sel":[],"sig":"k",' + M[1:] + b"]}",
+    b'{"v":3,"origin":"o","messages":[{"ts":1,"sel":"Ua","sig":"k",' + M[1:] + b"]}",
+    b'{"v":3,"origin":"o","messages":[{"ts":1,"sel":[1],"sig":"k",' + M[1:] + b"]}",
+    b'{"v":3,"origin":"o","messages":[{"ts":1,"sel":["Ua"],"sig":"",' + M[1:] + b"]}",
+    b'{"v":3,"origin":"o","messages":[{"ts":1,"sel":["Ua"],"sig":5,' + M[1:] + b"]}",
+    b'{"v":3,"origin":"o","messages":[{"ts":1,"sel":["Ua"],"sig":"'
     + b"k" * 201
     + b'",'
     + M[1:]
     + b"]}",
-    b'{"v":2,"origin":"o","messages":[{"ts":1,"sel":["Ua"],"xyz":"k",' + M[1:] + b"]}",
-    b'{"v":2,"origin":"o","messages":[{"sig":"k:ab",' + M[1:] + b"]}",
+    b'{"v":3,"origin":"o","messages":[{"ts":1,"sel":["Ua"],"xyz":"k",' + M[1:] + b"]}",
+    b'{"v":3,"origin":"o","messages":[{"sig":"k:ab",' + M[1:] + b"]}",
+    # Sent by selector: sel instead of targets (signed or not); neither is refused.
+    b'{"v":3,"origin":"o","messages":[{"sel":["S{p}:g:x"],"id":"m","kind":"text","size":0}]}',
+    b'{"v":3,"origin":"o","messages":[{"ts":1,"sel":["B"],"sig":"k:ab","id":"m",'
+    b'"kind":"text","size":0}]}',
+    b'{"v":3,"origin":"o","messages":[{"id":"m","kind":"text","size":0}]}',
+    b'{"v":3,"origin":"o","messages":[{"id":"m","kind":"text","targets":null,"size":0}]}',
+    b'{"v":3,"origin":"o","messages":[{"sel":null,"id":"m","kind":"text","size":0}]}',
+    b'{"v":3,"origin":"o","messages":[{"sel":[],"id":"m","kind":"text","size":0}]}',
+    b'{"v":3,"origin":"o","messages":[{"sel":["B"],"ts":1,"id":"m","kind":"text","size":0}]}',
     # Unhashable kinds: a set lookup would raise TypeError rather than defer.
-    b'{"v":2,"origin":"x","messages":[{"id":"a","kind":[],"targets":[],"size":0}]}',
-    b'{"v":2,"origin":"x","messages":[{"id":"a","kind":{},"targets":[],"size":0}]}',
+    b'{"v":3,"origin":"x","messages":[{"id":"a","kind":[],"targets":[],"size":0}]}',
+    b'{"v":3,"origin":"x","messages":[{"id":"a","kind":{},"targets":[],"size":0}]}',
 ]
 
 
@@ -301,6 +310,6 @@ def test_quick_header_accepts_only_what_the_schema_accepts(header: bytes) -> Non
 def test_quick_header_takes_signed_entries_on_the_fast_path() -> None:
     from quart_wslb.envelope import quick_header
 
-    signed = b'{"v":2,"origin":"o","messages":[{"ts":1,"sel":["Ua"],"sig":"k:ab",' + M[1:]
+    signed = b'{"v":3,"origin":"o","messages":[{"ts":1,"sel":["Ua"],"sig":"k:ab",' + M[1:]
     for header in (signed + b"]}", signed + b"," + M + b"]}"):
         assert quick_header(header) is not None, header

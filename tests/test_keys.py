@@ -116,3 +116,14 @@ def test_keys_values_are_the_last_component() -> None:
             assert key.endswith(":" + value)
     assert keys.metadata("room", "red") == "{t}:m:4:room:red"
     assert keys.metadata("café", "x") == "{t}:m:5:café:x"  # bytes, as Lua counts
+
+
+def test_keys_holders_sit_beside_each_index_set_and_collide_with_nothing() -> None:
+    keys = Keys("p")
+    assert keys.holders(keys.group("a:b")) == "{p}:ig:a:b"
+    assert keys.holders(keys.path("/x")) == "{p}:ip:/x"
+    assert keys.holders(keys.metadata("n", "v")) == "{p}:im:1:n:v"
+    fixed = {keys.users, keys.instances, keys.layout, keys.records("i"), keys.user_set("u")}
+    assert not fixed & {keys.holders(keys.group(n)) for n in ("users", "c:i", "u:u", "")}
+    with pytest.raises(ValueError, match="not a key under"):
+        keys.holders("{q}:g:a")

@@ -19,7 +19,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
-from quart_wslb import AsyncEmitter, UserSelector, signals
+from quart_wslb import AsyncEmitter, GroupSelector, UserSelector, signals
 from quart_wslb.connection import Connection
 from quart_wslb.keys import Keys
 from quart_wslb.liveness import Liveness
@@ -28,7 +28,7 @@ from quart_wslb.router import Router
 from quart_wslb.testing import RedisServer
 from tests.cluster import Clients, Cluster, HttpError, Instance
 from tests.proxy import FreezingProxy
-from tests.support import FakeWebsocket, Recorder, make_connection
+from tests.support import FakeWebsocket, Recorder, eventually, held, make_connection
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 StartCluster = Callable[..., Cluster]
@@ -320,7 +320,7 @@ async def test_liveness_silent_subscriber_is_replaced(
         socket = FakeWebsocket()
         connection = make_connection(socket, id="solo:c1", user="ann")
         connection.start()
-        local = {connection.id: connection}
+        local = held(connection, keys=keys)
         router = Router(redis, keys, "solo", local, None)
         liveness = Liveness(
             redis, keys, "solo", interval=interval, ttl=1.0, registry=Registry(redis, keys),
@@ -338,8 +338,10 @@ async def test_liveness_silent_subscriber_is_replaced(
             assert await socket.wait_sent(1) == ["before"]
             assert proxy.freeze() == proxy.subscribers[:1]
             frozen = time.monotonic()
-            # Redis still counts the frozen subscriber, so sends are "routed", but lost.
+            # Redis still counts the frozen subscriber, so sends are "routed", but lost;
+            # so is the instruction to join a group made meanwhile.
             assert await emitter.send(UserSelector("ann"), "lost") == 1
+            assert await emitter.join(UserSelector("ann"), "vip") == 1
             async with asyncio.timeout(10):
                 while len(proxy.subscribers) < 2:  # a new SUBSCRIBE: the loop restarted
                     await asyncio.sleep(0.02)
@@ -349,6 +351,10 @@ async def test_liveness_silent_subscriber_is_replaced(
             assert await emitter.send(UserSelector("ann"), "after") == 1
             assert await socket.wait_sent(2) == ["before", "after"]
             assert lost.reasons() == ["deaf"]
+            # The groups came back from Redis when it subscribed again.
+            await eventually(lambda: connection.groups == {"vip"})
+            assert await emitter.send(GroupSelector("vip"), "to vip") == 1
+            assert await socket.wait_sent(3) == ["before", "after", "to vip"]
             await emitter.aclose()
         finally:
             signals.subscriber_lost.disconnect(lost)
@@ -374,10 +380,10 @@ def _record(id: str, user: str, n: int) -> Connection:
 
 
 def _liveness(redis: Any, keys: Keys, registry: Registry, name: str) -> Liveness:
-    router = Router(redis, keys, name, {}, None)
+    router = Router(redis, keys, name, held(keys=keys), None)
     return Liveness(
         redis, keys, name, interval=0.5, ttl=1.5, registry=registry, router=router,
-        local={}, owner=None,
+        local=held(keys=keys), owner=None,
     )  # fmt: skip
 
 

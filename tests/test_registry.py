@@ -75,7 +75,14 @@ async def test_register_writes_record_and_every_index(redis: Redis, registry: Re
     for key in index_keys:
         assert await set_members(redis, key) == {connection.id}, key
     assert await user_ids(redis, "alice") == [connection.id]
-    assert await registry_keys(redis) == {KEYS.records("i1"), KEYS.users, *index_keys}
+    assert await registry_keys(redis) == {
+        KEYS.records("i1"),
+        KEYS.users,
+        *index_keys,
+        *map(KEYS.holders, index_keys),
+    }
+    for key in index_keys:  # each set's holders: the instance, with one member
+        assert await redis.hgetall(KEYS.holders(key)) == {b"i1": b"1"}, key
     # The owner is listed (queries of everyone walk the list), but never overwritten.
     assert await redis.hget(KEYS.instances, "i1") == b"{}"
     await redis.hset(KEYS.instances, "i1", '{"started_at": 1.0}')
@@ -164,6 +171,7 @@ async def test_register_index_names_match_the_scripts(redis: Redis, registry: Re
         KEYS.records("i1"),
         KEYS.users,
         *registry.index_keys(odd),
+        *map(KEYS.holders, registry.index_keys(odd)),
     }
     assert await registry.unregister([odd.id]) == Removal(1, ["zoë :x"])
     assert await registry_keys(redis) == set()
@@ -182,7 +190,9 @@ async def test_unregister_instance_removes_only_its_connections(
         KEYS.records("i2"),
         KEYS.users,
         *registry.index_keys(other),
+        *map(KEYS.holders, registry.index_keys(other)),
     }
+    assert await redis.hgetall(KEYS.holders(KEYS.metadata("room", "red"))) == {b"i2": b"1"}
 
 
 async def test_unregister_instance_in_batches(

@@ -15,6 +15,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, cast
 
 import pytest
+from quart.wrappers import Websocket
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -35,10 +36,11 @@ from quart_wslb.connection import Connection
 from quart_wslb.emitter import AsyncEmitter, Route
 from quart_wslb.envelope import Envelope, Frame, decode, encode
 from quart_wslb.keys import Keys
+from quart_wslb.local_index import LocalIndex
 from quart_wslb.redis_client import make_client
 from quart_wslb.registry import Registry
 from quart_wslb.router import READ_TIMEOUT, Router
-from quart_wslb.signing import Keyring
+from quart_wslb.signing import Keyring, canonical
 from quart_wslb.subscriber import SubscriberClosedError
 from quart_wslb.testing import RedisServer
 from tests.cluster import Clients, Cluster
@@ -48,6 +50,7 @@ from tests.support import (
     SOON,
     FakeWebsocket,
     eventually,
+    held,
     make_connection,
     received,
     recording,
@@ -115,19 +118,26 @@ async def envelopes(pubsubs: dict[str, PubSub]) -> dict[str, list[Envelope]]:
 
 
 @asynccontextmanager
-async def started(*connections: Connection) -> AsyncIterator[dict[str, Connection]]:
-    """The connections, with their writers running, as a router's ``local`` mapping."""
+async def started(*connections: Connection) -> AsyncIterator[LocalIndex]:
+    """The connections, with their writers running, as a router's ``local`` index."""
+    local = LocalIndex(KEYS)
     for connection in connections:
+        local.add(connection)
         connection.start()
     try:
-        yield {connection.id: connection for connection in connections}
+        yield local
     finally:
         for connection in connections:
             await connection.stop()
 
 
-def raw(targets: list[str], frame: str | bytes = "hi", kind: Any = "text") -> bytes:
-    return encode(Envelope(id="m1", origin="i0", kind=kind, targets=targets, frame=frame))
+def raw(
+    targets: list[str] | None,
+    frame: str | bytes = "hi",
+    kind: Any = "text",
+    sel: list[str] | None = None,
+) -> bytes:
+    return encode(Envelope("m1", "i0", kind, targets, frame, sel=sel))
 
 
 async def test_route_publishes_one_envelope_per_owning_instance(
@@ -137,7 +147,7 @@ async def test_route_publishes_one_envelope_per_owning_instance(
         route = await sender.route(UserSelector("alice"), "text", "héllo".encode())
         got = await envelopes(pubsubs)
     assert route == Route(route.message_id, routed=3, instances=2, unheard=())
-    assert [sorted(e.targets) for e in got["i1"]] == [["i1:a1", "i1:a2"]]
+    assert [sorted(e.targets or ()) for e in got["i1"]] == [["i1:a1", "i1:a2"]]
     assert [e.targets for e in got["i2"]] == [["i2:a3"]]
     assert got["i3"] == []
     envelope = got["i1"][0]
@@ -153,8 +163,6 @@ async def test_route_publishes_one_envelope_per_owning_instance(
     ("selector", "expected"),
     [
         (UserSelector("bob"), {"i1": ["i1:b1"]}),
-        (PathSelector("/ws/red"), {"i1": ["i1:a1", "i1:b1"], "i2": ["i2:a3"], "i3": ["i3:d1"]}),
-        (MetadataSelector(room="green"), {"i2": ["i2:c1"]}),
         (ConnectionSelector("i2:c1"), {"i2": ["i2:c1"]}),
         (ConnectionSelector("i2:gone"), {}),
         (UserSelector("alice") & PathSelector("/ws/red"), {"i1": ["i1:a1"], "i2": ["i2:a3"]}),
@@ -163,17 +171,45 @@ async def test_route_publishes_one_envelope_per_owning_instance(
         (UserSelector("nobody"), {}),
     ],
 )
-async def test_route_each_selector_kind(
+async def test_route_exact_selectors_list_their_targets(
     redis: Redis, sender: AsyncEmitter, selector: Selector, expected: dict[str, list[str]]
 ) -> None:
     async with instances(redis, "i1", "i2", "i3") as pubsubs:
         route = await sender.route(selector, "json", b'{"a":1}')
         got = await envelopes(pubsubs)
-    assert {name: sorted(e.targets) for name, es in got.items() for e in es} == expected
+    assert {name: sorted(e.targets or ["?"]) for name, es in got.items() for e in es} == expected
+    assert all(e.sel is None for es in got.values() for e in es)
     assert all(len(es) <= 1 for es in got.values())
     assert route.routed == sum(len(ids) for ids in expected.values())
     assert route.instances == len(expected)
     assert route.unheard == ()
+
+
+@pytest.mark.parametrize(
+    ("selector", "expected"),
+    [
+        (PathSelector("/ws/red"), {"i1": 2, "i2": 1, "i3": 1}),
+        (MetadataSelector(room="green"), {"i2": 1}),
+        (MetadataSelector(room="nowhere"), {}),
+        # Compound: per instance, the smaller count (&) or the sum (|), an upper bound.
+        (PathSelector("/ws/red") & MetadataSelector(room="blue"), {"i1": 1}),
+        (PathSelector("/ws/green") | MetadataSelector(room="green"), {"i2": 2}),
+        (UserSelector("dave") | PathSelector("/ws/blue"), {"i1": 1, "i3": 1}),
+        (AllSelector() & PathSelector("/ws/blue"), {"i1": 1}),
+    ],
+)
+async def test_route_index_selectors_name_the_selector_not_the_members(
+    redis: Redis, sender: AsyncEmitter, selector: Selector, expected: dict[str, int]
+) -> None:
+    async with instances(redis, "i1", "i2", "i3") as pubsubs:
+        route = await sender.route(selector, "json", b'{"a":1}')
+        got = await envelopes(pubsubs)
+    sel = canonical(selector.compile(KEYS))
+    assert {name: [(e.targets, e.sel) for e in es] for name, es in got.items() if es} == {
+        name: [(None, sel)] for name in expected
+    }
+    assert route.routed == sum(expected.values())
+    assert route.instances == len(expected)
 
 
 @pytest.mark.parametrize(
@@ -207,7 +243,7 @@ async def test_route_unheard_instance_is_reported_and_not_counted(
     assert route.routed == 2
     assert route.instances == 1
     assert sorted(route.unheard) == ["i2", "i3"]
-    assert [sorted(e.targets) for e in got["i1"]] == [["i1:a1", "i1:b1"]]
+    assert [(e.targets, e.sel) for e in got["i1"]] == [(None, ["S" + KEYS.path("/ws/red")])]
 
 
 async def test_route_all_is_one_broadcast(redis: Redis, sender: AsyncEmitter) -> None:
@@ -223,7 +259,7 @@ async def test_route_all_is_one_broadcast(redis: Redis, sender: AsyncEmitter) ->
     assert route.instances == 2
     assert got_one == got_two
     [envelope] = [e for raw in got_one for e in decode(raw)]
-    assert envelope.targets == []
+    assert (envelope.targets, envelope.sel) == (None, ["B"])
     assert envelope.frame == b"\x00\n\xff"
     assert envelope.id == route.message_id
 
@@ -280,18 +316,62 @@ async def test_dispatch_delivers_to_local_targets_only(redis: Redis) -> None:
     assert [call["envelope"].targets for call in got.calls] == [["i1:0", "i1:2"], ["i1:2"]]
 
 
-async def test_dispatch_without_targets_delivers_to_every_local(redis: Redis) -> None:
+async def test_dispatch_broadcast_delivers_to_every_local(redis: Redis) -> None:
     sockets = [FakeWebsocket() for _ in range(3)]
     connections = [make_connection(s, id=f"i1:{n}") for n, s in enumerate(sockets)]
     async with started(*connections) as local:
-        await Router(redis, KEYS, "i1", local, OWNER).dispatch(raw([], '{"a":1}', "json"))
+        broadcast = raw(None, '{"a":1}', "json", sel=["B"])
+        await Router(redis, KEYS, "i1", local, OWNER).dispatch(broadcast)
         for socket in sockets:
             assert await socket.wait_sent(1) == ['{"a":1}']
 
 
 @pytest.mark.parametrize(
+    ("sel", "expected"),
+    [
+        (["S" + KEYS.path("/ws/red")], {0, 1}),
+        (["S" + KEYS.metadata("room", "blue")], {1, 2}),
+        (["S" + KEYS.path("/ws/red"), "S" + KEYS.metadata("room", "red"), "&"], {0}),
+        (["S" + KEYS.path("/ws/blue"), "Ualice", "|"], {0, 2}),
+        (["M2", "i1:1", "i1:2", "S" + KEYS.path("/ws/red"), "&"], {1}),
+        (["S" + KEYS.group("nobody")], set()),
+        (["S" + KEYS.path("/ws/red"), "Cother:1", "|"], {0, 1}),
+    ],
+)
+async def test_dispatch_by_selector_resolves_it_locally(
+    redis: Redis, sel: list[str], expected: set[int]
+) -> None:
+    sockets = [FakeWebsocket() for _ in range(3)]
+    people = [("alice", "/ws/red", "red"), ("bob", "/ws/red", "blue"), ("bob", "/ws/blue", "blue")]
+    connections = [
+        make_connection(s, id=f"i1:{n}", user=user, path=path, metadata={"room": room})
+        for n, (s, (user, path, room)) in enumerate(zip(sockets, people, strict=True))
+    ]
+    async with started(*connections) as local:
+        with recording(signals.message_dropped, OWNER) as dropped:
+            await Router(redis, KEYS, "i1", local, OWNER).dispatch(raw(None, "hi", sel=sel))
+        for n in expected:
+            assert await sockets[n].wait_sent(1) == ["hi"]
+        await asyncio.sleep(0.01)
+    assert {n for n, socket in enumerate(sockets) if socket.sent} == expected
+    assert dropped.calls == []
+
+
+@pytest.mark.parametrize("sel", [["&"], ["Xwhat"], ["Ualice", "Ubob"], ["M9", "i1:0"]])
+async def test_dispatch_drops_an_unreadable_selector(redis: Redis, sel: list[str]) -> None:
+    socket = FakeWebsocket()
+    async with started(make_connection(socket, id="i1:0")) as local:
+        with recording(signals.message_dropped, OWNER) as dropped:
+            await Router(redis, KEYS, "i1", local, OWNER).dispatch(raw(None, "hi", sel=sel))
+        await asyncio.sleep(0.01)
+        assert socket.sent == []
+    assert dropped.reasons() == ["malformed"]
+    assert dropped.calls[0]["detail"] == "unreadable selector"
+
+
+@pytest.mark.parametrize(
     "data",
-    [b"garbage", b"{}\nhi", b'{"v":2,"id":"m","origin":"o","kind":"text","targets":[]}\nx', b""],
+    [b"garbage", b"{}\nhi", b'{"v":3,"id":"m","origin":"o","kind":"text","targets":[]}\nx', b""],
 )
 async def test_dispatch_drops_malformed_envelope(redis: Redis, data: bytes) -> None:
     socket = FakeWebsocket()
@@ -312,7 +392,7 @@ async def test_dispatch_delivers_every_message_of_a_publish_in_order(redis: Redi
     sockets = [FakeWebsocket() for _ in range(3)]
     connections = [make_connection(s, id=f"i1:{n}") for n, s in enumerate(sockets)]
 
-    class Broken:
+    class Broken(Connection):
         def put_nowait(self, frame: Frame) -> bool:
             raise RuntimeError("broken connection")
 
@@ -322,8 +402,19 @@ async def test_dispatch_delivers_every_message_of_a_publish_in_order(redis: Redi
             for n in range(9)
         )
     )
+    broken = Broken(
+        id="i1:1",
+        user=None,
+        path="/",
+        instance="i1",
+        metadata={},
+        websocket=cast(Websocket, FakeWebsocket()),
+        queue_size=8,
+        policy="close",
+        owner=OWNER,
+    )
     async with started(connections[0], connections[2]) as local:
-        local = {**local, "i1:1": cast(Connection, Broken())}
+        local.add(broken)
         router = Router(redis, KEYS, "i1", local, OWNER)
         with recording(signals.message_dropped, OWNER) as dropped:
             await router.dispatch(publish)
@@ -426,14 +517,14 @@ async def test_run_resubscribes_after_redis_error(
 
 
 async def test_run_cancellation_ends_it(redis: Redis) -> None:
-    router = Router(redis, KEYS, "i1", {}, OWNER)
+    router = Router(redis, KEYS, "i1", held(), OWNER)
     async with running(router) as task:
         pass
     assert task.cancelled()
 
 
 async def test_dispatch_probe_is_counted_not_dropped(redis: Redis) -> None:
-    router = Router(redis, KEYS, "i1", {}, OWNER)
+    router = Router(redis, KEYS, "i1", held(), OWNER)
     probe = router.next_probe()
     assert router.missed_probes() == 1
     with recording(signals.message_dropped, OWNER) as dropped:
@@ -454,7 +545,7 @@ async def test_dispatch_probe_is_counted_not_dropped(redis: Redis) -> None:
 async def test_dispatch_probe_never_sent_is_dropped(redis: Redis, probe: bytes) -> None:
     """A probe numbered past the last one sent (forged) would hide every missed probe
     after it, disabling deaf-subscriber detection: it is dropped and signalled."""
-    router = Router(redis, KEYS, "i1", {}, OWNER)
+    router = Router(redis, KEYS, "i1", held(), OWNER)
     router.next_probe()
     with recording(signals.message_dropped, OWNER) as dropped:
         await router.dispatch(probe)
@@ -466,7 +557,7 @@ async def test_dispatch_probe_never_sent_is_dropped(redis: Redis, probe: bytes) 
 
 async def test_dispatch_probe_with_a_secret_must_be_signed(redis: Redis) -> None:
     ring = Keyring.parse("k1:a-secret-for-the-probes")
-    router = Router(redis, KEYS, "i1", {}, OWNER, keyring=ring)
+    router = Router(redis, KEYS, "i1", held(), OWNER, keyring=ring)
     probe = router.next_probe()
     assert probe.startswith(b"\x00probe:1:k1:")
     other = Keyring.parse("k1:another-secret-entirely")
@@ -480,7 +571,7 @@ async def test_dispatch_probe_with_a_secret_must_be_signed(redis: Redis) -> None
 
 
 async def test_run_hears_its_own_probes(redis: Redis) -> None:
-    router = Router(redis, KEYS, "i1", {}, OWNER)
+    router = Router(redis, KEYS, "i1", held(), OWNER)
     async with running(router):
         assert await redis.publish(KEYS.channel("i1"), router.next_probe()) == 1
         await eventually(lambda: router.missed_probes() == 0)
@@ -662,7 +753,7 @@ async def test_run_reads_the_cut_counter_before_subscribing(
     monkeypatch.setattr("quart_wslb.router.output_buffer_cuts", output_buffer_cuts)
     monkeypatch.setattr("quart_wslb.router.subscribe", subscribe)
     monkeypatch.setattr("quart_wslb.router.BACKOFF_MAX", 0.05)
-    router = Router(redis, KEYS, "i1", {}, OWNER)
+    router = Router(redis, KEYS, "i1", held(), OWNER)
     with recording(signals.subscriber_lost, OWNER) as lost:
         async with running(router):
             await eventually(lambda: len(lost.calls) == 1 and router.subscribed.is_set())
@@ -689,7 +780,7 @@ async def test_run_unexpected_error_is_logged_with_traceback_and_retried(
 async def test_run_redis_failure_is_a_warning_without_traceback(
     redis: Redis, scripts: list[Scripted], caplog: pytest.LogCaptureFixture
 ) -> None:
-    router = Router(redis, KEYS, "i1", {}, OWNER)
+    router = Router(redis, KEYS, "i1", held(), OWNER)
     scripts.append(Scripted(RedisConnectionError("connection reset")))
     with recording(signals.subscriber_lost, OWNER) as lost:
         async with running(router):
@@ -706,7 +797,7 @@ def control(kind: Any, targets: list[str], frame: str) -> bytes:
 
 async def test_dispatch_join_and_leave_change_local_groups(redis: Redis) -> None:
     one, two = make_connection(id="i1:a"), make_connection(id="i1:b")
-    router = Router(redis, KEYS, "i1", {one.id: one, two.id: two}, OWNER)
+    router = Router(redis, KEYS, "i1", held(one, two), OWNER)
     await router.dispatch(control("join", ["i1:a", "i1:b", "i1:gone"], "vip"))
     await router.dispatch(control("join", ["i1:a"], "staff"))
     await router.dispatch(control("leave", ["i1:b"], "vip"))
@@ -716,7 +807,7 @@ async def test_dispatch_join_and_leave_change_local_groups(redis: Redis) -> None
 async def test_dispatch_disconnect_closes_targets(redis: Redis) -> None:
     sockets = [FakeWebsocket(), FakeWebsocket()]
     one, two = (make_connection(s, id=f"i1:{n}") for n, s in enumerate(sockets))
-    router = Router(redis, KEYS, "i1", {one.id: one, two.id: two}, OWNER)
+    router = Router(redis, KEYS, "i1", held(one, two), OWNER)
     await router.dispatch(control("disconnect", ["i1:1"], '{"code":4000,"reason":"bye"}'))
     assert sockets[0].closed == []
     await eventually(lambda: sockets[1].closed == [(4000, "bye")])
@@ -740,7 +831,7 @@ async def test_dispatch_disconnect_closes_targets(redis: Redis) -> None:
 async def test_dispatch_bad_disconnect_is_malformed(redis: Redis, payload: str) -> None:
     socket = FakeWebsocket()
     connection = make_connection(socket, id="i1:a")
-    router = Router(redis, KEYS, "i1", {connection.id: connection}, OWNER)
+    router = Router(redis, KEYS, "i1", held(connection), OWNER)
     with recording(signals.message_dropped, OWNER) as dropped:
         await router.dispatch(control("disconnect", ["i1:a"], payload))
     assert dropped.reasons() == ["malformed"]
@@ -761,7 +852,7 @@ async def test_join_and_disconnect_reach_the_owner(redis: Redis, sender: AsyncEm
     try:
         await eventually(lambda: bool(made))
         [connection] = made
-        router = Router(redis, KEYS, "i1", {connection.id: connection}, OWNER)
+        router = Router(redis, KEYS, "i1", held(connection), OWNER)
         async with running(router):
             assert await sender.join(UserSelector("alice"), "vip") == 3
             await eventually(lambda: connection.groups == {"vip"})
@@ -806,6 +897,10 @@ class Keeping:
 
     def __init__(self, id: str) -> None:
         self.id = id
+        self.user = None
+        self.path = "/"
+        self.metadata: dict[str, str] = {}
+        self.groups: set[str] = set()
         self.frames: list[Frame] = []
 
     def put_nowait(self, frame: Frame) -> bool:
@@ -816,8 +911,8 @@ class Keeping:
         return self.put_nowait(frame)
 
 
-def keeping(*ids: str) -> dict[str, Connection]:
-    return {id: cast(Connection, Keeping(id)) for id in ids}
+def keeping(*ids: str) -> LocalIndex:
+    return held(*(cast(Connection, Keeping(id)) for id in ids))
 
 
 def frames_of(local: Mapping[str, Connection], id: str) -> list[Frame]:
@@ -898,7 +993,7 @@ async def test_run_on_real_redis_restart_takes_effect_within_read_timeout(
 
     keys = Keys(prefix)
     async with real_client(admin_redis_url) as redis:
-        router = Router(redis, keys, "i1", {}, OWNER)
+        router = Router(redis, keys, "i1", held(keys=keys), OWNER)
         router.on_subscribed(callback)
         async with running(router):
             await eventually(lambda: len(calls) == 1)
@@ -916,7 +1011,7 @@ async def test_run_on_real_redis_restart_takes_effect_within_read_timeout(
 async def test_run_on_real_redis_cancellation_closes_the_connection(admin_redis_url: str) -> None:
     async with real_client(admin_redis_url) as redis:
         before = await pubsub_clients(redis)
-        router = Router(redis, Keys("t-" + secrets.token_hex(4)), "i1", {}, OWNER)
+        router = Router(redis, Keys("t-" + secrets.token_hex(4)), "i1", held(), OWNER)
         async with running(router) as task:
             assert await pubsub_clients(redis) == before + 1
         assert task.cancelled()

@@ -321,3 +321,23 @@ def test_drivers_of_an_and_scan_the_narrower_side() -> None:
     assert one.drivers(KEYS) == [("id", "i1:c")]
     either = UserSelector("a") | GroupSelector("g")
     assert either.drivers(KEYS) == [("user", "a"), ("set", KEYS.group("g"))]
+
+
+@pytest.mark.parametrize(
+    ("selector", "exact"),
+    [
+        (UserSelector("u"), True),
+        (ConnectionSelector("i:c"), True),
+        (GroupSelector("g"), False),
+        (PathSelector("/p"), False),
+        (MetadataSelector(a="1", b="2"), False),
+        (AllSelector(), False),
+        (UserSelector("u") & GroupSelector("g"), True),
+        (GroupSelector("g") & UserSelector("u"), True),
+        (UserSelector("u") | GroupSelector("g"), False),
+        (UserSelector("u") | ConnectionSelector("i:c"), True),
+        ((GroupSelector("g") | PathSelector("/p")) & ConnectionSelector("i:c"), True),
+    ],
+)
+def test_program_exact_when_redis_resolves_it_to_ids(selector: Selector, exact: bool) -> None:
+    assert selector.compile(KEYS).exact is exact

@@ -36,6 +36,29 @@ local function index_keys(record)
   return keys
 end
 
+-- Each index set <ROOT>:<word>:<value> has a hash of its holders, <ROOT>:i<word>:<value>
+-- (keys.py's Keys.holders): instance -> how many of the set's members it owns. Every
+-- script that adds to or takes from a set keeps it, so that a send learns which
+-- instances hold members in O(instances), never reading the members.
+local function holders_of(key)
+  return ROOT .. ':i' .. string.sub(key, #ROOT + 2)
+end
+
+local function index_add(key, id)
+  if redis.call('SADD', key, id) == 1 then
+    redis.call('HINCRBY', holders_of(key), string.match(id, '^[^:]+'), 1)
+  end
+end
+
+local function index_remove(key, id)
+  if redis.call('SREM', key, id) == 1 then
+    local holders, instance = holders_of(key), string.match(id, '^[^:]+')
+    if redis.call('HINCRBY', holders, instance, -1) <= 0 then
+      redis.call('HDEL', holders, instance)
+    end
+  end
+end
+
 -- <ROOT>:users maps a user to its connection ids, space-separated (ids have no spaces):
 -- a user is present while its field exists. That is far smaller than a set per user,
 -- but a change rewrites the list, so past SPILL ids the user's ids move to a set of
@@ -116,8 +139,9 @@ local function every_id()
 end
 
 
--- A compiled selector (selectors.Program) run over ARGV[first..last], postfix: S<n>
--- members of KEYS[n + koff]; U<user> the user's connections; A (or B) every id; C<id>
+-- A compiled selector (selectors.Program) run over ARGV[first..last], to the ids it
+-- matches (what a query or a count needs; a send reads holders instead, route.lua),
+-- postfix: S<n> members of KEYS[n + koff]; U<user> the user's connections; A (or B) every id; C<id>
 -- one id if it exists; M<n> then n ids, those of them that exist; & and | combine the
 -- top two sets. Returns the matching ids as a set (id -> true).
 local function as_set(ids)
@@ -154,7 +178,7 @@ local function run_program(first, last, koff)
       end
       stack[#stack + 1] = set
       i = i + n
-    else
+    elseif (op == '&' or op == '|') and #stack >= 2 then
       local right, left, out = table.remove(stack), table.remove(stack), {}
       if code == '&' then
         for id in pairs(left) do if right[id] then out[id] = true end end
@@ -163,6 +187,8 @@ local function run_program(first, last, koff)
         for id in pairs(right) do out[id] = true end
       end
       stack[#stack + 1] = out
+    else
+      error('unknown selector op ' .. string.sub(op, 1, 40))
     end
     i = i + 1
   end

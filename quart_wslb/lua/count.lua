@@ -15,6 +15,11 @@ if #ARGV == 1 and (ARGV[1] == 'A' or ARGV[1] == 'B') then
   return count
 end
 
+-- One index set: its size, without reading its members.
+if #ARGV == 1 and string.sub(ARGV[1], 1, 1) == 'S' then
+  return redis.call('SCARD', KEYS[tonumber(string.sub(ARGV[1], 2))])
+end
+
 local count = 0
 for _ in pairs(run_program(1, #ARGV, 0)) do count = count + 1 end
 return count

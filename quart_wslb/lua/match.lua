@@ -26,10 +26,12 @@ for i = 2, n + 1 do
         stack[#stack + 1] = true
       elseif code == 'C' then
         stack[#stack + 1] = string.sub(op, 2) == id
-      else
+      elseif op == '&' or op == '|' then
         local right, left = table.remove(stack), table.remove(stack)
         if code == '&' then stack[#stack + 1] = left and right
         else stack[#stack + 1] = left or right end
+      else
+        error('unknown selector op ' .. string.sub(op, 1, 40))
       end
     end
     if stack[1] then

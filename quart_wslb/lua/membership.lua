@@ -3,7 +3,7 @@
 -- the owning instance is told so that it can restore the membership if Redis loses
 -- its data.
 -- KEYS[1]  hash: user -> connection ids (names the root of every key)
--- KEYS[2]  the group's set
+-- KEYS[2]  the group's set (its holders are kept too)
 -- ARGV[1]  "join" or "leave", ARGV[2] group name, ARGV[3] instance channel prefix,
 -- ARGV[4]  control envelope head (envelope.head, kind join/leave), ARGV[5..] connection ids
 -- Returns how many of the ids exist (whether or not they were members already).
@@ -21,9 +21,9 @@ for i = 5, #ARGV do
     end
     if join then
       names[#names + 1] = ARGV[2]
-      redis.call('SADD', KEYS[2], id)
+      index_add(KEYS[2], id)
     else
-      redis.call('SREM', KEYS[2], id)
+      index_remove(KEYS[2], id)
     end
     record.g = names
     redis.call('HSET', key, token, cjson.encode(record))

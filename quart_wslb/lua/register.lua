@@ -1,7 +1,8 @@
 -- Register one connection in one round trip.
 -- KEYS[1]  hash: user -> connection ids (presence)
 -- KEYS[2]  hash: token -> record, of the owning instance
--- KEYS[3..] every index set the connection belongs to (index_keys of its record)
+-- KEYS[3..] every index set the connection belongs to (index_keys of its record); their
+--          holders (holders_of) are kept too
 -- Also lists the owning instance in <ROOT>:instances, if it is not there yet.
 -- ARGV[1]  connection id, ARGV[2] token, ARGV[3] record (JSON), ARGV[4] user ("" for none)
 -- Returns 1 when this made the user present in the cluster (first connection), else 0.
@@ -13,7 +14,7 @@ if old then
   local keep = {}
   for i = 3, #KEYS do keep[KEYS[i]] = true end
   for _, key in ipairs(index_keys(old)) do
-    if not keep[key] then redis.call('SREM', key, id) end
+    if not keep[key] then index_remove(key, id) end
   end
   if type(old.u) == 'string' and old.u ~= ARGV[4] then user_remove(old.u, id) end
 end
@@ -22,7 +23,7 @@ redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
 -- everyone walk that list, and a crash before the heartbeat still gets reaped.
 redis.call('HSETNX', ROOT .. ':instances', string.match(id, '^[^:]+'), '{}')
 for i = 3, #KEYS do
-  redis.call('SADD', KEYS[i], id)
+  index_add(KEYS[i], id)
 end
 if ARGV[4] ~= '' then return user_add(ARGV[4], id) end
 return 0

@@ -8,11 +8,12 @@
 -- ARGV[1]  channel base: channels are <base>:ch:<instance> and <base>:bcast (keys.py)
 -- ARGV[2]  origin (an instance id: JSON-safe as it is)
 -- ARGV[3..] the calls, each: its offset into KEYS, its argument count n, then n
---          arguments: message id (hex), kind, payload, signature, program (see
---          run_program; a lone B is a broadcast to every instance). The signature is
---          empty, or a JSON fragment ("ts":..,"sel":..,"sig":"..",) that opens the
---          message's entry as it is: it was computed (signing.py) before this script
---          ran, so that the key never reaches Redis.
+--          arguments: message id (hex), kind, payload, fragment, program (see
+--          evaluate; a lone B is a broadcast to every instance). The fragment opens the
+--          message's entry as it is: empty, or "sel":[..], naming the selector, or with
+--          a secret its signature ("ts":..,"sel":..,"sig":"..",), computed (signing.py)
+--          before this script ran so that the key never reaches Redis. A message sent
+--          by its selector, not by ids, must have a fragment: its receivers resolve it.
 -- Returns, flat, for each call: the count of its items, then the items: connections
 -- routed (-1: no instance ever announced itself under the prefix), how many instances
 -- were reached, their ids, then the ids of the owners nobody heard (dead or cut off);
@@ -24,45 +25,163 @@
 local base, origin = ARGV[1], ARGV[2]
 local bundles, channels = {}, {}
 
-local function add(channel, id, kind, targets, payload, signature)
+-- File one message for a channel; targets nil: its receiver resolves the selector.
+local function add(channel, id, kind, targets, payload, fragment)
   local bundle = bundles[channel]
   if not bundle then
     bundle = {entries = {}, payloads = {}}
     bundles[channel] = bundle
     channels[#channels + 1] = channel
   end
-  bundle.entries[#bundle.entries + 1] = '{' .. signature .. '"id":"' .. id ..
-    '","kind":"' .. kind .. '","targets":' .. targets .. ',"size":' .. #payload .. '}'
+  local listed = targets and '"targets":' .. targets .. ',' or ''
+  bundle.entries[#bundle.entries + 1] = '{' .. fragment .. '"id":"' .. id ..
+    '","kind":"' .. kind .. '",' .. listed .. '"size":' .. #payload .. '}'
   bundle.payloads[#bundle.payloads + 1] = payload
 end
 
--- {instance -> ids} and the instances in order, for the program in ARGV[first..last].
-local function owners(first, last, koff)
-  local groups, order = {}, {}
-  for id in pairs(run_program(first, last, koff)) do
+-- A program evaluates to a value that is either exact, {ids = {id -> true}}: a user's,
+-- a connection's or a list's ids, and what & and | make of those; or by holders,
+-- {n = {instance -> members}}: an index set's holders (S) or every instance (A), and
+-- what & and | make of those, per instance the smaller count (&) or the sum (|), an
+-- upper bound. An & with an exact side is exact: its ids that the other side has. No
+-- step reads an index set's members: a send costs O(instances), plus a user's ids.
+local function exact(ids)
+  return {ids = ids, has = function(id) return ids[id] == true end}
+end
+
+local function by_holders(key)
+  local n, flat = {}, redis.call('HGETALL', holders_of(key))
+  for k = 1, #flat, 2 do n[flat[k]] = tonumber(flat[k + 1]) end
+  return {n = n, has = function(id) return redis.call('SISMEMBER', key, id) == 1 end}
+end
+
+local function everyone()
+  local n = {}
+  for _, instance in ipairs(redis.call('HKEYS', KEYS[2])) do
+    local count = redis.call('HLEN', ROOT .. ':c:' .. instance)
+    if count > 0 then n[instance] = count end
+  end
+  return {n = n, has = exists}
+end
+
+local function counts(value)
+  if not value.ids then return value.n end
+  local n = {}
+  for id in pairs(value.ids) do
     local instance = string.match(id, '^[^:]+')
-    local group = groups[instance]
-    if not group then
-      group = {}
-      groups[instance] = group
-      order[#order + 1] = instance
+    n[instance] = (n[instance] or 0) + 1
+  end
+  return n
+end
+
+local function both(left, right)
+  if left.ids or right.ids then
+    local side, other, ids = left.ids and left or right, left.ids and right or left, {}
+    for id in pairs(side.ids) do
+      if other.has(id) then ids[id] = true end
     end
-    group[#group + 1] = id
+    return exact(ids)
+  end
+  local n = {}
+  for instance, count in pairs(left.n) do
+    local more = right.n[instance]
+    if more then n[instance] = math.min(count, more) end
+  end
+  return {n = n, has = function(id) return left.has(id) and right.has(id) end}
+end
+
+local function either(left, right)
+  if left.ids and right.ids then
+    local ids = {}
+    for id in pairs(left.ids) do ids[id] = true end
+    for id in pairs(right.ids) do ids[id] = true end
+    return exact(ids)
+  end
+  local n = {}
+  for instance, count in pairs(counts(left)) do n[instance] = count end
+  for instance, count in pairs(counts(right)) do n[instance] = (n[instance] or 0) + count end
+  return {n = n, has = function(id) return left.has(id) or right.has(id) end}
+end
+
+local function evaluate(first, last, koff)
+  local stack, i = {}, first
+  while i <= last do
+    local op = ARGV[i]
+    local code = string.sub(op, 1, 1)
+    if code == 'S' then
+      stack[#stack + 1] = by_holders(KEYS[koff + tonumber(string.sub(op, 2))])
+    elseif code == 'U' then
+      stack[#stack + 1] = exact(as_set(user_ids(string.sub(op, 2))))
+    elseif op == 'A' or op == 'B' then
+      stack[#stack + 1] = everyone()
+    elseif code == 'C' then
+      local id, ids = string.sub(op, 2), {}
+      if exists(id) then ids[id] = true end
+      stack[#stack + 1] = exact(ids)
+    elseif code == 'M' then
+      local n, ids = tonumber(string.sub(op, 2)), {}
+      for j = i + 1, i + n do
+        if exists(ARGV[j]) then ids[ARGV[j]] = true end
+      end
+      stack[#stack + 1] = exact(ids)
+      i = i + n
+    elseif (op == '&' or op == '|') and #stack >= 2 then
+      local right, left = table.remove(stack), table.remove(stack)
+      stack[#stack + 1] = op == '&' and both(left, right) or either(left, right)
+    else
+      error('unknown selector op ' .. string.sub(op, 1, 40))
+    end
+    i = i + 1
+  end
+  if #stack ~= 1 then error('a selector program must leave one value') end
+  return stack[1]
+end
+
+-- {instance -> connections} and the instances in order, for the program in
+-- ARGV[first..last], having filed the message for each instance.
+local function owners(first, last, koff, id, kind, payload, fragment)
+  local value, groups, order = evaluate(first, last, koff), {}, {}
+  if value.ids then
+    for member in pairs(value.ids) do
+      local instance = string.match(member, '^[^:]+')
+      local group = groups[instance]
+      if not group then
+        group = {}
+        groups[instance] = group
+        order[#order + 1] = instance
+      end
+      group[#group + 1] = member
+    end
+    for _, instance in ipairs(order) do
+      local ids = groups[instance]
+      local targets = #ids == 1 and '["' .. ids[1] .. '"]' or cjson.encode(ids)
+      add(base .. ':ch:' .. instance, id, kind, targets, payload, fragment)
+      groups[instance] = #ids
+    end
+    return groups, order
+  end
+  if fragment == '' then error('a send by selector needs its selector (the fragment)') end
+  for instance, count in pairs(value.n) do
+    if count > 0 then
+      groups[instance] = count
+      order[#order + 1] = instance
+      add(base .. ':ch:' .. instance, id, kind, nil, payload, fragment)
+    end
   end
   return groups, order
 end
 
 -- Resolve every call and file its message in the bundles. What a call resolved to is
 -- kept for its reply: the instance of a lone connection (the hot path: a user with one
--- connection, no tables), or {groups, order}, {broadcast = live}, {err = message}, or
--- false when no instance ever announced itself.
+-- connection, no tables), or {groups = counts, order}, {broadcast = live}, {err =
+-- message}, or false when no instance ever announced itself.
 local anyone = redis.call('EXISTS', KEYS[2]) == 1
 local calls, live = {}, nil
 local i = 3
 while i <= #ARGV do
   local koff, n = tonumber(ARGV[i]), tonumber(ARGV[i + 1])
   local first, last = i + 2, i + 1 + n
-  local id, kind, payload, signature = ARGV[first], ARGV[first + 1], ARGV[first + 2],
+  local id, kind, payload, fragment = ARGV[first], ARGV[first + 1], ARGV[first + 2],
     ARGV[first + 3]
   local op, call = ARGV[last], nil
   if not anyone then
@@ -71,22 +190,17 @@ while i <= #ARGV do
     local ids = redis.call('HGET', KEYS[1], string.sub(op, 2))
     if ids and ids ~= '*' and not string.find(ids, ' ', 1, true) then
       call = string.match(ids, '^[^:]+')
-      add(base .. ':ch:' .. call, id, kind, '["' .. ids .. '"]', payload, signature)
+      add(base .. ':ch:' .. call, id, kind, '["' .. ids .. '"]', payload, fragment)
     end
   elseif last == first + 4 and op == 'B' then
     live = live or live_count()
     call = {broadcast = live}
-    if live > 0 then add(base .. ':bcast', id, kind, '[]', payload, signature) end
+    if live > 0 then add(base .. ':bcast', id, kind, nil, payload, fragment) end
   end
   if call == nil then
-    local ok, groups, order = pcall(owners, first + 4, last, koff)
+    local ok, groups, order = pcall(owners, first + 4, last, koff, id, kind, payload, fragment)
     if ok then
       call = {groups = groups, order = order}
-      for _, instance in ipairs(order) do
-        local ids = groups[instance]
-        local targets = #ids == 1 and '["' .. ids[1] .. '"]' or cjson.encode(ids)
-        add(base .. ':ch:' .. instance, id, kind, targets, payload, signature)
-      end
     else  -- redis.call raises a table {err = ...} (Redis 7) or a string
       call = {err = type(groups) == 'table' and groups.err or tostring(groups)}
     end
@@ -100,7 +214,7 @@ local heard = {}
 for _, channel in ipairs(channels) do
   local bundle = bundles[channel]
   heard[channel] = redis.call('PUBLISH', channel,
-    '{"v":2,"origin":"' .. origin .. '","messages":[' .. table.concat(bundle.entries, ',') ..
+    '{"v":3,"origin":"' .. origin .. '","messages":[' .. table.concat(bundle.entries, ',') ..
     ']}\n' .. table.concat(bundle.payloads))
 end
 
@@ -127,7 +241,7 @@ for _, call in ipairs(calls) do
     local routed, reached, unheard = 0, {}, {}
     for _, instance in ipairs(call.order) do
       if heard[base .. ':ch:' .. instance] > 0 then
-        routed = routed + #call.groups[instance]
+        routed = routed + call.groups[instance]
         reached[#reached + 1] = instance
       else
         unheard[#unheard + 1] = instance

@@ -12,7 +12,7 @@ for i = 1, #ARGV do
     -- A record that is not ours (corrupt, or written by hand) is still removed.
     local record = decode_record(raw) or {}
     for _, set in ipairs(index_keys(record)) do
-      redis.call('SREM', set, id)
+      index_remove(set, id)
     end
     redis.call('HDEL', key, token)
     removed = removed + 1

@@ -1,0 +1,151 @@
+"""This instance's connections, and its index of them by user, path, metadata and group.
+
+A send to a group, path or metadata pair reaches an instance as one envelope that names
+the selector, not the members (``lua/route.lua``): the instance resolves it here, from
+its own connections, so that Redis does O(instances) work per send, never O(members).
+The index is keyed by the selector's canonical ops (:func:`quart_wslb.signing.canonical`):
+``S<key>`` for the Redis index set ``key`` a connection is in, ``U<user>`` for a user, so
+resolving an operand is one dictionary lookup with no parsing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+
+from .connection import Connection
+from .keys import Keys
+
+__all__ = ("LocalIndex",)
+
+
+class LocalIndex(Mapping[str, Connection]):
+    """The connections this instance holds, by id (a read-only mapping), and by operand.
+
+    Change a connection's groups only through :meth:`join` and :meth:`leave`, so that
+    the index follows.
+    """
+
+    __slots__ = ("_by_id", "_members", "_ops", "names")
+
+    def __init__(self, keys: Keys) -> None:
+        #: The names the index keys are built with (the prefix's).
+        self.names = keys
+        self._by_id: dict[str, Connection] = {}
+        self._members: dict[str, set[Connection]] = {}
+        #: What each held connection is indexed under, so that forgetting it forgets all
+        #: of it even if its ``groups`` were changed by hand.
+        self._ops: dict[str, set[str]] = {}
+
+    def __getitem__(self, id: str) -> Connection:
+        return self._by_id[id]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._by_id)
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def operands(self, connection: Connection) -> list[str]:
+        """The ops that select ``connection``: its user, path, metadata pairs and groups."""
+        keys = self.names
+        ops = ["S" + keys.path(connection.path)]
+        if connection.user is not None:
+            ops.append("U" + connection.user)
+        ops.extend("S" + keys.metadata(k, v) for k, v in connection.metadata.items())
+        ops.extend("S" + keys.group(g) for g in connection.groups)
+        return ops
+
+    def add(self, connection: Connection) -> None:
+        """Hold ``connection`` (replacing any under its id) and index it."""
+        self.discard(connection)
+        self._by_id[connection.id] = connection
+        self._ops[connection.id] = set()
+        for op in self.operands(connection):
+            self._index(op, connection)
+
+    def discard(self, connection: Connection) -> None:
+        """Forget ``connection`` if it is the one held under its id."""
+        if self._by_id.get(connection.id) is not connection:
+            return
+        del self._by_id[connection.id]
+        for op in self._ops.pop(connection.id):
+            self._unindex(op, connection)
+
+    def join(self, connection: Connection, group: str) -> None:
+        """Add ``connection`` to ``group``, in its ``groups`` and here if it is held."""
+        connection.groups.add(group)
+        if self._by_id.get(connection.id) is connection:
+            self._index("S" + self.names.group(group), connection)
+
+    def leave(self, connection: Connection, group: str) -> None:
+        """Take ``connection`` out of ``group``; nothing happens if it is not in it."""
+        connection.groups.discard(group)
+        if self._by_id.get(connection.id) is connection:
+            op = "S" + self.names.group(group)
+            self._ops[connection.id].discard(op)
+            self._unindex(op, connection)
+
+    def regroup(self, connection: Connection, groups: frozenset[str]) -> None:
+        """Make ``connection``'s groups exactly ``groups`` (as Redis records them)."""
+        for group in connection.groups - groups:
+            self.leave(connection, group)
+        for group in groups - connection.groups:
+            self.join(connection, group)
+
+    def _index(self, op: str, connection: Connection) -> None:
+        self._ops[connection.id].add(op)
+        self._members.setdefault(op, set()).add(connection)
+
+    def _unindex(self, op: str, connection: Connection) -> None:
+        members = self._members.get(op)
+        if members is not None:
+            members.discard(connection)
+            if not members:
+                del self._members[op]
+
+    def resolve(self, sel: list[str]) -> list[Connection] | None:
+        """The held connections that the canonical selector ``sel`` selects (postfix
+        ops, see ``selectors.Program``); ``None`` when ``sel`` cannot be read.
+
+        An operand costs a lookup; ``&`` walks the smaller side.
+        """
+        if len(sel) == 1:  # the common case: one operand
+            found = self._operand(sel[0])
+            return None if found is None else list(found)
+        stack: list[set[Connection]] = []
+        i = 0
+        while i < len(sel):
+            op = sel[i]
+            if op[:1] == "M":
+                count = int(op[1:]) if op[1:].isascii() and op[1:].isdigit() else -1
+                if count < 0 or i + count >= len(sel):
+                    return None
+                stack.append(self._ids(sel[i + 1 : i + 1 + count]))
+                i += count
+            elif op in ("&", "|"):
+                if len(stack) < 2:
+                    return None
+                right, left = stack.pop(), stack.pop()
+                stack.append(left & right if op == "&" else left | right)
+            else:
+                found = self._operand(op)
+                if found is None:
+                    return None
+                stack.append(set(found))
+            i += 1
+        return list(stack[0]) if len(stack) == 1 else None
+
+    def _operand(self, op: str) -> set[Connection] | list[Connection] | None:
+        code = op[:1]
+        if code == "S" or code == "U":
+            return self._members.get(op, set())
+        if code == "C":
+            connection = self._by_id.get(op[1:])
+            return [connection] if connection is not None else []
+        if op == "A" or op == "B":
+            return list(self._by_id.values())
+        return None
+
+    def _ids(self, ids: list[str]) -> set[Connection]:
+        found = (self._by_id.get(id) for id in ids)
+        return {connection for connection in found if connection is not None}

@@ -370,12 +370,17 @@ class AsyncEmitter:
         return {instance: sorted(ids) for instance, ids in sorted(owners.items())}
 
     async def count(self, selector: Selector = EVERYONE) -> int:
-        """How many connections in the cluster ``selector`` matches."""
+        """How many connections in the cluster ``selector`` matches, exactly.
+
+        One operand (a user, a connection, an index set, everyone) is one script call
+        that reads no members; a compound selector is counted over its matches, read in
+        bounded pages as :meth:`connections` reads them.
+        """
         _check(selector)
-        if not selector.indexed:  # pages, each bounded on its own
+        program = selector.compile(self.keys) if selector.indexed else None
+        if program is None or len(program.ops) != 1:  # pages, each bounded on its own
             await self._check_layout()
             return sum([len(ids) async for ids in self._matching_ids(selector)])
-        program = selector.compile(self.keys)
         async with redis_deadline(self.timeout, "count"):  # one deadline, marker included
             await self._check_layout()
             count = int(await self._count(keys=self._script_keys(program), args=program.ops))

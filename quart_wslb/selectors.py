@@ -36,8 +36,9 @@ __all__ = (
 
 @dataclass(slots=True)
 class Program:
-    """A compiled selector: Redis keys and postfix ops for the scripts (``run_program``
-    in ``lua/_common.lua``).
+    """A compiled selector: Redis keys and postfix ops for the scripts (``evaluate`` in
+    ``lua/route.lua``, ``lua/match.lua``) and for each instance's
+    :class:`~quart_wslb.local_index.LocalIndex`.
 
     Ops: ``S<n>`` members of the ``n``-th key, counting the two fixed keys (``KEYS[n]``
     for a script call of its own; in a batch, offset by the keys of the calls before);

@@ -96,6 +96,30 @@ async def test_connections_union_lists_each_connection_once(
     assert await emitter.count(selector) == len(expected)
 
 
+async def test_count_of_a_compound_selector_is_exact_and_paged(
+    emitter: AsyncEmitter, populated: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A compound count reads matches in pages (as ``connections`` does), never in one
+    script call over whole sets; a single operand is one call."""
+    calls: list[Any] = []
+    count_script = emitter._count
+
+    async def spy(**kwargs: Any) -> Any:
+        calls.append(kwargs["args"])
+        return await count_script(**kwargs)
+
+    monkeypatch.setattr(emitter, "_count", spy)
+    both = MetadataSelector(room="r0") & GroupSelector("g")
+    expected = [n for n in range(populated) if n % 3 == 0 and n % 5 == 0]
+    assert await emitter.count(both) == len(expected)
+    assert await emitter.count(GroupSelector("g") | MetadataSelector(room="r1")) == len(
+        [n for n in range(populated) if n % 5 == 0 or n % 3 == 1]
+    )
+    assert calls == []
+    assert await emitter.count(GroupSelector("g")) == len(range(0, populated, 5))
+    assert len(calls) == 1
+
+
 async def test_custom_selector_is_matched_record_by_record(
     emitter: AsyncEmitter, populated: int
 ) -> None:

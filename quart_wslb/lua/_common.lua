@@ -127,23 +127,7 @@ local function user_remove(user, id)
   return 0
 end
 
--- Every connection id of the instances announced in <ROOT>:instances.
-local function every_id()
-  local ids = {}
-  for _, instance in ipairs(redis.call('HKEYS', ROOT .. ':instances')) do
-    for _, token in ipairs(redis.call('HKEYS', ROOT .. ':c:' .. instance)) do
-      ids[#ids + 1] = instance .. ':' .. token
-    end
-  end
-  return ids
-end
-
-
--- A compiled selector (selectors.Program) run over ARGV[first..last], to the ids it
--- matches (what a query or a count needs; a send reads holders instead, route.lua),
--- postfix: S<n> members of KEYS[n + koff]; U<user> the user's connections; A (or B) every id; C<id>
--- one id if it exists; M<n> then n ids, those of them that exist; & and | combine the
--- top two sets. Returns the matching ids as a set (id -> true).
+-- A set (id -> true) of a list of ids.
 local function as_set(ids)
   local set = {}
   for _, id in ipairs(ids) do set[id] = true end
@@ -153,46 +137,6 @@ end
 local function exists(id)
   local key, token = record_at(id)
   return key ~= nil and redis.call('HEXISTS', key, token) == 1
-end
-
-local function run_program(first, last, koff)
-  local stack = {}
-  local i = first
-  while i <= last do
-    local op = ARGV[i]
-    local code = string.sub(op, 1, 1)
-    if code == 'S' then
-      stack[#stack + 1] = as_set(redis.call('SMEMBERS', KEYS[koff + tonumber(string.sub(op, 2))]))
-    elseif code == 'U' then
-      stack[#stack + 1] = as_set(user_ids(string.sub(op, 2)))
-    elseif code == 'A' or code == 'B' then
-      stack[#stack + 1] = as_set(every_id())
-    elseif code == 'C' then
-      local id, set = string.sub(op, 2), {}
-      if exists(id) then set[id] = true end
-      stack[#stack + 1] = set
-    elseif code == 'M' then
-      local n, set = tonumber(string.sub(op, 2)), {}
-      for j = i + 1, i + n do
-        if exists(ARGV[j]) then set[ARGV[j]] = true end
-      end
-      stack[#stack + 1] = set
-      i = i + n
-    elseif (op == '&' or op == '|') and #stack >= 2 then
-      local right, left, out = table.remove(stack), table.remove(stack), {}
-      if code == '&' then
-        for id in pairs(left) do if right[id] then out[id] = true end end
-      else
-        for id in pairs(left) do out[id] = true end
-        for id in pairs(right) do out[id] = true end
-      end
-      stack[#stack + 1] = out
-    else
-      error('unknown selector op ' .. string.sub(op, 1, 40))
-    end
-    i = i + 1
-  end
-  return stack[1] or {}
 end
 
 -- Every connection of the live instances (a heartbeat): what a broadcast reaches.

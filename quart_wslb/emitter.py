@@ -181,7 +181,9 @@ class AsyncEmitter:
             await self._redis.aclose()
 
     async def send(self, selector: Selector, message: object) -> int:
-        """Send ``message`` to every connection ``selector`` matches; returns how many.
+        """Send ``message`` to every connection ``selector`` matches; returns how many
+        (exactly, or an upper bound for compound index selectors: see
+        :meth:`WsLoadBalance.send <quart_wslb.WsLoadBalance.send>`).
 
         ``str`` is a text frame, ``bytes`` a binary frame, ``dict``/``list`` JSON text;
         anything else raises ``TypeError`` before anything is published. Raises

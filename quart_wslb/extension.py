@@ -161,7 +161,12 @@ class WsLoadBalance:
         """Send ``message`` to every connection in the cluster that ``selector`` matches.
 
         ``str`` goes out as a text frame, ``bytes`` as a binary frame, ``dict``/``list``
-        as JSON text. Returns how many connections it was routed to (0 when none match).
+        as JSON text. Returns how many connections it was routed to (0 when none match):
+        exact for a user, a connection, a path, a group, one metadata pair and everyone,
+        and for ``&`` with a user or connection side; for several metadata pairs and
+        ``&``/``|`` of those index selectors, an upper bound (per instance, the smaller
+        side's count for ``&``, the sum for ``|``), since Redis counts members per
+        instance and never reads them on a send.
         Raises ``TypeError`` for any other message, before anything is published, and
         :class:`~quart_wslb.RedisUnavailableError` when Redis does not answer in time.
         """

@@ -25,18 +25,28 @@
 local base, origin = ARGV[1], ARGV[2]
 local bundles, channels = {}, {}
 
--- File one message for a channel; targets nil: its receiver resolves the selector.
-local function add(channel, id, kind, targets, payload, fragment)
+-- A message's entry in the envelope's header; targets nil: its receiver resolves the
+-- selector that the fragment names.
+local function entry(id, kind, targets, payload, fragment)
+  local listed = targets and '"targets":' .. targets .. ',' or ''
+  return '{' .. fragment .. '"id":"' .. id .. '","kind":"' .. kind .. '",' .. listed ..
+    '"size":' .. #payload .. '}'
+end
+
+-- File one message (its entry and payload) in a channel's envelope.
+local function file(channel, text, payload)
   local bundle = bundles[channel]
   if not bundle then
     bundle = {entries = {}, payloads = {}}
     bundles[channel] = bundle
     channels[#channels + 1] = channel
   end
-  local listed = targets and '"targets":' .. targets .. ',' or ''
-  bundle.entries[#bundle.entries + 1] = '{' .. fragment .. '"id":"' .. id ..
-    '","kind":"' .. kind .. '",' .. listed .. '"size":' .. #payload .. '}'
+  bundle.entries[#bundle.entries + 1] = text
   bundle.payloads[#bundle.payloads + 1] = payload
+end
+
+local function add(channel, id, kind, targets, payload, fragment)
+  file(channel, entry(id, kind, targets, payload, fragment), payload)
 end
 
 -- A program evaluates to a value that is either exact, {ids = {id -> true}}: a user's,
@@ -137,6 +147,21 @@ local function evaluate(first, last, koff)
   return stack[1]
 end
 
+-- File one message, named by its selector, for each instance of {instance -> members}
+-- that holds any; returns those counts and instances.
+local function by_selector(n, id, kind, payload, fragment)
+  if fragment == '' then error('a send by selector needs its selector (the fragment)') end
+  local text, groups, order = entry(id, kind, nil, payload, fragment), {}, {}
+  for instance, count in pairs(n) do
+    if count > 0 then
+      groups[instance] = count
+      order[#order + 1] = instance
+      file(base .. ':ch:' .. instance, text, payload)
+    end
+  end
+  return groups, order
+end
+
 -- {instance -> connections} and the instances in order, for the program in
 -- ARGV[first..last], having filed the message for each instance.
 local function owners(first, last, koff, id, kind, payload, fragment)
@@ -160,15 +185,7 @@ local function owners(first, last, koff, id, kind, payload, fragment)
     end
     return groups, order
   end
-  if fragment == '' then error('a send by selector needs its selector (the fragment)') end
-  for instance, count in pairs(value.n) do
-    if count > 0 then
-      groups[instance] = count
-      order[#order + 1] = instance
-      add(base .. ':ch:' .. instance, id, kind, nil, payload, fragment)
-    end
-  end
-  return groups, order
+  return by_selector(value.n, id, kind, payload, fragment)
 end
 
 -- Resolve every call and file its message in the bundles. What a call resolved to is
@@ -191,6 +208,16 @@ while i <= #ARGV do
     if ids and ids ~= '*' and not string.find(ids, ' ', 1, true) then
       call = string.match(ids, '^[^:]+')
       add(base .. ':ch:' .. call, id, kind, '["' .. ids .. '"]', payload, fragment)
+    end
+  elseif last == first + 4 and string.byte(op) == 83 and fragment ~= '' then  -- 'S': one set
+    local flat = redis.pcall('HGETALL', holders_of(KEYS[koff + tonumber(string.sub(op, 2))]))
+    if flat.err then
+      call = {err = flat.err}
+    else
+      local n = {}
+      for k = 1, #flat, 2 do n[flat[k]] = tonumber(flat[k + 1]) end
+      local groups, order = by_selector(n, id, kind, payload, fragment)
+      call = {groups = groups, order = order}
     end
   elseif last == first + 4 and op == 'B' then
     live = live or live_count()

@@ -804,6 +804,48 @@ async def test_dispatch_join_and_leave_change_local_groups(redis: Redis) -> None
     assert (one.groups, two.groups) == ({"vip", "staff"}, set())
 
 
+async def test_dispatch_join_changes_what_a_group_send_reaches(redis: Redis) -> None:
+    """A join instruction updates the local index that the next group send resolves."""
+    sockets = [FakeWebsocket(), FakeWebsocket()]
+    one, two = (make_connection(s, id=f"i1:{n}") for n, s in enumerate(sockets))
+    router = Router(redis, KEYS, "i1", held(one, two), OWNER)
+    vip = ["S" + KEYS.group("vip")]
+    one.start()
+    two.start()
+    try:
+        await router.dispatch(control("join", ["i1:1"], "vip"))
+        await router.dispatch(raw(None, "first", sel=vip))
+        await router.dispatch(control("join", ["i1:0"], "vip"))
+        await router.dispatch(control("leave", ["i1:1"], "vip"))
+        await router.dispatch(raw(None, "second", sel=vip))
+        assert await sockets[1].wait_sent(1) == ["first"]
+        assert await sockets[0].wait_sent(1) == ["second"]
+        await asyncio.sleep(0.01)
+        assert (sockets[0].sent, sockets[1].sent) == (["second"], ["first"])
+    finally:
+        await one.stop()
+        await two.stop()
+
+
+async def test_dispatch_disconnect_by_selector_closes_what_it_selects(redis: Redis) -> None:
+    sockets = [FakeWebsocket(), FakeWebsocket()]
+    one, two = (make_connection(s, id=f"i1:{n}", path=f"/ws/{n}") for n, s in enumerate(sockets))
+    router = Router(redis, KEYS, "i1", held(one, two), OWNER)
+    bye = encode(
+        Envelope(
+            "d1",
+            "i0",
+            "disconnect",
+            None,
+            '{"code":4000,"reason":"bye"}',
+            sel=["S" + KEYS.path("/ws/0")],
+        )
+    )
+    await router.dispatch(bye)
+    await eventually(lambda: sockets[0].closed == [(4000, "bye")])
+    assert sockets[1].closed == []
+
+
 async def test_dispatch_disconnect_closes_targets(redis: Redis) -> None:
     sockets = [FakeWebsocket(), FakeWebsocket()]
     one, two = (make_connection(s, id=f"i1:{n}") for n, s in enumerate(sockets))

@@ -85,6 +85,8 @@ class Liveness:
         self._reap = redis.register_script(source("reap"))
         self._delist = redis.register_script(source("delist"))
         self._ticks = 0
+        #: Whether the groups must still be taken from Redis after a resubscription.
+        self._regroup_due = False
         self._known: set[str] = set()
         # Monotonic time since which every tick reached Redis; None after a failed one.
         self._healthy_since: float | None = None
@@ -126,6 +128,8 @@ class Liveness:
             self._router.restart()
         if registered != len(self._local) or self._ticks % FULL_REPAIR_EVERY == 0:
             await self.repair()
+        if self._regroup_due:  # a resubscription's regroup that Redis cut short
+            await self.regroup()
         await self.sweep()
 
     async def beat(self) -> tuple[int, int]:
@@ -158,6 +162,7 @@ class Liveness:
         and take each connection's groups from Redis, where a join or leave made
         elsewhere while this instance was not listening is recorded (its instructions
         to this instance were lost)."""
+        self._regroup_due = True  # retried by the ticks until it succeeds
         await self.beat()
         await self.repair()
         await self.regroup()
@@ -172,6 +177,7 @@ class Liveness:
                 if connection.groups != groups:
                     self._local.regroup(connection, groups)
                     changed += 1
+        self._regroup_due = False
         if changed:
             log.warning("groups of %d connections taken from Redis", changed)
 

@@ -423,8 +423,9 @@ class Verifier:
     def selects(self, sel: list[str]) -> Predicate | None:
         """The local test of the targets of a message signed with ``sel``.
 
-        The last one is kept: the messages of a burst of sends to one group or metadata
-        value share their selector, whose test costs a microsecond or two to build.
+        The last one is kept: the messages of a burst of sends that list their targets
+        (to one user, or a user within a group) share their selector, whose test costs
+        a microsecond or two to build.
         """
         if sel == self._last_sel:
             return self._last_match

@@ -448,3 +448,41 @@ async def test_liveness_failed_tick_is_logged_and_the_next_one_runs(
     assert records and {(r.levelname, r.exc_info is not None) for r in records} == {
         (level, traceback)
     }
+
+
+async def test_liveness_regroup_cut_short_is_retried_by_the_next_tick(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Groups taken from Redis after a resubscription: when Redis fails meanwhile, the
+    next tick takes them, so a join made elsewhere while deaf is not missed for good."""
+    redis = fakeredis.FakeAsyncRedis()
+    keys = Keys("regroup")
+    registry = Registry(redis, keys)
+    connection = make_connection(id="solo:c1", user="ann")
+    local = held(connection, keys=keys)
+    router = Router(redis, keys, "solo", local, None)
+    liveness = Liveness(
+        redis, keys, "solo", interval=0.5, ttl=1.5, registry=registry, router=router,
+        local=local, owner=None,
+    )  # fmt: skip
+    await registry.register(connection)
+    connection.registering = False
+    connection.groups.add("vip")  # as Redis will record it: joined elsewhere
+    await registry.register(connection)
+    local.leave(connection, "vip")  # ... while this instance was not listening
+    groups = registry.groups
+    failures = [RedisConnectionError("cut")]
+
+    async def flaky(instance: str) -> dict[str, frozenset[str]]:
+        if failures:
+            raise failures.pop()
+        return await groups(instance)
+
+    monkeypatch.setattr(registry, "groups", flaky)
+    with pytest.raises(RedisConnectionError):
+        await liveness.resubscribed()
+    assert connection.groups == set()
+    await liveness.tick()
+    assert connection.groups == {"vip"}
+    assert local.resolve(["S" + keys.group("vip")]) == [connection]
+    await redis.aclose()

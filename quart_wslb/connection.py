@@ -237,7 +237,8 @@ class Connection:
         self._queue = Outbox(queue_size)
         self._policy = policy
         self._owner = owner
-        self._index: Grouping = index or _Unindexed()
+        # "is None", not "or": an index holding no connection yet is an empty mapping.
+        self._index: Grouping = _Unindexed() if index is None else index
         self._writer: asyncio.Task[None] | None = None
         self._closer: asyncio.Task[None] | None = None
         self._closed = False
@@ -259,11 +260,13 @@ class Connection:
     async def join(self, group: str) -> None:
         """Join ``group`` (a room): ``GroupSelector(group)`` then reaches this connection."""
         GroupSelector(group)  # validates the name before anything changes
+        member = group in self.groups
         self._index.join(self, group)
         try:
             await cast(_Membership, self._owner).join(ConnectionSelector(self.id), group)
         except BaseException:
-            self._index.leave(self, group)
+            if not member:  # a failed join takes back only what it added
+                self._index.leave(self, group)
             raise
 
     async def leave(self, group: str) -> None:

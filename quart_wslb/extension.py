@@ -104,7 +104,7 @@ class WsLoadBalance:
             "secret": secret,
         }
         self._settings: Settings | None = None
-        # Keyed by the prefix's names: rebuilt for the app's prefix by init_app.
+        # Keyed by the prefix's names: made again for the app's prefix by init_app.
         self._local = LocalIndex(Keys("wslb"))
         self._runtime: _Runtime | None = None
         if app is not None:
@@ -119,7 +119,7 @@ class WsLoadBalance:
         if "wslb" in app.extensions:
             raise RuntimeError("the app already has a WsLoadBalance")
         self._settings = resolve_settings(self._overrides, app.config)
-        self._local.names = Keys(self._settings.prefix)
+        self._local = LocalIndex(Keys(self._settings.prefix))  # none held before serving
         app.extensions["wslb"] = self
         app.wslb = self  # type: ignore[attr-defined]
         app.asgi_app = WebsocketGuard(  # type: ignore[method-assign]

@@ -57,7 +57,9 @@ class LocalIndex(Mapping[str, Connection]):
 
     def add(self, connection: Connection) -> None:
         """Hold ``connection`` (replacing any under its id) and index it."""
-        self.discard(connection)
+        held = self._by_id.get(connection.id)
+        if held is not None:
+            self.discard(held)
         self._by_id[connection.id] = connection
         self._ops[connection.id] = set()
         for op in self.operands(connection):

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+from typing import cast
 
 import fakeredis
 import pytest
+from quart.wrappers import Websocket
 
 from quart_wslb import signals
 from quart_wslb.connection import SLOW_CLIENT_CLOSE, Connection, Outbox
@@ -242,3 +244,66 @@ async def test_connection_put_nowait_queues_only_while_open_with_room() -> None:
     assert not connection.put_nowait("b")  # full
     await connection.close(1000)
     assert not connection.put_nowait("c")  # closing
+
+
+class _Owner:
+    """Stands in for the extension's membership calls; fails when told to."""
+
+    def __init__(self) -> None:
+        self.fail = False
+
+    async def join(self, selector: object, group: str) -> int:
+        if self.fail:
+            raise TimeoutError("Redis did not answer")
+        return 1
+
+    async def leave(self, selector: object, group: str) -> int:
+        return 1
+
+
+async def test_connection_join_indexes_it_in_an_index_that_held_nobody() -> None:
+    """The first connection of an instance: its index is an empty mapping, still its index."""
+    local = held()
+    owner = _Owner()
+    connection = Connection(
+        id="i1:first",
+        user=None,
+        path="/",
+        instance="i1",
+        metadata={},
+        websocket=cast(Websocket, FakeWebsocket()),
+        queue_size=4,
+        policy="drop",
+        owner=owner,
+        index=local,
+    )
+    local.add(connection)
+    await connection.join("room")
+    assert local.resolve(["S" + KEYS.group("room")]) == [connection]
+
+
+async def test_connection_failed_join_keeps_a_membership_it_had() -> None:
+    local = held()
+    owner = _Owner()
+    connection = Connection(
+        id="i1:c",
+        user=None,
+        path="/",
+        instance="i1",
+        metadata={},
+        websocket=cast(Websocket, FakeWebsocket()),
+        queue_size=4,
+        policy="drop",
+        owner=owner,
+        index=local,
+    )
+    local.add(connection)
+    await connection.join("room")
+    owner.fail = True
+    with pytest.raises(TimeoutError):
+        await connection.join("room")  # already in it: the failure takes nothing back
+    with pytest.raises(TimeoutError):
+        await connection.join("other")  # new: the failure takes it back
+    assert connection.groups == {"room"}
+    assert local.resolve(["S" + KEYS.group("room")]) == [connection]
+    assert local.resolve(["S" + KEYS.group("other")]) == []

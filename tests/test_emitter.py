@@ -673,3 +673,23 @@ async def test_holders_count_each_instances_members_through_every_change(
     await step("every instance gone")
     assert await holders_and_members(redis, keys) == ({}, {})
     assert len(steps) == 7
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("op", ["S9", "Sx", "S", "Zzz"])
+async def test_a_bad_op_fails_only_its_own_send_of_a_batch(
+    emitter: AsyncEmitter, redis: aioredis.Redis, prefix: str, op: str
+) -> None:
+    """One script call routes a batch; an op that cannot be read fails its own call,
+    never its neighbours (the one-set short path included)."""
+    keys = Keys(prefix)
+    await Registry(redis, keys).register(make_connection(id="i1:c", user="u", path="/p"))
+    await redis.set(keys.heartbeat("i1"), "1")
+    good = ([], ["m1", "text", b"a", b"", "Uu"], False)
+    by_set = ([keys.path("/p")], ["m2", "text", b"b", b'"sel":["x"],', "S3"], False)
+    bad = ([], ["m3", "text", b"c", b'"sel":["x"],', op], False)
+    async with redis.pubsub() as pubsub:
+        await pubsub.subscribe(keys.channel("i1"))
+        replies = await emitter._publish.many([good, bad, by_set])
+    assert isinstance(replies[1], Exception), replies
+    assert replies[0][0] == 1 and replies[2][0] == 1, replies

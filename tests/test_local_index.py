@@ -108,3 +108,14 @@ def test_local_index_leaves_a_connection_it_does_not_hold_alone() -> None:
     assert ids(local, ["S" + KEYS.group("room")]) == set()
     local.discard(stranger)
     assert local["i1:ann"] is ANN
+
+
+def test_local_index_add_replaces_the_connection_held_under_its_id() -> None:
+    local = index()
+    newer = make_connection(id="i1:ann", user="ann2", path="/new")
+    local.add(newer)
+    assert local["i1:ann"] is newer
+    assert ids(local, ["Uann"]) == set() and ids(local, ["Uann2"]) == {"i1:ann"}
+    assert ids(local, ["S" + KEYS.path("/a")]) == {"i1:bob"}
+    local.discard(newer)
+    assert "i1:ann" not in local and ids(local, ["Uann2"]) == set()

@@ -209,7 +209,8 @@ while i <= #ARGV do
       call = string.match(ids, '^[^:]+')
       add(base .. ':ch:' .. call, id, kind, '["' .. ids .. '"]', payload, fragment)
     end
-  elseif last == first + 4 and string.byte(op) == 83 and fragment ~= '' then  -- 'S': one set
+  elseif last == first + 4 and string.byte(op) == 83 and fragment ~= '' and
+      KEYS[koff + (tonumber(string.sub(op, 2)) or 0)] then  -- 'S': one set (a bad op: below)
     local flat = redis.pcall('HGETALL', holders_of(KEYS[koff + tonumber(string.sub(op, 2))]))
     if flat.err then
       call = {err = flat.err}
@@ -219,7 +220,7 @@ while i <= #ARGV do
       local groups, order = by_selector(n, id, kind, payload, fragment)
       call = {groups = groups, order = order}
     end
-  elseif last == first + 4 and op == 'B' then
+  elseif last == first + 4 and op == 'B' and fragment ~= '' then
     live = live or live_count()
     call = {broadcast = live}
     if live > 0 then add(base .. ':bcast', id, kind, nil, payload, fragment) end

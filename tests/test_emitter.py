@@ -25,7 +25,7 @@ from quart_wslb import (
     UserSelector,
     WsLoadBalanceError,
 )
-from quart_wslb.batch import MAX_PIPELINE
+from quart_wslb.batch import MAX_PIPELINE, Args
 from quart_wslb.emitter import PAGE, Route
 from quart_wslb.envelope import decode
 from quart_wslb.keys import LAYOUT, Keys
@@ -685,9 +685,9 @@ async def test_a_bad_op_fails_only_its_own_send_of_a_batch(
     keys = Keys(prefix)
     await Registry(redis, keys).register(make_connection(id="i1:c", user="u", path="/p"))
     await redis.set(keys.heartbeat("i1"), "1")
-    good = ([], ["m1", "text", b"a", b"", "Uu"], False)
-    by_set = ([keys.path("/p")], ["m2", "text", b"b", b'"sel":["x"],', "S3"], False)
-    bad = ([], ["m3", "text", b"c", b'"sel":["x"],', op], False)
+    good: Args = ([], ["m1", "text", b"a", b"", "Uu"], False)
+    by_set: Args = ([keys.path("/p")], ["m2", "text", b"b", b'"sel":["x"],', "S3"], False)
+    bad: Args = ([], ["m3", "text", b"c", b'"sel":["x"],', op], False)
     async with redis.pubsub() as pubsub:
         await pubsub.subscribe(keys.channel("i1"))
         replies = await emitter._publish.many([good, bad, by_set])

@@ -28,7 +28,14 @@ from bench.fire import user_name
 from bench.procs import start_servers, stop_all
 from bench.scenario import Context, System, measure, wait_subscribed
 
-__all__ = ("find_py_spy", "format_profile", "run_profile", "summarize")
+__all__ = (
+    "find_py_spy",
+    "format_profile",
+    "record",
+    "run_profile",
+    "stop_recording",
+    "summarize",
+)
 
 RATE = 250
 TOP = 20
@@ -114,7 +121,8 @@ def summarize(raw: str) -> dict[str, Any]:
     }
 
 
-def _record(py_spy: str, pid: int, output: Path) -> subprocess.Popen[bytes]:
+def record(py_spy: str, pid: int, output: Path) -> subprocess.Popen[bytes]:
+    """Start ``py-spy record`` of ``pid`` (raw stacks to ``output``)."""
     return subprocess.Popen(
         [py_spy, "record", "--pid", str(pid), "--rate", str(RATE), "--format", "raw",
          "--function", "--nonblocking", "--output", str(output)],
@@ -122,7 +130,7 @@ def _record(py_spy: str, pid: int, output: Path) -> subprocess.Popen[bytes]:
     )  # fmt: skip
 
 
-def _finish(spy: subprocess.Popen[bytes]) -> None:
+def stop_recording(spy: subprocess.Popen[bytes]) -> None:
     """Stop one py-spy by its pid: SIGINT makes it write its output."""
     if spy.poll() is None:
         spy.send_signal(signal.SIGINT)
@@ -154,14 +162,14 @@ async def run_profile(
         ctx = Context(system, 2, params, redis_url, redis_pid, servers, pool)
         await measure(ctx, "warmup", 200, 0, params.window)
         spies = [
-            _record(py_spy, servers[0].worker_pid(), files["holder"]),
-            _record(py_spy, servers[1].worker_pid(), files["sender"]),
+            record(py_spy, servers[0].worker_pid(), files["holder"]),
+            record(py_spy, servers[1].worker_pid(), files["sender"]),
         ]
         await asyncio.sleep(1.0)  # py-spy attaches
         row = await measure(ctx, "sat", messages, 0, params.window)
     finally:
         for spy in spies:
-            await asyncio.to_thread(_finish, spy)
+            await asyncio.to_thread(stop_recording, spy)
         await pool.close()
         await asyncio.to_thread(stop_all, servers)
     result: dict[str, Any] = {"system": name, "run": row}

@@ -1,11 +1,12 @@
-"""Every private or version-dependent name of redis-py and hiredis that quart-wslb uses.
+"""Every private or version-dependent name of redis-py, hiredis, Hypercorn and wsproto that
+quart-wslb uses.
 
 The fast paths (:mod:`quart_wslb.wire`, :mod:`quart_wslb.subscriber`,
-:mod:`quart_wslb.redis_client`) go below redis-py's public API in a few places. They reach
-those names only through this module, and :func:`check`, run when an extension starts and
-when an emitter is made, verifies that each still exists and behaves as relied on. What
-fails is logged once, at WARNING, and the part that needs it falls back to redis-py's
-public path: slower, same results.
+:mod:`quart_wslb.redis_client`, the writer of :mod:`quart_wslb.connection`) go below
+their dependencies' public APIs in a few places. They reach those names only through this
+module, and :func:`check`, run when an extension starts and when an emitter is made,
+verifies that each still exists and behaves as relied on. What fails is logged once, at
+WARNING, and the part that needs it falls back to the public path: slower, same results.
 
 ========================================== ============================ ==================
 Name                                       Needed for                   Without it
@@ -21,9 +22,15 @@ made by :func:`parser`
 ``.parse_error``                           (``NoScriptError``...)       or ``ResponseError``
 ``redis.utils.HIREDIS_AVAILABLE``,         packing commands with        redis-py packs
 ``redis.connection.HiredisRespSerializer`` hiredis                      in Python
+Hypercorn's ``WSStream`` (``app_send``,    writing frames encoded once  one ASGI
+``closed``, ``state``, ``connection``,     (:func:`frame_writer`)       ``websocket.send``
+``send``, ``stream_id``),                                               event per frame
+``ASGIWebsocketState``, ``events.Data``;
+wsproto's ``Connection._proto.extensions``
+and ``ConnectionState``
 ========================================== ============================ ==================
 
-``tests/test_compat.py`` fails on any redis-py or hiredis release that changes them.
+``tests/test_compat.py`` fails on any release that changes them.
 """
 
 from __future__ import annotations
@@ -32,13 +39,16 @@ import asyncio
 import functools
 import inspect
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import hiredis
 from redis.asyncio import BlockingConnectionPool, Connection, ConnectionPool
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import InvalidResponse, NoScriptError, RedisError, ResponseError
+
+from .outgoing import encode_frame
 
 try:
     from redis._parsers.base import BaseParser
@@ -52,12 +62,23 @@ try:
     from redis.connection import HiredisRespSerializer
 except ImportError:  # pragma: no cover - depends on the redis-py release
     HiredisRespSerializer = None  # type: ignore[assignment,misc]
+try:
+    from hypercorn.config import Config as HypercornConfig
+    from hypercorn.protocol.events import Data
+    from hypercorn.protocol.ws_stream import ASGIWebsocketState, Handshake, WSStream
+    from wsproto.connection import Connection as WsprotoConnection
+    from wsproto.connection import ConnectionState
+except ImportError:  # pragma: no cover - depends on the Hypercorn release
+    WSStream = None  # type: ignore[assignment,misc]
 
 __all__ = (
     "INCOMPLETE",
+    "FrameWriter",
     "PushNotification",
     "Support",
     "check",
+    "detached_stream",
+    "frame_writer",
     "get_connection",
     "packing_connection",
     "parse_error",
@@ -101,6 +122,8 @@ class Support:
     packing: bool
     #: Error replies classified by redis-py's parser (else only ``NoScriptError``).
     errors: bool
+    #: Frames written to Hypercorn's stream encoded once (else one ASGI event each).
+    frames: bool
     #: What failed, one sentence each (empty when everything works).
     problems: tuple[str, ...] = ()
 
@@ -112,10 +135,12 @@ def check() -> Support:
     Cheap and cached: the extension calls it on start, every emitter on construction.
     """
     raw, packing, errors = _raw_problems(), _packing_problems(), _error_problems()
+    frames = _frame_problems()
     fallbacks = (
         (raw, "replies are read through redis-py's PubSub and pipelines (slower)"),
         (packing, "commands are packed by redis-py, in Python (slower)"),
         (errors, "error replies other than NOSCRIPT are plain ResponseError"),
+        (frames, "frames are written as ASGI websocket.send events (slower)"),
     )
     for problems, fallback in fallbacks:
         for problem in problems:
@@ -124,7 +149,8 @@ def check() -> Support:
         raw=not raw,
         packing=not packing,
         errors=not errors,
-        problems=tuple(raw + packing + errors),
+        frames=not frames,
+        problems=tuple(raw + packing + errors + frames),
     )
 
 
@@ -217,3 +243,129 @@ def packing_connection() -> type[Connection] | None:
             return list(packer.pack(*args))
 
     return HiredisPackingConnection
+
+
+class FrameWriter:
+    """Writes pre-encoded frames to one Hypercorn websocket stream, as the stream itself
+    writes what wsproto encodes (``WSStream._send_wsproto_event``): one ``Data`` event to
+    the stream's ``send``. Only made by :func:`frame_writer`, for a stream with no
+    extension negotiated, so that the frames are exactly what wsproto would write."""
+
+    __slots__ = ("_connection", "_send", "_stream", "_stream_id")
+
+    def __init__(self, stream: Any, connection: Any) -> None:
+        self._stream = stream
+        self._connection = connection
+        self._send = stream.send
+        self._stream_id = stream.stream_id
+
+    def ready(self) -> bool:
+        """Whether a frame may be written now: the stream is open, accepted, and wsproto
+        has neither sent nor received a close (else Hypercorn decides: the ASGI event)."""
+        stream = self._stream
+        return (
+            not stream.closed
+            and stream.state is ASGIWebsocketState.CONNECTED
+            and self._connection.state is ConnectionState.OPEN
+        )
+
+    def write(self, data: bytes) -> Awaitable[None]:
+        """Write ``data``, whole frames encoded by :func:`~quart_wslb.outgoing.encode_frame`."""
+        result: Awaitable[None] = self._send(Data(stream_id=self._stream_id, data=data))
+        return result
+
+
+def frame_writer(send: object) -> FrameWriter | None:
+    """A :class:`FrameWriter` for the websocket whose ASGI ``send`` this is, when the
+    server is Hypercorn (``send`` is a ``WSStream``'s own ``app_send``), the websocket is
+    accepted and no extension (permessage-deflate) was negotiated; else ``None``."""
+    return _writer_of(send) if check().frames else None
+
+
+def _writer_of(send: object) -> FrameWriter | None:
+    stream = getattr(send, "__self__", None)
+    if not isinstance(stream, WSStream) or getattr(send, "__func__", None) is not (
+        WSStream.app_send
+    ):
+        return None
+    connection = getattr(stream, "connection", None)
+    if not isinstance(connection, WsprotoConnection) or _extended(connection):
+        return None
+    return FrameWriter(stream, connection)
+
+
+def _extended(connection: Any) -> bool:
+    """Whether wsproto transforms this connection's frames (an extension is enabled)."""
+    return any(extension.enabled() for extension in connection._proto.extensions)
+
+
+def _frame_problems() -> list[str]:
+    """Accept a websocket on a detached ``WSStream``, as Hypercorn would, then compare what
+    it writes for text and binary messages with :func:`encode_frame`'s bytes."""
+    if WSStream is None:
+        return ["Hypercorn's WSStream, events.Data or wsproto's Connection moved"]
+    try:
+        problem = _stream_problem(b"") or _stream_problem(b"permessage-deflate")
+    except Exception as error:  # any failure means: do not rely on it
+        problem = f"Hypercorn's WSStream no longer behaves as relied on ({error!r})"
+    return [] if problem is None else [problem]
+
+
+def _stream_problem(extensions: bytes) -> str | None:
+    written: list[Any] = []
+
+    async def send(event: Any) -> None:
+        written.append(event)
+
+    stream = detached_stream(send, extensions)
+    writer = _writer_of(stream.app_send)
+    if (writer is None) != bool(extensions):
+        return "wsproto's Connection._proto.extensions no longer tells permessage-deflate"
+    if writer is None:
+        return None
+    return _writes_problem(stream, writer, written, encode_frame)
+
+
+def detached_stream(send: Callable[[Any], Awaitable[None]], extensions: bytes = b"") -> Any:
+    """A Hypercorn ``WSStream`` of no connection that writes its events to ``send``,
+    accepted as Hypercorn accepts a websocket whose client offered ``extensions``
+    (``b"permessage-deflate"``, say): for :func:`check` and tests."""
+    unused: Any = None  # no app, worker or task group: nothing is spawned
+    stream = WSStream(
+        app=unused, config=HypercornConfig(), context=unused, task_group=unused, ssl=False,
+        client=None, server=None, send=send, stream_id=1,
+    )  # fmt: skip
+    headers = [(b"sec-websocket-key", b"dGhlIHNhbXBsZSBub25jZQ=="),
+               (b"sec-websocket-version", b"13"), (b"connection", b"Upgrade"),
+               (b"upgrade", b"websocket")]  # fmt: skip
+    if extensions:
+        headers.append((b"sec-websocket-extensions", extensions))
+    stream.handshake = Handshake(headers, "1.1")
+    stream.scope, stream.start_time = cast(Any, {}), 0.0  # Hypercorn sets them on requests
+    _run_now(stream.app_send(cast(Any, {"type": "websocket.accept"})))
+    return stream
+
+
+def _writes_problem(
+    stream: Any, writer: FrameWriter, written: list[Any], encode: Callable[[Any], bytes]
+) -> str | None:
+    if not writer.ready():
+        return "Hypercorn's WSStream is not ready to write once accepted"
+    for frame in ("", "h\u00e9", "x" * 125, "y" * 126, b"", b"\x00" * 65535, b"z" * 65536):
+        written.clear()
+        key = "text" if isinstance(frame, str) else "bytes"
+        _run_now(stream.app_send(cast(Any, {"type": "websocket.send", key: frame})))
+        _run_now(writer.write(encode(frame)))
+        if [type(e) for e in written] != [Data, Data] or written[0] != written[1]:
+            return "wsproto frames differ from quart-wslb's, or WSStream writes them otherwise"
+    return None
+
+
+def _run_now(coroutine: Any) -> Any:
+    """Run a coroutine that must finish without waiting (no event loop needed)."""
+    try:
+        coroutine.send(None)
+    except StopIteration as done:
+        return done.value
+    coroutine.close()
+    raise RuntimeError("a detached WSStream waited")

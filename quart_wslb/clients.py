@@ -18,6 +18,7 @@ from collections.abc import Mapping
 
 from .connection import Connection
 from .envelope import Frame
+from .outgoing import Outgoing
 
 __all__ = ("IDLE_CLOSE", "ClientLiveness")
 
@@ -39,7 +40,7 @@ class ClientLiveness:
     ) -> None:
         self._local = local
         self._ping_interval = ping_interval
-        self._ping_message = ping_message
+        self._ping_message = Outgoing(ping_message)  # one for every ping: encoded once
         self._idle_timeout = idle_timeout
 
     @property

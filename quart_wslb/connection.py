@@ -22,9 +22,10 @@ from typing import Protocol, cast
 from hypercorn.typing import ASGISendCallable, WebsocketSendEvent
 from quart.wrappers import Websocket
 
-from . import signals
+from . import _compat, signals
 from .config import QueueFullPolicy
 from .envelope import Frame, to_frame
+from .outgoing import Outgoing
 from .selectors import ConnectionSelector, GroupSelector, Selector
 
 __all__ = ("Activity", "Connection", "ConnectionInfo", "ConnectionRecord")
@@ -34,6 +35,9 @@ log = logging.getLogger("quart_wslb")
 SLOW_CLIENT_CLOSE = 1013
 #: Seconds the close frame may take to write before the connection is given up on.
 CLOSE_TIMEOUT = 1.0
+#: Bytes of queued frames a writer joins into one write to Hypercorn's stream at most:
+#: one system call for a burst, without copying large frames for each connection.
+COALESCE_BYTES = 64 * 1024
 
 
 @dataclass(slots=True)
@@ -126,29 +130,45 @@ class Outbox:
     __slots__ = ("_frames", "_limit", "_waiter")
 
     def __init__(self, limit: int) -> None:
-        self._frames: deque[Frame] = deque()
+        self._frames: deque[Outgoing] = deque()
         self._limit = limit
         self._waiter: asyncio.Future[None] | None = None
 
     def __len__(self) -> int:
         return len(self._frames)
 
-    def put(self, frame: Frame) -> bool:
-        """Queue ``frame`` and wake the writer; ``False`` (nothing queued) when full."""
+    def put(self, message: Outgoing) -> bool:
+        """Queue ``message`` and wake the writer; ``False`` (nothing queued) when full."""
         if len(self._frames) >= self._limit:
             return False
-        self._frames.append(frame)
+        self._frames.append(message)
         waiter, self._waiter = self._waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
         return True
 
-    async def get(self) -> Frame:
+    async def get(self) -> Outgoing:
         """The oldest frame, waiting for one if there is none."""
         while not self._frames:
             self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
         return self._frames.popleft()
+
+    async def get_wire(self, limit: int) -> list[Outgoing]:
+        """The oldest frame, waiting for one, and those queued right behind it while
+        their encoded bytes come to at most ``limit`` in all."""
+        frames = self._frames
+        while not frames:  # as get(), inlined: this runs once per frame written
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        batch = [frames.popleft()]
+        if frames:
+            size = len(batch[0].wire)
+            while frames and size + len(frames[0].wire) <= limit:
+                message = frames.popleft()
+                size += len(message.wire)
+                batch.append(message)
+        return batch
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,6 +213,7 @@ class Connection:
         "_policy",
         "_queue",
         "_websocket",
+        "_wire",
         "_writer",
         "connected_at",
         "groups",
@@ -240,6 +261,8 @@ class Connection:
         # "is None", not "or": an index holding no connection yet is an empty mapping.
         self._index: Grouping = _Unindexed() if index is None else index
         self._writer: asyncio.Task[None] | None = None
+        # Whether the writer writes frames encoded once to Hypercorn's stream.
+        self._wire = False
         self._closer: asyncio.Task[None] | None = None
         self._closed = False
         #: True until the first registration attempt ends; repairs leave it alone.
@@ -255,7 +278,7 @@ class Connection:
 
     async def send(self, message: object) -> None:
         """Send to this client (through its queue): str, bytes, dict or list."""
-        await self.offer(to_frame(message), None)
+        await self.offer(Outgoing(to_frame(message)), None)
 
     async def join(self, group: str) -> None:
         """Join ``group`` (a room): ``GroupSelector(group)`` then reaches this connection."""
@@ -275,12 +298,17 @@ class Connection:
         await cast(_Membership, self._owner).leave(ConnectionSelector(self.id), group)
         self._index.leave(self, group)
 
-    def put_nowait(self, frame: Frame) -> bool:
+    def put_nowait(self, message: Outgoing | Frame) -> bool:
         """Queue one frame if the connection is open and its queue has room; else
-        ``False``, and :meth:`offer` applies the policy (and reports the drop)."""
-        return not self._closed and self._queue.put(frame)
+        ``False``, and :meth:`offer` applies the policy (and reports the drop).
 
-    async def offer(self, frame: Frame, message_id: str | None) -> bool:
+        Give every connection the same :class:`~quart_wslb.outgoing.Outgoing` for one
+        message: it is then encoded once for all of them."""
+        if type(message) is not Outgoing:
+            message = Outgoing(cast(Frame, message))
+        return not self._closed and self._queue.put(message)
+
+    async def offer(self, message: Outgoing | Frame, message_id: str | None) -> bool:
         """Queue one frame without waiting; apply the queue-full policy if it is full."""
         if self._closed:  # closing already (say, for being slow): report, quietly
             await signals.dropped(
@@ -291,7 +319,9 @@ class Connection:
                 detail="the connection is closing",
             )
             return False
-        if self._queue.put(frame):
+        if type(message) is not Outgoing:
+            message = Outgoing(cast(Frame, message))
+        if self._queue.put(message):
             return True
         log.warning("send queue of %s is full (%s)", self.id, self._policy)
         await signals.dropped(
@@ -354,23 +384,56 @@ class Connection:
         await self.activity.accepted.wait()
         # Straight to the ASGI server when the middleware handed us its send: Quart's
         # Websocket.send adds an event-loop round (sleep(0)) and a signal to each frame.
-        direct = self.activity.send
+        # Straighter still to Hypercorn's stream when it allows: frames encoded once.
+        send = self.activity.send
+        try:
+            if send is not None and (writer := _compat.frame_writer(send)) is not None:
+                self._wire = True
+                await self._write_wire(writer, send)
+            else:
+                await self._write_events(send)
+        except Exception as error:  # the socket is gone; the handler is ending too
+            log.warning("writing to %s failed; its writer stops", self.id, exc_info=True)
+            await signals.dropped(
+                self._owner, "closed", connection=self, detail=f"writing failed: {error!r}"
+            )
+
+    async def _write_events(self, send: ASGISendCallable | None) -> None:
+        """One ASGI ``websocket.send`` event (or Quart's send) per frame."""
+        queue = self._queue
         delivered = signals.message_delivered
         while True:
-            frame = await self._queue.get()
-            try:
-                if direct is not None:
-                    await direct(_send_event(frame))
-                else:
-                    await self._websocket.send(frame)
-            except Exception as error:  # the socket is gone; the handler is ending too
-                log.warning("writing to %s failed; its writer stops", self.id, exc_info=True)
-                await signals.dropped(
-                    self._owner, "closed", connection=self, detail=f"writing failed: {error!r}"
-                )
-                return
+            message = await queue.get()
+            if send is not None:
+                await send(_send_event(message.frame))
+            else:
+                await self._websocket.send(message.frame)
             if delivered.receivers:
-                await signals.send(delivered, self._owner, connection=self, frame=frame)
+                await self._delivered(message)
+
+    async def _write_wire(self, writer: _compat.FrameWriter, send: ASGISendCallable) -> None:
+        """Encoded frames written to Hypercorn's stream, those queued together at once;
+        the ASGI event again whenever the stream says no (closing, say), so that
+        Hypercorn handles the frame as it would any other."""
+        queue = self._queue
+        delivered = signals.message_delivered
+        while True:
+            batch = await queue.get_wire(COALESCE_BYTES)
+            if not writer.ready():
+                for message in batch:
+                    await send(_send_event(message.frame))
+            elif len(batch) == 1:
+                await writer.write(batch[0].wire)
+            else:
+                await writer.write(b"".join([message.wire for message in batch]))
+            if delivered.receivers:
+                for message in batch:
+                    await self._delivered(message)
+
+    async def _delivered(self, message: Outgoing) -> None:
+        await signals.send(
+            signals.message_delivered, self._owner, connection=self, frame=message.frame
+        )
 
 
 def _send_event(frame: Frame) -> WebsocketSendEvent:

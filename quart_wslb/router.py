@@ -34,6 +34,7 @@ from .envelope import CONTROL_KINDS, Envelope, EnvelopeError, decode, read_close
 from .exceptions import REDIS_FAILURES, describe
 from .keys import Keys
 from .local_index import LocalIndex
+from .outgoing import Outgoing
 from .signing import Keyring, Verifier
 from .subscriber import SubscriberClosedError, Subscription, output_buffer_cuts, subscribe
 
@@ -359,7 +360,7 @@ class Router:
         if envelope.kind in CONTROL_KINDS:
             await self._control(envelope, connections)
             return
-        frame = envelope.frame
+        frame = Outgoing(envelope.frame)  # one object for every target: encoded once
         if connections is not None:
             for connection in connections:
                 if not connection.put_nowait(frame):

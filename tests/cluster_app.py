@@ -228,4 +228,7 @@ async def get_instances() -> list[dict[str, Any]]:
 
 @app.get("/stats")
 async def get_stats() -> dict[str, Any]:
-    return {"instance": wslb.instance_id, "local": len(wslb.local_connections), **stats}
+    local = wslb.local_connections
+    # The connections whose frames are written encoded once, to Hypercorn's stream.
+    wire = sorted(id for id, c in local.items() if c._wire)
+    return {"instance": wslb.instance_id, "local": len(local), "wire": wire, **stats}

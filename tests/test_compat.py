@@ -17,6 +17,7 @@ from redis.exceptions import BusyLoadingError, NoScriptError, ReadOnlyError, Res
 
 from quart_wslb import UserSelector, _compat
 from quart_wslb.emitter import AsyncEmitter
+from quart_wslb.outgoing import encode_frame
 from quart_wslb.redis_client import make_client
 from quart_wslb.subscriber import PubSubSubscription, subscribe
 from quart_wslb.testing import RedisServer
@@ -42,9 +43,11 @@ def warnings_of(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 
 def test_check_finds_every_name(caplog: pytest.LogCaptureFixture) -> None:
-    """Fails on a redis-py or hiredis release that changes a name the fast paths use."""
+    """Fails on a release of a dependency that changes a name the fast paths use."""
     support = _compat.check()
-    assert support == _compat.Support(raw=True, packing=True, errors=True, problems=())
+    assert support == _compat.Support(
+        raw=True, packing=True, errors=True, frames=True, problems=()
+    )
     assert warnings_of(caplog) == []
 
 
@@ -226,3 +229,92 @@ async def test_in_use_counts_the_connections_taken_from_a_pool() -> None:
     await pool.release(second)
     assert in_use(pool) == 0
     await redis.aclose()
+
+
+class Written:
+    """The events a detached Hypercorn stream writes (``_compat.detached_stream``)."""
+
+    def __init__(self) -> None:
+        self.events: list[Any] = []
+
+    async def __call__(self, event: Any) -> None:
+        self.events.append(event)
+
+    def data(self) -> bytes:
+        """Every websocket byte written after the handshake's response."""
+        return b"".join(bytes(e.data) for e in self.events if hasattr(e, "data"))
+
+
+async def test_frame_writer_of_hypercorns_stream_writes_as_it_does() -> None:
+    written = Written()
+    stream = _compat.detached_stream(written)
+    writer = _compat.frame_writer(stream.app_send)
+    assert writer is not None and writer.ready()
+    written.events.clear()
+    await writer.write(encode_frame("hé") + encode_frame(b"\x00"))
+    await stream.app_send({"type": "websocket.send", "text": "hé"})
+    await stream.app_send({"type": "websocket.send", "bytes": b"\x00"})
+    first, second, third = (bytes(e.data) for e in written.events)
+    assert first == second + third  # pre-encoded frames: what Hypercorn writes for them
+
+
+def test_frame_writer_none_when_permessage_deflate_was_negotiated() -> None:
+    stream = _compat.detached_stream(Written(), b"permessage-deflate")
+    assert _compat.frame_writer(stream.app_send) is None
+
+
+def test_frame_writer_none_for_another_server() -> None:
+    async def send(event: Any) -> None: ...
+
+    class Protocol:  # as uvicorn's: the ASGI send is a method of its protocol
+        async def asgi_send(self, event: Any) -> None: ...
+
+    assert _compat.frame_writer(send) is None
+    assert _compat.frame_writer(Protocol().asgi_send) is None
+
+
+async def test_frame_writer_not_ready_once_closing() -> None:
+    stream = _compat.detached_stream(Written())
+    writer = _compat.frame_writer(stream.app_send)
+    assert writer is not None
+    await stream.app_send({"type": "websocket.close", "code": 1000, "reason": ""})
+    assert not writer.ready()
+
+
+def test_check_without_hypercorns_stream_writes_asgi_events(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    stream = _compat.detached_stream(Written())
+    monkeypatch.setattr(_compat, "WSStream", None)
+    support = _compat.check()
+    assert not support.frames and support.raw and support.packing and support.errors
+    assert _compat.frame_writer(stream.app_send) is None
+    (warning,) = warnings_of(caplog)
+    assert "WSStream" in warning and "websocket.send events" in warning, warning
+
+
+@pytest.mark.parametrize(
+    ("breakage", "named"),
+    [
+        (lambda frame: b"\x81\x00", "frames differ"),  # another encoding than wsproto's
+        (lambda frame: 1 / 0, "no longer behaves"),  # anything failing
+    ],
+)
+def test_check_frames_unlike_wsprotos_turn_the_fast_path_off(
+    breakage: Callable[[Any], bytes],
+    named: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(_compat, "encode_frame", breakage)
+    assert not _compat.check().frames
+    (warning,) = warnings_of(caplog)
+    assert named in warning, warning
+
+
+def test_check_extensions_not_told_apart_turn_the_fast_path_off(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(_compat, "_extended", lambda connection: False)
+    assert not _compat.check().frames
+    assert any("permessage-deflate" in w for w in warnings_of(caplog))

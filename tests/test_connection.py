@@ -3,15 +3,26 @@
 from __future__ import annotations
 
 import asyncio
-from typing import cast
+from typing import Any, cast
 
 import fakeredis
 import pytest
 from quart.wrappers import Websocket
+from wsproto.connection import Connection as WsprotoConnection
+from wsproto.connection import ConnectionType
+from wsproto.events import BytesMessage, CloseConnection, TextMessage
+from wsproto.extensions import Extension, PerMessageDeflate
 
-from quart_wslb import signals
-from quart_wslb.connection import SLOW_CLIENT_CLOSE, Connection, Outbox
-from quart_wslb.envelope import Envelope, encode
+from quart_wslb import _compat, signals
+from quart_wslb.connection import (
+    COALESCE_BYTES,
+    SLOW_CLIENT_CLOSE,
+    Activity,
+    Connection,
+    Outbox,
+)
+from quart_wslb.envelope import Envelope, Frame, encode
+from quart_wslb.outgoing import Outgoing
 from quart_wslb.router import Router
 from tests.support import KEYS, SOON, FakeWebsocket, eventually, held, make_connection, recording
 
@@ -214,10 +225,11 @@ async def test_close_from_the_handler_does_not_cancel_it() -> None:
 
 async def test_outbox_is_a_bounded_fifo() -> None:
     outbox = Outbox(2)
-    assert outbox.put("a") and outbox.put(b"b")
-    assert not outbox.put("c")  # full: nothing queued
+    a, b = Outgoing("a"), Outgoing(b"b")
+    assert outbox.put(a) and outbox.put(b)
+    assert not outbox.put(Outgoing("c"))  # full: nothing queued
     assert len(outbox) == 2
-    assert [await outbox.get(), await outbox.get()] == ["a", b"b"]
+    assert [await outbox.get(), await outbox.get()] == [a, b]
     assert len(outbox) == 0
 
 
@@ -228,12 +240,25 @@ async def test_outbox_get_waits_for_a_put_and_survives_cancellation() -> None:
     waiting.cancel()
     with pytest.raises(asyncio.CancelledError):
         await waiting
-    assert outbox.put("after")  # no error from the cancelled waiter
+    after, following = Outgoing("after"), Outgoing("next")
+    assert outbox.put(after)  # no error from the cancelled waiter
     getter = asyncio.create_task(outbox.get())
     await asyncio.sleep(0)
-    assert outbox.put("next")
-    assert await asyncio.wait_for(getter, 1) == "after"
-    assert await asyncio.wait_for(outbox.get(), 1) == "next"
+    assert outbox.put(following)
+    assert await asyncio.wait_for(getter, 1) is after
+    assert await asyncio.wait_for(outbox.get(), 1) is following
+
+
+async def test_outbox_get_wire_takes_what_fits_in_the_limit_in_order() -> None:
+    outbox = Outbox(8)
+    messages = [Outgoing("a" * 8), Outgoing(b"b" * 8), Outgoing("c" * 100), Outgoing("d")]
+    for message in messages:
+        outbox.put(message)
+    # 10 bytes each on the wire (2 of header): the third, of 102, does not fit in 30.
+    assert await outbox.get_wire(30) == messages[:2]
+    assert await outbox.get_wire(30) == messages[2:3]  # the first is taken whatever its size
+    assert await outbox.get_wire(30) == messages[3:]
+    assert len(outbox) == 0
 
 
 async def test_connection_put_nowait_queues_only_while_open_with_room() -> None:
@@ -307,3 +332,102 @@ async def test_connection_failed_join_keeps_a_membership_it_had() -> None:
     assert connection.groups == {"room"}
     assert local.resolve(["S" + KEYS.group("room")]) == [connection]
     assert local.resolve(["S" + KEYS.group("other")]) == []
+
+
+class Stream:
+    """A detached Hypercorn websocket stream (``_compat.detached_stream``) and what it
+    wrote after its handshake, read back by a wsproto client."""
+
+    def __init__(self, extensions: bytes = b"") -> None:
+        self.events: list[Any] = []
+        self.stream = _compat.detached_stream(self._send, extensions)
+        self.events.clear()  # the handshake's response
+        offered: list[Extension] = [PerMessageDeflate()] if extensions else []
+        for extension in offered:  # as the client does, having read the server's answer
+            cast(PerMessageDeflate, extension).finalize("permessage-deflate")
+        self.client = WsprotoConnection(ConnectionType.CLIENT, offered)
+
+    async def _send(self, event: Any) -> None:
+        self.events.append(event)
+
+    def received(self) -> list[Frame]:
+        """The messages the client reads from everything written so far."""
+        for event in self.events:
+            self.client.receive_data(bytes(event.data))
+        self.events.clear()
+        events = self.client.events()
+        return [bytes(e.data) if isinstance(e, BytesMessage) else e.data
+                for e in events if isinstance(e, TextMessage | BytesMessage)]  # fmt: skip
+
+
+def stream_connection(stream: Stream) -> Connection:
+    activity = Activity(send=stream.stream.app_send)
+    activity.accepted.set()
+    connection = Connection(
+        id="i1:c1", user=None, path="/ws", instance="i1", metadata={},
+        websocket=cast(Websocket, FakeWebsocket()), queue_size=100, policy="close",
+        owner=OWNER, activity=activity,
+    )  # fmt: skip
+    return connection
+
+
+async def test_writer_writes_queued_frames_encoded_once_in_one_write() -> None:
+    stream = Stream()
+    connection = stream_connection(stream)
+    frames: list[Frame] = ["a", b"\x00\x01", "é" * 70, "", b"x" * 300]
+    shared = [Outgoing(f) for f in frames]
+    for message in shared:
+        assert connection.put_nowait(message)
+    with recording(signals.message_delivered, OWNER) as delivered:
+        connection.start()
+        await eventually(lambda: len(delivered.calls) == len(frames))
+    assert len(stream.events) == 1  # queued together: written together
+    assert stream.received() == frames
+    assert [call["frame"] for call in delivered.calls] == frames
+    assert all(m.wire is m.wire for m in shared)
+    await connection.stop()
+
+
+async def test_writer_large_frames_are_written_alone() -> None:
+    stream = Stream()
+    connection = stream_connection(stream)
+    frames: list[Frame] = [b"a" * COALESCE_BYTES, "b", b"c" * COALESCE_BYTES]
+    for frame in frames:
+        assert connection.put_nowait(frame)
+    connection.start()
+    await eventually(lambda: len(stream.events) == 3)
+    assert stream.received() == frames
+    await connection.stop()
+
+
+async def test_writer_hands_frames_to_hypercorn_once_the_client_closes() -> None:
+    """Past the client's close, Hypercorn decides (it drops them, quietly)."""
+    stream = Stream()
+    connection = stream_connection(stream)
+    connection.start()
+    await connection.offer("before", None)
+    await eventually(lambda: len(stream.events) == 1)
+    assert stream.received() == ["before"]
+    server = stream.stream.connection  # the client's close frame reaches wsproto
+    server.receive_data(stream.client.send(CloseConnection(code=1000)))
+    assert [type(e) for e in server.events()] == [CloseConnection]
+    with recording(signals.message_dropped, OWNER) as dropped:
+        await connection.offer("after", None)
+        await asyncio.sleep(0.05)
+    assert stream.events == []
+    assert dropped.calls == []
+    assert connection._writer is not None and not connection._writer.done()
+    await connection.stop()
+
+
+async def test_writer_with_permessage_deflate_sends_asgi_events() -> None:
+    stream = Stream(b"permessage-deflate")
+    connection = stream_connection(stream)
+    frames: list[Frame] = ["z" * 500, b"\x00" * 500]
+    for frame in frames:
+        connection.put_nowait(frame)
+    connection.start()
+    await eventually(lambda: len(stream.events) == 2)  # one event each: no coalescing
+    assert all(len(e.data) < 100 for e in stream.events)  # compressed by wsproto
+    assert stream.received() == frames
+    await connection.stop()

@@ -37,6 +37,7 @@ from quart_wslb.emitter import AsyncEmitter, Route
 from quart_wslb.envelope import Envelope, Frame, decode, encode
 from quart_wslb.keys import Keys
 from quart_wslb.local_index import LocalIndex
+from quart_wslb.outgoing import Outgoing
 from quart_wslb.redis_client import make_client
 from quart_wslb.registry import Registry
 from quart_wslb.router import READ_TIMEOUT, Router
@@ -393,7 +394,7 @@ async def test_dispatch_delivers_every_message_of_a_publish_in_order(redis: Redi
     connections = [make_connection(s, id=f"i1:{n}") for n, s in enumerate(sockets)]
 
     class Broken(Connection):
-        def put_nowait(self, frame: Frame) -> bool:
+        def put_nowait(self, message: Outgoing | Frame) -> bool:
             raise RuntimeError("broken connection")
 
     publish = encode(
@@ -945,12 +946,12 @@ class Keeping:
         self.groups: set[str] = set()
         self.frames: list[Frame] = []
 
-    def put_nowait(self, frame: Frame) -> bool:
-        self.frames.append(frame)
+    def put_nowait(self, message: Outgoing | Frame) -> bool:
+        self.frames.append(message.frame if isinstance(message, Outgoing) else message)
         return True
 
-    async def offer(self, frame: Frame, message_id: str | None) -> bool:
-        return self.put_nowait(frame)
+    async def offer(self, message: Outgoing | Frame, message_id: str | None) -> bool:
+        return self.put_nowait(message)
 
 
 def keeping(*ids: str) -> LocalIndex:

@@ -3,6 +3,7 @@
     python -m bench.fanout --quick    # G = 10 ... 50,000 on N = 2, 4; the peer on N = 2
     python -m bench.fanout --smoke    # seconds: what tests/test_bench.py runs
     python -m bench.fanout --gs 10,1000 --ns 2 --kinds group
+    python -m bench.fanout --render --against before.json   # reprint, with ratios to a run
 
 quart-wslb runs as N Hypercorn instances of ``bench/app.py`` on one private
 ``redis-server``; each cell sends to a ``GroupSelector``, ``PathSelector`` or
@@ -11,7 +12,8 @@ quart-wslb runs as N Hypercorn instances of ``bench/app.py`` on one private
 ``Registry.register`` (see :mod:`bench.members`). python-socketio's
 ``AsyncRedisManager`` (``bench/peer_app.py`` under uvicorn) emits to rooms of G real
 clients. What each cell measures is in :mod:`bench.fancell`. Writes ``fanout.json`` to
-``--out`` (default ``bench/out``) and prints the tables.
+``--out`` (default ``bench/out``) and prints the tables; ``--against OLD.json`` adds the
+ratios of this run to an earlier one, cell by cell (before and after a change).
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ FAN_PRESETS: dict[str, FanParams] = {
     ),
     "quick": FanParams(
         preset="quick", gs=ALL_GS, ns=(2, 4), kinds=KINDS, peer_gs=(10, 1000, 10_000),
-        peer_ns=(2,), systems=SYSTEMS, real=10_000, sends=8, ping_sends=4, budget_s=6.0,
+        peer_ns=(2,), systems=SYSTEMS, real=10_000, sends=10, ping_sends=5, budget_s=6.0,
         quiet_wait=5.0,
     ),
     "full": FanParams(
@@ -81,7 +83,7 @@ def _ints(text: str | None) -> tuple[int, ...] | None:
     return tuple(int(x.replace("_", "")) for x in text.split(",")) if text else None
 
 
-def parse_args(argv: list[str]) -> tuple[FanParams, Path]:
+def parse_args(argv: list[str]) -> tuple[FanParams, argparse.Namespace]:
     parser = argparse.ArgumentParser(
         prog="python -m bench.fanout",
         description=__doc__,
@@ -100,6 +102,14 @@ def parse_args(argv: list[str]) -> tuple[FanParams, Path]:
     parser.add_argument("--sends", type=int, help="sends of each cell's meter phase")
     parser.add_argument("--ping-sends", type=int, help="sends of each cell's ping phase")
     parser.add_argument("--out", type=Path, default=OUT, help="output folder")
+    parser.add_argument(
+        "--render",
+        action="store_true",
+        help="run nothing: print the tables of the fanout.json in --out",
+    )
+    parser.add_argument(
+        "--against", type=Path, help="an earlier fanout.json: also print this run / that one"
+    )
     args = parser.parse_args(argv)
     params = FAN_PRESETS["smoke" if args.smoke else "quick" if args.quick else "full"]
     overrides = {
@@ -120,7 +130,7 @@ def parse_args(argv: list[str]) -> tuple[FanParams, Path]:
     for system in params.systems:
         if system not in SYSTEMS:
             parser.error(f"unknown system {system!r}")
-    return params, args.out
+    return params, args
 
 
 def log(text: str) -> None:
@@ -208,13 +218,19 @@ async def run(params: FanParams, out: Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.fanreport import format_fanout
+    from bench.fanreport import format_against, format_fanout
 
-    params, out = parse_args(sys.argv[1:] if argv is None else argv)
-    out.mkdir(parents=True, exist_ok=True)
-    results = asyncio.run(run(params, out))
-    (out / "fanout.json").write_text(json.dumps(results, indent=1) + "\n")
+    params, args = parse_args(sys.argv[1:] if argv is None else argv)
+    out: Path = args.out
+    if args.render:
+        results = json.loads((out / "fanout.json").read_text())
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        results = asyncio.run(run(params, out))
+        (out / "fanout.json").write_text(json.dumps(results, indent=1) + "\n")
     print(format_fanout(results))
+    if args.against:
+        print(format_against(results, json.loads(args.against.read_text())))
     return 0
 
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from bench.config import PEER, WSLB
 
-__all__ = ("format_fanout", "ratios")
+__all__ = ("format_against", "format_fanout", "ratios")
 
 #: (label, key of the quart-wslb cell and the peer's cell) of each ratio.
 RATIOS = (
@@ -92,6 +92,8 @@ def format_fanout(results: dict[str, Any]) -> str:
         "agrees, in the JSON), max us = the longest one, CPU us = used_cpu_sys+user, egress B = "
         "total_net_output_bytes (to every subscriber, and replies), inst ms = CPU of all "
         "instances, inst = instances that took the message off Redis",
+        "real: clients c00000... (client i is a member at every G > i; paths: tiers), "
+        "synth: records <instance id>:s<G>-<k> written through Registry.register",
     ]
     for setup in results["setups"]:
         fills = ", ".join(f"G={g}: {c:,} in {s:.1f} s" for g, (c, s) in setup["fill_s"].items())
@@ -113,4 +115,41 @@ def format_fanout(results: dict[str, Any]) -> str:
                 f"{row['n']:>3}{row['g']:>8,}"
                 + "".join(f"{_num(row[label], '.2f'):>12}" for label, _ in RATIOS)
             )
+    return "\n".join(lines)
+
+
+#: The figures compared by :func:`format_against`.
+AGAINST = (
+    ("last p50", "last_ms_p50"),
+    ("caller p50", "caller_ms_p50"),
+    ("Redis us", "redis_us_per_send"),
+    ("Redis max", "redis_max_us"),
+    ("Redis CPU", "redis_cpu_us_per_send"),
+    ("egress", "egress_bytes_per_send"),
+    ("inst CPU", "instances_cpu_ms_per_send"),
+    ("PING max", "ping_max_ms"),
+)
+
+
+def format_against(results: dict[str, Any], earlier: dict[str, Any]) -> str:
+    """This run's figures / an earlier run's, for every cell both have."""
+    old = {(c["system"], c["n"], c["kind"], c["g"]): c for c in earlier["cells"]}
+    commit = earlier["meta"]["source"]["commit"]
+    lines = [
+        "",
+        f"this run / the run of commit {commit} (< 1: less now)",
+        f"{'system':<16}{'kind':<9}{'N':>2}{'G':>8}" + "".join(f"{k:>11}" for k, _ in AGAINST),
+    ]
+    for cell in results["cells"]:
+        then = old.get((cell["system"], cell["n"], cell["kind"], cell["g"]))
+        if then is None:
+            continue
+        values = []
+        for _, key in AGAINST:
+            a, b = _value(cell, key), _value(then, key)
+            values.append(_num(a / b if a is not None and b else None, ".2f"))
+        lines.append(
+            f"{cell['system']:<16}{cell['kind']:<9}{cell['n']:>2}{cell['g']:>8,}"
+            + "".join(f"{v:>11}" for v in values)
+        )
     return "\n".join(lines)

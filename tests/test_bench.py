@@ -160,6 +160,15 @@ def test_bench_fanout_smoke_measures_every_kind(fanout: dict[str, Any]) -> None:
     assert all(c["synthetic"] > 0 for c in cells if c["g"] == 100)
 
 
+def test_bench_fanout_against_divides_cell_by_cell(fanout: dict[str, Any]) -> None:
+    from bench.fanreport import format_against
+
+    lines = format_against(fanout, fanout).splitlines()[3:]
+    assert len(lines) == len(fanout["cells"])
+    for line in lines:  # a run against itself: 1, or "-" where a figure is 0 or missing
+        assert set(line.split()[4:]) <= {"1.00", "-"}, line
+
+
 @pytest.mark.skipif(NO_PEER, reason="python-socketio is not installed (the bench extra)")
 def test_bench_fanout_smoke_measures_python_socketio(fanout: dict[str, Any]) -> None:
     [cell] = [c for c in fanout["cells"] if c["system"] == "python-socketio"]

@@ -6,8 +6,9 @@ at one size G; instance 0 sends (``GET /fan``: one ``wslb.send`` or ``sio.emit``
 send in flight, and the next goes once every real member has the last one. Two phases:
 
 - **meter**: ``sends`` sends between two ``INFO`` readings, with every command in the
-  slow log (:class:`InfoMeter`): Redis time, longest command, CPU and bytes per send,
-  and the CPU of the instances and of the clients;
+  slow log (:class:`InfoMeter`): Redis time, longest command, CPU (less what Redis
+  spends idle in as long, measured once per setup) and bytes per send, and the CPU of
+  the instances and of the clients;
 - **ping**: ``ping_sends`` sends while :mod:`bench.pinger` PINGs Redis every
   millisecond on a connection of its own; the PINGs sent between a send's start and its
   last receipt give the worst wait another Redis user sees (it is kept out of the meter
@@ -33,7 +34,7 @@ from bench.clients import Pool, Receipts
 from bench.config import PEER, WSLB
 from bench.members import Client, Filler, Plan
 from bench.procs import CpuMeter, LoadWatch, Server, aget_json, start_servers, stop_all
-from bench.redisprobe import InfoMeter, Pinger, ping_stats, send_usec
+from bench.redisprobe import InfoMeter, Pinger, idle_cpu, ping_stats, send_usec
 from bench.scenario import percentile, wait_subscribed
 from quart_wslb.keys import Keys
 from quart_wslb.registry import Registry
@@ -45,6 +46,8 @@ __all__ = ("Arrivals", "Setup", "measure_cell", "open_setup")
 QUIET_LIVENESS = {"WSLB_HEARTBEAT_INTERVAL": "3600", "WSLB_INSTANCE_TTL": "7200"}
 #: Fewest sends of a phase that ``budget_s`` cuts short.
 MIN_SENDS = 3
+#: Seconds over which Redis's CPU with nothing to do is measured, once per setup.
+IDLE_SECONDS = 2.0
 
 
 class Arrivals(Receipts):
@@ -75,6 +78,8 @@ class Setup:
     filler: Filler | None = None
     instances: list[str] = field(default_factory=list)
     connect_s: float = 0.0
+    #: Redis's CPU seconds per second with the setup idle (its timers).
+    idle_cpu: float = 0.0
     redis: aioredis.Redis | None = None
 
     def pids(self) -> list[int]:
@@ -130,6 +135,7 @@ async def open_setup(
         else:
             await wait_subscribed(redis_url, {f"socketio-{tag}": n})
         setup.connect_s = await _connect(setup, plan.clients())
+        setup.idle_cpu = await idle_cpu(redis_url, IDLE_SECONDS)
     except BaseException:
         await setup.close()
         raise
@@ -226,10 +232,11 @@ async def measure_cell(
     try:
         received0 = await _received(setup)
         await meter.start()
-        servers0, clients0 = servers.read(), clients.read()
+        servers0, clients0, start = servers.read(), clients.read(), time.monotonic()
         metered = await _phase(setup, query, real, sends, budget)
         servers1, clients1 = servers.read(), clients.read()
         redis = await meter.stop()
+        idle = setup.idle_cpu * (time.monotonic() - start)
         received = await _received(setup) - received0
     finally:
         await meter.aclose()
@@ -264,7 +271,8 @@ async def measure_cell(
         "redis_max_us": max((c["max_usec"] for c in redis["top"].values()), default=0),
         "redis_us_per_send_commandstats": send_usec(redis["commands"]) / per,
         "top_commands_per_send": {k: v["calls"] / per for k, v in redis["top"].items()},
-        "redis_cpu_us_per_send": redis["cpu_s"] * 1e6 / per,
+        "redis_cpu_us_per_send": (redis["cpu_s"] - idle) * 1e6 / per,
+        "redis_cpu_us_per_send_raw": redis["cpu_s"] * 1e6 / per,
         "egress_bytes_per_send": redis["egress_bytes"] / per,
         "ingress_bytes_per_send": redis["ingress_bytes"] / per,
         "commands_per_send": {k: v["calls"] / per for k, v in redis["commands"].items()},

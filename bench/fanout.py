@@ -158,7 +158,8 @@ async def run_system(
         logs.mkdir(parents=True, exist_ok=True)
         setup = await open_setup(system, n, plan, redis_url, redis_pid, logs)
         summary: dict[str, Any] = {"system": system, "n": n, "real": plan.real,
-                                   "connect_s": setup.connect_s, "fill_s": {}}  # fmt: skip
+                                   "connect_s": setup.connect_s, "fill_s": {},
+                                   "redis_idle_cpu_us_per_s": setup.idle_cpu * 1e6}  # fmt: skip
         setups.append(summary)
         try:
             for g in gs:

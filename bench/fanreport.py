@@ -89,7 +89,8 @@ def format_fanout(results: dict[str, Any]) -> str:
         "ms; 'PING max/p99' are PINGs sent while a send ran (start to last receipt)",
         "per send: Redis us = time of the commands the sender sent (SLOWLOG: script calls "
         "and PUBLISH, not what a script runs; wall time inside Redis; INFO commandstats "
-        "agrees, in the JSON), max us = the longest one, CPU us = used_cpu_sys+user, egress B = "
+        "agrees, in the JSON), max us = the longest one, CPU us = used_cpu_sys+user less "
+        "Redis's idle rate, egress B = "
         "total_net_output_bytes (to every subscriber, and replies), inst ms = CPU of all "
         "instances, inst = instances that took the message off Redis",
         "real: clients c00000... (client i is a member at every G > i; paths: tiers), "
@@ -99,7 +100,9 @@ def format_fanout(results: dict[str, Any]) -> str:
         fills = ", ".join(f"G={g}: {c:,} in {s:.1f} s" for g, (c, s) in setup["fill_s"].items())
         lines.append(
             f"  {setup['system']} N={setup['n']}: {setup['real']:,} real clients connected "
-            f"in {setup['connect_s']:.1f} s" + (f"; synthetic records {fills}" if fills else "")
+            f"in {setup['connect_s']:.1f} s, Redis idle "
+            f"{setup.get('redis_idle_cpu_us_per_s', 0):,.0f} us CPU/s"
+            + (f"; synthetic records {fills}" if fills else "")
         )
     for name, reason in results["skipped"].items():
         lines.append(f"  {name} skipped: {reason}")
@@ -119,16 +122,7 @@ def format_fanout(results: dict[str, Any]) -> str:
 
 
 #: The figures compared by :func:`format_against`.
-AGAINST = (
-    ("last p50", "last_ms_p50"),
-    ("caller p50", "caller_ms_p50"),
-    ("Redis us", "redis_us_per_send"),
-    ("Redis max", "redis_max_us"),
-    ("Redis CPU", "redis_cpu_us_per_send"),
-    ("egress", "egress_bytes_per_send"),
-    ("inst CPU", "instances_cpu_ms_per_send"),
-    ("PING max", "ping_max_ms"),
-)
+AGAINST = (*RATIOS[:-1], ("inst CPU", "instances_cpu_ms_per_send"), RATIOS[-1])
 
 
 def format_against(results: dict[str, Any], earlier: dict[str, Any]) -> str:

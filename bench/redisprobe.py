@@ -12,7 +12,9 @@ back to Redis's default of 10 ms after); this gives, per run:
   left out). Redis counts a command that a script runs both under that command and
   inside the script's ``EVALSHA``, so :func:`send_usec` takes the script calls' time when
   there were any, else that of the ``PUBLISH`` calls (a cross-check of ``top``);
-- ``cpu_s``: ``used_cpu_sys`` + ``used_cpu_user`` (everything Redis did meanwhile);
+- ``cpu_s``: ``used_cpu_sys`` + ``used_cpu_user`` (everything Redis did meanwhile,
+  its timers too: :func:`idle_cpu` measures what they cost per second, about a
+  millisecond, which a send that takes seconds would otherwise be charged);
 - ``egress_bytes``: ``total_net_output_bytes``, less the reply to the first ``INFO``
   after the start (measured by the back-to-back pair): what Redis wrote to every client
   (pub/sub subscribers, the sender's replies);
@@ -24,6 +26,7 @@ summarises its samples, optionally only those sent inside given time windows.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -36,7 +39,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-__all__ = ("InfoMeter", "Pinger", "ping_stats", "send_usec")
+__all__ = ("InfoMeter", "Pinger", "idle_cpu", "ping_stats", "send_usec")
 
 #: Entries the slow log keeps (Redis's default is 128).
 SLOWLOG_LEN = 100_000
@@ -100,6 +103,17 @@ class InfoMeter:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+async def idle_cpu(url: str, seconds: float) -> float:
+    """Redis's CPU seconds per second over ``seconds`` of doing nothing for us."""
+    client = Redis.from_url(url)
+    try:
+        before = _cpu(await client.info("cpu"))
+        await asyncio.sleep(seconds)
+        return (_cpu(await client.info("cpu")) - before) / seconds
+    finally:
+        await client.aclose()
 
 
 def _top(entries: list[dict[str, Any]]) -> dict[str, dict[str, int]]:

@@ -89,8 +89,8 @@ def format_fanout(results: dict[str, Any]) -> str:
         "ms; 'PING max/p99' are PINGs sent while a send ran (start to last receipt)",
         "per send: Redis us = time of the commands the sender sent (SLOWLOG: script calls "
         "and PUBLISH, not what a script runs; wall time inside Redis; INFO commandstats "
-        "agrees, in the JSON), max us = the longest one, CPU us = used_cpu_sys+user less "
-        "Redis's idle rate, egress B = "
+        "agrees, in the JSON), max us = the longest one, CPU us = used_cpu_sys+user (at "
+        "hz 1) less its idle rate, egress B = "
         "total_net_output_bytes (to every subscriber, and replies), inst ms = CPU of all "
         "instances, inst = instances that took the message off Redis",
         "real: clients c00000... (client i is a member at every G > i; paths: tiers), "

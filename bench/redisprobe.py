@@ -12,9 +12,11 @@ back to Redis's default of 10 ms after); this gives, per run:
   left out). Redis counts a command that a script runs both under that command and
   inside the script's ``EVALSHA``, so :func:`send_usec` takes the script calls' time when
   there were any, else that of the ``PUBLISH`` calls (a cross-check of ``top``);
-- ``cpu_s``: ``used_cpu_sys`` + ``used_cpu_user`` (everything Redis did meanwhile,
-  its timers too: :func:`idle_cpu` measures what they cost per second, about a
-  millisecond, which a send that takes seconds would otherwise be charged);
+- ``cpu_s``: ``used_cpu_sys`` + ``used_cpu_user``: everything Redis did meanwhile, its
+  timers too. These cost about 1.5 ms per second at Redis's default ``hz 10`` on the
+  benchmark's VM, which a send whose members take seconds to reach would be charged,
+  so the meter runs Redis at ``hz 1`` (0.25 ms per second; set back after), and
+  :func:`idle_cpu` measures that rate, for the caller to subtract;
 - ``egress_bytes``: ``total_net_output_bytes``, less the reply to the first ``INFO``
   after the start (measured by the back-to-back pair): what Redis wrote to every client
   (pub/sub subscribers, the sender's replies);
@@ -45,6 +47,8 @@ __all__ = ("InfoMeter", "Pinger", "idle_cpu", "ping_stats", "send_usec")
 SLOWLOG_LEN = 100_000
 #: Redis's default ``slowlog-log-slower-than`` (µs), restored after a run.
 SLOWLOG_DEFAULT = 10_000
+#: Redis's timer frequency while metering, and its default (restored after).
+METER_HZ, DEFAULT_HZ = 1, 10
 #: The meter's own commands, left out of ``top``.
 OWN_COMMANDS = (b"INFO", b"SLOWLOG", b"CONFIG")
 SCRIPT_COMMANDS = ("eval", "evalsha", "eval_ro", "evalsha_ro", "fcall", "fcall_ro")
@@ -75,6 +79,7 @@ class InfoMeter:
         client = self._client
         await client.config_set("slowlog-max-len", SLOWLOG_LEN)
         await client.config_set("slowlog-log-slower-than", 0)
+        await client.config_set("hz", METER_HZ)
         await client.slowlog_reset()
         self._before = [await client.info("all"), await client.info("all")]
 
@@ -84,6 +89,7 @@ class InfoMeter:
         after = await self._client.info("all")
         entries = await self._client.slowlog_get(SLOWLOG_LEN)
         await self._client.config_set("slowlog-log-slower-than", SLOWLOG_DEFAULT)
+        await self._client.config_set("hz", DEFAULT_HZ)
         reply = second["total_net_output_bytes"] - first["total_net_output_bytes"]
         old = _commands(second)
         commands = {
@@ -106,13 +112,16 @@ class InfoMeter:
 
 
 async def idle_cpu(url: str, seconds: float) -> float:
-    """Redis's CPU seconds per second over ``seconds`` of doing nothing for us."""
+    """Redis's CPU seconds per second at ``hz 1`` over ``seconds`` of doing nothing
+    for us (the timers' cost while :class:`InfoMeter` meters)."""
     client = Redis.from_url(url)
     try:
+        await client.config_set("hz", METER_HZ)
         before = _cpu(await client.info("cpu"))
         await asyncio.sleep(seconds)
         return (_cpu(await client.info("cpu")) - before) / seconds
     finally:
+        await client.config_set("hz", DEFAULT_HZ)
         await client.aclose()
 
 

@@ -25,9 +25,16 @@ HEADER = (
 )
 
 
+def _noisy_cpu(cell: dict[str, Any]) -> bool:
+    """Whether Redis's idle CPU, subtracted, exceeded the CPU figure left (noise)."""
+    return bool(cell.get("redis_cpu_idle_us_per_send", 0) > cell["redis_cpu_us_per_send"])
+
+
 def _value(cell: dict[str, Any], key: str) -> float | None:
     if key == "ping_max_ms":
         return float(cell["ping_during_sends"]["max_ms"])
+    if key == "redis_cpu_us_per_send" and _noisy_cpu(cell):
+        return None
     value = cell.get(key)
     return None if value is None else float(value)
 
@@ -60,11 +67,17 @@ def _line(cell: dict[str, Any]) -> str:
         f"{cell['kind']:<9}{cell['n']:>2}{cell['g']:>8,}{cell['real']:>8,}"
         f"{cell['synthetic']:>8,}{cell['sends']:>6}{cell['instances_per_send']:>5.1f}"
         f"{caller:>19}{last:>17}{cell['redis_us_per_send']:>10,.0f}{cell['redis_max_us']:>9,}"
-        f"{cell['redis_cpu_us_per_send']:>9,.0f}{cell['egress_bytes_per_send']:>11,.0f}"
+        f"{_cpu(cell):>9}{cell['egress_bytes_per_send']:>11,.0f}"
         f"{cell['instances_cpu_ms_per_send']:>9.1f}"
         f"{ping['max_ms']:>10.2f} / {ping['p99_ms']:.2f}"
         + ("" if not cell["lost"] else f"  LOST {cell['lost']}")
     )
+
+
+def _cpu(cell: dict[str, Any]) -> str:
+    if _noisy_cpu(cell):
+        return f"~{max(0.0, cell['redis_cpu_us_per_send']):,.0f}*"
+    return f"{cell['redis_cpu_us_per_send']:,.0f}"
 
 
 def _table(title: str, cells: list[dict[str, Any]]) -> list[str]:
@@ -93,6 +106,8 @@ def format_fanout(results: dict[str, Any]) -> str:
         "hz 1) less its idle rate, egress B = "
         "total_net_output_bytes (to every subscriber, and replies), inst ms = CPU of all "
         "instances, inst = instances that took the message off Redis",
+        "*: Redis's idle CPU in as long, subtracted, was more than what is left: noise, "
+        "and no ratio is given",
         "real: clients c00000... (client i is a member at every G > i; paths: tiers), "
         "synth: records <instance id>:s<G>-<k> written through Registry.register",
     ]

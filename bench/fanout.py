@@ -219,12 +219,13 @@ async def run(params: FanParams, out: Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.fanreport import format_against, format_fanout
+    from bench.fanreport import format_against, format_fanout, ratios
 
     params, args = parse_args(sys.argv[1:] if argv is None else argv)
     out: Path = args.out
     if args.render:
         results = json.loads((out / "fanout.json").read_text())
+        results["ratios"] = ratios(results["cells"])  # as this version computes them
     else:
         out.mkdir(parents=True, exist_ok=True)
         results = asyncio.run(run(params, out))

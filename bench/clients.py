@@ -25,6 +25,7 @@ import asyncio
 import json
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from websockets.client import ClientProtocol
 from websockets.frames import CloseCode, Frame, Opcode
@@ -172,7 +173,7 @@ class _Client(asyncio.BufferedProtocol):
         if not text.startswith("0"):
             self._fail_setup(RuntimeError(f"unexpected Engine.IO open packet {text!r}"))
             return
-        self.send("40" + json.dumps({"user": self.user}))
+        self.send("40" + json.dumps(self.pool.auth(self.user)))
         self.on_text = self._sio_join
 
     def _sio_join(self, text: str, now: int) -> None:
@@ -253,14 +254,36 @@ class _Client(asyncio.BufferedProtocol):
             self.transport.abort()
 
 
-class Pool:
-    """Clients of one system, all on one instance."""
+def _user_path(user: str) -> str:
+    return f"/ws?user={user}"
 
-    def __init__(self, system: str, port: int) -> None:
+
+def _user_auth(user: str) -> dict[str, Any]:
+    return {"user": user}
+
+
+class Pool:
+    """Clients of one system, all on one instance.
+
+    ``path`` gives a quart-wslb client's websocket path and query (default
+    ``/ws?user=NAME``), ``auth`` a Socket.IO client's connect payload (default
+    ``{"user": NAME}``), each from the client's user name.
+    """
+
+    def __init__(
+        self,
+        system: str,
+        port: int,
+        *,
+        path: Callable[[str], str] = _user_path,
+        auth: Callable[[str], dict[str, Any]] = _user_auth,
+    ) -> None:
         if system not in ("quart-wslb", "python-socketio"):
             raise ValueError(f"unknown system {system!r}")
         self.sio = system == "python-socketio"
         self.port = port
+        self.path = path
+        self.auth = auth
         self.clients: list[_Client] = []
         self.receipts: Receipts | None = None
         #: One read buffer for every client: each read is parsed before the next.
@@ -282,7 +305,7 @@ class Pool:
 
     async def _open(self, user: str) -> _Client:
         """One client, ready to receive within ``CONNECT_TIMEOUT``, or dropped."""
-        path = "/socket.io/?EIO=4&transport=websocket" if self.sio else f"/ws?user={user}"
+        path = "/socket.io/?EIO=4&transport=websocket" if self.sio else self.path(user)
         client = _Client(self, user, f"ws://127.0.0.1:{self.port}{path}")
         try:
             await asyncio.wait_for(self._start(client), CONNECT_TIMEOUT)

@@ -14,13 +14,15 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-__all__ = ("FireResult", "fire", "fire_args", "parse", "payload", "user_name")
+__all__ = ("FireResult", "fan_once", "fire", "fire_args", "parse", "payload", "user_name")
 
 #: Characters of a message that carry the index and the send time.
 HEADER = 29
 #: A send: (user, payload) -> connections routed to, or ``None`` when the system
 #: does not say.
 Send = Callable[[str, str], Awaitable[int | None]]
+#: A group send: payload -> connections routed to, or ``None`` when the system does not say.
+GroupSend = Callable[[str], Awaitable[int | None]]
 FireResult = dict[str, Any]
 
 
@@ -76,6 +78,24 @@ async def fire(
         "elapsed_s": elapsed,
         "send_rate": count / elapsed if elapsed > 0 else 0.0,
         "routed": -1 if unknown else routed,
+    }
+
+
+async def fan_once(send: GroupSend, size: int) -> FireResult:
+    """One group send of a stamped message, timed as its caller waits for it.
+
+    Returns the connections it was routed to (``-1``: the system does not say), the
+    caller's wait in ns, and the wall-clock ``time_ns`` of the stamp and of the return.
+    """
+    text = payload(0, size)
+    start = time.perf_counter_ns()
+    routed = await send(text)
+    caller = time.perf_counter_ns() - start
+    return {
+        "routed": -1 if routed is None else routed,
+        "caller_ns": caller,
+        "sent_ns": parse(text)[1],
+        "done_ns": time.time_ns(),
     }
 
 

@@ -7,9 +7,11 @@ from the environment: ``BENCH_REDIS_URL``, ``BENCH_SIO_CHANNEL``; ``BENCH_COUNT=
 off the counter of messages taken off the channel.
 
 - ``/socket.io/``: Engine.IO v4; a client connects with ``auth={"user": NAME}`` and joins
-  the room ``NAME``.
+  the room ``NAME`` (and those listed in ``auth["rooms"]``, for :mod:`bench.fanout`).
 - ``GET /fire?count=&users=&rate=&window=&size=``: ``sio.emit("m", text, room=user)``
   ``count`` times (see :mod:`bench.fire`), answering with the timing.
+- ``GET /fan?room=&size=``: one ``sio.emit("m", text, room=room)``, timed (see
+  :func:`bench.fire.fan_once`).
 - ``GET /stats``: messages taken off the channel, pid.
 """
 
@@ -23,7 +25,7 @@ from urllib.parse import parse_qsl
 
 import socketio
 
-from bench.fire import fire, fire_args
+from bench.fire import fan_once, fire, fire_args
 
 COUNT = os.environ.get("BENCH_COUNT", "1") != "0"
 
@@ -49,9 +51,10 @@ sio = socketio.AsyncServer(async_mode="asgi", client_manager=manager, cors_allow
 
 @sio.event  # type: ignore[untyped-decorator]
 async def connect(sid: str, environ: dict[str, Any], auth: dict[str, Any] | None) -> None:
-    user = (auth or {}).get("user")
-    if isinstance(user, str):
-        await sio.enter_room(sid, user)
+    auth = auth or {}
+    user, rooms = auth.get("user"), auth.get("rooms", [])
+    for room in ([user] if isinstance(user, str) else []) + list(rooms):
+        await sio.enter_room(sid, room)
 
 
 async def _emit(user: str, text: str) -> None:
@@ -74,6 +77,11 @@ async def control(scope: dict[str, Any], receive: Any, send: Any) -> None:
         return
     if scope["path"] == "/fire":
         result = await fire(_emit, **fire_args(query))
+    elif scope["path"] == "/fan":
+        room = query["room"]
+        result = await fan_once(
+            lambda text: sio.emit("m", text, room=room), int(query.get("size", "200"))
+        )
     elif scope["path"] == "/stats":
         result = {"received": CountingManager.received, "pid": os.getpid()}
     else:

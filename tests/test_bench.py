@@ -1,8 +1,9 @@
 """Smoke test of the benchmark suite: its smallest run completes and reports sane figures.
 
-It checks that ``python -m bench --smoke`` runs, not how fast anything is: the figures
-are never part of pass/fail. Skipped unless the ``bench`` extra is installed; the
-python-socketio part is skipped on its own when only that package is missing.
+It checks that ``python -m bench --smoke`` and ``python -m bench.fanout --smoke`` run, not
+how fast anything is: the figures are never part of pass/fail. Skipped unless the
+``bench`` extra is installed; the python-socketio part is skipped on its own when only
+that package is missing.
 """
 
 from __future__ import annotations
@@ -35,19 +36,26 @@ SCENARIO_FIELDS = {
 }  # fmt: skip
 
 
-@pytest.fixture(name="smoke", scope="module")
-def fixture_smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
-    """One ``python -m bench --smoke`` run for the whole module: its results and folder."""
-    out = tmp_path_factory.mktemp("bench")
+def _smoke(module: str, out: Path) -> str:
+    """Run ``python -m MODULE --smoke --out OUT``; its standard output (fails the test
+    if it fails)."""
     done = subprocess.run(
-        [sys.executable, "-m", "bench", "--smoke", "--out", str(out)],
+        [sys.executable, "-m", module, "--smoke", "--out", str(out)],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=120,
     )
     if done.returncode != 0:
-        pytest.fail(f"python -m bench --smoke failed:\n{done.stdout}\n{done.stderr[-4000:]}")
+        pytest.fail(f"python -m {module} --smoke failed:\n{done.stdout}\n{done.stderr[-4000:]}")
+    return done.stdout
+
+
+@pytest.fixture(name="smoke", scope="module")
+def fixture_smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
+    """One ``python -m bench --smoke`` run for the whole module: its results and folder."""
+    out = tmp_path_factory.mktemp("bench")
+    _smoke("bench", out)
     return json.loads((out / "results.json").read_text()), out
 
 
@@ -116,3 +124,71 @@ def test_bench_sender_compare_reports_the_three_ways() -> None:
     [line] = done.stdout.splitlines()
     assert "loop" in line and "32 senders" in line and "send_many" in line, line
     assert float(line.split()[-1]) > 0, line
+
+
+FANOUT_FIELDS = {
+    "system", "n", "kind", "g", "real", "synthetic", "sends", "lost", "caller_ms_p50",
+    "caller_ms_p99", "last_ms_p50", "redis_us_per_send", "redis_cpu_us_per_send",
+    "egress_bytes_per_send", "instances_per_send", "ping_during_sends",
+}  # fmt: skip
+
+
+@pytest.fixture(name="fanout", scope="module")
+def fixture_fanout(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One ``python -m bench.fanout --smoke`` run for the module: its JSON."""
+    out = tmp_path_factory.mktemp("fanout")
+    stdout = _smoke("bench.fanout", out)
+    assert "quart-wslb" in stdout and "PING max" in stdout, stdout
+    results: dict[str, Any] = json.loads((out / "fanout.json").read_text())
+    return results
+
+
+def test_bench_fanout_smoke_measures_every_kind(fanout: dict[str, Any]) -> None:
+    cells = [c for c in fanout["cells"] if c["system"] == "quart-wslb"]
+    assert {(c["kind"], c["g"]) for c in cells} == {
+        (kind, g) for kind in ("group", "path", "metadata") for g in (10, 100)
+    }
+    for cell in cells:
+        assert FANOUT_FIELDS <= set(cell)
+        assert cell["real"] + cell["synthetic"] == cell["g"], cell
+        assert cell["lost"] == 0, cell
+        assert len(cell["routed"]) == cell["sends"], cell
+        assert cell["redis_us_per_send"] > 0 and cell["egress_bytes_per_send"] > 0
+        assert cell["last_ms_p50"] > 0 and cell["caller_ms_p99"] >= cell["caller_ms_p50"]
+        assert cell["ping_during_sends"]["pings"] > 0
+    # 60 real clients at most: G = 100 is made up with records that have no socket.
+    assert all(c["synthetic"] > 0 for c in cells if c["g"] == 100)
+
+
+def test_bench_fanout_against_divides_cell_by_cell(fanout: dict[str, Any]) -> None:
+    from bench.fanreport import format_against
+
+    lines = format_against(fanout, fanout).splitlines()[3:]
+    assert len(lines) == len(fanout["cells"])
+    for line in lines:  # a run against itself: 1, or "-" where a figure is 0 or missing
+        assert set(line.split()[4:]) <= {"1.00", "-"}, line
+
+
+@pytest.mark.skipif(NO_PEER, reason="python-socketio is not installed (the bench extra)")
+def test_bench_fanout_smoke_measures_python_socketio(fanout: dict[str, Any]) -> None:
+    [cell] = [c for c in fanout["cells"] if c["system"] == "python-socketio"]
+    assert FANOUT_FIELDS <= set(cell)
+    assert (cell["kind"], cell["g"], cell["real"], cell["lost"]) == ("room", 10, 10, 0)
+    [ratio] = fanout["ratios"]
+    assert (ratio["n"], ratio["g"]) == (2, 10)
+    assert ratio["egress"] > 0
+
+
+def test_bench_fanout_plan_deals_members_into_nested_sets() -> None:
+    from bench.members import Plan
+
+    plan = Plan((10, 100, 1000), real=500)
+    clients = plan.clients()
+    assert len(clients) == 500
+    assert clients[0].groups == ("fan10", "fan100", "fan1000")
+    assert clients[50].path == "/ws/t100" and clients[50].metadata == {"f100": "1", "f1000": "1"}
+    assert [plan.real_members("group", g) for g in (10, 100, 1000)] == [10, 100, 500]
+    assert [plan.real_members("path", g) for g in (10, 100, 1000)] == [10, 90, 400]
+    assert plan.target("path", 1000) == ("/ws/t1000", "")
+    # No real client in the top tier: its path sends go to the largest tier that has some.
+    assert Plan((10, 100, 1000), real=100).target("path", 1000) == ("/ws/t100", "")

@@ -14,6 +14,7 @@ from collections.abc import Iterator, Mapping
 
 from .connection import Connection
 from .keys import Keys
+from .selectors import fold
 
 __all__ = ("LocalIndex",)
 
@@ -114,28 +115,12 @@ class LocalIndex(Mapping[str, Connection]):
         if len(sel) == 1:  # the common case: one operand
             found = self._operand(sel[0])
             return None if found is None else list(found)
-        stack: list[set[Connection]] = []
-        i = 0
-        while i < len(sel):
-            op = sel[i]
-            if op[:1] == "M":
-                count = int(op[1:]) if op[1:].isascii() and op[1:].isdigit() else -1
-                if count < 0 or i + count >= len(sel):
-                    return None
-                stack.append(self._ids(sel[i + 1 : i + 1 + count]))
-                i += count
-            elif op in ("&", "|"):
-                if len(stack) < 2:
-                    return None
-                right, left = stack.pop(), stack.pop()
-                stack.append(left & right if op == "&" else left | right)
-            else:
-                found = self._operand(op)
-                if found is None:
-                    return None
-                stack.append(set(found))
-            i += 1
-        return list(stack[0]) if len(stack) == 1 else None
+        result = fold(sel, self._operand_set, self._ids, _both, _either)
+        return None if result is None else list(result)
+
+    def _operand_set(self, op: str) -> set[Connection] | None:
+        found = self._operand(op)
+        return None if found is None else set(found)
 
     def _operand(self, op: str) -> set[Connection] | list[Connection] | None:
         code = op[:1]
@@ -151,3 +136,11 @@ class LocalIndex(Mapping[str, Connection]):
     def _ids(self, ids: list[str]) -> set[Connection]:
         found = (self._by_id.get(id) for id in ids)
         return {connection for connection in found if connection is not None}
+
+
+def _both(left: set[Connection], right: set[Connection]) -> set[Connection]:
+    return left & right
+
+
+def _either(left: set[Connection], right: set[Connection]) -> set[Connection]:
+    return left | right

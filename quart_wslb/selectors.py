@@ -11,9 +11,9 @@ it costs a read of every candidate record, in bounded pages, on each use.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from .keys import Keys
 
@@ -77,6 +77,43 @@ class Program:
         if key not in self.keys:
             self.keys.append(key)
         self.ops.append(f"S{self.keys.index(key) + 3}")
+
+
+T = TypeVar("T")
+
+
+def fold(
+    sel: list[str],
+    operand: Callable[[str], T | None],
+    among: Callable[[list[str]], T],
+    both: Callable[[T, T], T],
+    either: Callable[[T, T], T],
+) -> T | None:
+    """Evaluate canonical postfix ops (``signing.canonical``) received on the wire:
+    ``operand`` for each operand (``None``: unreadable), ``among`` for the ids of an
+    ``M<n>`` op, ``both`` and ``either`` for ``&`` and ``|``. ``None`` when ``sel``
+    cannot be read: an unknown operand, a bad count, or not one value left."""
+    stack: list[T] = []
+    i = 0
+    while i < len(sel):
+        op = sel[i]
+        if op[:1] == "M":
+            digits = op[1:]  # ASCII digits only: str.isdigit also holds for "²"
+            count = int(digits) if digits.isascii() and digits.isdigit() and len(op) < 12 else -1
+            if count < 0 or i + count >= len(sel):
+                return None
+            stack.append(among(sel[i + 1 : i + 1 + count]))
+            i += count
+        elif op in ("&", "|") and len(stack) >= 2:
+            right, left = stack.pop(), stack.pop()
+            stack.append(both(left, right) if op == "&" else either(left, right))
+        else:
+            value = operand(op)
+            if value is None:
+                return None
+            stack.append(value)
+        i += 1
+    return stack[0] if len(stack) == 1 else None
 
 
 #: Where streaming starts: ``("set", key)`` to scan a set, ``("id", id)`` for one id,

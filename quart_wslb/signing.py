@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 
 from .envelope import Envelope
 from .keys import Keys
-from .selectors import Program
+from .selectors import Program, fold
 
 if TYPE_CHECKING:
     from .connection import ConnectionInfo
@@ -224,27 +224,7 @@ def predicate(sel: list[str], keys: Keys) -> Predicate | None:
     of the connection's index sets: its path's, a group's or a metadata pair's."""
     if len(sel) == 1 and sel[0][:1] != "M":  # the common case: one operand
         return _operand(sel[0], keys)
-    stack: list[Predicate] = []
-    i = 0
-    while i < len(sel):
-        op, code = sel[i], sel[i][:1]
-        if code == "M":
-            count = int(op[1:]) if _digits(op[1:]) and len(op) < 12 else -1
-            ids = frozenset(sel[i + 1 : i + 1 + count])
-            if count < 0 or i + count >= len(sel):
-                return None
-            stack.append(_among(ids))
-            i += count
-        elif op in ("&", "|") and len(stack) >= 2:
-            right, left = stack.pop(), stack.pop()
-            stack.append(_both(left, right) if op == "&" else _either(left, right))
-        else:
-            single = _operand(op, keys)
-            if single is None:
-                return None
-            stack.append(single)
-        i += 1
-    return stack[0] if len(stack) == 1 else None
+    return fold(sel, lambda op: _operand(op, keys), _among, _both, _either)
 
 
 def _digits(text: str) -> bool:
@@ -253,8 +233,9 @@ def _digits(text: str) -> bool:
     return text.isascii() and text.isdigit()
 
 
-def _among(ids: frozenset[str]) -> Predicate:
-    return lambda c: c.id in ids
+def _among(ids: list[str]) -> Predicate:
+    listed = frozenset(ids)
+    return lambda c: c.id in listed
 
 
 def _both(left: Predicate, right: Predicate) -> Predicate:

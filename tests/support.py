@@ -84,6 +84,7 @@ def make_connection(
     queue_size: int = 8,
     policy: QueueFullPolicy = "close",
     owner: object = None,
+    index: LocalIndex | None = None,
 ) -> Connection:
     """A ``Connection`` on the instance named by its id, over a fake websocket."""
     return Connection(
@@ -96,6 +97,7 @@ def make_connection(
         queue_size=queue_size,
         policy=policy,
         owner=owner,
+        index=index,
     )
 
 

@@ -290,18 +290,7 @@ async def test_connection_join_indexes_it_in_an_index_that_held_nobody() -> None
     """The first connection of an instance: its index is an empty mapping, still its index."""
     local = held()
     owner = _Owner()
-    connection = Connection(
-        id="i1:first",
-        user=None,
-        path="/",
-        instance="i1",
-        metadata={},
-        websocket=cast(Websocket, FakeWebsocket()),
-        queue_size=4,
-        policy="drop",
-        owner=owner,
-        index=local,
-    )
+    connection = make_connection(id="i1:first", user=None, owner=owner, index=local)
     local.add(connection)
     await connection.join("room")
     assert local.resolve(["S" + KEYS.group("room")]) == [connection]
@@ -310,18 +299,7 @@ async def test_connection_join_indexes_it_in_an_index_that_held_nobody() -> None
 async def test_connection_failed_join_keeps_a_membership_it_had() -> None:
     local = held()
     owner = _Owner()
-    connection = Connection(
-        id="i1:c",
-        user=None,
-        path="/",
-        instance="i1",
-        metadata={},
-        websocket=cast(Websocket, FakeWebsocket()),
-        queue_size=4,
-        policy="drop",
-        owner=owner,
-        index=local,
-    )
+    connection = make_connection(id="i1:c", user=None, owner=owner, index=local)
     local.add(connection)
     await connection.join("room")
     owner.fail = True

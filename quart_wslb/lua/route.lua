@@ -59,10 +59,18 @@ local function exact(ids)
   return {ids = ids, has = function(id) return ids[id] == true end}
 end
 
-local function by_holders(key)
-  local n, flat = {}, redis.call('HGETALL', holders_of(key))
+-- {instance -> members} of an HGETALL of a holders hash.
+local function counted(flat)
+  local n = {}
   for k = 1, #flat, 2 do n[flat[k]] = tonumber(flat[k + 1]) end
-  return {n = n, has = function(id) return redis.call('SISMEMBER', key, id) == 1 end}
+  return n
+end
+
+local function by_holders(key)
+  return {
+    n = counted(redis.call('HGETALL', holders_of(key))),
+    has = function(id) return redis.call('SISMEMBER', key, id) == 1 end,
+  }
 end
 
 local function everyone()
@@ -215,9 +223,7 @@ while i <= #ARGV do
     if flat.err then
       call = {err = flat.err}
     else
-      local n = {}
-      for k = 1, #flat, 2 do n[flat[k]] = tonumber(flat[k + 1]) end
-      local groups, order = by_selector(n, id, kind, payload, fragment)
+      local groups, order = by_selector(counted(flat), id, kind, payload, fragment)
       call = {groups = groups, order = order}
     end
   elseif last == first + 4 and op == 'B' and fragment ~= '' then

@@ -76,7 +76,7 @@ def find_py_spy() -> str | None:
 
 
 def component(frame: str) -> str:
-    """``quart_wslb/router.py``-style name of a frame's module, or its component."""
+    """``quart_wslb/receiver.py``-style name of a frame's module, or its component."""
     location = frame[frame.rfind("(") + 1 :]
     if "quart_wslb/" in location:
         return "quart_wslb/" + location.split("quart_wslb/")[1].split(":")[0]

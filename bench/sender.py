@@ -7,7 +7,7 @@ every send is routed and published. Then ``--senders`` coroutines in this proces
 ``--messages`` sends of a ``--payload``-character text to those users, as the
 benchmark's sending instance does. Each run reports this process's CPU µs per send
 (``time.process_time``), sends per second, and from Redis's ``INFO commandstats`` the
-``EVALSHA`` calls and Redis's time per routed message (what ``route.lua`` costs inside
+``EVALSHA`` calls and Redis's time per routed message (what ``send.lua`` costs inside
 Redis, network excluded).
 
     .venv/bin/python -m bench.sender [--messages 40000] [--senders 32] [--repeat 3]

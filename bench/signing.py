@@ -6,7 +6,7 @@
 Send: the Python work of one send before its script call (``pack``, message id,
 compiled selector), without a secret and with one (plus ``Keyring.fragment``). Receive:
 ``decode`` of envelopes of 1 and of 32 messages, without a secret and with one (plus
-the router's checks: MAC, freshness, replay set, each target against the signed
+the receiver's checks: MAC, freshness, replay set, each target against the signed
 selector). Every figure is the best of several rounds, per message, in CPU time.
 """
 
@@ -102,14 +102,14 @@ def receive_path(raws: list[bytes], verify: bool) -> Callable[[], int]:
         verifier = Verifier(RING, KEYS)  # a fresh replay set: every message is new
         count = 0
         for raw in raws:
-            now = time.time_ns() // 1_000_000 if verify else 0  # as Router.dispatch does
+            now = time.time_ns() // 1_000_000 if verify else 0  # as Receiver.dispatch does
             for envelope in decode(raw):
                 count += 1
                 if not verify:
                     continue
                 if verifier.check(envelope, now) is not None:
                     raise AssertionError("a benchmark message was refused")
-                match = verifier.selects(envelope.sel or [])  # as Router._admit does
+                match = verifier.selects(envelope.sel or [])  # as Receiver._admit does
                 if match is None:
                     raise AssertionError("a benchmark selector was refused")
                 for target in envelope.targets or ():

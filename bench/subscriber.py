@@ -1,6 +1,6 @@
-"""The receiving side alone: CPU per message of the router's subscriber loop.
+"""The receiving side alone: CPU per message of the receiver's subscriber loop.
 
-Starts a private ``redis-server`` and runs a ``Router`` in this process with
+Starts a private ``redis-server`` and runs a ``Receiver`` in this process with
 ``--connections`` local connections whose ``offer`` only counts. A publisher process
 sends ``--messages`` envelopes (``text``, one target each, a ``--payload``-byte frame) as
 pipelined ``PUBLISH`` batches, packed before the clock starts and written to a raw
@@ -9,7 +9,7 @@ messages per second. Each run measures this process from the publisher's start t
 last envelope dispatched: CPU µs per message (``time.process_time``) and messages per
 second. Runs alternate the lean reader
 (:mod:`quart_wslb.subscriber`) with the ``PubSub.get_message`` loop it replaced (kept
-here as ``LegacyRouter``), ``--repeat`` times each. With ``--writers`` the local
+here as ``LegacyReceiver``), ``--repeat`` times each. With ``--writers`` the local
 connections are real :class:`~quart_wslb.connection.Connection` objects (a bounded queue
 and a writer task each) whose ASGI send only counts: all of quart-wslb's receiving path,
 without the server's cost of writing a frame.
@@ -42,11 +42,11 @@ from quart_wslb.connection import Activity, Connection
 from quart_wslb.envelope import Envelope, Frame, encode
 from quart_wslb.keys import Keys
 from quart_wslb.local_index import LocalIndex
+from quart_wslb.receiver import BACKOFF_MAX, BACKOFF_MIN, READ_TIMEOUT, Receiver, log
 from quart_wslb.redis_client import make_client
-from quart_wslb.router import BACKOFF_MAX, BACKOFF_MIN, READ_TIMEOUT, Router, log
 from quart_wslb.testing import RedisServer
 
-__all__ = ("LegacyRouter", "Result", "measure", "publish")
+__all__ = ("LegacyReceiver", "Result", "measure", "publish")
 
 INSTANCE = "i1"
 KEYS = Keys("bench-sub")
@@ -56,11 +56,11 @@ BATCH = 500
 BUDGET = 120.0
 
 
-class LegacyRouter(Router):
-    """The router with the loop it had before the lean reader, for comparison."""
+class LegacyReceiver(Receiver):
+    """The receiver with the loop it had before the lean reader, for comparison."""
 
     async def run(self) -> None:
-        """The former ``Router.run``: one ``PubSub.get_message`` per message."""
+        """The former ``Receiver.run``: one ``PubSub.get_message`` per message."""
         channels = (self._keys.channel(self._instance), self._keys.broadcast)
         delay = BACKOFF_MIN
         while True:
@@ -205,15 +205,15 @@ async def measure(
     rate: int,
     writers: bool = False,
 ) -> Result:
-    """Run one router (lean or legacy) while a publisher process sends ``messages``."""
+    """Run one receiver (lean or legacy) while a publisher process sends ``messages``."""
     redis: Redis = make_client(server.url, 5.0)
     tally = Tally(len(messages))
     ids = [f"{INSTANCE}:{n}" for n in range(connections)]
     local = LocalIndex(KEYS)
     for id in ids:
         local.add(writer(id, tally) if writers else cast(Connection, Counting(id, tally)))
-    router = (LegacyRouter if legacy else Router)(redis, KEYS, INSTANCE, local, None)
-    task = asyncio.create_task(router.run())
+    receiver = (LegacyReceiver if legacy else Receiver)(redis, KEYS, INSTANCE, local, None)
+    task = asyncio.create_task(receiver.run())
     context = multiprocessing.get_context("spawn")
     ready, go = context.Event(), context.Event()
     channel = KEYS.channel(INSTANCE)
@@ -221,7 +221,7 @@ async def measure(
         target=publish, args=(server.port, channel, messages, rate, ready, go), daemon=True
     )
     try:
-        await asyncio.wait_for(router.subscribed.wait(), 10)
+        await asyncio.wait_for(receiver.subscribed.wait(), 10)
         process.start()
         if not await asyncio.to_thread(ready.wait, 30):
             raise RuntimeError("the publisher did not start")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from . import signals
 from .connection import Connection, ConnectionInfo, ConnectionRecord
+from .decorator import ws_route
 from .emitter import AsyncEmitter
 from .exceptions import (
     NoInstancesError,
@@ -15,7 +16,6 @@ from .exceptions import (
 from .extension import WsLoadBalance
 from .globals import current_connection
 from .liveness import InstanceInfo
-from .route import ws_route
 from .selectors import (
     AllSelector,
     AndSelector,

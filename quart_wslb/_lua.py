@@ -11,7 +11,7 @@ def _read(name: str) -> str:
 
 
 #: The scripts that read records, after the helpers they share (``lua/_common.lua``).
-_SHARED = frozenset({"register", "unregister", "route", "count", "match", "membership"})
+_SHARED = frozenset({"register", "unregister", "send", "count", "match", "membership"})
 
 
 @cache

@@ -3,7 +3,7 @@
 A call made while no other is in flight goes out at once, alone, so a lone send waits for
 nobody. Calls made while one is in flight queue up, and as soon as it returns they all go
 out together, then the next queue, and so on: under load a send costs a share of a round
-trip, of a script call and (for ``route.lua``) of a publish, instead of one of each. Each
+trip, of a script call and (for ``send.lua``) of a publish, instead of one of each. Each
 caller waits at most ``timeout`` from its own call, queued or not (``TimeoutError``); a
 queued call whose caller gave up before its batch is written is left out of it, so it
 has no effect. A batch is cut only once its connection is ready (taken from the pool,
@@ -55,7 +55,7 @@ Call = tuple[Args, "asyncio.Future[Any]"]
 #: Seconds without a call after which the connection goes back to the client's pool.
 IDLE_RELEASE = 1.0
 #: Most calls, and most bytes of arguments, in one script call: a script holds Redis for
-#: its whole run, and ``route.lua`` publishes what one script call routes at once.
+#: its whole run, and ``send.lua`` publishes what one script call routes at once.
 MAX_CALLS = 128
 MAX_BYTES = 1 << 20
 #: Most script calls of :meth:`GroupCommit.many` in one round trip: bounds the bytes in

@@ -40,7 +40,7 @@ from .redis_client import checked_client, make_client
 from .selectors import AllSelector, Program, Selector
 from .signing import canonical
 
-__all__ = ("AsyncEmitter", "Route", "Stream")
+__all__ = ("AsyncEmitter", "Receipt", "Stream")
 
 T = TypeVar("T")
 
@@ -70,7 +70,7 @@ class Stream(Generic[T]):
 
 
 @dataclass(frozen=True, slots=True)
-class Route:
+class Receipt:
     """What one send (or disconnect) did."""
 
     message_id: str
@@ -162,9 +162,9 @@ class AsyncEmitter:
         self._layout_seen = False
         # Encoded once: redis-py would encode these on every call of the hot path.
         self._fixed_keys = [k.encode() for k in (self.keys.users, self.keys.instances)]
-        self._publish = GroupCommit(
+        self._sends = GroupCommit(
             self._redis,
-            self._redis.register_script(source("route")),
+            self._redis.register_script(source("send")),
             timeout,
             keys=self._fixed_keys,
             args=[self.keys.channel_base.encode(), self.origin.encode()],
@@ -176,7 +176,7 @@ class AsyncEmitter:
     async def aclose(self) -> None:
         """Give back the connection that sends use, and close the Redis client if this
         emitter created it."""
-        await self._publish.aclose()
+        await self._sends.aclose()
         if self._owns_client:
             await self._redis.aclose()
 
@@ -191,7 +191,7 @@ class AsyncEmitter:
         under the prefix (a wrong prefix), rather than answering 0.
         """
         kind, payload = pack(message)
-        return (await self._route(selector, kind, payload)).routed
+        return (await self._publish(selector, kind, payload)).routed
 
     async def send_many(self, messages: Iterable[tuple[Selector, object]]) -> list[int]:
         """Send each ``(selector, message)`` as :meth:`send` would, in order, in as few
@@ -207,34 +207,38 @@ class AsyncEmitter:
         for Redis): then the sends before it were routed, and some after it may have
         been.
         """
-        routes = await self._route_many(pack_many(messages))  # packed: valid already
+        routes = await self._publish_many(pack_many(messages))  # packed: valid already
         return [route.routed for route in routes]
 
-    async def route_many(self, messages: Sequence[tuple[Selector, Kind, bytes]]) -> list[Route]:
+    async def publish_many(
+        self, messages: Sequence[tuple[Selector, Kind, bytes]]
+    ) -> list[Receipt]:
         """:meth:`route` for each ``(selector, kind, payload)``, batched as
         :meth:`send_many` does; every one is checked before anything is published."""
         for selector, kind, payload in messages:
             _check(selector)
             _check_payload(kind, payload)
-        return await self._route_many(messages)
+        return await self._publish_many(messages)
 
-    async def _route_many(self, messages: Sequence[tuple[Selector, Kind, bytes]]) -> list[Route]:
+    async def _publish_many(
+        self, messages: Sequence[tuple[Selector, Kind, bytes]]
+    ) -> list[Receipt]:
         if messages and not self._layout_seen:
             async with redis_deadline(self.timeout, "send"):
                 await self._check_layout()
-        routes: list[Route] = []
+        routes: list[Receipt] = []
         start = 0
         for at, (selector, kind, payload) in enumerate(messages):
             if not selector.indexed:  # the built-in ones before it go first, in order
-                routes += await self._route_indexed(messages[start:at])
-                routes.append(await self._route(selector, kind, payload))
+                routes += await self._publish_indexed(messages[start:at])
+                routes.append(await self._publish(selector, kind, payload))
                 start = at + 1
-        routes += await self._route_indexed(messages[start:])
+        routes += await self._publish_indexed(messages[start:])
         return routes
 
-    async def _route_indexed(
+    async def _publish_indexed(
         self, messages: Sequence[tuple[Selector, Kind, bytes]]
-    ) -> list[Route]:
+    ) -> list[Receipt]:
         """The routes of built-in selectors' messages, through ``GroupCommit.many``."""
         if not messages:
             return []
@@ -248,7 +252,7 @@ class AsyncEmitter:
             args: list[bytes | str] = [message_id, kind, payload, fragment, *program.ops]
             calls.append((program.keys, args, _heavy(program)))
         try:
-            replies = await self._publish.many(calls)
+            replies = await self._sends.many(calls)
         except REDIS_FAILURES as error:
             raise ours(error, "send") from error
         routes = []
@@ -257,7 +261,7 @@ class AsyncEmitter:
                 if isinstance(reply, REDIS_FAILURES):
                     raise ours(reply, "send") from reply
                 raise reply
-            routes.append(self._indexed_route(message_id, self._checked(reply)))
+            routes.append(self._indexed_receipt(message_id, self._checked(reply)))
         return routes
 
     async def disconnect(self, selector: Selector, code: int = 1000, reason: str = "") -> int:
@@ -266,9 +270,9 @@ class AsyncEmitter:
         Returns how many connections were told to close.
         """
         payload = close_payload(code, reason)
-        return (await self._route(selector, "disconnect", payload)).routed
+        return (await self._publish(selector, "disconnect", payload)).routed
 
-    async def route(self, selector: Selector, kind: Kind, payload: bytes) -> Route:
+    async def publish(self, selector: Selector, kind: Kind, payload: bytes) -> Receipt:
         """Publish one message of ``kind`` to the owners of the matching connections.
 
         Raises ``ValueError`` for an unknown ``kind`` or a payload that the receiving
@@ -277,49 +281,49 @@ class AsyncEmitter:
         others theirs.
         """
         _check_payload(kind, payload)
-        return await self._route(selector, kind, payload)
+        return await self._publish(selector, kind, payload)
 
-    async def _route(self, selector: Selector, kind: Kind, payload: bytes) -> Route:
+    async def _publish(self, selector: Selector, kind: Kind, payload: bytes) -> Receipt:
         _check(selector)
         if not self._layout_seen:
-            return await self._first_route(selector, kind, payload)
+            return await self._first_publish(selector, kind, payload)
         message_id = os.urandom(8).hex()
         if selector.indexed:
-            reply = await self._route_program(
+            reply = await self._publish_program(
                 message_id, selector.compile(self.keys), kind, payload
             )
-            return self._indexed_route(message_id, reply)
+            return self._indexed_receipt(message_id, reply)
         # Pages of matches, by id: an instance may own connections on several pages.
         total, owners, missed = 0, set[str](), set[str]()
         async for ids in self._matching_ids(selector):
-            reply = await self._route_program(message_id, _by_id(ids), kind, payload)
+            reply = await self._publish_program(message_id, _by_id(ids), kind, payload)
             reached = reply[1]
             total += reply[0]
             owners.update(_names(reply[2 : 2 + reached]))
             missed.update(_names(reply[2 + reached :]))
-        return Route(message_id, total, len(owners), tuple(sorted(missed)))
+        return Receipt(message_id, total, len(owners), tuple(sorted(missed)))
 
-    async def _first_route(self, selector: Selector, kind: Kind, payload: bytes) -> Route:
+    async def _first_publish(self, selector: Selector, kind: Kind, payload: bytes) -> Receipt:
         """:meth:`_route` for a call made before the layout marker was read: it reads
         the marker first. A built-in selector's send gets one deadline for both, from its
         own start, as for any other send; a custom selector's reads pages, each (and so
         the marker) bounded on its own."""
         if not selector.indexed:
             await self._check_layout()
-            return await self._route(selector, kind, payload)
+            return await self._publish(selector, kind, payload)
         async with redis_deadline(self.timeout, "send"):
             await self._check_layout()
-            return await self._route(selector, kind, payload)
+            return await self._publish(selector, kind, payload)
 
-    async def _route_program(
+    async def _publish_program(
         self, message_id: str, program: Program, kind: Kind, payload: bytes
     ) -> list[Any]:
-        """route.lua's reply for one send: connections routed, how many instances were
+        """send.lua's reply for one send: connections routed, how many instances were
         reached (-1 for a broadcast, then how many heard it), their ids, then the
         owners nobody heard. No instance ever announced itself: ``[0, 0]``."""
         fragment = self._fragment(message_id, kind, payload, program)
         try:  # GroupCommit bounds every round trip in time
-            reply: list[Any] = await self._publish(
+            reply: list[Any] = await self._sends(
                 program.keys,
                 [message_id, kind, payload, fragment, *program.ops],
                 alone=_heavy(program),
@@ -329,7 +333,7 @@ class AsyncEmitter:
         return self._checked(reply)
 
     def _checked(self, reply: list[Any]) -> list[Any]:
-        """route.lua's reply, or ``[0, 0]`` (or ``NoInstancesError`` if strict) when no
+        """send.lua's reply, or ``[0, 0]`` (or ``NoInstancesError`` if strict) when no
         instance ever announced itself."""
         if reply[0] == -1:
             self._no_instances()
@@ -337,15 +341,15 @@ class AsyncEmitter:
         return reply
 
     @staticmethod
-    def _indexed_route(message_id: str, reply: list[Any]) -> Route:
-        """The :class:`Route` of a built-in selector's send, from route.lua's reply."""
+    def _indexed_receipt(message_id: str, reply: list[Any]) -> Receipt:
+        """The :class:`Receipt` of a built-in selector's send, from send.lua's reply."""
         routed, reached = reply[0], reply[1]
         unheard = _names(reply[2 + reached :]) if reached >= 0 else ()
         # reached: how many instances (-1: a broadcast's count of them follows)
-        return Route(message_id, routed, reached if reached >= 0 else reply[2], unheard)
+        return Receipt(message_id, routed, reached if reached >= 0 else reply[2], unheard)
 
     def _fragment(self, message_id: str, kind: Kind, payload: bytes, program: Program) -> bytes:
-        """What opens the message's entries (``route.lua``): its signature with a
+        """What opens the message's entries (``send.lua``): its signature with a
         secret; else its selector, for the receivers to resolve, unless Redis resolves
         it to ids (:attr:`Program.exact`)."""
         if self._keyring is not None:
@@ -575,7 +579,7 @@ def _by_id(ids: Sequence[str]) -> Program:
 def _heavy(program: Program) -> bool:
     """Whether a send may hold Redis long (a page of ids): then it runs in a script call
     of its own, so that a batch of them cannot stall everyone else's commands. Every
-    other send costs Redis O(instances), plus a user's ids (``lua/route.lua``)."""
+    other send costs Redis O(instances), plus a user's ids (``lua/send.lua``)."""
     ops = program.ops
     return len(ops) != 1 and any(op[:1] == "M" for op in ops)
 

@@ -6,7 +6,7 @@ that lists them, a newline, then their payloads back to back, untouched::
     {"v":3,"origin":"...","messages":[{"id":"...","kind":"text","targets":["..."],"size":5},
     {"sel":["S{wslb}:g:room"],"id":"...","kind":"json","size":12},...]}\\n<payload>...
 
-Concurrent sends share one publish per instance (``lua/route.lua`` batches them), so an
+Concurrent sends share one publish per instance (``lua/send.lua`` batches them), so an
 instance parses one header for all the messages it was sent at once. The payloads stay
 out of the JSON so that binary frames need no base64 and text is not escaped twice;
 ``size`` (bytes) says where each ends. A message lists its ``targets`` (connection ids)
@@ -236,7 +236,7 @@ def head(message_id: str, origin: str, kind: Kind, signature: bytes = b"") -> by
 
 
 def encode(*envelopes: Envelope) -> bytes:
-    """The wire form of one or more messages from one origin (what ``route.lua`` writes)."""
+    """The wire form of one or more messages from one origin (what ``send.lua`` writes)."""
     if not envelopes or len({e.origin for e in envelopes}) != 1:
         raise ValueError("encode needs one or more envelopes of one origin")
     payloads = [e.payload for e in envelopes]
@@ -250,7 +250,7 @@ def encode(*envelopes: Envelope) -> bytes:
 
 def _entry(envelope: Envelope, payload: bytes) -> dict[str, Any]:
     entry: dict[str, Any] = {}
-    if envelope.sig is not None:  # first, as route.lua writes them
+    if envelope.sig is not None:  # first, as send.lua writes them
         entry.update(ts=envelope.ts, sel=envelope.sel, sig=envelope.sig)
     elif envelope.sel is not None:
         entry["sel"] = envelope.sel

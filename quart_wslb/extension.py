@@ -15,10 +15,11 @@ from redis.asyncio import Redis
 
 from . import _compat, signals
 from .asgi import ACTIVITY, GOING_AWAY, WebsocketGuard
-from .clients import ClientLiveness
+from .client_liveness import ClientLiveness
 from .config import QueueFullPolicy, Settings, UserGetter, resolve_settings
 from .connection import Activity, Connection, ConnectionRecord
-from .emitter import EVERYONE, AsyncEmitter, Route, Stream, pack_many
+from .decorator import call_getter
+from .emitter import EVERYONE, AsyncEmitter, Receipt, Stream, pack_many
 from .envelope import pack
 from .exceptions import (
     NotStartedError,
@@ -29,10 +30,9 @@ from .exceptions import (
 from .keys import Keys
 from .liveness import InstanceInfo, Liveness
 from .local_index import LocalIndex
+from .receiver import Receiver
 from .redis_client import checked_client, make_client
 from .registry import Registry
-from .route import call_getter
-from .router import Router
 from .selectors import Selector
 
 __all__ = ("WsLoadBalance",)
@@ -46,7 +46,7 @@ class _Runtime:
 
     redis: Redis
     registry: Registry
-    router: Router
+    receiver: Receiver
     liveness: Liveness
     emitter: AsyncEmitter
     tasks: list[asyncio.Task[None]]
@@ -171,11 +171,11 @@ class WsLoadBalance:
         :class:`~quart_wslb.RedisUnavailableError` when Redis does not answer in time.
         """
         kind, payload = pack(message)
-        route = await self.emitter.route(selector, kind, payload)
+        route = await self.emitter.publish(selector, kind, payload)
         await self._routed(selector, route)
         return route.routed
 
-    async def _routed(self, selector: Selector, route: Route) -> None:
+    async def _routed(self, selector: Selector, route: Receipt) -> None:
         """Log a route's unheard owners; ``message_routed``, when someone listens."""
         if route.unheard:
             log.info("message %s: nobody listens for %s", route.message_id, route.unheard)
@@ -200,7 +200,7 @@ class WsLoadBalance:
         ``message_routed`` is sent once per message, when someone listens.
         """
         packed = pack_many(messages)
-        routes = await self.emitter.route_many(packed)
+        routes = await self.emitter.publish_many(packed)
         for (selector, _, _), route in zip(packed, routes, strict=True):
             await self._routed(selector, route)
         return [route.routed for route in routes]
@@ -262,7 +262,7 @@ class WsLoadBalance:
         keys = Keys.of(settings.prefix, redis)
         instance = settings.instance_id
         registry = Registry(redis, keys)
-        router = Router(redis, keys, instance, self._local, self, keyring=settings.secret)
+        receiver = Receiver(redis, keys, instance, self._local, self, keyring=settings.secret)
         liveness = Liveness(
             redis,
             keys,
@@ -270,12 +270,12 @@ class WsLoadBalance:
             interval=settings.heartbeat_interval,
             ttl=settings.instance_ttl,
             registry=registry,
-            router=router,
+            receiver=receiver,
             local=self._local,
             owner=self,
         )
         # After Redis comes back (possibly empty), restore our records at once.
-        router.on_subscribed(liveness.resubscribed)
+        receiver.on_subscribed(liveness.resubscribed)
         try:
             await _first_beat(liveness, timeout)
         except BaseException:
@@ -283,7 +283,7 @@ class WsLoadBalance:
                 await redis.aclose()
             raise
         tasks = [
-            asyncio.create_task(router.run(), name="wslb-subscriber"),
+            asyncio.create_task(receiver.run(), name="wslb-subscriber"),
             asyncio.create_task(liveness.run(), name="wslb-liveness"),
         ]
         clients = ClientLiveness(
@@ -299,9 +299,9 @@ class WsLoadBalance:
         emitter = AsyncEmitter.from_options(
             settings.emitter_options(), redis, origin=instance, strict=False
         )
-        self._runtime = _Runtime(redis, registry, router, liveness, emitter, tasks)
+        self._runtime = _Runtime(redis, registry, receiver, liveness, emitter, tasks)
         try:
-            await asyncio.wait_for(router.subscribed.wait(), timeout)
+            await asyncio.wait_for(receiver.subscribed.wait(), timeout)
         except TimeoutError:
             log.warning("not subscribed after %.1fs; still trying in the background", timeout)
 

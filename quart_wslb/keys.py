@@ -104,7 +104,7 @@ class Keys:
 
     @property
     def channel_base(self) -> str:
-        """What every channel name starts with (route.lua builds channels from it)."""
+        """What every channel name starts with (send.lua builds channels from it)."""
         return self._root if not self.db else f"{self._root}:db{self.db}"
 
     def channel(self, instance: str) -> str:

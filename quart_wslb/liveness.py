@@ -7,7 +7,7 @@ Every ``WSLB_HEARTBEAT_INTERVAL`` one bounded tick of :class:`Liveness` does, in
    instance's own channel; all one round trip.
 2. **probe check**: if nobody heard the probe, or the subscriber has missed the last two,
    the subscriber is restarted (a killed or silently dead pub/sub connection), once it
-   has delivered what its connection still holds (see :meth:`Router.restart`).
+   has delivered what its connection still holds (see :meth:`Receiver.restart`).
 3. **repair**: if Redis holds a different number of records than this instance has live
    connections (Redis restarted and lost its data, an unregister failed, the instance was
    reaped while cut off), :meth:`Registry.reconcile` makes them agree; a full
@@ -34,8 +34,8 @@ from ._lua import source
 from .exceptions import REDIS_FAILURES, WsLoadBalanceError, describe
 from .keys import LAYOUT, Keys
 from .local_index import LocalIndex
+from .receiver import Receiver
 from .registry import Registry
-from .router import Router
 
 __all__ = ("FULL_REPAIR_EVERY", "InstanceInfo", "Liveness")
 
@@ -69,7 +69,7 @@ class Liveness:
         interval: float,
         ttl: float,
         registry: Registry,
-        router: Router,
+        receiver: Receiver,
         local: LocalIndex,
         owner: object,
     ) -> None:
@@ -79,7 +79,7 @@ class Liveness:
         self._interval = interval
         self._ttl_ms = int(ttl * 1000)
         self._registry = registry
-        self._router = router
+        self._receiver = receiver
         self._local = local
         self._owner = owner
         self._reap = redis.register_script(source("reap"))
@@ -118,14 +118,14 @@ class Liveness:
             self._healthy_since = time.monotonic()
         # Deaf: unsubscribed, or probes missed while nothing at all arrives. A subscriber
         # that lags behind a backlog still receives, and restarting it would drop that.
-        deaf = self._router.missed_probes() >= MISSED_PROBES
-        if heard == 0 or (deaf and self._router.silent_for() > self._interval):
+        deaf = self._receiver.missed_probes() >= MISSED_PROBES
+        if heard == 0 or (deaf and self._receiver.silent_for() > self._interval):
             log.warning(
                 "subscriber is deaf (probe heard by %d); restarting it once it has "
                 "delivered what it holds",
                 heard,
             )
-            self._router.restart()
+            self._receiver.restart()
         if registered != len(self._local) or self._ticks % FULL_REPAIR_EVERY == 0:
             await self.repair()
         if self._regroup_due:  # a resubscription's regroup that Redis cut short
@@ -153,7 +153,7 @@ class Liveness:
             pipe.set(keys.heartbeat(self._instance), "1", px=self._ttl_ms)
             pipe.hset(keys.instances, self._instance, record)
             pipe.hlen(keys.records(self._instance))
-            pipe.publish(keys.channel(self._instance), self._router.next_probe())
+            pipe.publish(keys.channel(self._instance), self._receiver.next_probe())
             _, _, registered, heard = await pipe.execute()
         return int(registered), int(heard)
 

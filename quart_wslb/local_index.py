@@ -1,7 +1,7 @@
 """This instance's connections, and its index of them by user, path, metadata and group.
 
 A send to a group, path or metadata pair reaches an instance as one envelope that names
-the selector, not the members (``lua/route.lua``): the instance resolves it here, from
+the selector, not the members (``lua/send.lua``): the instance resolves it here, from
 its own connections, so that Redis does O(instances) work per send, never O(members).
 The index is keyed by the selector's canonical ops (:func:`quart_wslb.signing.canonical`):
 ``S<key>`` for the Redis index set ``key`` a connection is in, ``U<user>`` for a user, so

@@ -1,6 +1,6 @@
 """One message on its way to local connections, encoded as a WebSocket frame once.
 
-The router makes one :class:`Outgoing` per message and queues that same object to every
+The receiver makes one :class:`Outgoing` per message and queues that same object to every
 local target, so a message to a thousand members is UTF-8 encoded and framed once, not
 once per connection. Each connection's writer then writes :attr:`Outgoing.wire` straight
 to the server's stream where it can (Hypercorn, no extension negotiated: see

@@ -37,7 +37,7 @@ __all__ = (
 @dataclass(slots=True)
 class Program:
     """A compiled selector: Redis keys and postfix ops for the scripts (``evaluate`` in
-    ``lua/route.lua``, ``lua/match.lua``) and for each instance's
+    ``lua/send.lua``, ``lua/match.lua``) and for each instance's
     :class:`~quart_wslb.local_index.LocalIndex`.
 
     Ops: ``S<n>`` members of the ``n``-th key, counting the two fixed keys (``KEYS[n]``
@@ -54,7 +54,7 @@ class Program:
     def exact(self) -> bool:
         """Whether a send resolves it to connection ids in Redis (a user, a connection,
         ids, and ``&`` with any of those), rather than to the instances that hold index
-        members (``lua/route.lua``), which then resolve it themselves."""
+        members (``lua/send.lua``), which then resolve it themselves."""
         ops = self.ops
         if len(ops) == 1:  # the hot path: one operand
             return ops[0][:1] in ("U", "C")
@@ -174,7 +174,7 @@ class Selector(ABC):
         """Whether one connection record matches, evaluated locally."""
 
     def compile(self, keys: Keys) -> Program:
-        """The program that ``route.lua`` runs for this selector."""
+        """The program that ``send.lua`` runs for this selector."""
         program = Program()
         self.emit(program, keys)
         return program

@@ -163,7 +163,7 @@ class Keyring:
     def fragment(
         self, origin: str, message_id: str, kind: str, payload: bytes, sel: list[str]
     ) -> bytes:
-        """What ``route.lua`` puts at the start of a message entry: ``"ts":..,"sel":..,
+        """What ``send.lua`` puts at the start of a message entry: ``"ts":..,"sel":..,
         "sig":"..",`` (sent now). ``ValueError`` for a selector value with a NUL."""
         ts = time.time_ns() // 1_000_000
         text = sel_text(sel)

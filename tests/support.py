@@ -102,7 +102,7 @@ def make_connection(
 
 
 def held(*connections: Connection, keys: Keys = KEYS) -> LocalIndex:
-    """An instance's index of ``connections`` (what its router resolves selectors over)."""
+    """An instance's index of ``connections`` (what its receiver resolves selectors over)."""
     local = LocalIndex(keys)
     for connection in connections:
         local.add(connection)

@@ -23,7 +23,7 @@ from quart_wslb.connection import (
 )
 from quart_wslb.envelope import Envelope, Frame, encode
 from quart_wslb.outgoing import Outgoing
-from quart_wslb.router import Router
+from quart_wslb.receiver import Receiver
 from tests.support import KEYS, SOON, FakeWebsocket, eventually, held, make_connection, recording
 
 OWNER = object()
@@ -109,13 +109,13 @@ async def test_slow_client_does_not_stall_others(fake_server: fakeredis.FakeServ
     slow.start()
     fast.start()
     redis = fakeredis.FakeAsyncRedis(server=fake_server)
-    router = Router(redis, KEYS, "i1", held(slow, fast), OWNER)
+    receiver = Receiver(redis, KEYS, "i1", held(slow, fast), OWNER)
     frames = [f"m{n}" for n in range(20)]
     with recording(signals.message_dropped, OWNER) as dropped:
         async with asyncio.timeout(SOON):
             for frame in frames:
                 envelope = Envelope(frame, "i2", "text", None, frame, sel=["B"])
-                await router.dispatch(encode(envelope))
+                await receiver.dispatch(encode(envelope))
                 await asyncio.sleep(0)  # let the fast writer keep up
             assert await fast_socket.wait_sent(len(frames)) == frames
     assert slow_socket.sent == []
@@ -262,7 +262,7 @@ async def test_outbox_get_wire_takes_what_fits_in_the_limit_in_order() -> None:
 
 
 async def test_connection_put_nowait_queues_only_while_open_with_room() -> None:
-    """The router's fast path: anything else goes through ``offer`` and its policy."""
+    """The receiver's fast path: anything else goes through ``offer`` and its policy."""
     socket = FakeWebsocket(block=True)
     connection = make_connection(socket, queue_size=1)
     assert connection.put_nowait("a")

@@ -26,7 +26,7 @@ from quart_wslb import (
     WsLoadBalanceError,
 )
 from quart_wslb.batch import MAX_PIPELINE, Args
-from quart_wslb.emitter import PAGE, Route
+from quart_wslb.emitter import PAGE, Receipt
 from quart_wslb.envelope import decode
 from quart_wslb.keys import LAYOUT, Keys
 from quart_wslb.registry import Registry
@@ -254,15 +254,15 @@ async def test_emitter_client_from_url_packs_like_redis_py(redis_url: str, prefi
 async def test_send_to_a_one_connection_user_publishes_what_the_general_path_does(
     emitter: AsyncEmitter, redis: aioredis.Redis, prefix: str
 ) -> None:
-    """route.lua's shortcut for a user with one connection writes the same envelope as
+    """send.lua's shortcut for a user with one connection writes the same envelope as
     its general path (here forced by ``u | u``), down to the byte; unheard is reported."""
     keys = Keys(prefix)
     await Registry(redis, keys).register(make_connection(id="i1:Ab-_9", user="solo"))
     async with redis.pubsub() as pubsub:
         await pubsub.subscribe(keys.channel("i1"))
         await pubsub.get_message(timeout=1)
-        one = await emitter.route(UserSelector("solo"), "text", b"hi")
-        both = await emitter.route(UserSelector("solo") | UserSelector("solo"), "text", b"hi")
+        one = await emitter.publish(UserSelector("solo"), "text", b"hi")
+        both = await emitter.publish(UserSelector("solo") | UserSelector("solo"), "text", b"hi")
         envelopes: list[bytes] = []
         for _ in range(10):  # bounded: each read waits at most a second
             message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
@@ -278,7 +278,7 @@ async def test_send_to_a_one_connection_user_publishes_what_the_general_path_doe
     assert first == second
     assert first.endswith(b'"targets":["i1:Ab-_9"],"size":2}]}\nhi')
     await redis.hset(keys.users, "ghost", "i9:x")  # an owner nobody hears
-    assert (await emitter.route(UserSelector("ghost"), "text", b"x")).unheard == ("i9",)
+    assert (await emitter.publish(UserSelector("ghost"), "text", b"x")).unheard == ("i9",)
 
 
 async def test_concurrent_sends_share_one_publish_per_instance(
@@ -289,13 +289,13 @@ async def test_concurrent_sends_share_one_publish_per_instance(
     keys = Keys(prefix)
     people = [make_connection(id=f"i{n % 2 + 1}:c{n}", user=f"u{n}") for n in range(20)]
     await Registry(redis, keys).register(*people)
-    await emitter.route(UserSelector("u0"), "text", b"warm-up")  # the layout is read once
+    await emitter.publish(UserSelector("u0"), "text", b"warm-up")  # the layout is read once
     async with redis.pubsub() as pubsub:
         await pubsub.subscribe(keys.channel("i1"), keys.channel("i2"))
         for _ in range(2):
             await pubsub.get_message(timeout=1)
         routes = await asyncio.gather(
-            *(emitter.route(UserSelector(f"u{n}"), "text", str(n).encode()) for n in range(20))
+            *(emitter.publish(UserSelector(f"u{n}"), "text", str(n).encode()) for n in range(20))
         )
         publishes: dict[str, list[bytes]] = {"i1": [], "i2": []}
         for _ in range(50):  # bounded: each read waits at most a second
@@ -325,19 +325,19 @@ async def test_a_batch_of_mixed_sends_routes_each_its_own(
     await Registry(redis, keys).register(*people)
     await redis.set(keys.heartbeat("i1"), "1")
     await redis.set(keys.holders(keys.path("/bad")), "not a hash")
-    await emitter.route(UserSelector("u0"), "text", b"warm-up")
-    trips = round_trips(emitter._publish)
+    await emitter.publish(UserSelector("u0"), "text", b"warm-up")
+    trips = round_trips(emitter._sends)
     async with redis.pubsub() as pubsub:
         await pubsub.subscribe(keys.channel("i1"), keys.broadcast)
         results = await asyncio.gather(
-            emitter.route(PathSelector("/p0"), "text", b"a"),
-            emitter.route(UserSelector("u1"), "text", b"b"),
-            emitter.route(AllSelector(), "text", b"c"),
-            emitter.route(PathSelector("/bad"), "text", b"d"),
-            emitter.route(PathSelector("/p1") & UserSelector("u3"), "text", b"e"),
+            emitter.publish(PathSelector("/p0"), "text", b"a"),
+            emitter.publish(UserSelector("u1"), "text", b"b"),
+            emitter.publish(AllSelector(), "text", b"c"),
+            emitter.publish(PathSelector("/bad"), "text", b"d"),
+            emitter.publish(PathSelector("/p1") & UserSelector("u3"), "text", b"e"),
             return_exceptions=True,
         )
-    routed = [r.routed if isinstance(r, Route) else type(r) for r in results]
+    routed = [r.routed if isinstance(r, Receipt) else type(r) for r in results]
     assert routed == [3, 1, 6, WsLoadBalanceError, 1]
     assert "WRONGTYPE" in str(results[3])
     # The first goes alone; the others, queued behind it, share one script call.
@@ -347,11 +347,11 @@ async def test_a_batch_of_mixed_sends_routes_each_its_own(
 async def test_route_refuses_what_receivers_could_not_decode(emitter: AsyncEmitter) -> None:
     """One bad message would cost the others of its envelope theirs: refused up front."""
     with pytest.raises(ValueError, match="unknown kind"):
-        await emitter.route(UserSelector("u"), cast(Any, 'te"xt'), b"x")
+        await emitter.publish(UserSelector("u"), cast(Any, 'te"xt'), b"x")
     with pytest.raises(ValueError, match="UTF-8"):
-        await emitter.route(UserSelector("u"), "text", b"\xff\xfe")
+        await emitter.publish(UserSelector("u"), "text", b"\xff\xfe")
     with pytest.raises(ValueError, match="UTF-8"):
-        await emitter.route(UserSelector("u"), "json", cast(Any, "not bytes"))
+        await emitter.publish(UserSelector("u"), "json", cast(Any, "not bytes"))
 
 
 async def test_send_to_a_user_with_many_connections_reaches_them_all(
@@ -364,7 +364,7 @@ async def test_send_to_a_user_with_many_connections_reaches_them_all(
     assert await emitter.count(UserSelector("crowd")) == 20
     records = await emitter.connections(UserSelector("crowd"))
     assert {r.id for r in records} == {c.id for c in crowd}
-    route = await emitter.route(UserSelector("crowd"), "text", b"x")
+    route = await emitter.publish(UserSelector("crowd"), "text", b"x")
     assert (route.routed, sorted(route.unheard)) == (0, ["i0", "i1"])  # nobody subscribed
 
 
@@ -381,8 +381,8 @@ async def test_route_of_a_custom_selector_counts_each_instance_once(
     await Registry(redis, keys).register(*connections)
     async with redis.pubsub() as pubsub:
         await pubsub.subscribe(keys.channel("i1"), keys.channel("i2"))
-        evens = await emitter.route(EvenNumbered(), "text", b"x")
-        either = await emitter.route(MetadataSelector(n="1") | EvenNumbered(), "text", b"x")
+        evens = await emitter.publish(EvenNumbered(), "text", b"x")
+        either = await emitter.publish(MetadataSelector(n="1") | EvenNumbered(), "text", b"x")
     # Even n are all on i1 (n % 2 + 1): MANY matches, over three pages or more.
     assert (evens.routed, evens.instances, evens.unheard) == (MANY, 1, ())
     assert (either.routed, either.instances) == (MANY + 1, 2)
@@ -418,10 +418,10 @@ async def test_send_queued_behind_a_stalled_send_fails_within_its_own_timeout(
         assert await emitter.send(UserSelector("x"), "warm") == 0
         await admin.client_pause(5000)
         first = asyncio.create_task(emitter.send(UserSelector("x"), "1"))
-        await eventually(lambda: emitter._publish._busy)  # in flight
+        await eventually(lambda: emitter._sends._busy)  # in flight
         started = time.monotonic()
         second = asyncio.create_task(emitter.send(UserSelector("x"), "2"))
-        await eventually(lambda: len(emitter._publish._queue) == 1)  # queued behind it
+        await eventually(lambda: len(emitter._sends._queue) == 1)  # queued behind it
         with pytest.raises(RedisUnavailableError, match="in time"):
             await second
         took = time.monotonic() - started
@@ -537,12 +537,12 @@ async def test_send_many_routes_mixed_selectors_in_order_in_few_round_trips(
     for at, count in zip(sorted(extra), (2, 1, 3, 0), strict=True):
         expected[at] = count
     await emitter.send(UserSelector("a"), "warm-up")
-    trips = round_trips(emitter._publish)
+    trips = round_trips(emitter._sends)
     async with redis.pubsub() as pubsub:
         await pubsub.subscribe(keys.channel("i1"), keys.broadcast)
         for _ in range(2):
             await pubsub.get_message(timeout=1)
-        routes = await emitter.route_many(
+        routes = await emitter.publish_many(
             [
                 (s, "text", m if isinstance(m, bytes) else json.dumps(m).encode())
                 for s, m in messages
@@ -584,7 +584,7 @@ async def test_send_many_refuses_bad_pairs_before_publishing_any(
         with pytest.raises(TypeError):
             await emitter.send_many([(UserSelector("a"), "first"), bad])
         with pytest.raises(ValueError, match="UTF-8"):
-            await emitter.route_many(
+            await emitter.publish_many(
                 [(UserSelector("a"), "text", b"ok"), (UserSelector("a"), "text", b"\xff")]
             )
         assert await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.3) is None
@@ -692,6 +692,6 @@ async def test_a_bad_op_fails_only_its_own_send_of_a_batch(
     bad: Args = ([], ["m3", "text", b"c", b'"sel":["x"],', op], False)
     async with redis.pubsub() as pubsub:
         await pubsub.subscribe(keys.channel("i1"))
-        replies = await emitter._publish.many([good, bad, by_set])
+        replies = await emitter._sends.many([good, bad, by_set])
     assert isinstance(replies[1], Exception), replies
     assert replies[0][0] == 1 and replies[2][0] == 1, replies

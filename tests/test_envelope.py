@@ -253,7 +253,7 @@ QUICK_CORPUS = [
     b'{"v":3,"origin":"o","messages":[' + M + b"]} x",
     b"[1, 2]",
     b"\xff\xfe",
-    # Signed entries: ts, sel and sig first (route.lua's order), or anywhere.
+    # Signed entries: ts, sel and sig first (send.lua's order), or anywhere.
     b'{"v":3,"origin":"o","messages":[{"ts":1,"sel":["Ua"],"sig":"k:ab",' + M[1:] + b"]}",
     b'{"v":3,"origin":"o","messages":[{"id":"m","kind":"text","targets":[],"size":0,'
     b'"sig":"k:ab","ts":5,"sel":["S{p}:g:x","Ub","|"]}]}',

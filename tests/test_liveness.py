@@ -23,8 +23,8 @@ from quart_wslb import AsyncEmitter, GroupSelector, UserSelector, signals
 from quart_wslb.connection import Connection
 from quart_wslb.keys import Keys
 from quart_wslb.liveness import Liveness
+from quart_wslb.receiver import Receiver
 from quart_wslb.registry import Registry
-from quart_wslb.router import Router
 from quart_wslb.testing import RedisServer
 from tests.cluster import Clients, Cluster, HttpError, Instance
 from tests.proxy import FreezingProxy
@@ -321,18 +321,18 @@ async def test_liveness_silent_subscriber_is_replaced(
         connection = make_connection(socket, id="solo:c1", user="ann")
         connection.start()
         local = held(connection, keys=keys)
-        router = Router(redis, keys, "solo", local, None)
+        receiver = Receiver(redis, keys, "solo", local, None)
         liveness = Liveness(
             redis, keys, "solo", interval=interval, ttl=1.0, registry=Registry(redis, keys),
-            router=router, local=local, owner=None,
+            receiver=receiver, local=local, owner=None,
         )  # fmt: skip
-        router.on_subscribed(liveness.resubscribed)  # as the extension wires them
+        receiver.on_subscribed(liveness.resubscribed)  # as the extension wires them
         await Registry(redis, keys).register(connection)
         connection.registering = False
-        tasks = [asyncio.create_task(router.run()), asyncio.create_task(liveness.run())]
+        tasks = [asyncio.create_task(receiver.run()), asyncio.create_task(liveness.run())]
         try:
             async with asyncio.timeout(5):
-                await router.subscribed.wait()
+                await receiver.subscribed.wait()
             emitter = AsyncEmitter(redis, prefix=prefix)
             assert await emitter.send(UserSelector("ann"), "before") == 1
             assert await socket.wait_sent(1) == ["before"]
@@ -345,7 +345,7 @@ async def test_liveness_silent_subscriber_is_replaced(
             async with asyncio.timeout(10):
                 while len(proxy.subscribers) < 2:  # a new SUBSCRIBE: the loop restarted
                     await asyncio.sleep(0.02)
-                while router.missed_probes() or not router.subscribed.is_set():
+                while receiver.missed_probes() or not receiver.subscribed.is_set():
                     await asyncio.sleep(0.02)
             report("silent subscriber replaced after", time.monotonic() - frozen)
             assert await emitter.send(UserSelector("ann"), "after") == 1
@@ -380,9 +380,9 @@ def _record(id: str, user: str, n: int) -> Connection:
 
 
 def _liveness(redis: Any, keys: Keys, registry: Registry, name: str) -> Liveness:
-    router = Router(redis, keys, name, held(keys=keys), None)
+    receiver = Receiver(redis, keys, name, held(keys=keys), None)
     return Liveness(
-        redis, keys, name, interval=0.5, ttl=1.5, registry=registry, router=router,
+        redis, keys, name, interval=0.5, ttl=1.5, registry=registry, receiver=receiver,
         local=held(keys=keys), owner=None,
     )  # fmt: skip
 
@@ -460,9 +460,9 @@ async def test_liveness_regroup_cut_short_is_retried_by_the_next_tick(
     registry = Registry(redis, keys)
     connection = make_connection(id="solo:c1", user="ann")
     local = held(connection, keys=keys)
-    router = Router(redis, keys, "solo", local, None)
+    receiver = Receiver(redis, keys, "solo", local, None)
     liveness = Liveness(
-        redis, keys, "solo", interval=0.5, ttl=1.5, registry=registry, router=router,
+        redis, keys, "solo", interval=0.5, ttl=1.5, registry=registry, receiver=receiver,
         local=local, owner=None,
     )  # fmt: skip
     await registry.register(connection)

@@ -31,8 +31,8 @@ from quart_wslb import (
 from quart_wslb.config import resolve_settings
 from quart_wslb.envelope import Envelope, Kind, decode, encode
 from quart_wslb.keys import Keys
+from quart_wslb.receiver import Receiver
 from quart_wslb.registry import Registry
-from quart_wslb.router import Router
 from quart_wslb.selectors import Program
 from quart_wslb.signing import Keyring, Verifier, canonical, message, predicate, sel_text
 from tests.cluster import Clients, Cluster
@@ -539,15 +539,15 @@ async def test_signing_router_refuses_unsigned_and_retargeted(redis: aioredis.Re
     ann = make_connection(id="i1:a", user="ann")
     bob = make_connection(id="i1:b", user="bob")
     owner = object()
-    router = Router(redis, KEYS, "i1", held(ann, bob), owner, keyring=RING)
+    receiver = Receiver(redis, KEYS, "i1", held(ann, bob), owner, keyring=RING)
     ann.start()
     bob.start()
     try:
         with recording(signals.message_dropped, owner) as dropped:
-            await router.dispatch(encode(Envelope("m0", "i0", "text", [], "unsigned")))
-            await router.dispatch(encode(signed(RING, [], ["Uann"], "all?", id="m1")))
+            await receiver.dispatch(encode(Envelope("m0", "i0", "text", [], "unsigned")))
+            await receiver.dispatch(encode(signed(RING, [], ["Uann"], "all?", id="m1")))
             mixed = signed(RING, ["i1:a", "i1:b"], ["Uann"], "ann only", id="m2")
-            await router.dispatch(encode(mixed))
+            await receiver.dispatch(encode(mixed))
         assert dropped.reasons() == ["unsigned", "bad_signature", "bad_signature"]
         assert dropped.calls[2]["detail"] == "target outside the selector: i1:b"
         assert await ann._websocket.wait_sent(1) == ["ann only"]  # type: ignore[attr-defined]
@@ -576,26 +576,26 @@ async def test_signing_router_refuses_hostile_fields_without_raising(
     as a bad signature; dispatch itself never raises."""
     ann = make_connection(id="i1:a", user="ann")
     owner = object()
-    router = Router(redis, KEYS, "i1", held(ann), owner, keyring=RING)
+    receiver = Receiver(redis, KEYS, "i1", held(ann), owner, keyring=RING)
     envelope = signed(RING, ["i1:a"], ["Uann"], "forged")
     for name, value in change.items():
         setattr(envelope, name, value)
     with recording(signals.message_dropped, owner) as dropped:
-        await router.dispatch(encode(envelope))
+        await receiver.dispatch(encode(envelope))
     assert dropped.reasons() == ["bad_signature"]
     assert len(ann._queue) == 0
 
 
 async def first_refused(redis: aioredis.Redis, raw: bytes) -> tuple[list[str], list[Any]]:
-    """Dispatch ``raw`` (messages m1 and m2 to i1:a, user ann) on a router with a
+    """Dispatch ``raw`` (messages m1 and m2 to i1:a, user ann) on a receiver with a
     secret: why m1 (never m2) was dropped, and what ann received (one frame)."""
     ann = make_connection(id="i1:a", user="ann")
     owner = object()
-    router = Router(redis, KEYS, "i1", held(ann), owner, keyring=RING)
+    receiver = Receiver(redis, KEYS, "i1", held(ann), owner, keyring=RING)
     ann.start()
     try:
         with recording(signals.message_dropped, owner) as dropped:
-            await router.dispatch(raw)
+            await receiver.dispatch(raw)
         sent: list[Any] = await ann._websocket.wait_sent(1)  # type: ignore[attr-defined]
     finally:
         await ann.stop()
@@ -643,10 +643,10 @@ async def test_signing_router_checks_targets_once_and_delivers_to_those_it_check
     bob = make_connection(id="i1:b", user="bob")
     local = held(ann)
     owner = object()
-    router = Router(redis, KEYS, "i1", local, owner, keyring=RING)
+    receiver = Receiver(redis, KEYS, "i1", local, owner, keyring=RING)
 
     def arrives(sender: object, **_: Any) -> None:
-        local.add(bob)  # registered while the router awaits its signals
+        local.add(bob)  # registered while the receiver awaits its signals
 
     ann.start()
     bob.start()
@@ -655,7 +655,7 @@ async def test_signing_router_checks_targets_once_and_delivers_to_those_it_check
             signals.message_received.connected_to(arrives, sender=owner),
             recording(signals.message_dropped, owner) as dropped,
         ):
-            await router.dispatch(encode(signed(RING, ["i1:a", "i1:b"], ["Uann"], "ann only")))
+            await receiver.dispatch(encode(signed(RING, ["i1:a", "i1:b"], ["Uann"], "ann only")))
         assert await ann._websocket.wait_sent(1) == ["ann only"]  # type: ignore[attr-defined]
         assert (dropped.reasons(), dropped.calls[0]["detail"]) == (["gone"], "i1:b")
         assert len(bob._queue) == 0

@@ -4,7 +4,7 @@
 -- KEYS[1]  hash: user -> connection ids
 -- KEYS[2]  hash: instance id -> record (the cluster's instances)
 -- KEYS[3]  the index set of an S op
--- ARGV[1]  the op (see evaluate in route.lua)
+-- ARGV[1]  the op (see evaluate in send.lua)
 -- Returns the count; -1 if no instance ever announced itself under the prefix.
 if redis.call('EXISTS', KEYS[2]) == 0 then return -1 end
 local op = ARGV[1]

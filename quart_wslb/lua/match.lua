@@ -2,10 +2,10 @@
 -- Used for paged queries: the caller scans a driver page by page and asks here which
 -- candidates match, so no reply is ever larger than a page.
 -- KEYS[1]  hash: user -> connection ids
--- KEYS[2]  hash: the instances (unused here; the layout is route.lua's)
+-- KEYS[2]  hash: the instances (unused here; the layout is send.lua's)
 -- KEYS[3..] index sets named by the program
 -- ARGV[1]  number of candidate ids n; ARGV[2..n+1] the ids; ARGV[n+2..] the program
---          (postfix as in route.lua; B is treated as A).
+--          (postfix as in send.lua; B is treated as A).
 -- Returns {id, record, id, record, ...} for the candidates that match and exist.
 local n = tonumber(ARGV[1])
 local result = {}

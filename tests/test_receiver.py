@@ -1,5 +1,5 @@
 """Routing and delivery: the route script publishes one envelope per owning instance (the
-publishing side lives in :mod:`quart_wslb.emitter`); the router dispatches envelopes to
+publishing side lives in :mod:`quart_wslb.emitter`); the receiver dispatches envelopes to
 local connections and runs a subscriber loop that survives bad input and lost
 connections."""
 
@@ -33,14 +33,14 @@ from quart_wslb import (
     signals,
 )
 from quart_wslb.connection import Connection
-from quart_wslb.emitter import AsyncEmitter, Route
+from quart_wslb.emitter import AsyncEmitter, Receipt
 from quart_wslb.envelope import Envelope, Frame, decode, encode
 from quart_wslb.keys import Keys
 from quart_wslb.local_index import LocalIndex
 from quart_wslb.outgoing import Outgoing
+from quart_wslb.receiver import READ_TIMEOUT, Receiver
 from quart_wslb.redis_client import make_client
 from quart_wslb.registry import Registry
-from quart_wslb.router import READ_TIMEOUT, Router
 from quart_wslb.signing import Keyring, canonical
 from quart_wslb.subscriber import SubscriberClosedError
 from quart_wslb.testing import RedisServer
@@ -120,7 +120,7 @@ async def envelopes(pubsubs: dict[str, PubSub]) -> dict[str, list[Envelope]]:
 
 @asynccontextmanager
 async def started(*connections: Connection) -> AsyncIterator[LocalIndex]:
-    """The connections, with their writers running, as a router's ``local`` index."""
+    """The connections, with their writers running, as a receiver's ``local`` index."""
     local = LocalIndex(KEYS)
     for connection in connections:
         local.add(connection)
@@ -145,9 +145,9 @@ async def test_route_publishes_one_envelope_per_owning_instance(
     redis: Redis, sender: AsyncEmitter
 ) -> None:
     async with instances(redis, "i1", "i2", "i3") as pubsubs:
-        route = await sender.route(UserSelector("alice"), "text", "héllo".encode())
+        route = await sender.publish(UserSelector("alice"), "text", "héllo".encode())
         got = await envelopes(pubsubs)
-    assert route == Route(route.message_id, routed=3, instances=2, unheard=())
+    assert route == Receipt(route.message_id, routed=3, instances=2, unheard=())
     assert [sorted(e.targets or ()) for e in got["i1"]] == [["i1:a1", "i1:a2"]]
     assert [e.targets for e in got["i2"]] == [["i2:a3"]]
     assert got["i3"] == []
@@ -176,7 +176,7 @@ async def test_route_exact_selectors_list_their_targets(
     redis: Redis, sender: AsyncEmitter, selector: Selector, expected: dict[str, list[str]]
 ) -> None:
     async with instances(redis, "i1", "i2", "i3") as pubsubs:
-        route = await sender.route(selector, "json", b'{"a":1}')
+        route = await sender.publish(selector, "json", b'{"a":1}')
         got = await envelopes(pubsubs)
     assert {name: sorted(e.targets or ["?"]) for name, es in got.items() for e in es} == expected
     assert all(e.sel is None for es in got.values() for e in es)
@@ -203,7 +203,7 @@ async def test_route_index_selectors_name_the_selector_not_the_members(
     redis: Redis, sender: AsyncEmitter, selector: Selector, expected: dict[str, int]
 ) -> None:
     async with instances(redis, "i1", "i2", "i3") as pubsubs:
-        route = await sender.route(selector, "json", b'{"a":1}')
+        route = await sender.publish(selector, "json", b'{"a":1}')
         got = await envelopes(pubsubs)
     sel = canonical(selector.compile(KEYS))
     assert {name: [(e.targets, e.sel) for e in es] for name, es in got.items() if es} == {
@@ -239,7 +239,7 @@ async def test_route_unheard_instance_is_reported_and_not_counted(
     redis: Redis, sender: AsyncEmitter
 ) -> None:
     async with instances(redis, "i1") as pubsubs:
-        route = await sender.route(PathSelector("/ws/red"), "text", b"hi")
+        route = await sender.publish(PathSelector("/ws/red"), "text", b"hi")
         got = await envelopes(pubsubs)
     assert route.routed == 2
     assert route.instances == 1
@@ -253,7 +253,7 @@ async def test_route_all_is_one_broadcast(redis: Redis, sender: AsyncEmitter) ->
             listening(redis, KEYS.broadcast) as one,
             listening(redis, KEYS.broadcast) as two,
         ):
-            route = await sender.route(AllSelector(), "binary", b"\x00\n\xff")
+            route = await sender.publish(AllSelector(), "binary", b"\x00\n\xff")
             got_one, got_two = await received(one), await received(two)
         assert await envelopes(pubsubs) == {"i1": [], "i2": []}
     assert route.routed == len(PEOPLE)
@@ -268,13 +268,13 @@ async def test_route_all_is_one_broadcast(redis: Redis, sender: AsyncEmitter) ->
 async def test_route_all_counts_only_live_instances(redis: Redis, sender: AsyncEmitter) -> None:
     await redis.delete(KEYS.heartbeat("i3"))  # i3 died; its records are not reaped yet
     async with listening(redis, KEYS.broadcast) as broadcast:
-        route = await sender.route(AllSelector(), "text", b"hi")
+        route = await sender.publish(AllSelector(), "text", b"hi")
         assert len(await received(broadcast)) == 1
     assert route.routed == len(PEOPLE) - 1
 
 
 async def test_route_all_with_no_listener_routes_nothing(sender: AsyncEmitter) -> None:
-    route = await sender.route(AllSelector(), "text", b"hi")
+    route = await sender.publish(AllSelector(), "text", b"hi")
     assert (route.routed, route.instances) == (0, 0)
 
 
@@ -282,7 +282,7 @@ async def test_route_all_with_no_connection_routes_nothing(redis: Redis) -> None
     await heartbeat(redis, "i1")
     emitter = AsyncEmitter(redis, prefix=PREFIX, origin="i0")
     async with listening(redis, KEYS.broadcast) as broadcast:
-        route = await emitter.route(AllSelector(), "text", b"hi")
+        route = await emitter.publish(AllSelector(), "text", b"hi")
         assert await received(broadcast) == []
     assert (route.routed, route.instances) == (0, 0)
 
@@ -293,12 +293,12 @@ async def test_route_under_a_prefix_without_instances_raises(
 ) -> None:
     emitter = AsyncEmitter(redis, prefix="other")
     with pytest.raises(NoInstancesError, match="other"):
-        await emitter.route(selector, "text", b"hi")
+        await emitter.publish(selector, "text", b"hi")
 
 
 async def test_route_message_ids_differ(sender: AsyncEmitter) -> None:
-    one = await sender.route(UserSelector("alice"), "text", b"x")
-    two = await sender.route(UserSelector("alice"), "text", b"x")
+    one = await sender.publish(UserSelector("alice"), "text", b"x")
+    two = await sender.publish(UserSelector("alice"), "text", b"x")
     assert one.message_id != two.message_id
 
 
@@ -306,10 +306,10 @@ async def test_dispatch_delivers_to_local_targets_only(redis: Redis) -> None:
     sockets = [FakeWebsocket() for _ in range(3)]
     connections = [make_connection(s, id=f"i1:{n}") for n, s in enumerate(sockets)]
     async with started(*connections) as local:
-        router = Router(redis, KEYS, "i1", local, OWNER)
+        receiver = Receiver(redis, KEYS, "i1", local, OWNER)
         with recording(signals.message_received, OWNER) as got:
-            await router.dispatch(raw(["i1:0", "i1:2"], "hi"))
-            await router.dispatch(raw(["i1:2"], b"\x01", "binary"))
+            await receiver.dispatch(raw(["i1:0", "i1:2"], "hi"))
+            await receiver.dispatch(raw(["i1:2"], b"\x01", "binary"))
         assert await sockets[0].wait_sent(1) == ["hi"]
         assert await sockets[2].wait_sent(2) == ["hi", b"\x01"]
         await asyncio.sleep(0.01)
@@ -322,7 +322,7 @@ async def test_dispatch_broadcast_delivers_to_every_local(redis: Redis) -> None:
     connections = [make_connection(s, id=f"i1:{n}") for n, s in enumerate(sockets)]
     async with started(*connections) as local:
         broadcast = raw(None, '{"a":1}', "json", sel=["B"])
-        await Router(redis, KEYS, "i1", local, OWNER).dispatch(broadcast)
+        await Receiver(redis, KEYS, "i1", local, OWNER).dispatch(broadcast)
         for socket in sockets:
             assert await socket.wait_sent(1) == ['{"a":1}']
 
@@ -350,7 +350,7 @@ async def test_dispatch_by_selector_resolves_it_locally(
     ]
     async with started(*connections) as local:
         with recording(signals.message_dropped, OWNER) as dropped:
-            await Router(redis, KEYS, "i1", local, OWNER).dispatch(raw(None, "hi", sel=sel))
+            await Receiver(redis, KEYS, "i1", local, OWNER).dispatch(raw(None, "hi", sel=sel))
         for n in expected:
             assert await sockets[n].wait_sent(1) == ["hi"]
         await asyncio.sleep(0.01)
@@ -363,7 +363,7 @@ async def test_dispatch_drops_an_unreadable_selector(redis: Redis, sel: list[str
     socket = FakeWebsocket()
     async with started(make_connection(socket, id="i1:0")) as local:
         with recording(signals.message_dropped, OWNER) as dropped:
-            await Router(redis, KEYS, "i1", local, OWNER).dispatch(raw(None, "hi", sel=sel))
+            await Receiver(redis, KEYS, "i1", local, OWNER).dispatch(raw(None, "hi", sel=sel))
         await asyncio.sleep(0.01)
         assert socket.sent == []
     assert dropped.reasons() == ["malformed"]
@@ -377,9 +377,9 @@ async def test_dispatch_drops_an_unreadable_selector(redis: Redis, sel: list[str
 async def test_dispatch_drops_malformed_envelope(redis: Redis, data: bytes) -> None:
     socket = FakeWebsocket()
     async with started(make_connection(socket, id="i1:a")) as local:
-        router = Router(redis, KEYS, "i1", local, OWNER)
+        receiver = Receiver(redis, KEYS, "i1", local, OWNER)
         with recording(signals.message_dropped, OWNER) as dropped:
-            await router.dispatch(data)
+            await receiver.dispatch(data)
         await asyncio.sleep(0.01)
         assert socket.sent == []
     assert dropped.reasons() == ["malformed"]
@@ -416,9 +416,9 @@ async def test_dispatch_delivers_every_message_of_a_publish_in_order(redis: Redi
     )
     async with started(connections[0], connections[2]) as local:
         local.add(broken)
-        router = Router(redis, KEYS, "i1", local, OWNER)
+        receiver = Receiver(redis, KEYS, "i1", local, OWNER)
         with recording(signals.message_dropped, OWNER) as dropped:
-            await router.dispatch(publish)
+            await receiver.dispatch(publish)
         assert await sockets[0].wait_sent(3) == ["0", "3", "6"]
         assert await sockets[2].wait_sent(3) == ["2", "5", "8"]
     assert [(c["reason"], c["message_id"]) for c in dropped.calls] == [
@@ -431,9 +431,9 @@ async def test_dispatch_delivers_every_message_of_a_publish_in_order(redis: Redi
 async def test_dispatch_reports_unknown_targets_gone(redis: Redis) -> None:
     socket = FakeWebsocket()
     async with started(make_connection(socket, id="i1:a")) as local:
-        router = Router(redis, KEYS, "i1", local, OWNER)
+        receiver = Receiver(redis, KEYS, "i1", local, OWNER)
         with recording(signals.message_dropped, OWNER) as dropped:
-            await router.dispatch(raw(["i1:gone", "i1:a"]))
+            await receiver.dispatch(raw(["i1:gone", "i1:a"]))
         assert await socket.wait_sent(1) == ["hi"]
     assert dropped.reasons() == ["gone"]
     assert dropped.calls[0]["message_id"] == "m1"
@@ -447,16 +447,16 @@ def fixture_log_errors(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogC
 
 
 @asynccontextmanager
-async def running(router: Router) -> AsyncIterator[asyncio.Task[None]]:
+async def running(receiver: Receiver) -> AsyncIterator[asyncio.Task[None]]:
     """Run the subscriber loop for the block; it must end by cancellation.
 
     The cancellation is repeated: on Python 3.11 fakeredis reads through
     ``asyncio.wait_for``, which loses a cancellation that coincides with a message.
     """
-    task = asyncio.create_task(router.run())
+    task = asyncio.create_task(receiver.run())
     try:
         async with asyncio.timeout(SOON):
-            await router.subscribed.wait()
+            await receiver.subscribed.wait()
         yield task
     finally:
         async with asyncio.timeout(SOON):
@@ -471,14 +471,14 @@ async def test_run_survives_malformed_and_keeps_delivering(
 ) -> None:
     socket = FakeWebsocket()
     async with started(make_connection(socket, id="i1:a1", user="alice")) as local:
-        router = Router(redis, KEYS, "i1", local, OWNER)
+        receiver = Receiver(redis, KEYS, "i1", local, OWNER)
         with recording(signals.message_dropped, OWNER) as dropped:
-            async with running(router) as task:
+            async with running(receiver) as task:
                 for junk in (b"junk", b"\xff\n", b'{"v":1}\n'):
                     await redis.publish(KEYS.channel("i1"), junk)
                 await redis.publish(KEYS.broadcast, b"junk")
-                route = await sender.route(ConnectionSelector("i1:a1"), "text", b"one")
-                await sender.route(AllSelector(), "text", b"two")
+                route = await sender.publish(ConnectionSelector("i1:a1"), "text", b"one")
+                await sender.publish(AllSelector(), "text", b"two")
                 assert await socket.wait_sent(2) == ["one", "two"]
                 assert not task.done()
     assert route.routed == 1
@@ -506,11 +506,11 @@ async def test_run_resubscribes_after_redis_error(
     monkeypatch.setattr(redis, "pubsub", flaky)
     socket = FakeWebsocket()
     async with started(make_connection(socket, id="i1:a1", user="alice")) as local:
-        router = Router(redis, KEYS, "i1", local, OWNER)
+        receiver = Receiver(redis, KEYS, "i1", local, OWNER)
         with recording(signals.subscriber_lost, OWNER) as lost:
-            async with running(router):
-                await eventually(lambda: len(made) >= 2 and router.subscribed.is_set())
-                route = await sender.route(ConnectionSelector("i1:a1"), "text", b"after")
+            async with running(receiver):
+                await eventually(lambda: len(made) >= 2 and receiver.subscribed.is_set())
+                route = await sender.publish(ConnectionSelector("i1:a1"), "text", b"after")
                 assert await socket.wait_sent(1) == ["after"]
     assert route.routed == 1
     assert [type(call["error"]) for call in lost.calls] == [RedisConnectionError]
@@ -518,19 +518,19 @@ async def test_run_resubscribes_after_redis_error(
 
 
 async def test_run_cancellation_ends_it(redis: Redis) -> None:
-    router = Router(redis, KEYS, "i1", held(), OWNER)
-    async with running(router) as task:
+    receiver = Receiver(redis, KEYS, "i1", held(), OWNER)
+    async with running(receiver) as task:
         pass
     assert task.cancelled()
 
 
 async def test_dispatch_probe_is_counted_not_dropped(redis: Redis) -> None:
-    router = Router(redis, KEYS, "i1", held(), OWNER)
-    probe = router.next_probe()
-    assert router.missed_probes() == 1
+    receiver = Receiver(redis, KEYS, "i1", held(), OWNER)
+    probe = receiver.next_probe()
+    assert receiver.missed_probes() == 1
     with recording(signals.message_dropped, OWNER) as dropped:
-        await router.dispatch(probe)
-    assert router.missed_probes() == 0
+        await receiver.dispatch(probe)
+    assert receiver.missed_probes() == 0
     assert dropped.calls == []
 
 
@@ -546,36 +546,36 @@ async def test_dispatch_probe_is_counted_not_dropped(redis: Redis) -> None:
 async def test_dispatch_probe_never_sent_is_dropped(redis: Redis, probe: bytes) -> None:
     """A probe numbered past the last one sent (forged) would hide every missed probe
     after it, disabling deaf-subscriber detection: it is dropped and signalled."""
-    router = Router(redis, KEYS, "i1", held(), OWNER)
-    router.next_probe()
+    receiver = Receiver(redis, KEYS, "i1", held(), OWNER)
+    receiver.next_probe()
     with recording(signals.message_dropped, OWNER) as dropped:
-        await router.dispatch(probe)
+        await receiver.dispatch(probe)
     assert dropped.reasons() == ["malformed"]
-    assert router.missed_probes() == 1
-    router.next_probe()
-    assert router.missed_probes() == 2
+    assert receiver.missed_probes() == 1
+    receiver.next_probe()
+    assert receiver.missed_probes() == 2
 
 
 async def test_dispatch_probe_with_a_secret_must_be_signed(redis: Redis) -> None:
     ring = Keyring.parse("k1:a-secret-for-the-probes")
-    router = Router(redis, KEYS, "i1", held(), OWNER, keyring=ring)
-    probe = router.next_probe()
+    receiver = Receiver(redis, KEYS, "i1", held(), OWNER, keyring=ring)
+    probe = receiver.next_probe()
     assert probe.startswith(b"\x00probe:1:k1:")
     other = Keyring.parse("k1:another-secret-entirely")
     with recording(signals.message_dropped, OWNER) as dropped:
-        await router.dispatch(b"\x00probe:1")
-        await router.dispatch(b"\x00probe:1:" + other.probe("i1", 1).partition(b":")[2])
-        assert router.missed_probes() == 1
-        await router.dispatch(probe)
+        await receiver.dispatch(b"\x00probe:1")
+        await receiver.dispatch(b"\x00probe:1:" + other.probe("i1", 1).partition(b":")[2])
+        assert receiver.missed_probes() == 1
+        await receiver.dispatch(probe)
     assert dropped.reasons() == ["unsigned", "bad_signature"]
-    assert router.missed_probes() == 0
+    assert receiver.missed_probes() == 0
 
 
 async def test_run_hears_its_own_probes(redis: Redis) -> None:
-    router = Router(redis, KEYS, "i1", held(), OWNER)
-    async with running(router):
-        assert await redis.publish(KEYS.channel("i1"), router.next_probe()) == 1
-        await eventually(lambda: router.missed_probes() == 0)
+    receiver = Receiver(redis, KEYS, "i1", held(), OWNER)
+    async with running(receiver):
+        assert await redis.publish(KEYS.channel("i1"), receiver.next_probe()) == 1
+        await eventually(lambda: receiver.missed_probes() == 0)
 
 
 async def test_run_restart_resubscribes_and_calls_back(
@@ -591,14 +591,14 @@ async def test_run_restart_resubscribes_and_calls_back(
 
     socket = FakeWebsocket()
     async with started(make_connection(socket, id="i1:a1")) as local:
-        router = Router(redis, KEYS, "i1", local, OWNER)
-        router.on_subscribed(failing)
-        router.on_subscribed(callback)
-        async with running(router):
+        receiver = Receiver(redis, KEYS, "i1", local, OWNER)
+        receiver.on_subscribed(failing)
+        receiver.on_subscribed(callback)
+        async with running(receiver):
             await eventually(lambda: calls == ["subscribed"])
-            router.restart()
+            receiver.restart()
             await eventually(lambda: calls == ["subscribed"] * 2)
-            await sender.route(ConnectionSelector("i1:a1"), "text", b"still here")
+            await sender.publish(ConnectionSelector("i1:a1"), "text", b"still here")
             assert await socket.wait_sent(1) == ["still here"]
     records = [r for r in caplog.records if "after subscribing" in r.getMessage()]
     assert [(r.levelname, r.exc_info is not None) for r in records] == [("ERROR", True)] * 2
@@ -630,16 +630,16 @@ class Scripted:
 
 @pytest.fixture(name="scripts")
 def fixture_scripts(monkeypatch: pytest.MonkeyPatch) -> list[Scripted]:
-    """The subscriptions the router gets, in turn (then silent ones); fast backoff."""
+    """The subscriptions the receiver gets, in turn (then silent ones); fast backoff."""
     scripts: list[Scripted] = []
 
     @asynccontextmanager
     async def subscribe(redis: Redis, channels: Any) -> AsyncIterator[Scripted]:
         yield scripts.pop(0) if scripts else Scripted()
 
-    monkeypatch.setattr("quart_wslb.router.subscribe", subscribe)
-    monkeypatch.setattr("quart_wslb.router.BACKOFF_MAX", 0.05)
-    monkeypatch.setattr("quart_wslb.router.READ_TIMEOUT", 0.05)
+    monkeypatch.setattr("quart_wslb.receiver.subscribe", subscribe)
+    monkeypatch.setattr("quart_wslb.receiver.BACKOFF_MAX", 0.05)
+    monkeypatch.setattr("quart_wslb.receiver.READ_TIMEOUT", 0.05)
     return scripts
 
 
@@ -647,11 +647,11 @@ def texts(*frames: str) -> list[bytes]:
     return [raw(["i1:a"], frame) for frame in frames]
 
 
-def restarting(router: Router, *frames: str) -> Callable[[], list[bytes]]:
-    """A step that asks ``router`` to restart, then brings ``frames``."""
+def restarting(receiver: Receiver, *frames: str) -> Callable[[], list[bytes]]:
+    """A step that asks ``receiver`` to restart, then brings ``frames``."""
 
     def step() -> list[bytes]:
-        router.restart()
+        receiver.restart()
         return texts(*frames)
 
     return step
@@ -661,12 +661,12 @@ async def test_run_restart_delivers_what_keeps_arriving_then_signals_deaf(
     redis: Redis, scripts: list[Scripted]
 ) -> None:
     local = keeping("i1:a")
-    router = Router(redis, KEYS, "i1", local, OWNER)
+    receiver = Receiver(redis, KEYS, "i1", local, OWNER)
 
-    scripts.append(Scripted(texts("a"), restarting(router, "b"), texts("c", "d"), texts("e")))
+    scripts.append(Scripted(texts("a"), restarting(receiver, "b"), texts("c", "d"), texts("e")))
     with recording(signals.subscriber_lost, OWNER) as lost:
-        async with running(router):
-            await eventually(lambda: len(lost.calls) == 1 and router.subscribed.is_set())
+        async with running(receiver):
+            await eventually(lambda: len(lost.calls) == 1 and receiver.subscribed.is_set())
     assert frames_of(local, "i1:a") == ["a", "b", "c", "d", "e"]
     assert lost.reasons() == ["deaf"]
     assert isinstance(lost.calls[0]["error"], RedisConnectionError)
@@ -688,14 +688,14 @@ async def test_run_closed_by_redis_delivers_everything_before_and_says_why(
     async def output_buffer_cuts(redis: Redis) -> int | None:
         return counts.pop(0) if counts else cuts[-1]
 
-    monkeypatch.setattr("quart_wslb.router.output_buffer_cuts", output_buffer_cuts)
+    monkeypatch.setattr("quart_wslb.receiver.output_buffer_cuts", output_buffer_cuts)
     local = keeping("i1:a")
-    router = Router(redis, KEYS, "i1", local, OWNER)
+    receiver = Receiver(redis, KEYS, "i1", local, OWNER)
     closed = SubscriberClosedError("Redis closed the subscriber connection")
-    scripts.append(Scripted(texts("a"), restarting(router, "b"), closed))
+    scripts.append(Scripted(texts("a"), restarting(receiver, "b"), closed))
     with recording(signals.subscriber_lost, OWNER) as lost:
-        async with running(router):
-            await eventually(lambda: len(lost.calls) == 1 and router.subscribed.is_set())
+        async with running(receiver):
+            await eventually(lambda: len(lost.calls) == 1 and receiver.subscribed.is_set())
     assert frames_of(local, "i1:a") == ["a", "b"]
     assert lost.reasons() == [reason]
     assert lost.calls[0]["error"] is closed
@@ -714,16 +714,16 @@ async def test_run_backs_off_while_subscriptions_are_cut_young(
     async def output_buffer_cuts(redis: Redis) -> int | None:
         return None
 
-    monkeypatch.setattr("quart_wslb.router.output_buffer_cuts", output_buffer_cuts)
-    monkeypatch.setattr("quart_wslb.router.BACKOFF_MAX", 0.4)
+    monkeypatch.setattr("quart_wslb.receiver.output_buffer_cuts", output_buffer_cuts)
+    monkeypatch.setattr("quart_wslb.receiver.BACKOFF_MAX", 0.4)
     local = keeping("i1:a")
-    router = Router(redis, KEYS, "i1", local, OWNER)
+    receiver = Receiver(redis, KEYS, "i1", local, OWNER)
     cut = SubscriberClosedError("Redis closed the subscriber connection")
     scripts.extend(Scripted(texts(str(n)), cut) for n in range(4))
     scripts.append(Scripted(texts("lived"), 0.5, cut))
     with recording(signals.subscriber_lost, OWNER) as lost:
-        async with running(router):
-            await eventually(lambda: len(lost.calls) == 5 and router.subscribed.is_set())
+        async with running(receiver):
+            await eventually(lambda: len(lost.calls) == 5 and receiver.subscribed.is_set())
     lines = [r for r in caplog.records if "subscriber lost" in r.getMessage()]
     delays = [cast(tuple[Any, ...], r.args)[-1] for r in lines]
     assert delays == [0.05, 0.1, 0.2, 0.4, 0.05], delays
@@ -751,13 +751,13 @@ async def test_run_reads_the_cut_counter_before_subscribing(
         else:
             yield Scripted()
 
-    monkeypatch.setattr("quart_wslb.router.output_buffer_cuts", output_buffer_cuts)
-    monkeypatch.setattr("quart_wslb.router.subscribe", subscribe)
-    monkeypatch.setattr("quart_wslb.router.BACKOFF_MAX", 0.05)
-    router = Router(redis, KEYS, "i1", held(), OWNER)
+    monkeypatch.setattr("quart_wslb.receiver.output_buffer_cuts", output_buffer_cuts)
+    monkeypatch.setattr("quart_wslb.receiver.subscribe", subscribe)
+    monkeypatch.setattr("quart_wslb.receiver.BACKOFF_MAX", 0.05)
+    receiver = Receiver(redis, KEYS, "i1", held(), OWNER)
     with recording(signals.subscriber_lost, OWNER) as lost:
-        async with running(router):
-            await eventually(lambda: len(lost.calls) == 1 and router.subscribed.is_set())
+        async with running(receiver):
+            await eventually(lambda: len(lost.calls) == 1 and receiver.subscribed.is_set())
     assert lost.reasons() == ["output_buffer_limit"]
     assert events[:3] == ["cuts=3", "subscribed", "cuts=4"], events
 
@@ -766,11 +766,11 @@ async def test_run_unexpected_error_is_logged_with_traceback_and_retried(
     redis: Redis, scripts: list[Scripted], caplog: pytest.LogCaptureFixture
 ) -> None:
     local = keeping("i1:a")
-    router = Router(redis, KEYS, "i1", local, OWNER)
+    receiver = Receiver(redis, KEYS, "i1", local, OWNER)
     scripts.append(Scripted(texts("a"), RuntimeError("a bug")))
     scripts.append(Scripted(texts("b")))
     with recording(signals.subscriber_lost, OWNER) as lost:
-        async with running(router):
+        async with running(receiver):
             await eventually(lambda: frames_of(local, "i1:a") == ["a", "b"])
     assert lost.reasons() == ["unexpected"]
     [record] = [r for r in caplog.records if "failed unexpectedly" in r.getMessage()]
@@ -781,11 +781,11 @@ async def test_run_unexpected_error_is_logged_with_traceback_and_retried(
 async def test_run_redis_failure_is_a_warning_without_traceback(
     redis: Redis, scripts: list[Scripted], caplog: pytest.LogCaptureFixture
 ) -> None:
-    router = Router(redis, KEYS, "i1", held(), OWNER)
+    receiver = Receiver(redis, KEYS, "i1", held(), OWNER)
     scripts.append(Scripted(RedisConnectionError("connection reset")))
     with recording(signals.subscriber_lost, OWNER) as lost:
-        async with running(router):
-            await eventually(lambda: len(lost.calls) == 1 and router.subscribed.is_set())
+        async with running(receiver):
+            await eventually(lambda: len(lost.calls) == 1 and receiver.subscribed.is_set())
     assert lost.reasons() == ["error"]
     [record] = [r for r in caplog.records if "subscriber lost" in r.getMessage()]
     assert record.levelname == "WARNING"
@@ -798,10 +798,10 @@ def control(kind: Any, targets: list[str], frame: str) -> bytes:
 
 async def test_dispatch_join_and_leave_change_local_groups(redis: Redis) -> None:
     one, two = make_connection(id="i1:a"), make_connection(id="i1:b")
-    router = Router(redis, KEYS, "i1", held(one, two), OWNER)
-    await router.dispatch(control("join", ["i1:a", "i1:b", "i1:gone"], "vip"))
-    await router.dispatch(control("join", ["i1:a"], "staff"))
-    await router.dispatch(control("leave", ["i1:b"], "vip"))
+    receiver = Receiver(redis, KEYS, "i1", held(one, two), OWNER)
+    await receiver.dispatch(control("join", ["i1:a", "i1:b", "i1:gone"], "vip"))
+    await receiver.dispatch(control("join", ["i1:a"], "staff"))
+    await receiver.dispatch(control("leave", ["i1:b"], "vip"))
     assert (one.groups, two.groups) == ({"vip", "staff"}, set())
 
 
@@ -809,16 +809,16 @@ async def test_dispatch_join_changes_what_a_group_send_reaches(redis: Redis) -> 
     """A join instruction updates the local index that the next group send resolves."""
     sockets = [FakeWebsocket(), FakeWebsocket()]
     one, two = (make_connection(s, id=f"i1:{n}") for n, s in enumerate(sockets))
-    router = Router(redis, KEYS, "i1", held(one, two), OWNER)
+    receiver = Receiver(redis, KEYS, "i1", held(one, two), OWNER)
     vip = ["S" + KEYS.group("vip")]
     one.start()
     two.start()
     try:
-        await router.dispatch(control("join", ["i1:1"], "vip"))
-        await router.dispatch(raw(None, "first", sel=vip))
-        await router.dispatch(control("join", ["i1:0"], "vip"))
-        await router.dispatch(control("leave", ["i1:1"], "vip"))
-        await router.dispatch(raw(None, "second", sel=vip))
+        await receiver.dispatch(control("join", ["i1:1"], "vip"))
+        await receiver.dispatch(raw(None, "first", sel=vip))
+        await receiver.dispatch(control("join", ["i1:0"], "vip"))
+        await receiver.dispatch(control("leave", ["i1:1"], "vip"))
+        await receiver.dispatch(raw(None, "second", sel=vip))
         assert await sockets[1].wait_sent(1) == ["first"]
         assert await sockets[0].wait_sent(1) == ["second"]
         await asyncio.sleep(0.01)
@@ -831,7 +831,7 @@ async def test_dispatch_join_changes_what_a_group_send_reaches(redis: Redis) -> 
 async def test_dispatch_disconnect_by_selector_closes_what_it_selects(redis: Redis) -> None:
     sockets = [FakeWebsocket(), FakeWebsocket()]
     one, two = (make_connection(s, id=f"i1:{n}", path=f"/ws/{n}") for n, s in enumerate(sockets))
-    router = Router(redis, KEYS, "i1", held(one, two), OWNER)
+    receiver = Receiver(redis, KEYS, "i1", held(one, two), OWNER)
     bye = encode(
         Envelope(
             "d1",
@@ -842,7 +842,7 @@ async def test_dispatch_disconnect_by_selector_closes_what_it_selects(redis: Red
             sel=["S" + KEYS.path("/ws/0")],
         )
     )
-    await router.dispatch(bye)
+    await receiver.dispatch(bye)
     await eventually(lambda: sockets[0].closed == [(4000, "bye")])
     assert sockets[1].closed == []
 
@@ -850,8 +850,8 @@ async def test_dispatch_disconnect_by_selector_closes_what_it_selects(redis: Red
 async def test_dispatch_disconnect_closes_targets(redis: Redis) -> None:
     sockets = [FakeWebsocket(), FakeWebsocket()]
     one, two = (make_connection(s, id=f"i1:{n}") for n, s in enumerate(sockets))
-    router = Router(redis, KEYS, "i1", held(one, two), OWNER)
-    await router.dispatch(control("disconnect", ["i1:1"], '{"code":4000,"reason":"bye"}'))
+    receiver = Receiver(redis, KEYS, "i1", held(one, two), OWNER)
+    await receiver.dispatch(control("disconnect", ["i1:1"], '{"code":4000,"reason":"bye"}'))
     assert sockets[0].closed == []
     await eventually(lambda: sockets[1].closed == [(4000, "bye")])
 
@@ -874,9 +874,9 @@ async def test_dispatch_disconnect_closes_targets(redis: Redis) -> None:
 async def test_dispatch_bad_disconnect_is_malformed(redis: Redis, payload: str) -> None:
     socket = FakeWebsocket()
     connection = make_connection(socket, id="i1:a")
-    router = Router(redis, KEYS, "i1", held(connection), OWNER)
+    receiver = Receiver(redis, KEYS, "i1", held(connection), OWNER)
     with recording(signals.message_dropped, OWNER) as dropped:
-        await router.dispatch(control("disconnect", ["i1:a"], payload))
+        await receiver.dispatch(control("disconnect", ["i1:a"], payload))
     assert dropped.reasons() == ["malformed"]
     assert socket.closed == []
 
@@ -895,8 +895,8 @@ async def test_join_and_disconnect_reach_the_owner(redis: Redis, sender: AsyncEm
     try:
         await eventually(lambda: bool(made))
         [connection] = made
-        router = Router(redis, KEYS, "i1", held(connection), OWNER)
-        async with running(router):
+        receiver = Receiver(redis, KEYS, "i1", held(connection), OWNER)
+        async with running(receiver):
             assert await sender.join(UserSelector("alice"), "vip") == 3
             await eventually(lambda: connection.groups == {"vip"})
             assert (await stored_record(redis, "i1:a1"))["g"] == ["vip"]
@@ -984,9 +984,9 @@ async def test_run_on_real_redis_delivers_in_order_and_skips_junk(
     local = keeping("i1:a")
     expected = [f"{n:05d}" + "p" * 200 for n in range(3000)]
     async with real_client(redis_url) as redis:
-        router = Router(redis, keys, "i1", local, OWNER)
+        receiver = Receiver(redis, keys, "i1", local, OWNER)
         with recording(signals.message_dropped, OWNER) as dropped:
-            async with running(router):
+            async with running(receiver):
                 async with redis.pipeline(transaction=False) as pipe:
                     for n, frame in enumerate(expected):
                         if n % 100 == 50:
@@ -1012,12 +1012,12 @@ async def test_run_on_real_redis_resubscribes_after_client_kill(
 
     local = keeping("i1:a")
     async with real_client(private_redis.url) as redis:
-        router = Router(redis, KEYS, "i1", local, OWNER)
-        router.on_subscribed(callback)
+        receiver = Receiver(redis, KEYS, "i1", local, OWNER)
+        receiver.on_subscribed(callback)
         with recording(signals.subscriber_lost, OWNER) as lost:
-            async with running(router):
+            async with running(receiver):
                 assert await redis.client_kill_filter(_type="pubsub") == 1
-                await eventually(lambda: len(calls) == 2 and router.subscribed.is_set())
+                await eventually(lambda: len(calls) == 2 and receiver.subscribed.is_set())
                 assert await redis.publish(KEYS.channel("i1"), raw(["i1:a"], "after")) == 1
                 await eventually(lambda: frames_of(local, "i1:a") == ["after"])
                 assert await pubsub_clients(redis) == 1
@@ -1036,29 +1036,29 @@ async def test_run_on_real_redis_restart_takes_effect_within_read_timeout(
 
     keys = Keys(prefix)
     async with real_client(admin_redis_url) as redis:
-        router = Router(redis, keys, "i1", held(keys=keys), OWNER)
-        router.on_subscribed(callback)
-        async with running(router):
+        receiver = Receiver(redis, keys, "i1", held(keys=keys), OWNER)
+        receiver.on_subscribed(callback)
+        async with running(receiver):
             await eventually(lambda: len(calls) == 1)
             await asyncio.sleep(0.05)  # in the middle of a read that finds nothing
             asked = time.monotonic()
-            router.restart()
+            receiver.restart()
             await eventually(lambda: len(calls) == 2)
             assert calls[1] - asked < READ_TIMEOUT + 0.25
             assert await redis.pubsub_numsub(keys.broadcast) == [(keys.broadcast.encode(), 1)]
-            assert await redis.publish(keys.channel("i1"), router.next_probe()) == 1
-            await eventually(lambda: router.missed_probes() == 0)
+            assert await redis.publish(keys.channel("i1"), receiver.next_probe()) == 1
+            await eventually(lambda: receiver.missed_probes() == 0)
 
 
 @pytest.mark.integration
 async def test_run_on_real_redis_cancellation_closes_the_connection(admin_redis_url: str) -> None:
     async with real_client(admin_redis_url) as redis:
         before = await pubsub_clients(redis)
-        router = Router(redis, Keys("t-" + secrets.token_hex(4)), "i1", held(), OWNER)
-        async with running(router) as task:
+        receiver = Receiver(redis, Keys("t-" + secrets.token_hex(4)), "i1", held(), OWNER)
+        async with running(receiver) as task:
             assert await pubsub_clients(redis) == before + 1
         assert task.cancelled()
-        assert not router.subscribed.is_set()
+        assert not receiver.subscribed.is_set()
         async with asyncio.timeout(SOON):
             while await pubsub_clients(redis) > before:
                 await asyncio.sleep(0.01)

@@ -9,7 +9,7 @@ import fakeredis
 import pytest
 from quart.testing.connections import WebsocketDisconnectError
 
-from quart_wslb.clients import IDLE_CLOSE, ClientLiveness
+from quart_wslb.client_liveness import IDLE_CLOSE, ClientLiveness
 from quart_wslb.connection import Activity, Connection
 from tests.support import SOON, FakeWebsocket, eventually, make_connection, serving
 

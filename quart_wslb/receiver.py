@@ -38,7 +38,7 @@ from .outgoing import Outgoing
 from .signing import Keyring, Verifier
 from .subscriber import SubscriberClosedError, Subscription, output_buffer_cuts, subscribe
 
-__all__ = ("Router",)
+__all__ = ("Receiver",)
 
 log = logging.getLogger("quart_wslb")
 #: How long one read of the subscriber waits, so every iteration of the loop is bounded.
@@ -63,10 +63,10 @@ LOSSES = {
 
 
 class SubscriberRestartedError(RedisConnectionError):
-    """The subscriber was restarted for missing its probes (see :meth:`Router.restart`)."""
+    """The subscriber was restarted for missing its probes (see :meth:`Receiver.restart`)."""
 
 
-class Router:
+class Receiver:
     """Publishes envelopes and runs this instance's subscriber loop."""
 
     def __init__(

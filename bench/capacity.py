@@ -27,9 +27,10 @@ from bench.config import MAX_FOREIGN, WSLB, Params
 from bench.fire import user_name
 from bench.procs import CpuMeter, LoadWatch, quietest, redis_info, start_servers, stop_all
 from bench.scenario import System
-from quart_wslb.connection import Connection
+from quart_wslb.connection import Connection, Membership
 from quart_wslb.keys import Keys
 from quart_wslb.registry import Registry
+from quart_wslb.signal_sender import SignalSender
 
 __all__ = ("registry_once", "run_connections", "run_registry", "socketless")
 
@@ -114,7 +115,8 @@ def socketless(index: int, instance: str) -> Connection:
         websocket=cast(Any, None),
         queue_size=1,
         policy="close",
-        owner=None,
+        sender=SignalSender(None),
+        membership=cast(Membership, None),  # never joins a group
     )
 
 

@@ -19,9 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from quart_wslb import UserSelector
-from quart_wslb.connection import ConnectionRecord
 from quart_wslb.envelope import Envelope, decode, encode, pack
 from quart_wslb.keys import Keys
+from quart_wslb.records import ConnectionRecord
 from quart_wslb.signing import Keyring, Verifier, canonical, message
 
 __all__ = ("main",)

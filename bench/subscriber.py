@@ -38,12 +38,13 @@ from quart.wrappers import Websocket
 from redis.asyncio import Redis
 
 from quart_wslb import signals
-from quart_wslb.connection import Activity, Connection
+from quart_wslb.connection import Activity, Connection, Membership
 from quart_wslb.envelope import Envelope, Frame, encode
 from quart_wslb.keys import Keys
 from quart_wslb.local_index import LocalIndex
 from quart_wslb.receiver import BACKOFF_MAX, BACKOFF_MIN, READ_TIMEOUT, Receiver, log
 from quart_wslb.redis_client import make_client
+from quart_wslb.signal_sender import SignalSender
 from quart_wslb.testing import RedisServer
 
 __all__ = ("LegacyReceiver", "Result", "measure", "publish")
@@ -82,7 +83,7 @@ class LegacyReceiver(Receiver):
             except Exception as error:
                 self.subscribed.clear()
                 log.warning("subscriber lost (%r); subscribing again in %.2fs", error, delay)
-                await signals.send(signals.subscriber_lost, self._owner, error=error)
+                await self._sender.send(signals.subscriber_lost, error=error)
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))
                 delay = min(delay * 2, BACKOFF_MAX)
 
@@ -137,7 +138,8 @@ def writer(id: str, tally: Tally) -> Connection:
         websocket=cast(Websocket, None),
         queue_size=64,
         policy="drop",
-        owner=None,
+        sender=SignalSender(None),
+        membership=cast(Membership, None),  # never joins a group
         activity=activity,
     )
     connection.start()
@@ -212,7 +214,9 @@ async def measure(
     local = LocalIndex(KEYS)
     for id in ids:
         local.add(writer(id, tally) if writers else cast(Connection, Counting(id, tally)))
-    receiver = (LegacyReceiver if legacy else Receiver)(redis, KEYS, INSTANCE, local, None)
+    receiver = (LegacyReceiver if legacy else Receiver)(
+        redis, KEYS, INSTANCE, local, SignalSender(None)
+    )
     task = asyncio.create_task(receiver.run())
     context = multiprocessing.get_context("spawn")
     ready, go = context.Event(), context.Event()

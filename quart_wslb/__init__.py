@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from . import signals
-from .connection import Connection, ConnectionInfo, ConnectionRecord
+from .connection import Connection
 from .decorator import ws_route
-from .emitter import AsyncEmitter
+from .emitter import AsyncEmitter, Receipt, Stream
 from .exceptions import (
     NoInstancesError,
     NotStartedError,
@@ -16,6 +16,7 @@ from .exceptions import (
 from .extension import WsLoadBalance
 from .globals import current_connection
 from .liveness import InstanceInfo
+from .records import ConnectionInfo, ConnectionRecord
 from .selectors import (
     AllSelector,
     AndSelector,
@@ -47,9 +48,11 @@ __all__ = (
     "NotStartedError",
     "OrSelector",
     "PathSelector",
+    "Receipt",
     "RedisAuthenticationError",
     "RedisUnavailableError",
     "Selector",
+    "Stream",
     "UserSelector",
     "WsLoadBalance",
     "WsLoadBalanceError",

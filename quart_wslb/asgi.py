@@ -28,8 +28,8 @@ from hypercorn.typing import (
     WebsocketDisconnectEvent,
 )
 
-from . import signals
 from .connection import Activity
+from .signal_sender import SignalSender
 
 __all__ = (
     "ACTIVITY",
@@ -72,10 +72,10 @@ def too_large(event: ASGIReceiveEvent, limit: int) -> bool:
 class WebsocketGuard:
     """Wraps an ASGI app: oversized client frames and server cancellation close cleanly."""
 
-    def __init__(self, app: ASGIApp, limit: int, owner: object) -> None:
+    def __init__(self, app: ASGIApp, limit: int, sender: SignalSender) -> None:
         self.app = app
         self.limit = limit
-        self._owner = owner
+        self._sender = sender
         self._warned = False
 
     async def __call__(
@@ -110,8 +110,7 @@ class WebsocketGuard:
                 await tracked_send(
                     {"type": "websocket.close", "code": MESSAGE_TOO_BIG, "reason": ""}
                 )
-                await signals.dropped(
-                    self._owner,
+                await self._sender.dropped(
                     "too_large",
                     message_id=None,
                     connection=None,

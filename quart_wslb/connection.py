@@ -10,12 +10,10 @@ closes the connection with 1013 so the client reconnects knowing it missed messa
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections import deque
 from collections.abc import Mapping
-from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Protocol, cast
 
@@ -27,8 +25,9 @@ from .config import QueueFullPolicy
 from .envelope import Frame, to_frame
 from .outgoing import Outgoing
 from .selectors import ConnectionSelector, GroupSelector, Selector
+from .signal_sender import SignalSender
 
-__all__ = ("Activity", "Connection", "ConnectionInfo", "ConnectionRecord")
+__all__ = ("Activity", "Connection", "Grouping", "Membership")
 
 log = logging.getLogger("quart_wslb")
 #: Close code for a client that cannot keep up ("try again later").
@@ -54,50 +53,17 @@ class Activity:
     send: ASGISendCallable | None = None
 
 
-class ConnectionInfo(Protocol):
-    """What the cluster knows about a connection (live or read from Redis)."""
+class Membership(Protocol):
+    """Cluster-wide group membership (the extension's ``join`` and ``leave``): what
+    :meth:`Connection.join` and :meth:`Connection.leave` record in Redis."""
 
-    @property
-    def id(self) -> str:
-        """Cluster-unique id, ``<instance>:<token>``."""
+    async def join(self, selector: Selector, group: str) -> int:
+        """Add the connections ``selector`` matches to ``group``; how many."""
         ...
 
-    @property
-    def user(self) -> str | None:
-        """The user the ``user`` callable named, or ``None``."""
+    async def leave(self, selector: Selector, group: str) -> int:
+        """Remove the connections ``selector`` matches from ``group``; how many."""
         ...
-
-    @property
-    def path(self) -> str:
-        """The concrete websocket path, such as ``/ws/red``."""
-        ...
-
-    @property
-    def instance(self) -> str:
-        """The id of the instance that holds the socket."""
-        ...
-
-    @property
-    def metadata(self) -> Mapping[str, str]:
-        """Metadata from the ``metadata`` callable (str -> str)."""
-        ...
-
-    @property
-    def groups(self) -> AbstractSet[str]:
-        """The groups (rooms) it belongs to."""
-        ...
-
-    @property
-    def connected_at(self) -> float:
-        """Unix time at which it was registered."""
-        ...
-
-
-class _Membership(Protocol):
-    """What a connection's owner (the extension) does for :meth:`Connection.join`."""
-
-    async def join(self, selector: Selector, group: str) -> int: ...
-    async def leave(self, selector: Selector, group: str) -> int: ...
 
 
 class Grouping(Protocol):
@@ -171,35 +137,6 @@ class Outbox:
         return batch
 
 
-@dataclass(frozen=True, slots=True)
-class ConnectionRecord:
-    """A connection anywhere in the cluster, as read from Redis by a query."""
-
-    id: str
-    user: str | None
-    path: str
-    instance: str
-    metadata: Mapping[str, str]
-    groups: frozenset[str]
-    connected_at: float
-
-    @classmethod
-    def parse(cls, id: str, raw: bytes) -> ConnectionRecord:
-        """Read a stored record (``registry.Registry.record`` writes them)."""
-        data = json.loads(raw)
-        user = data.get("u")
-        return cls(
-            id=id,
-            user=user if isinstance(user, str) else None,
-            path=str(data.get("p", "")),
-            instance=id.partition(":")[0],
-            metadata=dict(data.get("m") or {}),
-            # An empty Lua table is encoded as {} whether it was a list or not.
-            groups=frozenset(data.get("g") or ()),
-            connected_at=float(data.get("t") or 0.0),
-        )
-
-
 class Connection:
     """A websocket tracked by ``ws_route``: what ``current_connection`` points to."""
 
@@ -209,7 +146,8 @@ class Connection:
         "_handler",
         "_index",
         "activity",
-        "_owner",
+        "_membership",
+        "_sender",
         "_policy",
         "_queue",
         "_websocket",
@@ -236,7 +174,8 @@ class Connection:
         websocket: Websocket,
         queue_size: int,
         policy: QueueFullPolicy,
-        owner: object,
+        sender: SignalSender,
+        membership: Membership,
         activity: Activity | None = None,
         index: Grouping | None = None,
     ) -> None:
@@ -257,7 +196,8 @@ class Connection:
         self._websocket = websocket
         self._queue = Outbox(queue_size)
         self._policy = policy
-        self._owner = owner
+        self._sender = sender
+        self._membership = membership
         # "is None", not "or": an index holding no connection yet is an empty mapping.
         self._index: Grouping = _Unindexed() if index is None else index
         self._writer: asyncio.Task[None] | None = None
@@ -286,7 +226,7 @@ class Connection:
         member = group in self.groups
         self._index.join(self, group)
         try:
-            await cast(_Membership, self._owner).join(ConnectionSelector(self.id), group)
+            await self._membership.join(ConnectionSelector(self.id), group)
         except BaseException:
             if not member:  # a failed join takes back only what it added
                 self._index.leave(self, group)
@@ -295,7 +235,7 @@ class Connection:
     async def leave(self, group: str) -> None:
         """Leave ``group``; leaving a group it is not in does nothing."""
         GroupSelector(group)
-        await cast(_Membership, self._owner).leave(ConnectionSelector(self.id), group)
+        await self._membership.leave(ConnectionSelector(self.id), group)
         self._index.leave(self, group)
 
     def put_nowait(self, message: Outgoing | Frame) -> bool:
@@ -311,8 +251,7 @@ class Connection:
     async def offer(self, message: Outgoing | Frame, message_id: str | None) -> bool:
         """Queue one frame without waiting; apply the queue-full policy if it is full."""
         if self._closed:  # closing already (say, for being slow): report, quietly
-            await signals.dropped(
-                self._owner,
+            await self._sender.dropped(
                 "closed",
                 message_id=message_id,
                 connection=self,
@@ -324,8 +263,7 @@ class Connection:
         if self._queue.put(message):
             return True
         log.warning("send queue of %s is full (%s)", self.id, self._policy)
-        await signals.dropped(
-            self._owner,
+        await self._sender.dropped(
             "queue_full",
             message_id=message_id,
             connection=self,
@@ -370,8 +308,7 @@ class Connection:
         if self._closer is not None:  # bounded by CLOSE_TIMEOUT
             await asyncio.gather(self._closer, return_exceptions=True)
         if unsent := len(self._queue):
-            await signals.dropped(
-                self._owner,
+            await self._sender.dropped(
                 "closed",
                 message_id=None,
                 connection=self,
@@ -394,8 +331,8 @@ class Connection:
                 await self._write_events(send)
         except Exception as error:  # the socket is gone; the handler is ending too
             log.warning("writing to %s failed; its writer stops", self.id, exc_info=True)
-            await signals.dropped(
-                self._owner, "closed", connection=self, detail=f"writing failed: {error!r}"
+            await self._sender.dropped(
+                "closed", connection=self, detail=f"writing failed: {error!r}"
             )
 
     async def _write_events(self, send: ASGISendCallable | None) -> None:
@@ -431,9 +368,7 @@ class Connection:
                     await self._delivered(message)
 
     async def _delivered(self, message: Outgoing) -> None:
-        await signals.send(
-            signals.message_delivered, self._owner, connection=self, frame=message.frame
-        )
+        await self._sender.send(signals.message_delivered, connection=self, frame=message.frame)
 
 
 def _send_event(frame: Frame) -> WebsocketSendEvent:

@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import functools
-import inspect
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, ParamSpec, TypeVar
+from contextlib import AbstractAsyncContextManager
+from typing import ParamSpec, Protocol, TypeVar
 
 from quart import current_app
 
 from .config import UserGetter
+from .connection import Connection
 from .globals import _cv_connection
 
-if TYPE_CHECKING:
-    from .extension import WsLoadBalance
-
-__all__ = ("MetadataGetter", "ws_route")
+__all__ = ("MetadataGetter", "Tracker", "ws_route")
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -23,14 +21,18 @@ R = TypeVar("R")
 MetadataGetter = Callable[[], "Mapping[str, str] | Awaitable[Mapping[str, str]]"]
 
 
-async def call_getter(getter: Callable[[], object] | None) -> object:
-    """Run a sync or async callable in the websocket context (sync ones inline)."""
-    if getter is None:
-        return None
-    value = getter()
-    if inspect.isawaitable(value):
-        value = await value
-    return value
+class Tracker(Protocol):
+    """What ``ws_route`` needs of the app's extension (``app.extensions["wslb"]``)."""
+
+    def track(
+        self,
+        *,
+        user: UserGetter | None = None,
+        metadata: MetadataGetter | None = None,
+        accept: bool = True,
+    ) -> AbstractAsyncContextManager[Connection]:
+        """The current websocket as a registered connection, for the block."""
+        ...
 
 
 def ws_route(
@@ -55,10 +57,10 @@ def ws_route(
     def decorator(handler: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
         @functools.wraps(handler)
         async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-            wslb: WsLoadBalance | None = current_app.extensions.get("wslb")
+            wslb: Tracker | None = current_app.extensions.get("wslb")
             if wslb is None:
                 raise RuntimeError("@ws_route needs WsLoadBalance(app) on this app")
-            async with wslb._track(user, metadata, accept) as connection:
+            async with wslb.track(user=user, metadata=metadata, accept=accept) as connection:
                 token = _cv_connection.set(connection)
                 try:
                     return await current_app.ensure_async(handler)(*args, **kwargs)

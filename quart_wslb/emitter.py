@@ -26,7 +26,6 @@ from ._compat import check
 from ._lua import source
 from .batch import Args, GroupCommit
 from .config import EmitterOptions, default_instance_id, emitter_options, validated_instance_id
-from .connection import ConnectionRecord
 from .envelope import KINDS, Kind, close_payload, head, pack
 from .exceptions import (
     REDIS_FAILURES,
@@ -36,6 +35,7 @@ from .exceptions import (
     redis_deadline,
 )
 from .keys import LAYOUT, Keys
+from .records import ConnectionRecord
 from .redis_client import checked_client, make_client
 from .selectors import AllSelector, Program, Selector
 from .signing import canonical
@@ -52,21 +52,32 @@ _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 class Stream(Generic[T]):
-    """Results read from Redis in bounded pages: ``async for`` them, or ``await`` a list."""
+    """Results read from Redis in bounded pages: ``async for`` them, ``await`` a list,
+    or take them a page at a time with :meth:`pages`. Read it once."""
 
-    __slots__ = ("_source",)
+    __slots__ = ("_pages",)
 
-    def __init__(self, source: AsyncIterator[T]) -> None:
-        self._source = source
+    def __init__(self, pages: AsyncIterator[list[T]]) -> None:
+        self._pages = pages
+
+    def pages(self) -> AsyncIterator[list[T]]:
+        """The results page by page, each page one bounded read of Redis (``timeout``
+        each): a page may be empty when none of its candidates matched."""
+        return self._pages
 
     def __aiter__(self) -> AsyncIterator[T]:
-        return self._source
+        return self._items()
+
+    async def _items(self) -> AsyncIterator[T]:
+        async for page in self._pages:
+            for item in page:
+                yield item
 
     def __await__(self) -> Generator[Any, None, list[T]]:
         return self._collect().__await__()
 
     async def _collect(self) -> list[T]:
-        return [item async for item in self._source]
+        return [item async for page in self._pages for item in page]
 
 
 @dataclass(frozen=True, slots=True)
@@ -434,9 +445,10 @@ class AsyncEmitter:
         ``await emitter.connections(s)`` collects them into a list.
         """
         _check(selector)
-        return Stream(self._connections(selector))
+        return Stream(self._connection_pages(selector))
 
-    async def _connections(self, selector: Selector) -> AsyncIterator[ConnectionRecord]:
+    async def _connection_pages(self, selector: Selector) -> AsyncIterator[list[ConnectionRecord]]:
+        """The matching records of each page of candidates (one bounded read each)."""
         if not await self._check_instances():
             return
         cover = selector.cover() or AllSelector()
@@ -446,31 +458,32 @@ class AsyncEmitter:
         seen: set[str] = set()
         for kind, value in cover.drivers(self.keys):
             async for page in self._pages(kind, value):
+                found = []
                 for record in await self._records(page, program):
                     if record.id not in seen and selector.matches(record):
                         seen.add(record.id)
-                        yield record
+                        found.append(record)
+                yield found
 
     def users(self, selector: Selector = EVERYONE) -> Stream[str]:
         """The distinct users of the matching connections: ``async for`` or ``await``."""
         _check(selector)
-        return Stream(self._users(selector))
+        return Stream(self._user_pages(selector))
 
-    async def _users(self, selector: Selector) -> AsyncIterator[str]:
+    async def _user_pages(self, selector: Selector) -> AsyncIterator[list[str]]:
+        """The users first seen in each page (one bounded read each): of the ``users``
+        hash for everyone, else of the matching records."""
         seen: set[str] = set()  # HSCAN, like SSCAN, may return an entry twice
         if isinstance(selector, AllSelector):
             if not await self._check_instances():
                 return
-            async for page in self._scan(self.keys.users, fields=True):
-                for user in page:
-                    if user not in seen:
-                        seen.add(user)
-                        yield user
-            return
-        async for record in self.connections(selector):
-            if record.user is not None and record.user not in seen:
-                seen.add(record.user)
-                yield record.user
+            pages = self._scan(self.keys.users, fields=True)
+        else:
+            pages = _users_of(self._connection_pages(selector))
+        async for page in pages:
+            fresh = [user for user in dict.fromkeys(page) if user not in seen]
+            seen.update(fresh)
+            yield fresh
 
     async def join(self, selector: Selector, group: str) -> int:
         """Add every matching connection to ``group``; returns how many matched."""
@@ -504,14 +517,9 @@ class AsyncEmitter:
         return changed
 
     async def _matching_ids(self, selector: Selector) -> AsyncIterator[list[str]]:
-        page: list[str] = []
-        async for record in self.connections(selector):
-            page.append(record.id)
-            if len(page) >= PAGE:
-                yield page
-                page = []
-        if page:
-            yield page
+        async for records in self._connection_pages(selector):
+            if records:
+                yield [record.id for record in records]
 
     def _pages(self, kind: str, value: str) -> AsyncIterator[list[str]]:
         """The candidate ids of one driver (see ``selectors.Driver``), in pages."""
@@ -565,6 +573,13 @@ class AsyncEmitter:
             ConnectionRecord.parse(i.decode(), raw)
             for i, raw in zip(flat[::2], flat[1::2], strict=True)
         ]
+
+
+async def _users_of(
+    pages: AsyncIterator[list[ConnectionRecord]],
+) -> AsyncIterator[list[str]]:
+    async for records in pages:
+        yield [record.user for record in records if record.user is not None]
 
 
 async def _single(id: str) -> AsyncIterator[list[str]]:

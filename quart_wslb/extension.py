@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import secrets
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
@@ -17,8 +18,7 @@ from . import _compat, signals
 from .asgi import ACTIVITY, GOING_AWAY, WebsocketGuard
 from .client_liveness import ClientLiveness
 from .config import QueueFullPolicy, Settings, UserGetter, resolve_settings
-from .connection import Activity, Connection, ConnectionRecord
-from .decorator import call_getter
+from .connection import Activity, Connection
 from .emitter import EVERYONE, AsyncEmitter, Receipt, Stream, pack_many
 from .envelope import pack
 from .exceptions import (
@@ -31,9 +31,11 @@ from .keys import Keys
 from .liveness import InstanceInfo, Liveness
 from .local_index import LocalIndex
 from .receiver import Receiver
+from .records import ConnectionRecord
 from .redis_client import checked_client, make_client
 from .registry import Registry
 from .selectors import Selector
+from .signal_sender import SignalSender
 
 __all__ = ("WsLoadBalance",)
 
@@ -104,6 +106,7 @@ class WsLoadBalance:
             "secret": secret,
         }
         self._settings: Settings | None = None
+        self._sender = SignalSender(self)  # every signal names this extension
         # Keyed by the prefix's names: made again for the app's prefix by init_app.
         self._local = LocalIndex(Keys("wslb"))
         self._runtime: _Runtime | None = None
@@ -123,7 +126,7 @@ class WsLoadBalance:
         app.extensions["wslb"] = self
         app.wslb = self  # type: ignore[attr-defined]
         app.asgi_app = WebsocketGuard(  # type: ignore[method-assign]
-            app.asgi_app, self._settings.max_message_size, self
+            app.asgi_app, self._settings.max_message_size, self._sender
         )
         app.before_serving(self._start)
         app.after_serving(self._stop)
@@ -180,9 +183,8 @@ class WsLoadBalance:
         if route.unheard:
             log.info("message %s: nobody listens for %s", route.message_id, route.unheard)
         if signals.message_routed.receivers:  # the hot path: no call when nobody listens
-            await signals.send(
+            await self._sender.send(
                 signals.message_routed,
-                self,
                 message_id=route.message_id,
                 selector=selector,
                 routed=route.routed,
@@ -262,7 +264,9 @@ class WsLoadBalance:
         keys = Keys.of(settings.prefix, redis)
         instance = settings.instance_id
         registry = Registry(redis, keys)
-        receiver = Receiver(redis, keys, instance, self._local, self, keyring=settings.secret)
+        receiver = Receiver(
+            redis, keys, instance, self._local, self._sender, keyring=settings.secret
+        )
         liveness = Liveness(
             redis,
             keys,
@@ -272,7 +276,7 @@ class WsLoadBalance:
             registry=registry,
             receiver=receiver,
             local=self._local,
-            owner=self,
+            sender=self._sender,
         )
         # After Redis comes back (possibly empty), restore our records at once.
         receiver.on_subscribed(liveness.resubscribed)
@@ -322,7 +326,7 @@ class WsLoadBalance:
             async with redis_deadline(timeout * 4, "stop"):
                 removal = await runtime.registry.unregister_instance(self.instance_id)
                 await runtime.liveness.delist()  # only now: records left get reaped
-            await signals.presence(self, [], removal.offline)
+            await self._sender.presence([], removal.offline)
         except Exception as error:
             log.warning("could not unregister this instance's connections: %r", error)
         self._runtime = None
@@ -331,13 +335,19 @@ class WsLoadBalance:
             await runtime.redis.aclose()
 
     @asynccontextmanager
-    async def _track(
-        self, user: UserGetter | None, metadata: Callable[[], object] | None, accept: bool
+    async def track(
+        self,
+        *,
+        user: UserGetter | None = None,
+        metadata: Callable[[], object] | None = None,
+        accept: bool = True,
     ) -> AsyncIterator[Connection]:
-        """The current websocket as a registered connection, for the handler's lifetime.
+        """The current websocket as a registered connection, for the block's lifetime.
 
-        Whatever interrupts it (the client leaving during registration, a failing
-        receiver, cancellation), the connection leaves this instance and Redis.
+        What :func:`~quart_wslb.ws_route` does around a handler (its arguments are the
+        decorator's): ``async with wslb.track() as connection:`` inside a websocket
+        handler. Whatever interrupts it (the client leaving during registration, a
+        failing receiver, cancellation), the connection leaves this instance and Redis.
         """
         connection = await self._connection(user, metadata, accept)
         # Local first, so that a message routed right after registering finds it.
@@ -345,7 +355,7 @@ class WsLoadBalance:
         try:
             await self._register(connection)
             connection.start()
-            await signals.send(signals.connection_opened, self, connection=connection)
+            await self._sender.send(signals.connection_opened, connection=connection)
             yield connection
         finally:
             await asyncio.shield(self._forget(connection))
@@ -356,10 +366,10 @@ class WsLoadBalance:
         """Run the getters (which may reject the socket), accept, and build the record."""
         settings = self.settings
         self._running()
-        name = await call_getter(user or settings.user)
+        name = await _call(user or settings.user)
         if name is not None and not isinstance(name, str):
             raise TypeError(f"the user callable must return str or None, not {name!r}")
-        pairs = _checked_metadata(await call_getter(metadata))
+        pairs = _checked_metadata(await _call(metadata))
         if accept:
             await websocket.accept()
         return Connection(
@@ -372,7 +382,8 @@ class WsLoadBalance:
             activity=_activity(websocket.scope.get(ACTIVITY)),
             queue_size=settings.send_queue_size,
             policy=settings.queue_full,
-            owner=self,
+            sender=self._sender,
+            membership=self,
             index=self._local,
         )
 
@@ -380,7 +391,7 @@ class WsLoadBalance:
         try:
             async with redis_deadline(self.settings.redis_timeout, "register"):
                 online = await self._running().registry.register(connection)
-            await signals.presence(self, online, [])
+            await self._sender.presence(online, [])
         except RedisUnavailableError as error:
             # The connection works locally; the next repair registers it.
             log.warning("%s opened while Redis is unreachable: %s", connection.id, error)
@@ -395,10 +406,10 @@ class WsLoadBalance:
             try:
                 async with redis_deadline(self.settings.redis_timeout, "unregister"):
                     removal = await runtime.registry.unregister([connection.id])
-                await signals.presence(self, [], removal.offline)
+                await self._sender.presence([], removal.offline)
             except Exception as error:
                 log.warning("could not unregister %s: %r", connection.id, error)
-        await signals.send(signals.connection_closed, self, connection=connection)
+        await self._sender.send(signals.connection_closed, connection=connection)
 
 
 async def _first_beat(liveness: Liveness, timeout: float) -> None:
@@ -411,6 +422,16 @@ async def _first_beat(liveness: Liveness, timeout: float) -> None:
         raise
     except RedisUnavailableError as error:
         log.warning("starting without Redis (%s); retrying in the background", error)
+
+
+async def _call(getter: Callable[[], object] | None) -> object:
+    """Run a sync or async callable in the websocket context (sync ones inline)."""
+    if getter is None:
+        return None
+    value = getter()
+    if inspect.isawaitable(value):
+        value = await value
+    return value
 
 
 def _activity(found: object) -> Activity | None:

@@ -36,6 +36,7 @@ from .keys import LAYOUT, Keys
 from .local_index import LocalIndex
 from .receiver import Receiver
 from .registry import Registry
+from .signal_sender import SignalSender
 
 __all__ = ("FULL_REPAIR_EVERY", "InstanceInfo", "Liveness")
 
@@ -71,7 +72,7 @@ class Liveness:
         registry: Registry,
         receiver: Receiver,
         local: LocalIndex,
-        owner: object,
+        sender: SignalSender,
     ) -> None:
         self._redis = redis
         self._keys = keys
@@ -81,7 +82,7 @@ class Liveness:
         self._registry = registry
         self._receiver = receiver
         self._local = local
-        self._owner = owner
+        self._sender = sender
         self._reap = redis.register_script(source("reap"))
         self._delist = redis.register_script(source("delist"))
         self._ticks = 0
@@ -188,13 +189,12 @@ class Liveness:
             log.warning(
                 "registry repaired: %d restored, %d removed", repair.restored, repair.removed
             )
-            await signals.send(
+            await self._sender.send(
                 signals.registry_repaired,
-                self._owner,
                 restored=repair.restored,
                 removed=repair.removed,
             )
-        await signals.presence(self._owner, repair.online, repair.offline)
+        await self._sender.presence(repair.online, repair.offline)
 
     def may_reap(self) -> bool:
         """Whether this instance has reached Redis for a whole TTL without a failure.
@@ -217,9 +217,9 @@ class Liveness:
                 await self._reap_instance(instance)
         alive.discard(self._instance)
         for instance in sorted(alive - self._known):
-            await signals.send(signals.instance_joined, self._owner, instance=instance)
+            await self._sender.send(signals.instance_joined, instance=instance)
         for instance in sorted(self._known - alive):
-            await signals.send(signals.instance_left, self._owner, instance=instance)
+            await self._sender.send(signals.instance_left, instance=instance)
         self._known = alive
 
     async def _reap_instance(self, instance: str) -> None:
@@ -228,13 +228,12 @@ class Liveness:
         )
         await self.delist(instance)
         log.warning("reaped instance %s: %d connections removed", instance, removal.removed)
-        await signals.send(
+        await self._sender.send(
             signals.instance_reaped,
-            self._owner,
             instance=instance,
             connections=removal.removed,
         )
-        await signals.presence(self._owner, [], removal.offline)
+        await self._sender.presence([], removal.offline)
 
     async def _census(self) -> tuple[set[str], list[str]]:
         """(live instance ids, dead ones other than this instance)."""

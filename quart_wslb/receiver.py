@@ -1,4 +1,4 @@
-"""This instance's channels: the subscriber loop and local delivery.
+"""The receiving side of an instance: its subscriber loop and local delivery.
 
 Each instance subscribes to its own channel (envelopes for connections it owns; see
 :mod:`quart_wslb.emitter` for the publishing side) and to the broadcast channel. The loop
@@ -35,6 +35,7 @@ from .exceptions import REDIS_FAILURES, describe
 from .keys import Keys
 from .local_index import LocalIndex
 from .outgoing import Outgoing
+from .signal_sender import SignalSender
 from .signing import Keyring, Verifier
 from .subscriber import SubscriberClosedError, Subscription, output_buffer_cuts, subscribe
 
@@ -67,7 +68,8 @@ class SubscriberRestartedError(RedisConnectionError):
 
 
 class Receiver:
-    """Publishes envelopes and runs this instance's subscriber loop."""
+    """Receives this instance's envelopes (its subscriber loop) and delivers their
+    messages to its local connections; publishes only its own liveness probes."""
 
     def __init__(
         self,
@@ -75,14 +77,14 @@ class Receiver:
         keys: Keys,
         instance: str,
         local: LocalIndex,
-        owner: object,
+        sender: SignalSender,
         keyring: Keyring | None = None,
     ) -> None:
         self._redis = redis
         self._keys = keys
         self._instance = instance
         self._local = local
-        self._owner = owner
+        self._sender = sender
         #: Set while this instance is subscribed to its channels.
         self.subscribed = asyncio.Event()
         # Monotonic time at which a restart was asked for; None if none was.
@@ -203,7 +205,7 @@ class Receiver:
                 LOSSES[reason],
                 delay,
             )
-        await signals.send(signals.subscriber_lost, self._owner, error=error, reason=reason)
+        await self._sender.send(signals.subscriber_lost, error=error, reason=reason)
         return delay
 
     async def _reason(self, error: Exception) -> str:
@@ -242,7 +244,7 @@ class Receiver:
             await self.dispatch(raw)
         except Exception as error:
             log.exception("dropped a message that could not be handled")
-            await signals.dropped(self._owner, "malformed", detail=repr(error))
+            await self._sender.dropped("malformed", detail=repr(error))
 
     async def dispatch(self, raw: bytes) -> None:
         """Deliver every message of one publish to its local targets, in order; a
@@ -255,7 +257,7 @@ class Receiver:
             envelopes = decode(raw)
         except EnvelopeError as error:
             log.warning("dropped a malformed envelope: %s", error)
-            await signals.dropped(self._owner, "malformed", detail=str(error))
+            await self._sender.dropped("malformed", detail=str(error))
             return
         verifier = self._verifier
         # One clock reading for the signed checks of the whole publish (Unix ms).
@@ -275,9 +277,7 @@ class Receiver:
                 await self._deliver(envelope, connections)
             except Exception as error:
                 log.exception("dropped message %s, which could not be handled", envelope.id)
-                await signals.dropped(
-                    self._owner, "error", message_id=envelope.id, detail=repr(error)
-                )
+                await self._sender.dropped("error", message_id=envelope.id, detail=repr(error))
 
     async def _probe(self, tail: bytes) -> None:
         """Count a probe as heard, unless it is one this instance never sent: a probe
@@ -300,7 +300,7 @@ class Receiver:
 
     async def _drop_probe(self, reason: str, problem: str) -> None:
         log.warning("dropped a probe: %s", problem)
-        await signals.dropped(self._owner, reason, detail=f"probe: {problem}")
+        await self._sender.dropped(reason, detail=f"probe: {problem}")
 
     def _admit(
         self, verifier: Verifier, envelope: Envelope, now: int
@@ -341,20 +341,20 @@ class Receiver:
     async def _refuse(self, envelope: Envelope, problem: str) -> None:
         reason = "unsigned" if problem == "unsigned" else "bad_signature"
         log.warning("refused message %s from %s: %s", envelope.id, envelope.origin, problem)
-        await signals.dropped(self._owner, reason, message_id=envelope.id, detail=problem)
+        await self._sender.dropped(reason, message_id=envelope.id, detail=problem)
 
     async def _deliver(self, envelope: Envelope, connections: list[Connection] | None) -> None:
         """Hand a message to ``connections`` (those that :meth:`_admit` checked), or when
         ``None`` to its targets as they are looked up here, or to the local connections
         its selector selects when it lists no targets."""
         if signals.message_received.receivers:
-            await signals.send(signals.message_received, self._owner, envelope=envelope)
+            await self._sender.send(signals.message_received, envelope=envelope)
         if connections is None and envelope.targets is None:
             connections = self._local.resolve(envelope.sel or [])
             if connections is None:
                 log.warning("dropped message %s: unreadable selector", envelope.id)
-                await signals.dropped(
-                    self._owner, "malformed", message_id=envelope.id, detail="unreadable selector"
+                await self._sender.dropped(
+                    "malformed", message_id=envelope.id, detail="unreadable selector"
                 )
                 return
         if envelope.kind in CONTROL_KINDS:
@@ -377,7 +377,7 @@ class Receiver:
 
     async def _gone(self, envelope: Envelope, target: str) -> None:
         log.debug("message %s: no local connection %s", envelope.id, target)
-        await signals.dropped(self._owner, "gone", message_id=envelope.id, detail=target)
+        await self._sender.dropped("gone", message_id=envelope.id, detail=target)
 
     async def _control(self, envelope: Envelope, connections: list[Connection] | None) -> None:
         """Apply a join, leave or disconnect to ``connections`` (when ``None``: the
@@ -398,8 +398,7 @@ class Receiver:
                 code, reason = read_close(text)
             except (ValueError, RecursionError) as error:
                 log.warning("dropped disconnect %s: %s", envelope.id, error)
-                await signals.dropped(
-                    self._owner,
+                await self._sender.dropped(
                     "malformed",
                     message_id=envelope.id,
                     detail=f"disconnect: {error!r}",

@@ -19,8 +19,9 @@ from typing import cast
 from redis.asyncio import Redis
 
 from ._lua import source
-from .connection import Connection, ConnectionRecord
+from .connection import Connection
 from .keys import Keys
+from .records import ConnectionRecord
 
 __all__ = ("Registry", "Removal", "Repair")
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, TypeVar
 from .keys import Keys
 
 if TYPE_CHECKING:
-    from .connection import ConnectionInfo
+    from .records import ConnectionInfo
 
 __all__ = (
     "AllSelector",

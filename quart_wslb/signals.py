@@ -1,16 +1,13 @@
 """blinker signals of quart-wslb.
 
-Every signal is sent with the :class:`~quart_wslb.WsLoadBalance` extension as sender.
-Coroutine receivers are awaited; plain functions are called inline on the event loop,
-so they must be quick. Unlike ``Signal.send_async``, a receiver that raises is logged
-and the others still run: a signal never breaks delivery.
+Every signal is sent with the :class:`~quart_wslb.WsLoadBalance` extension as sender
+(by :class:`~quart_wslb.signal_sender.SignalSender`). Coroutine receivers are awaited;
+plain functions are called inline on the event loop, so they must be quick. Unlike
+``Signal.send_async``, a receiver that raises is logged and the others still run: a
+signal never breaks delivery.
 """
 
 from __future__ import annotations
-
-import inspect
-import logging
-from typing import Any
 
 from blinker import NamedSignal, Namespace
 
@@ -28,12 +25,8 @@ __all__ = (
     "subscriber_lost",
     "user_offline",
     "user_online",
-    "dropped",
-    "presence",
-    "send",
 )
 
-log = logging.getLogger("quart_wslb")
 _signals = Namespace()
 
 #: A local connection was registered. Receivers: ``(sender, connection)``.
@@ -88,47 +81,3 @@ user_offline: NamedSignal = _signals.signal("user_offline")
 #: ``error`` is the exception (a ``redis.exceptions.ConnectionError`` for the first two
 #: and ``"deaf"``).
 subscriber_lost: NamedSignal = _signals.signal("subscriber_lost")
-
-
-async def send(signal: NamedSignal, sender: object, **kwargs: Any) -> None:
-    """Call every receiver of ``signal`` (awaiting coroutine ones) if anyone listens.
-
-    Each receiver is isolated: one that raises is logged, and the others still run.
-    """
-    if not signal.receivers:
-        return
-    for receiver in signal.receivers_for(sender):
-        try:
-            result = receiver(sender, **kwargs)
-            if result is not None and inspect.isawaitable(result):  # sync ones return None
-                await result
-        except Exception:
-            log.exception("a receiver of the %s signal failed", signal.name)
-
-
-async def presence(sender: object, online: list[str], offline: list[str]) -> None:
-    """Send ``user_online`` and ``user_offline`` for what the registry reported."""
-    for user in online:
-        await send(user_online, sender, user=user)
-    for user in offline:
-        await send(user_offline, sender, user=user)
-
-
-async def dropped(
-    sender: object,
-    reason: str,
-    *,
-    message_id: str | None = None,
-    connection: object = None,
-    detail: str = "",
-) -> None:
-    """Send ``message_dropped`` (see its comment for the reasons)."""
-    if message_dropped.receivers:
-        await send(
-            message_dropped,
-            sender,
-            reason=reason,
-            message_id=message_id,
-            connection=connection,
-            detail=detail,
-        )

@@ -34,7 +34,7 @@ from .keys import Keys
 from .selectors import Program, fold
 
 if TYPE_CHECKING:
-    from .connection import ConnectionInfo
+    from .records import ConnectionInfo
 
 __all__ = (
     "RECENT",

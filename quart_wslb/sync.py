@@ -14,7 +14,6 @@ import concurrent.futures
 import os
 import threading
 from collections.abc import (
-    AsyncIterable,
     AsyncIterator,
     Callable,
     Coroutine,
@@ -26,9 +25,9 @@ from typing import Any, Self, TypeVar, cast
 
 from .batch import MAX_CALLS, MAX_PIPELINE
 from .config import EmitterOptions, emitter_options, validated_instance_id
-from .connection import ConnectionRecord
 from .emitter import EVERYONE, AsyncEmitter
 from .exceptions import RedisUnavailableError
+from .records import ConnectionRecord
 from .selectors import Selector
 
 __all__ = ("Emitter",)
@@ -58,6 +57,7 @@ class Emitter:
         timeout: float | None = None,
         max_connections: int | None = None,
         secret: object = None,
+        strict: bool = True,
     ) -> None:
         # Resolved and validated now, in the caller's thread, so bad settings fail at
         # construction (and the loop thread sees the environment as it was then).
@@ -68,21 +68,26 @@ class Emitter:
             max_connections=max_connections,
             secret=secret,  # parsed: a bad one fails here, and the text is not kept
         )
-        self._setup(options, origin)
+        self._setup(options, origin, strict)
 
     @classmethod
-    def from_options(cls, options: EmitterOptions, *, origin: str | None = None) -> Self:
+    def from_options(
+        cls, options: EmitterOptions, *, origin: str | None = None, strict: bool = True
+    ) -> Self:
         """An emitter of options resolved already (:func:`~quart_wslb.config.emitter_options`)."""
         emitter = cls.__new__(cls)
-        emitter._setup(options, origin)
+        emitter._setup(options, origin, strict)
         return emitter
 
-    def _setup(self, options: EmitterOptions, origin: str | None) -> None:
+    def _setup(self, options: EmitterOptions, origin: str | None, strict: bool) -> None:
         if origin is not None:
             validated_instance_id(origin)
         #: What the emitter was made with.
         self.options = options
         self._origin = origin
+        #: Raise ``NoInstancesError`` where no instance announced itself under the prefix
+        #: (as :attr:`AsyncEmitter.strict <quart_wslb.AsyncEmitter.strict>`).
+        self.strict = strict
         self.timeout = options.timeout
         self._lock = threading.Lock()
         self._pid = -1
@@ -123,11 +128,11 @@ class Emitter:
 
     def connections(self, selector: Selector = EVERYONE) -> Iterator[ConnectionRecord]:
         """Like :meth:`AsyncEmitter.connections`, as a plain iterator (paged)."""
-        return self._iterate(lambda e: e.connections(selector))
+        return self._iterate(lambda e: e.connections(selector).pages())
 
     def users(self, selector: Selector = EVERYONE) -> Iterator[str]:
         """Like :meth:`AsyncEmitter.users`, as a plain iterator (paged)."""
-        return self._iterate(lambda e: e.users(selector))
+        return self._iterate(lambda e: e.users(selector).pages())
 
     def close(self) -> None:
         """Close the pool and stop the loop thread; the emitter may not be used after."""
@@ -161,15 +166,17 @@ class Emitter:
         future = asyncio.run_coroutine_threadsafe(work(emitter), loop)
         return _result(future, self.timeout * steps)
 
-    def _iterate(self, stream: Callable[[AsyncEmitter], AsyncIterable[T]]) -> Iterator[T]:
+    def _iterate(self, pages: Callable[[AsyncEmitter], AsyncIterator[list[T]]]) -> Iterator[T]:
+        """The items of a paged query, waiting for one page at a time: each page is a
+        few Redis steps, each bounded by ``timeout``, however many pages match nothing."""
         loop, emitter = self._started()
-        agen = aiter(stream(emitter))
+        source = pages(emitter)
         while True:
-            future = asyncio.run_coroutine_threadsafe(_next(agen), loop)
-            done, item = _result(future, self.timeout)
+            future = asyncio.run_coroutine_threadsafe(_next(source), loop)
+            done, page = _result(future, self.timeout)
             if done:
                 return
-            yield cast(T, item)
+            yield from cast(list[T], page)
 
     def _started(self) -> tuple[asyncio.AbstractEventLoop, AsyncEmitter]:
         if self._pid != os.getpid():  # a forked child: the parent's lock may be held
@@ -182,7 +189,9 @@ class Emitter:
                     target=self._loop.run_forever, name="quart-wslb-emitter", daemon=True
                 )
                 self._thread.start()
-                self._emitter = AsyncEmitter.from_options(self.options, origin=self._origin)
+                self._emitter = AsyncEmitter.from_options(
+                    self.options, origin=self._origin, strict=self.strict
+                )
             return self._loop, self._emitter
 
 

@@ -23,10 +23,12 @@ from redis.asyncio.client import PubSub
 from quart_wslb import WsLoadBalance, current_connection, ws_route
 from quart_wslb.batch import GroupCommit
 from quart_wslb.config import QueueFullPolicy
-from quart_wslb.connection import Connection
+from quart_wslb.connection import Connection, Membership
 from quart_wslb.envelope import Frame
 from quart_wslb.keys import Keys
 from quart_wslb.local_index import LocalIndex
+from quart_wslb.selectors import Selector
+from quart_wslb.signal_sender import SignalSender
 
 #: The key prefix of every unit test (each test has its own fakeredis server).
 PREFIX = "t"
@@ -83,10 +85,13 @@ def make_connection(
     metadata: Mapping[str, str] | None = None,
     queue_size: int = 8,
     policy: QueueFullPolicy = "close",
-    owner: object = None,
+    owner: SignalSender | None = None,
+    membership: Membership | None = None,
     index: LocalIndex | None = None,
 ) -> Connection:
-    """A ``Connection`` on the instance named by its id, over a fake websocket."""
+    """A ``Connection`` on the instance named by its id, over a fake websocket, sending
+    its signals through ``owner`` (from ``None`` by default) and changing its groups
+    through ``membership`` (Redis untouched by default)."""
     return Connection(
         id=id,
         user=user,
@@ -96,9 +101,23 @@ def make_connection(
         websocket=cast(Websocket, socket or FakeWebsocket()),
         queue_size=queue_size,
         policy=policy,
-        owner=owner,
+        sender=owner or SignalSender(None),
+        membership=membership or NO_MEMBERSHIP,
         index=index,
     )
+
+
+class _NoMembership:
+    """The membership of a connection no cluster holds: nothing to record."""
+
+    async def join(self, selector: Selector, group: str) -> int:
+        return 1
+
+    async def leave(self, selector: Selector, group: str) -> int:
+        return 1
+
+
+NO_MEMBERSHIP: Membership = _NoMembership()
 
 
 def held(*connections: Connection, keys: Keys = KEYS) -> LocalIndex:
@@ -124,8 +143,11 @@ class Recorder:
 
 @contextmanager
 def recording(signal: NamedSignal, sender: object = ANY) -> Iterator[Recorder]:
-    """Record what ``signal`` sends while the block runs."""
+    """Record what ``signal`` sends while the block runs (for ``sender``: an object, or
+    the sender of a :class:`SignalSender`)."""
     recorder = Recorder()
+    if isinstance(sender, SignalSender):
+        sender = sender.sender
     with signal.connected_to(recorder, sender=sender):
         yield recorder
 

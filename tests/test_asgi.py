@@ -29,9 +29,10 @@ from quart_wslb.asgi import (
     too_large,
 )
 from quart_wslb.connection import Activity
+from quart_wslb.signal_sender import SignalSender
 from tests.support import SOON, recording, registry_keys, serving
 
-OWNER = object()
+OWNER = SignalSender(object())
 
 
 def ws_scope() -> Scope:

@@ -24,9 +24,19 @@ from quart_wslb.connection import (
 from quart_wslb.envelope import Envelope, Frame, encode
 from quart_wslb.outgoing import Outgoing
 from quart_wslb.receiver import Receiver
-from tests.support import KEYS, SOON, FakeWebsocket, eventually, held, make_connection, recording
+from quart_wslb.signal_sender import SignalSender
+from tests.support import (
+    KEYS,
+    NO_MEMBERSHIP,
+    SOON,
+    FakeWebsocket,
+    eventually,
+    held,
+    make_connection,
+    recording,
+)
 
-OWNER = object()
+OWNER = SignalSender(object())
 
 
 async def test_offer_bounded_queue_refuses_when_full() -> None:
@@ -290,7 +300,7 @@ async def test_connection_join_indexes_it_in_an_index_that_held_nobody() -> None
     """The first connection of an instance: its index is an empty mapping, still its index."""
     local = held()
     owner = _Owner()
-    connection = make_connection(id="i1:first", user=None, owner=owner, index=local)
+    connection = make_connection(id="i1:first", user=None, membership=owner, index=local)
     local.add(connection)
     await connection.join("room")
     assert local.resolve(["S" + KEYS.group("room")]) == [connection]
@@ -299,7 +309,7 @@ async def test_connection_join_indexes_it_in_an_index_that_held_nobody() -> None
 async def test_connection_failed_join_keeps_a_membership_it_had() -> None:
     local = held()
     owner = _Owner()
-    connection = make_connection(id="i1:c", user=None, owner=owner, index=local)
+    connection = make_connection(id="i1:c", user=None, membership=owner, index=local)
     local.add(connection)
     await connection.join("room")
     owner.fail = True
@@ -344,7 +354,7 @@ def stream_connection(stream: Stream) -> Connection:
     connection = Connection(
         id="i1:c1", user=None, path="/ws", instance="i1", metadata={},
         websocket=cast(Websocket, FakeWebsocket()), queue_size=100, policy="close",
-        owner=OWNER, activity=activity,
+        sender=OWNER, membership=NO_MEMBERSHIP, activity=activity,
     )  # fmt: skip
     return connection
 

@@ -695,3 +695,14 @@ async def test_a_bad_op_fails_only_its_own_send_of_a_batch(
         replies = await emitter._sends.many([good, bad, by_set])
     assert isinstance(replies[1], Exception), replies
     assert replies[0][0] == 1 and replies[2][0] == 1, replies
+
+
+async def test_stream_pages_are_bounded_and_hold_every_record(
+    emitter: AsyncEmitter, populated: int
+) -> None:
+    pages = [page async for page in emitter.connections().pages()]
+    assert len(pages) >= 2, f"{populated} records in {len(pages)} page(s)"
+    assert all(len(page) <= 2 * PAGE for page in pages), [len(page) for page in pages]
+    assert sum(len(page) for page in pages) == populated
+    users = [page async for page in emitter.users(UserSelector("u3")).pages()]
+    assert [user for page in users for user in page] == ["u3"]

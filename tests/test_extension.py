@@ -10,7 +10,7 @@ from typing import Any, cast
 
 import fakeredis
 import pytest
-from quart import Quart
+from quart import Quart, websocket
 from quart import typing as quart_typing
 from quart.testing.app import LifespanError
 from quart.testing.connections import WebsocketDisconnectError
@@ -544,3 +544,27 @@ async def test_send_many_arrives_in_order_with_a_signal_per_message(
     assert [call["routed"] for call in routed.calls] == counts
     assert [call["selector"] for call in routed.calls] == [s for s, _ in messages]
     assert len({call["message_id"] for call in routed.calls}) == len(messages)
+
+
+async def test_track_registers_an_undecorated_handler(fake_server: fakeredis.FakeServer) -> None:
+    redis = fake_client(fake_server)
+    app = Quart(__name__)
+    wslb = WsLoadBalance(app, redis=redis, instance_id="i1", prefix=PREFIX)
+
+    @app.websocket("/plain")
+    async def plain() -> None:
+        async with wslb.track(user=lambda: "ann", metadata=lambda: {"room": "r"}) as connection:
+            await connection.send(connection.id)
+            await websocket.receive()  # until the client leaves
+
+    try:
+        async with app.test_app() as test_app, test_app.test_client().websocket("/plain") as ws:
+            conn_id = await frame(ws)
+            assert await wslb.send(UserSelector("ann"), "hi") == 1
+            assert await frame(ws) == "hi"
+            record = await stored_record(redis, str(conn_id))
+            assert (record["u"], record["p"], record["m"]) == ("ann", "/plain", {"room": "r"})
+        await eventually(lambda: not wslb.local_connections)
+        assert await record_ids(redis) == set()
+    finally:
+        await redis.aclose()

@@ -25,10 +25,18 @@ from quart_wslb.keys import Keys
 from quart_wslb.liveness import Liveness
 from quart_wslb.receiver import Receiver
 from quart_wslb.registry import Registry
+from quart_wslb.signal_sender import SignalSender
 from quart_wslb.testing import RedisServer
 from tests.cluster import Clients, Cluster, HttpError, Instance
 from tests.proxy import FreezingProxy
-from tests.support import FakeWebsocket, Recorder, eventually, held, make_connection
+from tests.support import (
+    NO_MEMBERSHIP,
+    FakeWebsocket,
+    Recorder,
+    eventually,
+    held,
+    make_connection,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 StartCluster = Callable[..., Cluster]
@@ -321,10 +329,10 @@ async def test_liveness_silent_subscriber_is_replaced(
         connection = make_connection(socket, id="solo:c1", user="ann")
         connection.start()
         local = held(connection, keys=keys)
-        receiver = Receiver(redis, keys, "solo", local, None)
+        receiver = Receiver(redis, keys, "solo", local, SignalSender(None))
         liveness = Liveness(
             redis, keys, "solo", interval=interval, ttl=1.0, registry=Registry(redis, keys),
-            receiver=receiver, local=local, owner=None,
+            receiver=receiver, local=local, sender=SignalSender(None),
         )  # fmt: skip
         receiver.on_subscribed(liveness.resubscribed)  # as the extension wires them
         await Registry(redis, keys).register(connection)
@@ -375,15 +383,16 @@ def _record(id: str, user: str, n: int) -> Connection:
         websocket=None,  # type: ignore[arg-type]
         queue_size=1,
         policy="drop",
-        owner=None,
+        sender=SignalSender(None),
+        membership=NO_MEMBERSHIP,
     )
 
 
 def _liveness(redis: Any, keys: Keys, registry: Registry, name: str) -> Liveness:
-    receiver = Receiver(redis, keys, name, held(keys=keys), None)
+    receiver = Receiver(redis, keys, name, held(keys=keys), SignalSender(None))
     return Liveness(
         redis, keys, name, interval=0.5, ttl=1.5, registry=registry, receiver=receiver,
-        local=held(keys=keys), owner=None,
+        local=held(keys=keys), sender=SignalSender(None),
     )  # fmt: skip
 
 
@@ -460,10 +469,10 @@ async def test_liveness_regroup_cut_short_is_retried_by_the_next_tick(
     registry = Registry(redis, keys)
     connection = make_connection(id="solo:c1", user="ann")
     local = held(connection, keys=keys)
-    receiver = Receiver(redis, keys, "solo", local, None)
+    receiver = Receiver(redis, keys, "solo", local, SignalSender(None))
     liveness = Liveness(
         redis, keys, "solo", interval=0.5, ttl=1.5, registry=registry, receiver=receiver,
-        local=local, owner=None,
+        local=local, sender=SignalSender(None),
     )  # fmt: skip
     await registry.register(connection)
     connection.registering = False

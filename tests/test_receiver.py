@@ -41,12 +41,14 @@ from quart_wslb.outgoing import Outgoing
 from quart_wslb.receiver import READ_TIMEOUT, Receiver
 from quart_wslb.redis_client import make_client
 from quart_wslb.registry import Registry
+from quart_wslb.signal_sender import SignalSender
 from quart_wslb.signing import Keyring, canonical
 from quart_wslb.subscriber import SubscriberClosedError
 from quart_wslb.testing import RedisServer
 from tests.cluster import Clients, Cluster
 from tests.support import (
     KEYS,
+    NO_MEMBERSHIP,
     PREFIX,
     SOON,
     FakeWebsocket,
@@ -58,7 +60,7 @@ from tests.support import (
     stored_record,
 )
 
-OWNER = object()
+OWNER = SignalSender(object())
 #: id -> (user, path, room), on instances i1, i2 and i3.
 PEOPLE = {
     "i1:a1": ("alice", "/ws/red", "red"),
@@ -412,7 +414,8 @@ async def test_dispatch_delivers_every_message_of_a_publish_in_order(redis: Redi
         websocket=cast(Websocket, FakeWebsocket()),
         queue_size=8,
         policy="close",
-        owner=OWNER,
+        sender=OWNER,
+        membership=NO_MEMBERSHIP,
     )
     async with started(connections[0], connections[2]) as local:
         local.add(broken)

@@ -34,6 +34,7 @@ from quart_wslb.keys import Keys
 from quart_wslb.receiver import Receiver
 from quart_wslb.registry import Registry
 from quart_wslb.selectors import Program
+from quart_wslb.signal_sender import SignalSender
 from quart_wslb.signing import Keyring, Verifier, canonical, message, predicate, sel_text
 from tests.cluster import Clients, Cluster
 from tests.support import held, make_connection, received, recording
@@ -538,7 +539,7 @@ async def test_signing_batched_sends_sign_each_message(redis: aioredis.Redis) ->
 async def test_signing_router_refuses_unsigned_and_retargeted(redis: aioredis.Redis) -> None:
     ann = make_connection(id="i1:a", user="ann")
     bob = make_connection(id="i1:b", user="bob")
-    owner = object()
+    owner = SignalSender(object())
     receiver = Receiver(redis, KEYS, "i1", held(ann, bob), owner, keyring=RING)
     ann.start()
     bob.start()
@@ -575,7 +576,7 @@ async def test_signing_router_refuses_hostile_fields_without_raising(
     """Whatever a forger puts in the signature fields costs that message only, refused
     as a bad signature; dispatch itself never raises."""
     ann = make_connection(id="i1:a", user="ann")
-    owner = object()
+    owner = SignalSender(object())
     receiver = Receiver(redis, KEYS, "i1", held(ann), owner, keyring=RING)
     envelope = signed(RING, ["i1:a"], ["Uann"], "forged")
     for name, value in change.items():
@@ -590,7 +591,7 @@ async def first_refused(redis: aioredis.Redis, raw: bytes) -> tuple[list[str], l
     """Dispatch ``raw`` (messages m1 and m2 to i1:a, user ann) on a receiver with a
     secret: why m1 (never m2) was dropped, and what ann received (one frame)."""
     ann = make_connection(id="i1:a", user="ann")
-    owner = object()
+    owner = SignalSender(object())
     receiver = Receiver(redis, KEYS, "i1", held(ann), owner, keyring=RING)
     ann.start()
     try:
@@ -642,7 +643,7 @@ async def test_signing_router_checks_targets_once_and_delivers_to_those_it_check
     ann = make_connection(id="i1:a", user="ann")
     bob = make_connection(id="i1:b", user="bob")
     local = held(ann)
-    owner = object()
+    owner = SignalSender(object())
     receiver = Receiver(redis, KEYS, "i1", local, owner, keyring=RING)
 
     def arrives(sender: object, **_: Any) -> None:
@@ -652,7 +653,7 @@ async def test_signing_router_checks_targets_once_and_delivers_to_those_it_check
     bob.start()
     try:
         with (
-            signals.message_received.connected_to(arrives, sender=owner),
+            signals.message_received.connected_to(arrives, sender=owner.sender),
             recording(signals.message_dropped, owner) as dropped,
         ):
             await receiver.dispatch(encode(signed(RING, ["i1:a", "i1:b"], ["Uann"], "ann only")))

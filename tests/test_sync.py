@@ -16,9 +16,12 @@ from quart_wslb import (
     Emitter,
     GroupSelector,
     NoInstancesError,
+    PathSelector,
     RedisUnavailableError,
     UserSelector,
+    sync,
 )
+from quart_wslb.emitter import PAGE
 from quart_wslb.envelope import decode
 from quart_wslb.keys import Keys
 from quart_wslb.testing import RedisServer, free_port
@@ -185,3 +188,40 @@ def test_emitter_send_many_counts_in_order(
     assert frames == [str(n) for n in range(1500) if n % 3]
     pubsub.close()
     client.close()
+
+
+def test_emitter_not_strict_answers_zero_without_instances(redis_url: str, prefix: str) -> None:
+    with Emitter(redis_url, prefix=prefix + "-empty", strict=False) as emitter:
+        assert emitter.strict is False
+        assert emitter.send(UserSelector("x"), "x") == 0
+        assert emitter.count() == 0
+        assert list(emitter.users()) == []
+    with Emitter(redis_url, prefix=prefix + "-empty") as strict:
+        with pytest.raises(NoInstancesError):
+            strict.count()
+
+
+def test_emitter_users_waits_for_one_page_at_a_time(
+    redis_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pages that match nobody are each one wait of the calling thread, not one wait for
+    all of them: every wait is bounded by a page's few Redis steps."""
+    keys = Keys(prefix)
+    anonymous = 3 * PAGE + 1  # pages of candidates, none with a user
+    with redis.Redis.from_url(redis_url) as client:
+        records = {f"c{n}": json.dumps({"p": "/ws", "t": "1.0"}) for n in range(anonymous)}
+        client.hset(keys.records("i1"), mapping=records)
+        client.sadd(keys.path("/ws"), *(f"i1:c{n}" for n in range(anonymous)))
+        client.hset(keys.instances, "i1", json.dumps({"started_at": 1.0}))
+    waits = []
+    result = sync._result
+
+    def counted(future: Any, timeout: float) -> Any:
+        waits.append(timeout)
+        return result(future, timeout)
+
+    monkeypatch.setattr(sync, "_result", counted)
+    with Emitter(redis_url, prefix=prefix) as emitter:
+        assert list(emitter.users(PathSelector("/ws"))) == []
+    # SSCAN's COUNT is a hint: about 500 ids a page, so three or four pages, and the end.
+    assert len(waits) >= 3, f"{len(waits)} waits for {anonymous} candidates"

@@ -114,8 +114,8 @@ class RedisServer:
         deadline = time.monotonic() + timeout
         while not self._answers():
             if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
                 said = log.read_text(errors="replace")
+                self.close()  # its directory too: whoever gets the error holds no server
                 if self.tls is not None and "tls-port" in said and "Bad directive" in said:
                     raise TLSUnsupportedError(f"{self.binary} was built without TLS")
                 raise RuntimeError(f"redis-server did not start on port {self.port}:\n{said}")

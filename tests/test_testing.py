@@ -26,5 +26,6 @@ def test_redis_server_without_tls_says_so(tmp_path: Path) -> None:
         with pytest.raises(TLSUnsupportedError, match="without TLS"):
             server.start()
         assert server.process is None
+        assert server.directory is None, "a server that failed to start left its directory"
     finally:
         server.close()

@@ -1,9 +1,19 @@
-"""The Lua scripts shipped in ``quart_wslb/lua``."""
+"""The Lua scripts shipped in ``quart_wslb/lua``, each headed by the contract's constants.
+
+Every script starts with :func:`header`: one ``local`` per constant of
+:data:`quart_wslb.contract.LUA` (``local VERSION = 3``, ``local W_USERS = 'users'``, ...),
+so that no script spells a value that Python also defines. The scripts that read records
+then get ``lua/_common.lua``: how a script learns ``ROOT`` (checked), the one reader of
+selector programs (``fold``), the one grouping of ids by instance, and the record and
+index helpers.
+"""
 
 from __future__ import annotations
 
 from functools import cache
 from importlib.resources import files
+
+from .contract import LUA
 
 
 def _read(name: str) -> str:
@@ -14,7 +24,25 @@ def _read(name: str) -> str:
 _SHARED = frozenset({"register", "unregister", "send", "count", "match", "membership"})
 
 
+def _literal(value: str | int) -> str:
+    """``value`` as a Lua literal: a number, or a plain ASCII string in single quotes."""
+    if isinstance(value, int):
+        return str(value)
+    if not (value.isascii() and value.isprintable()) or "'" in value or "\\" in value:
+        raise ValueError(f"no plain Lua literal for {value!r}")
+    return f"'{value}'"
+
+
+@cache
+def header() -> str:
+    """The Lua locals of every constant the scripts share with Python."""
+    lines = ["-- Generated from quart_wslb/contract.py by quart_wslb/_lua.py."]
+    lines += [f"local {name} = {_literal(value)}" for name, value in LUA.items()]
+    return "\n".join(lines) + "\n"
+
+
 @cache
 def source(name: str) -> str:
-    """The text of ``lua/<name>.lua`` (with the shared helpers, if it reads records)."""
-    return (_read("_common") if name in _SHARED else "") + _read(name)
+    """The text of ``lua/<name>.lua``, after the :func:`header` (and the shared helpers,
+    if it reads records)."""
+    return header() + (_read("_common") if name in _SHARED else "") + _read(name)

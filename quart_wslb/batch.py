@@ -15,10 +15,10 @@ The script takes its calls in one ``EVALSHA``: ``KEYS`` are the fixed keys, then
 call's keys; ``ARGV`` the fixed arguments, then for each call the offset of its keys
 (past the fixed ones), its argument count and its arguments. It returns one flat array:
 for each call the count of its reply's items, then the items (a caller gets them as a
-list), or -1 and an error message for a call that failed alone (its caller gets the
-error). Flat, because Redis turns nested Lua tables into a reply slowly. A long queue
-is split into several such script calls (``MAX_CALLS``, ``MAX_BYTES``), pipelined in
-the same round trip.
+list), or ``REPLY_ERROR`` and an error message for a call that failed alone (its caller
+gets the error): the reply framing of :mod:`quart_wslb.contract`. Flat, because Redis
+turns nested Lua tables into a reply slowly. A long queue is split into several such
+script calls (``MAX_CALLS``, ``MAX_BYTES``), pipelined in the same round trip.
 
 :meth:`GroupCommit.many` takes many calls at once (``send_many``) with one future per
 window of them, not one per call: a window is at most ``MAX_PIPELINE`` script calls,
@@ -43,6 +43,7 @@ from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, ResponseError
 
+from .contract import REPLY_ERROR
 from .wire import Exchange, error_of
 
 __all__ = ("GroupCommit",)
@@ -381,9 +382,9 @@ def _split(reply: Any, count: int) -> list[Any]:
     try:
         while at < len(reply):
             size = reply[at]
-            if type(size) is not int or size < -1:
+            if type(size) is not int or (size < 0 and size != REPLY_ERROR):
                 break  # reported below
-            if size == -1:
+            if size == REPLY_ERROR:
                 replies.append(error_of(ResponseError(_text(reply[at + 1]))))
                 at += 2
             else:

@@ -26,15 +26,15 @@ from ._compat import check
 from ._lua import source
 from .batch import Args, GroupCommit
 from .config import EmitterOptions, default_instance_id, emitter_options, validated_instance_id
+from .contract import BROADCAST_REACHED, NO_INSTANCES, OP_IDS, SPILLED, check_layout
 from .envelope import KINDS, Kind, close_payload, head, pack
 from .exceptions import (
     REDIS_FAILURES,
     NoInstancesError,
-    WsLoadBalanceError,
     ours,
     redis_deadline,
 )
-from .keys import LAYOUT, Keys
+from .keys import Keys
 from .records import ConnectionRecord
 from .redis_client import checked_client, make_client
 from .selectors import AllSelector, Program, Selector
@@ -346,7 +346,7 @@ class AsyncEmitter:
     def _checked(self, reply: list[Any]) -> list[Any]:
         """send.lua's reply, or ``[0, 0]`` (or ``NoInstancesError`` if strict) when no
         instance ever announced itself."""
-        if reply[0] == -1:
+        if reply[0] == NO_INSTANCES:
             self._no_instances()
             return [0, 0]
         return reply
@@ -355,9 +355,9 @@ class AsyncEmitter:
     def _indexed_receipt(message_id: str, reply: list[Any]) -> Receipt:
         """The :class:`Receipt` of a built-in selector's send, from send.lua's reply."""
         routed, reached = reply[0], reply[1]
-        unheard = _names(reply[2 + reached :]) if reached >= 0 else ()
-        # reached: how many instances (-1: a broadcast's count of them follows)
-        return Receipt(message_id, routed, reached if reached >= 0 else reply[2], unheard)
+        if reached == BROADCAST_REACHED:  # a broadcast: how many instances heard it follows
+            return Receipt(message_id, routed, reply[2], ())
+        return Receipt(message_id, routed, reached, _names(reply[2 + reached :]))
 
     def _fragment(self, message_id: str, kind: Kind, payload: bytes, program: Program) -> bytes:
         """What opens the message's entries (``send.lua``): its signature with a
@@ -401,7 +401,7 @@ class AsyncEmitter:
         async with redis_deadline(self.timeout, "count"):  # one deadline, marker included
             await self._check_layout()
             count = int(await self._count(keys=self._script_keys(program), args=program.ops))
-        if count == -1:
+        if count == NO_INSTANCES:
             self._no_instances()
             return 0
         return count
@@ -421,12 +421,7 @@ class AsyncEmitter:
         if self._layout_seen:
             return
         async with redis_deadline(self.timeout, "query"):
-            layout = await self._redis.get(self.keys.layout)
-        if layout is not None and layout != LAYOUT.encode():
-            raise WsLoadBalanceError(
-                f"prefix {self.keys.prefix!r} holds keys of layout {layout!r}, written by "
-                f"another version of quart-wslb (this one reads layout {LAYOUT})"
-            )
+            check_layout(self.keys.prefix, await self._redis.get(self.keys.layout))
         self._layout_seen = True
 
     async def _check_instances(self) -> bool:
@@ -534,7 +529,7 @@ class AsyncEmitter:
     async def _user_ids(self, user: str) -> AsyncIterator[list[str]]:
         async with redis_deadline(self.timeout, "query"):
             raw = cast(bytes | None, await self._redis.hget(self.keys.users, user))
-        if raw == b"*":  # a user with many connections: they are in a set of their own
+        if raw == SPILLED.encode():  # a user with many connections: they are in a set of their own
             async for page in self._scan(self.keys.user_set(user)):
                 yield page
             return
@@ -588,7 +583,7 @@ async def _single(id: str) -> AsyncIterator[list[str]]:
 
 def _by_id(ids: Sequence[str]) -> Program:
     """The program of ``ConnectionSelector(a) | ConnectionSelector(b) | ...``, as one op."""
-    return Program(ops=[f"M{len(ids)}", *ids])
+    return Program(ops=[f"{OP_IDS}{len(ids)}", *ids])
 
 
 def _heavy(program: Program) -> bool:
@@ -596,7 +591,7 @@ def _heavy(program: Program) -> bool:
     of its own, so that a batch of them cannot stall everyone else's commands. Every
     other send costs Redis O(instances), plus a user's ids (``lua/send.lua``)."""
     ops = program.ops
-    return len(ops) != 1 and any(op[:1] == "M" for op in ops)
+    return len(ops) != 1 and any(op[:1] == OP_IDS for op in ops)
 
 
 def pack_many(messages: Iterable[tuple[Selector, object]]) -> list[tuple[Selector, Kind, bytes]]:

@@ -17,7 +17,8 @@ the receiving instance resolves it over its own connections
 header is checked by a versioned marshmallow
 schema; unknown header fields are ignored so that a later minor version may add some (a
 stream offset). With a secret, each message entry starts with its signature: ``ts``,
-``sel`` and ``sig`` (:mod:`quart_wslb.signing`).
+``sel`` and ``sig`` (:mod:`quart_wslb.signing`). ``v`` is :data:`quart_wslb.contract.VERSION`
+(exported here too), which ``lua/send.lua`` writes from the same constant.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from marshmallow import (
     validate,
     validates_schema,
 )
+
+from .contract import VERSION
 
 __all__ = (
     "CONTROL_KINDS",
@@ -55,7 +58,6 @@ __all__ = (
     "to_frame",
 )
 
-VERSION = 3
 Kind = Literal["text", "binary", "json", "join", "leave", "disconnect"]
 #: Kinds that are instructions to the owning instance, not frames for the client:
 #: ``join``/``leave`` carry a group name, ``disconnect`` ``{"code": int, "reason": str}``.

@@ -31,8 +31,9 @@ from redis.asyncio import Redis
 
 from . import signals
 from ._lua import source
+from .contract import LAYOUT, check_layout
 from .exceptions import REDIS_FAILURES, WsLoadBalanceError, describe
-from .keys import LAYOUT, Keys
+from .keys import Keys
 from .local_index import LocalIndex
 from .receiver import Receiver
 from .registry import Registry
@@ -145,12 +146,7 @@ class Liveness:
             pipe.setnx(keys.layout, LAYOUT)  # SET NX GET would need Redis 7
             pipe.get(keys.layout)
             _, layout = await pipe.execute()
-            if layout not in (None, LAYOUT.encode()):
-                raise WsLoadBalanceError(
-                    f"prefix {keys.prefix!r} holds keys of layout {layout!r}, written by "
-                    f"another version of quart-wslb (this one writes layout {LAYOUT}): "
-                    "give this version a prefix of its own"
-                )
+            check_layout(keys.prefix, layout)
             pipe.set(keys.heartbeat(self._instance), "1", px=self._ttl_ms)
             pipe.hset(keys.instances, self._instance, record)
             pipe.hlen(keys.records(self._instance))

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 
 from .connection import Connection
+from .contract import OP_ALL, OP_BROADCAST, OP_CONNECTION, OP_SET, OP_USER
 from .keys import Keys
 from .selectors import fold
 
@@ -49,11 +50,11 @@ class LocalIndex(Mapping[str, Connection]):
     def operands(self, connection: Connection) -> list[str]:
         """The ops that select ``connection``: its user, path, metadata pairs and groups."""
         keys = self.names
-        ops = ["S" + keys.path(connection.path)]
+        ops = [OP_SET + keys.path(connection.path)]
         if connection.user is not None:
-            ops.append("U" + connection.user)
-        ops.extend("S" + keys.metadata(k, v) for k, v in connection.metadata.items())
-        ops.extend("S" + keys.group(g) for g in connection.groups)
+            ops.append(OP_USER + connection.user)
+        ops.extend(OP_SET + keys.metadata(k, v) for k, v in connection.metadata.items())
+        ops.extend(OP_SET + keys.group(g) for g in connection.groups)
         return ops
 
     def add(self, connection: Connection) -> None:
@@ -124,12 +125,12 @@ class LocalIndex(Mapping[str, Connection]):
 
     def _operand(self, op: str) -> set[Connection] | list[Connection] | None:
         code = op[:1]
-        if code == "S" or code == "U":
+        if code == OP_SET or code == OP_USER:
             return self._members.get(op, set())
-        if code == "C":
+        if code == OP_CONNECTION:
             connection = self._by_id.get(op[1:])
             return [connection] if connection is not None else []
-        if op == "A" or op == "B":
+        if op == OP_ALL or op == OP_BROADCAST:
             return list(self._by_id.values())
         return None
 

@@ -9,6 +9,8 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Protocol
 
+from .contract import F_CONNECTED_AT, F_GROUPS, F_METADATA, F_PATH, F_USER
+
 __all__ = ("ConnectionInfo", "ConnectionRecord")
 
 
@@ -67,14 +69,14 @@ class ConnectionRecord:
     def parse(cls, id: str, raw: bytes) -> ConnectionRecord:
         """Read a stored record (``registry.Registry.record`` writes them)."""
         data = json.loads(raw)
-        user = data.get("u")
+        user = data.get(F_USER)
         return cls(
             id=id,
             user=user if isinstance(user, str) else None,
-            path=str(data.get("p", "")),
+            path=str(data.get(F_PATH, "")),
             instance=id.partition(":")[0],
-            metadata=dict(data.get("m") or {}),
+            metadata=dict(data.get(F_METADATA) or {}),
             # An empty Lua table is encoded as {} whether it was a list or not.
-            groups=frozenset(data.get("g") or ()),
-            connected_at=float(data.get("t") or 0.0),
+            groups=frozenset(data.get(F_GROUPS) or ()),
+            connected_at=float(data.get(F_CONNECTED_AT) or 0.0),
         )

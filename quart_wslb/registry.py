@@ -20,6 +20,7 @@ from redis.asyncio import Redis
 
 from ._lua import source
 from .connection import Connection
+from .contract import F_CONNECTED_AT, F_GROUPS, F_METADATA, F_PATH, F_USER
 from .keys import Keys
 from .records import ConnectionRecord
 
@@ -67,17 +68,19 @@ class Registry:
         return names
 
     def record(self, connection: Connection) -> str:
-        """The JSON record stored for a connection; empty parts are left out."""
-        data: dict[str, object] = {"p": connection.path}
+        """The JSON record stored for a connection (fields ``F_*`` of
+        :mod:`quart_wslb.contract`, which the scripts read too); empty parts are left
+        out."""
+        data: dict[str, object] = {F_PATH: connection.path}
         if connection.user is not None:
-            data["u"] = connection.user
+            data[F_USER] = connection.user
         if connection.metadata:
-            data["m"] = connection.metadata
+            data[F_METADATA] = connection.metadata
         if connection.groups:
-            data["g"] = sorted(connection.groups)
+            data[F_GROUPS] = sorted(connection.groups)
         # A string: Redis's cjson keeps only 14 significant digits of a number, and
         # membership.lua rewrites records.
-        data["t"] = repr(connection.connected_at)
+        data[F_CONNECTED_AT] = repr(connection.connected_at)
         # Raw UTF-8 rather than \u escapes: the scripts build key names from these bytes.
         return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
 

@@ -15,6 +15,17 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 
+from .contract import (
+    FIXED_KEYS,
+    OP_ALL,
+    OP_AND,
+    OP_BROADCAST,
+    OP_CONNECTION,
+    OP_IDS,
+    OP_OR,
+    OP_SET,
+    OP_USER,
+)
 from .keys import Keys
 
 if TYPE_CHECKING:
@@ -36,9 +47,10 @@ __all__ = (
 
 @dataclass(slots=True)
 class Program:
-    """A compiled selector: Redis keys and postfix ops for the scripts (``evaluate`` in
-    ``lua/send.lua``, ``lua/match.lua``) and for each instance's
-    :class:`~quart_wslb.local_index.LocalIndex`.
+    """A compiled selector: Redis keys and postfix ops for the scripts (``fold`` in
+    ``lua/_common.lua``, for send, match and count) and for each instance's
+    :class:`~quart_wslb.local_index.LocalIndex`. The ops are those of
+    :mod:`quart_wslb.contract` (``OP_*``).
 
     Ops: ``S<n>`` members of the ``n``-th key, counting the two fixed keys (``KEYS[n]``
     for a script call of its own; in a batch, offset by the keys of the calls before);
@@ -57,26 +69,27 @@ class Program:
         members (``lua/send.lua``), which then resolve it themselves."""
         ops = self.ops
         if len(ops) == 1:  # the hot path: one operand
-            return ops[0][:1] in ("U", "C")
+            return ops[0][:1] in (OP_USER, OP_CONNECTION)
         stack: list[bool] = []
         i = 0
         while i < len(ops):
             op = ops[i]
-            if op == "&" or op == "|":
+            if op == OP_AND or op == OP_OR:
                 right, left = stack.pop(), stack.pop()
-                stack.append(left or right if op == "&" else left and right)
+                stack.append(left or right if op == OP_AND else left and right)
             else:
-                stack.append(op[:1] in ("U", "C", "M"))
-                if op[:1] == "M":
+                stack.append(op[:1] in (OP_USER, OP_CONNECTION, OP_IDS))
+                if op[:1] == OP_IDS:
                     i += int(op[1:])
             i += 1
         return stack[0]
 
     def set_op(self, key: str) -> None:
-        """Push the members of ``key``; the first two ``KEYS`` are fixed, hence ``+ 3``."""
+        """Push the members of ``key``; the first ``FIXED_KEYS`` are fixed, and Lua counts
+        from 1."""
         if key not in self.keys:
             self.keys.append(key)
-        self.ops.append(f"S{self.keys.index(key) + 3}")
+        self.ops.append(f"{OP_SET}{self.keys.index(key) + FIXED_KEYS + 1}")
 
 
 T = TypeVar("T")
@@ -97,16 +110,16 @@ def fold(
     i = 0
     while i < len(sel):
         op = sel[i]
-        if op[:1] == "M":
+        if op[:1] == OP_IDS:
             digits = op[1:]  # ASCII digits only: str.isdigit also holds for "²"
             count = int(digits) if digits.isascii() and digits.isdigit() and len(op) < 12 else -1
             if count < 0 or i + count >= len(sel):
                 return None
             stack.append(among(sel[i + 1 : i + 1 + count]))
             i += count
-        elif op in ("&", "|") and len(stack) >= 2:
+        elif op in (OP_AND, OP_OR) and len(stack) >= 2:
             right, left = stack.pop(), stack.pop()
-            stack.append(both(left, right) if op == "&" else either(left, right))
+            stack.append(both(left, right) if op == OP_AND else either(left, right))
         else:
             value = operand(op)
             if value is None:
@@ -209,7 +222,7 @@ class UserSelector(Selector):
         return [("user", self.user)]
 
     def emit(self, program: Program, keys: Keys) -> None:
-        program.ops.append("U" + self.user)
+        program.ops.append(OP_USER + self.user)
 
     def _breadth(self) -> int:
         return 1
@@ -250,7 +263,7 @@ class ConnectionSelector(Selector):
         return 0
 
     def emit(self, program: Program, keys: Keys) -> None:
-        program.ops.append("C" + self.id)
+        program.ops.append(OP_CONNECTION + self.id)
 
     def matches(self, connection: ConnectionInfo) -> bool:
         return connection.id == self.id
@@ -288,7 +301,7 @@ class MetadataSelector(Selector):
         for i, (name, value) in enumerate(self.pairs.items()):
             program.set_op(keys.metadata(name, value))
             if i:
-                program.ops.append("&")
+                program.ops.append(OP_AND)
 
     def matches(self, connection: ConnectionInfo) -> bool:
         return all(connection.metadata.get(k) == v for k, v in self.pairs.items())
@@ -346,13 +359,13 @@ class AllSelector(Selector):
         return 9
 
     def emit(self, program: Program, keys: Keys) -> None:
-        program.ops.append("A")
+        program.ops.append(OP_ALL)
 
     def matches(self, connection: ConnectionInfo) -> bool:
         return True
 
     def compile(self, keys: Keys) -> Program:
-        return Program(ops=["B"])
+        return Program(ops=[OP_BROADCAST])
 
 
 def _operands(left: object, right: object) -> None:
@@ -403,7 +416,7 @@ class AndSelector(Selector):
         else:
             self.left.emit(program, keys)
             self.right.emit(program, keys)
-            program.ops.append("&")
+            program.ops.append(OP_AND)
 
     def matches(self, connection: ConnectionInfo) -> bool:
         return self.left.matches(connection) and self.right.matches(connection)
@@ -440,11 +453,11 @@ class OrSelector(Selector):
 
     def emit(self, program: Program, keys: Keys) -> None:
         if isinstance(self.left, AllSelector) or isinstance(self.right, AllSelector):
-            program.ops.append("A")
+            program.ops.append(OP_ALL)
             return
         self.left.emit(program, keys)
         self.right.emit(program, keys)
-        program.ops.append("|")
+        program.ops.append(OP_OR)
 
     def matches(self, connection: ConnectionInfo) -> bool:
         return self.left.matches(connection) or self.right.matches(connection)

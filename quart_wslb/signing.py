@@ -29,6 +29,18 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
+from .contract import (
+    FIXED_KEYS,
+    OP_ALL,
+    OP_BROADCAST,
+    OP_CONNECTION,
+    OP_IDS,
+    OP_SET,
+    OP_USER,
+    W_GROUP,
+    W_METADATA,
+    W_PATH,
+)
 from .envelope import Envelope
 from .keys import Keys
 from .selectors import Program, fold
@@ -207,12 +219,14 @@ def canonical(program: Program) -> list[str]:
     ops, out, i = program.ops, [], 0
     while i < len(ops):
         op = ops[i]
-        if op[:1] == "M":  # M<n> and its n ids, which may start with anything
+        if op[:1] == OP_IDS:  # M<n> and its n ids, which may start with anything
             count = int(op[1:])
             out.extend(ops[i : i + 1 + count])
             i += 1 + count
             continue
-        out.append("S" + program.keys[int(op[1:]) - 3] if op[:1] == "S" else op)
+        if op[:1] == OP_SET:  # S<n>: KEYS[n], past the fixed keys
+            op = OP_SET + program.keys[int(op[1:]) - FIXED_KEYS - 1]
+        out.append(op)
         i += 1
     return out
 
@@ -222,7 +236,7 @@ def predicate(sel: list[str], keys: Keys) -> Predicate | None:
     evaluated over the connection alone (the postfix ops of ``selectors.Program``);
     ``None`` for a selector that cannot be read. ``S<key>`` holds when ``key`` is one
     of the connection's index sets: its path's, a group's or a metadata pair's."""
-    if len(sel) == 1 and sel[0][:1] != "M":  # the common case: one operand
+    if len(sel) == 1 and sel[0][:1] != OP_IDS:  # the common case: one operand
         return _operand(sel[0], keys)
     return fold(sel, lambda op: _operand(op, keys), _among, _both, _either)
 
@@ -252,13 +266,13 @@ def _everyone(connection: ConnectionInfo) -> bool:
 
 def _operand(op: str, keys: Keys) -> Predicate | None:
     code, value = op[:1], op[1:]
-    if code == "U" and value:
+    if code == OP_USER and value:
         return lambda c: c.user == value
-    if code == "C" and value:
+    if code == OP_CONNECTION and value:
         return lambda c: c.id == value
-    if op in ("A", "B"):
+    if op in (OP_ALL, OP_BROADCAST):
         return _everyone
-    if code == "S":
+    if code == OP_SET:
         return _index(value, keys)
     return None
 
@@ -268,11 +282,11 @@ def _index(key: str, keys: Keys) -> Predicate | None:
     (each parse is checked by building the name again, as ``Keys`` does)."""
     _, _, rest = key.partition("}:")
     kind, _, value = rest.partition(":")
-    if kind == "p" and keys.path(value) == key:
+    if kind == W_PATH and keys.path(value) == key:
         return lambda c: c.path == value
-    if kind == "g" and keys.group(value) == key:
+    if kind == W_GROUP and keys.group(value) == key:
         return lambda c: value in c.groups
-    if kind == "m":
+    if kind == W_METADATA:
         length, _, pair = value.partition(":")
         raw = pair.encode()
         if not _digits(length) or len(length) > 10 or raw[int(length) : int(length) + 1] != b":":
@@ -410,7 +424,7 @@ class Verifier:
         """
         if sel == self._last_sel:
             return self._last_match
-        if len(sel) == 1 and sel[0][:1] != "M":  # predicate's common case, one call less
+        if len(sel) == 1 and sel[0][:1] != OP_IDS:  # predicate's common case, one call less
             match = _operand(sel[0], self._keys)
         else:
             match = predicate(sel, self._keys)

@@ -156,27 +156,6 @@ async def test_unregister_corrupt_record_is_removed(redis: Redis, registry: Regi
     assert await registry_keys(redis) == set()
 
 
-async def test_register_index_names_match_the_scripts(redis: Redis, registry: Registry) -> None:
-    """The scripts rebuild set names from a record as keys.py builds them: with
-    non-ASCII text (lengths in bytes), colons and spaces, nothing is left behind."""
-    odd = make_connection(
-        id="i1:odd",
-        user="zoë :x",
-        path="/ws/ça:va",
-        metadata={"café": "a:b", "n:m": "é"},
-    )
-    odd.groups.update({"g:1", "ü"})
-    await registry.register(odd)
-    assert await registry_keys(redis) == {
-        KEYS.records("i1"),
-        KEYS.users,
-        *registry.index_keys(odd),
-        *map(KEYS.holders, registry.index_keys(odd)),
-    }
-    assert await registry.unregister([odd.id]) == Removal(1, ["zoë :x"])
-    assert await registry_keys(redis) == set()
-
-
 async def test_unregister_instance_removes_only_its_connections(
     redis: Redis, registry: Registry
 ) -> None:
@@ -304,20 +283,3 @@ async def test_register_again_as_another_user_moves_the_user(
     await registry.register(make_connection(id="i1:a", user="ann"))
     assert await registry.register(make_connection(id="i1:a", user="bea")) == ["bea"]
     assert await redis.hgetall(KEYS.users) == {b"bea": b"i1:a"}
-
-
-async def test_user_with_many_connections_moves_to_a_set(redis: Redis, registry: Registry) -> None:
-    """Past a few ids, a user's list would be rewritten on every change: a set instead."""
-    many = [make_connection(id=f"i1:m{n}", user="crowd") for n in range(12)]
-    assert await registry.register(*many[:8]) == ["crowd"]
-    assert len(await user_ids(redis, "crowd")) == 8
-    assert not await redis.exists(KEYS.user_set("crowd"))
-    assert await registry.register(*many[8:]) == []
-    assert await redis.hget(KEYS.users, "crowd") == b"*"
-    assert await set_members(redis, KEYS.user_set("crowd")) == {c.id for c in many}
-    assert await registry.register(many[0]) == []  # again: still listed once
-    assert await redis.scard(KEYS.user_set("crowd")) == 12
-    assert await registry.unregister([c.id for c in many[:-1]]) == Removal(11, [])
-    assert await redis.hget(KEYS.users, "crowd") == b"*"
-    assert await registry.unregister([many[-1].id]) == Removal(1, ["crowd"])
-    assert await registry_keys(redis) == set()

@@ -5,39 +5,36 @@
 -- KEYS[2]  hash: the instances (unused here; the layout is send.lua's)
 -- KEYS[3..] index sets named by the program
 -- ARGV[1]  number of candidate ids n; ARGV[2..n+1] the ids; ARGV[n+2..] the program
---          (postfix as in send.lua; B is treated as A).
+--          (read by _common.lua's fold; B means A here).
 -- Returns {id, record, id, record, ...} for the candidates that match and exist.
 local n = tonumber(ARGV[1])
 local result = {}
+local id, raw, record = nil, nil, nil
+
+-- What each op means for the candidate id (its record raw, decoded on demand).
+local test = {
+  set = function(key) return redis.call('SISMEMBER', key, id) == 1 end,
+  user = function(user)
+    record = record or decode_record(raw) or {}
+    return record[F_USER] == user
+  end,
+  all = function() return true end,
+  connection = function(other) return other == id end,
+  ids = function(list)
+    for _, other in ipairs(list) do
+      if other == id then return true end
+    end
+    return false
+  end,
+  both = function(left, right) return left and right end,
+  either = function(left, right) return left or right end,
+}
+
 for i = 2, n + 1 do
-  local id = ARGV[i]
-  local raw = get_record(id)
-  if raw then
-    local stack, record = {}, nil
-    for j = n + 2, #ARGV do
-      local op = ARGV[j]
-      local code = string.sub(op, 1, 1)
-      if code == 'S' then
-        stack[#stack + 1] = redis.call('SISMEMBER', KEYS[tonumber(string.sub(op, 2))], id) == 1
-      elseif code == 'U' then
-        record = record or decode_record(raw) or {}
-        stack[#stack + 1] = record.u == string.sub(op, 2)
-      elseif code == 'A' or code == 'B' then
-        stack[#stack + 1] = true
-      elseif code == 'C' then
-        stack[#stack + 1] = string.sub(op, 2) == id
-      elseif op == '&' or op == '|' then
-        local right, left = table.remove(stack), table.remove(stack)
-        if code == '&' then stack[#stack + 1] = left and right
-        else stack[#stack + 1] = left or right end
-      else
-        error('unknown selector op ' .. string.sub(op, 1, 40))
-      end
-    end
-    if stack[1] then
-      result[#result + 1] = id
-      result[#result + 1] = raw
-    end
+  id, raw, record = ARGV[i], get_record(ARGV[i]), nil
+  if raw and fold(n + 2, #ARGV, 0, test) then
+    result[#result + 1] = id
+    result[#result + 1] = raw
   end
 end
 return result

@@ -1,5 +1,5 @@
 -- Add connections to a group, or remove them from it, and tell their owners.
--- The record keeps the group's name ("g"), so unregistering removes the membership too;
+-- The record keeps the group's name (F_GROUPS), so unregistering removes the membership too;
 -- the owning instance is told so that it can restore the membership if Redis loses
 -- its data.
 -- KEYS[1]  hash: user -> connection ids (names the root of every key)
@@ -16,7 +16,8 @@ for i = 5, #ARGV do
   if record then
     found = found + 1
     local names = {}
-    for _, name in ipairs(type(record.g) == 'table' and record.g or {}) do
+    local had = record[F_GROUPS]
+    for _, name in ipairs(type(had) == 'table' and had or {}) do
       if name ~= ARGV[2] then names[#names + 1] = name end
     end
     if join then
@@ -25,14 +26,9 @@ for i = 5, #ARGV do
     else
       index_remove(KEYS[2], id)
     end
-    record.g = names
+    record[F_GROUPS] = names
     redis.call('HSET', key, token, cjson.encode(record))
-    local instance = string.match(id, '^[^:]+')
-    if not groups[instance] then
-      groups[instance] = {}
-      order[#order + 1] = instance
-    end
-    table.insert(groups[instance], id)
+    group_by_instance(groups, order, id)
   end
 end
 for _, instance in ipairs(order) do

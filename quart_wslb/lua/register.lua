@@ -16,12 +16,13 @@ if old then
   for _, key in ipairs(index_keys(old)) do
     if not keep[key] then index_remove(key, id) end
   end
-  if type(old.u) == 'string' and old.u ~= ARGV[4] then user_remove(old.u, id) end
+  local user = old[F_USER]
+  if type(user) == 'string' and user ~= ARGV[4] then user_remove(user, id) end
 end
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
 -- Lists the owner among the instances even before its first heartbeat: queries of
 -- everyone walk that list, and a crash before the heartbeat still gets reaped.
-redis.call('HSETNX', ROOT .. ':instances', string.match(id, '^[^:]+'), '{}')
+redis.call('HSETNX', ROOT .. ':' .. W_INSTANCES, instance_of(id), '{}')
 for i = 3, #KEYS do
   index_add(KEYS[i], id)
 end

@@ -8,22 +8,24 @@
 -- ARGV[1]  channel base: channels are <base>:ch:<instance> and <base>:bcast (keys.py)
 -- ARGV[2]  origin (an instance id: JSON-safe as it is)
 -- ARGV[3..] the calls, each: its offset into KEYS, its argument count n, then n
---          arguments: message id (hex), kind, payload, fragment, program (see
---          evaluate; a lone B is a broadcast to every instance). The fragment opens the
+--          arguments: message id (hex), kind, payload, fragment, program (read by
+--          _common.lua's fold; a lone B is a broadcast to every instance). The fragment opens the
 --          message's entry as it is: empty, or "sel":[..], naming the selector, or with
 --          a secret its signature ("ts":..,"sel":..,"sig":"..",), computed (signing.py)
 --          before this script ran so that the key never reaches Redis. A message sent
 --          by its selector, not by ids, must have a fragment: its receivers resolve it.
 -- Returns, flat, for each call: the count of its items, then the items: connections
--- routed (-1: no instance ever announced itself under the prefix), how many instances
--- were reached, their ids, then the ids of the owners nobody heard (dead or cut off);
--- for a broadcast: routed, -1, how many instances heard it. A call whose program failed
--- is -1 and the error's message instead (batch.py's convention).
+-- routed (NO_INSTANCES: no instance ever announced itself under the prefix), how many
+-- instances were reached, their ids, then the ids of the owners nobody heard (dead or
+-- cut off); for a broadcast: routed, BROADCAST_REACHED, how many instances heard it. A
+-- call whose program failed is REPLY_ERROR and the error's message instead (contract.py).
 -- Connection ids are "<instance>:<token>" of [A-Za-z0-9_.:-], so the owner needs no
 -- lookup and an id is quoted as it is. The keys built here (_common.lua, as in keys.py)
 -- share the registry's hash tag, hence its slot.
 local base, origin = ARGV[1], ARGV[2]
 local bundles, channels = {}, {}
+local CHANNEL, BROADCAST = base .. ':' .. W_CHANNEL .. ':', base .. ':' .. W_BROADCAST
+local BYTE_USER, BYTE_SET = string.byte(OP_USER), string.byte(OP_SET)
 
 -- A message's entry in the envelope's header; targets nil: its receiver resolves the
 -- selector that the fragment names.
@@ -76,7 +78,7 @@ end
 local function everyone()
   local n = {}
   for _, instance in ipairs(redis.call('HKEYS', KEYS[2])) do
-    local count = redis.call('HLEN', ROOT .. ':c:' .. instance)
+    local count = redis.call('HLEN', ROOT .. ':' .. W_RECORDS .. ':' .. instance)
     if count > 0 then n[instance] = count end
   end
   return {n = n, has = exists}
@@ -86,7 +88,7 @@ local function counts(value)
   if not value.ids then return value.n end
   local n = {}
   for id in pairs(value.ids) do
-    local instance = string.match(id, '^[^:]+')
+    local instance = instance_of(id)
     n[instance] = (n[instance] or 0) + 1
   end
   return n
@@ -121,39 +123,26 @@ local function either(left, right)
   return {n = n, has = function(id) return left.has(id) or right.has(id) end}
 end
 
-local function evaluate(first, last, koff)
-  local stack, i = {}, first
-  while i <= last do
-    local op = ARGV[i]
-    local code = string.sub(op, 1, 1)
-    if code == 'S' then
-      stack[#stack + 1] = by_holders(KEYS[koff + tonumber(string.sub(op, 2))])
-    elseif code == 'U' then
-      stack[#stack + 1] = exact(as_set(user_ids(string.sub(op, 2))))
-    elseif op == 'A' or op == 'B' then
-      stack[#stack + 1] = everyone()
-    elseif code == 'C' then
-      local id, ids = string.sub(op, 2), {}
+-- What each op of a program means to a send (see fold).
+local resolve = {
+  set = by_holders,
+  user = function(user) return exact(as_set(user_ids(user))) end,
+  all = everyone,
+  connection = function(id)
+    local ids = {}
+    if exists(id) then ids[id] = true end
+    return exact(ids)
+  end,
+  ids = function(list)
+    local ids = {}
+    for _, id in ipairs(list) do
       if exists(id) then ids[id] = true end
-      stack[#stack + 1] = exact(ids)
-    elseif code == 'M' then
-      local n, ids = tonumber(string.sub(op, 2)), {}
-      for j = i + 1, i + n do
-        if exists(ARGV[j]) then ids[ARGV[j]] = true end
-      end
-      stack[#stack + 1] = exact(ids)
-      i = i + n
-    elseif (op == '&' or op == '|') and #stack >= 2 then
-      local right, left = table.remove(stack), table.remove(stack)
-      stack[#stack + 1] = op == '&' and both(left, right) or either(left, right)
-    else
-      error('unknown selector op ' .. string.sub(op, 1, 40))
     end
-    i = i + 1
-  end
-  if #stack ~= 1 then error('a selector program must leave one value') end
-  return stack[1]
-end
+    return exact(ids)
+  end,
+  both = both,
+  either = either,
+}
 
 -- File one message, named by its selector, for each instance of {instance -> members}
 -- that holds any; returns those counts and instances.
@@ -164,7 +153,7 @@ local function by_selector(n, id, kind, payload, fragment)
     if count > 0 then
       groups[instance] = count
       order[#order + 1] = instance
-      file(base .. ':ch:' .. instance, text, payload)
+      file(CHANNEL .. instance, text, payload)
     end
   end
   return groups, order
@@ -173,27 +162,16 @@ end
 -- {instance -> connections} and the instances in order, for the program in
 -- ARGV[first..last], having filed the message for each instance.
 local function owners(first, last, koff, id, kind, payload, fragment)
-  local value, groups, order = evaluate(first, last, koff), {}, {}
-  if value.ids then
-    for member in pairs(value.ids) do
-      local instance = string.match(member, '^[^:]+')
-      local group = groups[instance]
-      if not group then
-        group = {}
-        groups[instance] = group
-        order[#order + 1] = instance
-      end
-      group[#group + 1] = member
-    end
-    for _, instance in ipairs(order) do
-      local ids = groups[instance]
-      local targets = #ids == 1 and '["' .. ids[1] .. '"]' or cjson.encode(ids)
-      add(base .. ':ch:' .. instance, id, kind, targets, payload, fragment)
-      groups[instance] = #ids
-    end
-    return groups, order
+  local value, groups, order = fold(first, last, koff, resolve), {}, {}
+  if not value.ids then return by_selector(value.n, id, kind, payload, fragment) end
+  for member in pairs(value.ids) do group_by_instance(groups, order, member) end
+  for _, instance in ipairs(order) do
+    local ids = groups[instance]
+    local targets = #ids == 1 and '["' .. ids[1] .. '"]' or cjson.encode(ids)
+    add(CHANNEL .. instance, id, kind, targets, payload, fragment)
+    groups[instance] = #ids
   end
-  return by_selector(value.n, id, kind, payload, fragment)
+  return groups, order
 end
 
 -- Resolve every call and file its message in the bundles. What a call resolved to is
@@ -211,14 +189,14 @@ while i <= #ARGV do
   local op, call = ARGV[last], nil
   if not anyone then
     call = false
-  elseif last == first + 4 and string.byte(op) == 85 then  -- 'U': one user
+  elseif last == first + 4 and string.byte(op) == BYTE_USER then  -- one user
     local ids = redis.call('HGET', KEYS[1], string.sub(op, 2))
-    if ids and ids ~= '*' and not string.find(ids, ' ', 1, true) then
-      call = string.match(ids, '^[^:]+')
-      add(base .. ':ch:' .. call, id, kind, '["' .. ids .. '"]', payload, fragment)
+    if ids and ids ~= SPILLED and not string.find(ids, ' ', 1, true) then
+      call = instance_of(ids)
+      add(CHANNEL .. call, id, kind, '["' .. ids .. '"]', payload, fragment)
     end
-  elseif last == first + 4 and string.byte(op) == 83 and fragment ~= '' and
-      KEYS[koff + (tonumber(string.sub(op, 2)) or 0)] then  -- 'S': one set (a bad op: below)
+  elseif last == first + 4 and string.byte(op) == BYTE_SET and fragment ~= '' and
+      KEYS[koff + (tonumber(string.sub(op, 2)) or 0)] then  -- one set (a bad op: fold)
     local flat = redis.pcall('HGETALL', holders_of(KEYS[koff + tonumber(string.sub(op, 2))]))
     if flat.err then
       call = {err = flat.err}
@@ -226,10 +204,10 @@ while i <= #ARGV do
       local groups, order = by_selector(counted(flat), id, kind, payload, fragment)
       call = {groups = groups, order = order}
     end
-  elseif last == first + 4 and op == 'B' and fragment ~= '' then
+  elseif last == first + 4 and op == OP_BROADCAST and fragment ~= '' then
     live = live or live_count()
     call = {broadcast = live}
-    if live > 0 then add(base .. ':bcast', id, kind, nil, payload, fragment) end
+    if live > 0 then add(BROADCAST, id, kind, nil, payload, fragment) end
   end
   if call == nil then
     local ok, groups, order = pcall(owners, first + 4, last, koff, id, kind, payload, fragment)
@@ -248,8 +226,8 @@ local heard = {}
 for _, channel in ipairs(channels) do
   local bundle = bundles[channel]
   heard[channel] = redis.call('PUBLISH', channel,
-    '{"v":3,"origin":"' .. origin .. '","messages":[' .. table.concat(bundle.entries, ',') ..
-    ']}\n' .. table.concat(bundle.payloads))
+    '{"v":' .. VERSION .. ',"origin":"' .. origin .. '","messages":[' ..
+    table.concat(bundle.entries, ',') .. ']}\n' .. table.concat(bundle.payloads))
 end
 
 -- One flat reply, because Redis converts a Lua table to a reply slowly (it looks for
@@ -261,20 +239,20 @@ local function put(items)
 end
 for _, call in ipairs(calls) do
   if type(call) == 'string' then  -- the hot path, without a table
-    local reached, n = heard[base .. ':ch:' .. call] > 0 and 1 or 0, #out
+    local reached, n = heard[CHANNEL .. call] > 0 and 1 or 0, #out
     out[n + 1], out[n + 2], out[n + 3], out[n + 4] = 3, reached, reached, call
   elseif call == false then
-    put({-1, 0})
+    put({NO_INSTANCES, 0})
   elseif call.err then
-    out[#out + 1] = -1
+    out[#out + 1] = REPLY_ERROR
     out[#out + 1] = call.err
   elseif call.broadcast then
-    local count = heard[base .. ':bcast'] or 0
-    put({count > 0 and call.broadcast or 0, -1, count})
+    local count = heard[BROADCAST] or 0
+    put({count > 0 and call.broadcast or 0, BROADCAST_REACHED, count})
   else
     local routed, reached, unheard = 0, {}, {}
     for _, instance in ipairs(call.order) do
-      if heard[base .. ':ch:' .. instance] > 0 then
+      if heard[CHANNEL .. instance] > 0 then
         routed = routed + call.groups[instance]
         reached[#reached + 1] = instance
       else

@@ -16,8 +16,9 @@ for i = 1, #ARGV do
     end
     redis.call('HDEL', key, token)
     removed = removed + 1
-    if type(record.u) == 'string' and user_remove(record.u, id) == 1 then
-      offline[#offline + 1] = record.u
+    local user = record[F_USER]
+    if type(user) == 'string' and user_remove(user, id) == 1 then
+      offline[#offline + 1] = user
     end
   end
 end

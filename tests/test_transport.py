@@ -127,6 +127,33 @@ async def test_transport_works_again_after_its_connection_is_killed(
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize(
+    ("kind", "step"),
+    [("socket", "ready"), ("socket", "run"), ("client", "run")],  # client: ready waits for nothing
+)
+async def test_transport_cut_short_in_a_handshake_answers_the_next_round_trip_right(
+    kind: str, step: str, private_redis: RedisServer
+) -> None:
+    """A caller gives up while the connection's handshake waits for a stalled Redis (in
+    ``ready``, or in a round trip): those late replies must not answer the next round
+    trip."""
+    client = Redis.from_url(private_redis.url + "?client_name=wire")  # a reply to wait for
+    admin = Redis.from_url(private_redis.url)
+    transport = KINDS[kind](client)
+    try:
+        await admin.client_pause(500)
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.2):
+                await (transport.ready() if step == "ready" else transport.run([["PING"]]))
+        assert await admin.ping()  # the pause is over: the handshake's replies are out
+        assert await transport.run([["ECHO", "next"]]) == [b"next"]
+    finally:
+        await transport.release()
+        await admin.aclose()
+        await client.aclose()
+
+
+@pytest.mark.integration
 async def test_transport_release_waits_for_a_round_trip_in_flight(
     transport: Transport, real_redis: Redis, prefix: str
 ) -> None:
@@ -221,31 +248,29 @@ async def test_transport_subscribe_refused_is_an_error(
         await admin.aclose()
 
 
-async def picked(redis: Redis, caplog: pytest.LogCaptureFixture) -> tuple[Transport, str]:
-    """What :func:`pick` chooses for ``redis``, and what it logged (at INFO or above);
-    the connection it looked at is back in the pool."""
+async def assert_picks(
+    redis: Redis, caplog: pytest.LogCaptureFixture, chosen: type[Transport], why: str
+) -> None:
+    """:func:`pick` chooses ``chosen`` for ``redis`` and says ``why`` (at INFO); the
+    connection it looked at is back in the pool."""
     caplog.set_level(logging.INFO, "quart_wslb")
-    transport = await pick(redis)
+    assert type(await pick(redis)) is chosen
+    assert why in caplog.text
     assert not in_use(redis.connection_pool)
-    return transport, caplog.text
 
 
 @pytest.mark.integration
 async def test_pick_reads_a_real_client_off_the_socket(
     real_redis: Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
-    transport, logged = await picked(real_redis, caplog)
-    assert isinstance(transport, SocketTransport)
-    assert "parsed straight off the socket" in logged
+    await assert_picks(real_redis, caplog, SocketTransport, "parsed straight off the socket")
 
 
 async def test_pick_goes_through_redis_py_without_sockets(
     redis: Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
     """fakeredis connections have no socket to read."""
-    transport, logged = await picked(redis, caplog)
-    assert isinstance(transport, ClientTransport)
-    assert "have no socket to read" in logged
+    await assert_picks(redis, caplog, ClientTransport, "have no socket to read")
 
 
 @pytest.mark.integration

@@ -2,11 +2,13 @@
 quart-wslb uses.
 
 The fast paths (:mod:`quart_wslb.wire`, :mod:`quart_wslb.subscriber`,
-:mod:`quart_wslb.redis_client`, the writer of :mod:`quart_wslb.connection`) go below
-their dependencies' public APIs in a few places. They reach those names only through this
-module, and :func:`check`, run when an extension starts and when an emitter is made,
-verifies that each still exists and behaves as relied on. What fails is logged once, at
-WARNING, and the part that needs it falls back to the public path: slower, same results.
+:mod:`quart_wslb.transport`, :mod:`quart_wslb.redis_client`, the writer of
+:mod:`quart_wslb.connection`) go below their dependencies' public APIs in a few places.
+They reach those names only through this module, and :func:`check`, run when an extension
+starts and when an emitter is made, verifies that each still exists and behaves as relied
+on. What fails is logged once, at WARNING, and the part that needs it falls back to the
+public path: slower, same results (without raw reads, :func:`quart_wslb.transport.pick`
+picks the transport through redis-py's pipelines and ``PubSub``).
 
 ========================================== ============================ ==================
 Name                                       Needed for                   Without it

@@ -8,8 +8,9 @@ caller waits at most ``timeout`` from its own call, queued or not (``TimeoutErro
 queued call whose caller gave up before its batch is written is left out of it, so it
 has no effect. A batch is cut only once its connection is ready (taken from the pool,
 connected), right before the write: a caller may give up while the batch waits to
-reconnect after a blip, and then may send again. (On the redis-py pipelines of the
-fallback path, which make their connection themselves, the batch is cut before that.)
+reconnect after a blip, and then may send again. (On the redis-py pipelines of
+:class:`~quart_wslb.transport.ClientTransport`, which make their connection themselves,
+the batch is cut before that.)
 
 The script takes its calls in one ``EVALSHA``: ``KEYS`` are the fixed keys, then each
 call's keys; ``ARGV`` the fixed arguments, then for each call the offset of its keys
@@ -26,9 +27,8 @@ pipelined in one round trip (queued behind, and sharing it with, the calls alrea
 waiting if one is in flight); the windows go one after the other, each within
 ``timeout`` of its own start.
 
-Round trips go through :class:`~quart_wslb.wire.Exchange` (replies parsed straight off the
-socket) where the client has sockets, and through a redis-py pipeline otherwise
-(fakeredis).
+Round trips go through the client's :class:`~quart_wslb.transport.Transport`, picked
+once by :func:`~quart_wslb.transport.pick`.
 """
 
 from __future__ import annotations
@@ -39,12 +39,12 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
-from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, ResponseError
 
 from .contract import REPLY_ERROR
-from .wire import Exchange, error_of
+from .transport import Transport
+from .wire import error_of
 
 __all__ = ("GroupCommit",)
 
@@ -71,13 +71,13 @@ class GroupCommit:
 
     def __init__(
         self,
-        redis: Redis,
+        transport: Transport,
         script: AsyncScript,
         timeout: float,
         keys: Sequence[Any] = (),
         args: Sequence[Any] = (),
     ) -> None:
-        self._redis = redis
+        self._transport = transport
         self._script = script
         self._timeout = timeout
         self._keys, self._args = list(keys), list(args)  # first in every script call
@@ -85,8 +85,6 @@ class GroupCommit:
         self._queue: list[Call] = []
         self._window_queue: list[Window] = []  # windows of many(), queued like calls
         self._drainer: asyncio.Task[None] | None = None
-        self._exchange = Exchange(redis)
-        self._raw: bool | None = None  # whether the exchange can be used; known at first use
         self._release: asyncio.TimerHandle | None = None
         self._releasing: set[asyncio.Future[None]] = set()
         # Each queued call's deadline, in the order of the calls (so of their deadlines),
@@ -228,7 +226,7 @@ class GroupCommit:
     async def _run(self, batch: list[Call], windows: Sequence[Window] = ()) -> None:
         try:
             async with asyncio.timeout(self._timeout):
-                await self._ready()
+                await self._transport.ready()
                 # Nothing left to wait for before the write: leave out now the calls
                 # whose callers gave up while the connection was made.
                 batch = [call for call in batch if not call[1].done()]
@@ -267,7 +265,7 @@ class GroupCommit:
         already) in one round trip; errors are returned, not raised."""
         chunks = _chunks(calls) if chunks is None else chunks
         commands = [self._evalsha(chunk) for chunk in chunks]
-        replies = await self._commands(commands)
+        replies = await self._transport.run(commands)
         missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
         if missing:
             # Redis lost its script cache (a restart): load the script (on this same
@@ -275,7 +273,7 @@ class GroupCommit:
             # calls that did not run; if that fails, only their calls fail.
             load = ["SCRIPT", "LOAD", self._script.script]
             try:
-                again = await self._commands([load, *(commands[i] for i in missing)])
+                again = await self._transport.run([load, *(commands[i] for i in missing)])
             except Exception as error:
                 again = [None] + [error] * len(missing)
             for i, reply in zip(missing, again[1:], strict=True):
@@ -285,33 +283,12 @@ class GroupCommit:
             results += _split(reply, len(chunk))
         return results
 
-    async def _commands(self, commands: list[list[Any]]) -> list[Any]:
-        """Pipelined commands: through the exchange, or a redis-py pipeline (fakeredis)."""
-        if await self._is_raw():
-            return await self._exchange.run(commands)
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for command in commands:
-                pipe.execute_command(*command)
-            results: list[Any] = await pipe.execute(raise_on_error=False)
-        return results
-
     def _evalsha(self, calls: list[Args]) -> list[Any]:
         keys, args = list(self._keys), list(self._args)
         for call_keys, call_args, _ in calls:
             args += [len(keys) - len(self._keys), len(call_args), *call_args]
             keys += call_keys
         return ["EVALSHA", self._script.sha, len(keys), *keys, *args]
-
-    async def _ready(self) -> None:
-        """Wait for what a round trip would wait for before it writes (the exchange's
-        connection); nothing to wait for on redis-py pipelines."""
-        if await self._is_raw():
-            await self._exchange.ready()
-
-    async def _is_raw(self) -> bool:
-        if self._raw is None:
-            self._raw = await self._exchange.supported()
-        return self._raw
 
     def _idle(self) -> None:
         """Nothing in flight: hand the connection back to the pool if it stays so for
@@ -323,16 +300,16 @@ class GroupCommit:
     def _release_now(self) -> None:
         self._release = None
         if not self._busy:
-            task = asyncio.ensure_future(self._exchange.release())
+            task = asyncio.ensure_future(self._transport.release())
             self._releasing.add(task)  # a reference, until it is done
             task.add_done_callback(self._releasing.discard)
 
     async def aclose(self) -> None:
-        """Hand the exchange's connection back to the client's pool now; it goes back by
+        """Hand the transport's connection back to the client's pool now; it goes back by
         itself ``IDLE_RELEASE`` seconds after the last call ends, which is also when one
         that a call is still reading goes back."""
         self._cancel_release()
-        await self._exchange.release()
+        await self._transport.release()
 
 
 def _answer_windows(windows: Sequence[Window], results: list[Any]) -> None:

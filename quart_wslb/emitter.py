@@ -14,6 +14,7 @@ id, a page at a time.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from collections.abc import AsyncIterator, Generator, Iterable, Sequence
@@ -39,6 +40,7 @@ from .records import ConnectionRecord
 from .redis_client import checked_client, make_client
 from .selectors import AllSelector, Program, Selector
 from .signing import canonical
+from .transport import Transport, pick
 
 __all__ = ("AsyncEmitter", "Receipt", "Stream")
 
@@ -145,16 +147,23 @@ class AsyncEmitter:
         *,
         origin: str | None = None,
         strict: bool = True,
+        transport: Transport | None = None,
     ) -> Self:
         """An emitter of options resolved already (:func:`~quart_wslb.config.emitter_options`),
         with ``redis`` as its client if given (then ``options.redis_url`` and
-        ``options.max_connections`` go unused)."""
+        ``options.max_connections`` go unused), sending through ``transport`` if given
+        (one that :func:`~quart_wslb.transport.pick` chose for ``redis``)."""
         emitter = cls.__new__(cls)
-        emitter._setup(options, redis, origin, strict)
+        emitter._setup(options, redis, origin, strict, transport)
         return emitter
 
     def _setup(
-        self, options: EmitterOptions, redis: Redis | None, origin: str | None, strict: bool
+        self,
+        options: EmitterOptions,
+        redis: Redis | None,
+        origin: str | None,
+        strict: bool,
+        transport: Transport | None = None,
     ) -> None:
         """The construction proper, from resolved options."""
         if redis is not None:
@@ -173,13 +182,11 @@ class AsyncEmitter:
         self._layout_seen = False
         # Encoded once: redis-py would encode these on every call of the hot path.
         self._fixed_keys = [k.encode() for k in (self.keys.users, self.keys.instances)]
-        self._sends = GroupCommit(
-            self._redis,
-            self._redis.register_script(source("send")),
-            timeout,
-            keys=self._fixed_keys,
-            args=[self.keys.channel_base.encode(), self.origin.encode()],
-        )
+        self._send = self._redis.register_script(source("send"))
+        self._transport = transport
+        #: Runs the sends; made at the first, on the transport (picked then, if not given).
+        self._sends: GroupCommit | None = None
+        self._picking = asyncio.Lock()
         self._count = self._redis.register_script(source("count"))
         self._match = self._redis.register_script(source("match"))
         self._membership = self._redis.register_script(source("membership"))
@@ -187,7 +194,8 @@ class AsyncEmitter:
     async def aclose(self) -> None:
         """Give back the connection that sends use, and close the Redis client if this
         emitter created it."""
-        await self._sends.aclose()
+        if self._sends is not None:
+            await self._sends.aclose()
         if self._owns_client:
             await self._redis.aclose()
 
@@ -263,7 +271,7 @@ class AsyncEmitter:
             args: list[bytes | str] = [message_id, kind, payload, fragment, *program.ops]
             calls.append((program.keys, args, _heavy(program)))
         try:
-            replies = await self._sends.many(calls)
+            replies = await (self._sends or await self._first_sends()).many(calls)
         except REDIS_FAILURES as error:
             raise ours(error, "send") from error
         routes = []
@@ -334,7 +342,7 @@ class AsyncEmitter:
         owners nobody heard. No instance ever announced itself: ``[0, 0]``."""
         fragment = self._fragment(message_id, kind, payload, program)
         try:  # GroupCommit bounds every round trip in time
-            reply: list[Any] = await self._sends(
+            reply: list[Any] = await (self._sends or await self._first_sends())(
                 program.keys,
                 [message_id, kind, payload, fragment, *program.ops],
                 alone=_heavy(program),
@@ -342,6 +350,21 @@ class AsyncEmitter:
         except REDIS_FAILURES as error:  # not redis_errors(): this is the hot path
             raise ours(error, "send") from error
         return self._checked(reply)
+
+    async def _first_sends(self) -> GroupCommit:
+        """The group commit of sends, made at the first (concurrent first sends wait for
+        it), on the transport given or picked now, within ``timeout``."""
+        async with asyncio.timeout(self.timeout), self._picking:
+            if self._sends is None:
+                transport = self._transport or await pick(self._redis)
+                self._sends = GroupCommit(
+                    transport,
+                    self._send,
+                    self.timeout,
+                    keys=self._fixed_keys,
+                    args=[self.keys.channel_base.encode(), self.origin.encode()],
+                )
+            return self._sends
 
     def _checked(self, reply: list[Any]) -> list[Any]:
         """send.lua's reply, or ``[0, 0]`` (or ``NoInstancesError`` if strict) when no

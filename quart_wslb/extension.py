@@ -22,9 +22,11 @@ from .connection import Activity, Connection
 from .emitter import EVERYONE, AsyncEmitter, Receipt, Stream, pack_many
 from .envelope import pack
 from .exceptions import (
+    REDIS_FAILURES,
     NotStartedError,
     RedisAuthenticationError,
     RedisUnavailableError,
+    describe,
     redis_deadline,
 )
 from .keys import Keys
@@ -36,6 +38,7 @@ from .redis_client import checked_client, make_client
 from .registry import Registry
 from .selectors import Selector
 from .signal_sender import SignalSender
+from .transport import Transport, pick
 
 __all__ = ("WsLoadBalance",)
 
@@ -264,8 +267,15 @@ class WsLoadBalance:
         keys = Keys.of(settings.prefix, redis)
         instance = settings.instance_id
         registry = Registry(redis, keys)
+        transport = await _pick(redis, timeout)
         receiver = Receiver(
-            redis, keys, instance, self._local, self._sender, keyring=settings.secret
+            redis,
+            keys,
+            instance,
+            self._local,
+            self._sender,
+            keyring=settings.secret,
+            transport=transport,
         )
         liveness = Liveness(
             redis,
@@ -301,7 +311,7 @@ class WsLoadBalance:
         # Not strict: right after Redis lost its data no instance is listed until this one
         # beats again, and sends then route to nobody rather than fail.
         emitter = AsyncEmitter.from_options(
-            settings.emitter_options(), redis, origin=instance, strict=False
+            settings.emitter_options(), redis, origin=instance, strict=False, transport=transport
         )
         self._runtime = _Runtime(redis, registry, receiver, liveness, emitter, tasks)
         try:
@@ -410,6 +420,18 @@ class WsLoadBalance:
             except Exception as error:
                 log.warning("could not unregister %s: %r", connection.id, error)
         await self._sender.send(signals.connection_closed, connection=connection)
+
+
+async def _pick(redis: Redis, timeout: float) -> Transport | None:
+    """The transport for ``redis`` (:func:`~quart_wslb.transport.pick`); ``None`` while
+    Redis is out of reach, and then the receiver and the emitter each pick one when they
+    first reach it."""
+    try:
+        async with asyncio.timeout(timeout):
+            return await pick(redis)
+    except REDIS_FAILURES as error:
+        log.warning("transport not picked yet (%s); picked when Redis answers", describe(error))
+        return None
 
 
 async def _first_beat(liveness: Liveness, timeout: float) -> None:

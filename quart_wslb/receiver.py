@@ -7,8 +7,9 @@ error logs (with the traceback when it is not a Redis failure), sends ``subscrib
 with a reason, backs off and subscribes again; a probe that the liveness loop publishes
 on the instance's own channel proves it still hears (see :mod:`quart_wslb.liveness`).
 Whatever the connection holds is delivered before it is dropped: everything Redis sent
-before closing it, and on a restart, whatever keeps arriving. It reads through
-:mod:`quart_wslb.subscriber`, which hands over every message that arrived at once.
+before closing it, and on a restart, whatever keeps arriving. It subscribes through
+its :class:`~quart_wslb.transport.Transport`, whose subscription
+(:mod:`quart_wslb.subscriber`) hands over every message that arrived at once.
 A message either lists its targets (a user's or a connection's ids) or names its
 selector, which is resolved here over this instance's own connections
 (:class:`~quart_wslb.local_index.LocalIndex`). Control envelopes (join, leave,
@@ -37,7 +38,8 @@ from .local_index import LocalIndex
 from .outgoing import Outgoing
 from .signal_sender import SignalSender
 from .signing import Keyring, Verifier
-from .subscriber import SubscriberClosedError, Subscription, output_buffer_cuts, subscribe
+from .subscriber import SubscriberClosedError, Subscription, output_buffer_cuts
+from .transport import Transport, pick
 
 __all__ = ("Receiver",)
 
@@ -69,7 +71,11 @@ class SubscriberRestartedError(RedisConnectionError):
 
 class Receiver:
     """Receives this instance's envelopes (its subscriber loop) and delivers their
-    messages to its local connections; publishes only its own liveness probes."""
+    messages to its local connections; publishes only its own liveness probes.
+
+    It subscribes through ``transport`` (the extension's, :func:`~quart_wslb.transport.pick`
+    chose it at start); without one, :meth:`run` picks one for ``redis`` when it starts.
+    """
 
     def __init__(
         self,
@@ -79,8 +85,10 @@ class Receiver:
         local: LocalIndex,
         sender: SignalSender,
         keyring: Keyring | None = None,
+        transport: Transport | None = None,
     ) -> None:
         self._redis = redis
+        self._transport = transport
         self._keys = keys
         self._instance = instance
         self._local = local
@@ -142,10 +150,12 @@ class Receiver:
         while True:
             since: float | None = None
             try:
+                if self._transport is None:  # picked once, retried like a subscription
+                    self._transport = await pick(self._redis)
                 # Before subscribing: Redis may cut the subscription as soon as it is
                 # confirmed, and every cut after this read must count.
                 self._cuts = await output_buffer_cuts(self._redis)
-                async with subscribe(self._redis, channels) as subscription:
+                async with self._transport.subscribe(channels) as subscription:
                     since = time.monotonic()
                     await self._subscribed()
                     await self._listen(subscription)

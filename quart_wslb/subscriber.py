@@ -1,4 +1,5 @@
-"""Reading this instance's channels with as little work per message as possible.
+"""Subscriptions: the messages of this instance's channels, with as little work per
+message as possible.
 
 redis-py's ``PubSub.get_message`` pays, for every message, a stack of coroutines (retry
 wrapper, connection read, parser, push handler), a fresh timeout and a dict: at
@@ -7,15 +8,11 @@ dispatching the message costs. Here the socket is read once for whatever has arr
 (hundreds of messages under load), every complete reply is parsed with
 ``hiredis.Reader``, and the payloads come back as one list, in order.
 
-Only reading bypasses redis-py. The connection comes from the client's own pool, so it
-was made, connected and handshaken (host or Unix socket, TLS, credentials, database,
-RESP2 or RESP3) exactly as the client was configured; SUBSCRIBE goes through the
-connection's public ``send_command``. Both protocols are read alike: a RESP3 push and a
-RESP2 array of a pub/sub message parse to the same three-item list.
-
-Clients whose connections have no socket (fakeredis) are read through ``PubSub``, and so
-are all clients where :func:`quart_wslb._compat.check` found the installed redis-py or
-hiredis unable to serve raw reads (it says so at WARNING).
+The socket is one of the client's own connections, subscribed by
+:class:`~quart_wslb.transport.SocketTransport`. Both protocols are read alike: a RESP3
+push and a RESP2 array of a pub/sub message parse to the same three-item list.
+:class:`PubSubSubscription` reads through redis-py's ``PubSub`` instead, for
+:class:`~quart_wslb.transport.ClientTransport`.
 """
 
 from __future__ import annotations
@@ -23,18 +20,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from typing import Protocol
 
-from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
-from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import InvalidResponse, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from ._compat import check, get_connection, stream_of
 from .wire import INCOMPLETE, READ_SIZE, parser
 
 __all__ = (
@@ -43,11 +37,10 @@ __all__ = (
     "SubscriberClosedError",
     "Subscription",
     "output_buffer_cuts",
-    "subscribe",
 )
 
 log = logging.getLogger("quart_wslb")
-#: How long Redis may take to confirm the subscription when the client sets no
+#: How long Redis may take to confirm a subscription when the client sets no
 #: ``socket_timeout``.
 CONFIRM_TIMEOUT = 5.0
 #: The ``INFO stats`` field that counts the clients Redis disconnected for
@@ -66,9 +59,11 @@ class Subscription(Protocol):
         """The next messages' payloads, in order; ``[]`` when no whole message came
         within ``timeout`` s.
 
-        Raises a ``redis.exceptions.RedisError`` once the subscription is lost
-        (:class:`SubscriberClosedError` when Redis closed it), and only once every
-        message that arrived ahead of the loss was handed out.
+        Raises a ``redis.exceptions.RedisError`` once the subscription is lost, and
+        only once every message that arrived ahead of the loss was handed out: on the
+        socket, :class:`SubscriberClosedError` when Redis closed it; through ``PubSub``,
+        redis-py's ``ConnectionError`` (its ``PubSub`` would reconnect at the next read,
+        but the caller drops it and subscribes again).
         """
         ...
 
@@ -154,13 +149,39 @@ class StreamSubscription:
 
 
 class PubSubSubscription:
-    """Messages through redis-py's ``PubSub``, one per read (for fakeredis)."""
+    """Messages through redis-py's ``PubSub``, one per read (without raw reads: see
+    :class:`~quart_wslb.transport.ClientTransport`)."""
 
-    def __init__(self, pubsub: PubSub) -> None:
+    def __init__(self, pubsub: PubSub, channels: Sequence[str]) -> None:
         self._pubsub = pubsub
+        self._unconfirmed = set(channels)
+        # Messages read while waiting for confirmations, for the first read.
+        self._ready: list[bytes] = []
+
+    async def confirm(self, timeout: float) -> None:
+        """Wait until Redis confirmed every channel (at most ``timeout`` seconds); a
+        refusal raises Redis's error, as on the socket."""
+        deadline = time.monotonic() + timeout
+        while self._unconfirmed:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise RedisTimeoutError(f"Redis did not confirm the subscription in {timeout}s")
+            message = await self._pubsub.get_message(timeout=remaining)
+            if message is None:
+                continue
+            if message["type"] == "message":
+                self._ready.append(message["data"])
+            elif message["type"] == "subscribe":
+                channel = message["channel"]
+                self._unconfirmed.discard(
+                    channel.decode() if isinstance(channel, bytes) else channel
+                )
 
     async def read(self, timeout: float) -> list[bytes]:
         """The next message's payload, or ``[]`` when none came within ``timeout`` s."""
+        if self._ready:
+            ready, self._ready = self._ready, []
+            return ready
         deadline = time.monotonic() + timeout
         while (remaining := deadline - time.monotonic()) > 0:
             message = await self._pubsub.get_message(
@@ -183,44 +204,3 @@ async def output_buffer_cuts(redis: Redis, timeout: float = 1.0) -> int | None:
         return None
     count = stats.get(OUTPUT_BUFFER_CUTS)
     return count if isinstance(count, int) else None
-
-
-@asynccontextmanager
-async def subscribe(redis: Redis, channels: Sequence[str]) -> AsyncIterator[Subscription]:
-    """Subscribe to ``channels`` on a connection of ``redis``'s pool for the block.
-
-    Returns once Redis has confirmed every channel. The connection is closed at the end
-    (a subscribed connection can serve nothing else) and handed back to the pool.
-    """
-    pool = redis.connection_pool
-    raw = await _raw_connection(pool)
-    if raw is None:
-        log.info("no socket to read the subscription from; reading it through PubSub")
-        async with redis.pubsub() as pubsub:
-            await pubsub.subscribe(*channels)
-            yield PubSubSubscription(pubsub)
-        return
-    connection, stream = raw
-    try:
-        subscription = StreamSubscription(stream, channels)
-        await connection.send_command("SUBSCRIBE", *channels, check_health=False)
-        await subscription.confirm(connection.socket_timeout or CONFIRM_TIMEOUT)
-        yield subscription
-    finally:
-        await connection.disconnect(nowait=True)
-        await pool.release(connection)
-
-
-async def _raw_connection(
-    pool: ConnectionPool,
-) -> tuple[AbstractConnection, asyncio.StreamReader] | None:
-    """A connection of ``pool`` and its socket reader; ``None`` (holding nothing) where
-    there is no socket to read (fakeredis) or raw reads are off (:func:`check`)."""
-    if not check().raw:
-        return None
-    connection = await get_connection(pool)
-    stream = stream_of(connection)
-    if stream is None:
-        await pool.release(connection)
-        return None
-    return connection, stream

@@ -4,9 +4,11 @@ redis-py makes, connects and handshakes connections (host or Unix socket, TLS,
 credentials, database, RESP2 or RESP3) exactly as the user's client is configured; we keep
 that. What we skip is its per-reply path (a stack of coroutines, a timeout and response
 callbacks for every reply), which on the hot paths cost more than the work itself:
-:mod:`quart_wslb.subscriber` reads pub/sub messages, :class:`Exchange` runs pipelined
-script calls for :mod:`quart_wslb.batch`. The redis-py and hiredis names this needs beyond
-their public API come from :mod:`quart_wslb._compat`, which checks them.
+:class:`Exchange` runs pipelined script calls for :mod:`quart_wslb.batch`, and
+:class:`~quart_wslb.subscriber.StreamSubscription` reads pub/sub messages; together they
+are :class:`~quart_wslb.transport.SocketTransport`, which :func:`~quart_wslb.transport.pick`
+chooses where the client's connections have a socket. The redis-py and hiredis names this
+needs beyond their public API come from :mod:`quart_wslb._compat`, which checks them.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from redis.exceptions import RedisError, ResponseError
 from ._compat import (
     INCOMPLETE,
     PushNotification,
-    check,
     get_connection,
     parse_error,
     parser,
@@ -57,15 +58,6 @@ class Exchange:
         self._pool = redis.connection_pool
         self._connection: AbstractConnection | None = None
         self._running = False
-
-    async def supported(self) -> bool:
-        """Whether the client's connections have a socket to read (not fakeredis), and
-        the installed redis-py and hiredis allow reading it (:mod:`quart_wslb._compat`)."""
-        if not check().raw:
-            return False
-        supported = stream_of(await self._connected()) is not None
-        await self.release()
-        return supported
 
     async def ready(self) -> None:
         """Take a connection from the pool and connect it, unless done already: all that

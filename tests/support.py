@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -24,6 +24,7 @@ from quart_wslb import WsLoadBalance, current_connection, ws_route
 from quart_wslb.batch import GroupCommit
 from quart_wslb.config import QueueFullPolicy
 from quart_wslb.connection import Connection, Membership
+from quart_wslb.emitter import AsyncEmitter
 from quart_wslb.envelope import Frame
 from quart_wslb.keys import Keys
 from quart_wslb.local_index import LocalIndex
@@ -291,13 +292,20 @@ def in_use(pool: ConnectionPool) -> int:
 
 
 def round_trips(commit: GroupCommit) -> list[list[str]]:
-    """The command names of each round trip that ``commit`` makes from now on."""
+    """The command names of each round trip that ``commit`` makes from now on (through
+    its transport, whose ``run`` this wraps)."""
     trips: list[list[str]] = []
-    commands = commit._commands
+    transport = commit._transport
+    run = transport.run
 
-    async def spy(batch: list[list[Any]]) -> list[Any]:
-        trips.append([str(command[0]) for command in batch])
-        return await commands(batch)
+    async def spy(commands: Sequence[Sequence[Any]]) -> list[Any]:
+        trips.append([str(command[0]) for command in commands])
+        return await run(commands)
 
-    commit._commands = spy  # type: ignore[method-assign,assignment]
+    transport.run = spy  # type: ignore[method-assign]
     return trips
+
+
+async def sends_of(emitter: AsyncEmitter) -> GroupCommit:
+    """The group commit of ``emitter``'s sends (made at its first send, or now)."""
+    return await emitter._first_sends()

@@ -1,13 +1,12 @@
-"""GroupCommit against a real Redis: lone calls go alone, concurrent ones share script
-calls and round trips."""
+"""GroupCommit against a real Redis, through both transports: lone calls go alone,
+concurrent ones share script calls and round trips."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import fakeredis
 import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
@@ -15,6 +14,7 @@ from redis.exceptions import ResponseError
 from quart_wslb import batch
 from quart_wslb.batch import GroupCommit
 from quart_wslb.testing import RedisServer
+from quart_wslb.transport import ClientTransport, SocketTransport, Transport
 from tests.support import eventually, in_use, round_trips
 
 # A batched script (see quart_wslb.batch): after the fixed keys and arguments, each call
@@ -43,11 +43,31 @@ SCRIPT = (
 COUNTER = BATCHED % "put(1, redis.call('INCR', KEYS[fixed_keys + koff + 1]))"
 
 
-@pytest.fixture(name="redis")
-async def fixture_redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+#: The transports, by name: the ``kind`` parameter of the tests.
+KINDS: dict[str, Callable[[aioredis.Redis], Transport]] = {
+    "socket": SocketTransport,
+    "client": ClientTransport,
+}
+
+
+@pytest.fixture(name="client")
+async def fixture_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    """A client of ``redis_url`` (the ACL user, in ACL runs)."""
     client = aioredis.Redis.from_url(redis_url)
     yield client
     await client.aclose()
+
+
+@pytest.fixture(name="kind", params=sorted(KINDS))
+def fixture_kind(request: pytest.FixtureRequest) -> str:
+    """Which transport the test runs on."""
+    kind: str = request.param
+    return kind
+
+
+@pytest.fixture(name="transport")
+def fixture_transport(kind: str, client: aioredis.Redis) -> Transport:
+    return KINDS[kind](client)
 
 
 class Counting(GroupCommit):
@@ -60,8 +80,16 @@ class Counting(GroupCommit):
         return await super()._pipeline(batch, windows)
 
 
-def make(redis: aioredis.Redis) -> Counting:
-    return Counting(redis, redis.register_script(SCRIPT), timeout=5.0, args=[0, 0])
+def make(
+    transport: Transport,
+    redis: aioredis.Redis,
+    script: str = SCRIPT,
+    timeout: float = 5.0,
+    **fixed: Any,
+) -> Counting:
+    """A group commit of ``script`` (registered on ``redis``) through ``transport``."""
+    fixed.setdefault("args", [0, 0])
+    return Counting(transport, redis.register_script(script), timeout, **fixed)
 
 
 def batch_sizes(commit: GroupCommit) -> list[int]:
@@ -77,26 +105,31 @@ def batch_sizes(commit: GroupCommit) -> list[int]:
     return sizes
 
 
-async def test_group_commit_lone_call_goes_alone(redis: aioredis.Redis, prefix: str) -> None:
-    commit = make(redis)
+@pytest.mark.integration
+async def test_group_commit_lone_call_goes_alone(
+    transport: Transport, client: aioredis.Redis, prefix: str
+) -> None:
+    commit = make(transport, client)
     assert await commit([prefix + "k"], ["a"]) == [prefix.encode() + b"k", b"a"]
     assert await commit([prefix + "k"], ["b"]) == [prefix.encode() + b"k", b"b"]
     assert commit.pipelines == 0
 
 
+@pytest.mark.integration
 async def test_group_commit_concurrent_calls_share_pipelines(
-    redis: aioredis.Redis, prefix: str
+    transport: Transport, client: aioredis.Redis, prefix: str
 ) -> None:
-    commit = make(redis)
+    commit = make(transport, client)
     results = await asyncio.gather(*(commit([prefix], [str(n)]) for n in range(200)))
     assert [r[1] for r in results] == [str(n).encode() for n in range(200)]
     assert 1 <= commit.pipelines <= 3  # one lone call, then the rest together
 
 
+@pytest.mark.integration
 async def test_group_commit_errors_reach_only_their_caller(
-    redis: aioredis.Redis, prefix: str
+    transport: Transport, client: aioredis.Redis, prefix: str
 ) -> None:
-    commit = make(redis)
+    commit = make(transport, client)
     results = await asyncio.gather(
         *(commit([prefix], ["fail" if n == 7 else str(n)]) for n in range(20)),
         return_exceptions=True,
@@ -105,9 +138,12 @@ async def test_group_commit_errors_reach_only_their_caller(
     assert all(not isinstance(r, BaseException) for n, r in enumerate(results) if n != 7)
 
 
-async def test_group_commit_reloads_a_flushed_script(private_redis: RedisServer) -> None:
+@pytest.mark.integration
+async def test_group_commit_reloads_a_flushed_script(
+    kind: str, private_redis: RedisServer
+) -> None:
     redis = aioredis.Redis.from_url(private_redis.url)
-    commit = make(redis)
+    commit = make(KINDS[kind](redis), redis)
     await commit(["k"], ["warm"])
     await redis.script_flush()  # as after a Redis restart (on a server of our own)
     results = await asyncio.gather(*(commit(["k"], [str(n)]) for n in range(10)))
@@ -116,10 +152,11 @@ async def test_group_commit_reloads_a_flushed_script(private_redis: RedisServer)
     await redis.aclose()
 
 
+@pytest.mark.integration
 async def test_group_commit_survives_a_caller_giving_up(
-    redis: aioredis.Redis, prefix: str
+    transport: Transport, client: aioredis.Redis, prefix: str
 ) -> None:
-    commit = make(redis)
+    commit = make(transport, client)
     first = asyncio.create_task(commit([prefix], ["1"]))
     quitter = asyncio.create_task(commit([prefix], ["2"]))
     stayer = asyncio.create_task(commit([prefix], ["3"]))
@@ -131,10 +168,13 @@ async def test_group_commit_survives_a_caller_giving_up(
     assert (await commit([prefix], ["4"]))[1] == b"4"  # and it is not stuck busy
 
 
-async def test_group_commit_after_a_flush_runs_each_call_once(private_redis: RedisServer) -> None:
+@pytest.mark.integration
+async def test_group_commit_after_a_flush_runs_each_call_once(
+    kind: str, private_redis: RedisServer
+) -> None:
     """Calls that Redis refused for want of the script run again, and only they do."""
     redis = aioredis.Redis.from_url(private_redis.url)
-    commit = GroupCommit(redis, redis.register_script(COUNTER), 5.0, args=[0, 0])
+    commit = make(KINDS[kind](redis), redis, COUNTER)
     assert await commit(["n"], []) == [1]
     await redis.script_flush()
     assert await commit(["n"], []) == [2]  # a lone call
@@ -146,24 +186,13 @@ async def test_group_commit_after_a_flush_runs_each_call_once(private_redis: Red
     await redis.aclose()
 
 
-async def test_group_commit_without_sockets_uses_redis_py_pipelines() -> None:
-    """fakeredis connections have no socket to read: the same results through redis-py."""
-    redis = fakeredis.FakeAsyncRedis()
-    commit = make(redis)
-    assert await commit(["k"], ["a"]) == [b"k", b"a"]
-    results = await asyncio.gather(*(commit(["k"], [str(n)]) for n in range(50)))
-    assert [r[1] for r in results] == [str(n).encode() for n in range(50)]
-    assert commit.pipelines >= 1
-    assert commit._raw is False
-    await redis.aclose()
-
-
+@pytest.mark.integration
 async def test_group_commit_loops_of_sends_fill_their_batches(
-    redis: aioredis.Redis, prefix: str
+    transport: Transport, client: aioredis.Redis, prefix: str
 ) -> None:
     """Callers that send again as soon as they are answered join the next batch, rather
     than each starting a round trip of its own."""
-    commit = make(redis)
+    commit = make(transport, client)
     sizes = batch_sizes(commit)
 
     async def loop(worker: int) -> None:
@@ -175,21 +204,24 @@ async def test_group_commit_loops_of_sends_fill_their_batches(
     assert sizes[1:-1] == [16] * (len(sizes) - 2)
 
 
+@pytest.mark.integration
 async def test_group_commit_gives_its_connection_back_when_idle(
-    redis: aioredis.Redis, prefix: str, monkeypatch: pytest.MonkeyPatch
+    client: aioredis.Redis, prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """An emitter over a shared client does not keep one of its connections for good."""
+    """An emitter over a shared client does not keep one of its connections for good
+    (only the socket transport holds one between round trips)."""
     monkeypatch.setattr(batch, "IDLE_RELEASE", 0.05)
-    commit = make(redis)
+    commit = make(SocketTransport(client), client)
     await asyncio.gather(*(commit([prefix], [str(n)]) for n in range(10)))
-    assert in_use(redis.connection_pool) == 1
+    assert in_use(client.connection_pool) == 1
     await asyncio.sleep(0.2)
-    assert not in_use(redis.connection_pool)
+    assert not in_use(client.connection_pool)
     assert (await commit([prefix], ["again"]))[1] == b"again"
 
 
+@pytest.mark.integration
 async def test_group_commit_reloads_the_script_on_its_own_connection(
-    private_redis: RedisServer,
+    kind: str, private_redis: RedisServer
 ) -> None:
     """After a flush, the script is loaded where the calls run: with a pool of one
     connection, held by the group commit, nothing else could load it."""
@@ -197,7 +229,7 @@ async def test_group_commit_reloads_the_script_on_its_own_connection(
         private_redis.url, max_connections=1, timeout=1
     )
     redis = aioredis.Redis(connection_pool=pool)
-    commit = make(redis)
+    commit = make(KINDS[kind](redis), redis)
     assert (await commit(["k"], ["warm"]))[1] == b"warm"
     async with aioredis.Redis.from_url(private_redis.url) as admin:
         await admin.script_flush()
@@ -208,23 +240,25 @@ async def test_group_commit_reloads_the_script_on_its_own_connection(
     await pool.aclose()  # a pool given to the client is not closed with it
 
 
+@pytest.mark.integration
 async def test_group_commit_passes_fixed_keys_and_args_first(
-    redis: aioredis.Redis, prefix: str
+    transport: Transport, client: aioredis.Redis, prefix: str
 ) -> None:
     fixed = [prefix + "fixed-1", prefix + "fixed-2"]
-    commit = GroupCommit(redis, redis.register_script(SCRIPT), 5.0, keys=fixed, args=[2, 1, "x"])
+    commit = make(transport, client, keys=fixed, args=[2, 1, "x"])
     results = await asyncio.gather(*(commit([f"{prefix}{n}"], [str(n)]) for n in range(5)))
     assert results == [[f"{prefix}{n}".encode(), str(n).encode()] for n in range(5)]
 
 
+@pytest.mark.integration
 async def test_group_commit_batch_is_one_script_call(
-    redis: aioredis.Redis, prefix: str, monkeypatch: pytest.MonkeyPatch
+    transport: Transport, client: aioredis.Redis, prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A queue goes out as one EVALSHA, cut at MAX_CALLS calls or MAX_BYTES of
     arguments, and all its script calls share one round trip."""
     monkeypatch.setattr(batch, "MAX_CALLS", 10)
     monkeypatch.setattr(batch, "MAX_BYTES", 1000)
-    commit = make(redis)
+    commit = make(transport, client)
     trips = round_trips(commit)
     results = await asyncio.gather(*(commit([prefix], [str(n)]) for n in range(26)))
     assert [r[1] for r in results] == [str(n).encode() for n in range(26)]
@@ -261,13 +295,14 @@ def test_chunks_give_alone_calls_a_script_call_of_their_own() -> None:
     ]
 
 
+@pytest.mark.integration
 async def test_group_commit_leaves_out_a_call_whose_caller_gave_up(
-    redis: aioredis.Redis, prefix: str
+    transport: Transport, client: aioredis.Redis, prefix: str
 ) -> None:
     """A queued caller that gives up (its own deadline, or cancelled) before its batch
     goes out: its call is never run, so it has no effect. (That the deadline runs from
     each caller's own call: test_emitter's queued send.)"""
-    commit = GroupCommit(redis, redis.register_script(COUNTER), timeout=5.0, args=[0, 0])
+    commit = make(transport, client, COUNTER)
     first = asyncio.create_task(commit([prefix + ":first"], []))
     quitter = asyncio.create_task(commit([prefix + ":quitter"], []))
     stayer = asyncio.create_task(commit([prefix + ":stayer"], []))
@@ -275,8 +310,8 @@ async def test_group_commit_leaves_out_a_call_whose_caller_gave_up(
     quitter.cancel()
     assert await first == [1] and await stayer == [1]
     assert quitter.cancelled()
-    assert await redis.get(prefix + ":quitter") is None
-    assert await redis.get(prefix + ":stayer") == b"1"
+    assert await client.get(prefix + ":quitter") is None
+    assert await client.get(prefix + ":stayer") == b"1"
 
 
 @pytest.mark.integration
@@ -286,11 +321,12 @@ async def test_group_commit_never_sends_a_call_whose_caller_gave_up_while_it_rec
     """Redis stalls (CLIENT PAUSE): the call in flight times out, which drops its
     connection, so the batch queued behind it has to connect again, and the handshake
     waits for the pause to end. Its caller's deadline passes meanwhile: once Redis is
-    back, its call must not run, since its caller was told it failed and may retry."""
+    back, its call must not run, since its caller was told it failed and may retry.
+    (Only on the socket transport: redis-py's pipelines connect after the batch is cut.)"""
     # A handshake that waits for Redis's answer whatever the redis-py release.
     redis = aioredis.Redis.from_url(private_redis.url + "?client_name=batch")
     admin = aioredis.Redis.from_url(private_redis.url)
-    commit = GroupCommit(redis, redis.register_script(COUNTER), timeout=1.0, args=[0, 0])
+    commit = make(SocketTransport(redis), redis, COUNTER, timeout=1.0)
     batches = batch_sizes(commit)
     try:
         assert await commit(["warm"], []) == [1]
@@ -318,13 +354,13 @@ async def test_group_commit_never_sends_a_call_whose_caller_gave_up_while_it_rec
 
 @pytest.mark.integration
 async def test_group_commit_queued_calls_share_one_deadline_timer(
-    private_redis: RedisServer,
+    kind: str, private_redis: RedisServer
 ) -> None:
     """Queued calls are timed by one timer for the earliest deadline, not one each: a
     call stuck behind a stalled round trip still fails within its own timeout, and the
     answered ones leave the list of deadlines, which stays short."""
     redis = aioredis.Redis.from_url(private_redis.url)
-    commit = GroupCommit(redis, redis.register_script(SCRIPT), timeout=1.0, args=[0, 0])
+    commit = make(KINDS[kind](redis), redis, timeout=1.0)
     try:
         results = await asyncio.gather(*(commit(["k"], [str(n)]) for n in range(100)))
         assert len(results) == 100
@@ -345,12 +381,13 @@ async def test_group_commit_queued_calls_share_one_deadline_timer(
         await redis.aclose()
 
 
+@pytest.mark.integration
 async def test_group_commit_many_shares_round_trips_with_concurrent_calls(
-    redis: aioredis.Redis, prefix: str
+    transport: Transport, client: aioredis.Redis, prefix: str
 ) -> None:
     """many() answers in order, an error in its list; its windows of MAX_PIPELINE
     script calls queue behind and share round trips with single calls in flight."""
-    commit = make(redis)
+    commit = make(transport, client)
     calls: list[Any] = [([prefix], ["fail" if n == 5 else str(n)], False) for n in range(3000)]
     singles = [asyncio.create_task(commit([prefix], [f"s{n}"])) for n in range(50)]
     await asyncio.sleep(0)  # the first single is in flight: many() queues behind it
@@ -366,12 +403,13 @@ async def test_group_commit_many_shares_round_trips_with_concurrent_calls(
     assert await commit.many([]) == []
 
 
+@pytest.mark.integration
 async def test_group_commit_many_lone_windows_go_straight_out(
-    redis: aioredis.Redis, prefix: str
+    transport: Transport, client: aioredis.Redis, prefix: str
 ) -> None:
     """With nothing else in flight each window is one round trip of its own, of at most
     MAX_PIPELINE script calls; an alone call keeps a script call of its own."""
-    commit = make(redis)
+    commit = make(transport, client)
     trips = round_trips(commit)
     calls: list[Any] = [([prefix], [str(n)], n == 3) for n in range(1100)]
     results = await commit.many(calls)

@@ -19,9 +19,8 @@ from quart_wslb import UserSelector, _compat
 from quart_wslb.emitter import AsyncEmitter
 from quart_wslb.outgoing import encode_frame
 from quart_wslb.redis_client import make_client
-from quart_wslb.subscriber import PubSubSubscription, subscribe
 from quart_wslb.testing import RedisServer
-from quart_wslb.wire import Exchange
+from quart_wslb.transport import ClientTransport, pick
 
 from .support import PREFIX, SOON, in_use, make_app
 
@@ -171,10 +170,10 @@ async def test_raw_reads_off_subscriber_and_sends_use_redis_py(
 ) -> None:
     """With raw reads off, a real Redis is read through PubSub and pipelines, and works."""
     monkeypatch.setattr(_compat, "PushNotification", _compat._NoPush)
-    assert not await Exchange(real_redis).supported()
+    transport = await pick(real_redis)
+    assert isinstance(transport, ClientTransport)
     channel = f"{prefix}:fallback"
-    async with subscribe(real_redis, [channel]) as subscription:
-        assert isinstance(subscription, PubSubSubscription)
+    async with transport.subscribe([channel]) as subscription:
         assert await real_redis.publish(channel, b"still heard") == 1
         got: list[bytes] = []
         async with asyncio.timeout(SOON):

@@ -25,6 +25,7 @@ from quart_wslb.emitter import AsyncEmitter
 from quart_wslb.envelope import decode
 from quart_wslb.keys import Keys
 from quart_wslb.registry import Registry, Removal
+from quart_wslb.transport import pick
 from tests.support import SOON, make_connection
 
 pytestmark = pytest.mark.integration
@@ -177,10 +178,10 @@ async def test_contract_a_user_past_spill_moves_to_its_set_and_back(
     assert await admin.hget(keys.users, "crowd") == many[0].id.encode()
 
 
-def sends(redis: Redis, keys: Keys) -> GroupCommit:
+async def sends(redis: Redis, keys: Keys) -> GroupCommit:
     """send.lua's group commit, as the emitter makes it."""
     return GroupCommit(
-        redis,
+        await pick(redis),
         script(redis, "send"),
         5.0,
         keys=[keys.users, keys.instances],
@@ -206,7 +207,7 @@ async def test_contract_a_failing_call_of_a_batch_gets_its_error_the_others_thei
     redis: Redis, keys: Keys, registry: Registry
 ) -> None:
     await registry.register(make_connection(id="i1:a", user="ann"))
-    commit = sends(redis, keys)
+    commit = await sends(redis, keys)
     try:
         first, failed, last = await commit.many(
             [call("Uann"), call("X1"), call("Cnobody:x", "Uann", "|")]
@@ -222,7 +223,7 @@ async def test_contract_a_failing_call_of_a_batch_gets_its_error_the_others_thei
 async def run(redis: Redis, keys: Keys, name: str, ops: list[str]) -> Any:
     """One call of a script that reads programs, with ``ops`` as its program."""
     if name == "send":
-        commit = sends(redis, keys)
+        commit = await sends(redis, keys)
         try:
             [reply] = await commit.many([call(*ops)])
         finally:

@@ -31,7 +31,7 @@ from quart_wslb.envelope import decode
 from quart_wslb.keys import LAYOUT, Keys
 from quart_wslb.registry import Registry
 from quart_wslb.testing import RedisServer, free_port
-from tests.support import eventually, make_connection, round_trips
+from tests.support import eventually, make_connection, round_trips, sends_of
 
 MANY = PAGE * 2 + 37  # more than two pages
 
@@ -326,7 +326,7 @@ async def test_a_batch_of_mixed_sends_routes_each_its_own(
     await redis.set(keys.heartbeat("i1"), "1")
     await redis.set(keys.holders(keys.path("/bad")), "not a hash")
     await emitter.publish(UserSelector("u0"), "text", b"warm-up")
-    trips = round_trips(emitter._sends)
+    trips = round_trips(await sends_of(emitter))
     async with redis.pubsub() as pubsub:
         await pubsub.subscribe(keys.channel("i1"), keys.broadcast)
         results = await asyncio.gather(
@@ -418,10 +418,11 @@ async def test_send_queued_behind_a_stalled_send_fails_within_its_own_timeout(
         assert await emitter.send(UserSelector("x"), "warm") == 0
         await admin.client_pause(5000)
         first = asyncio.create_task(emitter.send(UserSelector("x"), "1"))
-        await eventually(lambda: emitter._sends._busy)  # in flight
+        sends = await sends_of(emitter)
+        await eventually(lambda: sends._busy)  # in flight
         started = time.monotonic()
         second = asyncio.create_task(emitter.send(UserSelector("x"), "2"))
-        await eventually(lambda: len(emitter._sends._queue) == 1)  # queued behind it
+        await eventually(lambda: len(sends._queue) == 1)  # queued behind it
         with pytest.raises(RedisUnavailableError, match="in time"):
             await second
         took = time.monotonic() - started
@@ -537,7 +538,7 @@ async def test_send_many_routes_mixed_selectors_in_order_in_few_round_trips(
     for at, count in zip(sorted(extra), (2, 1, 3, 0), strict=True):
         expected[at] = count
     await emitter.send(UserSelector("a"), "warm-up")
-    trips = round_trips(emitter._sends)
+    trips = round_trips(await sends_of(emitter))
     async with redis.pubsub() as pubsub:
         await pubsub.subscribe(keys.channel("i1"), keys.broadcast)
         for _ in range(2):
@@ -692,7 +693,7 @@ async def test_a_bad_op_fails_only_its_own_send_of_a_batch(
     bad: Args = ([], ["m3", "text", b"c", b'"sel":["x"],', op], False)
     async with redis.pubsub() as pubsub:
         await pubsub.subscribe(keys.channel("i1"))
-        replies = await emitter._sends.many([good, bad, by_set])
+        replies = await (await sends_of(emitter)).many([good, bad, by_set])
     assert isinstance(replies[1], Exception), replies
     assert replies[0][0] == 1 and replies[2][0] == 1, replies
 

@@ -10,8 +10,9 @@ import json
 import secrets
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
+from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
@@ -631,16 +632,25 @@ class Scripted:
         return step() if callable(step) else step
 
 
+def picking(subscribe: Callable[[Any], Any]) -> Callable[[Redis], Awaitable[Any]]:
+    """A stand-in for ``transport.pick``: its transport subscribes with ``subscribe``."""
+
+    async def pick(redis: Redis) -> Any:
+        return SimpleNamespace(subscribe=subscribe)
+
+    return pick
+
+
 @pytest.fixture(name="scripts")
 def fixture_scripts(monkeypatch: pytest.MonkeyPatch) -> list[Scripted]:
     """The subscriptions the receiver gets, in turn (then silent ones); fast backoff."""
     scripts: list[Scripted] = []
 
     @asynccontextmanager
-    async def subscribe(redis: Redis, channels: Any) -> AsyncIterator[Scripted]:
+    async def subscribe(channels: Any) -> AsyncIterator[Scripted]:
         yield scripts.pop(0) if scripts else Scripted()
 
-    monkeypatch.setattr("quart_wslb.receiver.subscribe", subscribe)
+    monkeypatch.setattr("quart_wslb.receiver.pick", picking(subscribe))
     monkeypatch.setattr("quart_wslb.receiver.BACKOFF_MAX", 0.05)
     monkeypatch.setattr("quart_wslb.receiver.READ_TIMEOUT", 0.05)
     return scripts
@@ -746,7 +756,7 @@ async def test_run_reads_the_cut_counter_before_subscribing(
         return counter[0]
 
     @asynccontextmanager
-    async def subscribe(redis: Redis, channels: Any) -> AsyncIterator[Scripted]:
+    async def subscribe(channels: Any) -> AsyncIterator[Scripted]:
         events.append("subscribed")
         if len(events) <= 2:  # the first subscription is cut straight away
             counter[0] += 1
@@ -755,7 +765,7 @@ async def test_run_reads_the_cut_counter_before_subscribing(
             yield Scripted()
 
     monkeypatch.setattr("quart_wslb.receiver.output_buffer_cuts", output_buffer_cuts)
-    monkeypatch.setattr("quart_wslb.receiver.subscribe", subscribe)
+    monkeypatch.setattr("quart_wslb.receiver.pick", picking(subscribe))
     monkeypatch.setattr("quart_wslb.receiver.BACKOFF_MAX", 0.05)
     receiver = Receiver(redis, KEYS, "i1", held(), OWNER)
     with recording(signals.subscriber_lost, OWNER) as lost:

@@ -74,6 +74,7 @@ async def fixture_populated(redis: aioredis.Redis, prefix: str) -> int:
     return MANY
 
 
+@pytest.mark.integration
 async def test_connections_stream_every_record_in_pages(
     emitter: AsyncEmitter, populated: int
 ) -> None:
@@ -86,6 +87,7 @@ async def test_connections_stream_every_record_in_pages(
     assert sorted([u async for u in emitter.users()]) == [f"u{n}" for n in range(10)]
 
 
+@pytest.mark.integration
 async def test_connections_union_lists_each_connection_once(
     emitter: AsyncEmitter, populated: int
 ) -> None:
@@ -96,6 +98,7 @@ async def test_connections_union_lists_each_connection_once(
     assert await emitter.count(selector) == len(expected)
 
 
+@pytest.mark.integration
 async def test_count_of_a_compound_selector_is_exact_and_paged(
     emitter: AsyncEmitter, populated: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -120,6 +123,7 @@ async def test_count_of_a_compound_selector_is_exact_and_paged(
     assert len(calls) == 1
 
 
+@pytest.mark.integration
 async def test_custom_selector_is_matched_record_by_record(
     emitter: AsyncEmitter, populated: int
 ) -> None:
@@ -132,6 +136,7 @@ async def test_custom_selector_is_matched_record_by_record(
     assert sorted([u async for u in emitter.users(narrowed)]) == ["u0", "u2", "u4", "u6", "u8"]
 
 
+@pytest.mark.integration
 async def test_send_routes_custom_matches_to_their_owner(
     emitter: AsyncEmitter, redis: aioredis.Redis, prefix: str, populated: int
 ) -> None:
@@ -150,6 +155,7 @@ async def test_send_routes_custom_matches_to_their_owner(
     assert sorted(targets) == sorted(f"i1:c{n}" for n in range(0, populated, 2))
 
 
+@pytest.mark.integration
 async def test_join_and_leave_change_records_and_survive_unregister(
     emitter: AsyncEmitter, redis: aioredis.Redis, prefix: str, populated: int
 ) -> None:
@@ -165,6 +171,7 @@ async def test_join_and_leave_change_records_and_survive_unregister(
     assert not await redis.exists(keys.group("club"), keys.group("g"), keys.users)
 
 
+@pytest.mark.integration
 async def test_send_to_a_prefix_without_instances_raises(
     redis: aioredis.Redis, prefix: str
 ) -> None:
@@ -213,6 +220,7 @@ async def test_constructor_reads_exported_options(
     await emitter.aclose()
 
 
+@pytest.mark.integration
 async def test_constructor_rejects_bad_arguments(redis: aioredis.Redis) -> None:
     with pytest.raises(TypeError):
         AsyncEmitter(redis, redis_url="redis://127.0.0.1:1/0")
@@ -228,12 +236,14 @@ async def test_constructor_rejects_bad_arguments(redis: aioredis.Redis) -> None:
             AsyncEmitter(redis, secret=empty)
 
 
+@pytest.mark.integration
 async def test_disconnect_rejects_reserved_close_codes(emitter: AsyncEmitter) -> None:
     for code in (1001, 1011, 2999, 5000):
         with pytest.raises(ValueError):
             await emitter.disconnect(UserSelector("x"), code)
 
 
+@pytest.mark.integration
 async def test_emitter_client_from_url_packs_like_redis_py(redis_url: str, prefix: str) -> None:
     from redis.asyncio import Connection
 
@@ -245,12 +255,13 @@ async def test_emitter_client_from_url_packs_like_redis_py(redis_url: str, prefi
         connection = client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
         packed = b"".join(connection.pack_command(*args))
         assert packed == b"".join(Connection().pack_command(*args))
-        await client.set(prefix + ":probe", "v", px=1000)
-        assert await client.get(prefix + ":probe") == b"v"
+        await client.set("{" + prefix + "}:probe", "v", px=1000)
+        assert await client.get("{" + prefix + "}:probe") == b"v"
     finally:
         await client.aclose()
 
 
+@pytest.mark.integration
 async def test_send_to_a_one_connection_user_publishes_what_the_general_path_does(
     emitter: AsyncEmitter, redis: aioredis.Redis, prefix: str
 ) -> None:
@@ -281,6 +292,7 @@ async def test_send_to_a_one_connection_user_publishes_what_the_general_path_doe
     assert (await emitter.publish(UserSelector("ghost"), "text", b"x")).unheard == ("i9",)
 
 
+@pytest.mark.integration
 async def test_concurrent_sends_share_one_publish_per_instance(
     emitter: AsyncEmitter, redis: aioredis.Redis, prefix: str
 ) -> None:
@@ -314,6 +326,7 @@ async def test_concurrent_sends_share_one_publish_per_instance(
         assert [e.id for e in messages] == [r.message_id for r in routes[first::2]]
 
 
+@pytest.mark.integration
 async def test_a_batch_of_mixed_sends_routes_each_its_own(
     emitter: AsyncEmitter, redis: aioredis.Redis, prefix: str
 ) -> None:
@@ -344,6 +357,7 @@ async def test_a_batch_of_mixed_sends_routes_each_its_own(
     assert [trip.count("EVALSHA") for trip in trips] == [1, 1]
 
 
+@pytest.mark.integration
 async def test_route_refuses_what_receivers_could_not_decode(emitter: AsyncEmitter) -> None:
     """One bad message would cost the others of its envelope theirs: refused up front."""
     with pytest.raises(ValueError, match="unknown kind"):
@@ -354,6 +368,7 @@ async def test_route_refuses_what_receivers_could_not_decode(emitter: AsyncEmitt
         await emitter.publish(UserSelector("u"), "json", cast(Any, "not bytes"))
 
 
+@pytest.mark.integration
 async def test_send_to_a_user_with_many_connections_reaches_them_all(
     emitter: AsyncEmitter, redis: aioredis.Redis, prefix: str
 ) -> None:
@@ -368,6 +383,7 @@ async def test_send_to_a_user_with_many_connections_reaches_them_all(
     assert (route.routed, sorted(route.unheard)) == (0, ["i0", "i1"])  # nobody subscribed
 
 
+@pytest.mark.integration
 async def test_route_of_a_custom_selector_counts_each_instance_once(
     emitter: AsyncEmitter, redis: aioredis.Redis, prefix: str
 ) -> None:
@@ -388,6 +404,7 @@ async def test_route_of_a_custom_selector_counts_each_instance_once(
     assert (either.routed, either.instances) == (MANY + 1, 2)
 
 
+@pytest.mark.integration
 async def test_emitter_refuses_a_prefix_of_another_layout(
     redis: aioredis.Redis, prefix: str
 ) -> None:

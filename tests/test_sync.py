@@ -52,6 +52,7 @@ def listen(redis_url: str, channel: str) -> tuple[Any, redis.Redis]:
     return pubsub, client
 
 
+@pytest.mark.integration
 def test_emitter_send_query_and_membership(
     redis_url: str, prefix: str, cluster_keys: Keys
 ) -> None:
@@ -73,6 +74,7 @@ def test_emitter_send_query_and_membership(
     client.close()
 
 
+@pytest.mark.integration
 def test_emitter_many_threads_share_one_pool(
     redis_url: str, prefix: str, cluster_keys: Keys
 ) -> None:
@@ -104,6 +106,7 @@ def _send_in_child(redis_url: str, prefix: str, out: multiprocessing.Queue[int])
 EMITTER_BEFORE_FORK: list[Emitter] = []
 
 
+@pytest.mark.integration
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # fork with threads (3.12+)
 def test_emitter_works_in_a_forked_child(redis_url: str, prefix: str, cluster_keys: Keys) -> None:
     pubsub, client = listen(redis_url, cluster_keys.channel("i1"))
@@ -129,6 +132,7 @@ def test_emitter_works_in_a_forked_child(redis_url: str, prefix: str, cluster_ke
     client.close()
 
 
+@pytest.mark.integration
 def test_emitter_errors_are_clear(redis_url: str, prefix: str) -> None:
     with pytest.raises(ValueError, match="PREFIX"):
         Emitter(redis_url, prefix="no spaces")
@@ -166,6 +170,7 @@ def test_emitter_threads_beyond_its_pool_wait_for_a_connection(
     assert during <= 4, f"{during} connections with max_connections=4"
 
 
+@pytest.mark.integration
 def test_emitter_send_many_counts_in_order(
     redis_url: str, prefix: str, cluster_keys: Keys
 ) -> None:

@@ -78,21 +78,21 @@ async def heartbeat(redis: Redis, *names: str) -> None:
 
 
 @pytest.fixture(name="registry")
-async def fixture_registry(redis: Redis) -> Registry:
+async def fixture_registry(fake_redis: Redis) -> Registry:
     """A registry that holds ``PEOPLE``, on instances with a live heartbeat."""
-    registry = Registry(redis, KEYS)
+    registry = Registry(fake_redis, KEYS)
     for id_, (user, path, room) in PEOPLE.items():
         await registry.register(
             make_connection(id=id_, user=user, path=path, metadata={"room": room})
         )
-    await heartbeat(redis, "i1", "i2", "i3")
+    await heartbeat(fake_redis, "i1", "i2", "i3")
     return registry
 
 
 @pytest.fixture(name="sender")
-def fixture_sender(redis: Redis, registry: Registry) -> AsyncEmitter:
+def fixture_sender(fake_redis: Redis, registry: Registry) -> AsyncEmitter:
     """What publishes for an instance, ``i0``, that owns no connection."""
-    return AsyncEmitter(redis, prefix=PREFIX, origin="i0")
+    return AsyncEmitter(fake_redis, prefix=PREFIX, origin="i0")
 
 
 @asynccontextmanager
@@ -142,9 +142,9 @@ def raw(
 
 
 async def test_route_publishes_one_envelope_per_owning_instance(
-    redis: Redis, sender: AsyncEmitter
+    fake_redis: Redis, sender: AsyncEmitter
 ) -> None:
-    async with instances(redis, "i1", "i2", "i3") as pubsubs:
+    async with instances(fake_redis, "i1", "i2", "i3") as pubsubs:
         route = await sender.publish(UserSelector("alice"), "text", "héllo".encode())
         got = await envelopes(pubsubs)
     assert route == Receipt(route.message_id, routed=3, instances=2, unheard=())
@@ -173,9 +173,9 @@ async def test_route_publishes_one_envelope_per_owning_instance(
     ],
 )
 async def test_route_exact_selectors_list_their_targets(
-    redis: Redis, sender: AsyncEmitter, selector: Selector, expected: dict[str, list[str]]
+    fake_redis: Redis, sender: AsyncEmitter, selector: Selector, expected: dict[str, list[str]]
 ) -> None:
-    async with instances(redis, "i1", "i2", "i3") as pubsubs:
+    async with instances(fake_redis, "i1", "i2", "i3") as pubsubs:
         route = await sender.publish(selector, "json", b'{"a":1}')
         got = await envelopes(pubsubs)
     assert {name: sorted(e.targets or ["?"]) for name, es in got.items() for e in es} == expected
@@ -200,9 +200,9 @@ async def test_route_exact_selectors_list_their_targets(
     ],
 )
 async def test_route_index_selectors_name_the_selector_not_the_members(
-    redis: Redis, sender: AsyncEmitter, selector: Selector, expected: dict[str, int]
+    fake_redis: Redis, sender: AsyncEmitter, selector: Selector, expected: dict[str, int]
 ) -> None:
-    async with instances(redis, "i1", "i2", "i3") as pubsubs:
+    async with instances(fake_redis, "i1", "i2", "i3") as pubsubs:
         route = await sender.publish(selector, "json", b'{"a":1}')
         got = await envelopes(pubsubs)
     sel = canonical(selector.compile(KEYS))
@@ -226,19 +226,19 @@ async def test_route_index_selectors_name_the_selector_not_the_members(
     ],
 )
 async def test_resolve_groups_by_instance_and_publishes_nothing(
-    redis: Redis, sender: AsyncEmitter, selector: Selector, expected: dict[str, list[str]]
+    fake_redis: Redis, sender: AsyncEmitter, selector: Selector, expected: dict[str, list[str]]
 ) -> None:
-    async with instances(redis, "i1", "i2", "i3") as pubsubs:
-        async with listening(redis, KEYS.broadcast) as broadcast:
+    async with instances(fake_redis, "i1", "i2", "i3") as pubsubs:
+        async with listening(fake_redis, KEYS.broadcast) as broadcast:
             assert await sender.resolve(selector) == expected
             assert await received(broadcast) == []
         assert await envelopes(pubsubs) == {"i1": [], "i2": [], "i3": []}
 
 
 async def test_route_unheard_instance_is_reported_and_not_counted(
-    redis: Redis, sender: AsyncEmitter
+    fake_redis: Redis, sender: AsyncEmitter
 ) -> None:
-    async with instances(redis, "i1") as pubsubs:
+    async with instances(fake_redis, "i1") as pubsubs:
         route = await sender.publish(PathSelector("/ws/red"), "text", b"hi")
         got = await envelopes(pubsubs)
     assert route.routed == 2
@@ -247,11 +247,11 @@ async def test_route_unheard_instance_is_reported_and_not_counted(
     assert [(e.targets, e.sel) for e in got["i1"]] == [(None, ["S" + KEYS.path("/ws/red")])]
 
 
-async def test_route_all_is_one_broadcast(redis: Redis, sender: AsyncEmitter) -> None:
-    async with instances(redis, "i1", "i2") as pubsubs:
+async def test_route_all_is_one_broadcast(fake_redis: Redis, sender: AsyncEmitter) -> None:
+    async with instances(fake_redis, "i1", "i2") as pubsubs:
         async with (
-            listening(redis, KEYS.broadcast) as one,
-            listening(redis, KEYS.broadcast) as two,
+            listening(fake_redis, KEYS.broadcast) as one,
+            listening(fake_redis, KEYS.broadcast) as two,
         ):
             route = await sender.publish(AllSelector(), "binary", b"\x00\n\xff")
             got_one, got_two = await received(one), await received(two)
@@ -265,9 +265,11 @@ async def test_route_all_is_one_broadcast(redis: Redis, sender: AsyncEmitter) ->
     assert envelope.id == route.message_id
 
 
-async def test_route_all_counts_only_live_instances(redis: Redis, sender: AsyncEmitter) -> None:
-    await redis.delete(KEYS.heartbeat("i3"))  # i3 died; its records are not reaped yet
-    async with listening(redis, KEYS.broadcast) as broadcast:
+async def test_route_all_counts_only_live_instances(
+    fake_redis: Redis, sender: AsyncEmitter
+) -> None:
+    await fake_redis.delete(KEYS.heartbeat("i3"))  # i3 died; its records are not reaped yet
+    async with listening(fake_redis, KEYS.broadcast) as broadcast:
         route = await sender.publish(AllSelector(), "text", b"hi")
         assert len(await received(broadcast)) == 1
     assert route.routed == len(PEOPLE) - 1
@@ -278,10 +280,10 @@ async def test_route_all_with_no_listener_routes_nothing(sender: AsyncEmitter) -
     assert (route.routed, route.instances) == (0, 0)
 
 
-async def test_route_all_with_no_connection_routes_nothing(redis: Redis) -> None:
-    await heartbeat(redis, "i1")
-    emitter = AsyncEmitter(redis, prefix=PREFIX, origin="i0")
-    async with listening(redis, KEYS.broadcast) as broadcast:
+async def test_route_all_with_no_connection_routes_nothing(fake_redis: Redis) -> None:
+    await heartbeat(fake_redis, "i1")
+    emitter = AsyncEmitter(fake_redis, prefix=PREFIX, origin="i0")
+    async with listening(fake_redis, KEYS.broadcast) as broadcast:
         route = await emitter.publish(AllSelector(), "text", b"hi")
         assert await received(broadcast) == []
     assert (route.routed, route.instances) == (0, 0)
@@ -289,9 +291,9 @@ async def test_route_all_with_no_connection_routes_nothing(redis: Redis) -> None
 
 @pytest.mark.parametrize("selector", [AllSelector(), UserSelector("alice")])
 async def test_route_under_a_prefix_without_instances_raises(
-    redis: Redis, selector: Selector
+    fake_redis: Redis, selector: Selector
 ) -> None:
-    emitter = AsyncEmitter(redis, prefix="other")
+    emitter = AsyncEmitter(fake_redis, prefix="other")
     with pytest.raises(NoInstancesError, match="other"):
         await emitter.publish(selector, "text", b"hi")
 
@@ -302,11 +304,11 @@ async def test_route_message_ids_differ(sender: AsyncEmitter) -> None:
     assert one.message_id != two.message_id
 
 
-async def test_dispatch_delivers_to_local_targets_only(redis: Redis) -> None:
+async def test_dispatch_delivers_to_local_targets_only(fake_redis: Redis) -> None:
     sockets = [FakeWebsocket() for _ in range(3)]
     connections = [make_connection(s, id=f"i1:{n}") for n, s in enumerate(sockets)]
     async with started(*connections) as local:
-        receiver = Receiver(redis, KEYS, "i1", local, OWNER)
+        receiver = Receiver(fake_redis, KEYS, "i1", local, OWNER)
         with recording(signals.message_received, OWNER) as got:
             await receiver.dispatch(raw(["i1:0", "i1:2"], "hi"))
             await receiver.dispatch(raw(["i1:2"], b"\x01", "binary"))
@@ -317,12 +319,12 @@ async def test_dispatch_delivers_to_local_targets_only(redis: Redis) -> None:
     assert [call["envelope"].targets for call in got.calls] == [["i1:0", "i1:2"], ["i1:2"]]
 
 
-async def test_dispatch_broadcast_delivers_to_every_local(redis: Redis) -> None:
+async def test_dispatch_broadcast_delivers_to_every_local(fake_redis: Redis) -> None:
     sockets = [FakeWebsocket() for _ in range(3)]
     connections = [make_connection(s, id=f"i1:{n}") for n, s in enumerate(sockets)]
     async with started(*connections) as local:
         broadcast = raw(None, '{"a":1}', "json", sel=["B"])
-        await Receiver(redis, KEYS, "i1", local, OWNER).dispatch(broadcast)
+        await Receiver(fake_redis, KEYS, "i1", local, OWNER).dispatch(broadcast)
         for socket in sockets:
             assert await socket.wait_sent(1) == ['{"a":1}']
 
@@ -340,7 +342,7 @@ async def test_dispatch_broadcast_delivers_to_every_local(redis: Redis) -> None:
     ],
 )
 async def test_dispatch_by_selector_resolves_it_locally(
-    redis: Redis, sel: list[str], expected: set[int]
+    fake_redis: Redis, sel: list[str], expected: set[int]
 ) -> None:
     sockets = [FakeWebsocket() for _ in range(3)]
     people = [("alice", "/ws/red", "red"), ("bob", "/ws/red", "blue"), ("bob", "/ws/blue", "blue")]
@@ -350,7 +352,7 @@ async def test_dispatch_by_selector_resolves_it_locally(
     ]
     async with started(*connections) as local:
         with recording(signals.message_dropped, OWNER) as dropped:
-            await Receiver(redis, KEYS, "i1", local, OWNER).dispatch(raw(None, "hi", sel=sel))
+            await Receiver(fake_redis, KEYS, "i1", local, OWNER).dispatch(raw(None, "hi", sel=sel))
         for n in expected:
             assert await sockets[n].wait_sent(1) == ["hi"]
         await asyncio.sleep(0.01)
@@ -359,11 +361,11 @@ async def test_dispatch_by_selector_resolves_it_locally(
 
 
 @pytest.mark.parametrize("sel", [["&"], ["Xwhat"], ["Ualice", "Ubob"], ["M9", "i1:0"]])
-async def test_dispatch_drops_an_unreadable_selector(redis: Redis, sel: list[str]) -> None:
+async def test_dispatch_drops_an_unreadable_selector(fake_redis: Redis, sel: list[str]) -> None:
     socket = FakeWebsocket()
     async with started(make_connection(socket, id="i1:0")) as local:
         with recording(signals.message_dropped, OWNER) as dropped:
-            await Receiver(redis, KEYS, "i1", local, OWNER).dispatch(raw(None, "hi", sel=sel))
+            await Receiver(fake_redis, KEYS, "i1", local, OWNER).dispatch(raw(None, "hi", sel=sel))
         await asyncio.sleep(0.01)
         assert socket.sent == []
     assert dropped.reasons() == ["malformed"]
@@ -374,10 +376,10 @@ async def test_dispatch_drops_an_unreadable_selector(redis: Redis, sel: list[str
     "data",
     [b"garbage", b"{}\nhi", b'{"v":3,"id":"m","origin":"o","kind":"text","targets":[]}\nx', b""],
 )
-async def test_dispatch_drops_malformed_envelope(redis: Redis, data: bytes) -> None:
+async def test_dispatch_drops_malformed_envelope(fake_redis: Redis, data: bytes) -> None:
     socket = FakeWebsocket()
     async with started(make_connection(socket, id="i1:a")) as local:
-        receiver = Receiver(redis, KEYS, "i1", local, OWNER)
+        receiver = Receiver(fake_redis, KEYS, "i1", local, OWNER)
         with recording(signals.message_dropped, OWNER) as dropped:
             await receiver.dispatch(data)
         await asyncio.sleep(0.01)
@@ -387,7 +389,7 @@ async def test_dispatch_drops_malformed_envelope(redis: Redis, data: bytes) -> N
     assert dropped.calls[0]["connection"] is None
 
 
-async def test_dispatch_delivers_every_message_of_a_publish_in_order(redis: Redis) -> None:
+async def test_dispatch_delivers_every_message_of_a_publish_in_order(fake_redis: Redis) -> None:
     """Concurrent sends arrive as one publish; each message reaches its own targets, in
     order, and one that fails to deliver costs only itself."""
     sockets = [FakeWebsocket() for _ in range(3)]
@@ -416,7 +418,7 @@ async def test_dispatch_delivers_every_message_of_a_publish_in_order(redis: Redi
     )
     async with started(connections[0], connections[2]) as local:
         local.add(broken)
-        receiver = Receiver(redis, KEYS, "i1", local, OWNER)
+        receiver = Receiver(fake_redis, KEYS, "i1", local, OWNER)
         with recording(signals.message_dropped, OWNER) as dropped:
             await receiver.dispatch(publish)
         assert await sockets[0].wait_sent(3) == ["0", "3", "6"]
@@ -428,10 +430,10 @@ async def test_dispatch_delivers_every_message_of_a_publish_in_order(redis: Redi
     ]
 
 
-async def test_dispatch_reports_unknown_targets_gone(redis: Redis) -> None:
+async def test_dispatch_reports_unknown_targets_gone(fake_redis: Redis) -> None:
     socket = FakeWebsocket()
     async with started(make_connection(socket, id="i1:a")) as local:
-        receiver = Receiver(redis, KEYS, "i1", local, OWNER)
+        receiver = Receiver(fake_redis, KEYS, "i1", local, OWNER)
         with recording(signals.message_dropped, OWNER) as dropped:
             await receiver.dispatch(raw(["i1:gone", "i1:a"]))
         assert await socket.wait_sent(1) == ["hi"]
@@ -467,16 +469,16 @@ async def running(receiver: Receiver) -> AsyncIterator[asyncio.Task[None]]:
 
 
 async def test_run_survives_malformed_and_keeps_delivering(
-    redis: Redis, sender: AsyncEmitter, log_errors: pytest.LogCaptureFixture
+    fake_redis: Redis, sender: AsyncEmitter, log_errors: pytest.LogCaptureFixture
 ) -> None:
     socket = FakeWebsocket()
     async with started(make_connection(socket, id="i1:a1", user="alice")) as local:
-        receiver = Receiver(redis, KEYS, "i1", local, OWNER)
+        receiver = Receiver(fake_redis, KEYS, "i1", local, OWNER)
         with recording(signals.message_dropped, OWNER) as dropped:
             async with running(receiver) as task:
                 for junk in (b"junk", b"\xff\n", b'{"v":1}\n'):
-                    await redis.publish(KEYS.channel("i1"), junk)
-                await redis.publish(KEYS.broadcast, b"junk")
+                    await fake_redis.publish(KEYS.channel("i1"), junk)
+                await fake_redis.publish(KEYS.broadcast, b"junk")
                 route = await sender.publish(ConnectionSelector("i1:a1"), "text", b"one")
                 await sender.publish(AllSelector(), "text", b"two")
                 assert await socket.wait_sent(2) == ["one", "two"]
@@ -488,9 +490,9 @@ async def test_run_survives_malformed_and_keeps_delivering(
 
 @pytest.mark.parametrize("failing", ["subscribe", "get_message"])
 async def test_run_resubscribes_after_redis_error(
-    redis: Redis, sender: AsyncEmitter, monkeypatch: pytest.MonkeyPatch, failing: str
+    fake_redis: Redis, sender: AsyncEmitter, monkeypatch: pytest.MonkeyPatch, failing: str
 ) -> None:
-    real = redis.pubsub
+    real = fake_redis.pubsub
     made: list[PubSub] = []
 
     async def broken(*args: Any, **kwargs: Any) -> Any:
@@ -503,10 +505,10 @@ async def test_run_resubscribes_after_redis_error(
         made.append(pubsub)
         return pubsub
 
-    monkeypatch.setattr(redis, "pubsub", flaky)
+    monkeypatch.setattr(fake_redis, "pubsub", flaky)
     socket = FakeWebsocket()
     async with started(make_connection(socket, id="i1:a1", user="alice")) as local:
-        receiver = Receiver(redis, KEYS, "i1", local, OWNER)
+        receiver = Receiver(fake_redis, KEYS, "i1", local, OWNER)
         with recording(signals.subscriber_lost, OWNER) as lost:
             async with running(receiver):
                 await eventually(lambda: len(made) >= 2 and receiver.subscribed.is_set())
@@ -517,15 +519,15 @@ async def test_run_resubscribes_after_redis_error(
     assert lost.reasons() == ["error"]
 
 
-async def test_run_cancellation_ends_it(redis: Redis) -> None:
-    receiver = Receiver(redis, KEYS, "i1", held(), OWNER)
+async def test_run_cancellation_ends_it(fake_redis: Redis) -> None:
+    receiver = Receiver(fake_redis, KEYS, "i1", held(), OWNER)
     async with running(receiver) as task:
         pass
     assert task.cancelled()
 
 
-async def test_dispatch_probe_is_counted_not_dropped(redis: Redis) -> None:
-    receiver = Receiver(redis, KEYS, "i1", held(), OWNER)
+async def test_dispatch_probe_is_counted_not_dropped(fake_redis: Redis) -> None:
+    receiver = Receiver(fake_redis, KEYS, "i1", held(), OWNER)
     probe = receiver.next_probe()
     assert receiver.missed_probes() == 1
     with recording(signals.message_dropped, OWNER) as dropped:
@@ -543,10 +545,10 @@ async def test_dispatch_probe_is_counted_not_dropped(redis: Redis) -> None:
         b"\x00probe:" + b"9" * 5000,
     ],
 )
-async def test_dispatch_probe_never_sent_is_dropped(redis: Redis, probe: bytes) -> None:
+async def test_dispatch_probe_never_sent_is_dropped(fake_redis: Redis, probe: bytes) -> None:
     """A probe numbered past the last one sent (forged) would hide every missed probe
     after it, disabling deaf-subscriber detection: it is dropped and signalled."""
-    receiver = Receiver(redis, KEYS, "i1", held(), OWNER)
+    receiver = Receiver(fake_redis, KEYS, "i1", held(), OWNER)
     receiver.next_probe()
     with recording(signals.message_dropped, OWNER) as dropped:
         await receiver.dispatch(probe)
@@ -556,9 +558,9 @@ async def test_dispatch_probe_never_sent_is_dropped(redis: Redis, probe: bytes) 
     assert receiver.missed_probes() == 2
 
 
-async def test_dispatch_probe_with_a_secret_must_be_signed(redis: Redis) -> None:
+async def test_dispatch_probe_with_a_secret_must_be_signed(fake_redis: Redis) -> None:
     ring = Keyring.parse("k1:a-secret-for-the-probes")
-    receiver = Receiver(redis, KEYS, "i1", held(), OWNER, keyring=ring)
+    receiver = Receiver(fake_redis, KEYS, "i1", held(), OWNER, keyring=ring)
     probe = receiver.next_probe()
     assert probe.startswith(b"\x00probe:1:k1:")
     other = Keyring.parse("k1:another-secret-entirely")
@@ -571,15 +573,15 @@ async def test_dispatch_probe_with_a_secret_must_be_signed(redis: Redis) -> None
     assert receiver.missed_probes() == 0
 
 
-async def test_run_hears_its_own_probes(redis: Redis) -> None:
-    receiver = Receiver(redis, KEYS, "i1", held(), OWNER)
+async def test_run_hears_its_own_probes(fake_redis: Redis) -> None:
+    receiver = Receiver(fake_redis, KEYS, "i1", held(), OWNER)
     async with running(receiver):
-        assert await redis.publish(KEYS.channel("i1"), receiver.next_probe()) == 1
+        assert await fake_redis.publish(KEYS.channel("i1"), receiver.next_probe()) == 1
         await eventually(lambda: receiver.missed_probes() == 0)
 
 
 async def test_run_restart_resubscribes_and_calls_back(
-    redis: Redis, sender: AsyncEmitter, caplog: pytest.LogCaptureFixture
+    fake_redis: Redis, sender: AsyncEmitter, caplog: pytest.LogCaptureFixture
 ) -> None:
     calls: list[str] = []
 
@@ -591,7 +593,7 @@ async def test_run_restart_resubscribes_and_calls_back(
 
     socket = FakeWebsocket()
     async with started(make_connection(socket, id="i1:a1")) as local:
-        receiver = Receiver(redis, KEYS, "i1", local, OWNER)
+        receiver = Receiver(fake_redis, KEYS, "i1", local, OWNER)
         receiver.on_subscribed(failing)
         receiver.on_subscribed(callback)
         async with running(receiver):
@@ -658,10 +660,10 @@ def restarting(receiver: Receiver, *frames: str) -> Callable[[], list[bytes]]:
 
 
 async def test_run_restart_delivers_what_keeps_arriving_then_signals_deaf(
-    redis: Redis, scripts: list[Scripted]
+    fake_redis: Redis, scripts: list[Scripted]
 ) -> None:
     local = keeping("i1:a")
-    receiver = Receiver(redis, KEYS, "i1", local, OWNER)
+    receiver = Receiver(fake_redis, KEYS, "i1", local, OWNER)
 
     scripts.append(Scripted(texts("a"), restarting(receiver, "b"), texts("c", "d"), texts("e")))
     with recording(signals.subscriber_lost, OWNER) as lost:
@@ -677,7 +679,7 @@ async def test_run_restart_delivers_what_keeps_arriving_then_signals_deaf(
     [((None, None), "closed"), ((3, 3), "closed"), ((3, 4), "output_buffer_limit")],
 )
 async def test_run_closed_by_redis_delivers_everything_before_and_says_why(
-    redis: Redis,
+    fake_redis: Redis,
     scripts: list[Scripted],
     monkeypatch: pytest.MonkeyPatch,
     cuts: tuple[int | None, int | None],
@@ -690,7 +692,7 @@ async def test_run_closed_by_redis_delivers_everything_before_and_says_why(
 
     monkeypatch.setattr("quart_wslb.receiver.output_buffer_cuts", output_buffer_cuts)
     local = keeping("i1:a")
-    receiver = Receiver(redis, KEYS, "i1", local, OWNER)
+    receiver = Receiver(fake_redis, KEYS, "i1", local, OWNER)
     closed = SubscriberClosedError("Redis closed the subscriber connection")
     scripts.append(Scripted(texts("a"), restarting(receiver, "b"), closed))
     with recording(signals.subscriber_lost, OWNER) as lost:
@@ -702,7 +704,7 @@ async def test_run_closed_by_redis_delivers_everything_before_and_says_why(
 
 
 async def test_run_backs_off_while_subscriptions_are_cut_young(
-    redis: Redis,
+    fake_redis: Redis,
     scripts: list[Scripted],
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
@@ -717,7 +719,7 @@ async def test_run_backs_off_while_subscriptions_are_cut_young(
     monkeypatch.setattr("quart_wslb.receiver.output_buffer_cuts", output_buffer_cuts)
     monkeypatch.setattr("quart_wslb.receiver.BACKOFF_MAX", 0.4)
     local = keeping("i1:a")
-    receiver = Receiver(redis, KEYS, "i1", local, OWNER)
+    receiver = Receiver(fake_redis, KEYS, "i1", local, OWNER)
     cut = SubscriberClosedError("Redis closed the subscriber connection")
     scripts.extend(Scripted(texts(str(n)), cut) for n in range(4))
     scripts.append(Scripted(texts("lived"), 0.5, cut))
@@ -731,7 +733,7 @@ async def test_run_backs_off_while_subscriptions_are_cut_young(
 
 
 async def test_run_reads_the_cut_counter_before_subscribing(
-    redis: Redis, monkeypatch: pytest.MonkeyPatch
+    fake_redis: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Redis may cut a subscription as soon as it has confirmed it: the counter is read
     before subscribing, so that cut counts as one (and listening starts at once)."""
@@ -754,7 +756,7 @@ async def test_run_reads_the_cut_counter_before_subscribing(
     monkeypatch.setattr("quart_wslb.receiver.output_buffer_cuts", output_buffer_cuts)
     monkeypatch.setattr("quart_wslb.receiver.subscribe", subscribe)
     monkeypatch.setattr("quart_wslb.receiver.BACKOFF_MAX", 0.05)
-    receiver = Receiver(redis, KEYS, "i1", held(), OWNER)
+    receiver = Receiver(fake_redis, KEYS, "i1", held(), OWNER)
     with recording(signals.subscriber_lost, OWNER) as lost:
         async with running(receiver):
             await eventually(lambda: len(lost.calls) == 1 and receiver.subscribed.is_set())
@@ -763,10 +765,10 @@ async def test_run_reads_the_cut_counter_before_subscribing(
 
 
 async def test_run_unexpected_error_is_logged_with_traceback_and_retried(
-    redis: Redis, scripts: list[Scripted], caplog: pytest.LogCaptureFixture
+    fake_redis: Redis, scripts: list[Scripted], caplog: pytest.LogCaptureFixture
 ) -> None:
     local = keeping("i1:a")
-    receiver = Receiver(redis, KEYS, "i1", local, OWNER)
+    receiver = Receiver(fake_redis, KEYS, "i1", local, OWNER)
     scripts.append(Scripted(texts("a"), RuntimeError("a bug")))
     scripts.append(Scripted(texts("b")))
     with recording(signals.subscriber_lost, OWNER) as lost:
@@ -779,9 +781,9 @@ async def test_run_unexpected_error_is_logged_with_traceback_and_retried(
 
 
 async def test_run_redis_failure_is_a_warning_without_traceback(
-    redis: Redis, scripts: list[Scripted], caplog: pytest.LogCaptureFixture
+    fake_redis: Redis, scripts: list[Scripted], caplog: pytest.LogCaptureFixture
 ) -> None:
-    receiver = Receiver(redis, KEYS, "i1", held(), OWNER)
+    receiver = Receiver(fake_redis, KEYS, "i1", held(), OWNER)
     scripts.append(Scripted(RedisConnectionError("connection reset")))
     with recording(signals.subscriber_lost, OWNER) as lost:
         async with running(receiver):
@@ -796,20 +798,20 @@ def control(kind: Any, targets: list[str], frame: str) -> bytes:
     return encode(Envelope(id="c1", origin="i0", kind=kind, targets=targets, frame=frame))
 
 
-async def test_dispatch_join_and_leave_change_local_groups(redis: Redis) -> None:
+async def test_dispatch_join_and_leave_change_local_groups(fake_redis: Redis) -> None:
     one, two = make_connection(id="i1:a"), make_connection(id="i1:b")
-    receiver = Receiver(redis, KEYS, "i1", held(one, two), OWNER)
+    receiver = Receiver(fake_redis, KEYS, "i1", held(one, two), OWNER)
     await receiver.dispatch(control("join", ["i1:a", "i1:b", "i1:gone"], "vip"))
     await receiver.dispatch(control("join", ["i1:a"], "staff"))
     await receiver.dispatch(control("leave", ["i1:b"], "vip"))
     assert (one.groups, two.groups) == ({"vip", "staff"}, set())
 
 
-async def test_dispatch_join_changes_what_a_group_send_reaches(redis: Redis) -> None:
+async def test_dispatch_join_changes_what_a_group_send_reaches(fake_redis: Redis) -> None:
     """A join instruction updates the local index that the next group send resolves."""
     sockets = [FakeWebsocket(), FakeWebsocket()]
     one, two = (make_connection(s, id=f"i1:{n}") for n, s in enumerate(sockets))
-    receiver = Receiver(redis, KEYS, "i1", held(one, two), OWNER)
+    receiver = Receiver(fake_redis, KEYS, "i1", held(one, two), OWNER)
     vip = ["S" + KEYS.group("vip")]
     one.start()
     two.start()
@@ -828,10 +830,10 @@ async def test_dispatch_join_changes_what_a_group_send_reaches(redis: Redis) -> 
         await two.stop()
 
 
-async def test_dispatch_disconnect_by_selector_closes_what_it_selects(redis: Redis) -> None:
+async def test_dispatch_disconnect_by_selector_closes_what_it_selects(fake_redis: Redis) -> None:
     sockets = [FakeWebsocket(), FakeWebsocket()]
     one, two = (make_connection(s, id=f"i1:{n}", path=f"/ws/{n}") for n, s in enumerate(sockets))
-    receiver = Receiver(redis, KEYS, "i1", held(one, two), OWNER)
+    receiver = Receiver(fake_redis, KEYS, "i1", held(one, two), OWNER)
     bye = encode(
         Envelope(
             "d1",
@@ -847,10 +849,10 @@ async def test_dispatch_disconnect_by_selector_closes_what_it_selects(redis: Red
     assert sockets[1].closed == []
 
 
-async def test_dispatch_disconnect_closes_targets(redis: Redis) -> None:
+async def test_dispatch_disconnect_closes_targets(fake_redis: Redis) -> None:
     sockets = [FakeWebsocket(), FakeWebsocket()]
     one, two = (make_connection(s, id=f"i1:{n}") for n, s in enumerate(sockets))
-    receiver = Receiver(redis, KEYS, "i1", held(one, two), OWNER)
+    receiver = Receiver(fake_redis, KEYS, "i1", held(one, two), OWNER)
     await receiver.dispatch(control("disconnect", ["i1:1"], '{"code":4000,"reason":"bye"}'))
     assert sockets[0].closed == []
     await eventually(lambda: sockets[1].closed == [(4000, "bye")])
@@ -871,17 +873,19 @@ async def test_dispatch_disconnect_closes_targets(redis: Redis) -> None:
         '{"code":4000,"reason":"' + "x" * 124 + '"}',
     ],
 )
-async def test_dispatch_bad_disconnect_is_malformed(redis: Redis, payload: str) -> None:
+async def test_dispatch_bad_disconnect_is_malformed(fake_redis: Redis, payload: str) -> None:
     socket = FakeWebsocket()
     connection = make_connection(socket, id="i1:a")
-    receiver = Receiver(redis, KEYS, "i1", held(connection), OWNER)
+    receiver = Receiver(fake_redis, KEYS, "i1", held(connection), OWNER)
     with recording(signals.message_dropped, OWNER) as dropped:
         await receiver.dispatch(control("disconnect", ["i1:a"], payload))
     assert dropped.reasons() == ["malformed"]
     assert socket.closed == []
 
 
-async def test_join_and_disconnect_reach_the_owner(redis: Redis, sender: AsyncEmitter) -> None:
+async def test_join_and_disconnect_reach_the_owner(
+    fake_redis: Redis, sender: AsyncEmitter
+) -> None:
     """Membership and disconnects go through Redis to the instance holding the socket,
     whose close ends the connection's handler."""
     socket = FakeWebsocket()
@@ -895,11 +899,11 @@ async def test_join_and_disconnect_reach_the_owner(redis: Redis, sender: AsyncEm
     try:
         await eventually(lambda: bool(made))
         [connection] = made
-        receiver = Receiver(redis, KEYS, "i1", held(connection), OWNER)
+        receiver = Receiver(fake_redis, KEYS, "i1", held(connection), OWNER)
         async with running(receiver):
             assert await sender.join(UserSelector("alice"), "vip") == 3
             await eventually(lambda: connection.groups == {"vip"})
-            assert (await stored_record(redis, "i1:a1"))["g"] == ["vip"]
+            assert (await stored_record(fake_redis, "i1:a1"))["g"] == ["vip"]
             assert await sender.resolve(GroupSelector("vip")) == {
                 "i1": ["i1:a1", "i1:a2"],
                 "i2": ["i2:a3"],

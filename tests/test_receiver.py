@@ -1,17 +1,14 @@
-"""Routing and delivery: the route script publishes one envelope per owning instance (the
-publishing side lives in :mod:`quart_wslb.emitter`); the receiver dispatches envelopes to
-local connections and runs a subscriber loop that survives bad input and lost
-connections."""
+"""The receiver: it dispatches envelopes to local connections and runs a subscriber loop
+that survives bad input and lost connections (publishing is tested in test_emitter)."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import secrets
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
 from typing import Any, cast
 
 import pytest
@@ -25,97 +22,41 @@ from quart_wslb import (
     AllSelector,
     ConnectionSelector,
     GroupSelector,
-    MetadataSelector,
-    NoInstancesError,
     PathSelector,
-    Selector,
     UserSelector,
     signals,
 )
 from quart_wslb.connection import Connection
-from quart_wslb.emitter import AsyncEmitter, Receipt
-from quart_wslb.envelope import Envelope, Frame, decode, encode
+from quart_wslb.emitter import AsyncEmitter
+from quart_wslb.envelope import Envelope, Frame, encode
 from quart_wslb.keys import Keys
 from quart_wslb.local_index import LocalIndex
 from quart_wslb.outgoing import Outgoing
 from quart_wslb.receiver import READ_TIMEOUT, Receiver
 from quart_wslb.redis_client import make_client
-from quart_wslb.registry import Registry
-from quart_wslb.signing import Keyring, canonical
+from quart_wslb.signing import Keyring
 from quart_wslb.subscriber import SubscriberClosedError
 from quart_wslb.testing import RedisServer
 from tests.cluster import Clients, Cluster
 from tests.support import (
     KEYS,
-    PREFIX,
     SOON,
     FakeWebsocket,
     eventually,
     held,
     make_connection,
-    received,
+    people_sender,
     recording,
     stored_record,
 )
 
 OWNER = object()
-#: id -> (user, path, room), on instances i1, i2 and i3.
-PEOPLE = {
-    "i1:a1": ("alice", "/ws/red", "red"),
-    "i1:a2": ("alice", "/ws/blue", "blue"),
-    "i1:b1": ("bob", "/ws/red", "red"),
-    "i2:a3": ("alice", "/ws/red", "red"),
-    "i2:c1": ("carol", "/ws/green", "green"),
-    "i3:d1": ("dave", "/ws/red", "red"),
-}
-
-
-async def heartbeat(redis: Redis, *names: str) -> None:
-    """Announce instances as alive, the way their heartbeat does."""
-    for name in names:
-        await redis.set(KEYS.heartbeat(name), "1")
-        await redis.hset(KEYS.instances, name, '{"started_at":0}')
-
-
-@pytest.fixture(name="registry")
-async def fixture_registry(fake_redis: Redis) -> Registry:
-    """A registry that holds ``PEOPLE``, on instances with a live heartbeat."""
-    registry = Registry(fake_redis, KEYS)
-    for id_, (user, path, room) in PEOPLE.items():
-        await registry.register(
-            make_connection(id=id_, user=user, path=path, metadata={"room": room})
-        )
-    await heartbeat(fake_redis, "i1", "i2", "i3")
-    return registry
 
 
 @pytest.fixture(name="sender")
-def fixture_sender(fake_redis: Redis, registry: Registry) -> AsyncEmitter:
-    """What publishes for an instance, ``i0``, that owns no connection."""
-    return AsyncEmitter(fake_redis, prefix=PREFIX, origin="i0")
-
-
-@asynccontextmanager
-async def listening(redis: Redis, *channels: str) -> AsyncIterator[PubSub]:
-    async with redis.pubsub() as pubsub:
-        await pubsub.subscribe(*channels)
-        yield pubsub
-
-
-@asynccontextmanager
-async def instances(redis: Redis, *names: str) -> AsyncIterator[dict[str, PubSub]]:
-    """One subscriber per instance channel, as if those instances were alive."""
-    async with AsyncExitStack() as stack:
-        pubsubs = {name: await stack.enter_async_context(redis.pubsub()) for name in names}
-        for name, pubsub in pubsubs.items():
-            await pubsub.subscribe(KEYS.channel(name))
-        yield pubsubs
-
-
-async def envelopes(pubsubs: dict[str, PubSub]) -> dict[str, list[Envelope]]:
-    return {
-        name: [e for raw in await received(p) for e in decode(raw)] for name, p in pubsubs.items()
-    }
+async def fixture_sender(fake_redis: Redis) -> AsyncEmitter:
+    """What publishes for an instance that owns no connection, to ``PEOPLE``."""
+    return await people_sender(fake_redis)
 
 
 @asynccontextmanager
@@ -139,169 +80,6 @@ def raw(
     sel: list[str] | None = None,
 ) -> bytes:
     return encode(Envelope("m1", "i0", kind, targets, frame, sel=sel))
-
-
-async def test_route_publishes_one_envelope_per_owning_instance(
-    fake_redis: Redis, sender: AsyncEmitter
-) -> None:
-    async with instances(fake_redis, "i1", "i2", "i3") as pubsubs:
-        route = await sender.publish(UserSelector("alice"), "text", "héllo".encode())
-        got = await envelopes(pubsubs)
-    assert route == Receipt(route.message_id, routed=3, instances=2, unheard=())
-    assert [sorted(e.targets or ()) for e in got["i1"]] == [["i1:a1", "i1:a2"]]
-    assert [e.targets for e in got["i2"]] == [["i2:a3"]]
-    assert got["i3"] == []
-    envelope = got["i1"][0]
-    assert (envelope.id, envelope.origin, envelope.kind, envelope.frame) == (
-        route.message_id,
-        "i0",
-        "text",
-        "héllo",
-    )
-
-
-@pytest.mark.parametrize(
-    ("selector", "expected"),
-    [
-        (UserSelector("bob"), {"i1": ["i1:b1"]}),
-        (ConnectionSelector("i2:c1"), {"i2": ["i2:c1"]}),
-        (ConnectionSelector("i2:gone"), {}),
-        (UserSelector("alice") & PathSelector("/ws/red"), {"i1": ["i1:a1"], "i2": ["i2:a3"]}),
-        (UserSelector("bob") | UserSelector("carol"), {"i1": ["i1:b1"], "i2": ["i2:c1"]}),
-        (AllSelector() & UserSelector("dave"), {"i3": ["i3:d1"]}),
-        (UserSelector("nobody"), {}),
-    ],
-)
-async def test_route_exact_selectors_list_their_targets(
-    fake_redis: Redis, sender: AsyncEmitter, selector: Selector, expected: dict[str, list[str]]
-) -> None:
-    async with instances(fake_redis, "i1", "i2", "i3") as pubsubs:
-        route = await sender.publish(selector, "json", b'{"a":1}')
-        got = await envelopes(pubsubs)
-    assert {name: sorted(e.targets or ["?"]) for name, es in got.items() for e in es} == expected
-    assert all(e.sel is None for es in got.values() for e in es)
-    assert all(len(es) <= 1 for es in got.values())
-    assert route.routed == sum(len(ids) for ids in expected.values())
-    assert route.instances == len(expected)
-    assert route.unheard == ()
-
-
-@pytest.mark.parametrize(
-    ("selector", "expected"),
-    [
-        (PathSelector("/ws/red"), {"i1": 2, "i2": 1, "i3": 1}),
-        (MetadataSelector(room="green"), {"i2": 1}),
-        (MetadataSelector(room="nowhere"), {}),
-        # Compound: per instance, the smaller count (&) or the sum (|), an upper bound.
-        (PathSelector("/ws/red") & MetadataSelector(room="blue"), {"i1": 1}),
-        (PathSelector("/ws/green") | MetadataSelector(room="green"), {"i2": 2}),
-        (UserSelector("dave") | PathSelector("/ws/blue"), {"i1": 1, "i3": 1}),
-        (AllSelector() & PathSelector("/ws/blue"), {"i1": 1}),
-    ],
-)
-async def test_route_index_selectors_name_the_selector_not_the_members(
-    fake_redis: Redis, sender: AsyncEmitter, selector: Selector, expected: dict[str, int]
-) -> None:
-    async with instances(fake_redis, "i1", "i2", "i3") as pubsubs:
-        route = await sender.publish(selector, "json", b'{"a":1}')
-        got = await envelopes(pubsubs)
-    sel = canonical(selector.compile(KEYS))
-    assert {name: [(e.targets, e.sel) for e in es] for name, es in got.items() if es} == {
-        name: [(None, sel)] for name in expected
-    }
-    assert route.routed == sum(expected.values())
-    assert route.instances == len(expected)
-
-
-@pytest.mark.parametrize(
-    ("selector", "expected"),
-    [
-        (UserSelector("alice"), {"i1": ["i1:a1", "i1:a2"], "i2": ["i2:a3"]}),
-        (PathSelector("/ws/green") | UserSelector("dave"), {"i2": ["i2:c1"], "i3": ["i3:d1"]}),
-        (
-            AllSelector(),
-            {"i1": ["i1:a1", "i1:a2", "i1:b1"], "i2": ["i2:a3", "i2:c1"], "i3": ["i3:d1"]},
-        ),  # fmt: skip
-        (MetadataSelector(room="nowhere"), {}),
-    ],
-)
-async def test_resolve_groups_by_instance_and_publishes_nothing(
-    fake_redis: Redis, sender: AsyncEmitter, selector: Selector, expected: dict[str, list[str]]
-) -> None:
-    async with instances(fake_redis, "i1", "i2", "i3") as pubsubs:
-        async with listening(fake_redis, KEYS.broadcast) as broadcast:
-            assert await sender.resolve(selector) == expected
-            assert await received(broadcast) == []
-        assert await envelopes(pubsubs) == {"i1": [], "i2": [], "i3": []}
-
-
-async def test_route_unheard_instance_is_reported_and_not_counted(
-    fake_redis: Redis, sender: AsyncEmitter
-) -> None:
-    async with instances(fake_redis, "i1") as pubsubs:
-        route = await sender.publish(PathSelector("/ws/red"), "text", b"hi")
-        got = await envelopes(pubsubs)
-    assert route.routed == 2
-    assert route.instances == 1
-    assert sorted(route.unheard) == ["i2", "i3"]
-    assert [(e.targets, e.sel) for e in got["i1"]] == [(None, ["S" + KEYS.path("/ws/red")])]
-
-
-async def test_route_all_is_one_broadcast(fake_redis: Redis, sender: AsyncEmitter) -> None:
-    async with instances(fake_redis, "i1", "i2") as pubsubs:
-        async with (
-            listening(fake_redis, KEYS.broadcast) as one,
-            listening(fake_redis, KEYS.broadcast) as two,
-        ):
-            route = await sender.publish(AllSelector(), "binary", b"\x00\n\xff")
-            got_one, got_two = await received(one), await received(two)
-        assert await envelopes(pubsubs) == {"i1": [], "i2": []}
-    assert route.routed == len(PEOPLE)
-    assert route.instances == 2
-    assert got_one == got_two
-    [envelope] = [e for raw in got_one for e in decode(raw)]
-    assert (envelope.targets, envelope.sel) == (None, ["B"])
-    assert envelope.frame == b"\x00\n\xff"
-    assert envelope.id == route.message_id
-
-
-async def test_route_all_counts_only_live_instances(
-    fake_redis: Redis, sender: AsyncEmitter
-) -> None:
-    await fake_redis.delete(KEYS.heartbeat("i3"))  # i3 died; its records are not reaped yet
-    async with listening(fake_redis, KEYS.broadcast) as broadcast:
-        route = await sender.publish(AllSelector(), "text", b"hi")
-        assert len(await received(broadcast)) == 1
-    assert route.routed == len(PEOPLE) - 1
-
-
-async def test_route_all_with_no_listener_routes_nothing(sender: AsyncEmitter) -> None:
-    route = await sender.publish(AllSelector(), "text", b"hi")
-    assert (route.routed, route.instances) == (0, 0)
-
-
-async def test_route_all_with_no_connection_routes_nothing(fake_redis: Redis) -> None:
-    await heartbeat(fake_redis, "i1")
-    emitter = AsyncEmitter(fake_redis, prefix=PREFIX, origin="i0")
-    async with listening(fake_redis, KEYS.broadcast) as broadcast:
-        route = await emitter.publish(AllSelector(), "text", b"hi")
-        assert await received(broadcast) == []
-    assert (route.routed, route.instances) == (0, 0)
-
-
-@pytest.mark.parametrize("selector", [AllSelector(), UserSelector("alice")])
-async def test_route_under_a_prefix_without_instances_raises(
-    fake_redis: Redis, selector: Selector
-) -> None:
-    emitter = AsyncEmitter(fake_redis, prefix="other")
-    with pytest.raises(NoInstancesError, match="other"):
-        await emitter.publish(selector, "text", b"hi")
-
-
-async def test_route_message_ids_differ(sender: AsyncEmitter) -> None:
-    one = await sender.publish(UserSelector("alice"), "text", b"x")
-    two = await sender.publish(UserSelector("alice"), "text", b"x")
-    assert one.message_id != two.message_id
 
 
 async def test_dispatch_delivers_to_local_targets_only(fake_redis: Redis) -> None:
@@ -918,25 +696,6 @@ async def test_join_and_disconnect_reach_the_owner(
                 await task
     finally:
         task.cancel()
-
-
-@pytest.mark.integration
-async def test_join_keeps_the_record_exact_on_real_redis(redis_url: str, prefix: str) -> None:
-    redis = Redis.from_url(redis_url)
-    keys = Keys(prefix)
-    try:
-        connection = make_connection(id="i1:x", user="ann", metadata={"n": "1"})
-        connection.connected_at = 1795938967.3960772
-        await Registry(redis, keys).register(connection)
-        await redis.hset(keys.instances, "i1", "{}")
-        before = json.loads(await redis.hget(keys.records("i1"), "x") or b"")
-        emitter = AsyncEmitter(redis, prefix=prefix)
-        assert await emitter.join(UserSelector("ann"), "vip") == 1
-        after = json.loads(await redis.hget(keys.records("i1"), "x") or b"")
-        assert after["g"] == ["vip"]
-        assert {k: after[k] for k in "upmt"} == {k: before[k] for k in "upmt"}
-    finally:
-        await redis.aclose()
 
 
 class Keeping:

@@ -426,8 +426,9 @@ async def test_unreachable_redis_fails_within_the_timeout() -> None:
     started = time.monotonic()
     with pytest.raises(RedisUnavailableError):
         await emitter.send(UserSelector("x"), "x")
-    assert time.monotonic() - started < 2.0
+    took = time.monotonic() - started
     await emitter.aclose()
+    assert took < 0.5 + 3.0, f"an unreachable Redis took {took:.2f}s to fail, timeout 0.5s"
 
 
 @pytest.mark.integration

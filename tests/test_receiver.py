@@ -807,7 +807,8 @@ async def test_run_on_real_redis_restart_takes_effect_within_read_timeout(
             asked = time.monotonic()
             receiver.restart()
             await eventually(lambda: len(calls) == 2)
-            assert calls[1] - asked < READ_TIMEOUT + 0.25
+            took = calls[1] - asked
+            assert took < READ_TIMEOUT + 0.75, f"restarted {took:.2f}s after it was asked"
             assert await redis.pubsub_numsub(keys.broadcast) == [(keys.broadcast.encode(), 1)]
             assert await redis.publish(keys.channel("i1"), receiver.next_probe()) == 1
             await eventually(lambda: receiver.missed_probes() == 0)

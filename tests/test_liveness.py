@@ -402,15 +402,18 @@ async def test_liveness_idle_client_is_closed_and_pinged_client_stays(
                 await chatty.send("pong")
 
     answering = asyncio.create_task(answer_pings())
-    assert await asyncio.wait_for(quiet.recv(), 2) == "ping"
-    with pytest.raises(ConnectionClosed) as closed:
-        while True:
-            await asyncio.wait_for(quiet.recv(), 5)
-    assert closed.value.rcvd is not None and closed.value.rcvd.code == 4408
-    assert not answering.done()
-    assert await cluster[0].send({"user": "quiet"}, "x") == 0
-    assert await cluster[0].send({"user": "chatty"}, "x") == 1
-    answering.cancel()
+    try:
+        assert await asyncio.wait_for(quiet.recv(), 2) == "ping"
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                await asyncio.wait_for(quiet.recv(), 5)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 4408
+        assert not answering.done()  # chatty is still open, answering pings
+        assert await cluster[0].send({"user": "quiet"}, "x") == 0
+        assert await cluster[0].send({"user": "chatty"}, "x") == 1
+    finally:
+        answering.cancel()
+        await asyncio.gather(answering, return_exceptions=True)
 
 
 @pytest.mark.parametrize(

@@ -892,12 +892,10 @@ async def test_holders_count_each_instances_members_through_every_change(
         )
         for n in range(30)
     ]
-    steps = []
 
     async def step(name: str) -> None:
         held, counted = await holders_and_members(admin, keys)
         assert held == counted, name
-        steps.append(name)
 
     await registry.register(*people)
     await step("register")
@@ -923,7 +921,6 @@ async def test_holders_count_each_instances_members_through_every_change(
     await step("every instance gone")
     assert await holders_and_members(admin, keys) == ({}, {})
     await admin.aclose()
-    assert len(steps) == 7
 
 
 @pytest.mark.integration

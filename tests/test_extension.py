@@ -367,11 +367,14 @@ async def test_client_leaving_during_open_leaves_nothing(
         await asyncio.sleep(SOON * 10)  # e.g. announcing the user with wslb.send
 
     async with serving(fake_server, "i1") as one:
-        with signals.connection_opened.connected_to(slow_receiver, one.wslb):
+        with (
+            signals.connection_opened.connected_to(slow_receiver, one.wslb),
+            recording(signals.connection_closed, one.wslb) as closed,
+        ):
             async with one.client.websocket("/ws/red?user=alice"):
                 async with asyncio.timeout(SOON):
                     await entered.wait()
-        await asyncio.sleep(0.01)
+            await eventually(lambda: bool(closed.calls))  # sent once it is unregistered
         assert one.wslb.local_connections == {}
         assert len(await record_ids(one.redis)) == 0
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import os
 import secrets
+import subprocess
 from collections.abc import AsyncIterator, Callable, Iterator
+from typing import NoReturn
 
 import fakeredis
 import pytest
@@ -19,6 +21,40 @@ from tests.support import acl_refusals, acl_url
 
 #: The prefixes of the tests on the real Redis (see ``prefix``), as an ACL glob.
 TEST_PREFIXES = "test-*"
+#: The fixtures that start or reach a real redis-server (every real-Redis fixture below
+#: depends on one of these): a test that uses one, even through another fixture, must be
+#: marked ``integration``, since CI runs those a second time as the restricted ACL user.
+REAL_REDIS_FIXTURES = frozenset({"admin_redis_url", "private_redis"})
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Refuse to run when a real-Redis test lacks the ``integration`` marker (checked
+    before ``-m`` deselects anything, so ``-m "not integration"`` cannot hide one)."""
+    unmarked = [
+        item.nodeid
+        for item in items
+        if REAL_REDIS_FIXTURES & set(getattr(item, "fixturenames", ()))
+        and item.get_closest_marker("integration") is None
+    ]
+    if unmarked:
+        raise pytest.UsageError(
+            "these tests use a real Redis but are not marked integration: " + ", ".join(unmarked)
+        )
+
+
+@pytest.fixture(autouse=True)
+def no_unmarked_processes(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test that starts a process (redis-server, Hypercorn, the example) must be marked
+    ``integration``: collection cannot see a ``Popen`` in its body, so this refuses it."""
+    name = request.node.nodeid
+    if request.node.get_closest_marker("integration") is not None:
+        return
+
+    def refuse(*args: object, **kwargs: object) -> NoReturn:
+        raise AssertionError(f"{name} starts a process but is not marked integration")
+
+    monkeypatch.setattr(subprocess, "Popen", refuse)
 
 
 @pytest.fixture(autouse=True)
@@ -91,9 +127,9 @@ def fixture_fake_server() -> fakeredis.FakeServer:
     return fakeredis.FakeServer()
 
 
-@pytest.fixture(name="redis")
-async def fixture_redis(fake_server: fakeredis.FakeServer) -> AsyncIterator[Redis]:
-    """An asyncio client of ``fake_server`` (tests on a real Redis define their own)."""
+@pytest.fixture(name="fake_redis")
+async def fixture_fake_redis(fake_server: fakeredis.FakeServer) -> AsyncIterator[Redis]:
+    """An asyncio client of ``fake_server``."""
     client: Redis = fakeredis.FakeAsyncRedis(server=fake_server)
     yield client
     await client.aclose()

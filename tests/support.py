@@ -28,6 +28,7 @@ from quart_wslb.emitter import AsyncEmitter
 from quart_wslb.envelope import Frame
 from quart_wslb.keys import Keys
 from quart_wslb.local_index import LocalIndex
+from quart_wslb.registry import Registry
 from quart_wslb.selectors import Selector
 from quart_wslb.signal_sender import SignalSender
 
@@ -119,6 +120,36 @@ class _NoMembership:
 
 
 NO_MEMBERSHIP: Membership = _NoMembership()
+
+
+#: id -> (user, path, room), on instances i1, i2 and i3 (see ``people_sender``).
+PEOPLE = {
+    "i1:a1": ("alice", "/ws/red", "red"),
+    "i1:a2": ("alice", "/ws/blue", "blue"),
+    "i1:b1": ("bob", "/ws/red", "red"),
+    "i2:a3": ("alice", "/ws/red", "red"),
+    "i2:c1": ("carol", "/ws/green", "green"),
+    "i3:d1": ("dave", "/ws/red", "red"),
+}
+
+
+async def heartbeat(redis: Redis, *names: str) -> None:
+    """Announce instances as alive, the way their heartbeat does."""
+    for name in names:
+        await redis.set(KEYS.heartbeat(name), "1")
+        await redis.hset(KEYS.instances, name, '{"started_at":0}')
+
+
+async def people_sender(redis: Redis) -> AsyncEmitter:
+    """Register ``PEOPLE`` on instances with a live heartbeat; return what publishes for
+    an instance, ``i0``, that owns no connection."""
+    registry = Registry(redis, KEYS)
+    for id_, (user, path, room) in PEOPLE.items():
+        await registry.register(
+            make_connection(id=id_, user=user, path=path, metadata={"room": room})
+        )
+    await heartbeat(redis, "i1", "i2", "i3")
+    return AsyncEmitter(redis, prefix=PREFIX, origin="i0")
 
 
 def held(*connections: Connection, keys: Keys = KEYS) -> LocalIndex:

@@ -30,7 +30,7 @@ from quart_wslb.asgi import (
 )
 from quart_wslb.connection import Activity
 from quart_wslb.signal_sender import SignalSender
-from tests.support import SOON, recording, registry_keys, serving
+from tests.support import SOON, eventually, recording, registry_keys, serving
 
 OWNER = SignalSender(object())
 
@@ -93,9 +93,16 @@ class Harness:
             self.incoming.put_nowait(event)
         self.sent: list[ASGISendEvent] = []
         self.seen: list[ASGIReceiveEvent] = []
+        #: Set once the app asks for an event: it is running, past its accept.
+        self.reading = asyncio.Event()
 
     async def receive(self) -> ASGIReceiveEvent:
+        self.reading.set()
         return await self.incoming.get()
+
+    async def wait_reading(self) -> None:
+        async with asyncio.timeout(SOON):
+            await self.reading.wait()
 
     async def send(self, event: ASGISendEvent) -> None:
         self.sent.append(event)
@@ -180,7 +187,7 @@ async def test_guard_cancellation_says_going_away_if_open(
     task = asyncio.create_task(
         harness.app(accept=accept)(ws_scope(), harness.receive, harness.send)
     )
-    await asyncio.sleep(0.01)
+    await harness.wait_reading()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -198,7 +205,7 @@ async def test_guard_cancellation_after_close_sends_nothing_more() -> None:
     task = asyncio.create_task(
         WebsocketGuard(inner, 10, OWNER)(ws_scope(), harness.receive, harness.send)
     )
-    await asyncio.sleep(0.01)
+    await eventually(lambda: closes(harness.sent) == [MESSAGE_TOO_BIG])
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -226,7 +233,7 @@ async def test_guard_records_when_the_client_last_spoke() -> None:
     harness = Harness()
     scope = ws_scope()
     task = asyncio.create_task(harness.app()(scope, harness.receive, harness.send))
-    await asyncio.sleep(0.02)
+    await harness.wait_reading()
     activity = cast(dict[str, Any], scope)[ACTIVITY]
     assert isinstance(activity, Activity)
     created = activity.received

@@ -428,8 +428,9 @@ async def test_slow_client_never_stalls_the_others(
             await cluster[1].send({"user": "slow"}, big)
         started = time.monotonic()
         assert await cluster[1].send({"user": "fast"}, "still flowing") == 1
-        assert await asyncio.wait_for(fast.recv(), 3) == "still flowing"
-        assert time.monotonic() - started < 3
+        assert await asyncio.wait_for(fast.recv(), 10) == "still flowing"
+        took = time.monotonic() - started
+        assert took < 3, f"a message to another client took {took:.2f}s past the slow one"
         stats = await cluster[0].stats()
         assert stats["dropped_queue_full"] >= 1  # the slow one was cut off, and said so
 

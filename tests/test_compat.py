@@ -208,10 +208,10 @@ async def test_extension_and_emitter_check_on_start(
 
 
 async def test_emitter_checks_on_construction(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, redis: Redis
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, fake_redis: Redis
 ) -> None:
     monkeypatch.setattr(_compat, "PushNotification", _compat._NoPush)
-    emitter = AsyncEmitter(redis)
+    emitter = AsyncEmitter(fake_redis)
     assert any("PushNotification" in w for w in warnings_of(caplog))
     await emitter.aclose()
 

@@ -144,16 +144,21 @@ async def test_close_once_only() -> None:
     connection = make_connection(socket)
     await connection.close(4000, "bye")
     await connection.close(1000)
-    await eventually(lambda: socket.closed == [(4000, "bye")])
+    await connection.stop()  # waits for the close task
+    assert socket.closed == [(4000, "bye")]
 
 
-async def test_close_failure_is_swallowed() -> None:
+async def test_close_failure_is_swallowed(caplog: pytest.LogCaptureFixture) -> None:
     class Unclosable(FakeWebsocket):
         async def close(self, code: int, reason: str = "") -> None:
             raise ConnectionResetError("already gone")
 
-    connection = make_connection(Unclosable())
-    await connection.close()  # does not raise
+    caplog.set_level("DEBUG", "quart_wslb")
+    connection = make_connection(Unclosable(), id="i1:gone")
+    await connection.close()  # returns at once: the close frame is a task of its own
+    await connection.stop()  # waits for that task, which logs the failure and ends
+    [record] = [r for r in caplog.records if r.getMessage() == "closing i1:gone failed"]
+    assert record.exc_info is not None and record.exc_info[0] is ConnectionResetError
 
 
 async def test_writer_stops_when_client_is_gone(caplog: pytest.LogCaptureFixture) -> None:
@@ -165,7 +170,7 @@ async def test_writer_stops_when_client_is_gone(caplog: pytest.LogCaptureFixture
         recording(signals.message_dropped, OWNER) as dropped,
     ):
         await connection.offer("x", None)
-        await asyncio.sleep(0.01)
+        await eventually(lambda: bool(dropped.calls))  # the writer failed
     await connection.stop()
     assert delivered.calls == []
     assert dropped.reasons() == ["closed"]
@@ -200,7 +205,9 @@ async def test_stop_without_unsent_frames_is_quiet() -> None:
 
 
 async def test_stop_before_start_is_harmless() -> None:
-    await make_connection().stop()
+    with recording(signals.message_dropped, OWNER) as dropped:
+        await make_connection(owner=OWNER).stop()
+    assert dropped.calls == []
 
 
 async def test_repr_names_id_user_and_path() -> None:
@@ -399,9 +406,12 @@ async def test_writer_hands_frames_to_hypercorn_once_the_client_closes() -> None
     server = stream.stream.connection  # the client's close frame reaches wsproto
     server.receive_data(stream.client.send(CloseConnection(code=1000)))
     assert [type(e) for e in server.events()] == [CloseConnection]
-    with recording(signals.message_dropped, OWNER) as dropped:
+    with (
+        recording(signals.message_dropped, OWNER) as dropped,
+        recording(signals.message_delivered, OWNER) as handed,
+    ):
         await connection.offer("after", None)
-        await asyncio.sleep(0.05)
+        await eventually(lambda: [call["frame"] for call in handed.calls] == ["after"])
     assert stream.events == []
     assert dropped.calls == []
     assert connection._writer is not None and not connection._writer.done()

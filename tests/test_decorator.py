@@ -62,17 +62,17 @@ async def record_of(app: Quart, redis: Redis, path: str = "/ws") -> dict[str, An
             return hello
 
 
-async def test_ws_route_sync_getters(redis: Redis) -> None:
+async def test_ws_route_sync_getters(fake_redis: Redis) -> None:
     app, _ = tracked_app(
-        redis,
+        fake_redis,
         route_user=lambda: websocket.args.get("u"),
         metadata=lambda: {"q": websocket.args["q"]},
     )
-    hello = await record_of(app, redis, "/ws?u=ann&q=1")
+    hello = await record_of(app, fake_redis, "/ws?u=ann&q=1")
     assert (hello["user"], hello["metadata"]) == ("ann", {"q": "1"})
 
 
-async def test_ws_route_async_getters(redis: Redis) -> None:
+async def test_ws_route_async_getters(fake_redis: Redis) -> None:
     async def user() -> str:
         await asyncio.sleep(0)
         return "async-user"
@@ -80,30 +80,30 @@ async def test_ws_route_async_getters(redis: Redis) -> None:
     async def metadata() -> dict[str, str]:
         return {"k": "v", "k:2": "v=2"}
 
-    app, _ = tracked_app(redis, route_user=user, metadata=metadata)
-    hello = await record_of(app, redis)
+    app, _ = tracked_app(fake_redis, route_user=user, metadata=metadata)
+    hello = await record_of(app, fake_redis)
     assert (hello["user"], hello["metadata"]) == ("async-user", {"k": "v", "k:2": "v=2"})
 
 
-async def test_ws_route_user_defaults_to_extension_option(redis: Redis) -> None:
-    app, _ = tracked_app(redis, user=lambda: "from-option")
-    assert (await record_of(app, redis))["user"] == "from-option"
+async def test_ws_route_user_defaults_to_extension_option(fake_redis: Redis) -> None:
+    app, _ = tracked_app(fake_redis, user=lambda: "from-option")
+    assert (await record_of(app, fake_redis))["user"] == "from-option"
 
 
-async def test_ws_route_user_overrides_extension_option(redis: Redis) -> None:
-    app, _ = tracked_app(redis, route_user=lambda: "from-route", user=lambda: "from-option")
-    assert (await record_of(app, redis))["user"] == "from-route"
+async def test_ws_route_user_overrides_extension_option(fake_redis: Redis) -> None:
+    app, _ = tracked_app(fake_redis, route_user=lambda: "from-route", user=lambda: "from-option")
+    assert (await record_of(app, fake_redis))["user"] == "from-route"
 
 
-async def test_ws_route_without_any_user_is_anonymous(redis: Redis) -> None:
-    app, _ = tracked_app(redis)
-    assert (await record_of(app, redis))["user"] is None
+async def test_ws_route_without_any_user_is_anonymous(fake_redis: Redis) -> None:
+    app, _ = tracked_app(fake_redis)
+    assert (await record_of(app, fake_redis))["user"] is None
 
 
 @pytest.mark.parametrize("name", [None, ""])
-async def test_ws_route_no_user_is_anonymous(redis: Redis, name: str | None) -> None:
-    app, _ = tracked_app(redis, route_user=lambda: name)
-    assert (await record_of(app, redis))["user"] is None
+async def test_ws_route_no_user_is_anonymous(fake_redis: Redis, name: str | None) -> None:
+    app, _ = tracked_app(fake_redis, route_user=lambda: name)
+    assert (await record_of(app, fake_redis))["user"] is None
 
 
 @pytest.mark.parametrize(
@@ -118,9 +118,9 @@ async def test_ws_route_no_user_is_anonymous(redis: Redis, name: str | None) -> 
     ],
 )
 async def test_ws_route_bad_getter_result_raises_and_registers_nothing(
-    redis: Redis, getter: dict[str, Any], match: str
+    fake_redis: Redis, getter: dict[str, Any], match: str
 ) -> None:
-    app, wslb = tracked_app(redis, **getter)
+    app, wslb = tracked_app(fake_redis, **getter)
     with recording(got_websocket_exception, app) as errors:
         async with app.test_app() as test_app:
             async with test_app.test_client().websocket("/ws") as ws:
@@ -128,25 +128,25 @@ async def test_ws_route_bad_getter_result_raises_and_registers_nothing(
                     async with asyncio.timeout(SOON):
                         await ws.receive()
             assert response.value.response.status_code == 500
-            assert len(await record_ids(redis)) == 0
+            assert len(await record_ids(fake_redis)) == 0
             assert wslb.local_connections == {}
     [error] = [call["exception"] for call in errors.calls]
     assert isinstance(error, TypeError)
     assert match in str(error)
 
 
-async def test_ws_route_failing_handler_still_unregisters(redis: Redis) -> None:
-    app, wslb = tracked_app(redis, route_user=lambda: "ann", fail=True)
+async def test_ws_route_failing_handler_still_unregisters(fake_redis: Redis) -> None:
+    app, wslb = tracked_app(fake_redis, route_user=lambda: "ann", fail=True)
     with recording(got_websocket_exception, app) as errors:
         async with app.test_app() as test_app:
             async with test_app.test_client().websocket("/ws") as ws:
                 async with asyncio.timeout(SOON):
                     await ws.receive()
-                    assert len(await record_ids(redis)) == 1
+                    assert len(await record_ids(fake_redis)) == 1
                     await ws.send("boom")
                     with pytest.raises(WebsocketDisconnectError):
                         await ws.receive()
-            assert len(await record_ids(redis)) == 0
+            assert len(await record_ids(fake_redis)) == 0
             assert wslb.local_connections == {}
             assert await wslb.send(UserSelector("ann"), "late") == 0
     assert [str(call["exception"]) for call in errors.calls] == ["handler broke"]
@@ -175,11 +175,11 @@ def test_ws_route_keeps_the_handler_signature() -> None:
     assert wrapped.__wrapped__ is handler  # type: ignore[attr-defined]
 
 
-async def test_ws_route_getter_may_reject_before_the_handshake(redis: Redis) -> None:
+async def test_ws_route_getter_may_reject_before_the_handshake(fake_redis: Redis) -> None:
     def deny() -> str:
         abort(401)
 
-    app, wslb = tracked_app(redis, route_user=deny)
+    app, wslb = tracked_app(fake_redis, route_user=deny)
     async with app.test_app() as test_app:
         async with test_app.test_client().websocket("/ws") as ws:
             with pytest.raises(WebsocketResponseError) as response:
@@ -187,12 +187,12 @@ async def test_ws_route_getter_may_reject_before_the_handshake(redis: Redis) -> 
                     await ws.receive()
             assert not cast(Any, ws).accepted
         assert response.value.response.status_code == 401
-        assert len(await record_ids(redis)) == 0
+        assert len(await record_ids(fake_redis)) == 0
         assert wslb.local_connections == {}
 
 
-async def test_ws_route_accepts_by_default(redis: Redis) -> None:
-    app, wslb = tracked_app(redis)
+async def test_ws_route_accepts_by_default(fake_redis: Redis) -> None:
+    app, wslb = tracked_app(fake_redis)
     async with app.test_app() as test_app:
         async with test_app.test_client().websocket("/ws") as ws:
             async with asyncio.timeout(SOON):
@@ -201,10 +201,10 @@ async def test_ws_route_accepts_by_default(redis: Redis) -> None:
 
 
 async def test_ws_route_accept_false_holds_frames_until_the_handler_accepts(
-    redis: Redis,
+    fake_redis: Redis,
 ) -> None:
     app = Quart(__name__)
-    wslb = WsLoadBalance(app, redis=redis, instance_id="i1", prefix=PREFIX)
+    wslb = WsLoadBalance(app, redis=fake_redis, instance_id="i1", prefix=PREFIX)
     opened: list[str] = []
     gate = asyncio.Event()
 
@@ -219,7 +219,7 @@ async def test_ws_route_accept_false_holds_frames_until_the_handler_accepts(
     async with app.test_app() as test_app:
         async with test_app.test_client().websocket("/ws") as ws:
             await eventually(lambda: bool(opened))
-            assert opened[0] in await record_ids(redis)
+            assert opened[0] in await record_ids(fake_redis)
             assert await wslb.send(UserSelector("ann"), "early") == 1
             await asyncio.sleep(0.02)
             assert not cast(Any, ws).accepted

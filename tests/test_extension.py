@@ -82,8 +82,8 @@ async def fixture_two(fake_server: fakeredis.FakeServer) -> AsyncIterator[tuple[
         yield one, two
 
 
-def test_init_app_registers_the_extension(redis: Redis) -> None:
-    app, wslb = make_app(redis, "i1")
+def test_init_app_registers_the_extension(fake_redis: Redis) -> None:
+    app, wslb = make_app(fake_redis, "i1")
     assert app.extensions["wslb"] is wslb
     assert cast(Any, app).wslb is wslb
     assert wslb.instance_id == "i1"
@@ -91,9 +91,9 @@ def test_init_app_registers_the_extension(redis: Redis) -> None:
     assert wslb.local_connections == {}
 
 
-def test_init_app_later(redis: Redis) -> None:
+def test_init_app_later(fake_redis: Redis) -> None:
     app = Quart(__name__)
-    wslb = WsLoadBalance(redis=redis)
+    wslb = WsLoadBalance(redis=fake_redis)
     with pytest.raises(RuntimeError, match="init_app"):
         wslb.settings  # noqa: B018
     wslb.init_app(app)
@@ -108,25 +108,25 @@ async def test_init_app_refuses_a_client_that_decodes_responses() -> None:
     await decoding.aclose()
 
 
-def test_init_app_twice_raises(redis: Redis) -> None:
-    app, wslb = make_app(redis, "i1")
+def test_init_app_twice_raises(fake_redis: Redis) -> None:
+    app, wslb = make_app(fake_redis, "i1")
     with pytest.raises(RuntimeError, match="already bound"):
         wslb.init_app(app)
     with pytest.raises(RuntimeError, match="already bound"):
         wslb.init_app(Quart(__name__))
 
 
-def test_init_app_second_extension_raises(redis: Redis) -> None:
-    app, wslb = make_app(redis, "i1")
+def test_init_app_second_extension_raises(fake_redis: Redis) -> None:
+    app, wslb = make_app(fake_redis, "i1")
     with pytest.raises(RuntimeError, match="already has"):
-        WsLoadBalance(app, redis=redis)
+        WsLoadBalance(app, redis=fake_redis)
     assert app.extensions["wslb"] is wslb
 
 
-def test_init_app_argument_beats_config(redis: Redis) -> None:
+def test_init_app_argument_beats_config(fake_redis: Redis) -> None:
     app = Quart(__name__)
     app.config.update(WSLB_PREFIX="cfg", WSLB_SEND_QUEUE_SIZE=5, WSLB_QUEUE_FULL="drop")
-    wslb = WsLoadBalance(app, redis=redis, send_queue_size=7)
+    wslb = WsLoadBalance(app, redis=fake_redis, send_queue_size=7)
     settings = wslb.settings
     assert (settings.prefix, settings.send_queue_size, settings.queue_full) == ("cfg", 7, "drop")
 
@@ -147,11 +147,11 @@ def test_init_app_plain_app_reads_exported_options(monkeypatch: pytest.MonkeyPat
     assert (settings.prefix, settings.send_queue_size) == ("cfg", 3)
 
 
-def test_init_app_bad_config_raises(redis: Redis) -> None:
+def test_init_app_bad_config_raises(fake_redis: Redis) -> None:
     app = Quart(__name__)
     app.config["WSLB_INSTANCE_ID"] = "has:colon"
     with pytest.raises(ValueError, match="WSLB_INSTANCE_ID"):
-        WsLoadBalance(app, redis=redis)
+        WsLoadBalance(app, redis=fake_redis)
     assert "wslb" not in app.extensions
 
 
@@ -166,8 +166,8 @@ async def test_serving_emitter_takes_the_settings_not_the_environment(
         assert (emitter.keys.prefix, emitter.timeout) == (PREFIX, 3.0)
 
 
-async def test_send_before_serving_raises(redis: Redis) -> None:
-    _, wslb = make_app(redis, "i1")
+async def test_send_before_serving_raises(fake_redis: Redis) -> None:
+    _, wslb = make_app(fake_redis, "i1")
     with pytest.raises(NotStartedError, match="not serving"):
         await wslb.send(UserSelector("alice"), "hi")
     with pytest.raises(RuntimeError):
@@ -183,9 +183,9 @@ async def test_send_after_stopping_raises(fake_server: fakeredis.FakeServer) -> 
 
 @pytest.mark.parametrize("message", [1, None, {"a"}, {"a": object()}, ("t",)])
 async def test_send_bad_message_raises_before_publishing(
-    fake_server: fakeredis.FakeServer, redis: Redis, message: object
+    fake_server: fakeredis.FakeServer, fake_redis: Redis, message: object
 ) -> None:
-    async with redis.pubsub() as pubsub, serving(fake_server, "i1") as one:
+    async with fake_redis.pubsub() as pubsub, serving(fake_server, "i1") as one:
         await pubsub.psubscribe("{" + PREFIX + "}:*")
         async with one.client.websocket("/ws/red?user=alice") as ws:
             await greeting(ws)
@@ -367,11 +367,14 @@ async def test_client_leaving_during_open_leaves_nothing(
         await asyncio.sleep(SOON * 10)  # e.g. announcing the user with wslb.send
 
     async with serving(fake_server, "i1") as one:
-        with signals.connection_opened.connected_to(slow_receiver, one.wslb):
+        with (
+            signals.connection_opened.connected_to(slow_receiver, one.wslb),
+            recording(signals.connection_closed, one.wslb) as closed,
+        ):
             async with one.client.websocket("/ws/red?user=alice"):
                 async with asyncio.timeout(SOON):
                     await entered.wait()
-        await asyncio.sleep(0.01)
+            await eventually(lambda: bool(closed.calls))  # sent once it is unregistered
         assert one.wslb.local_connections == {}
         assert len(await record_ids(one.redis)) == 0
 

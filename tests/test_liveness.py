@@ -163,11 +163,10 @@ async def test_liveness_groups_follow_reaping_and_redis_restarts(
         except HttpError:
             return -1
 
-    started = time.monotonic()
-    while await group_send() != 2:
-        assert time.monotonic() - started < 5.0
-        await asyncio.sleep(0.05)
-    report("Redis restart -> group membership restored", time.monotonic() - started)
+    async def restored() -> bool:
+        return await group_send() == 2
+
+    report("Redis restart -> group membership restored", await wait_until(restored, 5.0))
     for member in members[1:]:
         frames = [await asyncio.wait_for(member.recv(), 5) for _ in range(2)]
         assert frames[-1] == "after restart"
@@ -206,7 +205,7 @@ async def test_liveness_redis_unreachable_send_fails_fast_and_clients_stay(
     elapsed = time.monotonic() - started
     report("send with Redis down -> RedisUnavailableError", elapsed)
     assert failed.value.status == 503
-    assert elapsed < 3.0  # WSLB_REDIS_TIMEOUT is 1 s
+    assert elapsed < 1.0 + 3.0, f"a send took {elapsed:.2f}s with WSLB_REDIS_TIMEOUT=1"
     await dan.send("still here?")  # the handler sends to the room: fails, but stays open
     await dan.ping()
     private_redis.start()
@@ -228,7 +227,7 @@ async def test_liveness_redis_frozen_send_fails_within_timeout(
         private_redis.process.send_signal(signal.SIGCONT)
     report("send with Redis frozen -> RedisUnavailableError", elapsed)
     assert failed.value.status == 503
-    assert 0.9 < elapsed < 3.0  # WSLB_REDIS_TIMEOUT is 1 s
+    assert 0.9 < elapsed < 1.0 + 3.0, f"a send took {elapsed:.2f}s with WSLB_REDIS_TIMEOUT=1"
 
 
 async def test_liveness_outage_longer_than_ttl_reaps_nobody(
@@ -247,11 +246,12 @@ async def test_liveness_outage_longer_than_ttl_reaps_nobody(
 
     await wait_until(all_routable, 5.0)
     await asyncio.sleep(1.5 + 1.0)  # past the point where a hasty survivor would reap
-    assert all([await all_routable()])
+    assert await all_routable()
     stats = [await cluster[n].stats() for n in range(3)]
     assert sum(s.get("reaped", 0) for s in stats) == 0
-    assert sum(s.get("offline_u0", 0) + s.get("offline_u1", 0) for s in stats) == 0
-    assert len(users) == 3
+    assert sum(s.get(f"offline_u{n}", 0) for s in stats for n in range(3)) == 0
+    for user in users:  # each socket stayed open and got what was routed to it
+        assert await asyncio.wait_for(user.recv(), 5) == "back"
 
 
 async def test_liveness_two_reapers_at_once_leave_nothing_behind(
@@ -411,15 +411,18 @@ async def test_liveness_idle_client_is_closed_and_pinged_client_stays(
                 await chatty.send("pong")
 
     answering = asyncio.create_task(answer_pings())
-    assert await asyncio.wait_for(quiet.recv(), 2) == "ping"
-    with pytest.raises(ConnectionClosed) as closed:
-        while True:
-            await asyncio.wait_for(quiet.recv(), 5)
-    assert closed.value.rcvd is not None and closed.value.rcvd.code == 4408
-    assert not answering.done()
-    assert await cluster[0].send({"user": "quiet"}, "x") == 0
-    assert await cluster[0].send({"user": "chatty"}, "x") == 1
-    answering.cancel()
+    try:
+        assert await asyncio.wait_for(quiet.recv(), 2) == "ping"
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                await asyncio.wait_for(quiet.recv(), 5)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 4408
+        assert not answering.done()  # chatty is still open, answering pings
+        assert await cluster[0].send({"user": "quiet"}, "x") == 0
+        assert await cluster[0].send({"user": "chatty"}, "x") == 1
+    finally:
+        answering.cancel()
+        await asyncio.gather(answering, return_exceptions=True)
 
 
 @pytest.mark.parametrize(

@@ -1,17 +1,14 @@
-"""Routing and delivery: the route script publishes one envelope per owning instance (the
-publishing side lives in :mod:`quart_wslb.emitter`); the receiver dispatches envelopes to
-local connections and runs a subscriber loop that survives bad input and lost
-connections."""
+"""The receiver: it dispatches envelopes to local connections and runs a subscriber loop
+that survives bad input and lost connections (publishing is tested in test_emitter)."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import secrets
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
 from types import SimpleNamespace
 from typing import Any, cast
 
@@ -26,99 +23,43 @@ from quart_wslb import (
     AllSelector,
     ConnectionSelector,
     GroupSelector,
-    MetadataSelector,
-    NoInstancesError,
     PathSelector,
-    Selector,
     UserSelector,
     signals,
 )
 from quart_wslb.connection import Connection
-from quart_wslb.emitter import AsyncEmitter, Receipt
-from quart_wslb.envelope import Envelope, Frame, decode, encode
+from quart_wslb.emitter import AsyncEmitter
+from quart_wslb.envelope import Envelope, Frame, encode
 from quart_wslb.keys import Keys
 from quart_wslb.local_index import LocalIndex
 from quart_wslb.outgoing import Outgoing
 from quart_wslb.receiver import READ_TIMEOUT, Receiver
 from quart_wslb.redis_client import make_client
-from quart_wslb.registry import Registry
 from quart_wslb.signal_sender import SignalSender
-from quart_wslb.signing import Keyring, canonical
+from quart_wslb.signing import Keyring
 from quart_wslb.subscriber import SubscriberClosedError
 from quart_wslb.testing import RedisServer
 from tests.cluster import Clients, Cluster
 from tests.support import (
     KEYS,
     NO_MEMBERSHIP,
-    PREFIX,
     SOON,
     FakeWebsocket,
     eventually,
     held,
     make_connection,
-    received,
+    people_sender,
     recording,
     stored_record,
 )
 
 OWNER = SignalSender(object())
-#: id -> (user, path, room), on instances i1, i2 and i3.
-PEOPLE = {
-    "i1:a1": ("alice", "/ws/red", "red"),
-    "i1:a2": ("alice", "/ws/blue", "blue"),
-    "i1:b1": ("bob", "/ws/red", "red"),
-    "i2:a3": ("alice", "/ws/red", "red"),
-    "i2:c1": ("carol", "/ws/green", "green"),
-    "i3:d1": ("dave", "/ws/red", "red"),
-}
-
-
-async def heartbeat(redis: Redis, *names: str) -> None:
-    """Announce instances as alive, the way their heartbeat does."""
-    for name in names:
-        await redis.set(KEYS.heartbeat(name), "1")
-        await redis.hset(KEYS.instances, name, '{"started_at":0}')
-
-
-@pytest.fixture(name="registry")
-async def fixture_registry(redis: Redis) -> Registry:
-    """A registry that holds ``PEOPLE``, on instances with a live heartbeat."""
-    registry = Registry(redis, KEYS)
-    for id_, (user, path, room) in PEOPLE.items():
-        await registry.register(
-            make_connection(id=id_, user=user, path=path, metadata={"room": room})
-        )
-    await heartbeat(redis, "i1", "i2", "i3")
-    return registry
 
 
 @pytest.fixture(name="sender")
-def fixture_sender(redis: Redis, registry: Registry) -> AsyncEmitter:
-    """What publishes for an instance, ``i0``, that owns no connection."""
-    return AsyncEmitter(redis, prefix=PREFIX, origin="i0")
-
-
-@asynccontextmanager
-async def listening(redis: Redis, *channels: str) -> AsyncIterator[PubSub]:
-    async with redis.pubsub() as pubsub:
-        await pubsub.subscribe(*channels)
-        yield pubsub
-
-
-@asynccontextmanager
-async def instances(redis: Redis, *names: str) -> AsyncIterator[dict[str, PubSub]]:
-    """One subscriber per instance channel, as if those instances were alive."""
-    async with AsyncExitStack() as stack:
-        pubsubs = {name: await stack.enter_async_context(redis.pubsub()) for name in names}
-        for name, pubsub in pubsubs.items():
-            await pubsub.subscribe(KEYS.channel(name))
-        yield pubsubs
-
-
-async def envelopes(pubsubs: dict[str, PubSub]) -> dict[str, list[Envelope]]:
-    return {
-        name: [e for raw in await received(p) for e in decode(raw)] for name, p in pubsubs.items()
-    }
+async def fixture_sender(fake_redis: Redis) -> AsyncEmitter:
+    """What publishes for an instance that owns no connection, to ``PEOPLE``."""
+    return await people_sender(fake_redis)
 
 
 @asynccontextmanager
@@ -144,172 +85,11 @@ def raw(
     return encode(Envelope("m1", "i0", kind, targets, frame, sel=sel))
 
 
-async def test_route_publishes_one_envelope_per_owning_instance(
-    redis: Redis, sender: AsyncEmitter
-) -> None:
-    async with instances(redis, "i1", "i2", "i3") as pubsubs:
-        route = await sender.publish(UserSelector("alice"), "text", "héllo".encode())
-        got = await envelopes(pubsubs)
-    assert route == Receipt(route.message_id, routed=3, instances=2, unheard=())
-    assert [sorted(e.targets or ()) for e in got["i1"]] == [["i1:a1", "i1:a2"]]
-    assert [e.targets for e in got["i2"]] == [["i2:a3"]]
-    assert got["i3"] == []
-    envelope = got["i1"][0]
-    assert (envelope.id, envelope.origin, envelope.kind, envelope.frame) == (
-        route.message_id,
-        "i0",
-        "text",
-        "héllo",
-    )
-
-
-@pytest.mark.parametrize(
-    ("selector", "expected"),
-    [
-        (UserSelector("bob"), {"i1": ["i1:b1"]}),
-        (ConnectionSelector("i2:c1"), {"i2": ["i2:c1"]}),
-        (ConnectionSelector("i2:gone"), {}),
-        (UserSelector("alice") & PathSelector("/ws/red"), {"i1": ["i1:a1"], "i2": ["i2:a3"]}),
-        (UserSelector("bob") | UserSelector("carol"), {"i1": ["i1:b1"], "i2": ["i2:c1"]}),
-        (AllSelector() & UserSelector("dave"), {"i3": ["i3:d1"]}),
-        (UserSelector("nobody"), {}),
-    ],
-)
-async def test_route_exact_selectors_list_their_targets(
-    redis: Redis, sender: AsyncEmitter, selector: Selector, expected: dict[str, list[str]]
-) -> None:
-    async with instances(redis, "i1", "i2", "i3") as pubsubs:
-        route = await sender.publish(selector, "json", b'{"a":1}')
-        got = await envelopes(pubsubs)
-    assert {name: sorted(e.targets or ["?"]) for name, es in got.items() for e in es} == expected
-    assert all(e.sel is None for es in got.values() for e in es)
-    assert all(len(es) <= 1 for es in got.values())
-    assert route.routed == sum(len(ids) for ids in expected.values())
-    assert route.instances == len(expected)
-    assert route.unheard == ()
-
-
-@pytest.mark.parametrize(
-    ("selector", "expected"),
-    [
-        (PathSelector("/ws/red"), {"i1": 2, "i2": 1, "i3": 1}),
-        (MetadataSelector(room="green"), {"i2": 1}),
-        (MetadataSelector(room="nowhere"), {}),
-        # Compound: per instance, the smaller count (&) or the sum (|), an upper bound.
-        (PathSelector("/ws/red") & MetadataSelector(room="blue"), {"i1": 1}),
-        (PathSelector("/ws/green") | MetadataSelector(room="green"), {"i2": 2}),
-        (UserSelector("dave") | PathSelector("/ws/blue"), {"i1": 1, "i3": 1}),
-        (AllSelector() & PathSelector("/ws/blue"), {"i1": 1}),
-    ],
-)
-async def test_route_index_selectors_name_the_selector_not_the_members(
-    redis: Redis, sender: AsyncEmitter, selector: Selector, expected: dict[str, int]
-) -> None:
-    async with instances(redis, "i1", "i2", "i3") as pubsubs:
-        route = await sender.publish(selector, "json", b'{"a":1}')
-        got = await envelopes(pubsubs)
-    sel = canonical(selector.compile(KEYS))
-    assert {name: [(e.targets, e.sel) for e in es] for name, es in got.items() if es} == {
-        name: [(None, sel)] for name in expected
-    }
-    assert route.routed == sum(expected.values())
-    assert route.instances == len(expected)
-
-
-@pytest.mark.parametrize(
-    ("selector", "expected"),
-    [
-        (UserSelector("alice"), {"i1": ["i1:a1", "i1:a2"], "i2": ["i2:a3"]}),
-        (PathSelector("/ws/green") | UserSelector("dave"), {"i2": ["i2:c1"], "i3": ["i3:d1"]}),
-        (
-            AllSelector(),
-            {"i1": ["i1:a1", "i1:a2", "i1:b1"], "i2": ["i2:a3", "i2:c1"], "i3": ["i3:d1"]},
-        ),  # fmt: skip
-        (MetadataSelector(room="nowhere"), {}),
-    ],
-)
-async def test_resolve_groups_by_instance_and_publishes_nothing(
-    redis: Redis, sender: AsyncEmitter, selector: Selector, expected: dict[str, list[str]]
-) -> None:
-    async with instances(redis, "i1", "i2", "i3") as pubsubs:
-        async with listening(redis, KEYS.broadcast) as broadcast:
-            assert await sender.resolve(selector) == expected
-            assert await received(broadcast) == []
-        assert await envelopes(pubsubs) == {"i1": [], "i2": [], "i3": []}
-
-
-async def test_route_unheard_instance_is_reported_and_not_counted(
-    redis: Redis, sender: AsyncEmitter
-) -> None:
-    async with instances(redis, "i1") as pubsubs:
-        route = await sender.publish(PathSelector("/ws/red"), "text", b"hi")
-        got = await envelopes(pubsubs)
-    assert route.routed == 2
-    assert route.instances == 1
-    assert sorted(route.unheard) == ["i2", "i3"]
-    assert [(e.targets, e.sel) for e in got["i1"]] == [(None, ["S" + KEYS.path("/ws/red")])]
-
-
-async def test_route_all_is_one_broadcast(redis: Redis, sender: AsyncEmitter) -> None:
-    async with instances(redis, "i1", "i2") as pubsubs:
-        async with (
-            listening(redis, KEYS.broadcast) as one,
-            listening(redis, KEYS.broadcast) as two,
-        ):
-            route = await sender.publish(AllSelector(), "binary", b"\x00\n\xff")
-            got_one, got_two = await received(one), await received(two)
-        assert await envelopes(pubsubs) == {"i1": [], "i2": []}
-    assert route.routed == len(PEOPLE)
-    assert route.instances == 2
-    assert got_one == got_two
-    [envelope] = [e for raw in got_one for e in decode(raw)]
-    assert (envelope.targets, envelope.sel) == (None, ["B"])
-    assert envelope.frame == b"\x00\n\xff"
-    assert envelope.id == route.message_id
-
-
-async def test_route_all_counts_only_live_instances(redis: Redis, sender: AsyncEmitter) -> None:
-    await redis.delete(KEYS.heartbeat("i3"))  # i3 died; its records are not reaped yet
-    async with listening(redis, KEYS.broadcast) as broadcast:
-        route = await sender.publish(AllSelector(), "text", b"hi")
-        assert len(await received(broadcast)) == 1
-    assert route.routed == len(PEOPLE) - 1
-
-
-async def test_route_all_with_no_listener_routes_nothing(sender: AsyncEmitter) -> None:
-    route = await sender.publish(AllSelector(), "text", b"hi")
-    assert (route.routed, route.instances) == (0, 0)
-
-
-async def test_route_all_with_no_connection_routes_nothing(redis: Redis) -> None:
-    await heartbeat(redis, "i1")
-    emitter = AsyncEmitter(redis, prefix=PREFIX, origin="i0")
-    async with listening(redis, KEYS.broadcast) as broadcast:
-        route = await emitter.publish(AllSelector(), "text", b"hi")
-        assert await received(broadcast) == []
-    assert (route.routed, route.instances) == (0, 0)
-
-
-@pytest.mark.parametrize("selector", [AllSelector(), UserSelector("alice")])
-async def test_route_under_a_prefix_without_instances_raises(
-    redis: Redis, selector: Selector
-) -> None:
-    emitter = AsyncEmitter(redis, prefix="other")
-    with pytest.raises(NoInstancesError, match="other"):
-        await emitter.publish(selector, "text", b"hi")
-
-
-async def test_route_message_ids_differ(sender: AsyncEmitter) -> None:
-    one = await sender.publish(UserSelector("alice"), "text", b"x")
-    two = await sender.publish(UserSelector("alice"), "text", b"x")
-    assert one.message_id != two.message_id
-
-
-async def test_dispatch_delivers_to_local_targets_only(redis: Redis) -> None:
+async def test_dispatch_delivers_to_local_targets_only(fake_redis: Redis) -> None:
     sockets = [FakeWebsocket() for _ in range(3)]
     connections = [make_connection(s, id=f"i1:{n}") for n, s in enumerate(sockets)]
     async with started(*connections) as local:
-        receiver = Receiver(redis, KEYS, "i1", local, OWNER)
+        receiver = Receiver(fake_redis, KEYS, "i1", local, OWNER)
         with recording(signals.message_received, OWNER) as got:
             await receiver.dispatch(raw(["i1:0", "i1:2"], "hi"))
             await receiver.dispatch(raw(["i1:2"], b"\x01", "binary"))
@@ -320,12 +100,12 @@ async def test_dispatch_delivers_to_local_targets_only(redis: Redis) -> None:
     assert [call["envelope"].targets for call in got.calls] == [["i1:0", "i1:2"], ["i1:2"]]
 
 
-async def test_dispatch_broadcast_delivers_to_every_local(redis: Redis) -> None:
+async def test_dispatch_broadcast_delivers_to_every_local(fake_redis: Redis) -> None:
     sockets = [FakeWebsocket() for _ in range(3)]
     connections = [make_connection(s, id=f"i1:{n}") for n, s in enumerate(sockets)]
     async with started(*connections) as local:
         broadcast = raw(None, '{"a":1}', "json", sel=["B"])
-        await Receiver(redis, KEYS, "i1", local, OWNER).dispatch(broadcast)
+        await Receiver(fake_redis, KEYS, "i1", local, OWNER).dispatch(broadcast)
         for socket in sockets:
             assert await socket.wait_sent(1) == ['{"a":1}']
 
@@ -343,7 +123,7 @@ async def test_dispatch_broadcast_delivers_to_every_local(redis: Redis) -> None:
     ],
 )
 async def test_dispatch_by_selector_resolves_it_locally(
-    redis: Redis, sel: list[str], expected: set[int]
+    fake_redis: Redis, sel: list[str], expected: set[int]
 ) -> None:
     sockets = [FakeWebsocket() for _ in range(3)]
     people = [("alice", "/ws/red", "red"), ("bob", "/ws/red", "blue"), ("bob", "/ws/blue", "blue")]
@@ -353,7 +133,7 @@ async def test_dispatch_by_selector_resolves_it_locally(
     ]
     async with started(*connections) as local:
         with recording(signals.message_dropped, OWNER) as dropped:
-            await Receiver(redis, KEYS, "i1", local, OWNER).dispatch(raw(None, "hi", sel=sel))
+            await Receiver(fake_redis, KEYS, "i1", local, OWNER).dispatch(raw(None, "hi", sel=sel))
         for n in expected:
             assert await sockets[n].wait_sent(1) == ["hi"]
         await asyncio.sleep(0.01)
@@ -362,11 +142,11 @@ async def test_dispatch_by_selector_resolves_it_locally(
 
 
 @pytest.mark.parametrize("sel", [["&"], ["Xwhat"], ["Ualice", "Ubob"], ["M9", "i1:0"]])
-async def test_dispatch_drops_an_unreadable_selector(redis: Redis, sel: list[str]) -> None:
+async def test_dispatch_drops_an_unreadable_selector(fake_redis: Redis, sel: list[str]) -> None:
     socket = FakeWebsocket()
     async with started(make_connection(socket, id="i1:0")) as local:
         with recording(signals.message_dropped, OWNER) as dropped:
-            await Receiver(redis, KEYS, "i1", local, OWNER).dispatch(raw(None, "hi", sel=sel))
+            await Receiver(fake_redis, KEYS, "i1", local, OWNER).dispatch(raw(None, "hi", sel=sel))
         await asyncio.sleep(0.01)
         assert socket.sent == []
     assert dropped.reasons() == ["malformed"]
@@ -377,10 +157,10 @@ async def test_dispatch_drops_an_unreadable_selector(redis: Redis, sel: list[str
     "data",
     [b"garbage", b"{}\nhi", b'{"v":3,"id":"m","origin":"o","kind":"text","targets":[]}\nx', b""],
 )
-async def test_dispatch_drops_malformed_envelope(redis: Redis, data: bytes) -> None:
+async def test_dispatch_drops_malformed_envelope(fake_redis: Redis, data: bytes) -> None:
     socket = FakeWebsocket()
     async with started(make_connection(socket, id="i1:a")) as local:
-        receiver = Receiver(redis, KEYS, "i1", local, OWNER)
+        receiver = Receiver(fake_redis, KEYS, "i1", local, OWNER)
         with recording(signals.message_dropped, OWNER) as dropped:
             await receiver.dispatch(data)
         await asyncio.sleep(0.01)
@@ -390,7 +170,7 @@ async def test_dispatch_drops_malformed_envelope(redis: Redis, data: bytes) -> N
     assert dropped.calls[0]["connection"] is None
 
 
-async def test_dispatch_delivers_every_message_of_a_publish_in_order(redis: Redis) -> None:
+async def test_dispatch_delivers_every_message_of_a_publish_in_order(fake_redis: Redis) -> None:
     """Concurrent sends arrive as one publish; each message reaches its own targets, in
     order, and one that fails to deliver costs only itself."""
     sockets = [FakeWebsocket() for _ in range(3)]
@@ -420,7 +200,7 @@ async def test_dispatch_delivers_every_message_of_a_publish_in_order(redis: Redi
     )
     async with started(connections[0], connections[2]) as local:
         local.add(broken)
-        receiver = Receiver(redis, KEYS, "i1", local, OWNER)
+        receiver = Receiver(fake_redis, KEYS, "i1", local, OWNER)
         with recording(signals.message_dropped, OWNER) as dropped:
             await receiver.dispatch(publish)
         assert await sockets[0].wait_sent(3) == ["0", "3", "6"]
@@ -432,10 +212,10 @@ async def test_dispatch_delivers_every_message_of_a_publish_in_order(redis: Redi
     ]
 
 
-async def test_dispatch_reports_unknown_targets_gone(redis: Redis) -> None:
+async def test_dispatch_reports_unknown_targets_gone(fake_redis: Redis) -> None:
     socket = FakeWebsocket()
     async with started(make_connection(socket, id="i1:a")) as local:
-        receiver = Receiver(redis, KEYS, "i1", local, OWNER)
+        receiver = Receiver(fake_redis, KEYS, "i1", local, OWNER)
         with recording(signals.message_dropped, OWNER) as dropped:
             await receiver.dispatch(raw(["i1:gone", "i1:a"]))
         assert await socket.wait_sent(1) == ["hi"]
@@ -471,16 +251,16 @@ async def running(receiver: Receiver) -> AsyncIterator[asyncio.Task[None]]:
 
 
 async def test_run_survives_malformed_and_keeps_delivering(
-    redis: Redis, sender: AsyncEmitter, log_errors: pytest.LogCaptureFixture
+    fake_redis: Redis, sender: AsyncEmitter, log_errors: pytest.LogCaptureFixture
 ) -> None:
     socket = FakeWebsocket()
     async with started(make_connection(socket, id="i1:a1", user="alice")) as local:
-        receiver = Receiver(redis, KEYS, "i1", local, OWNER)
+        receiver = Receiver(fake_redis, KEYS, "i1", local, OWNER)
         with recording(signals.message_dropped, OWNER) as dropped:
             async with running(receiver) as task:
                 for junk in (b"junk", b"\xff\n", b'{"v":1}\n'):
-                    await redis.publish(KEYS.channel("i1"), junk)
-                await redis.publish(KEYS.broadcast, b"junk")
+                    await fake_redis.publish(KEYS.channel("i1"), junk)
+                await fake_redis.publish(KEYS.broadcast, b"junk")
                 route = await sender.publish(ConnectionSelector("i1:a1"), "text", b"one")
                 await sender.publish(AllSelector(), "text", b"two")
                 assert await socket.wait_sent(2) == ["one", "two"]
@@ -492,9 +272,9 @@ async def test_run_survives_malformed_and_keeps_delivering(
 
 @pytest.mark.parametrize("failing", ["subscribe", "get_message"])
 async def test_run_resubscribes_after_redis_error(
-    redis: Redis, sender: AsyncEmitter, monkeypatch: pytest.MonkeyPatch, failing: str
+    fake_redis: Redis, sender: AsyncEmitter, monkeypatch: pytest.MonkeyPatch, failing: str
 ) -> None:
-    real = redis.pubsub
+    real = fake_redis.pubsub
     made: list[PubSub] = []
 
     async def broken(*args: Any, **kwargs: Any) -> Any:
@@ -507,10 +287,10 @@ async def test_run_resubscribes_after_redis_error(
         made.append(pubsub)
         return pubsub
 
-    monkeypatch.setattr(redis, "pubsub", flaky)
+    monkeypatch.setattr(fake_redis, "pubsub", flaky)
     socket = FakeWebsocket()
     async with started(make_connection(socket, id="i1:a1", user="alice")) as local:
-        receiver = Receiver(redis, KEYS, "i1", local, OWNER)
+        receiver = Receiver(fake_redis, KEYS, "i1", local, OWNER)
         with recording(signals.subscriber_lost, OWNER) as lost:
             async with running(receiver):
                 await eventually(lambda: len(made) >= 2 and receiver.subscribed.is_set())
@@ -521,15 +301,15 @@ async def test_run_resubscribes_after_redis_error(
     assert lost.reasons() == ["error"]
 
 
-async def test_run_cancellation_ends_it(redis: Redis) -> None:
-    receiver = Receiver(redis, KEYS, "i1", held(), OWNER)
+async def test_run_cancellation_ends_it(fake_redis: Redis) -> None:
+    receiver = Receiver(fake_redis, KEYS, "i1", held(), OWNER)
     async with running(receiver) as task:
         pass
     assert task.cancelled()
 
 
-async def test_dispatch_probe_is_counted_not_dropped(redis: Redis) -> None:
-    receiver = Receiver(redis, KEYS, "i1", held(), OWNER)
+async def test_dispatch_probe_is_counted_not_dropped(fake_redis: Redis) -> None:
+    receiver = Receiver(fake_redis, KEYS, "i1", held(), OWNER)
     probe = receiver.next_probe()
     assert receiver.missed_probes() == 1
     with recording(signals.message_dropped, OWNER) as dropped:
@@ -547,10 +327,10 @@ async def test_dispatch_probe_is_counted_not_dropped(redis: Redis) -> None:
         b"\x00probe:" + b"9" * 5000,
     ],
 )
-async def test_dispatch_probe_never_sent_is_dropped(redis: Redis, probe: bytes) -> None:
+async def test_dispatch_probe_never_sent_is_dropped(fake_redis: Redis, probe: bytes) -> None:
     """A probe numbered past the last one sent (forged) would hide every missed probe
     after it, disabling deaf-subscriber detection: it is dropped and signalled."""
-    receiver = Receiver(redis, KEYS, "i1", held(), OWNER)
+    receiver = Receiver(fake_redis, KEYS, "i1", held(), OWNER)
     receiver.next_probe()
     with recording(signals.message_dropped, OWNER) as dropped:
         await receiver.dispatch(probe)
@@ -560,9 +340,9 @@ async def test_dispatch_probe_never_sent_is_dropped(redis: Redis, probe: bytes) 
     assert receiver.missed_probes() == 2
 
 
-async def test_dispatch_probe_with_a_secret_must_be_signed(redis: Redis) -> None:
+async def test_dispatch_probe_with_a_secret_must_be_signed(fake_redis: Redis) -> None:
     ring = Keyring.parse("k1:a-secret-for-the-probes")
-    receiver = Receiver(redis, KEYS, "i1", held(), OWNER, keyring=ring)
+    receiver = Receiver(fake_redis, KEYS, "i1", held(), OWNER, keyring=ring)
     probe = receiver.next_probe()
     assert probe.startswith(b"\x00probe:1:k1:")
     other = Keyring.parse("k1:another-secret-entirely")
@@ -575,15 +355,15 @@ async def test_dispatch_probe_with_a_secret_must_be_signed(redis: Redis) -> None
     assert receiver.missed_probes() == 0
 
 
-async def test_run_hears_its_own_probes(redis: Redis) -> None:
-    receiver = Receiver(redis, KEYS, "i1", held(), OWNER)
+async def test_run_hears_its_own_probes(fake_redis: Redis) -> None:
+    receiver = Receiver(fake_redis, KEYS, "i1", held(), OWNER)
     async with running(receiver):
-        assert await redis.publish(KEYS.channel("i1"), receiver.next_probe()) == 1
+        assert await fake_redis.publish(KEYS.channel("i1"), receiver.next_probe()) == 1
         await eventually(lambda: receiver.missed_probes() == 0)
 
 
 async def test_run_restart_resubscribes_and_calls_back(
-    redis: Redis, sender: AsyncEmitter, caplog: pytest.LogCaptureFixture
+    fake_redis: Redis, sender: AsyncEmitter, caplog: pytest.LogCaptureFixture
 ) -> None:
     calls: list[str] = []
 
@@ -595,7 +375,7 @@ async def test_run_restart_resubscribes_and_calls_back(
 
     socket = FakeWebsocket()
     async with started(make_connection(socket, id="i1:a1")) as local:
-        receiver = Receiver(redis, KEYS, "i1", local, OWNER)
+        receiver = Receiver(fake_redis, KEYS, "i1", local, OWNER)
         receiver.on_subscribed(failing)
         receiver.on_subscribed(callback)
         async with running(receiver):
@@ -671,10 +451,10 @@ def restarting(receiver: Receiver, *frames: str) -> Callable[[], list[bytes]]:
 
 
 async def test_run_restart_delivers_what_keeps_arriving_then_signals_deaf(
-    redis: Redis, scripts: list[Scripted]
+    fake_redis: Redis, scripts: list[Scripted]
 ) -> None:
     local = keeping("i1:a")
-    receiver = Receiver(redis, KEYS, "i1", local, OWNER)
+    receiver = Receiver(fake_redis, KEYS, "i1", local, OWNER)
 
     scripts.append(Scripted(texts("a"), restarting(receiver, "b"), texts("c", "d"), texts("e")))
     with recording(signals.subscriber_lost, OWNER) as lost:
@@ -690,7 +470,7 @@ async def test_run_restart_delivers_what_keeps_arriving_then_signals_deaf(
     [((None, None), "closed"), ((3, 3), "closed"), ((3, 4), "output_buffer_limit")],
 )
 async def test_run_closed_by_redis_delivers_everything_before_and_says_why(
-    redis: Redis,
+    fake_redis: Redis,
     scripts: list[Scripted],
     monkeypatch: pytest.MonkeyPatch,
     cuts: tuple[int | None, int | None],
@@ -703,7 +483,7 @@ async def test_run_closed_by_redis_delivers_everything_before_and_says_why(
 
     monkeypatch.setattr("quart_wslb.receiver.output_buffer_cuts", output_buffer_cuts)
     local = keeping("i1:a")
-    receiver = Receiver(redis, KEYS, "i1", local, OWNER)
+    receiver = Receiver(fake_redis, KEYS, "i1", local, OWNER)
     closed = SubscriberClosedError("Redis closed the subscriber connection")
     scripts.append(Scripted(texts("a"), restarting(receiver, "b"), closed))
     with recording(signals.subscriber_lost, OWNER) as lost:
@@ -715,7 +495,7 @@ async def test_run_closed_by_redis_delivers_everything_before_and_says_why(
 
 
 async def test_run_backs_off_while_subscriptions_are_cut_young(
-    redis: Redis,
+    fake_redis: Redis,
     scripts: list[Scripted],
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
@@ -730,7 +510,7 @@ async def test_run_backs_off_while_subscriptions_are_cut_young(
     monkeypatch.setattr("quart_wslb.receiver.output_buffer_cuts", output_buffer_cuts)
     monkeypatch.setattr("quart_wslb.receiver.BACKOFF_MAX", 0.4)
     local = keeping("i1:a")
-    receiver = Receiver(redis, KEYS, "i1", local, OWNER)
+    receiver = Receiver(fake_redis, KEYS, "i1", local, OWNER)
     cut = SubscriberClosedError("Redis closed the subscriber connection")
     scripts.extend(Scripted(texts(str(n)), cut) for n in range(4))
     scripts.append(Scripted(texts("lived"), 0.5, cut))
@@ -744,7 +524,7 @@ async def test_run_backs_off_while_subscriptions_are_cut_young(
 
 
 async def test_run_reads_the_cut_counter_before_subscribing(
-    redis: Redis, monkeypatch: pytest.MonkeyPatch
+    fake_redis: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Redis may cut a subscription as soon as it has confirmed it: the counter is read
     before subscribing, so that cut counts as one (and listening starts at once)."""
@@ -767,7 +547,7 @@ async def test_run_reads_the_cut_counter_before_subscribing(
     monkeypatch.setattr("quart_wslb.receiver.output_buffer_cuts", output_buffer_cuts)
     monkeypatch.setattr("quart_wslb.receiver.pick", picking(subscribe))
     monkeypatch.setattr("quart_wslb.receiver.BACKOFF_MAX", 0.05)
-    receiver = Receiver(redis, KEYS, "i1", held(), OWNER)
+    receiver = Receiver(fake_redis, KEYS, "i1", held(), OWNER)
     with recording(signals.subscriber_lost, OWNER) as lost:
         async with running(receiver):
             await eventually(lambda: len(lost.calls) == 1 and receiver.subscribed.is_set())
@@ -776,10 +556,10 @@ async def test_run_reads_the_cut_counter_before_subscribing(
 
 
 async def test_run_unexpected_error_is_logged_with_traceback_and_retried(
-    redis: Redis, scripts: list[Scripted], caplog: pytest.LogCaptureFixture
+    fake_redis: Redis, scripts: list[Scripted], caplog: pytest.LogCaptureFixture
 ) -> None:
     local = keeping("i1:a")
-    receiver = Receiver(redis, KEYS, "i1", local, OWNER)
+    receiver = Receiver(fake_redis, KEYS, "i1", local, OWNER)
     scripts.append(Scripted(texts("a"), RuntimeError("a bug")))
     scripts.append(Scripted(texts("b")))
     with recording(signals.subscriber_lost, OWNER) as lost:
@@ -792,9 +572,9 @@ async def test_run_unexpected_error_is_logged_with_traceback_and_retried(
 
 
 async def test_run_redis_failure_is_a_warning_without_traceback(
-    redis: Redis, scripts: list[Scripted], caplog: pytest.LogCaptureFixture
+    fake_redis: Redis, scripts: list[Scripted], caplog: pytest.LogCaptureFixture
 ) -> None:
-    receiver = Receiver(redis, KEYS, "i1", held(), OWNER)
+    receiver = Receiver(fake_redis, KEYS, "i1", held(), OWNER)
     scripts.append(Scripted(RedisConnectionError("connection reset")))
     with recording(signals.subscriber_lost, OWNER) as lost:
         async with running(receiver):
@@ -809,20 +589,20 @@ def control(kind: Any, targets: list[str], frame: str) -> bytes:
     return encode(Envelope(id="c1", origin="i0", kind=kind, targets=targets, frame=frame))
 
 
-async def test_dispatch_join_and_leave_change_local_groups(redis: Redis) -> None:
+async def test_dispatch_join_and_leave_change_local_groups(fake_redis: Redis) -> None:
     one, two = make_connection(id="i1:a"), make_connection(id="i1:b")
-    receiver = Receiver(redis, KEYS, "i1", held(one, two), OWNER)
+    receiver = Receiver(fake_redis, KEYS, "i1", held(one, two), OWNER)
     await receiver.dispatch(control("join", ["i1:a", "i1:b", "i1:gone"], "vip"))
     await receiver.dispatch(control("join", ["i1:a"], "staff"))
     await receiver.dispatch(control("leave", ["i1:b"], "vip"))
     assert (one.groups, two.groups) == ({"vip", "staff"}, set())
 
 
-async def test_dispatch_join_changes_what_a_group_send_reaches(redis: Redis) -> None:
+async def test_dispatch_join_changes_what_a_group_send_reaches(fake_redis: Redis) -> None:
     """A join instruction updates the local index that the next group send resolves."""
     sockets = [FakeWebsocket(), FakeWebsocket()]
     one, two = (make_connection(s, id=f"i1:{n}") for n, s in enumerate(sockets))
-    receiver = Receiver(redis, KEYS, "i1", held(one, two), OWNER)
+    receiver = Receiver(fake_redis, KEYS, "i1", held(one, two), OWNER)
     vip = ["S" + KEYS.group("vip")]
     one.start()
     two.start()
@@ -841,10 +621,10 @@ async def test_dispatch_join_changes_what_a_group_send_reaches(redis: Redis) -> 
         await two.stop()
 
 
-async def test_dispatch_disconnect_by_selector_closes_what_it_selects(redis: Redis) -> None:
+async def test_dispatch_disconnect_by_selector_closes_what_it_selects(fake_redis: Redis) -> None:
     sockets = [FakeWebsocket(), FakeWebsocket()]
     one, two = (make_connection(s, id=f"i1:{n}", path=f"/ws/{n}") for n, s in enumerate(sockets))
-    receiver = Receiver(redis, KEYS, "i1", held(one, two), OWNER)
+    receiver = Receiver(fake_redis, KEYS, "i1", held(one, two), OWNER)
     bye = encode(
         Envelope(
             "d1",
@@ -860,10 +640,10 @@ async def test_dispatch_disconnect_by_selector_closes_what_it_selects(redis: Red
     assert sockets[1].closed == []
 
 
-async def test_dispatch_disconnect_closes_targets(redis: Redis) -> None:
+async def test_dispatch_disconnect_closes_targets(fake_redis: Redis) -> None:
     sockets = [FakeWebsocket(), FakeWebsocket()]
     one, two = (make_connection(s, id=f"i1:{n}") for n, s in enumerate(sockets))
-    receiver = Receiver(redis, KEYS, "i1", held(one, two), OWNER)
+    receiver = Receiver(fake_redis, KEYS, "i1", held(one, two), OWNER)
     await receiver.dispatch(control("disconnect", ["i1:1"], '{"code":4000,"reason":"bye"}'))
     assert sockets[0].closed == []
     await eventually(lambda: sockets[1].closed == [(4000, "bye")])
@@ -884,17 +664,19 @@ async def test_dispatch_disconnect_closes_targets(redis: Redis) -> None:
         '{"code":4000,"reason":"' + "x" * 124 + '"}',
     ],
 )
-async def test_dispatch_bad_disconnect_is_malformed(redis: Redis, payload: str) -> None:
+async def test_dispatch_bad_disconnect_is_malformed(fake_redis: Redis, payload: str) -> None:
     socket = FakeWebsocket()
     connection = make_connection(socket, id="i1:a")
-    receiver = Receiver(redis, KEYS, "i1", held(connection), OWNER)
+    receiver = Receiver(fake_redis, KEYS, "i1", held(connection), OWNER)
     with recording(signals.message_dropped, OWNER) as dropped:
         await receiver.dispatch(control("disconnect", ["i1:a"], payload))
     assert dropped.reasons() == ["malformed"]
     assert socket.closed == []
 
 
-async def test_join_and_disconnect_reach_the_owner(redis: Redis, sender: AsyncEmitter) -> None:
+async def test_join_and_disconnect_reach_the_owner(
+    fake_redis: Redis, sender: AsyncEmitter
+) -> None:
     """Membership and disconnects go through Redis to the instance holding the socket,
     whose close ends the connection's handler."""
     socket = FakeWebsocket()
@@ -908,11 +690,11 @@ async def test_join_and_disconnect_reach_the_owner(redis: Redis, sender: AsyncEm
     try:
         await eventually(lambda: bool(made))
         [connection] = made
-        receiver = Receiver(redis, KEYS, "i1", held(connection), OWNER)
+        receiver = Receiver(fake_redis, KEYS, "i1", held(connection), OWNER)
         async with running(receiver):
             assert await sender.join(UserSelector("alice"), "vip") == 3
             await eventually(lambda: connection.groups == {"vip"})
-            assert (await stored_record(redis, "i1:a1"))["g"] == ["vip"]
+            assert (await stored_record(fake_redis, "i1:a1"))["g"] == ["vip"]
             assert await sender.resolve(GroupSelector("vip")) == {
                 "i1": ["i1:a1", "i1:a2"],
                 "i2": ["i2:a3"],
@@ -927,25 +709,6 @@ async def test_join_and_disconnect_reach_the_owner(redis: Redis, sender: AsyncEm
                 await task
     finally:
         task.cancel()
-
-
-@pytest.mark.integration
-async def test_join_keeps_the_record_exact_on_real_redis(redis_url: str, prefix: str) -> None:
-    redis = Redis.from_url(redis_url)
-    keys = Keys(prefix)
-    try:
-        connection = make_connection(id="i1:x", user="ann", metadata={"n": "1"})
-        connection.connected_at = 1795938967.3960772
-        await Registry(redis, keys).register(connection)
-        await redis.hset(keys.instances, "i1", "{}")
-        before = json.loads(await redis.hget(keys.records("i1"), "x") or b"")
-        emitter = AsyncEmitter(redis, prefix=prefix)
-        assert await emitter.join(UserSelector("ann"), "vip") == 1
-        after = json.loads(await redis.hget(keys.records("i1"), "x") or b"")
-        assert after["g"] == ["vip"]
-        assert {k: after[k] for k in "upmt"} == {k: before[k] for k in "upmt"}
-    finally:
-        await redis.aclose()
 
 
 class Keeping:
@@ -1057,7 +820,8 @@ async def test_run_on_real_redis_restart_takes_effect_within_read_timeout(
             asked = time.monotonic()
             receiver.restart()
             await eventually(lambda: len(calls) == 2)
-            assert calls[1] - asked < READ_TIMEOUT + 0.25
+            took = calls[1] - asked
+            assert took < READ_TIMEOUT + 0.75, f"restarted {took:.2f}s after it was asked"
             assert await redis.pubsub_numsub(keys.broadcast) == [(keys.broadcast.encode(), 1)]
             assert await redis.publish(keys.channel("i1"), receiver.next_probe()) == 1
             await eventually(lambda: receiver.missed_probes() == 0)

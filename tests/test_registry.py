@@ -24,8 +24,8 @@ from tests.support import (
 
 
 @pytest.fixture(name="registry")
-def fixture_registry(redis: Redis) -> Registry:
-    return Registry(redis, KEYS)
+def fixture_registry(fake_redis: Redis) -> Registry:
+    return Registry(fake_redis, KEYS)
 
 
 def alice() -> Connection:
@@ -61,11 +61,13 @@ async def test_record_leaves_out_empty_parts() -> None:
     }
 
 
-async def test_register_writes_record_and_every_index(redis: Redis, registry: Registry) -> None:
+async def test_register_writes_record_and_every_index(
+    fake_redis: Redis, registry: Registry
+) -> None:
     connection = alice()
     await registry.register(connection)
     index_keys = registry.index_keys(connection)
-    record = await stored_record(redis, connection.id)
+    record = await stored_record(fake_redis, connection.id)
     assert record == {
         "u": "alice",
         "p": "/ws/red",
@@ -73,21 +75,21 @@ async def test_register_writes_record_and_every_index(redis: Redis, registry: Re
         "t": repr(connection.connected_at),
     }
     for key in index_keys:
-        assert await set_members(redis, key) == {connection.id}, key
-    assert await user_ids(redis, "alice") == [connection.id]
-    assert await registry_keys(redis) == {
+        assert await set_members(fake_redis, key) == {connection.id}, key
+    assert await user_ids(fake_redis, "alice") == [connection.id]
+    assert await registry_keys(fake_redis) == {
         KEYS.records("i1"),
         KEYS.users,
         *index_keys,
         *map(KEYS.holders, index_keys),
     }
     for key in index_keys:  # each set's holders: the instance, with one member
-        assert await redis.hgetall(KEYS.holders(key)) == {b"i1": b"1"}, key
+        assert await fake_redis.hgetall(KEYS.holders(key)) == {b"i1": b"1"}, key
     # The owner is listed (queries of everyone walk the list), but never overwritten.
-    assert await redis.hget(KEYS.instances, "i1") == b"{}"
-    await redis.hset(KEYS.instances, "i1", '{"started_at": 1.0}')
+    assert await fake_redis.hget(KEYS.instances, "i1") == b"{}"
+    await fake_redis.hset(KEYS.instances, "i1", '{"started_at": 1.0}')
     await registry.register(bob())
-    assert await redis.hget(KEYS.instances, "i1") == b'{"started_at": 1.0}'
+    assert await fake_redis.hget(KEYS.instances, "i1") == b'{"started_at": 1.0}'
 
 
 async def test_register_is_one_script_call_per_connection(
@@ -109,36 +111,40 @@ async def test_register_is_one_script_call_per_connection(
     assert calls[0]["args"][:2] == [connection.id, "alice"]
 
 
-async def test_register_twice_keeps_one_record(redis: Redis, registry: Registry) -> None:
+async def test_register_twice_keeps_one_record(fake_redis: Redis, registry: Registry) -> None:
     assert await registry.register(alice()) == ["alice"]
     assert await registry.register(alice()) == []
-    assert await record_ids(redis) == {"i1:alice"}
-    assert await user_ids(redis, "alice") == ["i1:alice"]
+    assert await record_ids(fake_redis) == {"i1:alice"}
+    assert await user_ids(fake_redis, "alice") == ["i1:alice"]
 
 
-async def test_unregister_removes_record_and_every_index(redis: Redis, registry: Registry) -> None:
+async def test_unregister_removes_record_and_every_index(
+    fake_redis: Redis, registry: Registry
+) -> None:
     await register_all(registry, [alice(), bob()])
     assert await registry.unregister(["i1:alice"]) == Removal(1, ["alice"])
-    assert await record_ids(redis) == {"i1:bob"}
+    assert await record_ids(fake_redis) == {"i1:bob"}
     for key in registry.index_keys(alice()):
-        assert "i1:alice" not in await set_members(redis, key), key
-    assert await set_members(redis, KEYS.metadata("room", "red")) == {"i1:bob"}
-    assert await redis.exists(KEYS.metadata("team", "b")) == 0
-    assert await user_ids(redis, "alice") == []
+        assert "i1:alice" not in await set_members(fake_redis, key), key
+    assert await set_members(fake_redis, KEYS.metadata("room", "red")) == {"i1:bob"}
+    assert await fake_redis.exists(KEYS.metadata("team", "b")) == 0
+    assert await user_ids(fake_redis, "alice") == []
 
 
-async def test_unregister_last_connection_leaves_no_keys(redis: Redis, registry: Registry) -> None:
+async def test_unregister_last_connection_leaves_no_keys(
+    fake_redis: Redis, registry: Registry
+) -> None:
     await register_all(registry, [alice(), bob()])
     assert await registry.unregister(["i1:alice", "i1:bob"]) == Removal(2, ["alice", "bob"])
-    assert await registry_keys(redis) == set()
+    assert await registry_keys(fake_redis) == set()
 
 
-async def test_unregister_twice_is_harmless(redis: Redis, registry: Registry) -> None:
+async def test_unregister_twice_is_harmless(fake_redis: Redis, registry: Registry) -> None:
     await register_all(registry, [alice(), bob()])
     assert await registry.unregister(["i1:alice"]) == Removal(1, ["alice"])
     assert await registry.unregister(["i1:alice"]) == Removal(0, [])
-    assert await record_ids(redis) == {"i1:bob"}
-    assert await set_members(redis, KEYS.path("/ws/red")) == {"i1:bob"}
+    assert await record_ids(fake_redis) == {"i1:bob"}
+    assert await set_members(fake_redis, KEYS.path("/ws/red")) == {"i1:bob"}
 
 
 async def test_unregister_nothing_is_zero(registry: Registry) -> None:
@@ -150,32 +156,32 @@ async def test_unregister_unknown_ids_counts_none(registry: Registry) -> None:
     assert await registry.unregister(["i1:nobody", "i9:x", "no-colon"]) == Removal(0, [])
 
 
-async def test_unregister_corrupt_record_is_removed(redis: Redis, registry: Registry) -> None:
-    await redis.hset(KEYS.records("i1"), "bad", "not json")
+async def test_unregister_corrupt_record_is_removed(fake_redis: Redis, registry: Registry) -> None:
+    await fake_redis.hset(KEYS.records("i1"), "bad", "not json")
     assert await registry.unregister(["i1:bad"]) == Removal(1, [])
-    assert await registry_keys(redis) == set()
+    assert await registry_keys(fake_redis) == set()
 
 
 async def test_unregister_instance_removes_only_its_connections(
-    redis: Redis, registry: Registry
+    fake_redis: Redis, registry: Registry
 ) -> None:
     other = make_connection(id="i2:carol", user="carol", metadata={"room": "red"})
     await register_all(registry, [alice(), bob(), other])
     removal = await registry.unregister_instance("i1")
     assert (removal.removed, sorted(removal.offline)) == (2, ["alice", "bob"])
-    assert await record_ids(redis) == {"i2:carol"}
-    assert await set_members(redis, KEYS.metadata("room", "red")) == {"i2:carol"}
-    assert await registry_keys(redis) == {
+    assert await record_ids(fake_redis) == {"i2:carol"}
+    assert await set_members(fake_redis, KEYS.metadata("room", "red")) == {"i2:carol"}
+    assert await registry_keys(fake_redis) == {
         KEYS.records("i2"),
         KEYS.users,
         *registry.index_keys(other),
         *map(KEYS.holders, registry.index_keys(other)),
     }
-    assert await redis.hgetall(KEYS.holders(KEYS.metadata("room", "red"))) == {b"i2": b"1"}
+    assert await fake_redis.hgetall(KEYS.holders(KEYS.metadata("room", "red"))) == {b"i2": b"1"}
 
 
 async def test_unregister_instance_in_batches(
-    redis: Redis, registry: Registry, monkeypatch: pytest.MonkeyPatch
+    fake_redis: Redis, registry: Registry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     count = 2 * REAP_BATCH + 7
     connections = [
@@ -196,17 +202,19 @@ async def test_unregister_instance_in_batches(
     assert sorted(removal.offline) == [f"u{n}" for n in range(7)]
     assert len(batches) >= 3
     assert max(batches) <= REAP_BATCH
-    assert await registry_keys(redis) == set()
+    assert await registry_keys(fake_redis) == set()
 
 
-async def test_unregister_instance_with_nothing_is_zero(redis: Redis, registry: Registry) -> None:
+async def test_unregister_instance_with_nothing_is_zero(
+    fake_redis: Redis, registry: Registry
+) -> None:
     await registry.register(bob())
     assert await registry.unregister_instance("i9") == Removal(0, [])
-    assert await record_ids(redis) == {"i1:bob"}
+    assert await record_ids(fake_redis) == {"i1:bob"}
 
 
 async def test_reconcile_restores_missing_and_removes_extra(
-    redis: Redis, registry: Registry
+    fake_redis: Redis, registry: Registry
 ) -> None:
     kept, lost = alice(), bob()
     stray = make_connection(id="i1:stray", user="zed")
@@ -215,14 +223,14 @@ async def test_reconcile_restores_missing_and_removes_extra(
     kept.registering = lost.registering = False
     local = {kept.id: kept, lost.id: lost}
     assert await registry.reconcile("i1", local) == Repair(1, 1, ["bob"], [])
-    assert await record_ids(redis) == {"i1:alice", "i1:bob", "i2:other"}
-    assert await user_ids(redis, "zed") == ["i2:other"]
-    assert await user_ids(redis, "bob") == ["i1:bob"]
+    assert await record_ids(fake_redis) == {"i1:alice", "i1:bob", "i2:other"}
+    assert await user_ids(fake_redis, "zed") == ["i2:other"]
+    assert await user_ids(fake_redis, "bob") == ["i1:bob"]
     assert await registry.reconcile("i1", local) == Repair(0, 0, [], [])
 
 
 async def test_reconcile_drops_a_connection_that_closed_meanwhile(
-    redis: Redis, registry: Registry, monkeypatch: pytest.MonkeyPatch
+    fake_redis: Redis, registry: Registry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     closing = bob()
     closing.registering = False
@@ -237,11 +245,11 @@ async def test_reconcile_drops_a_connection_that_closed_meanwhile(
     monkeypatch.setattr(registry, "register", register_then_close)
     repair = await registry.reconcile("i1", local)
     assert (repair.restored, repair.removed) == (0, 0)
-    assert await registry_keys(redis) == set()
+    assert await registry_keys(fake_redis) == set()
 
 
 async def test_reconcile_leaves_connections_still_registering(
-    redis: Redis, registry: Registry
+    fake_redis: Redis, registry: Registry
 ) -> None:
     """A connection between ``_local`` and its own register call is not "repaired"."""
     opening, opened = alice(), bob()
@@ -250,7 +258,7 @@ async def test_reconcile_leaves_connections_still_registering(
     local = {opening.id: opening, opened.id: opened}
     assert opening.registering
     assert await registry.reconcile("i1", local) == Repair(0, 0, [], [])
-    assert await record_ids(redis) == {"i1:bob"}
+    assert await record_ids(fake_redis) == {"i1:bob"}
     await registry.register(opening)
     assert await registry.reconcile("i1", local) == Repair(0, 0, [], [])
 
@@ -262,24 +270,24 @@ async def test_index_keys_include_groups() -> None:
     assert registry.index_keys(connection)[-2:] == [KEYS.group("a"), KEYS.group("b")]
 
 
-async def test_presence_counts_connections_per_user(redis: Redis, registry: Registry) -> None:
+async def test_presence_counts_connections_per_user(fake_redis: Redis, registry: Registry) -> None:
     """``register`` reports users it made present, ``unregister`` those it made absent."""
     first = make_connection(id="i1:a", user="ann")
     second = make_connection(id="i2:b", user="ann")
     anonymous = make_connection(id="i1:c", user=None)
     assert await registry.register(first, anonymous) == ["ann"]
     assert await registry.register(second) == []
-    assert await redis.hgetall(KEYS.users) == {b"ann": b"i1:a i2:b"}
+    assert await fake_redis.hgetall(KEYS.users) == {b"ann": b"i1:a i2:b"}
     assert await registry.unregister([first.id, anonymous.id]) == Removal(2, [])
-    assert await redis.hgetall(KEYS.users) == {b"ann": b"i2:b"}
+    assert await fake_redis.hgetall(KEYS.users) == {b"ann": b"i2:b"}
     assert await registry.unregister([second.id]) == Removal(1, ["ann"])
-    assert await redis.exists(KEYS.users) == 0
+    assert await fake_redis.exists(KEYS.users) == 0
 
 
 async def test_register_again_as_another_user_moves_the_user(
-    redis: Redis, registry: Registry
+    fake_redis: Redis, registry: Registry
 ) -> None:
     """A repair that finds a record under another user takes it from the old one."""
     await registry.register(make_connection(id="i1:a", user="ann"))
     assert await registry.register(make_connection(id="i1:a", user="bea")) == ["bea"]
-    assert await redis.hgetall(KEYS.users) == {b"bea": b"i1:a"}
+    assert await fake_redis.hgetall(KEYS.users) == {b"bea": b"i1:a"}

@@ -514,16 +514,16 @@ def test_keyring_fragment_escapes_what_json_must() -> None:
         RING.fragment("i0", "m1", "text", b"hi", ["Ua\0b"])
 
 
-async def test_signing_batched_sends_sign_each_message(redis: aioredis.Redis) -> None:
+async def test_signing_batched_sends_sign_each_message(fake_redis: aioredis.Redis) -> None:
     """Concurrent sends share one envelope per instance; each of its messages carries a
     signature of its own, which the receiver checks on its own."""
-    registry = Registry(redis, KEYS)
+    registry = Registry(fake_redis, KEYS)
     for n in range(4):
         await registry.register(make_connection(id=f"i1:c{n}", user=f"u{n}"))
-    await redis.set(KEYS.heartbeat("i1"), "1")
-    await redis.hset(KEYS.instances, "i1", '{"started_at":0}')
-    emitter = AsyncEmitter(redis, prefix="t", origin="i0", secret=SECRET)
-    async with redis.pubsub() as pubsub:
+    await fake_redis.set(KEYS.heartbeat("i1"), "1")
+    await fake_redis.hset(KEYS.instances, "i1", '{"started_at":0}')
+    emitter = AsyncEmitter(fake_redis, prefix="t", origin="i0", secret=SECRET)
+    async with fake_redis.pubsub() as pubsub:
         await pubsub.subscribe(KEYS.channel("i1"))
         sends = [emitter.send(UserSelector(f"u{n}"), f"to u{n}") for n in range(4)]
         assert await asyncio.gather(*sends) == [1, 1, 1, 1]
@@ -536,11 +536,11 @@ async def test_signing_batched_sends_sign_each_message(redis: aioredis.Redis) ->
         assert verifier.check(envelope) is None
 
 
-async def test_signing_router_refuses_unsigned_and_retargeted(redis: aioredis.Redis) -> None:
+async def test_signing_router_refuses_unsigned_and_retargeted(fake_redis: aioredis.Redis) -> None:
     ann = make_connection(id="i1:a", user="ann")
     bob = make_connection(id="i1:b", user="bob")
     owner = SignalSender(object())
-    receiver = Receiver(redis, KEYS, "i1", held(ann, bob), owner, keyring=RING)
+    receiver = Receiver(fake_redis, KEYS, "i1", held(ann, bob), owner, keyring=RING)
     ann.start()
     bob.start()
     try:
@@ -571,13 +571,13 @@ async def test_signing_router_refuses_unsigned_and_retargeted(redis: aioredis.Re
     ],
 )
 async def test_signing_router_refuses_hostile_fields_without_raising(
-    redis: aioredis.Redis, change: dict[str, Any]
+    fake_redis: aioredis.Redis, change: dict[str, Any]
 ) -> None:
     """Whatever a forger puts in the signature fields costs that message only, refused
     as a bad signature; dispatch itself never raises."""
     ann = make_connection(id="i1:a", user="ann")
     owner = SignalSender(object())
-    receiver = Receiver(redis, KEYS, "i1", held(ann), owner, keyring=RING)
+    receiver = Receiver(fake_redis, KEYS, "i1", held(ann), owner, keyring=RING)
     envelope = signed(RING, ["i1:a"], ["Uann"], "forged")
     for name, value in change.items():
         setattr(envelope, name, value)
@@ -606,17 +606,17 @@ async def first_refused(redis: aioredis.Redis, raw: bytes) -> tuple[list[str], l
 
 @pytest.mark.parametrize("sel", [["M\u00b2", "i1:a", "i1:b"], ["S{t}:m:\u00b2:room:x"]])
 async def test_signing_router_hostile_signed_selector_costs_only_its_message(
-    redis: aioredis.Redis, sel: list[str]
+    fake_redis: aioredis.Redis, sel: list[str]
 ) -> None:
     """A key holder's unreadable selector is refused on its own: the other messages of
     the same publish are delivered."""
     hostile = signed(RING, ["i1:a"], sel, "hostile", id="m1")
     fine = signed(RING, ["i1:a"], ["Uann"], "fine", id="m2")
-    assert await first_refused(redis, encode(hostile, fine)) == (["bad_signature"], ["fine"])
+    assert await first_refused(fake_redis, encode(hostile, fine)) == (["bad_signature"], ["fine"])
 
 
 async def test_signing_router_check_that_raises_costs_only_its_message(
-    redis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+    fake_redis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Should a check of a signed message ever raise, that message alone is dropped."""
     selects = Verifier.selects
@@ -631,11 +631,11 @@ async def test_signing_router_check_that_raises_costs_only_its_message(
         signed(RING, ["i1:a"], ["Ubroken"], "first", id="m1"),
         signed(RING, ["i1:a"], ["Uann"], "second", id="m2"),
     )
-    assert await first_refused(redis, raw) == (["error"], ["second"])
+    assert await first_refused(fake_redis, raw) == (["error"], ["second"])
 
 
 async def test_signing_router_checks_targets_once_and_delivers_to_those_it_checked(
-    redis: aioredis.Redis,
+    fake_redis: aioredis.Redis,
 ) -> None:
     """The targets are matched against the selector once, before any await: a
     connection that appears meanwhile (while signals run) under a target id that had
@@ -644,7 +644,7 @@ async def test_signing_router_checks_targets_once_and_delivers_to_those_it_check
     bob = make_connection(id="i1:b", user="bob")
     local = held(ann)
     owner = SignalSender(object())
-    receiver = Receiver(redis, KEYS, "i1", local, owner, keyring=RING)
+    receiver = Receiver(fake_redis, KEYS, "i1", local, owner, keyring=RING)
 
     def arrives(sender: object, **_: Any) -> None:
         local.add(bob)  # registered while the receiver awaits its signals
@@ -688,7 +688,7 @@ def test_verifier_prunes_floors_rarely_when_many_origins_stay_in_the_window(
 
 @pytest.mark.parametrize("field", ["sel", "id"])
 async def test_signing_router_refuses_lone_surrogates_as_a_bad_signature(
-    redis: aioredis.Redis, field: str, caplog: pytest.LogCaptureFixture
+    fake_redis: aioredis.Redis, field: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """JSON lets anyone who can publish put a lone surrogate in a string, which has no
     UTF-8: no sender signs one, so the message is refused like a forgery (no ERROR
@@ -699,7 +699,7 @@ async def test_signing_router_refuses_lone_surrogates_as_a_bad_signature(
     header = json.loads(encode(fine).partition(b"\n")[0])
     header["messages"].insert(0, {**forged, "targets": ["i1:a"], "size": 6})
     raw = json.dumps(header).encode() + b"\nforgedfine"  # ASCII: the surrogate escaped
-    assert await first_refused(redis, raw) == (["bad_signature"], ["fine"])
+    assert await first_refused(fake_redis, raw) == (["bad_signature"], ["fine"])
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
 
 

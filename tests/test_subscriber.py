@@ -191,8 +191,10 @@ async def test_output_buffer_cuts_reads_the_counter_where_redis_has_one() -> Non
     assert await output_buffer_cuts(cast(Redis, Info({"total_connections": 9}))) is None
 
 
-async def test_output_buffer_cuts_unknown_when_redis_refuses_or_hangs(redis: Redis) -> None:
-    assert await output_buffer_cuts(redis) is None  # fakeredis has no INFO
+async def test_output_buffer_cuts_unknown_when_redis_refuses_or_hangs(
+    fake_redis: Redis,
+) -> None:
+    assert await output_buffer_cuts(fake_redis) is None  # fakeredis has no INFO
     started = time.monotonic()
     hanging = Info({"client_output_buffer_limit_disconnections": 1}, delay=SOON * 10)
     assert await output_buffer_cuts(cast(Redis, hanging), timeout=QUIET) is None
@@ -209,18 +211,20 @@ async def test_stream_subscription_read_waits_for_a_split_message_within_timeout
     assert await subscription.read(QUIET * 4) == [b"x" * 1000]
 
 
-async def test_pubsub_subscription_confirm_keeps_messages_that_came_first(redis: Redis) -> None:
+async def test_pubsub_subscription_confirm_keeps_messages_that_came_first(
+    fake_redis: Redis,
+) -> None:
     """The ``PubSub`` reader waits for every confirmation as the socket reader does, and
     hands out first what it read meanwhile."""
-    async with redis.pubsub() as pubsub:
+    async with fake_redis.pubsub() as pubsub:
         subscription = PubSubSubscription(pubsub, CHANNELS)
         await pubsub.subscribe(CHANNELS[0])
-        assert await redis.publish(CHANNELS[0], b"early") == 1
+        assert await fake_redis.publish(CHANNELS[0], b"early") == 1
         confirming = asyncio.create_task(subscription.confirm(SOON))
         await asyncio.sleep(QUIET)
         assert not confirming.done()  # the second channel is not confirmed yet
         await pubsub.subscribe(CHANNELS[1])
-        assert await redis.publish(CHANNELS[1], b"later") == 1
+        assert await fake_redis.publish(CHANNELS[1], b"later") == 1
         await asyncio.wait_for(confirming, SOON)
         assert await subscription.read(QUIET) == [b"early"]
         assert await subscription.read(QUIET) == [b"later"]

@@ -55,6 +55,7 @@ def listen(redis_url: str, channel: str) -> tuple[Any, redis.Redis]:
     return pubsub, client
 
 
+@pytest.mark.integration
 def test_emitter_send_query_and_membership(
     redis_url: str, prefix: str, cluster_keys: Keys
 ) -> None:
@@ -76,6 +77,7 @@ def test_emitter_send_query_and_membership(
     client.close()
 
 
+@pytest.mark.integration
 def test_emitter_many_threads_share_one_pool(
     redis_url: str, prefix: str, cluster_keys: Keys
 ) -> None:
@@ -107,6 +109,7 @@ def _send_in_child(redis_url: str, prefix: str, out: multiprocessing.Queue[int])
 EMITTER_BEFORE_FORK: list[Emitter] = []
 
 
+@pytest.mark.integration
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # fork with threads (3.12+)
 def test_emitter_works_in_a_forked_child(redis_url: str, prefix: str, cluster_keys: Keys) -> None:
     pubsub, client = listen(redis_url, cluster_keys.channel("i1"))
@@ -132,6 +135,7 @@ def test_emitter_works_in_a_forked_child(redis_url: str, prefix: str, cluster_ke
     client.close()
 
 
+@pytest.mark.integration
 def test_emitter_errors_are_clear(redis_url: str, prefix: str) -> None:
     with pytest.raises(ValueError, match="PREFIX"):
         Emitter(redis_url, prefix="no spaces")
@@ -169,6 +173,7 @@ def test_emitter_threads_beyond_its_pool_wait_for_a_connection(
     assert during <= 4, f"{during} connections with max_connections=4"
 
 
+@pytest.mark.integration
 def test_emitter_send_many_counts_in_order(
     redis_url: str, prefix: str, cluster_keys: Keys
 ) -> None:
@@ -190,6 +195,7 @@ def test_emitter_send_many_counts_in_order(
     client.close()
 
 
+@pytest.mark.integration
 def test_emitter_not_strict_answers_zero_without_instances(redis_url: str, prefix: str) -> None:
     with Emitter(redis_url, prefix=prefix + "-empty", strict=False) as emitter:
         assert emitter.strict is False
@@ -201,6 +207,7 @@ def test_emitter_not_strict_answers_zero_without_instances(redis_url: str, prefi
             strict.count()
 
 
+@pytest.mark.integration
 def test_emitter_users_waits_for_one_page_at_a_time(
     redis_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

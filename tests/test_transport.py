@@ -267,10 +267,10 @@ async def test_pick_reads_a_real_client_off_the_socket(
 
 
 async def test_pick_goes_through_redis_py_without_sockets(
-    redis: Redis, caplog: pytest.LogCaptureFixture
+    fake_redis: Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
     """fakeredis connections have no socket to read."""
-    await assert_picks(redis, caplog, ClientTransport, "have no socket to read")
+    await assert_picks(fake_redis, caplog, ClientTransport, "have no socket to read")
 
 
 @pytest.mark.integration

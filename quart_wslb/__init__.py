@@ -5,7 +5,7 @@ from __future__ import annotations
 from . import signals
 from .connection import Connection
 from .decorator import ws_route
-from .emitter import AsyncEmitter, Receipt, Stream
+from .emitter import AsyncEmitter, Receipt
 from .exceptions import (
     NoInstancesError,
     NotStartedError,
@@ -16,6 +16,7 @@ from .exceptions import (
 from .extension import WsLoadBalance
 from .globals import current_connection
 from .liveness import InstanceInfo
+from .queries import Stream
 from .records import ConnectionInfo, ConnectionRecord
 from .selectors import (
     AllSelector,

@@ -17,9 +17,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import AsyncIterator, Generator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, Self, TypeVar, cast
+from typing import Any, Self
 
 from redis.asyncio import Redis
 
@@ -27,7 +27,7 @@ from ._compat import check
 from ._lua import source
 from .batch import Args, GroupCommit
 from .config import EmitterOptions, default_instance_id, emitter_options, validated_instance_id
-from .contract import BROADCAST_REACHED, NO_INSTANCES, OP_IDS, SPILLED, check_layout
+from .contract import BROADCAST_REACHED, NO_INSTANCES, OP_IDS, check_layout
 from .envelope import KINDS, Kind, close_payload, head, pack
 from .exceptions import (
     REDIS_FAILURES,
@@ -36,50 +36,18 @@ from .exceptions import (
     redis_deadline,
 )
 from .keys import Keys
+from .queries import Reader, Stream
 from .records import ConnectionRecord
 from .redis_client import checked_client, make_client
 from .selectors import AllSelector, Program, Selector
 from .signing import canonical
 from .transport import Transport, pick
 
-__all__ = ("AsyncEmitter", "Receipt", "Stream")
+__all__ = ("AsyncEmitter", "Receipt")
 
-T = TypeVar("T")
-
-#: Connection ids per page when streaming, and per script call when routing by id.
-PAGE = 500
 #: The default selector of the queries: every connection.
 EVERYONE = AllSelector()
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
-
-
-class Stream(Generic[T]):
-    """Results read from Redis in bounded pages: ``async for`` them, ``await`` a list,
-    or take them a page at a time with :meth:`pages`. Read it once."""
-
-    __slots__ = ("_pages",)
-
-    def __init__(self, pages: AsyncIterator[list[T]]) -> None:
-        self._pages = pages
-
-    def pages(self) -> AsyncIterator[list[T]]:
-        """The results page by page, each page one bounded read of Redis (``timeout``
-        each): a page may be empty when none of its candidates matched."""
-        return self._pages
-
-    def __aiter__(self) -> AsyncIterator[T]:
-        return self._items()
-
-    async def _items(self) -> AsyncIterator[T]:
-        async for page in self._pages:
-            for item in page:
-                yield item
-
-    def __await__(self) -> Generator[Any, None, list[T]]:
-        return self._collect().__await__()
-
-    async def _collect(self) -> list[T]:
-        return [item async for page in self._pages for item in page]
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,7 +156,9 @@ class AsyncEmitter:
         self._sends: GroupCommit | None = None
         self._picking = asyncio.Lock()
         self._count = self._redis.register_script(source("count"))
-        self._match = self._redis.register_script(source("match"))
+        self._reader = Reader(
+            self._redis, self.keys, timeout, self._redis.register_script(source("match"))
+        )
         self._membership = self._redis.register_script(source("membership"))
 
     async def aclose(self) -> None:
@@ -466,22 +436,10 @@ class AsyncEmitter:
         return Stream(self._connection_pages(selector))
 
     async def _connection_pages(self, selector: Selector) -> AsyncIterator[list[ConnectionRecord]]:
-        """The matching records of each page of candidates (one bounded read each)."""
-        if not await self._check_instances():
-            return
-        cover = selector.cover() or AllSelector()
-        program = cover.compile(self.keys)
-        # Several drivers (an | of selectors) may list one connection twice, and so may
-        # SSCAN itself when the set shrinks while it is scanned.
-        seen: set[str] = set()
-        for kind, value in cover.drivers(self.keys):
-            async for page in self._pages(kind, value):
-                found = []
-                for record in await self._records(page, program):
-                    if record.id not in seen and selector.matches(record):
-                        seen.add(record.id)
-                        found.append(record)
-                yield found
+        """The matching records, a page of candidates at a time (none if no instance)."""
+        if await self._check_instances():
+            async for page in self._reader.records(selector):
+                yield page
 
     def users(self, selector: Selector = EVERYONE) -> Stream[str]:
         """The distinct users of the matching connections: ``async for`` or ``await``."""
@@ -489,19 +447,10 @@ class AsyncEmitter:
         return Stream(self._user_pages(selector))
 
     async def _user_pages(self, selector: Selector) -> AsyncIterator[list[str]]:
-        """The users first seen in each page (one bounded read each): of the ``users``
-        hash for everyone, else of the matching records."""
-        seen: set[str] = set()  # HSCAN, like SSCAN, may return an entry twice
-        if isinstance(selector, AllSelector):
-            if not await self._check_instances():
-                return
-            pages = self._scan(self.keys.users, fields=True)
-        else:
-            pages = _users_of(self._connection_pages(selector))
-        async for page in pages:
-            fresh = [user for user in dict.fromkeys(page) if user not in seen]
-            seen.update(fresh)
-            yield fresh
+        """The users first seen in each page (none if no instance)."""
+        if await self._check_instances():
+            async for page in self._reader.users(selector):
+                yield page
 
     async def join(self, selector: Selector, group: str) -> int:
         """Add every matching connection to ``group``; returns how many matched."""
@@ -538,70 +487,6 @@ class AsyncEmitter:
         async for records in self._connection_pages(selector):
             if records:
                 yield [record.id for record in records]
-
-    def _pages(self, kind: str, value: str) -> AsyncIterator[list[str]]:
-        """The candidate ids of one driver (see ``selectors.Driver``), in pages."""
-        if kind == "set":
-            return self._scan(value)
-        if kind == "user":
-            return self._user_ids(value)
-        if kind == "all":
-            return self._every_id()
-        return _single(value)
-
-    async def _user_ids(self, user: str) -> AsyncIterator[list[str]]:
-        async with redis_deadline(self.timeout, "query"):
-            raw = cast(bytes | None, await self._redis.hget(self.keys.users, user))
-        if raw == SPILLED.encode():  # a user with many connections: they are in a set of their own
-            async for page in self._scan(self.keys.user_set(user)):
-                yield page
-            return
-        ids = raw.decode().split() if raw else []
-        for start in range(0, len(ids), PAGE):
-            yield ids[start : start + PAGE]
-
-    async def _every_id(self) -> AsyncIterator[list[str]]:
-        """The ids in every announced instance's hash of records, page by page."""
-        async with redis_deadline(self.timeout, "query"):
-            instances = sorted(await self._redis.hkeys(self.keys.instances))
-        for name in instances:
-            instance = cast(bytes, name).decode()
-            async for page in self._scan(self.keys.records(instance), fields=True):
-                yield [f"{instance}:{token}" for token in page]
-
-    async def _scan(self, key: str, *, fields: bool = False) -> AsyncIterator[list[str]]:
-        """The members of a set, or with ``fields`` the field names of a hash, a page
-        (one bounded exchange) at a time."""
-        # Values come too with HSCAN: HSCAN NOVALUES needs Redis 7.4.
-        scan = self._redis.hscan if fields else self._redis.sscan
-        cursor: int | None = None
-        while cursor != 0:
-            async with redis_deadline(self.timeout, "scan"):
-                cursor, page = await scan(key, cursor or 0, count=PAGE)
-            if page:
-                yield [cast(bytes, name).decode() for name in page]
-
-    async def _records(self, ids: list[str], program: Program) -> list[ConnectionRecord]:
-        async with redis_deadline(self.timeout, "query"):
-            flat: list[bytes] = await self._match(
-                keys=self._script_keys(program),
-                args=[len(ids), *ids, *program.ops],
-            )
-        return [
-            ConnectionRecord.parse(i.decode(), raw)
-            for i, raw in zip(flat[::2], flat[1::2], strict=True)
-        ]
-
-
-async def _users_of(
-    pages: AsyncIterator[list[ConnectionRecord]],
-) -> AsyncIterator[list[str]]:
-    async for records in pages:
-        yield [record.user for record in records if record.user is not None]
-
-
-async def _single(id: str) -> AsyncIterator[list[str]]:
-    yield [id]
 
 
 def _by_id(ids: Sequence[str]) -> Program:

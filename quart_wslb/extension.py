@@ -19,7 +19,7 @@ from .asgi import ACTIVITY, GOING_AWAY, WebsocketGuard
 from .client_liveness import ClientLiveness
 from .config import QueueFullPolicy, Settings, UserGetter, resolve_settings
 from .connection import Activity, Connection
-from .emitter import EVERYONE, AsyncEmitter, Receipt, Stream, pack_many
+from .emitter import EVERYONE, AsyncEmitter, Receipt, pack_many
 from .envelope import pack
 from .exceptions import (
     REDIS_FAILURES,
@@ -32,6 +32,7 @@ from .exceptions import (
 from .keys import Keys
 from .liveness import InstanceInfo, Liveness
 from .local_index import LocalIndex
+from .queries import Stream
 from .receiver import Receiver
 from .records import ConnectionRecord
 from .redis_client import checked_client, make_client

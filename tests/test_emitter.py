@@ -31,9 +31,10 @@ from quart_wslb import (
     WsLoadBalanceError,
 )
 from quart_wslb.batch import MAX_PIPELINE, Args
-from quart_wslb.emitter import PAGE, Receipt
+from quart_wslb.emitter import Receipt
 from quart_wslb.envelope import Envelope, decode
 from quart_wslb.keys import LAYOUT, Keys
+from quart_wslb.queries import PAGE
 from quart_wslb.registry import Registry
 from quart_wslb.signing import canonical
 from quart_wslb.testing import RedisServer, free_port

@@ -21,9 +21,9 @@ from quart_wslb import (
     UserSelector,
     sync,
 )
-from quart_wslb.emitter import PAGE
 from quart_wslb.envelope import decode
 from quart_wslb.keys import Keys
+from quart_wslb.queries import PAGE
 from quart_wslb.testing import RedisServer, free_port
 
 

@@ -41,6 +41,8 @@ SCRIPT = (
   else put(2, KEYS[fixed_keys + koff + 1], ARGV[i + 2]) end"""
 )
 COUNTER = BATCHED % "put(1, redis.call('INCR', KEYS[fixed_keys + koff + 1]))"
+#: A counter with the commands of the library's ACL rules (``quart_wslb.acl``).
+HASH_COUNTER = BATCHED % "put(1, redis.call('HINCRBY', KEYS[fixed_keys + koff + 1], 'n', 1))"
 
 
 #: The transports, by name: the ``kind`` parameter of the tests.
@@ -56,6 +58,13 @@ async def fixture_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
     client = aioredis.Redis.from_url(redis_url)
     yield client
     await client.aclose()
+
+
+@pytest.fixture(name="prefix")
+def fixture_root(prefix: str) -> str:
+    """What these tests name their keys with: the test prefix's root, ``{prefix}``, as
+    the library's keys (the only keys the ACL user reaches, deleted after the test)."""
+    return "{" + prefix + "}"
 
 
 @pytest.fixture(name="kind", params=sorted(KINDS))
@@ -302,7 +311,7 @@ async def test_group_commit_leaves_out_a_call_whose_caller_gave_up(
     """A queued caller that gives up (its own deadline, or cancelled) before its batch
     goes out: its call is never run, so it has no effect. (That the deadline runs from
     each caller's own call: test_emitter's queued send.)"""
-    commit = make(transport, client, COUNTER)
+    commit = make(transport, client, HASH_COUNTER)
     first = asyncio.create_task(commit([prefix + ":first"], []))
     quitter = asyncio.create_task(commit([prefix + ":quitter"], []))
     stayer = asyncio.create_task(commit([prefix + ":stayer"], []))
@@ -310,8 +319,8 @@ async def test_group_commit_leaves_out_a_call_whose_caller_gave_up(
     quitter.cancel()
     assert await first == [1] and await stayer == [1]
     assert quitter.cancelled()
-    assert await client.get(prefix + ":quitter") is None
-    assert await client.get(prefix + ":stayer") == b"1"
+    assert await client.hget(prefix + ":quitter", "n") is None
+    assert await client.hget(prefix + ":stayer", "n") == b"1"
 
 
 @pytest.mark.integration

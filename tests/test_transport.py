@@ -174,7 +174,7 @@ async def test_transport_release_waits_for_a_round_trip_in_flight(
 async def test_transport_subscribe_reads_in_order_and_closes(
     transport: Transport, real_redis: Redis, prefix: str
 ) -> None:
-    channels = (f"{prefix}:one", f"{prefix}:two")
+    channels = (f"{{{prefix}}}:one", f"{{{prefix}}}:two")
     payloads = [b"%d\n" % n + b"z" * 200 for n in range(3000)]
     async with transport.subscribe(channels) as subscription:
         assert await real_redis.pubsub_numsub(*channels) == [(c.encode(), 1) for c in channels]
@@ -192,7 +192,7 @@ async def test_transport_subscribe_reads_in_order_and_closes(
 async def test_transport_subscribe_silence_reads_nothing(
     transport: Transport, prefix: str
 ) -> None:
-    async with transport.subscribe([f"{prefix}:quiet"]) as subscription:
+    async with transport.subscribe([f"{{{prefix}}}:quiet"]) as subscription:
         async with asyncio.timeout(SOON):
             assert await subscription.read(QUIET) == []
 
@@ -237,7 +237,7 @@ async def test_transport_subscribe_refused_is_an_error(
         client = Redis.from_url(admin_redis_url, username=user, password="pw")
         try:
             with pytest.raises(ResponseError, match="permissions"):
-                async with KINDS[kind](client).subscribe((f"{prefix}:a", f"{prefix}:b")):
+                async with KINDS[kind](client).subscribe((f"{{{prefix}}}:a", f"{{{prefix}}}:b")):
                     pass
             assert await client.ping()
         finally:

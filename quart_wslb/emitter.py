@@ -8,8 +8,8 @@ A built-in selector is resolved by Redis itself: a send is one script call that 
 it and publishes one envelope per owning instance, and concurrent sends share that script
 call and those publishes (:mod:`quart_wslb.batch`); :meth:`AsyncEmitter.send_many`
 hands it many sends at once. A :class:`CustomSelector` is
-evaluated here, over records read in bounded pages, and its matches are then routed by
-id, a page at a time.
+evaluated over records read in bounded pages (:mod:`quart_wslb.queries`, which also
+serves the queries), and its matches are then routed by id, a page at a time.
 """
 
 from __future__ import annotations

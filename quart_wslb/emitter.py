@@ -196,13 +196,13 @@ class AsyncEmitter:
         for Redis): then the sends before it were routed, and some after it may have
         been.
         """
-        routes = await self._publish_many(pack_many(messages))  # packed: valid already
-        return [route.routed for route in routes]
+        receipts = await self._publish_many(pack_many(messages))  # packed: valid already
+        return [receipt.routed for receipt in receipts]
 
     async def publish_many(
         self, messages: Sequence[tuple[Selector, Kind, bytes]]
     ) -> list[Receipt]:
-        """:meth:`route` for each ``(selector, kind, payload)``, batched as
+        """:meth:`publish` for each ``(selector, kind, payload)``, batched as
         :meth:`send_many` does; every one is checked before anything is published."""
         for selector, kind, payload in messages:
             _check(selector)
@@ -215,20 +215,20 @@ class AsyncEmitter:
         if messages and not self._layout_seen:
             async with redis_deadline(self.timeout, "send"):
                 await self._check_layout()
-        routes: list[Receipt] = []
+        receipts: list[Receipt] = []
         start = 0
         for at, (selector, kind, payload) in enumerate(messages):
             if not selector.indexed:  # the built-in ones before it go first, in order
-                routes += await self._publish_indexed(messages[start:at])
-                routes.append(await self._publish(selector, kind, payload))
+                receipts += await self._publish_indexed(messages[start:at])
+                receipts.append(await self._publish(selector, kind, payload))
                 start = at + 1
-        routes += await self._publish_indexed(messages[start:])
-        return routes
+        receipts += await self._publish_indexed(messages[start:])
+        return receipts
 
     async def _publish_indexed(
         self, messages: Sequence[tuple[Selector, Kind, bytes]]
     ) -> list[Receipt]:
-        """The routes of built-in selectors' messages, through ``GroupCommit.many``."""
+        """The receipts of built-in selectors' messages, through ``GroupCommit.many``."""
         if not messages:
             return []
         ids: list[str] = []
@@ -244,14 +244,14 @@ class AsyncEmitter:
             replies = await (self._sends or await self._first_sends()).many(calls)
         except REDIS_FAILURES as error:
             raise ours(error, "send") from error
-        routes = []
+        receipts = []
         for message_id, reply in zip(ids, replies, strict=True):
             if isinstance(reply, BaseException):
                 if isinstance(reply, REDIS_FAILURES):
                     raise ours(reply, "send") from reply
                 raise reply
-            routes.append(self._indexed_receipt(message_id, self._checked(reply)))
-        return routes
+            receipts.append(self._indexed_receipt(message_id, self._checked(reply)))
+        return receipts
 
     async def disconnect(self, selector: Selector, code: int = 1000, reason: str = "") -> int:
         """Close every matching connection, on whichever instance owns it.
@@ -293,7 +293,7 @@ class AsyncEmitter:
         return Receipt(message_id, total, len(owners), tuple(sorted(missed)))
 
     async def _first_publish(self, selector: Selector, kind: Kind, payload: bytes) -> Receipt:
-        """:meth:`_route` for a call made before the layout marker was read: it reads
+        """:meth:`_publish` for a call made before the layout marker was read: it reads
         the marker first. A built-in selector's send gets one deadline for both, from its
         own start, as for any other send; a custom selector's reads pages, each (and so
         the marker) bounded on its own."""

@@ -178,21 +178,21 @@ class WsLoadBalance:
         :class:`~quart_wslb.RedisUnavailableError` when Redis does not answer in time.
         """
         kind, payload = pack(message)
-        route = await self.emitter.publish(selector, kind, payload)
-        await self._routed(selector, route)
-        return route.routed
+        receipt = await self.emitter.publish(selector, kind, payload)
+        await self._routed(selector, receipt)
+        return receipt.routed
 
-    async def _routed(self, selector: Selector, route: Receipt) -> None:
-        """Log a route's unheard owners; ``message_routed``, when someone listens."""
-        if route.unheard:
-            log.info("message %s: nobody listens for %s", route.message_id, route.unheard)
+    async def _routed(self, selector: Selector, receipt: Receipt) -> None:
+        """Log a receipt's unheard owners; ``message_routed``, when someone listens."""
+        if receipt.unheard:
+            log.info("message %s: nobody listens for %s", receipt.message_id, receipt.unheard)
         if signals.message_routed.receivers:  # the hot path: no call when nobody listens
             await self._sender.send(
                 signals.message_routed,
-                message_id=route.message_id,
+                message_id=receipt.message_id,
                 selector=selector,
-                routed=route.routed,
-                instances=route.instances,
+                routed=receipt.routed,
+                instances=receipt.instances,
             )
 
     async def send_many(self, messages: Iterable[tuple[Selector, object]]) -> list[int]:
@@ -206,10 +206,10 @@ class WsLoadBalance:
         ``message_routed`` is sent once per message, when someone listens.
         """
         packed = pack_many(messages)
-        routes = await self.emitter.publish_many(packed)
-        for (selector, _, _), route in zip(packed, routes, strict=True):
-            await self._routed(selector, route)
-        return [route.routed for route in routes]
+        receipts = await self.emitter.publish_many(packed)
+        for (selector, _, _), receipt in zip(packed, receipts, strict=True):
+            await self._routed(selector, receipt)
+        return [receipt.routed for receipt in receipts]
 
     async def disconnect(self, selector: Selector, code: int = 1000, reason: str = "") -> int:
         """Close every matching connection, on whichever instance owns it.

@@ -152,18 +152,13 @@ class RedisClusterSet(_Topology):
 
     def _ready(self) -> bool:
         try:
-            states = [_info(s, "cluster").get("cluster_enabled") for s in self.servers]
-            ok = all(_cluster_state(s) == "ok" for s in self.servers)
+            if not all(_cluster_state(s) == "ok" for s in self.servers):
+                return False
+            replicas = self.replicas()
         except redis.RedisError:
             return False
-        replicas = self.replicas()
         expected = self.size - self.size // (1 + self.replicas_per_master)
-        return (
-            all(state == 1 for state in states)
-            and ok
-            and len(replicas) == expected
-            and all(_synced(replica) for replica in replicas)
-        )
+        return len(replicas) == expected and all(_synced(replica) for replica in replicas)
 
 
 class SentinelSet(_Topology):

@@ -123,23 +123,22 @@ local function either(left, right)
   return {n = n, has = function(id) return left.has(id) or right.has(id) end}
 end
 
+-- The ids of list that exist.
+local function existing(list)
+  local ids = {}
+  for _, id in ipairs(list) do
+    if exists(id) then ids[id] = true end
+  end
+  return exact(ids)
+end
+
 -- What each op of a program means to a send (see fold).
 local resolve = {
   set = by_holders,
   user = function(user) return exact(as_set(user_ids(user))) end,
   all = everyone,
-  connection = function(id)
-    local ids = {}
-    if exists(id) then ids[id] = true end
-    return exact(ids)
-  end,
-  ids = function(list)
-    local ids = {}
-    for _, id in ipairs(list) do
-      if exists(id) then ids[id] = true end
-    end
-    return exact(ids)
-  end,
+  connection = function(id) return existing({id}) end,
+  ids = existing,
   both = both,
   either = either,
 }

@@ -232,18 +232,22 @@ async def get_connection(pool: ConnectionPool) -> AbstractConnection:
 
 
 @functools.cache
-def packing_connection() -> type[Connection] | None:
-    """A TCP connection class that packs commands with hiredis; ``None`` if unsupported."""
+def packing_connection(base: type[Connection] = Connection) -> type[Connection] | None:
+    """A subclass of ``base`` (a TCP connection class: redis-py's, or its Sentinel-managed
+    one) that packs commands with hiredis; ``None`` if unsupported."""
     if not check().packing:
         return None
     packer = _serializer()
 
-    class HiredisPackingConnection(Connection):
+    class HiredisPackingConnection(base):  # type: ignore[valid-type,misc]
         """A TCP connection that packs commands with hiredis."""
 
         def pack_command(self, *args: Any) -> list[bytes]:
             return list(packer.pack(*args))
 
+    HiredisPackingConnection.__name__ = HiredisPackingConnection.__qualname__ = (
+        f"HiredisPacking{base.__name__}"
+    )
     return HiredisPackingConnection
 
 

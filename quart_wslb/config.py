@@ -78,8 +78,9 @@ MIN_REDIS_CONNECTIONS = 4
 def redact_url(url: str) -> str:
     """``url`` with its credentials replaced by ``***``: the password (and user name) of
     the authority part, and every query parameter that names a password
-    (``password=``, the TLS key's ``ssl_password=``...) or the user name, since redis-py
-    reads them all. Everything else is kept as written."""
+    (``password=``, the TLS key's ``ssl_password=``, a Sentinel URL's
+    ``sentinel_password=``...) or a user name, since they are all read. Everything else is
+    kept as written."""
     try:
         parts = urlsplit(url)
         pairs = parse_qsl(parts.query, keep_blank_values=True)
@@ -98,7 +99,7 @@ def redact_url(url: str) -> str:
 def _secret_parameter(name: str) -> bool:
     """Whether a URL query parameter holds a credential: a user name or any password."""
     name = name.casefold()
-    return name == "username" or "password" in name
+    return name.endswith("username") or "password" in name
 
 
 def _redacted_parameter(item: str) -> str:

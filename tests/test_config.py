@@ -399,6 +399,8 @@ async def test_plain_app_takes_exported_instance_id_and_redis_url(
         "unix://app:hunter2@/run/redis.sock?db=2",
         "rediss://db:6380/0?ssl_password=hunter2&ssl_ca_certs=/ca.pem",  # the TLS key's
         "rediss://db:6380/0?SSL_Password=hunter2",
+        "redis+sentinel://:hunter2@db1:26379,db2/svc/1",
+        "redis+sentinel://db1,db2/svc?sentinel_username=hunter2&sentinel_password=hunter2",
     ],
 )
 def test_settings_repr_hides_the_redis_password(url: str) -> None:

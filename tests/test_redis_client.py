@@ -1,10 +1,12 @@
-"""The clients quart-wslb builds: a bounded pool that makes callers wait, never fail; and
-``rediss://`` to a private TLS redis-server whose certificate comes from a throwaway CA."""
+"""The clients quart-wslb builds: a bounded pool that makes callers wait, never fail;
+``rediss://`` to a private TLS redis-server whose certificate comes from a throwaway CA;
+and what a ``redis+sentinel://`` URL says (tests/test_sentinel.py runs it on sentinels)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 import resource
 import time
 from collections.abc import Callable, Iterator
@@ -13,12 +15,19 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 import trustme
+from redis.asyncio import BlockingConnectionPool
+from redis.asyncio.sentinel import (
+    SentinelConnectionPool,
+    SentinelManagedConnection,
+    SentinelManagedSSLConnection,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from websockets.asyncio.client import ClientConnection, connect
 
 from quart_wslb import Emitter, UserSelector
+from quart_wslb._compat import packing_connection
 from quart_wslb.keys import Keys
-from quart_wslb.redis_client import make_client
+from quart_wslb.redis_client import SentinelURL, make_client, parse_sentinel_url
 from quart_wslb.testing import RedisServer, TLSFiles, TLSUnsupportedError
 from tests.cluster import Clients, Cluster, Instance
 
@@ -188,3 +197,117 @@ async def test_cluster_over_tls_delivers_across_instances_and_from_an_emitter(
     with Emitter(tls_redis.url, prefix=prefix) as emitter:
         assert await asyncio.to_thread(emitter.send, UserSelector("bob"), "from the emitter") == 1
     assert await asyncio.wait_for(bob.recv(), 5) == "from the emitter"
+
+
+def test_parse_sentinel_url_reads_sentinels_service_db_and_credentials() -> None:
+    url = parse_sentinel_url("redis+sentinel://app:p%40ss@s1:26380,[::1]:26381,s3/main/2")
+    assert url == SentinelURL(
+        sentinels=(("s1", 26380), ("::1", 26381), ("s3", 26379)),
+        service="main",
+        tls=False,
+        master={"username": "app", "password": "p@ss", "db": 2},
+        sentinel={},
+    )
+
+
+def test_parse_sentinel_url_defaults_to_database_0_without_auth() -> None:
+    url = parse_sentinel_url("redis+sentinel://s1:5000/main")
+    assert (url.sentinels, url.service, url.master, url.sentinel) == (
+        (("s1", 5000),),
+        "main",
+        {"db": 0},
+        {},
+    )
+
+
+def test_parse_sentinel_url_sentinel_auth_comes_from_its_own_parameters() -> None:
+    url = parse_sentinel_url(
+        "redis+sentinel://:master-pw@s1/main?sentinel_username=watch&sentinel_password=s%26pw"
+        "&client_name=app&protocol=3"
+    )
+    assert url.sentinel == {"username": "watch", "password": "s&pw"}
+    assert url.master == {"password": "master-pw", "db": 0, "client_name": "app", "protocol": 3}
+
+
+def test_parse_sentinel_url_tls_applies_the_ssl_options_to_the_sentinels_too() -> None:
+    url = parse_sentinel_url(
+        "REDISS+SENTINEL://s1/main?ssl_ca_certs=/ca.pem&ssl_cert_reqs=required&client_name=x"
+    )
+    assert url.tls is True
+    assert url.master == {
+        "db": 0,
+        "ssl_ca_certs": "/ca.pem",
+        "ssl_cert_reqs": "required",
+        "client_name": "x",
+    }
+    assert url.sentinel == {"ssl_ca_certs": "/ca.pem", "ssl_cert_reqs": "required"}
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("redis+sentinel:///main", "names no sentinel"),
+        ("redis+sentinel://user:pw@/main", "names no sentinel"),
+        ("redis+sentinel://s1,,s2/main", "has no host"),
+        ("redis+sentinel://:26379/main", "has no host"),
+        ("redis+sentinel://s1", "names no service"),
+        ("redis+sentinel://s1/", "names no service"),
+        ("redis+sentinel://s1?x=1", "names no service"),
+        ("redis+sentinel://s1:port/main", "bad port of sentinel 's1:port'"),
+        ("redis+sentinel://s1:0/main", "bad port"),
+        ("redis+sentinel://s1:65536/main", "bad port"),
+        ("redis+sentinel://s1:/main", "bad port"),
+        ("redis+sentinel://[::1]x/main", "bad port"),
+        ("redis+sentinel://s1/main/zero", "bad database number"),
+        ("redis+sentinel://s1/main/-1", "bad database number"),
+        ("redis+sentinel://s1/main/0/x", "path is /<service_name>"),
+        ("redis+sentinel://s1/main?socket_timeout=soon", "socket_timeout"),
+        ("redis://s1/main", "not a Sentinel URL"),
+    ],
+)
+def test_parse_sentinel_url_names_what_is_wrong(url: str, problem: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(problem)):
+        parse_sentinel_url(url)
+
+
+def test_make_client_rejects_a_bad_sentinel_url() -> None:
+    with pytest.raises(ValueError, match="names no service"):
+        make_client("redis+sentinel://s1:26379", 1.0)
+
+
+async def test_make_client_sentinel_url_is_a_bounded_waiting_pool_of_the_master() -> None:
+    """Nothing connects until a command: the client is built from the URL alone."""
+    client = make_client("redis+sentinel://s1:1,s2:2/main/3?client_name=app", 2.5, 7)
+    try:
+        pool = client.connection_pool
+        assert isinstance(pool, SentinelConnectionPool) and pool.is_master
+        assert isinstance(pool, BlockingConnectionPool)
+        assert (pool.service_name, pool.max_connections, pool.timeout) == ("main", 7, 2.5)
+        assert issubclass(pool.connection_class, SentinelManagedConnection)
+        packing = packing_connection(SentinelManagedConnection)
+        assert packing is None or pool.connection_class is packing
+        options = pool.connection_kwargs
+        assert (options["db"], options["client_name"]) == (3, "app")
+        assert (options["socket_timeout"], options["socket_connect_timeout"]) == (2.5, 2.5)
+        sentinels = pool.sentinel_manager.sentinels
+        addresses = [s.connection_pool.connection_kwargs for s in sentinels]
+        assert [(a["host"], a["port"], a["socket_timeout"]) for a in addresses] == [
+            ("s1", 1, 2.5),
+            ("s2", 2, 2.5),
+        ]
+    finally:
+        await client.aclose()
+
+
+async def test_make_client_tls_sentinel_url_speaks_tls_everywhere() -> None:
+    client = make_client("rediss+sentinel://s1/main?ssl_ca_certs=/ca.pem", 1.0)
+    try:
+        pool = client.connection_pool
+        assert isinstance(pool, SentinelConnectionPool)
+        assert pool.connection_class is SentinelManagedSSLConnection
+        assert pool.connection_kwargs["ssl_ca_certs"] == "/ca.pem"
+        sentinel = pool.sentinel_manager.sentinels[0].connection_pool
+        assert sentinel.connection_kwargs["ssl_ca_certs"] == "/ca.pem"
+        assert sentinel.connection_class.__name__ == "SSLConnection"
+    finally:
+        await client.aclose()

@@ -1,0 +1,297 @@
+"""quart-wslb on Redis Sentinel: instances and emitters given a ``redis+sentinel://`` URL,
+and delivery across a failover (graceful, master killed, master hung), on a private
+Sentinel set (tests/topology.py) and real Hypercorn processes."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import itertools
+import json
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import pytest
+import redis
+from flask import Flask
+from websockets.asyncio.client import ClientConnection
+
+from quart_wslb import AsyncEmitter, Emitter, UserSelector
+from quart_wslb.config import emitter_options
+from quart_wslb.flask import WsLoadBalance as FlaskWsLoadBalance
+from quart_wslb.testing import find_redis_server
+from tests.cluster import Clients, Cluster, HttpError, Instance
+from tests.topology import SentinelSet, redis_version, wait_until
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.timeout(120),
+    pytest.mark.skipif(
+        redis_version()[:1] < (7,),
+        reason=f"Sentinel tests need Redis >= 7 ({find_redis_server()} is "
+        f"{'.'.join(map(str, redis_version())) or 'missing'})",
+    ),
+]
+StartCluster = Callable[..., Cluster]
+#: The bound on restoring delivery after the failover completed (the issue's figure).
+RESTORE_BOUND = 10.0
+#: Pause between two sends of the stream.
+PACE = 0.02
+#: A pause between two arrivals longer than this is a pause in delivery (the stream
+#: sends every ``PACE`` s).
+GAP = 0.25
+#: Sends delivered after the restore before the stream stops.
+AFTER_RESTORE = 50
+
+
+@pytest.fixture(name="sentinel_set", scope="module")
+def fixture_sentinel_set() -> Iterator[SentinelSet]:
+    """A Sentinel set shared by the tests that inject no fault."""
+    with SentinelSet().start() as sentinels:
+        yield sentinels
+
+
+@pytest.fixture(name="faulty_set")
+def fixture_faulty_set() -> Iterator[SentinelSet]:
+    """A Sentinel set of one test, which may kill or stop its master."""
+    with SentinelSet().start() as sentinels:
+        try:
+            yield sentinels
+        finally:
+            for server in sentinels.servers:  # a stopped server would not hear SIGTERM
+                if server.process is not None and server.process.poll() is None:
+                    os.kill(server.process.pid, signal.SIGCONT)
+
+
+async def _receive(client: ClientConnection) -> object:
+    return json.loads(await asyncio.wait_for(client.recv(), 5))
+
+
+async def test_sentinel_instances_deliver_across_instances(
+    sentinel_set: SentinelSet, start_cluster: StartCluster, clients: Clients
+) -> None:
+    cluster = start_cluster(2, url=sentinel_set.url)
+    ann, _ = await clients.join(cluster[0], "ann", "red")
+    bob, _ = await clients.join(cluster[1], "bob", "red")
+    assert await cluster[1].send({"user": "ann"}, {"to": "ann"}) == 1
+    assert await _receive(ann) == {"to": "ann"}
+    assert await cluster[0].send({"user": "bob"}, {"to": "bob"}) == 1
+    assert await _receive(bob) == {"to": "bob"}
+    await ann.send("hello room")  # i0 routes it to both, i1 delivers to bob
+    for client in (ann, bob):
+        assert await _receive(client) == {"from": "ann", "text": "hello room"}
+    assert await cluster[0].send({"user": "nobody"}, "x") == 0
+
+
+async def test_sentinel_emitters_reach_a_client(
+    sentinel_set: SentinelSet, start_cluster: StartCluster, clients: Clients, prefix: str
+) -> None:
+    """Every emitter takes the Sentinel URL: async (URL, resolved options), sync, Flask."""
+    cluster = start_cluster(1, url=sentinel_set.url)
+    ann, _ = await clients.join(cluster[0], "ann", "red")
+    url = sentinel_set.url
+    emitter = AsyncEmitter(redis_url=url, prefix=prefix)
+    try:
+        assert await emitter.send(UserSelector("ann"), "async url") == 1
+    finally:
+        await emitter.aclose()
+    resolved = AsyncEmitter.from_options(emitter_options(redis_url=url, prefix=prefix))
+    try:
+        assert await resolved.send(UserSelector("ann"), "async options") == 1
+    finally:
+        await resolved.aclose()
+    with Emitter(url, prefix=prefix) as sync:
+        assert await asyncio.to_thread(sync.send, UserSelector("ann"), "sync") == 1
+    app = Flask(__name__)
+    app.config.update(WSLB_REDIS_URL=url, WSLB_PREFIX=prefix)
+    flask_emitter = FlaskWsLoadBalance(app).emitter
+    assert flask_emitter is not None
+    try:
+        assert await asyncio.to_thread(flask_emitter.send, UserSelector("ann"), "flask") == 1
+    finally:
+        flask_emitter.close()
+    got = [await asyncio.wait_for(ann.recv(), 5) for _ in range(4)]
+    assert got == ["async url", "async options", "sync", "flask"]
+
+
+@dataclass
+class Stream:
+    """Numbered sends from one instance to a user on another, and what arrived."""
+
+    #: n -> (monotonic time the send started, routed count; None: the send failed).
+    sent: dict[int, tuple[float, int | None]] = field(default_factory=dict)
+    #: n -> monotonic time it arrived.
+    got: dict[int, float] = field(default_factory=dict)
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def send(self, sender: Instance, user: str) -> None:
+        n = 0
+        while not self.stop.is_set():
+            started = time.monotonic()
+            try:
+                routed: int | None = await sender.send({"user": user}, {"n": n})
+            except (HttpError, OSError):  # 503: Redis unavailable; or no answer in time
+                routed = None
+            self.sent[n] = (started, routed)
+            n += 1
+            await asyncio.sleep(PACE)
+
+    async def receive(self, client: ClientConnection) -> None:
+        while True:
+            frame = await client.recv()
+            self.got[int(json.loads(frame)["n"])] = time.monotonic()
+
+    def gaps(self, since: float) -> list[tuple[float, float]]:
+        """(start, end) of every pause in arrivals after ``since`` longer than ``GAP``."""
+        arrivals = sorted([since, *(at for at in self.got.values() if at > since)])
+        return [(a, b) for a, b in itertools.pairwise(arrivals) if b - a > GAP]
+
+    def delivered_since(self, moment: float) -> int:
+        return sum(1 for at in self.got.values() if at > moment)
+
+
+@dataclass
+class Figures:
+    """What one fault cost; times in seconds from the fault."""
+
+    fault: str
+    detected: float  # the sentinels name the new master
+    #: Pauses in delivery (start, end); the first is the failover's.
+    gaps: list[tuple[float, float]]
+    unrouted: int  # sends answered 0 routed
+    failed: int  # sends that raised
+    sent: int
+    lost: list[int]  # routed >= 1, never arrived
+    #: Per instance, its subscriber's losses by reason (``deaf``: the watchdog's restart).
+    resubscribed: dict[str, dict[str, int]]
+
+    @property
+    def restored(self) -> float:
+        """When delivery resumed after the first pause."""
+        return self.gaps[0][1] if self.gaps else 0.0
+
+    def __str__(self) -> str:
+        pauses = ", ".join(f"{a:.2f}-{b:.2f}s" for a, b in self.gaps)
+        return (
+            f"{self.fault}: failover seen at {self.detected:.2f}s, delivery restored at "
+            f"{self.restored:.2f}s ({self.restored - self.detected:+.2f}s from the failover; "
+            f"pauses {pauses or 'none'}); of {self.sent} sends {self.unrouted} said 0 "
+            f"routed, {self.failed} raised; routed then lost: {len(self.lost)} "
+            f"{self.lost[:20]}; subscribers lost: {self.resubscribed}"
+        )
+
+
+def _master_changed(sentinels: SentinelSet, first: int) -> bool:
+    try:
+        return sentinels.master_port() != first
+    except (redis.RedisError, OSError):
+        return False
+
+
+def _is_replica(port: int) -> bool:
+    try:
+        with redis.Redis(port=port, socket_timeout=1) as client:
+            return str(client.info("replication")["role"]) == "slave"
+    except (redis.RedisError, OSError):
+        return False
+
+
+def _fault(sentinels: SentinelSet, fault: str) -> None:
+    master = sentinels.master
+    assert master.process is not None
+    if fault == "failover":
+        with redis.Redis(port=sentinels.sentinels[0].port, socket_timeout=5) as sentinel:
+            sentinel.execute_command("SENTINEL", "FAILOVER", sentinels.service)
+    else:
+        os.kill(master.process.pid, signal.SIGKILL if fault == "kill" else signal.SIGSTOP)
+
+
+def _resume(sentinels: SentinelSet) -> None:
+    assert sentinels.master.process is not None
+    os.kill(sentinels.master.process.pid, signal.SIGCONT)
+
+
+async def _until(check: Callable[[], bool], what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout}s"
+        await asyncio.sleep(0.1)
+
+
+async def _run_fault(
+    sentinels: SentinelSet, cluster: Cluster, clients: Clients, fault: str
+) -> Figures:
+    """Stream from i1 to ann on i0, inject ``fault``, and go on until delivery is back
+    and, but after a SIGKILL, the old master has rejoined as a replica.
+
+    ``stop`` resumes the hung master once delivery is back on the new one (the watchdog
+    had to move the subscribers); ``pause`` resumes it as soon as the failover is seen
+    (it serves the clients still connected to it until the sentinels demote it).
+    """
+    ann, _ = await clients.join(cluster[0], "ann", "red")
+    stream = Stream()
+    receiving = asyncio.create_task(stream.receive(ann))
+    sending = asyncio.create_task(stream.send(cluster[1], "ann"))
+    try:
+        await asyncio.sleep(1.0)  # a steady stream first
+        assert stream.got, "nothing delivered before the fault"
+        first = sentinels.master_port()
+        fault_at = time.monotonic()
+        await asyncio.to_thread(_fault, sentinels, "stop" if fault == "pause" else fault)
+        changed = functools.partial(_master_changed, sentinels, first)
+        await asyncio.to_thread(wait_until, changed, "failover", 30)
+        detected = time.monotonic() - fault_at
+        if fault == "pause":
+            _resume(sentinels)
+        await _until(
+            lambda: stream.delivered_since(fault_at + detected) >= AFTER_RESTORE, "restore"
+        )
+        if fault == "stop":
+            _resume(sentinels)
+        if fault != "kill":  # the old master comes back as a replica of the new one
+            old = sentinels.master.port
+            await asyncio.to_thread(wait_until, lambda: _is_replica(old), "rejoined", 30)
+            rejoined = time.monotonic()
+            await _until(lambda: stream.delivered_since(rejoined) >= AFTER_RESTORE, "after")
+        stream.stop.set()
+        await sending
+        await asyncio.sleep(2.0)  # what is in flight arrives
+    finally:
+        stream.stop.set()
+        for task in (sending, receiving):
+            task.cancel()
+        await asyncio.gather(sending, receiving, return_exceptions=True)
+    sent = stream.sent
+    return Figures(
+        fault=fault,
+        detected=detected,
+        gaps=[(a - fault_at, b - fault_at) for a, b in stream.gaps(fault_at)],
+        unrouted=sum(1 for _, routed in sent.values() if routed == 0),
+        failed=sum(1 for _, routed in sent.values() if routed is None),
+        sent=len(sent),
+        lost=[n for n, (_, routed) in sent.items() if routed and n not in stream.got],
+        resubscribed={i.id: await _subscriber_losses(i) for i in cluster.instances},
+    )
+
+
+async def _subscriber_losses(instance: Instance) -> dict[str, int]:
+    stats = await instance.stats()
+    name = "subscriber_lost_"
+    return {k.removeprefix(name): int(v) for k, v in stats.items() if k.startswith(name)}
+
+
+@pytest.mark.parametrize("fault", ["failover", "kill", "stop", "pause"])
+async def test_sentinel_fault_restores_delivery_and_loses_nothing_routed(
+    faulty_set: SentinelSet, start_cluster: StartCluster, clients: Clients, fault: str
+) -> None:
+    cluster = start_cluster(2, url=faulty_set.url)
+    figures = await _run_fault(faulty_set, cluster, clients, fault)
+    print(figures)
+    assert figures.restored - figures.detected < RESTORE_BOUND, str(figures)
+    assert not figures.lost, str(figures)
+    # Only the old master is gone: the stream ran on the new one.
+    assert figures.sent > figures.unrouted + figures.failed, str(figures)
+    assert faulty_set.master_port() == faulty_set.replica_servers[0].port

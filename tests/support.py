@@ -8,11 +8,13 @@ import json
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import fakeredis
 import redis
+import trustme
 from blinker import ANY, NamedSignal
 from quart import Quart, websocket
 from quart import typing as quart_typing
@@ -31,6 +33,7 @@ from quart_wslb.local_index import LocalIndex
 from quart_wslb.registry import Registry
 from quart_wslb.selectors import Selector
 from quart_wslb.signal_sender import SignalSender
+from quart_wslb.testing import TLSFiles
 
 #: The key prefix of every unit test (each test has its own fakeredis server).
 PREFIX = "t"
@@ -340,3 +343,19 @@ def round_trips(commit: GroupCommit) -> list[list[str]]:
 async def sends_of(emitter: AsyncEmitter) -> GroupCommit:
     """The group commit of ``emitter``'s sends (made at its first send, or now)."""
     return await emitter._first_sends()
+
+
+def tls_files(directory: Path) -> TLSFiles:
+    """A certificate for 127.0.0.1 and its key, signed by a CA made for the caller, written
+    to ``directory``: for redis-servers that speak TLS."""
+    ca = trustme.CA()
+    issued = ca.issue_cert("127.0.0.1", "localhost")
+    files = TLSFiles(
+        cert=str(directory / "server.pem"),
+        key=str(directory / "server.key"),
+        ca=str(directory / "ca.pem"),
+    )
+    issued.cert_chain_pems[0].write_to_path(files.cert)
+    issued.private_key_pem.write_to_path(files.key)
+    ca.cert_pem.write_to_path(files.ca)
+    return files

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
-import trustme
 from redis.asyncio import BlockingConnectionPool
 from redis.asyncio.sentinel import (
     SentinelConnectionPool,
@@ -28,8 +27,9 @@ from quart_wslb import Emitter, UserSelector
 from quart_wslb._compat import packing_connection
 from quart_wslb.keys import Keys
 from quart_wslb.redis_client import SentinelURL, make_client, parse_sentinel_url
-from quart_wslb.testing import RedisServer, TLSFiles, TLSUnsupportedError
+from quart_wslb.testing import RedisServer, TLSUnsupportedError
 from tests.cluster import Clients, Cluster, Instance
+from tests.support import tls_files
 
 StartCluster = Callable[..., Cluster]
 #: Simultaneous connects of the burst: a crashed instance's clients landing on a survivor.
@@ -141,17 +141,7 @@ async def test_make_client_gives_up_waiting_for_a_connection_within_the_timeout(
 def fixture_tls_redis(tmp_path: Path) -> Iterator[RedisServer]:
     """A redis-server that speaks TLS only, with a certificate for 127.0.0.1 signed by a CA
     made for this test."""
-    ca = trustme.CA()
-    issued = ca.issue_cert("127.0.0.1", "localhost")
-    files = TLSFiles(
-        cert=str(tmp_path / "server.pem"),
-        key=str(tmp_path / "server.key"),
-        ca=str(tmp_path / "ca.pem"),
-    )
-    issued.cert_chain_pems[0].write_to_path(files.cert)
-    issued.private_key_pem.write_to_path(files.key)
-    ca.cert_pem.write_to_path(files.ca)
-    server = RedisServer(tls=files)
+    server = RedisServer(tls=tls_files(tmp_path))
     try:
         server.start()
     except TLSUnsupportedError as error:

@@ -13,17 +13,25 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 import redis
 from flask import Flask
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 from websockets.asyncio.client import ClientConnection
 
 from quart_wslb import AsyncEmitter, Emitter, UserSelector
 from quart_wslb.config import emitter_options
 from quart_wslb.flask import WsLoadBalance as FlaskWsLoadBalance
-from quart_wslb.testing import find_redis_server
+from quart_wslb.keys import Keys
+from quart_wslb.redis_client import make_client
+from quart_wslb.testing import RedisServer, TLSFiles, TLSUnsupportedError, find_redis_server
+from quart_wslb.transport import SocketTransport, pick
 from tests.cluster import Clients, Cluster, HttpError, Instance
+from tests.support import tls_files
 from tests.topology import SentinelSet, redis_version, wait_until
 
 pytestmark = [
@@ -117,6 +125,151 @@ async def test_sentinel_emitters_reach_a_client(
     assert got == ["async url", "async options", "sync", "flask"]
 
 
+def _add_user(port: int, user: str, password: str) -> None:
+    """An ACL user beside the open default one (ACLs are not replicated: one per server)."""
+    with redis.Redis(port=port, socket_timeout=5) as client:
+        client.execute_command("ACL", "SETUSER", user, "on", f">{password}", "~*", "&*", "+@all")
+
+
+def _users(port: int) -> set[str]:
+    """The users of the clients connected to the server on ``port``."""
+    with redis.Redis(port=port, socket_timeout=5) as client:
+        return {str(entry.get("user")) for entry in client.client_list()}
+
+
+async def test_sentinel_url_credentials_reach_the_master_and_the_sentinels(
+    sentinel_set: SentinelSet,
+) -> None:
+    for server in (sentinel_set.master, *sentinel_set.replica_servers):
+        _add_user(server.port, "app", "app-pw")
+    for sentinel in sentinel_set.sentinels:
+        _add_user(sentinel.port, "watch", "watch-pw")
+    where = sentinel_set.url.partition("://")[2]
+    url = f"redis+sentinel://app:app-pw@{where}?sentinel_username=watch&sentinel_password=watch-pw"
+    client = make_client(url, 5.0)
+    try:
+        assert await client.acl_whoami() == "app"
+        assert any("watch" in _users(s.port) for s in sentinel_set.sentinels)
+    finally:
+        await client.aclose()
+    for wrong, problem in [
+        (url.replace("watch-pw", "nope"), "No master found"),  # every sentinel refused
+        (url.replace("app-pw", "nope"), "invalid username-password"),
+    ]:
+        refused = make_client(wrong, 5.0)
+        try:
+            with pytest.raises(RedisError, match=problem):
+                await refused.ping()
+        finally:
+            await refused.aclose()
+
+
+async def test_sentinel_client_pool_is_bounded_and_waits(sentinel_set: SentinelSet) -> None:
+    client = make_client(sentinel_set.url + "?client_name=bounded", 0.5, max_connections=3)
+    try:
+        replies = await asyncio.gather(*(client.ping() for _ in range(50)))
+        assert replies == [True] * 50
+        names = [c.get("name") for c in await client.client_list()]
+        assert names.count("bounded") <= 3, names
+        pool = client.connection_pool
+        held = [await pool.get_connection() for _ in range(3)]  # type: ignore[no-untyped-call]
+        started = time.monotonic()
+        with pytest.raises(RedisConnectionError, match="No connection available"):
+            await client.ping()
+        took = time.monotonic() - started
+        assert took < 0.5 + 1.0, f"waited {took:.2f}s for a connection, timeout 0.5s"
+        for connection in held:
+            await pool.release(connection)
+        assert await client.ping() is True
+    finally:
+        await client.aclose()
+
+
+async def test_sentinel_client_reads_raw_off_sentinel_managed_connections(
+    sentinel_set: SentinelSet,
+) -> None:
+    client = make_client(sentinel_set.url + "/1", 5.0)
+    try:
+        transport = await pick(client)
+        assert isinstance(transport, SocketTransport)
+        assert await transport.run([("SET", "k", "v"), ("GET", "k")]) == [b"OK", b"v"]
+        await transport.release()
+        async with transport.subscribe(["raw-channel"]) as subscription:
+            assert await client.publish("raw-channel", b"hello") == 1
+            assert await subscription.read(5) == [b"hello"]
+        assert Keys.of("p", client).db == 1  # the URL's database reaches the channels' names
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture(name="tls_sentinels")
+def fixture_tls_sentinels(tmp_path: Path) -> Iterator[tuple[str, TLSFiles]]:
+    """A master, a replica and three sentinels that all speak TLS only (to each other
+    too), with one throwaway CA; yields the ``rediss+sentinel://`` URL (no CA in it)."""
+    files = tls_files(tmp_path)
+    tls = ("--tls-replication", "yes")  # outgoing links (replication, sentinels) in TLS
+    master = RedisServer(tls=files, args=tls)
+    replica = RedisServer(tls=files, args=(*tls, "--replicaof", "127.0.0.1", str(master.port)))
+    config = f"sentinel monitor wslb 127.0.0.1 {master.port} 2\n"
+    sentinels = [RedisServer(tls=files, config=config, args=("--sentinel", *tls)) for _ in "abc"]
+    servers = [master, replica, *sentinels]
+    try:
+        for server in servers:
+            server.start()
+    except TLSUnsupportedError as error:
+        pytest.skip(f"{error}: install a redis-server built with TLS (Debian's is)")
+    try:
+        wait_until(
+            lambda: _aware(sentinels, files), "TLS sentinels see the replica and each other"
+        )
+        hosts = ",".join(f"127.0.0.1:{s.port}" for s in sentinels)
+        yield f"rediss+sentinel://{hosts}/wslb", files
+    finally:
+        for server in servers:
+            server.close()
+
+
+def _aware(sentinels: list[RedisServer], files: TLSFiles) -> bool:
+    """Whether every sentinel knows the replica and the other sentinels (over TLS)."""
+    for sentinel in sentinels:
+        client = redis.Redis(port=sentinel.port, ssl=True, ssl_ca_certs=files.ca, socket_timeout=2)
+        try:
+            state = client.sentinel_master("wslb")  # numbers parsed by redis-py
+        except redis.RedisError:
+            return False
+        finally:
+            client.close()
+        if not isinstance(state, dict) or int(state["num-slaves"]) < 1:
+            return False
+        if int(state["num-other-sentinels"]) < 2:
+            return False
+    return True
+
+
+async def test_sentinel_over_tls_trusts_the_ca_named_in_the_url(
+    tls_sentinels: tuple[str, TLSFiles],
+) -> None:
+    url, files = tls_sentinels
+    client = make_client(f"{url}?ssl_ca_certs={quote(files.ca, safe='/')}", 5.0)
+    try:
+        assert await client.set("k", "v")
+        assert await client.get("k") == b"v"
+        transport = await pick(client)  # raw reads off TLS connections too
+        assert isinstance(transport, SocketTransport)
+        async with transport.subscribe(["tls-channel"]) as subscription:
+            assert await client.publish("tls-channel", b"over tls") == 1
+            assert await subscription.read(5) == [b"over tls"]
+    finally:
+        await client.aclose()
+    # Without the CA no sentinel is trusted: verification is on.
+    untrusted = make_client(url, 5.0)
+    try:
+        with pytest.raises(RedisConnectionError, match="CERTIFICATE_VERIFY_FAILED"):
+            await untrusted.ping()
+    finally:
+        await untrusted.aclose()
+
+
 @dataclass
 class Stream:
     """Numbered sends from one instance to a user on another, and what arrived."""
@@ -174,13 +327,19 @@ class Figures:
         return self.gaps[0][1] if self.gaps else 0.0
 
     def __str__(self) -> str:
-        pauses = ", ".join(f"{a:.2f}-{b:.2f}s" for a, b in self.gaps)
+        if self.gaps:
+            pauses = ", ".join(f"{a:.2f}-{b:.2f}s" for a, b in self.gaps)
+            restored = (
+                f"delivery restored at {self.restored:.2f}s "
+                f"({self.restored - self.detected:+.2f}s from the failover; pauses {pauses})"
+            )
+        else:
+            restored = f"no pause in delivery longer than {GAP}s"
         return (
-            f"{self.fault}: failover seen at {self.detected:.2f}s, delivery restored at "
-            f"{self.restored:.2f}s ({self.restored - self.detected:+.2f}s from the failover; "
-            f"pauses {pauses or 'none'}); of {self.sent} sends {self.unrouted} said 0 "
-            f"routed, {self.failed} raised; routed then lost: {len(self.lost)} "
-            f"{self.lost[:20]}; subscribers lost: {self.resubscribed}"
+            f"{self.fault}: failover seen at {self.detected:.2f}s, {restored}; of "
+            f"{self.sent} sends {self.unrouted} said 0 routed, {self.failed} raised; routed "
+            f"then lost: {len(self.lost)} {self.lost[:20]}; subscribers lost: "
+            f"{self.resubscribed}"
         )
 
 

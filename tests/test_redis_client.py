@@ -213,10 +213,15 @@ def test_parse_sentinel_url_defaults_to_database_0_without_auth() -> None:
 def test_parse_sentinel_url_sentinel_auth_comes_from_its_own_parameters() -> None:
     url = parse_sentinel_url(
         "redis+sentinel://:master-pw@s1/main?sentinel_username=watch&sentinel_password=s%26pw"
-        "&client_name=app&protocol=3"
+        "&client_name=app&health_check_interval=10"
     )
     assert url.sentinel == {"username": "watch", "password": "s&pw"}
-    assert url.master == {"password": "master-pw", "db": 0, "client_name": "app", "protocol": 3}
+    assert url.master == {
+        "password": "master-pw",
+        "db": 0,
+        "client_name": "app",
+        "health_check_interval": 10,
+    }
 
 
 def test_parse_sentinel_url_tls_applies_the_ssl_options_to_the_sentinels_too() -> None:

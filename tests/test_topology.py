@@ -8,17 +8,12 @@ import pytest
 import redis
 from redis.cluster import RedisCluster
 
-from quart_wslb.testing import find_redis_server
-from tests.topology import RedisClusterSet, SentinelSet, redis_version, wait_until
+from tests.topology import RedisClusterSet, SentinelSet, needs_redis_7, wait_until
 
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.timeout(120),
-    pytest.mark.skipif(
-        redis_version()[:1] < (7,),
-        reason=f"Redis Cluster and Sentinel tests need Redis >= 7 ({find_redis_server()} is "
-        f"{'.'.join(map(str, redis_version())) or 'missing'})",
-    ),
+    needs_redis_7("Redis Cluster and Sentinel tests"),
 ]
 
 

@@ -15,11 +15,12 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Self
 
+import pytest
 import redis
 
 from quart_wslb.testing import RedisServer, find_redis_server, free_port
 
-__all__ = ("RedisClusterSet", "SentinelSet", "redis_version")
+__all__ = ("RedisClusterSet", "SentinelSet", "needs_redis_7", "redis_version")
 
 #: How long a topology may take to come up (a cluster needs a few gossip rounds).
 READY_TIMEOUT = 30.0
@@ -38,6 +39,16 @@ def redis_version(binary: str | None = None) -> tuple[int, ...]:
     said = subprocess.run([found, "--version"], capture_output=True, text=True, timeout=10)
     match = re.search(r"v=(\d+)\.(\d+)\.(\d+)", said.stdout)
     return tuple(int(part) for part in match.groups()) if match else ()
+
+
+def needs_redis_7(what: str) -> pytest.MarkDecorator:
+    """Skip, saying why, where the ``redis-server`` the tests use is older than 7 or
+    missing: ``what`` (the tests) need sharded pub/sub or a recent Sentinel."""
+    return pytest.mark.skipif(
+        redis_version()[:1] < (7,),
+        reason=f"{what} need Redis >= 7 ({find_redis_server()} is "
+        f"{'.'.join(map(str, redis_version())) or 'missing'})",
+    )
 
 
 def wait_until(check: Callable[[], bool], what: str, timeout: float = READY_TIMEOUT) -> None:

@@ -107,7 +107,7 @@ def parse_sentinel_url(url: str) -> SentinelURL:
     A sentinel without a port is on 26379. The user and password are the master's; the
     sentinels are asked with ``sentinel_username=`` and ``sentinel_password=`` if given
     (else without AUTH). Other query parameters are redis-py's, as in a ``redis://`` URL
-    (``ssl_ca_certs=``, ``protocol=``...); with TLS the ``ssl_*`` ones also apply to
+    (``ssl_ca_certs=``, ``client_name=``...); with TLS the ``ssl_*`` ones also apply to
     the sentinels.
     """
     parts = urlsplit(url)  # ValueError for unbalanced IPv6 brackets
@@ -188,8 +188,9 @@ def _sentinel_client(url: SentinelURL, options: dict[str, Any]) -> Redis:
     sentinel_options = {
         "socket_timeout": options["socket_timeout"],
         "socket_connect_timeout": options["socket_connect_timeout"],
-        # Discovery moves on to the next sentinel itself: a retry would only multiply
-        # the timeout of a dead one (redis-py 5.3 retries by default).
+        # Discovery moves on to the next sentinel itself: retries (redis-py 6 and 7
+        # give the sentinels' clients its default three) would only multiply the
+        # timeout of a dead one.
         "retry": Retry(NoBackoff(), 0),
         "ssl": url.tls,
         **url.sentinel,

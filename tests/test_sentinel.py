@@ -282,7 +282,9 @@ class Stream:
             started = time.monotonic()
             try:
                 routed: int | None = await sender.send({"user": user}, {"n": n})
-            except (HttpError, OSError):  # 503: Redis unavailable; or no answer in time
+            except HttpError as error:  # 503: RedisUnavailableError; anything else is a bug
+                if error.status != 503:
+                    raise
                 routed = None
             self.sent[n] = (started, routed)
             n += 1
@@ -379,13 +381,8 @@ async def _until(check: Callable[[], bool], what: str, timeout: float = 30) -> N
 async def _run_fault(
     sentinels: SentinelSet, cluster: Cluster, clients: Clients, fault: str
 ) -> Figures:
-    """Stream from i1 to ann on i0, inject ``fault``, and go on until delivery is back
-    and, but after a SIGKILL, the old master has rejoined as a replica.
-
-    ``stop`` resumes the hung master once delivery is back on the new one (the watchdog
-    had to move the subscribers); ``pause`` resumes it as soon as the failover is seen
-    (it serves the clients still connected to it until the sentinels demote it).
-    """
+    """Stream from i1 to ann on i0 through ``fault`` (see :func:`_go_through`), then
+    count what the stream lost."""
     ann, _ = await clients.join(cluster[0], "ann", "red")
     stream = Stream()
     receiving = asyncio.create_task(stream.receive(ann))
@@ -393,24 +390,8 @@ async def _run_fault(
     try:
         await asyncio.sleep(1.0)  # a steady stream first
         assert stream.got, "nothing delivered before the fault"
-        first = sentinels.master_port()
         fault_at = time.monotonic()
-        await asyncio.to_thread(_fault, sentinels, "stop" if fault == "pause" else fault)
-        changed = functools.partial(_master_changed, sentinels, first)
-        await asyncio.to_thread(wait_until, changed, "failover", 30)
-        detected = time.monotonic() - fault_at
-        if fault == "pause":
-            _resume(sentinels)
-        await _until(
-            lambda: stream.delivered_since(fault_at + detected) >= AFTER_RESTORE, "restore"
-        )
-        if fault == "stop":
-            _resume(sentinels)
-        if fault != "kill":  # the old master comes back as a replica of the new one
-            old = sentinels.master.port
-            await asyncio.to_thread(wait_until, lambda: _is_replica(old), "rejoined", 30)
-            rejoined = time.monotonic()
-            await _until(lambda: stream.delivered_since(rejoined) >= AFTER_RESTORE, "after")
+        detected = await _go_through(sentinels, stream, fault) - fault_at
         stream.stop.set()
         await sending
         await asyncio.sleep(2.0)  # what is in flight arrives
@@ -430,6 +411,33 @@ async def _run_fault(
         lost=[n for n, (_, routed) in sent.items() if routed and n not in stream.got],
         resubscribed={i.id: await _subscriber_losses(i) for i in cluster.instances},
     )
+
+
+async def _go_through(sentinels: SentinelSet, stream: Stream, fault: str) -> float:
+    """Inject ``fault``; return once delivery is back after the failover and (but after a
+    SIGKILL) once the old master has rejoined as a replica, with when the sentinels named
+    the new master.
+
+    ``stop`` resumes the hung master once delivery is back on the new one (the watchdog
+    had to move the subscribers); ``pause`` resumes it as soon as the failover is seen
+    (it serves the clients still connected to it until the sentinels demote it).
+    """
+    first = sentinels.master_port()
+    await asyncio.to_thread(_fault, sentinels, "stop" if fault == "pause" else fault)
+    changed = functools.partial(_master_changed, sentinels, first)
+    await asyncio.to_thread(wait_until, changed, "failover", 30)
+    detected = time.monotonic()
+    if fault == "pause":
+        _resume(sentinels)
+    await _until(lambda: stream.delivered_since(detected) >= AFTER_RESTORE, "restore")
+    if fault == "stop":
+        _resume(sentinels)
+    if fault != "kill":  # the old master comes back as a replica of the new one
+        old = sentinels.master.port
+        await asyncio.to_thread(wait_until, lambda: _is_replica(old), "rejoined", 30)
+        rejoined = time.monotonic()
+        await _until(lambda: stream.delivered_since(rejoined) >= AFTER_RESTORE, "after")
+    return detected
 
 
 async def _subscriber_losses(instance: Instance) -> dict[str, int]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import secrets
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -77,6 +76,7 @@ class WsLoadBalance:
         redis_url: str | None = None,
         instance_id: str | None = None,
         prefix: str | None = None,
+        shards: int | None = None,
         max_message_size: int | None = None,
         send_queue_size: int | None = None,
         queue_full: QueueFullPolicy | None = None,
@@ -96,6 +96,7 @@ class WsLoadBalance:
             "redis_url": redis_url,
             "instance_id": instance_id,
             "prefix": prefix,
+            "shards": shards,
             "max_message_size": max_message_size,
             "send_queue_size": send_queue_size,
             "queue_full": queue_full,
@@ -126,7 +127,7 @@ class WsLoadBalance:
         if "wslb" in app.extensions:
             raise RuntimeError("the app already has a WsLoadBalance")
         self._settings = resolve_settings(self._overrides, app.config)
-        self._local = LocalIndex(Keys(self._settings.prefix))  # none held before serving
+        self._local = LocalIndex(self._names())  # none held before serving
         app.extensions["wslb"] = self
         app.wslb = self  # type: ignore[attr-defined]
         app.asgi_app = WebsocketGuard(  # type: ignore[method-assign]
@@ -152,7 +153,11 @@ class WsLoadBalance:
         """The Redis key and channel names of this cluster (its database's, once serving)."""
         if self._runtime is not None:
             return self._runtime.emitter.keys
-        return Keys(self.settings.prefix)
+        return self._names()
+
+    def _names(self) -> Keys:
+        """The key names of the settings' prefix and shards, on database 0."""
+        return Keys(self.settings.prefix, shards=self.settings.shards)
 
     @property
     def local_connections(self) -> Mapping[str, Connection]:
@@ -265,7 +270,7 @@ class WsLoadBalance:
         redis = self._client or make_client(
             settings.redis_url, timeout, settings.redis_max_connections
         )
-        keys = Keys.of(settings.prefix, redis)
+        keys = Keys.of(settings.prefix, redis, settings.shards)
         instance = settings.instance_id
         registry = Registry(redis, keys)
         transport = await _pick(redis, timeout)
@@ -384,7 +389,7 @@ class WsLoadBalance:
         if accept:
             await websocket.accept()
         return Connection(
-            id=f"{settings.instance_id}:{secrets.token_urlsafe(12)}",
+            id=f"{settings.instance_id}:{self.keys.token(settings.instance_id, name or None)}",
             user=name or None,
             path=websocket.path,
             instance=settings.instance_id,

@@ -16,6 +16,9 @@ Every ``WSLB_HEARTBEAT_INTERVAL`` one bounded tick of :class:`Liveness` does, in
    (a lock taken in a script that first checks the heartbeat again).
 
 Correctness never depends on keyspace notifications (managed Redis often forbids them).
+With several shards (:class:`~quart_wslb.keys.Keys`), an instance beats, probes and is
+listed in every shard, and each shard of a dead instance is reaped on its own: a shard
+is a registry of its own.
 """
 
 from __future__ import annotations
@@ -31,12 +34,12 @@ from redis.asyncio import Redis
 
 from . import signals
 from ._lua import source
-from .contract import LAYOUT, check_layout
+from .contract import check_layout
 from .exceptions import REDIS_FAILURES, WsLoadBalanceError, describe
 from .keys import Keys
 from .local_index import LocalIndex
 from .receiver import Receiver
-from .registry import Registry
+from .registry import Registry, Removal
 from .signal_sender import SignalSender
 
 __all__ = ("FULL_REPAIR_EVERY", "InstanceInfo", "Liveness")
@@ -140,19 +143,25 @@ class Liveness:
         Raises :class:`~quart_wslb.WsLoadBalanceError`, announcing nothing, when the
         prefix holds keys of another layout (another version of quart-wslb).
         """
-        keys = self._keys
+        keys, me = self._keys, self._instance
         record = json.dumps({"started_at": self.started_at})
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.setnx(keys.layout, LAYOUT)  # SET NX GET would need Redis 7
-            pipe.get(keys.layout)
-            _, layout = await pipe.execute()
-            check_layout(keys.prefix, layout)
-            pipe.set(keys.heartbeat(self._instance), "1", px=self._ttl_ms)
-            pipe.hset(keys.instances, self._instance, record)
-            pipe.hlen(keys.records(self._instance))
-            pipe.publish(keys.channel(self._instance), self._receiver.next_probe())
-            _, _, registered, heard = await pipe.execute()
-        return int(registered), int(heard)
+        probe = self._receiver.next_probe()
+        # One transaction with one shard; with several, whose keys are in several slots
+        # of a cluster, one pipeline.
+        async with self._redis.pipeline(transaction=keys.shards == 1) as pipe:
+            for view in keys.views:
+                pipe.setnx(view.layout, keys.layout_value)  # SET NX GET would need Redis 7
+                pipe.get(view.layout)
+            for layout in (await pipe.execute())[1::2]:
+                check_layout(keys.prefix, layout, keys.layout_value)
+            for view in keys.views:
+                pipe.set(view.heartbeat(me), "1", px=self._ttl_ms)
+                pipe.hset(view.instances, me, record)
+                pipe.hlen(view.records(me))
+                pipe.publish(view.channel(me), probe)
+            replies = await pipe.execute()
+        # Deaf if any shard's channel went unheard.
+        return sum(map(int, replies[2::4])), min(map(int, replies[3::4]))
 
     async def resubscribed(self) -> None:
         """After (re)subscribing, maybe to a Redis that lost its data: announce, repair,
@@ -205,12 +214,16 @@ class Liveness:
     async def sweep(self) -> None:
         """Reap every instance whose heartbeat expired; report joins and leaves."""
         alive, dead = await self._census()
-        for instance in dead if self.may_reap() else ():
-            if await self._reap(
-                keys=[self._keys.heartbeat(instance), self._keys.reap_lock(instance)],
-                args=[self._instance, max(self._ttl_ms, 10_000)],
-            ):
-                await self._reap_instance(instance)
+        for instance, shards in dead.items() if self.may_reap() else ():
+            reaped = []
+            for view in shards:
+                if await self._reap(
+                    keys=[view.heartbeat(instance), view.reap_lock(instance)],
+                    args=[self._instance, max(self._ttl_ms, 10_000)],
+                ):
+                    reaped.append(view)
+            if reaped:
+                await self._reap_instance(instance, reaped)
         alive.discard(self._instance)
         for instance in sorted(alive - self._known):
             await self._sender.send(signals.instance_joined, instance=instance)
@@ -218,11 +231,14 @@ class Liveness:
             await self._sender.send(signals.instance_left, instance=instance)
         self._known = alive
 
-    async def _reap_instance(self, instance: str) -> None:
-        removal = await self._registry.unregister_instance(
-            instance, unless_alive=self._keys.heartbeat(instance)
-        )
-        await self.delist(instance)
+    async def _reap_instance(self, instance: str, shards: list[Keys]) -> None:
+        """Reap the ``shards`` of ``instance`` that this instance claimed."""
+        removed, offline = 0, list[str]()
+        for view in shards:
+            removal = await self._registry.unregister_instance(instance, view, unless_alive=True)
+            await self._delist_from(view, instance)
+            removed, offline = removed + removal.removed, offline + removal.offline
+        removal = Removal(removed, offline)
         log.warning("reaped instance %s: %d connections removed", instance, removal.removed)
         await self._sender.send(
             signals.instance_reaped,
@@ -231,48 +247,65 @@ class Liveness:
         )
         await self._sender.presence([], removal.offline)
 
-    async def _census(self) -> tuple[set[str], list[str]]:
-        """(live instance ids, dead ones other than this instance)."""
+    async def _census(self) -> tuple[set[str], dict[str, list[Keys]]]:
+        """(live instance ids, the shards in which each other instance is dead)."""
         listed = await self._read()
-        alive = {info.id for info, up in listed if up}
-        dead = [info.id for info, up in listed if not up and info.id != self._instance]
+        alive = {info.id for _, info, up in listed if up}
+        dead: dict[str, list[Keys]] = {}
+        for view, info, up in listed:
+            if not up and info.id != self._instance:
+                dead.setdefault(info.id, []).append(view)
         return alive, dead
 
     async def instances(self) -> list[InstanceInfo]:
         """Every live instance with its start time and connection count, from Redis."""
-        return [info for info, up in await self._read() if up]
+        found: dict[str, InstanceInfo] = {}
+        for _, info, up in await self._read():
+            if up:
+                had = found.get(info.id)
+                count = info.connections + (had.connections if had else 0)
+                started = had.started_at if had else info.started_at
+                found[info.id] = InstanceInfo(info.id, started, count)
+        return sorted(found.values(), key=lambda info: info.id)
 
-    async def _read(self) -> list[tuple[InstanceInfo, bool]]:
-        """Every listed instance, and whether its heartbeat is alive: two round trips."""
-        records = cast(dict[bytes, bytes], await self._redis.hgetall(self._keys.instances))
-        names = sorted(records)
+    async def _read(self) -> list[tuple[Keys, InstanceInfo, bool]]:
+        """Every instance listed in each shard, and whether its heartbeat there is alive:
+        two round trips."""
+        views = self._keys.views
         async with self._redis.pipeline(transaction=False) as pipe:
-            for name in names:
-                pipe.exists(self._keys.heartbeat(name.decode()))
-                pipe.hlen(self._keys.records(name.decode()))
+            for view in views:
+                pipe.hgetall(view.instances)
+            listed = cast(list[dict[bytes, bytes]], await pipe.execute())
+        pairs = [
+            (view, name, records[name])
+            for view, records in zip(views, listed, strict=True)
+            for name in sorted(records)
+        ]
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for view, name, _ in pairs:
+                pipe.exists(view.heartbeat(name.decode()))
+                pipe.hlen(view.records(name.decode()))
             counts: list[int] = await pipe.execute()
-        listed = []
-        for i, name in enumerate(names):
-            started = _started_at(records[name])
-            info = InstanceInfo(name.decode(), started, int(counts[2 * i + 1]))
-            listed.append((info, bool(counts[2 * i])))
-        return listed
+        found = []
+        for i, (view, name, record) in enumerate(pairs):
+            info = InstanceInfo(name.decode(), _started_at(record), int(counts[2 * i + 1]))
+            found.append((view, info, bool(counts[2 * i])))
+        return found
 
     async def leave(self) -> None:
         """Remove the heartbeat (a graceful stop); :meth:`delist` follows the records."""
-        await self._redis.delete(self._keys.heartbeat(self._instance))
+        await self._redis.delete(*(view.heartbeat(self._instance) for view in self._keys.views))
 
     async def delist(self, instance: str | None = None) -> bool:
-        """Take ``instance`` (default: this one) off the list of instances, if it has no
-        heartbeat and no records left; else it stays listed, for a survivor to reap."""
+        """Take ``instance`` (default: this one) off the list of instances of every
+        shard where it has no heartbeat and no records left; elsewhere it stays listed,
+        for a survivor to reap. Whether it is off every list."""
         name = instance or self._instance
-        keys = self._keys
-        return bool(
-            await self._delist(
-                keys=[keys.instances, keys.heartbeat(name), keys.records(name), keys.layout],
-                args=[name],
-            )
-        )
+        return all([await self._delist_from(view, name) for view in self._keys.views])
+
+    async def _delist_from(self, view: Keys, name: str) -> bool:
+        keys = [view.instances, view.heartbeat(name), view.records(name), view.layout]
+        return bool(await self._delist(keys=keys, args=[name]))
 
 
 def _started_at(record: bytes) -> float:

@@ -145,7 +145,12 @@ class Receiver:
         ``BACKOFF_MAX``, since an instance without a subscriber would accept clients it
         can never deliver to. Either way ``subscriber_lost`` says why.
         """
-        channels = (self._keys.channel(self._instance), self._keys.broadcast)
+        # Each shard routes its own connections' messages (keys.py), on its own channels.
+        channels = [
+            name
+            for keys in self._keys.views
+            for name in (keys.channel(self._instance), keys.broadcast)
+        ]
         delay = BACKOFF_MIN
         while True:
             since: float | None = None
@@ -328,7 +333,7 @@ class Receiver:
         if problem is not None:
             return None, [], [problem]
         if envelope.targets is None:  # sent by its selector: the signed one, resolved here
-            found = self._local.resolve(envelope.sel or [])
+            found = self._local.resolve(envelope.sel or [], envelope.shard)
             return (None, [], ["unreadable selector"]) if found is None else (found, [], [])
         match = verifier.selects(envelope.sel or [])
         if match is None or not envelope.targets:
@@ -360,7 +365,7 @@ class Receiver:
         if signals.message_received.receivers:
             await self._sender.send(signals.message_received, envelope=envelope)
         if connections is None and envelope.targets is None:
-            connections = self._local.resolve(envelope.sel or [])
+            connections = self._local.resolve(envelope.sel or [], envelope.shard)
             if connections is None:
                 log.warning("dropped message %s: unreadable selector", envelope.id)
                 await self._sender.dropped(

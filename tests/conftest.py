@@ -108,8 +108,9 @@ def fixture_prefix(admin_redis_url: str) -> Iterator[str]:
     yield prefix
     client = redis.Redis.from_url(admin_redis_url)
     try:
-        for key in client.scan_iter(match="{" + prefix + "}*", count=1000):
-            client.delete(key)
+        for pattern in ("{" + prefix + "}*", "{" + prefix + "|*"):  # one shard, or several
+            for key in client.scan_iter(match=pattern, count=1000):
+                client.delete(key)
     finally:
         client.close()
 

@@ -61,8 +61,16 @@ def test_acl_commands_called_reads_either_quote_and_refuses_a_variable() -> None
 
 def test_acl_rules_name_the_prefix_for_keys_and_channels() -> None:
     rules = acl_rules("app:v2")
-    assert rules[:5] == ["resetkeys", "resetchannels", "~{app:v2}*", "&{app:v2}*", "-@all"]
-    assert rules[5:] == [f"+{command}" for command in COMMANDS]
+    assert rules[:7] == [
+        "resetkeys",
+        "resetchannels",
+        "~{app:v2}*",
+        "~{app:v2|*",
+        "&{app:v2}*",
+        "&{app:v2|*",
+        "-@all",
+    ]
+    assert rules[7:] == [f"+{command}" for command in COMMANDS]
 
 
 def test_acl_rules_are_the_ones_the_deploy_guide_shows() -> None:

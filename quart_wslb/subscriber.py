@@ -59,10 +59,11 @@ class SubscriptionMovedError(SubscriberClosedError):
     Every message it sent before was read; subscribe again where the slot is now."""
 
 
-#: The kinds of pushes of a subscription: a message, a confirmation, an unsubscription.
-PLAIN = (b"message", b"subscribe", b"unsubscribe")
+#: The kinds of pushes of a subscription: a message, a confirmation, and an
+#: unsubscription that ends it (none for classic channels: Redis never sends one by itself).
+PLAIN: tuple[bytes, bytes, bytes | None] = (b"message", b"subscribe", None)
 #: The same for sharded channels (``SSUBSCRIBE``, Redis 7 and Redis Cluster).
-SHARDED = (b"smessage", b"ssubscribe", b"sunsubscribe")
+SHARDED: tuple[bytes, bytes, bytes | None] = (b"smessage", b"ssubscribe", b"sunsubscribe")
 
 
 class Subscription(Protocol):
@@ -88,7 +89,7 @@ class StreamSubscription:
         self,
         stream: asyncio.StreamReader,
         channels: Sequence[str],
-        kinds: tuple[bytes, bytes, bytes] = PLAIN,
+        kinds: tuple[bytes, bytes, bytes | None] = PLAIN,
     ) -> None:
         self._stream = stream
         self._parser = parser()

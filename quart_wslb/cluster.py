@@ -34,13 +34,12 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterable, Sequence
-from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 from redis.asyncio import BlockingConnectionPool, Connection, Redis
 from redis.asyncio.cluster import RedisCluster
-from redis.asyncio.connection import AbstractConnection
 from redis.crc import key_slot
 from redis.exceptions import (
     AskError,
@@ -51,14 +50,14 @@ from redis.exceptions import (
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from ._compat import check, get_connection, stream_of
+from ._compat import check
 from .config import DEFAULTS
-from .subscriber import SHARDED, StreamSubscription, Subscription
+from .sharded import ShardedSubscriptions
+from .subscriber import Subscription
 from .transport import ClientTransport, SocketTransport, Transport
 
 __all__ = (
     "EVERY_MASTER",
-    "ClusterSubscription",
     "ClusterTransport",
     "ProbeTracker",
     "cluster_client",
@@ -79,9 +78,6 @@ EVERY_MASTER: Final = object()
 RETRY_PAUSE = 0.1
 #: Longest wait for the first complete ``CLUSTER SLOTS`` answer of a refresh.
 REFRESH_TIMEOUT = 2.0
-#: Batches read from the masters' connections and not yet handed out, at most: past it
-#: the readers wait, so a slow consumer backs up into Redis's output buffer as on one Redis.
-MERGE_DEPTH = 64
 #: Commands whose keys follow their key count (``EVALSHA sha numkeys key...``).
 _SCRIPT_CALLS = frozenset({"EVAL", "EVALSHA", "EVAL_RO", "EVALSHA_RO", "FCALL", "FCALL_RO"})
 #: Commands that every master must run (script and function management).
@@ -175,6 +171,8 @@ class ClusterTransport:
         self._known: set[Address] = set()
         self._nodes: dict[Address, tuple[Redis, Transport]] = {}
         self._refreshing: asyncio.Lock | None = None
+        self._refresher: asyncio.Task[None] | None = None
+        self._subscriptions = ShardedSubscriptions(lambda node: self._node(node)[0], self._timeout)
 
     # -- the map of slots ------------------------------------------------------------
 
@@ -299,13 +297,27 @@ class ClusterTransport:
             if todo and loop.time() + RETRY_PAUSE >= deadline:
                 for index in todo:
                     results[index] = attempt.retry[index]
+                todo = []
+            if not todo:
+                if attempt.refresh:  # for the next round trip: this one is answered
+                    self._refresh_soon()
                 break
-            if todo:
-                await asyncio.sleep(RETRY_PAUSE)
-                if attempt.refresh:
-                    with contextlib.suppress(RedisError):
-                        await self.refresh()
+            await asyncio.sleep(RETRY_PAUSE)
+            if attempt.refresh:
+                with contextlib.suppress(RedisError):
+                    await self.refresh()
         return results
+
+    def _refresh_soon(self) -> None:
+        """Read the map again in the background (unless that is under way already)."""
+        if self._refresher is None or self._refresher.done():
+            self._refresher = asyncio.ensure_future(self._refresh_quietly())
+
+    async def _refresh_quietly(self) -> None:
+        try:
+            await self.refresh()
+        except RedisError as error:
+            log.debug("reading the map of slots failed: %r", error)
 
     def _plan(
         self, commands: Sequence[Sequence[Any]], todo: list[int], asking: dict[int, Address]
@@ -408,7 +420,12 @@ class ClusterTransport:
         await asyncio.gather(*(transport.release() for _, transport in self._nodes.values()))
 
     async def aclose(self) -> None:
-        """Close every master's client (the cluster client is the caller's)."""
+        """Close every master's client and parked subscription (the cluster client is
+        the caller's)."""
+        if self._refresher is not None:
+            self._refresher.cancel()
+            await asyncio.gather(self._refresher, return_exceptions=True)
+        await self._subscriptions.aclose()
         nodes, self._nodes = list(self._nodes.values()), {}
         await asyncio.gather(*(redis.aclose() for redis, _ in nodes), return_exceptions=True)
 
@@ -417,12 +434,8 @@ class ClusterTransport:
     @asynccontextmanager
     async def subscribe(self, channels: Sequence[str]) -> AsyncIterator[Subscription]:
         """``SSUBSCRIBE`` to ``channels`` on their masters, after reading the map again
-        (see the module's doc); entered once every channel is confirmed."""
-        if not check().raw:
-            raise RedisConnectionError(
-                "sharded subscriptions need raw reads (hiredis >= 3.2 and redis-py's "
-                "asyncio Connection._reader: see quart_wslb._compat)"
-            )
+        (see the module's doc); entered once every channel is confirmed. The
+        subscription is a :class:`~quart_wslb.sharded.MergedSubscription`."""
         await self.refresh()
         groups: dict[Address, list[str]] = {}
         for channel in channels:
@@ -430,104 +443,8 @@ class ClusterTransport:
             if owner is None:
                 raise RedisConnectionError(f"no master serves the slot of {channel!r}")
             groups.setdefault(owner, []).append(channel)
-        async with AsyncExitStack() as stack:
-            parts = await asyncio.gather(
-                *(stack.enter_async_context(self._sharded(n, c)) for n, c in groups.items())
-            )
-            merged = ClusterSubscription(parts)
-            stack.push_async_callback(merged.aclose)
-            yield merged
-
-    def _sharded(
-        self, node: Address, channels: list[str]
-    ) -> AbstractAsyncContextManager[StreamSubscription]:
-        return _sharded_subscription(self._node(node)[0], channels, self._timeout)
-
-
-@asynccontextmanager
-async def _sharded_subscription(
-    redis: Redis, channels: list[str], timeout: float
-) -> AsyncIterator[StreamSubscription]:
-    """``SSUBSCRIBE`` on a connection of one master's pool, read off its socket: one
-    command per slot, pipelined."""
-    pool = redis.connection_pool
-    connection: AbstractConnection | None = None
-    try:
-        async with asyncio.timeout(timeout):
-            connection = await get_connection(pool)
-            if not connection.is_connected:
-                await connection.connect()  # type: ignore[no-untyped-call]
-        stream = stream_of(connection)
-        if stream is None:
-            raise RedisConnectionError("the subscriber connection has no socket to read")
-        subscription = StreamSubscription(stream, channels, SHARDED)
-        # One SSUBSCRIBE per slot: Redis refuses channels of several slots in one.
-        by_slot: dict[int, list[str]] = {}
-        for channel in channels:
-            by_slot.setdefault(slot_of(channel), []).append(channel)
-        commands = [("SSUBSCRIBE", *same) for same in by_slot.values()]
-        await connection.send_packed_command(
-            connection.pack_commands(commands), check_health=False
-        )
-        await subscription.confirm(timeout)
-        yield subscription
-    finally:
-        if connection is not None:
-            await connection.disconnect(nowait=True)
-            await pool.release(connection)
-
-
-class ClusterSubscription:
-    """The messages of several masters' subscriptions, merged: each master's in order.
-
-    One reader task per master hands its batches over (at most ``MERGE_DEPTH`` waiting).
-    :meth:`read` raises the first loss, once every batch that arrived before it (on any
-    master) was handed out.
-    """
-
-    def __init__(self, parts: Iterable[Subscription]) -> None:
-        self._batches: asyncio.Queue[list[bytes] | Exception] = asyncio.Queue(MERGE_DEPTH)
-        self._readers = [
-            asyncio.ensure_future(self._pump(part)) for part in parts
-        ]  # fmt: skip
-        self._failure: Exception | None = None
-
-    async def _pump(self, part: Subscription) -> None:
-        try:
-            while True:
-                batch = await part.read(1.0)
-                if batch:
-                    await self._batches.put(batch)
-        except Exception as error:  # the loss, after every message before it
-            await self._batches.put(error)
-
-    async def read(self, timeout: float) -> list[bytes]:
-        """The next messages' payloads (every master's that arrived); ``[]`` when none
-        came within ``timeout`` s; the first loss raises once what came before is out."""
-        if self._failure is not None and self._batches.empty():
-            raise self._failure
-        try:
-            async with asyncio.timeout(timeout):
-                items = [await self._batches.get()]
-        except TimeoutError:
-            return []
-        while not self._batches.empty():
-            items.append(self._batches.get_nowait())
-        messages: list[bytes] = []
-        for item in items:
-            if isinstance(item, Exception):
-                self._failure = self._failure or item
-            else:
-                messages += item
-        if not messages and self._failure is not None:
-            raise self._failure
-        return messages
-
-    async def aclose(self) -> None:
-        """Stop the readers (the connections are closed by whoever opened them)."""
-        for reader in self._readers:
-            reader.cancel()
-        await asyncio.gather(*self._readers, return_exceptions=True)
+        async with self._subscriptions.subscribe(groups) as subscription:
+            yield subscription
 
 
 class ProbeTracker:

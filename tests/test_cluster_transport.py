@@ -9,13 +9,11 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import redis
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import MovedError, ResponseError
 
 from quart_wslb.batch import GroupCommit
 from quart_wslb.cluster import (
     EVERY_MASTER,
-    ClusterSubscription,
     ClusterTransport,
     ProbeTracker,
     _redirection,
@@ -112,46 +110,6 @@ def test_probe_tracker_ignores_probes_never_sent() -> None:
     assert tracker.deaf_channels() == ["a"]
     with pytest.raises(ValueError, match="at least 1"):
         ProbeTracker(["a"], missed=0)
-
-
-class ScriptedSubscription:
-    """A subscription that hands out ``batches`` (an exception raises), then waits."""
-
-    def __init__(self, *batches: list[bytes] | Exception) -> None:
-        self._batches = list(batches)
-
-    async def read(self, timeout: float) -> list[bytes]:
-        if not self._batches:
-            await asyncio.sleep(timeout)
-            return []
-        batch = self._batches.pop(0)
-        if isinstance(batch, Exception):
-            raise batch
-        return batch
-
-
-async def test_cluster_subscription_merges_and_raises_after_what_came_first() -> None:
-    lost = RedisConnectionError("node 2 lost")
-    merged = ClusterSubscription(
-        [ScriptedSubscription([b"a1"], [b"a2"]), ScriptedSubscription([b"b1"], lost)]
-    )
-    try:
-        got: list[bytes] = []
-        with pytest.raises(RedisConnectionError, match="node 2 lost"):
-            for _ in range(10):
-                got += await merged.read(SOON)
-        assert sorted(got) == [b"a1", b"a2", b"b1"]
-        assert got.index(b"a1") < got.index(b"a2")
-    finally:
-        await merged.aclose()
-
-
-async def test_cluster_subscription_silence_returns_nothing() -> None:
-    merged = ClusterSubscription([ScriptedSubscription(), ScriptedSubscription()])
-    try:
-        assert await merged.read(QUIET) == []
-    finally:
-        await merged.aclose()
 
 
 # -- on a real cluster ----------------------------------------------------------------
@@ -370,6 +328,9 @@ async def test_cluster_client_and_transport_use_the_url_password() -> None:
         finally:
             await transport.aclose()
             await client.aclose()
-        wrong = ClusterTransport(cluster_client(f"redis://127.0.0.1:{server.port}/0", 3.0))
-        with pytest.raises(Exception, match="(?i)auth"):
-            await wrong.ready()
+        anonymous = cluster_client(f"redis://127.0.0.1:{server.port}/0", 3.0)
+        try:
+            with pytest.raises(Exception, match="(?i)auth"):
+                await ClusterTransport(anonymous).ready()
+        finally:
+            await anonymous.aclose()

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
+import trustme
 from redis.exceptions import MovedError, ResponseError
 
 from quart_wslb.batch import GroupCommit
@@ -22,7 +25,14 @@ from quart_wslb.cluster import (
     route,
     slot_of,
 )
-from quart_wslb.testing import RedisServer, find_redis_server, free_port
+from quart_wslb.redis_client import make_client
+from quart_wslb.testing import (
+    RedisServer,
+    TLSFiles,
+    TLSUnsupportedError,
+    find_redis_server,
+    free_port,
+)
 from tests.topology import RedisClusterSet, redis_version, wait_until
 
 pytestmark = pytest.mark.timeout(60)
@@ -154,8 +164,12 @@ async def read_until(subscription: object, count: int) -> list[bytes]:
 
 
 def cluster_ok(node: redis.Redis) -> bool:
-    """Whether ``node`` says the cluster is ok (redis-py parses CLUSTER INFO, or not)."""
-    info = node.execute_command("CLUSTER INFO")  # type: ignore[no-untyped-call, unused-ignore]
+    """Whether ``node`` says the cluster is ok."""
+    return parsed_ok(node.execute_command("CLUSTER INFO"))  # type: ignore[no-untyped-call, unused-ignore]
+
+
+def parsed_ok(info: Any) -> bool:
+    """Whether a CLUSTER INFO reply says ok (redis-py parses it, or not, by version)."""
     if isinstance(info, dict):
         return str(info.get("cluster_state")) == "ok"
     return b"cluster_state:ok" in info
@@ -334,3 +348,41 @@ async def test_cluster_client_and_transport_use_the_url_password() -> None:
                 await ClusterTransport(anonymous).ready()
         finally:
             await anonymous.aclose()
+
+
+@pytest.mark.integration
+@NEEDS_7
+async def test_cluster_client_and_transport_speak_tls(tmp_path: Path) -> None:
+    """``rediss://`` reaches every connection: map reads, round trips, subscriptions."""
+    ca = trustme.CA()
+    issued = ca.issue_cert("127.0.0.1", "localhost")
+    files = TLSFiles(str(tmp_path / "s.pem"), str(tmp_path / "s.key"), str(tmp_path / "ca.pem"))
+    issued.cert_chain_pems[0].write_to_path(files.cert)
+    issued.private_key_pem.write_to_path(files.key)
+    ca.cert_pem.write_to_path(files.ca)
+    args = ("--cluster-enabled", "yes", "--cluster-port", str(free_port()), "--tls-cluster", "yes")
+    server = RedisServer(tls=files, args=args)
+    try:
+        server.start()
+    except TLSUnsupportedError as error:
+        pytest.skip(f"{error}: install a redis-server built with TLS (Debian's is)")
+    try:
+        node = make_client(server.url, 3.0)  # the slots first: a cluster client needs them
+        try:
+            await node.execute_command("CLUSTER ADDSLOTSRANGE", 0, 16383)
+            async with asyncio.timeout(10):
+                while not parsed_ok(await node.execute_command("CLUSTER INFO")):
+                    await asyncio.sleep(0.05)
+        finally:
+            await node.aclose()
+        client = cluster_client(server.url, 3.0)
+        transport = ClusterTransport(client)
+        try:
+            async with transport.subscribe(["{tls}:ch"]) as subscription:
+                assert await transport.run([["SPUBLISH", "{tls}:ch", b"hi"]]) == [1]
+                assert await read_until(subscription, 1) == [b"hi"]
+        finally:
+            await transport.aclose()
+            await client.aclose()
+    finally:
+        server.close()

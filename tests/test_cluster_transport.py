@@ -369,9 +369,9 @@ async def test_cluster_client_and_transport_speak_tls(tmp_path: Path) -> None:
     try:
         node = make_client(server.url, 3.0)  # the slots first: a cluster client needs them
         try:
-            await node.execute_command("CLUSTER ADDSLOTSRANGE", 0, 16383)
+            await node.execute_command("CLUSTER ADDSLOTSRANGE", 0, 16383)  # type: ignore[no-untyped-call, unused-ignore]
             async with asyncio.timeout(10):
-                while not parsed_ok(await node.execute_command("CLUSTER INFO")):
+                while not parsed_ok(await node.execute_command("CLUSTER INFO")):  # type: ignore[no-untyped-call, unused-ignore]
                     await asyncio.sleep(0.05)
         finally:
             await node.aclose()

@@ -9,9 +9,11 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import hiredis
 import pytest
 import redis
 import trustme
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import MovedError, ResponseError
 
 from quart_wslb.batch import GroupCommit
@@ -227,6 +229,56 @@ async def test_cluster_transport_follows_moved_from_a_stale_map(
     replies = await transport.run([["SET", key, "v"] for key in keys])
     assert replies == [b"OK"] * 3
     assert len({transport.owner(key) for key in keys}) == 3  # the map was read again
+
+
+@pytest.mark.integration
+@NEEDS_7
+async def test_cluster_transport_sends_again_what_could_not_be_written(
+    transport: ClusterTransport,
+) -> None:
+    """A master gone from where the map says (nothing listens): nothing was written, so
+    the command goes again where the map, read again, says."""
+    await transport.ready()
+    key = spread(transport, "gone")[0]
+    transport._owners = [("127.0.0.1", free_port())] * len(transport._owners)
+    assert await transport.run([["SET", key, "v"], ["GET", key]]) == [b"OK", b"v"]
+    assert transport.owner(key) in transport.masters()
+
+
+@pytest.mark.integration
+@NEEDS_7
+async def test_cluster_transport_never_sends_twice_what_may_have_run(
+    transport: ClusterTransport,
+) -> None:
+    """A connection that fails once the command is written: its error is the reply, and
+    the command is not sent again (it may have run)."""
+    received: list[list[bytes]] = []
+
+    async def node(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        parser = hiredis.Reader()
+        while data := await reader.read(65536):
+            parser.feed(data)
+            while (command := parser.gets()) is not False:
+                received.append(command)
+                if command[0].upper() == b"SET":
+                    writer.close()  # read, maybe run: then gone
+                    return
+                # The handshake: HELLO 3 (redis-py 8.2's cluster client), CLIENT SETINFO.
+                hello = b"%2\r\n+server\r\n+redis\r\n+proto\r\n:3\r\n"
+                writer.write(hello if command[0].upper() == b"HELLO" else b"+OK\r\n")
+        writer.close()
+
+    server = await asyncio.start_server(node, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        await transport.ready()
+        transport._owners = [("127.0.0.1", port)] * len(transport._owners)
+        (reply,) = await transport.run([["SET", "{twice}k", "v"]])
+        assert isinstance(reply, RedisConnectionError), (reply, received)
+        assert sum(c[0].upper() == b"SET" for c in received) == 1
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 @pytest.mark.integration

@@ -91,15 +91,14 @@ _FAILURES = (RedisError, OSError, TimeoutError)
 async def is_cluster(target: str | Redis, timeout: float = DEFAULTS["redis_timeout"]) -> bool:
     """Whether ``target`` (a Redis URL, or a client of one node) is a node of a Redis
     Cluster (``INFO cluster`` says ``cluster_enabled:1``). Redis's errors raise."""
-    client = Redis.from_url(target, socket_timeout=timeout, socket_connect_timeout=timeout) \
-        if isinstance(target, str) else target  # fmt: skip
-    try:
+    if not isinstance(target, str):
         async with asyncio.timeout(timeout):
-            info = await client.info("cluster")
+            return bool((await target.info("cluster")).get("cluster_enabled"))
+    client = Redis.from_url(target, socket_timeout=timeout, socket_connect_timeout=timeout)
+    try:
+        return await is_cluster(client, timeout)
     finally:
-        if isinstance(target, str):
-            await client.aclose()
-    return bool(info.get("cluster_enabled"))
+        await client.aclose()
 
 
 def cluster_client(

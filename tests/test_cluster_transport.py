@@ -326,6 +326,9 @@ async def test_cluster_transport_group_commit_loads_its_script_on_every_master(
     for master in cluster_set.masters():
         with master_client(master.port) as node:
             assert node.script_exists(script.sha) == [True]
+    with master_client(cluster_set.masters()[1].port) as node:
+        node.script_flush()  # one master lost it (a restart, a promoted replica)
+    assert [await commit([key], []) for key in keys] == [[key.encode()] for key in keys]
     await commit.aclose()
     await client.aclose()
 

@@ -54,7 +54,7 @@ from ._compat import check
 from .config import DEFAULTS
 from .sharded import ShardedSubscriptions
 from .subscriber import Subscription
-from .transport import ClientTransport, SocketTransport, Transport
+from .transport import ClientTransport, SocketTransport, Transport, pick
 
 __all__ = (
     "EVERY_MASTER",
@@ -534,3 +534,11 @@ def _redirection(reply: Any) -> tuple[str, int | None, Address | None] | None:
 
 def _text(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+async def pick_transport(redis: Redis) -> Transport:
+    """The transport for ``redis``: a :class:`ClusterTransport` for a Redis Cluster
+    client, else what :func:`~quart_wslb.transport.pick` picks."""
+    if isinstance(redis, RedisCluster):
+        return ClusterTransport(redis)
+    return await pick(redis)

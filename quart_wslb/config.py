@@ -54,9 +54,9 @@ DEFAULTS: dict[str, Any] = {
     "redis_url": "redis://127.0.0.1:6379/0",
     "instance_id": None,  # generated per process: host-pid-random
     "prefix": "wslb",
-    # Hash-tag shards the keys are split over: 1 for one Redis; more spread the work
-    # over the masters of a Redis Cluster (docs/redis-schema.md).
-    "shards": 1,
+    # Hash-tag shards the keys are split over (docs/redis-schema.md). None: 1 on one
+    # Redis, keys.CLUSTER_SHARDS on a Redis Cluster, to spread the work over its masters.
+    "shards": None,
     "max_message_size": 1024 * 1024,
     "send_queue_size": 256,
     "queue_full": "close",
@@ -133,7 +133,7 @@ class Settings:
     redis_url: str = field(metadata=URL)
     instance_id: str
     prefix: str
-    shards: int
+    shards: int | None
     max_message_size: int
     send_queue_size: int
     queue_full: QueueFullPolicy
@@ -331,8 +331,11 @@ def validated_prefix(value: object) -> str:
     return value
 
 
-def validated_shards(value: object) -> int:
-    """A count of hash-tag shards: an int from 1 to ``MAX_SHARDS``."""
+def validated_shards(value: object) -> int | None:
+    """A count of hash-tag shards: an int from 1 to ``MAX_SHARDS``, or ``None`` (as fits
+    the Redis: see :meth:`Keys.of <quart_wslb.keys.Keys.of>`)."""
+    if value is None:
+        return None
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SHARDS:
         raise ValueError(f"WSLB_SHARDS must be an int from 1 to {MAX_SHARDS}")
     return value
@@ -368,8 +371,9 @@ class EmitterOptions:
     max_connections: int
     #: Signs every message sent (``WSLB_SECRET``); ``None``: messages go unsigned.
     keyring: Keyring | None = field(metadata=SECRET)
-    #: Hash-tag shards of the keys (``WSLB_SHARDS``): the instances' count.
-    shards: int = 1
+    #: Hash-tag shards of the keys (``WSLB_SHARDS``): the instances' count; ``None``, as
+    #: fits the Redis.
+    shards: int | None = None
 
     def __repr__(self) -> str:
         return _redacted_repr(self)

@@ -19,12 +19,14 @@ import json
 import os
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Self
+from typing import Self, cast
+from urllib.parse import urlsplit
 
 from redis.asyncio import Redis
 
 from ._compat import check
 from ._lua import source
+from .cluster import cluster_client, is_cluster, pick_transport
 from .config import EmitterOptions, default_instance_id, emitter_options, validated_instance_id
 from .contract import NO_INSTANCES, OP_IDS, check_layout
 from .envelope import KINDS, Kind, close_payload, head, pack
@@ -37,11 +39,11 @@ from .exceptions import (
 from .keys import Keys
 from .queries import Reader, Stream
 from .records import ConnectionRecord
-from .redis_client import checked_client, make_client
+from .redis_client import checked_client, clustered, make_client
 from .selectors import AllSelector, Program, Selector
 from .shards import Routed, ShardedSends
 from .signing import canonical
-from .transport import Transport, another, pick
+from .transport import Transport, another
 
 __all__ = ("AsyncEmitter", "Receipt")
 
@@ -137,27 +139,55 @@ class AsyncEmitter:
         if redis is not None:
             checked_client(redis)
         check()  # says, once, what the installed redis-py cannot do fast
-        prefix, timeout = options.prefix, options.timeout
+        self._options = options
         self._owns_client = redis is None
-        self._redis = redis or make_client(options.redis_url, timeout, options.max_connections)
-        self.keys = Keys.of(prefix, self._redis, options.shards)
         #: The id that envelopes from here carry as their origin.
         self.origin = validated_instance_id(origin or "emitter-" + default_instance_id())
-        self.timeout = timeout
+        self.timeout = options.timeout
         #: Raise ``NoInstancesError`` where no instance announced itself under the prefix.
         self.strict = strict
         self._keyring = options.keyring
         self._layout_seen = False
-        self._send = self._redis.register_script(source("send"))
+        # A client made from the URL is told a Redis Cluster's at the first exchange.
+        self._detected = redis is not None
         self._transport = transport
         #: Runs the sends; made at the first, on the transport (picked then, if not given).
         self._sends: ShardedSends | None = None
         self._picking = asyncio.Lock()
-        self._count = self._redis.register_script(source("count"))
-        self._reader = Reader(
-            self._redis, self.keys, timeout, self._redis.register_script(source("match"))
+        self._bind(
+            redis or make_client(options.redis_url, options.timeout, options.max_connections)
         )
-        self._membership = self._redis.register_script(source("membership"))
+
+    def _bind(self, redis: Redis) -> None:
+        """Use ``redis``: its names (a cluster's shards), its scripts (a cluster's
+        publish on sharded channels), its reads."""
+        self._redis = redis
+        self.keys = Keys.of(self._options.prefix, redis, self._options.shards)
+        sharded = clustered(redis)
+        self._send = redis.register_script(source("send", sharded))
+        self._count = redis.register_script(source("count"))
+        self._reader = Reader(
+            redis, self.keys, self.timeout, redis.register_script(source("match"))
+        )
+        self._membership = redis.register_script(source("membership", sharded))
+
+    async def _detect(self) -> None:
+        """Once, for a client made from the URL: a node of a Redis Cluster gets a
+        cluster client instead (Redis out of reach: asked again at the next call)."""
+        options = self._options
+        if urlsplit(options.redis_url).scheme not in ("redis", "rediss"):
+            self._detected = True  # Sentinel names one master: never a cluster
+            return
+        async with redis_deadline(self.timeout, "query"):
+            found = await is_cluster(self._redis, self.timeout)
+        self._detected = True
+        if found:
+            await self._redis.aclose()
+            self._bind(
+                cast(
+                    Redis, cluster_client(options.redis_url, self.timeout, options.max_connections)
+                )
+            )
 
     async def aclose(self) -> None:
         """Give back the connection that sends use, and close the Redis client if this
@@ -320,7 +350,7 @@ class AsyncEmitter:
         shard, the others on transports of the same kind."""
         async with asyncio.timeout(self.timeout), self._picking:
             if self._sends is None:
-                first = self._transport or await pick(self._redis)
+                first = self._transport or await pick_transport(self._redis)
                 transports = [first, *(another(first, self._redis) for _ in self.keys.views[1:])]
                 self._sends = ShardedSends(
                     self.keys, transports, self._send, self.timeout, self.origin
@@ -405,6 +435,8 @@ class AsyncEmitter:
         start beside ours)."""
         if self._layout_seen:
             return
+        if not self._detected:
+            await self._detect()
         async with redis_deadline(self.timeout, "query"):
             async with self._redis.pipeline(transaction=False) as pipe:
                 for view in self.keys.views:

@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 from . import _compat, signals
 from .asgi import ACTIVITY, GOING_AWAY, WebsocketGuard
 from .client_liveness import ClientLiveness
+from .cluster import pick_transport
 from .config import QueueFullPolicy, Settings, UserGetter, resolve_settings
 from .connection import Activity, Connection
 from .emitter import EVERYONE, AsyncEmitter, Receipt, pack_many
@@ -34,11 +35,11 @@ from .local_index import LocalIndex
 from .queries import Stream
 from .receiver import Receiver
 from .records import ConnectionRecord
-from .redis_client import checked_client, make_client
+from .redis_client import checked_client, open_client
 from .registry import Registry
 from .selectors import Selector
 from .signal_sender import SignalSender
-from .transport import Transport, pick
+from .transport import Transport, another
 
 __all__ = ("WsLoadBalance",)
 
@@ -157,7 +158,7 @@ class WsLoadBalance:
 
     def _names(self) -> Keys:
         """The key names of the settings' prefix and shards, on database 0."""
-        return Keys(self.settings.prefix, shards=self.settings.shards)
+        return Keys(self.settings.prefix, shards=self.settings.shards or 1)
 
     @property
     def local_connections(self) -> Mapping[str, Connection]:
@@ -267,10 +268,12 @@ class WsLoadBalance:
         settings = self.settings
         _compat.check()  # says, once, what the installed redis-py cannot do fast
         timeout = settings.redis_timeout
-        redis = self._client or make_client(
+        redis = self._client or await open_client(
             settings.redis_url, timeout, settings.redis_max_connections
         )
         keys = Keys.of(settings.prefix, redis, settings.shards)
+        if keys.shards != self._local.names.shards:  # a cluster's: none held before serving
+            self._local = LocalIndex(keys)
         instance = settings.instance_id
         registry = Registry(redis, keys)
         transport = await _pick(redis, timeout)
@@ -293,6 +296,8 @@ class WsLoadBalance:
             receiver=receiver,
             local=self._local,
             sender=self._sender,
+            transport=None if transport is None else another(transport, redis),
+            timeout=timeout,
         )
         # After Redis comes back (possibly empty), restore our records at once.
         receiver.on_subscribed(liveness.resubscribed)
@@ -347,6 +352,8 @@ class WsLoadBalance:
             log.warning("could not unregister this instance's connections: %r", error)
         self._runtime = None
         await runtime.emitter.aclose()  # the client is runtime.redis, closed next if ours
+        await runtime.liveness.aclose()
+        await runtime.receiver.aclose()
         if runtime.redis is not self._client:
             await runtime.redis.aclose()
 
@@ -434,7 +441,7 @@ async def _pick(redis: Redis, timeout: float) -> Transport | None:
     first reach it."""
     try:
         async with asyncio.timeout(timeout):
-            return await pick(redis)
+            return await pick_transport(redis)
     except REDIS_FAILURES as error:
         log.warning("transport not picked yet (%s); picked when Redis answers", describe(error))
         return None

@@ -51,6 +51,10 @@ __all__ = ("LAYOUT", "Keys", "shard_of")
 SHARD_MARK = "|"
 #: Most shards: each instance subscribes to two channels per shard.
 MAX_SHARDS = 256
+#: Shards on a Redis Cluster unless ``WSLB_SHARDS`` says: enough that every master of a
+#: small cluster holds a fair part of them (hash tags fall on slots at random), few
+#: enough that a send to an index (one script call per shard) stays cheap.
+CLUSTER_SHARDS = 16
 
 
 def shard_of(value: str, shards: int) -> int:
@@ -89,10 +93,14 @@ class Keys:
                 object.__setattr__(other, "_views", self._views)
 
     @classmethod
-    def of(cls, prefix: str, redis: object, shards: int = 1) -> Keys:
-        """The names for ``prefix`` on the database that a Redis client uses."""
+    def of(cls, prefix: str, redis: object, shards: int | None = None) -> Keys:
+        """The names for ``prefix`` on the database that a Redis client uses, over
+        ``shards`` shards; ``None``: one on one Redis, :data:`CLUSTER_SHARDS` on a Redis
+        Cluster (a client without a ``connection_pool``)."""
         pool = getattr(redis, "connection_pool", None)
         options = getattr(pool, "connection_kwargs", {})
+        if shards is None:
+            shards = 1 if pool is not None else CLUSTER_SHARDS
         return cls(prefix, int(options.get("db") or 0), shards)
 
     @property

@@ -27,20 +27,24 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import cast
+from typing import Any
 
 from redis.asyncio import Redis
 
 from . import signals
 from ._lua import source
+from .cluster import pick_transport
 from .contract import check_layout
 from .exceptions import REDIS_FAILURES, WsLoadBalanceError, describe
 from .keys import Keys
 from .local_index import LocalIndex
 from .receiver import Receiver
+from .redis_client import clustered
 from .registry import Registry, Removal
 from .signal_sender import SignalSender
+from .transport import Transport, close
 
 __all__ = ("FULL_REPAIR_EVERY", "InstanceInfo", "Liveness")
 
@@ -77,8 +81,14 @@ class Liveness:
         receiver: Receiver,
         local: LocalIndex,
         sender: SignalSender,
+        transport: Transport | None = None,
+        timeout: float = 0.0,
     ) -> None:
         self._redis = redis
+        #: Redis's timeout (``WSLB_REDIS_TIMEOUT``), on top of a tick's own bound.
+        self._timeout = timeout
+        #: Its own (one caller at a time); picked at the first beat if not given.
+        self._transport = transport
         self._keys = keys
         self._instance = instance
         self._interval = interval
@@ -90,6 +100,7 @@ class Liveness:
         self._reap = redis.register_script(source("reap"))
         self._delist = redis.register_script(source("delist"))
         self._ticks = 0
+        self._layout_seen = False
         #: Whether the groups must still be taken from Redis after a resubscription.
         self._regroup_due = False
         self._known: set[str] = set()
@@ -103,7 +114,9 @@ class Liveness:
         while True:
             started = time.monotonic()
             try:
-                async with asyncio.timeout(max(self._interval, 1.0) * 2):
+                # Room for Redis's own timeout to fire inside a tick: a client cut short
+                # by cancellation would not learn that a cluster's master hangs.
+                async with asyncio.timeout(max(self._interval, 1.0) * 2 + self._timeout):
                     await self.tick()
             except asyncio.CancelledError:
                 raise
@@ -145,23 +158,60 @@ class Liveness:
         """
         keys, me = self._keys, self._instance
         record = json.dumps({"started_at": self.started_at})
-        probe = self._receiver.next_probe()
-        # One transaction with one shard; with several, whose keys are in several slots
-        # of a cluster, one pipeline.
-        async with self._redis.pipeline(transaction=keys.shards == 1) as pipe:
-            for view in keys.views:
-                pipe.setnx(view.layout, keys.layout_value)  # SET NX GET would need Redis 7
-                pipe.get(view.layout)
-            for layout in (await pipe.execute())[1::2]:
-                check_layout(keys.prefix, layout, keys.layout_value)
-            for view in keys.views:
-                pipe.set(view.heartbeat(me), "1", px=self._ttl_ms)
-                pipe.hset(view.instances, me, record)
-                pipe.hlen(view.records(me))
-                pipe.publish(view.channel(me), probe)
-            replies = await pipe.execute()
-        # Deaf if any shard's channel went unheard.
-        return sum(map(int, replies[2::4])), min(map(int, replies[3::4]))
+        layout = [
+            [("SETNX", view.layout, keys.layout_value), ("GET", view.layout)]  # SET NX GET: 7.0
+            for view in keys.views
+        ]
+        if not self._layout_seen:  # the first beat announces nothing before it checked
+            self._check_layouts(await self._run(layout))
+            self._layout_seen = True
+        publish = "SPUBLISH" if clustered(self._redis) else "PUBLISH"
+        probes = self._receiver.next_probes()
+        beat = [
+            [
+                *marker,
+                ("SET", view.heartbeat(me), "1", "PX", self._ttl_ms),
+                ("HSET", view.instances, me, record),
+                ("HLEN", view.records(me)),
+                (publish, view.channel(me), probe),
+            ]
+            for view, probe, marker in zip(keys.views, probes, layout, strict=True)
+        ]
+        replies = await self._run(beat, partial=True)
+        self._check_layouts([r for n, r in enumerate(replies) if n % 6 < 2])
+        # A shard that failed (a cluster's hung master) is as good as deaf: its probe
+        # went unheard, and the subscriber is rebuilt once the map names another master.
+        registered = sum(r for r in replies[4::6] if isinstance(r, int))
+        return registered, min(r if isinstance(r, int) else 0 for r in replies[5::6])
+
+    def _check_layouts(self, replies: list[Any]) -> None:
+        """Check the layout marker that each shard's ``GET`` read (``SETNX``, ``GET``
+        pairs); an error reading one is no verdict."""
+        keys = self._keys
+        for found in replies[1::2]:
+            if not isinstance(found, BaseException):
+                check_layout(keys.prefix, found, keys.layout_value)
+
+    async def _run(
+        self, groups: Iterable[list[tuple[Any, ...]]], *, partial: bool = False
+    ) -> list[Any]:
+        """The replies of the commands, in one round trip on this loop's own transport;
+        the first error raises, or with ``partial`` only if every command failed (the
+        others' errors are their replies). Several shards' keys are in several slots of
+        a cluster: no transaction, and none is needed."""
+        commands = [command for group in groups for command in group]
+        if self._transport is None:
+            self._transport = await pick_transport(self._redis)
+        transport = self._transport
+        try:
+            await transport.ready()
+            replies = await transport.run(commands)
+        finally:
+            await transport.release()
+        failed = [reply for reply in replies if isinstance(reply, BaseException)]
+        if failed and (not partial or len(failed) == len(replies)):
+            raise failed[0]
+        return replies
 
     async def resubscribed(self) -> None:
         """After (re)subscribing, maybe to a Redis that lost its data: announce, repair,
@@ -272,25 +322,25 @@ class Liveness:
         """Every instance listed in each shard, and whether its heartbeat there is alive:
         two round trips."""
         views = self._keys.views
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for view in views:
-                pipe.hgetall(view.instances)
-            listed = cast(list[dict[bytes, bytes]], await pipe.execute())
+        listed = await self._run([("HGETALL", view.instances)] for view in views)
         pairs = [
-            (view, name, records[name])
-            for view, records in zip(views, listed, strict=True)
-            for name in sorted(records)
+            (view, name, record)
+            for view, flat in zip(views, listed, strict=True)
+            for name, record in sorted(_fields(flat).items())
         ]
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for view, name, _ in pairs:
-                pipe.exists(view.heartbeat(name.decode()))
-                pipe.hlen(view.records(name.decode()))
-            counts: list[int] = await pipe.execute()
+        counts = await self._run(
+            [("EXISTS", view.heartbeat(name.decode())), ("HLEN", view.records(name.decode()))]
+            for view, name, _ in pairs
+        )
         found = []
         for i, (view, name, record) in enumerate(pairs):
             info = InstanceInfo(name.decode(), _started_at(record), int(counts[2 * i + 1]))
             found.append((view, info, bool(counts[2 * i])))
         return found
+
+    async def aclose(self) -> None:
+        """Close this loop's own transport (the loop is stopped)."""
+        await close(self._transport)
 
     async def leave(self) -> None:
         """Remove the heartbeat (a graceful stop); :meth:`delist` follows the records."""
@@ -314,3 +364,10 @@ def _started_at(record: bytes) -> float:
         return float(json.loads(record)["started_at"])
     except (ValueError, TypeError, KeyError):
         return 0.0
+
+
+def _fields(reply: Any) -> dict[bytes, bytes]:
+    """An ``HGETALL`` reply as a dict: a flat list (RESP2), or a map (RESP3)."""
+    if isinstance(reply, dict):
+        return reply
+    return dict(zip(reply[::2], reply[1::2], strict=True))

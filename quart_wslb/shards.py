@@ -24,7 +24,7 @@ from .batch import Args, GroupCommit
 from .contract import BROADCAST_REACHED, NO_INSTANCES, OP_IDS
 from .keys import Keys
 from .selectors import Program
-from .transport import Transport
+from .transport import Transport, close
 
 __all__ = ("Routed", "ShardedSends")
 
@@ -76,6 +76,7 @@ class ShardedSends:
         origin: str,
     ) -> None:
         self._keys = keys
+        self._transports = list(transports)
         self._commits = [
             GroupCommit(
                 transport,
@@ -155,9 +156,12 @@ class ShardedSends:
         ]
 
     async def aclose(self) -> None:
-        """Hand every shard's connection back to the pool."""
+        """Hand every shard's connection back to the pool, and close what each shard's
+        transport opened itself."""
         for commit in self._commits:
             await commit.aclose()
+        for transport in self._transports:
+            await close(transport)
 
 
 def _more(keys: Keys, shard: int) -> bytes:

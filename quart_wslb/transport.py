@@ -31,7 +31,7 @@ from ._compat import check, get_connection, stream_of
 from .subscriber import CONFIRM_TIMEOUT, PubSubSubscription, StreamSubscription, Subscription
 from .wire import Exchange
 
-__all__ = ("ClientTransport", "SocketTransport", "Transport", "another", "pick")
+__all__ = ("ClientTransport", "SocketTransport", "Transport", "another", "close", "pick")
 
 log = logging.getLogger("quart_wslb")
 
@@ -170,3 +170,15 @@ def another(transport: Transport, redis: Redis) -> Transport:
     kind: Any = type(transport)
     made: Transport = kind(redis)
     return made
+
+
+async def close(transport: Transport | None) -> None:
+    """Hand back ``transport``'s connection, and close what it opened itself (a
+    :class:`~quart_wslb.cluster.ClusterTransport`'s clients of each master); twice is
+    harmless."""
+    if transport is None:
+        return
+    await transport.release()
+    closer = getattr(transport, "aclose", None)
+    if closer is not None:
+        await closer()

@@ -32,8 +32,8 @@ import redis
 
 from quart_wslb.cluster import ClusterTransport, ProbeTracker, cluster_client, slot_of
 from quart_wslb.sharded import MergedSubscription
-from quart_wslb.testing import RedisServer, find_redis_server
-from tests.topology import RedisClusterSet, redis_version
+from quart_wslb.testing import find_redis_server
+from tests.topology import RedisClusterSet, pid_of, redis_version, reshard, server_of
 
 pytestmark = [
     pytest.mark.integration,
@@ -204,16 +204,6 @@ def pick_channels(transport: ClusterTransport, prefix: str) -> list[str]:
     return list(found.values())
 
 
-def server_of(cluster: RedisClusterSet, port: int) -> RedisServer:
-    return next(server for server in cluster.servers if server.port == port)
-
-
-def pid_of(server: RedisServer) -> int:
-    if server.process is None:
-        raise RuntimeError("the server is not running")
-    return server.process.pid
-
-
 def check(harness: Harness, name: str, fault: float, restored: float | None) -> None:
     """Print the figures; assert the bound and that nothing acknowledged was lost."""
     affected, *others = harness.channels
@@ -289,22 +279,6 @@ async def test_clusterio_sigstop_of_a_channels_master(cluster_set: RedisClusterS
         if owner is not None:
             os.kill(pid_of(server_of(cluster_set, owner[1])), signal.SIGCONT)
     check(harness, "stop", fault, restored)
-
-
-def reshard(slot: int, source: int, target: int, ports: list[int]) -> None:
-    """Move ``slot`` from the master on ``source`` to the one on ``target`` as redis-cli
-    would: IMPORTING, MIGRATING, every key MIGRATEd, then SETSLOT NODE everywhere."""
-    with redis.Redis(port=source) as src, redis.Redis(port=target) as dst:
-        dst_id = dst.execute_command("CLUSTER MYID")
-        dst.execute_command(
-            "CLUSTER SETSLOT", slot, "IMPORTING", src.execute_command("CLUSTER MYID")
-        )
-        src.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", dst_id)
-        while keys := src.execute_command("CLUSTER GETKEYSINSLOT", slot, 100):
-            src.execute_command("MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", *keys)
-        for port in [target, source, *(p for p in ports if p not in (source, target))]:
-            with redis.Redis(port=port) as node:
-                node.execute_command("CLUSTER SETSLOT", slot, "NODE", dst_id)
 
 
 async def test_clusterio_reshard_of_a_channels_slot(cluster_set: RedisClusterSet) -> None:

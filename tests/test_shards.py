@@ -1,44 +1,90 @@
 """Sends over several shards (:mod:`quart_wslb.shards`): which shard gets which call, how
-their replies add up; and end to end with ``WSLB_SHARDS=4``, three Hypercorn processes on
-one real Redis and real WebSocket clients. Every selector, query, membership change,
-disconnect and reap must do what it does with one shard, with each connection's keys in
-its user's shard and every instance listening on every shard's channels."""
+their replies add up; and end to end, three Hypercorn processes and real WebSocket
+clients, on two topologies: one real Redis with ``WSLB_SHARDS=4``, and a loopback Redis
+Cluster of 3 masters and 3 replicas with the cluster's default count of shards. Every
+selector, query, membership change, disconnect and reap must do what it does with one
+shard, with each connection's keys in its user's shard and every instance listening on
+every shard's channels."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import pytest
+import redis
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from websockets.asyncio.client import ClientConnection
 
 from quart_wslb.contract import BROADCAST_REACHED, NO_INSTANCES
 from quart_wslb.emitter import _by_id
-from quart_wslb.keys import Keys, shard_of
+from quart_wslb.keys import CLUSTER_SHARDS, Keys, shard_of
 from quart_wslb.selectors import GroupSelector, UserSelector
 from quart_wslb.shards import Routed, ShardedSends
 from tests.cluster import Clients, Cluster, assert_silent, receive
-from tests.topology import wait_until
+from tests.topology import RedisClusterSet, redis_version, wait_until
 
-pytestmark = [pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.timeout(180)]
 StartCluster = Callable[..., Cluster]
 SHARDS = 4
-USERS = [f"user{n}" for n in range(12)]  # enough names to land in every shard
+USERS = [f"user{n}" for n in range(12)]  # enough names to land in every one of 4 shards
 
 
-async def keys_of(url: str, prefix: str) -> list[str]:
-    async with aioredis.Redis.from_url(url) as client:
+@dataclass
+class Where:
+    """A topology the instances run on: its URL, their count of shards, what else they
+    are told, and an admin client of it."""
+
+    url: str
+    admin_url: str
+    shards: int
+    env: dict[str, str] = field(default_factory=dict)
+    cluster: bool = False
+
+    def admin(self) -> Any:
+        if self.cluster:
+            return RedisCluster.from_url(self.admin_url)
+        return aioredis.Redis.from_url(self.admin_url)
+
+
+@pytest.fixture(name="cluster_set", scope="module")
+def fixture_cluster_set() -> Iterator[RedisClusterSet]:
+    if redis_version() < (7,):
+        pytest.skip(f"Redis Cluster's sharded pub/sub needs Redis 7, not {redis_version()}")
+    with RedisClusterSet().start() as cluster:
+        yield cluster
+
+
+@pytest.fixture(
+    name="where", params=["redis", pytest.param("cluster", marks=pytest.mark.topology)]
+)
+def fixture_where(
+    request: pytest.FixtureRequest, redis_url: str, admin_redis_url: str
+) -> Iterator[Where]:
+    if request.param == "redis":
+        yield Where(redis_url, admin_redis_url, SHARDS, {"WSLB_SHARDS": str(SHARDS)})
+    else:
+        cluster_set = request.getfixturevalue("cluster_set")
+        yield Where(cluster_set.url, cluster_set.url, CLUSTER_SHARDS, cluster=True)
+
+
+async def keys_of(where: Where, prefix: str) -> list[str]:
+    client = where.admin()
+    try:
         found = [k async for k in client.scan_iter(match="{" + prefix + "*", count=1000)]
+    finally:
+        await client.aclose()
     return sorted(k.decode() for k in found)
 
 
 async def start(
-    start_cluster: StartCluster, clients: Clients, **env: str
+    start_cluster: StartCluster, clients: Clients, where: Where, **env: str
 ) -> tuple[Cluster, dict[str, tuple[ClientConnection, str]]]:
     """Three instances; ``USERS`` spread over them, in rooms red and blue."""
-    cluster = start_cluster(3, WSLB_SHARDS=str(SHARDS), **env)
+    cluster = start_cluster(3, url=where.url, **where.env, **env)
     joined = {}
     for n, user in enumerate(USERS):
         joined[user] = await clients.join(cluster[n % 3], user, "red" if n % 2 else "blue")
@@ -112,11 +158,11 @@ def test_routed_adds_up_the_shards_replies() -> None:
 
 @pytest.mark.integration
 async def test_shards_hold_each_connection_in_its_users_shard(
-    start_cluster: StartCluster, clients: Clients, admin_redis_url: str, prefix: str
+    start_cluster: StartCluster, clients: Clients, where: Where, prefix: str
 ) -> None:
-    cluster, joined = await start(start_cluster, clients)
-    keys = Keys(prefix, shards=SHARDS)
-    async with aioredis.Redis.from_url(admin_redis_url) as client:
+    cluster, joined = await start(start_cluster, clients, where)
+    keys = Keys(prefix, shards=where.shards)
+    async with where.admin() as client:
         for user, (_, id) in joined.items():
             instance, _, token = id.partition(":")
             view = keys.of_user(user)
@@ -127,19 +173,19 @@ async def test_shards_hold_each_connection_in_its_users_shard(
                 if other is not view:
                     assert not await client.hexists(other.users, user)
         assert not await client.exists("{" + prefix + "}:users"), "no unsharded keys"
-    found = await keys_of(admin_redis_url, prefix)
+    found = await keys_of(where, prefix)
     roots = {key[: key.index("}") + 1] for key in found}
     assert roots == {view.users[: view.users.index("}") + 1] for view in keys.views}
     await clients.close()
     cluster.stop()
-    assert await keys_of(admin_redis_url, prefix) == [], "a graceful stop leaves no key"
+    assert await keys_of(where, prefix) == [], "a graceful stop leaves no key"
 
 
 @pytest.mark.integration
 async def test_shards_send_every_selector_once(
-    start_cluster: StartCluster, clients: Clients
+    start_cluster: StartCluster, clients: Clients, where: Where
 ) -> None:
-    cluster, joined = await start(start_cluster, clients)
+    cluster, joined = await start(start_cluster, clients, where)
     everyone = [client for client, _ in joined.values()]
     red = [joined[u][0] for n, u in enumerate(USERS) if n % 2]
     assert await cluster[0].call("/join", {"selector": {"meta": {"room": "red"}}, "group": "g"})
@@ -170,9 +216,9 @@ async def test_shards_send_every_selector_once(
 
 @pytest.mark.integration
 async def test_shards_queries_count_and_list_across_shards(
-    start_cluster: StartCluster, clients: Clients
+    start_cluster: StartCluster, clients: Clients, where: Where
 ) -> None:
-    cluster, joined = await start(start_cluster, clients)
+    cluster, joined = await start(start_cluster, clients, where)
     red_users = sorted(u for n, u in enumerate(USERS) if n % 2)
     for selector, users in (
         ({"all": True}, sorted(USERS)),
@@ -193,9 +239,9 @@ async def test_shards_queries_count_and_list_across_shards(
 
 @pytest.mark.integration
 async def test_shards_join_leave_and_disconnect(
-    start_cluster: StartCluster, clients: Clients
+    start_cluster: StartCluster, clients: Clients, where: Where
 ) -> None:
-    cluster, joined = await start(start_cluster, clients)
+    cluster, joined = await start(start_cluster, clients, where)
     members = ["user1", "user2", "user6", "user11"]
     selector = {"or": [{"or": [{"user": "user1"}, {"user": "user2"}]}, {"user": "user6"}]}
     selector = {"or": [selector, {"user": "user11"}]}
@@ -221,16 +267,16 @@ async def test_shards_join_leave_and_disconnect(
 
 @pytest.mark.integration
 async def test_shards_survivors_reap_every_shard_of_a_crashed_instance(
-    start_cluster: StartCluster, clients: Clients, admin_redis_url: str, prefix: str
+    start_cluster: StartCluster, clients: Clients, where: Where, prefix: str
 ) -> None:
     cluster, joined = await start(
-        start_cluster, clients, WSLB_HEARTBEAT_INTERVAL="0.2", WSLB_INSTANCE_TTL="1"
+        start_cluster, clients, where, WSLB_HEARTBEAT_INTERVAL="0.2", WSLB_INSTANCE_TTL="1"
     )
     cluster[2].crash()
-    keys = Keys(prefix, shards=SHARDS)
+    keys = Keys(prefix, shards=where.shards)
 
     async def left() -> list[str]:
-        async with aioredis.Redis.from_url(admin_redis_url) as client:
+        async with where.admin() as client:
             found: list[str] = []
             for view in keys.views:
                 found += [
@@ -255,14 +301,59 @@ async def test_shards_survivors_reap_every_shard_of_a_crashed_instance(
 
 @pytest.mark.integration
 async def test_shards_signed_group_send_arrives_once(
-    start_cluster: StartCluster, clients: Clients
+    start_cluster: StartCluster, clients: Clients, where: Where
 ) -> None:
     """Each shard routes its own copy of a message with the same id and MAC: none may be
     refused as a replay of another shard's."""
-    cluster, joined = await start(start_cluster, clients, WSLB_SECRET="k1:" + "s" * 32)
+    cluster, joined = await start(start_cluster, clients, where, WSLB_SECRET="k1:" + "s" * 32)
     assert await cluster[2].send({"all": True}, "signed") == len(USERS)
     for client, _ in joined.values():
         assert await receive(client) == "signed"
     await assert_silent(*(client for client, _ in joined.values()))
     drops = [await cluster[i].stats() for i in range(3)]
     assert not [k for s in drops for k in s if k.startswith("dropped_")], drops
+
+
+def commandstats(port: int) -> dict[str, int]:
+    """Calls per command of the node on ``port`` since its stats were reset."""
+    with redis.Redis(port=port, socket_timeout=5) as node:
+        stats = node.info("commandstats")
+    return {name.removeprefix("cmdstat_"): int(s["calls"]) for name, s in stats.items()}
+
+
+@pytest.mark.integration
+async def test_shards_spread_the_work_over_the_masters(
+    start_cluster: StartCluster, clients: Clients, cluster_set: RedisClusterSet
+) -> None:
+    """A uniform workload of registrations, joins and user sends: every master of the
+    cluster serves between 1/6 and 2/3 of its commands, and nobody PUBLISHes (a classic
+    publish would cross the cluster bus to every node)."""
+    for server in cluster_set.servers:
+        with redis.Redis(port=server.port) as node:
+            node.config_resetstat()
+    cluster = start_cluster(3, url=cluster_set.url)
+    users = [f"member{n}" for n in range(60)]
+    joined = [await clients.join(cluster[n % 3], user, "red") for n, user in enumerate(users)]
+    for n, user in enumerate(users):
+        assert await cluster[n % 3].call("/join", {"selector": {"user": user}, "group": "g"})
+        assert await cluster[(n + 1) % 3].send({"user": user}, [n]) == 1
+    for n, (client, _) in enumerate(joined):
+        assert await receive(client) == [n]
+    masters = [server.port for server in cluster_set.masters()]
+    calls = {port: commandstats(port) for port in masters}
+    ours = {
+        port: sum(n for name, n in stats.items() if name not in MEASURING)
+        for port, stats in calls.items()
+    }
+    total = sum(ours.values())
+    shares = {port: round(n / total, 3) for port, n in ours.items()}
+    print(f"\ncommands per master: {ours} shares: {shares}")
+    assert all(1 / 6 <= share <= 2 / 3 for share in shares.values()), shares
+    every = [commandstats(server.port) for server in cluster_set.servers]
+    assert not [stats["publish"] for stats in every if "publish" in stats], "a classic PUBLISH"
+    assert sum(stats.get("spublish", 0) for stats in every) > 0, "sharded channels, not none"
+    assert sum(stats.get("evalsha", 0) for stats in calls.values()) >= 3 * len(users)
+
+
+#: Commands of the measurement itself, not of the workload.
+MEASURING = frozenset({"info", "config|resetstat", "config", "cluster|slots", "cluster|nodes"})

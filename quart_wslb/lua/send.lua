@@ -227,7 +227,7 @@ end
 local heard = {}
 for _, channel in ipairs(channels) do
   local bundle = bundles[channel]
-  heard[channel] = redis.call('PUBLISH', channel,
+  heard[channel] = redis.call(PUBLISH, channel,
     '{"v":' .. VERSION .. ',"origin":"' .. origin .. '"' .. extra .. ',"messages":[' ..
     table.concat(bundle.entries, ',') .. ']}\n' .. table.concat(bundle.payloads))
 end

@@ -34,15 +34,18 @@ def _literal(value: str | int) -> str:
 
 
 @cache
-def header() -> str:
-    """The Lua locals of every constant the scripts share with Python."""
+def header(sharded: bool = False) -> str:
+    """The Lua locals of every constant the scripts share with Python, and ``PUBLISH``:
+    the command that publishes on an instance's channels, ``SPUBLISH`` where they are
+    sharded channels (a Redis Cluster), else ``PUBLISH``."""
     lines = ["-- Generated from quart_wslb/contract.py by quart_wslb/_lua.py."]
     lines += [f"local {name} = {_literal(value)}" for name, value in LUA.items()]
+    lines.append(f"local PUBLISH = {_literal('SPUBLISH' if sharded else 'PUBLISH')}")
     return "\n".join(lines) + "\n"
 
 
 @cache
-def source(name: str) -> str:
+def source(name: str, sharded: bool = False) -> str:
     """The text of ``lua/<name>.lua``, after the :func:`header` (and the shared helpers,
     if it reads records)."""
-    return header() + (_read("_common") if name in _SHARED else "") + _read(name)
+    return header(sharded) + (_read("_common") if name in _SHARED else "") + _read(name)

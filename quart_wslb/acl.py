@@ -23,8 +23,11 @@ COMMANDS: tuple[str, ...] = (
     "select", "evalsha", "script|load", "script|exists", "multi", "exec", "info",
     # what URL options make redis-py send
     "ping", "client|setname",
-    # pub/sub
-    "subscribe", "publish",
+    # pub/sub; on a Redis Cluster, sharded channels
+    "subscribe", "publish", "ssubscribe", "spublish",
+    # on a Redis Cluster: the slot map (quart-wslb's and redis-py's), a command after an
+    # ASK redirection, and the command table that redis-py's cluster client reads once
+    "cluster|slots", "asking", "command",
     # strings and keys
     "get", "set", "setnx", "del", "exists", "pexpire",
     # hashes
@@ -40,15 +43,18 @@ def acl_rules(prefix: str = "wslb") -> list[str]:
     """The ACL rules of a user that can run quart-wslb under ``prefix`` and do no more.
 
     ``prefix`` is a ``WSLB_PREFIX``, or a glob of them (``"test-*"``). Keys and channels
-    both start with ``{prefix}`` (channels carry the database after it). Needs Redis 6.2
-    or later (channel rules).
+    both start with ``{prefix}`` (channels carry the database after it), or with
+    ``{prefix|<shard>}`` when ``WSLB_SHARDS`` > 1. Needs Redis 6.2 or later (channel
+    rules).
     """
-    root = "{" + prefix + "}"
+    root, shards = "{" + prefix + "}", "{" + prefix + "|*"
     return [
         "resetkeys",
         "resetchannels",
         f"~{root}*",
+        f"~{shards}",
         f"&{root}*",
+        f"&{shards}",
         "-@all",
         *(f"+{command}" for command in COMMANDS),
     ]

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Literal, cast
 from urllib.parse import parse_qsl, unquote_plus, urlsplit
 
+from .keys import MAX_SHARDS
 from .signing import Keyring
 
 __all__ = (
@@ -53,6 +54,9 @@ DEFAULTS: dict[str, Any] = {
     "redis_url": "redis://127.0.0.1:6379/0",
     "instance_id": None,  # generated per process: host-pid-random
     "prefix": "wslb",
+    # Hash-tag shards the keys are split over (docs/redis-schema.md). None: 1 on one
+    # Redis, keys.CLUSTER_SHARDS on a Redis Cluster, to spread the work over its masters.
+    "shards": None,
     "max_message_size": 1024 * 1024,
     "send_queue_size": 256,
     "queue_full": "close",
@@ -130,6 +134,7 @@ class Settings:
     redis_url: str = field(metadata=URL)
     instance_id: str
     prefix: str
+    shards: int | None
     max_message_size: int
     send_queue_size: int
     queue_full: QueueFullPolicy
@@ -155,6 +160,7 @@ class Settings:
             self.redis_timeout,
             self.redis_max_connections,
             self.secret,
+            self.shards,
         )
 
 
@@ -177,6 +183,7 @@ def default_instance_id() -> str:
 #: ``user`` (a callable) cannot come from the environment.
 _NUMBERS = frozenset(
     {
+        "shards",
         "max_message_size",
         "send_queue_size",
         "redis_timeout",
@@ -261,6 +268,7 @@ def _validated(v: dict[str, Any]) -> Settings:
     validated_url(v["redis_url"])
     validated_instance_id(v["instance_id"])
     validated_prefix(v["prefix"])
+    validated_shards(v["shards"])
     for name in ("max_message_size", "send_queue_size"):
         if isinstance(v[name], bool) or not isinstance(v[name], int) or v[name] < 1:
             raise ValueError(f"WSLB_{name.upper()} must be a positive int")
@@ -324,6 +332,16 @@ def validated_prefix(value: object) -> str:
     return value
 
 
+def validated_shards(value: object) -> int | None:
+    """A count of hash-tag shards: an int from 1 to ``MAX_SHARDS``, or ``None`` (as fits
+    the Redis: see :meth:`Keys.of <quart_wslb.keys.Keys.of>`)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SHARDS:
+        raise ValueError(f"WSLB_SHARDS must be an int from 1 to {MAX_SHARDS}")
+    return value
+
+
 def _validated_seconds(name: str, value: object) -> float:
     """Option ``name``'s positive, finite number of seconds, as a float."""
     if not _seconds(value):
@@ -354,6 +372,9 @@ class EmitterOptions:
     max_connections: int
     #: Signs every message sent (``WSLB_SECRET``); ``None``: messages go unsigned.
     keyring: Keyring | None = field(metadata=SECRET)
+    #: Hash-tag shards of the keys (``WSLB_SHARDS``): the instances' count; ``None``, as
+    #: fits the Redis.
+    shards: int | None = None
 
     def __repr__(self) -> str:
         return _redacted_repr(self)
@@ -366,6 +387,7 @@ def emitter_options(
     timeout: float | None = None,
     max_connections: int | None = None,
     secret: object = None,
+    shards: int | None = None,
     config: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> EmitterOptions:
@@ -373,7 +395,7 @@ def emitter_options(
     :class:`~quart_wslb.Emitter`, the Flask extension), each by the layers argument (not
     ``None``) > ``config`` > environment variable > default, and validated.
 
-    Reads and checks only these five options: an emitter uses no other, so an instance's
+    Reads and checks only these six options: an emitter uses no other, so an instance's
     option that is wrong for it (``WSLB_PING_INTERVAL``...) does not fail an emitter.
     """
 
@@ -388,4 +410,5 @@ def emitter_options(
             layered("redis_max_connections", max_connections)
         ),
         keyring=_keyring(layered("secret", secret)),
+        shards=validated_shards(layered("shards", shards)),
     )

@@ -129,12 +129,23 @@ LUA: dict[str, str | int] = {
 }
 
 
-def check_layout(prefix: str, found: bytes | str | None) -> None:
+def check_layout(prefix: str, found: bytes | str | None, expected: str = LAYOUT) -> None:
     """Raise :class:`~quart_wslb.WsLoadBalanceError` if ``found``, the value of the
-    prefix's layout key, is another version's :data:`LAYOUT` (``None``: not set yet)."""
-    if found is not None and found != LAYOUT.encode():
+    prefix's layout key, is not ``expected`` (``None``: not set yet): keys of another
+    version's :data:`LAYOUT`, or split over another count of shards
+    (:attr:`Keys.layout_value <quart_wslb.keys.Keys.layout_value>`)."""
+    if found is None or found in (expected, expected.encode()):
+        return
+    text = found.decode(errors="replace") if isinstance(found, bytes) else found
+    version, _, shards = text.partition("|")
+    if version == LAYOUT:
         raise WsLoadBalanceError(
-            f"prefix {prefix!r} holds keys of layout {found!r}, written by another "
-            f"version of quart-wslb (this one uses layout {LAYOUT}): give this version a "
-            "prefix of its own"
+            f"prefix {prefix!r} holds keys split over {shards or 1} shard(s), and this "
+            f"instance or emitter uses {expected.partition('|')[2] or 1}: give every "
+            "instance and emitter of a prefix the same WSLB_SHARDS"
         )
+    raise WsLoadBalanceError(
+        f"prefix {prefix!r} holds keys of layout {found!r}, written by another "
+        f"version of quart-wslb (this one uses layout {LAYOUT}): give this version a "
+        "prefix of its own"
+    )

@@ -19,15 +19,16 @@ import json
 import os
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Self
+from typing import Self, cast
+from urllib.parse import urlsplit
 
 from redis.asyncio import Redis
 
 from ._compat import check
 from ._lua import source
-from .batch import Args, GroupCommit
+from .cluster import cluster_client, is_cluster, pick_transport
 from .config import EmitterOptions, default_instance_id, emitter_options, validated_instance_id
-from .contract import BROADCAST_REACHED, NO_INSTANCES, OP_IDS, check_layout
+from .contract import NO_INSTANCES, OP_IDS, check_layout
 from .envelope import KINDS, Kind, close_payload, head, pack
 from .exceptions import (
     REDIS_FAILURES,
@@ -38,10 +39,11 @@ from .exceptions import (
 from .keys import Keys
 from .queries import Reader, Stream
 from .records import ConnectionRecord
-from .redis_client import checked_client, make_client
+from .redis_client import checked_client, clustered, make_client
 from .selectors import AllSelector, Program, Selector
+from .shards import Routed, ShardedSends
 from .signing import canonical
-from .transport import Transport, pick
+from .transport import Transport, another
 
 __all__ = ("AsyncEmitter", "Receipt")
 
@@ -137,29 +139,55 @@ class AsyncEmitter:
         if redis is not None:
             checked_client(redis)
         check()  # says, once, what the installed redis-py cannot do fast
-        prefix, timeout = options.prefix, options.timeout
+        self._options = options
         self._owns_client = redis is None
-        self._redis = redis or make_client(options.redis_url, timeout, options.max_connections)
-        self.keys = Keys.of(prefix, self._redis)
         #: The id that envelopes from here carry as their origin.
         self.origin = validated_instance_id(origin or "emitter-" + default_instance_id())
-        self.timeout = timeout
+        self.timeout = options.timeout
         #: Raise ``NoInstancesError`` where no instance announced itself under the prefix.
         self.strict = strict
         self._keyring = options.keyring
         self._layout_seen = False
-        # Encoded once: redis-py would encode these on every call of the hot path.
-        self._fixed_keys = [k.encode() for k in (self.keys.users, self.keys.instances)]
-        self._send = self._redis.register_script(source("send"))
+        # A client made from the URL is told a Redis Cluster's at the first exchange.
+        self._detected = redis is not None
         self._transport = transport
         #: Runs the sends; made at the first, on the transport (picked then, if not given).
-        self._sends: GroupCommit | None = None
+        self._sends: ShardedSends | None = None
         self._picking = asyncio.Lock()
-        self._count = self._redis.register_script(source("count"))
-        self._reader = Reader(
-            self._redis, self.keys, timeout, self._redis.register_script(source("match"))
+        self._bind(
+            redis or make_client(options.redis_url, options.timeout, options.max_connections)
         )
-        self._membership = self._redis.register_script(source("membership"))
+
+    def _bind(self, redis: Redis) -> None:
+        """Use ``redis``: its names (a cluster's shards), its scripts (a cluster's
+        publish on sharded channels), its reads."""
+        self._redis = redis
+        self.keys = Keys.of(self._options.prefix, redis, self._options.shards)
+        sharded = clustered(redis)
+        self._send = redis.register_script(source("send", sharded))
+        self._count = redis.register_script(source("count"))
+        self._reader = Reader(
+            redis, self.keys, self.timeout, redis.register_script(source("match"))
+        )
+        self._membership = redis.register_script(source("membership", sharded))
+
+    async def _detect(self) -> None:
+        """Once, for a client made from the URL: a node of a Redis Cluster gets a
+        cluster client instead (Redis out of reach: asked again at the next call)."""
+        options = self._options
+        if urlsplit(options.redis_url).scheme not in ("redis", "rediss"):
+            self._detected = True  # Sentinel names one master: never a cluster
+            return
+        async with redis_deadline(self.timeout, "query"):
+            found = await is_cluster(self._redis, self.timeout)
+        self._detected = True
+        if found:
+            await self._redis.aclose()
+            self._bind(
+                cast(
+                    Redis, cluster_client(options.redis_url, self.timeout, options.max_connections)
+                )
+            )
 
     async def aclose(self) -> None:
         """Give back the connection that sends use, and close the Redis client if this
@@ -232,16 +260,15 @@ class AsyncEmitter:
         if not messages:
             return []
         ids: list[str] = []
-        calls: list[Args] = []
+        sends: list[tuple[Program, list[bytes | str], bool]] = []
         for selector, kind, payload in messages:
             message_id = os.urandom(8).hex()
             program = selector.compile(self.keys)
             fragment = self._fragment(message_id, kind, payload, program)
             ids.append(message_id)
-            args: list[bytes | str] = [message_id, kind, payload, fragment, *program.ops]
-            calls.append((program.keys, args, _heavy(program)))
+            sends.append((program, [message_id, kind, payload, fragment], _heavy(program)))
         try:
-            replies = await (self._sends or await self._first_sends()).many(calls)
+            replies = await (self._sends or await self._first_sends()).many(sends)
         except REDIS_FAILURES as error:
             raise ours(error, "send") from error
         receipts = []
@@ -250,7 +277,7 @@ class AsyncEmitter:
                 if isinstance(reply, REDIS_FAILURES):
                     raise ours(reply, "send") from reply
                 raise reply
-            receipts.append(self._indexed_receipt(message_id, self._checked(reply)))
+            receipts.append(self._receipt(message_id, self._checked(reply)))
         return receipts
 
     async def disconnect(self, selector: Selector, code: int = 1000, reason: str = "") -> int:
@@ -278,19 +305,18 @@ class AsyncEmitter:
             return await self._first_publish(selector, kind, payload)
         message_id = os.urandom(8).hex()
         if selector.indexed:
-            reply = await self._publish_program(
+            routed = await self._publish_program(
                 message_id, selector.compile(self.keys), kind, payload
             )
-            return self._indexed_receipt(message_id, reply)
+            return self._receipt(message_id, routed)
         # Pages of matches, by id: an instance may own connections on several pages.
-        total, owners, missed = 0, set[str](), set[str]()
+        total = Routed(nobody=False)
         async for ids in self._matching_ids(selector):
-            reply = await self._publish_program(message_id, _by_id(ids), kind, payload)
-            reached = reply[1]
-            total += reply[0]
-            owners.update(_names(reply[2 : 2 + reached]))
-            missed.update(_names(reply[2 + reached :]))
-        return Receipt(message_id, total, len(owners), tuple(sorted(missed)))
+            routed = await self._publish_program(message_id, _by_id(ids), kind, payload)
+            total.routed += routed.routed
+            total.reached |= routed.reached
+            total.unheard |= routed.unheard
+        return self._receipt(message_id, total)
 
     async def _first_publish(self, selector: Selector, kind: Kind, payload: bytes) -> Receipt:
         """:meth:`_publish` for a call made before the layout marker was read: it reads
@@ -306,51 +332,42 @@ class AsyncEmitter:
 
     async def _publish_program(
         self, message_id: str, program: Program, kind: Kind, payload: bytes
-    ) -> list[Any]:
-        """send.lua's reply for one send: connections routed, how many instances were
-        reached (-1 for a broadcast, then how many heard it), their ids, then the
-        owners nobody heard. No instance ever announced itself: ``[0, 0]``."""
+    ) -> Routed:
+        """What one send did (send.lua's replies, over the shards it went to); nothing
+        when no instance ever announced itself."""
         fragment = self._fragment(message_id, kind, payload, program)
         try:  # GroupCommit bounds every round trip in time
-            reply: list[Any] = await (self._sends or await self._first_sends())(
-                program.keys,
-                [message_id, kind, payload, fragment, *program.ops],
-                alone=_heavy(program),
+            routed = await (self._sends or await self._first_sends()).send(
+                program, [message_id, kind, payload, fragment], _heavy(program)
             )
         except REDIS_FAILURES as error:  # not redis_errors(): this is the hot path
             raise ours(error, "send") from error
-        return self._checked(reply)
+        return self._checked(routed)
 
-    async def _first_sends(self) -> GroupCommit:
-        """The group commit of sends, made at the first (concurrent first sends wait for
-        it), on the transport given or picked now, within ``timeout``."""
+    async def _first_sends(self) -> ShardedSends:
+        """The group commits of sends, made at the first (concurrent first sends wait for
+        them), on the transport given or picked now, within ``timeout``: one for each
+        shard, the others on transports of the same kind."""
         async with asyncio.timeout(self.timeout), self._picking:
             if self._sends is None:
-                transport = self._transport or await pick(self._redis)
-                self._sends = GroupCommit(
-                    transport,
-                    self._send,
-                    self.timeout,
-                    keys=self._fixed_keys,
-                    args=[self.keys.channel_base.encode(), self.origin.encode()],
+                first = self._transport or await pick_transport(self._redis)
+                transports = [first, *(another(first, self._redis) for _ in self.keys.views[1:])]
+                self._sends = ShardedSends(
+                    self.keys, transports, self._send, self.timeout, self.origin
                 )
             return self._sends
 
-    def _checked(self, reply: list[Any]) -> list[Any]:
-        """send.lua's reply, or ``[0, 0]`` (or ``NoInstancesError`` if strict) when no
-        instance ever announced itself."""
-        if reply[0] == NO_INSTANCES:
+    def _checked(self, routed: Routed) -> Routed:
+        """``routed``, or ``NoInstancesError`` if strict when no instance ever announced
+        itself."""
+        if routed.nobody:
             self._no_instances()
-            return [0, 0]
-        return reply
+        return routed
 
     @staticmethod
-    def _indexed_receipt(message_id: str, reply: list[Any]) -> Receipt:
-        """The :class:`Receipt` of a built-in selector's send, from send.lua's reply."""
-        routed, reached = reply[0], reply[1]
-        if reached == BROADCAST_REACHED:  # a broadcast: how many instances heard it follows
-            return Receipt(message_id, routed, reply[2], ())
-        return Receipt(message_id, routed, reached, _names(reply[2 + reached :]))
+    def _receipt(message_id: str, routed: Routed) -> Receipt:
+        """The :class:`Receipt` of a send."""
+        return Receipt(message_id, routed.routed, routed.instances, tuple(sorted(routed.unheard)))
 
     def _fragment(self, message_id: str, kind: Kind, payload: bytes, program: Program) -> bytes:
         """What opens the message's entries (``send.lua``): its signature with a
@@ -367,10 +384,6 @@ class AsyncEmitter:
         if self._keyring is None:
             return b""
         return self._keyring.fragment(self.origin, message_id, kind, payload, canonical(program))
-
-    def _script_keys(self, program: Program) -> list[Any]:
-        """``KEYS`` of count.lua and match.lua: two fixed ones, then the program's."""
-        return [*self._fixed_keys, *program.keys]
 
     async def resolve(self, selector: Selector) -> dict[str, list[str]]:
         """``{instance id: [connection ids]}`` for every connection ``selector`` matches."""
@@ -393,11 +406,20 @@ class AsyncEmitter:
             return sum([len(ids) async for ids in self._matching_ids(selector)])
         async with redis_deadline(self.timeout, "count"):  # one deadline, marker included
             await self._check_layout()
-            count = int(await self._count(keys=self._script_keys(program), args=program.ops))
-        if count == NO_INSTANCES:
+            counts = await self._count_shards(program)
+        if all(count == NO_INSTANCES for count in counts):
             self._no_instances()
             return 0
-        return count
+        return sum(count for count in counts if count != NO_INSTANCES)
+
+    async def _count_shards(self, program: Program) -> list[int]:
+        """count.lua's count of one operand in each shard that may hold a match."""
+        calls = []
+        for shard in program.shards(self.keys.shards):
+            view = self.keys.view(shard)
+            keys = [view.users, view.instances, *(view.move(k) for k in program.keys)]
+            calls.append(self._count(keys=keys, args=program.ops))
+        return [int(count) for count in await asyncio.gather(*calls)]
 
     def _no_instances(self) -> None:
         """Nobody announced itself under the prefix: an error for a strict emitter."""
@@ -413,8 +435,15 @@ class AsyncEmitter:
         start beside ours)."""
         if self._layout_seen:
             return
+        if not self._detected:
+            await self._detect()
         async with redis_deadline(self.timeout, "query"):
-            check_layout(self.keys.prefix, await self._redis.get(self.keys.layout))
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for view in self.keys.views:
+                    pipe.get(view.layout)
+                found = await pipe.execute()
+        for layout in found:
+            check_layout(self.keys.prefix, layout, self.keys.layout_value)
         self._layout_seen = True
 
     async def _check_instances(self) -> bool:
@@ -468,19 +497,21 @@ class AsyncEmitter:
         # Signed with the selector's program, or a page's ids for a custom selector; an
         # id per page, since an instance may own connections on several pages and
         # would refuse a second copy of one signed message as a replay.
+        # So is each shard's part of a page (each shard's script call tells its owners).
         program = selector.compile(self.keys) if selector.indexed else None
         changed = 0
-        async for ids in self._matching_ids(selector):
-            message_id = os.urandom(8).hex()
-            signature = self._sign(message_id, action, payload, program or _by_id(ids))
-            start = head(message_id, self.origin, action, signature)
-            async with redis_deadline(self.timeout, action):
-                changed += int(
-                    await self._membership(
-                        keys=[self.keys.users, self.keys.group(group)],
-                        args=[action, group, self.keys.channel(""), start, *ids],
+        async for page in self._matching_ids(selector):
+            for view, ids in self.keys.split(page):
+                message_id = os.urandom(8).hex()
+                signature = self._sign(message_id, action, payload, program or _by_id(ids))
+                start = head(message_id, self.origin, action, signature)
+                async with redis_deadline(self.timeout, action):
+                    changed += int(
+                        await self._membership(
+                            keys=[view.users, view.group(group)],
+                            args=[action, group, view.channel(""), start, *ids],
+                        )
                     )
-                )
         return changed
 
     async def _matching_ids(self, selector: Selector) -> AsyncIterator[list[str]]:
@@ -524,10 +555,6 @@ def _check_payload(kind: object, payload: bytes) -> None:
             payload.decode("utf-8")
         except (UnicodeDecodeError, AttributeError) as error:
             raise ValueError(f"a {kind} payload must be UTF-8 bytes") from error
-
-
-def _names(raw: list[bytes]) -> tuple[str, ...]:
-    return tuple([name.decode() for name in raw]) if raw else ()
 
 
 def _check(selector: object) -> None:

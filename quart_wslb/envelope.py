@@ -88,6 +88,10 @@ class Envelope:
     ts: int | None = None
     sel: list[str] | None = None
     sig: str | None = None
+    #: With several shards (:class:`~quart_wslb.keys.Keys`), the shard whose script
+    #: call routed it (header field ``sh``): ``sel`` selects among that shard's
+    #: connections only, since every shard routes its own.
+    shard: int | None = None
 
     @property
     def payload(self) -> bytes:
@@ -119,6 +123,7 @@ class _HeaderSchema(Schema):
 
     v = fields.Integer(required=True, strict=True, validate=validate.Equal(VERSION))
     origin = fields.String(required=True, validate=validate.Length(min=1, max=200))
+    sh = fields.Integer(strict=True, validate=validate.Range(min=0))
     messages = fields.List(
         fields.Nested(_MessageSchema), required=True, validate=validate.Length(min=1)
     )
@@ -146,7 +151,10 @@ def quick_header(header: bytes) -> dict[str, Any] | None:
         data, end = _DECODER.raw_decode(text)
     except (ValueError, RecursionError):  # ValueError covers Unicode and JSON errors
         return None
-    if end != len(text) or type(data) is not dict or len(data) != 3:
+    if end != len(text) or type(data) is not dict or len(data) != 3 + ("sh" in data):
+        return None
+    shard = data.get("sh", 0)
+    if type(shard) is not int or shard < 0:
         return None
     version, origin, messages = data.get("v"), data.get("origin"), data.get("messages")
     if (
@@ -278,7 +286,7 @@ def decode(raw: bytes) -> list[Envelope]:
     messages: list[dict[str, Any]] = data["messages"]
     if sum(m["size"] for m in messages) != len(body):
         raise EnvelopeError("the sizes in the header do not add up to the payloads")
-    origin, start, envelopes = data["origin"], 0, []
+    origin, shard, start, envelopes = data["origin"], data.get("sh"), 0, []
     for message in messages:
         end = start + message["size"]
         payload = body[start:end]
@@ -298,10 +306,17 @@ def decode(raw: bytes) -> list[Envelope]:
                 get("ts"),  # the schema lets ts and sel lack: Verifier says so
                 get("sel"),
                 message["sig"],
+                shard,
             )
         else:
             envelope = Envelope(
-                message["id"], origin, message["kind"], get("targets"), frame, sel=get("sel")
+                message["id"],
+                origin,
+                message["kind"],
+                get("targets"),
+                frame,
+                sel=get("sel"),
+                shard=shard,
             )
         envelopes.append(envelope)
     return envelopes

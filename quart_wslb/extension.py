@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import secrets
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from redis.asyncio import Redis
 from . import _compat, signals
 from .asgi import ACTIVITY, GOING_AWAY, WebsocketGuard
 from .client_liveness import ClientLiveness
+from .cluster import pick_transport
 from .config import QueueFullPolicy, Settings, UserGetter, resolve_settings
 from .connection import Activity, Connection
 from .emitter import EVERYONE, AsyncEmitter, Receipt, pack_many
@@ -35,11 +35,11 @@ from .local_index import LocalIndex
 from .queries import Stream
 from .receiver import Receiver
 from .records import ConnectionRecord
-from .redis_client import checked_client, make_client
+from .redis_client import checked_client, open_client
 from .registry import Registry
 from .selectors import Selector
 from .signal_sender import SignalSender
-from .transport import Transport, pick
+from .transport import Transport, another
 
 __all__ = ("WsLoadBalance",)
 
@@ -77,6 +77,7 @@ class WsLoadBalance:
         redis_url: str | None = None,
         instance_id: str | None = None,
         prefix: str | None = None,
+        shards: int | None = None,
         max_message_size: int | None = None,
         send_queue_size: int | None = None,
         queue_full: QueueFullPolicy | None = None,
@@ -96,6 +97,7 @@ class WsLoadBalance:
             "redis_url": redis_url,
             "instance_id": instance_id,
             "prefix": prefix,
+            "shards": shards,
             "max_message_size": max_message_size,
             "send_queue_size": send_queue_size,
             "queue_full": queue_full,
@@ -126,7 +128,7 @@ class WsLoadBalance:
         if "wslb" in app.extensions:
             raise RuntimeError("the app already has a WsLoadBalance")
         self._settings = resolve_settings(self._overrides, app.config)
-        self._local = LocalIndex(Keys(self._settings.prefix))  # none held before serving
+        self._local = LocalIndex(self._names())  # none held before serving
         app.extensions["wslb"] = self
         app.wslb = self  # type: ignore[attr-defined]
         app.asgi_app = WebsocketGuard(  # type: ignore[method-assign]
@@ -152,7 +154,11 @@ class WsLoadBalance:
         """The Redis key and channel names of this cluster (its database's, once serving)."""
         if self._runtime is not None:
             return self._runtime.emitter.keys
-        return Keys(self.settings.prefix)
+        return self._names()
+
+    def _names(self) -> Keys:
+        """The key names of the settings' prefix and shards, on database 0."""
+        return Keys(self.settings.prefix, shards=self.settings.shards or 1)
 
     @property
     def local_connections(self) -> Mapping[str, Connection]:
@@ -262,10 +268,12 @@ class WsLoadBalance:
         settings = self.settings
         _compat.check()  # says, once, what the installed redis-py cannot do fast
         timeout = settings.redis_timeout
-        redis = self._client or make_client(
+        redis = self._client or await open_client(
             settings.redis_url, timeout, settings.redis_max_connections
         )
-        keys = Keys.of(settings.prefix, redis)
+        keys = Keys.of(settings.prefix, redis, settings.shards)
+        if keys.shards != self._local.names.shards:  # a cluster's: none held before serving
+            self._local = LocalIndex(keys)
         instance = settings.instance_id
         registry = Registry(redis, keys)
         transport = await _pick(redis, timeout)
@@ -288,6 +296,8 @@ class WsLoadBalance:
             receiver=receiver,
             local=self._local,
             sender=self._sender,
+            transport=None if transport is None else another(transport, redis),
+            timeout=timeout,
         )
         # After Redis comes back (possibly empty), restore our records at once.
         receiver.on_subscribed(liveness.resubscribed)
@@ -342,6 +352,8 @@ class WsLoadBalance:
             log.warning("could not unregister this instance's connections: %r", error)
         self._runtime = None
         await runtime.emitter.aclose()  # the client is runtime.redis, closed next if ours
+        await runtime.liveness.aclose()
+        await runtime.receiver.aclose()
         if runtime.redis is not self._client:
             await runtime.redis.aclose()
 
@@ -384,7 +396,7 @@ class WsLoadBalance:
         if accept:
             await websocket.accept()
         return Connection(
-            id=f"{settings.instance_id}:{secrets.token_urlsafe(12)}",
+            id=f"{settings.instance_id}:{self.keys.token(settings.instance_id, name or None)}",
             user=name or None,
             path=websocket.path,
             instance=settings.instance_id,
@@ -429,7 +441,7 @@ async def _pick(redis: Redis, timeout: float) -> Transport | None:
     first reach it."""
     try:
         async with asyncio.timeout(timeout):
-            return await pick(redis)
+            return await pick_transport(redis)
     except REDIS_FAILURES as error:
         log.warning("transport not picked yet (%s); picked when Redis answers", describe(error))
         return None

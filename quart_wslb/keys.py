@@ -1,7 +1,15 @@
 """The Redis key and channel names, all under one prefix.
 
-Registry keys share the hash tag ``{prefix}`` so that one Lua script can read and write
-them atomically, on one Redis Cluster slot. Each user-supplied value is the *last*
+Registry keys share a hash tag, ``{prefix}``, so that one Lua script can read and write
+them atomically, on one Redis Cluster slot. With ``shards`` > 1 (Redis Cluster), the
+keys are split over that many hash tags, ``{prefix|0}`` to ``{prefix|<shards - 1>}``
+(no prefix has a ``|``): each **shard** is a whole registry of its own, and each
+connection lives in exactly one, its user's (a user's connections share a shard), or
+its id's for a connection without a user. Every instance takes part in every shard (a
+heartbeat, a channel), so each script still reads and writes one slot, atomically, and
+an operation on one connection or one user stays one script call; an operation on an
+index (a group, a path, a metadata pair) or on everyone is one call per shard, and its
+results add up. :meth:`Keys.views` gives each shard's names. Each user-supplied value is the *last*
 component of its key and the component before it is a fixed word, so no value can
 collide with another kind of key; metadata keys carry the length of the metadata name
 (in UTF-8 bytes, as Lua counts) so that ``a=b:c`` and ``a:b=c`` stay apart. Values are
@@ -12,7 +20,10 @@ the Lua scripts' (which rebuild some of these names from a record, ``lua/_common
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import secrets
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from .contract import (
     LAYOUT,
@@ -33,7 +44,23 @@ from .contract import (
 )
 
 #: ``LAYOUT`` is :data:`quart_wslb.contract.LAYOUT`, here too for older imports.
-__all__ = ("LAYOUT", "Keys")
+__all__ = ("LAYOUT", "Keys", "shard_of")
+
+#: The character between the prefix and a shard's number in a sharded hash tag: no
+#: prefix contains it, so no shard's keys can be another prefix's.
+SHARD_MARK = "|"
+#: Most shards: each instance subscribes to two channels per shard.
+MAX_SHARDS = 256
+#: Shards on a Redis Cluster unless ``WSLB_SHARDS`` says: enough that every master of a
+#: small cluster holds a fair part of them (hash tags fall on slots at random), few
+#: enough that a send to an index (one script call per shard) stays cheap.
+CLUSTER_SHARDS = 16
+
+
+def shard_of(value: str, shards: int) -> int:
+    """The shard of a user name or a connection id, of ``shards`` (CRC-32, stable
+    across processes and versions)."""
+    return zlib.crc32(value.encode()) % shards if shards > 1 else 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,17 +74,90 @@ class Keys:
 
     prefix: str
     db: int = 0
+    #: How many shards the keys are split over (the same for every instance and
+    #: emitter of a prefix: the layout marker records it).
+    shards: int = 1
+    #: The shard whose names this view builds (see :meth:`views`).
+    shard: int = 0
+    _views: tuple[Keys, ...] = field(default=(), compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.shards <= MAX_SHARDS or not 0 <= self.shard < self.shards:
+            raise ValueError(f"shard {self.shard} of {self.shards} (1-{MAX_SHARDS} shards)")
+        if not self._views and self.shard == 0:
+            others = [
+                Keys(self.prefix, self.db, self.shards, n, (self,)) for n in range(1, self.shards)
+            ]
+            object.__setattr__(self, "_views", (self, *others))
+            for other in others:
+                object.__setattr__(other, "_views", self._views)
 
     @classmethod
-    def of(cls, prefix: str, redis: object) -> Keys:
-        """The names for ``prefix`` on the database that a Redis client uses."""
+    def of(cls, prefix: str, redis: object, shards: int | None = None) -> Keys:
+        """The names for ``prefix`` on the database that a Redis client uses, over
+        ``shards`` shards; ``None``: one on one Redis, :data:`CLUSTER_SHARDS` on a Redis
+        Cluster (a client without a ``connection_pool``)."""
         pool = getattr(redis, "connection_pool", None)
         options = getattr(pool, "connection_kwargs", {})
-        return cls(prefix, int(options.get("db") or 0))
+        if shards is None:
+            shards = 1 if pool is not None else CLUSTER_SHARDS
+        return cls(prefix, int(options.get("db") or 0), shards)
+
+    @property
+    def views(self) -> tuple[Keys, ...]:
+        """The names of every shard, in order (just this one when there is one shard)."""
+        return self._views
+
+    def view(self, shard: int) -> Keys:
+        """The names of shard ``shard``."""
+        return self._views[shard]
+
+    def of_user(self, user: str) -> Keys:
+        """The names of the shard that holds ``user``'s connections."""
+        return self._views[shard_of(user, self.shards)]
+
+    def of_connection(self, id: str) -> Keys:
+        """The names of the shard that holds connection ``id`` (:meth:`token` placed a
+        user's connections in the user's shard)."""
+        return self._views[shard_of(id, self.shards)]
+
+    def split(self, ids: Sequence[str]) -> list[tuple[Keys, list[str]]]:
+        """``ids`` (connection ids) by the shard that holds each, the shards in order."""
+        if self.shards == 1:
+            return [(self, list(ids))]
+        found: dict[int, list[str]] = {}
+        for id in ids:
+            found.setdefault(shard_of(id, self.shards), []).append(id)
+        return [(self._views[n], found[n]) for n in sorted(found)]
+
+    def token(self, instance: str, user: str | None) -> str:
+        """A new connection token for ``instance`` whose id, ``<instance>:<token>``,
+        falls in the shard of ``user`` (any shard for none): random tokens are drawn
+        until one does, ``shards`` draws on average."""
+        while True:
+            token = secrets.token_urlsafe(12)
+            if user is None or self.shards == 1:
+                return token
+            if shard_of(f"{instance}:{token}", self.shards) == shard_of(user, self.shards):
+                return token
+
+    def move(self, key: str) -> str:
+        """``key``, a name of any shard, as this shard names it (a compiled selector
+        names shard 0's index sets; each shard's script call gets its own)."""
+        other = key[: key.index("}") + 1]
+        return key if other == self._root else self._root + key[len(other) :]
+
+    @property
+    def layout_value(self) -> str:
+        """What the layout marker of every shard holds: :data:`LAYOUT`, and the count of
+        shards when there are several."""
+        return LAYOUT if self.shards == 1 else f"{LAYOUT}{SHARD_MARK}{self.shards}"
 
     @property
     def _root(self) -> str:
-        return "{" + self.prefix + "}"
+        if self.shards == 1:
+            return "{" + self.prefix + "}"
+        return "{" + self.prefix + SHARD_MARK + str(self.shard) + "}"
 
     def records(self, instance: str) -> str:
         """Hash: connection token -> JSON record, for the connections ``instance`` owns.

@@ -16,6 +16,9 @@ Every ``WSLB_HEARTBEAT_INTERVAL`` one bounded tick of :class:`Liveness` does, in
    (a lock taken in a script that first checks the heartbeat again).
 
 Correctness never depends on keyspace notifications (managed Redis often forbids them).
+With several shards (:class:`~quart_wslb.keys.Keys`), an instance beats, probes and is
+listed in every shard, and each shard of a dead instance is reaped on its own: a shard
+is a registry of its own.
 """
 
 from __future__ import annotations
@@ -24,20 +27,24 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import cast
+from typing import Any
 
 from redis.asyncio import Redis
 
 from . import signals
 from ._lua import source
-from .contract import LAYOUT, check_layout
+from .cluster import pick_transport
+from .contract import check_layout
 from .exceptions import REDIS_FAILURES, WsLoadBalanceError, describe
 from .keys import Keys
 from .local_index import LocalIndex
 from .receiver import Receiver
-from .registry import Registry
+from .redis_client import clustered
+from .registry import Registry, Removal
 from .signal_sender import SignalSender
+from .transport import Transport, close
 
 __all__ = ("FULL_REPAIR_EVERY", "InstanceInfo", "Liveness")
 
@@ -74,8 +81,14 @@ class Liveness:
         receiver: Receiver,
         local: LocalIndex,
         sender: SignalSender,
+        transport: Transport | None = None,
+        timeout: float = 0.0,
     ) -> None:
         self._redis = redis
+        #: Redis's timeout (``WSLB_REDIS_TIMEOUT``), on top of a tick's own bound.
+        self._timeout = timeout
+        #: Its own (one caller at a time); picked at the first beat if not given.
+        self._transport = transport
         self._keys = keys
         self._instance = instance
         self._interval = interval
@@ -87,6 +100,7 @@ class Liveness:
         self._reap = redis.register_script(source("reap"))
         self._delist = redis.register_script(source("delist"))
         self._ticks = 0
+        self._layout_seen = False
         #: Whether the groups must still be taken from Redis after a resubscription.
         self._regroup_due = False
         self._known: set[str] = set()
@@ -100,7 +114,9 @@ class Liveness:
         while True:
             started = time.monotonic()
             try:
-                async with asyncio.timeout(max(self._interval, 1.0) * 2):
+                # Room for Redis's own timeout to fire inside a tick: a client cut short
+                # by cancellation would not learn that a cluster's master hangs.
+                async with asyncio.timeout(max(self._interval, 1.0) * 2 + self._timeout):
                     await self.tick()
             except asyncio.CancelledError:
                 raise
@@ -140,19 +156,62 @@ class Liveness:
         Raises :class:`~quart_wslb.WsLoadBalanceError`, announcing nothing, when the
         prefix holds keys of another layout (another version of quart-wslb).
         """
-        keys = self._keys
+        keys, me = self._keys, self._instance
         record = json.dumps({"started_at": self.started_at})
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.setnx(keys.layout, LAYOUT)  # SET NX GET would need Redis 7
-            pipe.get(keys.layout)
-            _, layout = await pipe.execute()
-            check_layout(keys.prefix, layout)
-            pipe.set(keys.heartbeat(self._instance), "1", px=self._ttl_ms)
-            pipe.hset(keys.instances, self._instance, record)
-            pipe.hlen(keys.records(self._instance))
-            pipe.publish(keys.channel(self._instance), self._receiver.next_probe())
-            _, _, registered, heard = await pipe.execute()
-        return int(registered), int(heard)
+        layout = [
+            [("SETNX", view.layout, keys.layout_value), ("GET", view.layout)]  # SET NX GET: 7.0
+            for view in keys.views
+        ]
+        if not self._layout_seen:  # the first beat announces nothing before it checked
+            self._check_layouts(await self._run(layout))
+            self._layout_seen = True
+        publish = "SPUBLISH" if clustered(self._redis) else "PUBLISH"
+        probes = self._receiver.next_probes()
+        beat = [
+            [
+                *marker,
+                ("SET", view.heartbeat(me), "1", "PX", self._ttl_ms),
+                ("HSET", view.instances, me, record),
+                ("HLEN", view.records(me)),
+                (publish, view.channel(me), probe),
+            ]
+            for view, probe, marker in zip(keys.views, probes, layout, strict=True)
+        ]
+        replies = await self._run(beat, partial=True)
+        self._check_layouts([r for n, r in enumerate(replies) if n % 6 < 2])
+        # A shard that failed (a cluster's hung master) is as good as deaf: its probe
+        # went unheard, and the subscriber is rebuilt once the map names another master.
+        registered = sum(r for r in replies[4::6] if isinstance(r, int))
+        return registered, min(r if isinstance(r, int) else 0 for r in replies[5::6])
+
+    def _check_layouts(self, replies: list[Any]) -> None:
+        """Check the layout marker that each shard's ``GET`` read (``SETNX``, ``GET``
+        pairs); an error reading one is no verdict."""
+        keys = self._keys
+        for found in replies[1::2]:
+            if not isinstance(found, BaseException):
+                check_layout(keys.prefix, found, keys.layout_value)
+
+    async def _run(
+        self, groups: Iterable[list[tuple[Any, ...]]], *, partial: bool = False
+    ) -> list[Any]:
+        """The replies of the commands, in one round trip on this loop's own transport;
+        the first error raises, or with ``partial`` only if every command failed (the
+        others' errors are their replies). Several shards' keys are in several slots of
+        a cluster: no transaction, and none is needed."""
+        commands = [command for group in groups for command in group]
+        if self._transport is None:
+            self._transport = await pick_transport(self._redis)
+        transport = self._transport
+        try:
+            await transport.ready()
+            replies = await transport.run(commands)
+        finally:
+            await transport.release()
+        failed = [reply for reply in replies if isinstance(reply, BaseException)]
+        if failed and (not partial or len(failed) == len(replies)):
+            raise failed[0]
+        return replies
 
     async def resubscribed(self) -> None:
         """After (re)subscribing, maybe to a Redis that lost its data: announce, repair,
@@ -205,12 +264,16 @@ class Liveness:
     async def sweep(self) -> None:
         """Reap every instance whose heartbeat expired; report joins and leaves."""
         alive, dead = await self._census()
-        for instance in dead if self.may_reap() else ():
-            if await self._reap(
-                keys=[self._keys.heartbeat(instance), self._keys.reap_lock(instance)],
-                args=[self._instance, max(self._ttl_ms, 10_000)],
-            ):
-                await self._reap_instance(instance)
+        for instance, shards in dead.items() if self.may_reap() else ():
+            reaped = []
+            for view in shards:
+                if await self._reap(
+                    keys=[view.heartbeat(instance), view.reap_lock(instance)],
+                    args=[self._instance, max(self._ttl_ms, 10_000)],
+                ):
+                    reaped.append(view)
+            if reaped:
+                await self._reap_instance(instance, reaped)
         alive.discard(self._instance)
         for instance in sorted(alive - self._known):
             await self._sender.send(signals.instance_joined, instance=instance)
@@ -218,11 +281,14 @@ class Liveness:
             await self._sender.send(signals.instance_left, instance=instance)
         self._known = alive
 
-    async def _reap_instance(self, instance: str) -> None:
-        removal = await self._registry.unregister_instance(
-            instance, unless_alive=self._keys.heartbeat(instance)
-        )
-        await self.delist(instance)
+    async def _reap_instance(self, instance: str, shards: list[Keys]) -> None:
+        """Reap the ``shards`` of ``instance`` that this instance claimed."""
+        removed, offline = 0, list[str]()
+        for view in shards:
+            removal = await self._registry.unregister_instance(instance, view, unless_alive=True)
+            await self._delist_from(view, instance)
+            removed, offline = removed + removal.removed, offline + removal.offline
+        removal = Removal(removed, offline)
         log.warning("reaped instance %s: %d connections removed", instance, removal.removed)
         await self._sender.send(
             signals.instance_reaped,
@@ -231,48 +297,65 @@ class Liveness:
         )
         await self._sender.presence([], removal.offline)
 
-    async def _census(self) -> tuple[set[str], list[str]]:
-        """(live instance ids, dead ones other than this instance)."""
+    async def _census(self) -> tuple[set[str], dict[str, list[Keys]]]:
+        """(live instance ids, the shards in which each other instance is dead)."""
         listed = await self._read()
-        alive = {info.id for info, up in listed if up}
-        dead = [info.id for info, up in listed if not up and info.id != self._instance]
+        alive = {info.id for _, info, up in listed if up}
+        dead: dict[str, list[Keys]] = {}
+        for view, info, up in listed:
+            if not up and info.id != self._instance:
+                dead.setdefault(info.id, []).append(view)
         return alive, dead
 
     async def instances(self) -> list[InstanceInfo]:
         """Every live instance with its start time and connection count, from Redis."""
-        return [info for info, up in await self._read() if up]
+        found: dict[str, InstanceInfo] = {}
+        for _, info, up in await self._read():
+            if up:
+                had = found.get(info.id)
+                count = info.connections + (had.connections if had else 0)
+                started = had.started_at if had else info.started_at
+                found[info.id] = InstanceInfo(info.id, started, count)
+        return sorted(found.values(), key=lambda info: info.id)
 
-    async def _read(self) -> list[tuple[InstanceInfo, bool]]:
-        """Every listed instance, and whether its heartbeat is alive: two round trips."""
-        records = cast(dict[bytes, bytes], await self._redis.hgetall(self._keys.instances))
-        names = sorted(records)
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for name in names:
-                pipe.exists(self._keys.heartbeat(name.decode()))
-                pipe.hlen(self._keys.records(name.decode()))
-            counts: list[int] = await pipe.execute()
-        listed = []
-        for i, name in enumerate(names):
-            started = _started_at(records[name])
-            info = InstanceInfo(name.decode(), started, int(counts[2 * i + 1]))
-            listed.append((info, bool(counts[2 * i])))
-        return listed
+    async def _read(self) -> list[tuple[Keys, InstanceInfo, bool]]:
+        """Every instance listed in each shard, and whether its heartbeat there is alive:
+        two round trips."""
+        views = self._keys.views
+        listed = await self._run([("HGETALL", view.instances)] for view in views)
+        pairs = [
+            (view, name, record)
+            for view, flat in zip(views, listed, strict=True)
+            for name, record in sorted(_fields(flat).items())
+        ]
+        counts = await self._run(
+            [("EXISTS", view.heartbeat(name.decode())), ("HLEN", view.records(name.decode()))]
+            for view, name, _ in pairs
+        )
+        found = []
+        for i, (view, name, record) in enumerate(pairs):
+            info = InstanceInfo(name.decode(), _started_at(record), int(counts[2 * i + 1]))
+            found.append((view, info, bool(counts[2 * i])))
+        return found
+
+    async def aclose(self) -> None:
+        """Close this loop's own transport (the loop is stopped)."""
+        await close(self._transport)
 
     async def leave(self) -> None:
         """Remove the heartbeat (a graceful stop); :meth:`delist` follows the records."""
-        await self._redis.delete(self._keys.heartbeat(self._instance))
+        await self._redis.delete(*(view.heartbeat(self._instance) for view in self._keys.views))
 
     async def delist(self, instance: str | None = None) -> bool:
-        """Take ``instance`` (default: this one) off the list of instances, if it has no
-        heartbeat and no records left; else it stays listed, for a survivor to reap."""
+        """Take ``instance`` (default: this one) off the list of instances of every
+        shard where it has no heartbeat and no records left; elsewhere it stays listed,
+        for a survivor to reap. Whether it is off every list."""
         name = instance or self._instance
-        keys = self._keys
-        return bool(
-            await self._delist(
-                keys=[keys.instances, keys.heartbeat(name), keys.records(name), keys.layout],
-                args=[name],
-            )
-        )
+        return all([await self._delist_from(view, name) for view in self._keys.views])
+
+    async def _delist_from(self, view: Keys, name: str) -> bool:
+        keys = [view.instances, view.heartbeat(name), view.records(name), view.layout]
+        return bool(await self._delist(keys=keys, args=[name]))
 
 
 def _started_at(record: bytes) -> float:
@@ -281,3 +364,10 @@ def _started_at(record: bytes) -> float:
         return float(json.loads(record)["started_at"])
     except (ValueError, TypeError, KeyError):
         return 0.0
+
+
+def _fields(reply: Any) -> dict[bytes, bytes]:
+    """An ``HGETALL`` reply as a dict: a flat list (RESP2), or a map (RESP3)."""
+    if isinstance(reply, dict):
+        return reply
+    return dict(zip(reply[::2], reply[1::2], strict=True))

@@ -5,7 +5,9 @@ the selector, not the members (``lua/send.lua``): the instance resolves it here,
 its own connections, so that Redis does O(instances) work per send, never O(members).
 The index is keyed by the selector's canonical ops (:func:`quart_wslb.signing.canonical`):
 ``S<key>`` for the Redis index set ``key`` a connection is in, ``U<user>`` for a user, so
-resolving an operand is one dictionary lookup with no parsing.
+resolving an operand is one dictionary lookup with no parsing. With several shards
+(:class:`~quart_wslb.keys.Keys`), each shard's envelope names the selector for the
+connections of that shard only, so the index is kept per shard.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from collections.abc import Iterator, Mapping
 
 from .connection import Connection
 from .contract import OP_ALL, OP_BROADCAST, OP_CONNECTION, OP_SET, OP_USER
-from .keys import Keys
+from .keys import Keys, shard_of
 from .selectors import fold
 
 __all__ = ("LocalIndex",)
@@ -27,13 +29,16 @@ class LocalIndex(Mapping[str, Connection]):
     the index follows.
     """
 
-    __slots__ = ("_by_id", "_members", "_ops", "names")
+    __slots__ = ("_by_id", "_by_shard", "_members", "_ops", "_shards", "names")
 
     def __init__(self, keys: Keys) -> None:
         #: The names the index keys are built with (the prefix's).
         self.names = keys
         self._by_id: dict[str, Connection] = {}
-        self._members: dict[str, set[Connection]] = {}
+        # Per shard: its connections by id, and by operand.
+        self._by_shard: list[dict[str, Connection]] = [{} for _ in keys.views]
+        self._members: list[dict[str, set[Connection]]] = [{} for _ in keys.views]
+        self._shards = [_Shard(m, b) for m, b in zip(self._members, self._by_shard, strict=True)]
         #: What each held connection is indexed under, so that forgetting it forgets all
         #: of it even if its ``groups`` were changed by hand.
         self._ops: dict[str, set[str]] = {}
@@ -63,6 +68,7 @@ class LocalIndex(Mapping[str, Connection]):
         if held is not None:
             self.discard(held)
         self._by_id[connection.id] = connection
+        self._by_shard[self._shard(connection)][connection.id] = connection
         self._ops[connection.id] = set()
         for op in self.operands(connection):
             self._index(op, connection)
@@ -72,6 +78,7 @@ class LocalIndex(Mapping[str, Connection]):
         if self._by_id.get(connection.id) is not connection:
             return
         del self._by_id[connection.id]
+        del self._by_shard[self._shard(connection)][connection.id]
         for op in self._ops.pop(connection.id):
             self._unindex(op, connection)
 
@@ -96,46 +103,72 @@ class LocalIndex(Mapping[str, Connection]):
         for group in groups - connection.groups:
             self.join(connection, group)
 
+    def _shard(self, connection: Connection) -> int:
+        return shard_of(connection.id, self.names.shards)
+
     def _index(self, op: str, connection: Connection) -> None:
         self._ops[connection.id].add(op)
-        self._members.setdefault(op, set()).add(connection)
+        self._members[self._shard(connection)].setdefault(op, set()).add(connection)
 
     def _unindex(self, op: str, connection: Connection) -> None:
-        members = self._members.get(op)
+        index = self._members[self._shard(connection)]
+        members = index.get(op)
         if members is not None:
             members.discard(connection)
             if not members:
-                del self._members[op]
+                del index[op]
 
-    def resolve(self, sel: list[str]) -> list[Connection] | None:
+    def resolve(self, sel: list[str], shard: int | None = None) -> list[Connection] | None:
         """The held connections that the canonical selector ``sel`` selects (postfix
-        ops, see ``selectors.Program``); ``None`` when ``sel`` cannot be read.
+        ops, see ``selectors.Program``), of shard ``shard`` only if given; ``None``
+        when ``sel`` cannot be read (or names no shard there is).
 
         An operand costs a lookup; ``&`` walks the smaller side.
         """
+        shards = self._shards
+        if shard is None and len(shards) > 1:
+            found: list[Connection] = []
+            for each in range(len(shards)):
+                part = self.resolve(sel, each)
+                if part is None:
+                    return None
+                found += part
+            return found
+        if not 0 <= (shard or 0) < len(shards):
+            return None
+        on = shards[shard or 0]
         if len(sel) == 1:  # the common case: one operand
-            found = self._operand(sel[0])
-            return None if found is None else list(found)
-        result = fold(sel, self._operand_set, self._ids, _both, _either)
+            one = on.operand(sel[0])
+            return None if one is None else list(one)
+        result = fold(sel, on.operand_set, on.ids, _both, _either)
         return None if result is None else list(result)
 
-    def _operand_set(self, op: str) -> set[Connection] | None:
-        found = self._operand(op)
+
+class _Shard:
+    """The operands of one shard's connections."""
+
+    __slots__ = ("by_id", "members")
+
+    def __init__(self, members: dict[str, set[Connection]], by_id: dict[str, Connection]) -> None:
+        self.members, self.by_id = members, by_id
+
+    def operand_set(self, op: str) -> set[Connection] | None:
+        found = self.operand(op)
         return None if found is None else set(found)
 
-    def _operand(self, op: str) -> set[Connection] | list[Connection] | None:
+    def operand(self, op: str) -> set[Connection] | list[Connection] | None:
         code = op[:1]
         if code == OP_SET or code == OP_USER:
-            return self._members.get(op, set())
+            return self.members.get(op, set())
         if code == OP_CONNECTION:
-            connection = self._by_id.get(op[1:])
+            connection = self.by_id.get(op[1:])
             return [connection] if connection is not None else []
         if op == OP_ALL or op == OP_BROADCAST:
-            return list(self._by_id.values())
+            return list(self.by_id.values())
         return None
 
-    def _ids(self, ids: list[str]) -> set[Connection]:
-        found = (self._by_id.get(id) for id in ids)
+    def ids(self, ids: list[str]) -> set[Connection]:
+        found = (self.by_id.get(id) for id in ids)
         return {connection for connection in found if connection is not None}
 
 

@@ -7,7 +7,9 @@ records. Each is scanned a page of candidate ids at a time (``SSCAN``/``HSCAN`` 
 indexed part of the selector; ``matches()`` then runs here, so a
 :class:`~quart_wslb.CustomSelector` is evaluated in Python. Every page is one bounded
 read (``timeout`` each), so a query yields a page, possibly empty, at least every few
-Redis steps, however few candidates match.
+Redis steps, however few candidates match. With several shards
+(:class:`~quart_wslb.keys.Keys`), a driver is scanned in each shard that may hold its
+members, and each page is matched in its own shard.
 """
 
 from __future__ import annotations
@@ -69,7 +71,6 @@ class Reader:
         self._keys = keys
         self._timeout = timeout
         self._match = match
-        self._fixed_keys = [k.encode() for k in (keys.users, keys.instances)]
 
     async def records(self, selector: Selector) -> AsyncIterator[list[ConnectionRecord]]:
         """The matching records of each page of candidates, each listed once."""
@@ -79,9 +80,9 @@ class Reader:
         # SSCAN itself when the set shrinks while it is scanned.
         seen: set[str] = set()
         for kind, value in cover.drivers(self._keys):
-            async for page in self._pages(kind, value):
+            async for view, page in self._pages(kind, value):
                 found = []
-                for record in await self._records(page, program):
+                for record in await self._records(view, page, program):
                     if record.id not in seen and selector.matches(record):
                         seen.add(record.id)
                         found.append(record)
@@ -92,7 +93,7 @@ class Reader:
         of the matching records."""
         seen: set[str] = set()  # HSCAN, like SSCAN, may return an entry twice
         if isinstance(selector, AllSelector):
-            pages = self._scan(self._keys.users, fields=True)
+            pages = self._every_user()
         else:
             pages = _users_of(self.records(selector))
         async for page in pages:
@@ -100,35 +101,50 @@ class Reader:
             seen.update(fresh)
             yield fresh
 
-    def _pages(self, kind: str, value: str) -> AsyncIterator[list[str]]:
-        """The candidate ids of one driver (see ``selectors.Driver``), in pages."""
+    async def _pages(self, kind: str, value: str) -> AsyncIterator[tuple[Keys, list[str]]]:
+        """The candidate ids of one driver (see ``selectors.Driver``), in pages, each
+        with the names of the shard that holds them."""
         if kind == "set":
-            return self._scan(value)
-        if kind == "user":
-            return self._user_ids(value)
-        if kind == "all":
-            return self._every_id()
-        return _single(value)
+            for view in self._keys.views:
+                async for page in self._scan(view.move(value)):
+                    yield view, page
+        elif kind == "user":
+            view = self._keys.of_user(value)
+            async for page in self._user_ids(view, value):
+                yield view, page
+        elif kind == "all":
+            for view in self._keys.views:
+                async for page in self._every_id(view):
+                    yield view, page
+        else:
+            yield self._keys.of_connection(value), [value]
 
-    async def _user_ids(self, user: str) -> AsyncIterator[list[str]]:
+    async def _user_ids(self, view: Keys, user: str) -> AsyncIterator[list[str]]:
         async with redis_deadline(self._timeout, "query"):
-            raw = cast(bytes | None, await self._redis.hget(self._keys.users, user))
+            raw = cast(bytes | None, await self._redis.hget(view.users, user))
         if raw == SPILLED.encode():  # a user with many connections: in a set of their own
-            async for page in self._scan(self._keys.user_set(user)):
+            async for page in self._scan(view.user_set(user)):
                 yield page
             return
         ids = raw.decode().split() if raw else []
         for start in range(0, len(ids), PAGE):
             yield ids[start : start + PAGE]
 
-    async def _every_id(self) -> AsyncIterator[list[str]]:
-        """The ids in every announced instance's hash of records, page by page."""
+    async def _every_id(self, view: Keys) -> AsyncIterator[list[str]]:
+        """The ids in every announced instance's hash of records in one shard, page by
+        page."""
         async with redis_deadline(self._timeout, "query"):
-            instances = sorted(await self._redis.hkeys(self._keys.instances))
+            instances = sorted(await self._redis.hkeys(view.instances))
         for name in instances:
             instance = cast(bytes, name).decode()
-            async for page in self._scan(self._keys.records(instance), fields=True):
+            async for page in self._scan(view.records(instance), fields=True):
                 yield [f"{instance}:{token}" for token in page]
+
+    async def _every_user(self) -> AsyncIterator[list[str]]:
+        """The fields of every shard's ``users`` hash, page by page (a user is in one)."""
+        for view in self._keys.views:
+            async for page in self._scan(view.users, fields=True):
+                yield page
 
     async def _scan(self, key: str, *, fields: bool = False) -> AsyncIterator[list[str]]:
         """The members of a set, or with ``fields`` the field names of a hash, a page
@@ -142,10 +158,12 @@ class Reader:
             if page:
                 yield [cast(bytes, name).decode() for name in page]
 
-    async def _records(self, ids: list[str], program: Program) -> list[ConnectionRecord]:
+    async def _records(
+        self, view: Keys, ids: list[str], program: Program
+    ) -> list[ConnectionRecord]:
         async with redis_deadline(self._timeout, "query"):
             flat: list[bytes] = await self._match(
-                keys=[*self._fixed_keys, *program.keys],
+                keys=[view.users, view.instances, *(view.move(k) for k in program.keys)],
                 args=[len(ids), *ids, *program.ops],
             )
         return [
@@ -159,7 +177,3 @@ async def _users_of(
 ) -> AsyncIterator[list[str]]:
     async for records in pages:
         yield [record.user for record in records if record.user is not None]
-
-
-async def _single(id: str) -> AsyncIterator[list[str]]:
-    yield [id]

@@ -30,6 +30,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from . import signals
+from .cluster import pick_transport
 from .connection import Connection
 from .envelope import CONTROL_KINDS, Envelope, EnvelopeError, decode, read_close
 from .exceptions import REDIS_FAILURES, describe
@@ -39,7 +40,7 @@ from .outgoing import Outgoing
 from .signal_sender import SignalSender
 from .signing import Keyring, Verifier
 from .subscriber import SubscriberClosedError, Subscription, output_buffer_cuts
-from .transport import Transport, pick
+from .transport import Transport, close
 
 __all__ = ("Receiver",)
 
@@ -100,7 +101,8 @@ class Receiver:
         # Redis's count of output-buffer-limit cuts when we subscribed (None: unknown).
         self._cuts: int | None = None
         self._probe_sent = 0
-        self._probe_seen = 0
+        # Per shard, the last probe heard: probe n is shard (n - 1) % shards's.
+        self._probe_seen = [0] * len(keys.views)
         #: Monotonic time of the last message the subscriber received.
         self.last_message = time.monotonic()
         self._on_subscribed: list[Callable[[], Awaitable[None]]] = []
@@ -108,20 +110,40 @@ class Receiver:
         #: Checks every message when there is a secret; ``None``: everything is trusted.
         self._verifier = None if keyring is None else Verifier(keyring, keys)
 
+    async def aclose(self) -> None:
+        """Close the transport's own clients, if any (the loop is stopped)."""
+        await close(self._transport)
+
     def on_subscribed(self, callback: Callable[[], Awaitable[None]]) -> None:
         """Call ``callback`` after every (re)subscription, once the loop is listening."""
         self._on_subscribed.append(callback)
 
     def next_probe(self) -> bytes:
-        """The next probe to publish on this instance's own channel."""
-        self._probe_sent += 1
-        if self._keyring is not None:
-            return PROBE + self._keyring.probe(self._instance, self._probe_sent)
-        return PROBE + str(self._probe_sent).encode()
+        """The next probe to publish on this instance's own channel, with one shard."""
+        if len(self._probe_seen) != 1:
+            raise RuntimeError("with several shards, publish next_probes(): one per shard")
+        return self.next_probes()[0]
+
+    def next_probes(self) -> list[bytes]:
+        """The next probe of each shard, to publish on this instance's channel there."""
+        probes = []
+        for _ in self._probe_seen:
+            self._probe_sent += 1
+            number = self._probe_sent
+            if self._keyring is not None:
+                probes.append(PROBE + self._keyring.probe(self._instance, number))
+            else:
+                probes.append(PROBE + str(number).encode())
+        return probes
 
     def missed_probes(self) -> int:
-        """Probes published since the last one the subscriber received."""
-        return self._probe_sent - self._probe_seen
+        """Probes published since the last one the subscriber received, on the shard's
+        channel that missed the most."""
+        shards, sent = len(self._probe_seen), self._probe_sent
+        # The last probe sent on shard k is the one numbered like it among the last round.
+        last = [sent - (sent - 1 - k) % shards for k in range(shards)] if sent else [0] * shards
+        gaps = zip(last, self._probe_seen, strict=True)
+        return max(0, *((mine - seen) // shards for mine, seen in gaps))
 
     def silent_for(self) -> float:
         """Seconds since the subscriber last received anything (probes included)."""
@@ -145,13 +167,18 @@ class Receiver:
         ``BACKOFF_MAX``, since an instance without a subscriber would accept clients it
         can never deliver to. Either way ``subscriber_lost`` says why.
         """
-        channels = (self._keys.channel(self._instance), self._keys.broadcast)
+        # Each shard routes its own connections' messages (keys.py), on its own channels.
+        channels = [
+            name
+            for keys in self._keys.views
+            for name in (keys.channel(self._instance), keys.broadcast)
+        ]
         delay = BACKOFF_MIN
         while True:
             since: float | None = None
             try:
                 if self._transport is None:  # picked once, retried like a subscription
-                    self._transport = await pick(self._redis)
+                    self._transport = await pick_transport(self._redis)
                 # Before subscribing: Redis may cut the subscription as soon as it is
                 # confirmed, and every cut after this read must count.
                 self._cuts = await output_buffer_cuts(self._redis)
@@ -238,7 +265,7 @@ class Receiver:
 
     async def _subscribed(self) -> None:
         self._restart = None
-        self._probe_seen = self._probe_sent
+        self._probe_seen = [self._probe_sent] * len(self._probe_seen)
         self.subscribed.set()
         for callback in self._on_subscribed:
             try:
@@ -306,7 +333,8 @@ class Receiver:
             problem = f"probe {number} was never sent (last sent: {self._probe_sent})"
             await self._drop_probe("malformed", problem)
             return
-        self._probe_seen = max(self._probe_seen, number)
+        shard = (number - 1) % len(self._probe_seen)
+        self._probe_seen[shard] = max(self._probe_seen[shard], number)
 
     async def _drop_probe(self, reason: str, problem: str) -> None:
         log.warning("dropped a probe: %s", problem)
@@ -328,7 +356,7 @@ class Receiver:
         if problem is not None:
             return None, [], [problem]
         if envelope.targets is None:  # sent by its selector: the signed one, resolved here
-            found = self._local.resolve(envelope.sel or [])
+            found = self._local.resolve(envelope.sel or [], envelope.shard)
             return (None, [], ["unreadable selector"]) if found is None else (found, [], [])
         match = verifier.selects(envelope.sel or [])
         if match is None or not envelope.targets:
@@ -360,7 +388,7 @@ class Receiver:
         if signals.message_received.receivers:
             await self._sender.send(signals.message_received, envelope=envelope)
         if connections is None and envelope.targets is None:
-            connections = self._local.resolve(envelope.sel or [])
+            connections = self._local.resolve(envelope.sel or [], envelope.shard)
             if connections is None:
                 log.warning("dropped message %s: unreadable selector", envelope.id)
                 await self._sender.dropped(

@@ -19,12 +19,14 @@ new master, with the same timeouts and the same bounded, waiting pool.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import parse_qsl, unquote, urlencode, urlparse, urlsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import (
@@ -36,9 +38,20 @@ from redis.asyncio.sentinel import (
 from redis.backoff import NoBackoff
 
 from ._compat import packing_connection
-from .config import DEFAULTS
+from .cluster import cluster_client, is_cluster
+from .config import DEFAULTS, redact_url
+from .exceptions import REDIS_FAILURES, describe
 
-__all__ = ("SentinelURL", "checked_client", "make_client", "parse_sentinel_url")
+__all__ = (
+    "SentinelURL",
+    "checked_client",
+    "clustered",
+    "make_client",
+    "open_client",
+    "parse_sentinel_url",
+)
+
+log = logging.getLogger("quart_wslb")
 
 #: The schemes of Sentinel URLs, and whether each speaks TLS.
 SENTINEL_SCHEMES = {"redis+sentinel": False, "rediss+sentinel": True}
@@ -77,9 +90,39 @@ def checked_client(redis: Redis) -> Redis:
 
     Replies must stay bytes: payloads may be binary, and the fast paths parse them raw.
     """
-    if redis.connection_pool.connection_kwargs.get("decode_responses"):
+    if isinstance(redis, RedisCluster):
+        options = redis.get_connection_kwargs()
+    else:
+        options = redis.connection_pool.connection_kwargs
+    if options.get("decode_responses"):
         raise ValueError("the redis client must not set decode_responses=True")
     return redis
+
+
+def clustered(redis: object) -> bool:
+    """Whether ``redis`` is a Redis Cluster client (``redis.asyncio.RedisCluster``)."""
+    return isinstance(redis, RedisCluster)
+
+
+async def open_client(
+    url: str, timeout: float, max_connections: int = DEFAULTS["redis_max_connections"]
+) -> Redis:
+    """:func:`make_client`'s client for ``url``, or a Redis Cluster client when ``url``
+    names a node of a cluster (asked within ``timeout``; a Redis out of reach is taken
+    for a single one, and said so). A cluster client serves every command that
+    quart-wslb sends through a client; it is typed as one here, in this one place."""
+    if urlparse(url).scheme in ("redis", "rediss"):
+        try:
+            if await is_cluster(url, timeout):
+                return cast(Redis, cluster_client(url, timeout, max_connections))
+        except REDIS_FAILURES as error:
+            log.warning(
+                "quart-wslb: could not tell whether %s is a Redis Cluster (%s): taking it for "
+                "a single Redis",
+                redact_url(url),
+                describe(error),
+            )
+    return make_client(url, timeout, max_connections)
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,8 +5,9 @@ index of the instance's connections. The ``users`` hash maps each user to its co
 ids (and so says who is present); every path, metadata pair and group has a set of ids.
 Removing a connection (locally, or by a survivor reaping a dead instance) rebuilds those
 set names from the record in Lua, the same way :class:`~quart_wslb.keys.Keys` builds
-them. Every change is one script call. This layout keeps Redis memory at about 300 bytes
-per connection (``docs/redis-schema.md``).
+them. Every change is one script call, in the shard that holds the connection (one
+shard for one Redis: :class:`~quart_wslb.keys.Keys`). This layout keeps Redis memory at
+about 300 bytes per connection (``docs/redis-schema.md``).
 """
 
 from __future__ import annotations
@@ -60,8 +61,9 @@ class Registry:
         self._unregister = redis.register_script(source("unregister"))
 
     def index_keys(self, connection: Connection) -> list[str]:
-        """Every set the connection belongs to (its user is a field of ``users``)."""
-        keys = self._keys
+        """Every set the connection belongs to (its user is a field of ``users``), as
+        its shard names them."""
+        keys = self._keys.of_connection(connection.id)
         names = [keys.path(connection.path)]
         names.extend(keys.metadata(k, v) for k, v in sorted(connection.metadata.items()))
         names.extend(keys.group(g) for g in sorted(connection.groups))
@@ -85,11 +87,8 @@ class Registry:
         return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
 
     def _register_call(self, connection: Connection) -> tuple[list[str], list[str]]:
-        keys = [
-            self._keys.users,
-            self._keys.records(connection.instance),
-            *self.index_keys(connection),
-        ]
+        view = self._keys.of_connection(connection.id)
+        keys = [view.users, view.records(connection.instance), *self.index_keys(connection)]
         token = connection.id.partition(":")[2]
         args = [connection.id, token, self.record(connection), connection.user or ""]
         return keys, args
@@ -114,8 +113,17 @@ class Registry:
         """Remove records and their index entries."""
         if not ids:
             return Removal(0, [])
-        removed, offline = await self._unregister(keys=[self._keys.users], args=list(ids))
-        return Removal(int(removed), [u.decode() for u in offline])
+        parts = self._keys.split(ids)
+        if len(parts) == 1:  # one shard: one EVALSHA, no pipeline preamble
+            view, mine = parts[0]
+            replies = [await self._unregister(keys=[view.users], args=mine)]
+        else:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for view, mine in parts:
+                    await self._unregister(keys=[view.users], args=mine, client=pipe)
+                replies = await pipe.execute()
+        offline = [user.decode() for _, users in replies for user in users]
+        return Removal(sum(int(removed) for removed, _ in replies), offline)
 
     async def reconcile(self, instance: str, local: Mapping[str, Connection]) -> Repair:
         """Make Redis hold exactly the ``local`` connections of ``instance``.
@@ -124,10 +132,10 @@ class Registry:
         connection closed during the repair is removed again, and unregistering twice is
         harmless.
         """
-        records = self._keys.records(instance)
         remote = {
             f"{instance}:{token.decode()}"
-            async for token, _ in self._redis.hscan_iter(records, count=1000)
+            for view in self._keys.views
+            async for token, _ in self._redis.hscan_iter(view.records(instance), count=1000)
         }
         held = {i: c for i, c in local.items() if not c.registering}
         missing = [c for i, c in held.items() if i not in remote]
@@ -144,23 +152,27 @@ class Registry:
 
     async def groups(self, instance: str) -> dict[str, frozenset[str]]:
         """The groups that Redis records for each connection of ``instance``."""
-        records = self._keys.records(instance)
         found: dict[str, frozenset[str]] = {}
-        async for token, raw in self._redis.hscan_iter(records, count=1000):
-            record = ConnectionRecord.parse(f"{instance}:{token.decode()}", raw)
-            found[record.id] = record.groups
+        for view in self._keys.views:
+            async for token, raw in self._redis.hscan_iter(view.records(instance), count=1000):
+                record = ConnectionRecord.parse(f"{instance}:{token.decode()}", raw)
+                found[record.id] = record.groups
         return found
 
-    async def unregister_instance(self, instance: str, unless_alive: str | None = None) -> Removal:
-        """Remove every connection an instance owns, in bounded batches.
+    async def unregister_instance(
+        self, instance: str, shard: Keys | None = None, *, unless_alive: bool = False
+    ) -> Removal:
+        """Remove every connection an instance owns (in ``shard`` only, if given), in
+        bounded batches.
 
-        With ``unless_alive`` (its heartbeat key), stop as soon as the instance is back.
+        With ``unless_alive``, stop as soon as the instance beats again in that shard.
         """
-        records = self._keys.records(instance)
         total = Removal(0, [])
-        while batch := cast(list[bytes], await self._redis.hrandfield(records, REAP_BATCH)):
-            if unless_alive is not None and await self._redis.exists(unless_alive):
-                break
-            removal = await self.unregister([f"{instance}:{t.decode()}" for t in batch])
-            total = Removal(total.removed + removal.removed, total.offline + removal.offline)
+        for view in self._keys.views if shard is None else (shard,):
+            records, alive = view.records(instance), view.heartbeat(instance)
+            while batch := cast(list[bytes], await self._redis.hrandfield(records, REAP_BATCH)):
+                if unless_alive and await self._redis.exists(alive):
+                    break
+                removal = await self.unregister([f"{instance}:{t.decode()}" for t in batch])
+                total = Removal(total.removed + removal.removed, total.offline + removal.offline)
         return total

@@ -26,7 +26,7 @@ from .contract import (
     OP_SET,
     OP_USER,
 )
-from .keys import Keys
+from .keys import Keys, shard_of
 
 if TYPE_CHECKING:
     from .records import ConnectionInfo
@@ -83,6 +83,32 @@ class Program:
                     i += int(op[1:])
             i += 1
         return stack[0]
+
+    def shards(self, count: int) -> list[int]:
+        """The shards of ``count`` (:class:`~quart_wslb.keys.Keys`) that may hold a
+        match: a user's or a connection's own, those of a list of ids, every shard for
+        an index set or everyone; ``&`` keeps the shards of both sides, ``|`` of
+        either. Only an optimisation: another shard's script call would find nothing."""
+        every = frozenset(range(count))
+        if count == 1:
+            return [0]
+        stack: list[frozenset[int]] = []
+        ops, i = self.ops, 0
+        while i < len(ops):
+            op, code = ops[i], ops[i][:1]
+            if op == OP_AND or op == OP_OR:
+                right, left = stack.pop(), stack.pop()
+                stack.append(left & right if op == OP_AND else left | right)
+            elif code == OP_USER or code == OP_CONNECTION:
+                stack.append(frozenset({shard_of(op[1:], count)}))
+            elif code == OP_IDS:
+                n = int(op[1:])
+                stack.append(frozenset(shard_of(id, count) for id in ops[i + 1 : i + 1 + n]))
+                i += n
+            else:
+                stack.append(every)
+            i += 1
+        return sorted(stack[0]) if len(stack) == 1 else sorted(every)
 
     def set_op(self, key: str) -> None:
         """Push the members of ``key``; the first ``FIXED_KEYS`` are fixed, and Lua counts

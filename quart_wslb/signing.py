@@ -390,6 +390,8 @@ class Verifier:
         known = self._known
         if ts <= self._floors.get(origin, 0):
             return "replayed"
+        if envelope.shard is not None:  # each shard routes its own copy (keys.py)
+            sig = f"{sig}#{envelope.shard}"
         size = len(known)
         known.add(sig)
         if len(known) == size:  # it was there: one hash of the MAC instead of two

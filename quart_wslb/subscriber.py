@@ -35,6 +35,7 @@ __all__ = (
     "PubSubSubscription",
     "StreamSubscription",
     "SubscriberClosedError",
+    "SubscriptionMovedError",
     "Subscription",
     "output_buffer_cuts",
 )
@@ -50,6 +51,19 @@ OUTPUT_BUFFER_CUTS = "client_output_buffer_limit_disconnections"
 
 class SubscriberClosedError(RedisConnectionError):
     """Redis closed the subscriber connection; every message it sent before was read."""
+
+
+class SubscriptionMovedError(SubscriberClosedError):
+    """Redis unsubscribed the connection from one of its channels by itself: on a Redis
+    Cluster, a sharded channel's slot moved to another master (reshard or failover).
+    Every message it sent before was read; subscribe again where the slot is now."""
+
+
+#: The kinds of pushes of a subscription: a message, a confirmation, and an
+#: unsubscription that ends it (none for classic channels: Redis never sends one by itself).
+PLAIN: tuple[bytes, bytes, bytes | None] = (b"message", b"subscribe", None)
+#: The same for sharded channels (``SSUBSCRIBE``, Redis 7 and Redis Cluster).
+SHARDED: tuple[bytes, bytes, bytes | None] = (b"smessage", b"ssubscribe", b"sunsubscribe")
 
 
 class Subscription(Protocol):
@@ -71,9 +85,15 @@ class Subscription(Protocol):
 class StreamSubscription:
     """Messages parsed straight off a subscribed connection's socket."""
 
-    def __init__(self, stream: asyncio.StreamReader, channels: Sequence[str]) -> None:
+    def __init__(
+        self,
+        stream: asyncio.StreamReader,
+        channels: Sequence[str],
+        kinds: tuple[bytes, bytes, bytes | None] = PLAIN,
+    ) -> None:
         self._stream = stream
         self._parser = parser()
+        self._message, self._confirmed, self._unsubscribed = kinds
         self._unconfirmed = {channel.encode() for channel in channels}
         # Messages parsed while waiting for confirmations, for the first read.
         self._ready: list[bytes] = []
@@ -129,11 +149,11 @@ class StreamSubscription:
         try:
             while (reply := gets()) is not INCOMPLETE:
                 # [b"message", channel, payload]; a RESP3 push is a list subclass.
-                if isinstance(reply, list) and len(reply) == 3 and reply[0] == b"message":
+                if isinstance(reply, list) and len(reply) == 3 and reply[0] == self._message:
                     messages.append(reply[2])
                 else:
                     self._other(reply)
-        except (InvalidResponse, ResponseError) as error:
+        except (InvalidResponse, ResponseError, SubscriptionMovedError) as error:
             # The messages before it still count; the connection does not.
             self._failure = error
         return messages
@@ -142,8 +162,12 @@ class StreamSubscription:
         """A reply that is not a message: a confirmation, an error, or an unused push."""
         if isinstance(reply, ResponseError):
             raise reply
-        if isinstance(reply, list) and len(reply) == 3 and reply[0] == b"subscribe":
+        if isinstance(reply, list) and len(reply) == 3 and reply[0] == self._confirmed:
             self._unconfirmed.discard(reply[1])
+        elif isinstance(reply, list) and len(reply) == 3 and reply[0] == self._unsubscribed:
+            # We never unsubscribe: Redis did (a sharded channel's slot moved away).
+            # Never swallowed, else the channel would stay silent for good.
+            raise SubscriptionMovedError(f"Redis unsubscribed us from {reply[1]!r}")
         else:
             log.debug("subscriber ignored a reply: %.200r", reply)
 

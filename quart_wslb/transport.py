@@ -31,7 +31,7 @@ from ._compat import check, get_connection, stream_of
 from .subscriber import CONFIRM_TIMEOUT, PubSubSubscription, StreamSubscription, Subscription
 from .wire import Exchange
 
-__all__ = ("ClientTransport", "SocketTransport", "Transport", "pick")
+__all__ = ("ClientTransport", "SocketTransport", "Transport", "another", "close", "pick")
 
 log = logging.getLogger("quart_wslb")
 
@@ -162,3 +162,23 @@ async def _has_socket(redis: Redis) -> bool:
         raise
     finally:
         await pool.release(connection)
+
+
+def another(transport: Transport, redis: Redis) -> Transport:
+    """A transport of ``transport``'s kind on ``redis``, with a connection of its own
+    (each shard's sends run their round trips side by side: :mod:`quart_wslb.shards`)."""
+    kind: Any = type(transport)
+    made: Transport = kind(redis)
+    return made
+
+
+async def close(transport: Transport | None) -> None:
+    """Hand back ``transport``'s connection, and close what it opened itself (a
+    :class:`~quart_wslb.cluster.ClusterTransport`'s clients of each master); twice is
+    harmless."""
+    if transport is None:
+        return
+    await transport.release()
+    closer = getattr(transport, "aclose", None)
+    if closer is not None:
+        await closer()

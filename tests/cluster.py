@@ -202,3 +202,23 @@ class Clients:
     async def close(self) -> None:
         """Close every client (those the server closed already are skipped fast)."""
         await asyncio.gather(*(c.close() for c in self.open), return_exceptions=True)
+
+
+#: How long "nothing else arrives" is watched.
+QUIET = 0.3
+
+
+async def receive(client: ClientConnection) -> Any:
+    """The next frame of ``client`` (within 5 s), JSON decoded when it is JSON text."""
+    frame = await asyncio.wait_for(client.recv(), 5)
+    return json.loads(frame) if isinstance(frame, str) and frame[:1] in "{[" else frame
+
+
+async def assert_silent(*clients: ClientConnection) -> None:
+    """Nothing arrives at any of ``clients`` for ``QUIET`` seconds."""
+    for client in clients:
+        try:
+            frame = await asyncio.wait_for(client.recv(), QUIET)
+        except TimeoutError:
+            continue
+        raise AssertionError(f"unexpected frame {frame!r}")

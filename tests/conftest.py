@@ -24,13 +24,20 @@ TEST_PREFIXES = "test-*"
 #: The fixtures that start or reach a real redis-server (every real-Redis fixture below
 #: depends on one of these): a test that uses one, even through another fixture, must be
 #: marked ``integration``, since CI runs those a second time as the restricted ACL user.
-REAL_REDIS_FIXTURES = frozenset({"admin_redis_url", "private_redis"})
+#: Fixtures that start a private Redis Cluster or Sentinel set (tests/topology.py): their
+#: tests are marked ``topology`` too (the ACL run leaves them out: they use no ACL user).
+TOPOLOGY_FIXTURES = frozenset({"cluster_set", "sentinel_set", "faulty_set", "tls_sentinels"})
+REAL_REDIS_FIXTURES = frozenset({"admin_redis_url", "private_redis"}) | TOPOLOGY_FIXTURES
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Refuse to run when a real-Redis test lacks the ``integration`` marker (checked
-    before ``-m`` deselects anything, so ``-m "not integration"`` cannot hide one)."""
+    before ``-m`` deselects anything, so ``-m "not integration"`` cannot hide one); mark
+    ``topology`` the tests that run a private Redis Cluster or Sentinel set."""
+    for item in items:
+        if TOPOLOGY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.topology)
     unmarked = [
         item.nodeid
         for item in items
@@ -108,8 +115,9 @@ def fixture_prefix(admin_redis_url: str) -> Iterator[str]:
     yield prefix
     client = redis.Redis.from_url(admin_redis_url)
     try:
-        for key in client.scan_iter(match="{" + prefix + "}*", count=1000):
-            client.delete(key)
+        for pattern in ("{" + prefix + "}*", "{" + prefix + "|*"):  # one shard, or several
+            for key in client.scan_iter(match=pattern, count=1000):
+                client.delete(key)
     finally:
         client.close()
 

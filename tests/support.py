@@ -341,8 +341,9 @@ def round_trips(commit: GroupCommit) -> list[list[str]]:
 
 
 async def sends_of(emitter: AsyncEmitter) -> GroupCommit:
-    """The group commit of ``emitter``'s sends (made at its first send, or now)."""
-    return await emitter._first_sends()
+    """The group commit of ``emitter``'s sends (made at its first send, or now), of its
+    first shard (its only one unless it has several)."""
+    return (await emitter._first_sends()).commits[0]
 
 
 def tls_files(directory: Path) -> TLSFiles:

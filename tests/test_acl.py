@@ -23,8 +23,13 @@ SCRIPTS = sorted(p.stem for p in (ROOT / "quart_wslb" / "lua").glob("*.lua"))
 
 #: A command call of a Lua script (``server.call`` is Redis 7's name for ``redis.call``).
 CALL = re.compile(r"\b(?:redis|server)\s*\.\s*p?call\b")
-#: The same, with the command named by a literal: the only form the ACL check can read.
-LITERAL = re.compile(r"""(?:redis|server)\s*\.\s*p?call\s*\(\s*(['"])([\w|]+)\1\s*[,)]""")
+#: The same, with the command named by a literal, or by a local of the generated header
+#: (``PUBLISH``): the only forms the ACL check can read.
+LITERAL = re.compile(
+    r"""(?:redis|server)\s*\.\s*p?call\s*\(\s*(?:(['"])([\w|]+)\1|([A-Z_]+))\s*[,)]"""
+)
+#: A string local of the generated header: ``local PUBLISH = 'SPUBLISH'``.
+LOCAL = re.compile(r"^local ([A-Z_]+) = '([\w|]+)'$", re.MULTILINE)
 #: A Lua comment: ``--[[ block ]]`` or ``--`` to the end of the line.
 COMMENT = re.compile(r"--\[\[.*?\]\]|--[^\n]*", re.DOTALL)
 
@@ -34,18 +39,25 @@ def commands_called(script: str) -> set[str]:
     is not a literal (a variable, a concatenation), which no ACL check could follow."""
     # Comments out, their lines kept (for the line numbers).
     script = COMMENT.sub(lambda comment: "\n" * comment[0].count("\n"), script)
+    names = dict(LOCAL.findall(script))
     called = set()
     for call in CALL.finditer(script):
         literal = LITERAL.match(script, call.start())
-        if literal is None:
+        command = literal and (literal[2] or names.get(literal[3]))
+        if not command:
             line = script.count("\n", 0, call.start()) + 1
             raise ValueError(f"line {line}: a call whose command is not a literal")
-        called.add(literal[2].lower())
+        called.add(command.lower())
     return called
 
 
 def test_acl_rules_allow_every_command_of_the_lua_scripts() -> None:
-    called = {name for script in SCRIPTS for name in commands_called(source(script))}
+    called = {
+        name
+        for script in SCRIPTS
+        for sharded in (False, True)
+        for name in commands_called(source(script, sharded))
+    }
     assert called, "no redis.call found: the pattern no longer matches the scripts"
     assert called <= set(COMMANDS), sorted(called - set(COMMANDS))
 
@@ -61,8 +73,16 @@ def test_acl_commands_called_reads_either_quote_and_refuses_a_variable() -> None
 
 def test_acl_rules_name_the_prefix_for_keys_and_channels() -> None:
     rules = acl_rules("app:v2")
-    assert rules[:5] == ["resetkeys", "resetchannels", "~{app:v2}*", "&{app:v2}*", "-@all"]
-    assert rules[5:] == [f"+{command}" for command in COMMANDS]
+    assert rules[:7] == [
+        "resetkeys",
+        "resetchannels",
+        "~{app:v2}*",
+        "~{app:v2|*",
+        "&{app:v2}*",
+        "&{app:v2|*",
+        "-@all",
+    ]
+    assert rules[7:] == [f"+{command}" for command in COMMANDS]
 
 
 def test_acl_rules_are_the_ones_the_deploy_guide_shows() -> None:

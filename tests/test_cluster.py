@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import socket
 import time
 from collections.abc import Callable
@@ -16,23 +15,11 @@ from websockets.exceptions import ConnectionClosed
 
 from quart_wslb.envelope import Envelope, encode
 from quart_wslb.keys import Keys
-from tests.cluster import Clients, Cluster, Instance
+from tests.cluster import Clients, Cluster, Instance, assert_silent, receive
 from tests.support import record_ids
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 StartCluster = Callable[..., Cluster]
-QUIET = 0.3  # how long "nothing else arrives" is watched
-
-
-async def receive(client: ClientConnection) -> Any:
-    frame = await asyncio.wait_for(client.recv(), 5)
-    return json.loads(frame) if isinstance(frame, str) and frame[:1] in "{[" else frame
-
-
-async def assert_silent(*clients: ClientConnection) -> None:
-    for client in clients:
-        with pytest.raises(TimeoutError):
-            await asyncio.wait_for(client.recv(), QUIET)
 
 
 async def envelopes(cluster: Cluster) -> list[int]:

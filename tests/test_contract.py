@@ -20,9 +20,10 @@ from quart_wslb import AllSelector, UserSelector
 from quart_wslb._lua import header, source
 from quart_wslb.batch import Args, GroupCommit
 from quart_wslb.connection import Connection
-from quart_wslb.contract import LUA, SPILL, SPILLED, VERSION
+from quart_wslb.contract import LUA, SPILL, SPILLED, VERSION, check_layout
 from quart_wslb.emitter import AsyncEmitter
 from quart_wslb.envelope import decode
+from quart_wslb.exceptions import WsLoadBalanceError
 from quart_wslb.keys import Keys
 from quart_wslb.registry import Registry, Removal
 from quart_wslb.transport import pick
@@ -185,7 +186,7 @@ async def sends(redis: Redis, keys: Keys) -> GroupCommit:
         script(redis, "send"),
         5.0,
         keys=[keys.users, keys.instances],
-        args=[keys.channel_base, "o1"],
+        args=[keys.channel_base, "o1", ""],
     )
 
 
@@ -293,3 +294,14 @@ def test_contract_header_defines_every_constant_and_the_scripts_spell_none() -> 
         assert not re.search(r"':[a-z]+(:|')", lua), path.name  # ':c:', ':users'
         assert not re.search(r"\.[upmgt]\b", lua), path.name  # record.u
         assert '"v":' + str(VERSION) not in lua, path.name
+
+
+def test_check_layout_names_a_different_count_of_shards() -> None:
+    check_layout("p", b"4|8", "4|8")
+    check_layout("p", None, "4|8")
+    with pytest.raises(WsLoadBalanceError, match=r"split over 8 shard\(s\).*uses 1.*WSLB_SHARDS"):
+        check_layout("p", b"4|8")
+    with pytest.raises(WsLoadBalanceError, match=r"split over 1 shard\(s\).*uses 4"):
+        check_layout("p", b"4", "4|4")
+    with pytest.raises(WsLoadBalanceError, match="another version"):
+        check_layout("p", b"3|4", "4|4")

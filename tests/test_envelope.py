@@ -285,6 +285,13 @@ QUICK_CORPUS = [
     b'{"v":3,"origin":"o","messages":[{"sel":null,"id":"m","kind":"text","size":0}]}',
     b'{"v":3,"origin":"o","messages":[{"sel":[],"id":"m","kind":"text","size":0}]}',
     b'{"v":3,"origin":"o","messages":[{"sel":["B"],"ts":1,"id":"m","kind":"text","size":0}]}',
+    # The shard of a sharded send (sh): a non-negative int, or refused.
+    b'{"v":3,"origin":"o","sh":3,"messages":[{"sel":["B"],"id":"m","kind":"text","size":0}]}',
+    b'{"v":3,"origin":"o","sh":0,"messages":[{"sel":["B"],"id":"m","kind":"text","size":0}]}',
+    b'{"v":3,"origin":"o","sh":-1,"messages":[{"sel":["B"],"id":"m","kind":"text","size":0}]}',
+    b'{"v":3,"origin":"o","sh":"1","messages":[{"sel":["B"],"id":"m","kind":"text","size":0}]}',
+    b'{"v":3,"origin":"o","sh":true,"messages":[{"sel":["B"],"id":"m","kind":"text","size":0}]}',
+    b'{"v":3,"origin":"o","sh":1.0,"messages":[{"sel":["B"],"id":"m","kind":"text","size":0}]}',
     # Unhashable kinds: a set lookup would raise TypeError rather than defer.
     b'{"v":3,"origin":"x","messages":[{"id":"a","kind":[],"targets":[],"size":0}]}',
     b'{"v":3,"origin":"x","messages":[{"id":"a","kind":{},"targets":[],"size":0}]}',
@@ -313,3 +320,12 @@ def test_quick_header_takes_signed_entries_on_the_fast_path() -> None:
     signed = b'{"v":3,"origin":"o","messages":[{"ts":1,"sel":["Ua"],"sig":"k:ab",' + M[1:]
     for header in (signed + b"]}", signed + b"," + M + b"]}"):
         assert quick_header(header) is not None, header
+
+
+def test_decode_gives_every_message_its_envelopes_shard() -> None:
+    entry = b'{"sel":["B"],"id":"m","kind":"text","size":1}'
+    raw = b'{"v":3,"origin":"o","sh":2,"messages":[' + entry + b"," + entry + b"]}\nab"
+    assert [e.shard for e in decode(raw)] == [2, 2]
+    assert [e.shard for e in decode(raw.replace(b'"sh":2,', b""))] == [None, None]
+    with pytest.raises(EnvelopeError):
+        decode(raw.replace(b'"sh":2', b'"sh":-2'))

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from redis.crc import key_slot
 
-from quart_wslb.keys import Keys
+from quart_wslb.contract import LAYOUT
+from quart_wslb.keys import Keys, shard_of
 
 #: Values chosen to look like separators, hash tags, globs and other kinds of key.
 ADVERSARIAL = [
@@ -127,3 +128,53 @@ def test_keys_holders_sit_beside_each_index_set_and_collide_with_nothing() -> No
     assert not fixed & {keys.holders(keys.group(n)) for n in ("users", "c:i", "u:u", "")}
     with pytest.raises(ValueError, match="not a key under"):
         keys.holders("{q}:g:a")
+
+
+def test_keys_views_name_each_shard_under_its_own_hash_tag() -> None:
+    keys = Keys("app", shards=3)
+    assert [view.users for view in keys.views] == [
+        "{app|0}:users",
+        "{app|1}:users",
+        "{app|2}:users",
+    ]
+    assert keys.view(0) is keys and all(view.views == keys.views for view in keys.views)
+    assert Keys("app").views == (Keys("app"),) and Keys("app").users == "{app}:users"
+    assert keys.view(2).channel("i1") == "{app|2}:ch:i1"
+    assert keys.view(1).move(keys.group("g")) == "{app|1}:g:g"
+    assert keys.move(keys.view(2).path("/x")) == "{app|0}:p:/x"
+
+
+def test_keys_shards_of_another_prefix_never_collide() -> None:
+    """No prefix has a ``|``: a shard's hash tag is never a prefix's own."""
+    sharded = {view.users for view in Keys("a", shards=4).views}
+    assert not sharded & {Keys(p).users for p in ("a", "a:0", "a.0", "a-0", "a|0"[:1])}
+
+
+def test_keys_token_places_a_users_connection_in_the_users_shard() -> None:
+    keys = Keys("t", shards=8)
+    for user in ("ann", "bob", "ünï", "a b"):
+        for _ in range(20):
+            id = f"i1:{keys.token('i1', user)}"
+            assert keys.of_connection(id) is keys.of_user(user), (user, id)
+    assert len(keys.token("i1", None)) == 16 and len(Keys("t").token("i1", "ann")) == 16
+
+
+def test_keys_split_groups_ids_by_shard_in_order() -> None:
+    keys = Keys("t", shards=4)
+    ids = [f"i{n}:x{n}" for n in range(30)]
+    parts = keys.split(ids)
+    assert [view.shard for view, _ in parts] == sorted({shard_of(i, 4) for i in ids})
+    assert sorted(i for _, part in parts for i in part) == sorted(ids)
+    assert all(keys.of_connection(i) is view for view, part in parts for i in part)
+    assert Keys("t").split(ids) == [(Keys("t"), ids)]
+
+
+def test_keys_layout_value_records_the_count_of_shards() -> None:
+    assert Keys("t").layout_value == LAYOUT
+    assert Keys("t", shards=16).layout_value == f"{LAYOUT}|16"
+
+
+@pytest.mark.parametrize(("shards", "shard"), [(0, 0), (257, 0), (4, 4), (4, -1)])
+def test_keys_refuse_a_shard_out_of_range(shards: int, shard: int) -> None:
+    with pytest.raises(ValueError, match="shard"):
+        Keys("t", shards=shards, shard=shard)

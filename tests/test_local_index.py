@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from quart_wslb import MetadataSelector, PathSelector, UserSelector
+from quart_wslb.keys import Keys, shard_of
 from quart_wslb.local_index import LocalIndex
 from quart_wslb.signing import canonical
 from tests.support import KEYS, make_connection
@@ -93,7 +94,7 @@ def test_local_index_forgets_a_connection_everywhere() -> None:
     assert "i1:ann" not in local and len(local) == 2
     assert ids(local, ["S" + KEYS.group("room")]) == set()
     assert ids(local, ["Uann"]) == set()
-    assert local._members.keys() == set(op for c in (BOB, CID) for op in local.operands(c)), (
+    assert local._members[0].keys() == set(op for c in (BOB, CID) for op in local.operands(c)), (
         "an operand with no member left is dropped"
     )
 
@@ -119,3 +120,21 @@ def test_local_index_add_replaces_the_connection_held_under_its_id() -> None:
     assert ids(local, ["S" + KEYS.path("/a")]) == {"i1:bob"}
     local.discard(newer)
     assert "i1:ann" not in local and ids(local, ["Uann2"]) == set()
+
+
+def test_local_index_resolves_among_one_shards_connections() -> None:
+    """With several shards, each shard's envelope selects among its own connections."""
+    keys = Keys("t", shards=4)
+    local = LocalIndex(keys)
+    members = [make_connection(id=f"i1:c{n}", user=None, path="/a") for n in range(12)]
+    for connection in members:
+        local.add(connection)
+    sel = canonical(PathSelector("/a").compile(keys))
+    for shard in range(4):
+        found = {c.id for c in local.resolve(sel, shard) or []}
+        assert found == {c.id for c in members if shard_of(c.id, 4) == shard}
+        assert {c.id for c in local.resolve(["B"], shard) or []} == found
+    assert {c.id for c in local.resolve(sel) or []} == {c.id for c in members}
+    assert local.resolve(sel, 4) is None, "no such shard"
+    local.discard(members[0])
+    assert members[0].id not in {c.id for c in local.resolve(sel) or []}

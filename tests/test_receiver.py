@@ -430,7 +430,7 @@ def fixture_scripts(monkeypatch: pytest.MonkeyPatch) -> list[Scripted]:
     async def subscribe(channels: Any) -> AsyncIterator[Scripted]:
         yield scripts.pop(0) if scripts else Scripted()
 
-    monkeypatch.setattr("quart_wslb.receiver.pick", picking(subscribe))
+    monkeypatch.setattr("quart_wslb.receiver.pick_transport", picking(subscribe))
     monkeypatch.setattr("quart_wslb.receiver.BACKOFF_MAX", 0.05)
     monkeypatch.setattr("quart_wslb.receiver.READ_TIMEOUT", 0.05)
     return scripts
@@ -545,7 +545,7 @@ async def test_run_reads_the_cut_counter_before_subscribing(
             yield Scripted()
 
     monkeypatch.setattr("quart_wslb.receiver.output_buffer_cuts", output_buffer_cuts)
-    monkeypatch.setattr("quart_wslb.receiver.pick", picking(subscribe))
+    monkeypatch.setattr("quart_wslb.receiver.pick_transport", picking(subscribe))
     monkeypatch.setattr("quart_wslb.receiver.BACKOFF_MAX", 0.05)
     receiver = Receiver(fake_redis, KEYS, "i1", held(), OWNER)
     with recording(signals.subscriber_lost, OWNER) as lost:

@@ -24,7 +24,9 @@ from quart_wslb import (
     UserSelector,
 )
 from quart_wslb.emitter import AsyncEmitter
+from quart_wslb.keys import Keys, shard_of
 from quart_wslb.registry import Registry
+from quart_wslb.selectors import Program
 from tests.support import KEYS, PREFIX, fake_client, make_connection
 
 #: (connection id, user, path, room): values a glob or a key parser would confuse.
@@ -341,3 +343,34 @@ def test_drivers_of_an_and_scan_the_narrower_side() -> None:
 )
 def test_program_exact_when_redis_resolves_it_to_ids(selector: Selector, exact: bool) -> None:
     assert selector.compile(KEYS).exact is exact
+
+
+def _shard(value: str) -> set[int]:
+    return {shard_of(value, 4)}
+
+
+@pytest.mark.parametrize(
+    ("selector", "shards"),
+    [
+        (UserSelector("u"), _shard("u")),
+        (ConnectionSelector("i:c"), _shard("i:c")),
+        (GroupSelector("g"), {0, 1, 2, 3}),
+        (AllSelector(), {0, 1, 2, 3}),
+        (UserSelector("u") & GroupSelector("g"), _shard("u")),
+        (UserSelector("u") | UserSelector("v"), _shard("u") | _shard("v")),
+        (UserSelector("u") | GroupSelector("g"), {0, 1, 2, 3}),
+        (UserSelector("u") & UserSelector("v"), _shard("u") & _shard("v")),
+    ],
+)
+def test_program_shards_are_those_that_may_hold_a_match(
+    selector: Selector, shards: set[int]
+) -> None:
+    keys = Keys("t", shards=4)
+    assert selector.compile(keys).shards(4) == sorted(shards)
+    assert selector.compile(KEYS).shards(1) == [0]
+
+
+def test_program_shards_of_a_list_of_ids() -> None:
+    ids = ["i1:a", "i1:b", "i2:c"]
+    program = Program(ops=[f"M{len(ids)}", *ids])
+    assert program.shards(4) == sorted({shard_of(id, 4) for id in ids})

@@ -18,7 +18,13 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import InvalidResponse, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from quart_wslb.subscriber import PubSubSubscription, StreamSubscription, output_buffer_cuts
+from quart_wslb.subscriber import (
+    SHARDED,
+    PubSubSubscription,
+    StreamSubscription,
+    SubscriptionMovedError,
+    output_buffer_cuts,
+)
 from quart_wslb.wire import READ_SIZE
 from tests.support import SOON
 
@@ -136,6 +142,37 @@ async def test_stream_subscription_error_reply_ends_it_after_earlier_messages() 
     with pytest.raises(ResponseError, match="NOPERM"):
         await subscription.read(QUIET)
     with pytest.raises(ResponseError, match="NOPERM"):
+        await subscription.read(QUIET)
+
+
+@pytest.mark.parametrize("push", [False, True], ids=["resp2", "resp3"])
+async def test_stream_subscription_sharded_reads_smessages_after_confirmation(push: bool) -> None:
+    stream = asyncio.StreamReader()
+    subscription = StreamSubscription(stream, CHANNELS, SHARDED)
+    stream.feed_data(
+        b"".join(
+            array(bulk(b"ssubscribe"), bulk(c.encode()), b":1\r\n", push=push) for c in CHANNELS
+        )
+        + array(bulk(b"smessage"), bulk(b"t:ch:i1"), bulk(b"one"), push=push)
+        + message(b"not sharded: ignored", push=push)
+    )
+    await subscription.confirm(SOON)
+    assert await subscription.read(QUIET) == [b"one"]
+
+
+@pytest.mark.parametrize("push", [False, True], ids=["resp2", "resp3"])
+async def test_stream_subscription_server_unsubscribe_ends_it_after_earlier_messages(
+    push: bool,
+) -> None:
+    """Redis unsubscribes a sharded channel whose slot moved: never swallowed."""
+    stream = asyncio.StreamReader()
+    subscription = StreamSubscription(stream, CHANNELS, SHARDED)
+    stream.feed_data(
+        array(bulk(b"smessage"), bulk(b"t:ch:i1"), bulk(b"before"), push=push)
+        + array(bulk(b"sunsubscribe"), bulk(b"t:ch:i1"), b":0\r\n", push=push)
+    )
+    assert await subscription.read(QUIET) == [b"before"]
+    with pytest.raises(SubscriptionMovedError, match="t:ch:i1"):
         await subscription.read(QUIET)
 
 

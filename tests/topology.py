@@ -20,7 +20,15 @@ import redis
 
 from quart_wslb.testing import RedisServer, find_redis_server, free_port
 
-__all__ = ("RedisClusterSet", "SentinelSet", "needs_redis_7", "redis_version")
+__all__ = (
+    "RedisClusterSet",
+    "SentinelSet",
+    "needs_redis_7",
+    "pid_of",
+    "redis_version",
+    "reshard",
+    "server_of",
+)
 
 #: How long a topology may take to come up (a cluster needs a few gossip rounds).
 READY_TIMEOUT = 30.0
@@ -257,3 +265,29 @@ def _cluster_state(server: RedisServer) -> str:
     text = raw.decode() if isinstance(raw, bytes) else str(raw)
     match = re.search(r"cluster_state:(\w+)", text)
     return match.group(1) if match else ""
+
+
+def server_of(cluster: RedisClusterSet, port: int) -> RedisServer:
+    return next(server for server in cluster.servers if server.port == port)
+
+
+def pid_of(server: RedisServer) -> int:
+    if server.process is None:
+        raise RuntimeError("the server is not running")
+    return server.process.pid
+
+
+def reshard(slot: int, source: int, target: int, ports: list[int]) -> None:
+    """Move ``slot`` from the master on ``source`` to the one on ``target`` as redis-cli
+    would: IMPORTING, MIGRATING, every key MIGRATEd, then SETSLOT NODE everywhere."""
+    with redis.Redis(port=source) as src, redis.Redis(port=target) as dst:
+        dst_id = dst.execute_command("CLUSTER MYID")
+        dst.execute_command(
+            "CLUSTER SETSLOT", slot, "IMPORTING", src.execute_command("CLUSTER MYID")
+        )
+        src.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", dst_id)
+        while keys := src.execute_command("CLUSTER GETKEYSINSLOT", slot, 100):
+            src.execute_command("MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", *keys)
+        for port in [target, source, *(p for p in ports if p not in (source, target))]:
+            with redis.Redis(port=port) as node:
+                node.execute_command("CLUSTER SETSLOT", slot, "NODE", dst_id)

@@ -32,7 +32,7 @@ for i = 5, #ARGV do
   end
 end
 for _, instance in ipairs(order) do
-  redis.call('PUBLISH', ARGV[3] .. instance,
+  redis.call(PUBLISH, ARGV[3] .. instance,
     ARGV[4] .. cjson.encode(groups[instance]) .. ',"size":' .. #ARGV[2] .. '}]}\n' .. ARGV[2])
 end
 return found

@@ -7,7 +7,10 @@
 -- KEYS[3..] index sets named by the calls' programs
 -- ARGV[1]  channel base: channels are <base>:ch:<instance> and <base>:bcast (keys.py)
 -- ARGV[2]  origin (an instance id: JSON-safe as it is)
--- ARGV[3..] the calls, each: its offset into KEYS, its argument count n, then n
+-- ARGV[3]  more header fields, as they go after the origin: ',"sh":<n>' with several
+--          shards (keys.py), for the receivers to resolve selectors among that shard's
+--          connections only; else empty
+-- ARGV[4..] the calls, each: its offset into KEYS, its argument count n, then n
 --          arguments: message id (hex), kind, payload, fragment, program (read by
 --          _common.lua's fold; a lone B is a broadcast to every instance). The fragment opens the
 --          message's entry as it is: empty, or "sel":[..], naming the selector, or with
@@ -22,7 +25,7 @@
 -- Connection ids are "<instance>:<token>" of [A-Za-z0-9_.:-], so the owner needs no
 -- lookup and an id is quoted as it is. The keys built here (_common.lua, as in keys.py)
 -- share the registry's hash tag, hence its slot.
-local base, origin = ARGV[1], ARGV[2]
+local base, origin, extra = ARGV[1], ARGV[2], ARGV[3]
 local bundles, channels = {}, {}
 local CHANNEL, BROADCAST = base .. ':' .. W_CHANNEL .. ':', base .. ':' .. W_BROADCAST
 local BYTE_USER, BYTE_SET = string.byte(OP_USER), string.byte(OP_SET)
@@ -179,7 +182,7 @@ end
 -- message}, or false when no instance ever announced itself.
 local anyone = redis.call('EXISTS', KEYS[2]) == 1
 local calls, live = {}, nil
-local i = 3
+local i = 4
 while i <= #ARGV do
   local koff, n = tonumber(ARGV[i]), tonumber(ARGV[i + 1])
   local first, last = i + 2, i + 1 + n
@@ -224,8 +227,8 @@ end
 local heard = {}
 for _, channel in ipairs(channels) do
   local bundle = bundles[channel]
-  heard[channel] = redis.call('PUBLISH', channel,
-    '{"v":' .. VERSION .. ',"origin":"' .. origin .. '","messages":[' ..
+  heard[channel] = redis.call(PUBLISH, channel,
+    '{"v":' .. VERSION .. ',"origin":"' .. origin .. '"' .. extra .. ',"messages":[' ..
     table.concat(bundle.entries, ',') .. ']}\n' .. table.concat(bundle.payloads))
 end
 

@@ -203,9 +203,15 @@ class Liveness:
         if self._transport is None:
             self._transport = await pick_transport(self._redis)
         transport = self._transport
+        # A cluster's transport times out inside (and must, to learn of a hung master);
+        # a single Redis's (or Sentinel's master's) socket transport reads without a
+        # timeout, so a beat stuck on a hung master would hold the tick to its bound
+        # (twice the interval plus the timeout) before the next beat can reach the new one.
+        bound = None if clustered(self._redis) else self._timeout or None
         try:
-            await transport.ready()
-            replies = await transport.run(commands)
+            async with asyncio.timeout(bound):
+                await transport.ready()
+                replies = await transport.run(commands)
         finally:
             await transport.release()
         failed = [reply for reply in replies if isinstance(reply, BaseException)]

@@ -80,6 +80,9 @@ class AsyncEmitter:
     when no instance ever announced itself under the prefix (a wrong prefix); the
     extension's emitter is not strict, because right after Redis lost its data that is a
     normal, passing state.
+    ``shards`` (``WSLB_SHARDS``) must be the instances' count; ``None`` takes one on one
+    Redis, 16 on a Redis Cluster, which a URL naming any node of one is found to be at the
+    first call (docs/deploy.md).
     With a ``secret`` (``"kid:secret,..."``, a ``{key id: secret}`` mapping or a
     :class:`~quart_wslb.signing.Keyring`; else ``WSLB_SECRET``), every message it
     publishes is signed with the first key, as instances with a secret require
@@ -97,6 +100,7 @@ class AsyncEmitter:
         strict: bool = True,
         max_connections: int | None = None,
         secret: object = None,
+        shards: int | None = None,
     ) -> None:
         if redis is not None and redis_url is not None:
             raise TypeError("give at most one of redis and redis_url")
@@ -106,6 +110,7 @@ class AsyncEmitter:
             timeout=timeout,
             max_connections=max_connections,
             secret=secret,
+            shards=shards,
         )
         self._setup(options, redis, origin, strict)
 

@@ -58,6 +58,7 @@ class Emitter:
         max_connections: int | None = None,
         secret: object = None,
         strict: bool = True,
+        shards: int | None = None,
     ) -> None:
         # Resolved and validated now, in the caller's thread, so bad settings fail at
         # construction (and the loop thread sees the environment as it was then).
@@ -66,7 +67,8 @@ class Emitter:
             prefix=prefix,
             timeout=timeout,
             max_connections=max_connections,
-            secret=secret,  # parsed: a bad one fails here, and the text is not kept
+            secret=secret,  # parsed: a bad one fails here, and the text is not kept,
+            shards=shards,
         )
         self._setup(options, origin, strict)
 

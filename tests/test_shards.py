@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from websockets.asyncio.client import ClientConnection
 
+from quart_wslb import AsyncEmitter, Emitter
 from quart_wslb.contract import BROADCAST_REACHED, NO_INSTANCES
 from quart_wslb.emitter import _by_id
 from quart_wslb.keys import CLUSTER_SHARDS, Keys, shard_of
@@ -357,3 +358,28 @@ async def test_shards_spread_the_work_over_the_masters(
 
 #: Commands of the measurement itself, not of the workload.
 MEASURING = frozenset({"info", "config|resetstat", "config", "cluster|slots", "cluster|nodes"})
+
+
+@pytest.mark.integration
+async def test_shards_emitters_made_from_a_url_find_the_cluster(
+    start_cluster: StartCluster, clients: Clients, where: Where, prefix: str
+) -> None:
+    """An emitter given only the URL (and the shards) reaches the instances: on a cluster,
+    it tells so at its first call and speaks to the cluster."""
+    cluster, joined = await start(start_cluster, clients, where)
+    shards = None if where.cluster else where.shards
+    emitter = AsyncEmitter(redis_url=where.url, prefix=prefix, shards=shards)
+    try:
+        assert await emitter.send(UserSelector("user3"), "from an emitter") == 1
+        assert await emitter.count() == len(USERS)
+        assert emitter.keys.shards == where.shards
+    finally:
+        await emitter.aclose()
+    assert await receive(joined["user3"][0]) == "from an emitter"
+
+    def sync_send() -> int:
+        with Emitter(redis_url=where.url, prefix=prefix, shards=shards) as sync:
+            return sync.send(UserSelector("user4"), "from a sync emitter")
+
+    assert await asyncio.to_thread(sync_send) == 1
+    assert await receive(joined["user4"][0]) == "from a sync emitter"

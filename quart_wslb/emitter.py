@@ -372,7 +372,8 @@ class AsyncEmitter:
     @staticmethod
     def _receipt(message_id: str, routed: Routed) -> Receipt:
         """The :class:`Receipt` of a send."""
-        return Receipt(message_id, routed.routed, routed.instances, tuple(sorted(routed.unheard)))
+        unheard = tuple(sorted(name.decode() for name in routed.unheard)) if routed.unheard else ()
+        return Receipt(message_id, routed.routed, routed.instances, unheard)
 
     def _fragment(self, message_id: str, kind: Kind, payload: bytes, program: Program) -> bytes:
         """What opens the message's entries (``send.lua``): its signature with a

@@ -35,10 +35,10 @@ class Routed:
 
     #: Connections the message was routed to.
     routed: int = 0
-    #: Instances that received an envelope.
-    reached: set[str] = field(default_factory=set)
-    #: Owning instances whose channel nobody heard (dead or cut off).
-    unheard: set[str] = field(default_factory=set)
+    #: Instances that received an envelope (their ids as Redis returned them: bytes).
+    reached: set[bytes] = field(default_factory=set)
+    #: Owning instances whose channel nobody heard (dead or cut off), as bytes.
+    unheard: set[bytes] = field(default_factory=set)
     #: For a broadcast: the most instances that heard one shard's copy.
     heard: int | None = None
     #: Whether every shard said that no instance ever announced itself.
@@ -54,8 +54,10 @@ class Routed:
         if reached == BROADCAST_REACHED:
             self.heard = max(self.heard or 0, reply[2])
             return
-        self.reached.update(name.decode() for name in reply[2 : 2 + reached])
-        self.unheard.update(name.decode() for name in reply[2 + reached :])
+        # Decoded only where a receipt names them (unheard ones, rare).
+        self.reached.update(reply[2 : 2 + reached])
+        if len(reply) > 2 + reached:
+            self.unheard.update(reply[2 + reached :])
 
     @property
     def instances(self) -> int:
@@ -112,6 +114,11 @@ class ShardedSends:
     async def many(self, sends: Sequence[tuple[Program, list[bytes | str], bool]]) -> list[Any]:
         """The :class:`Routed` of each send, in order, or the error of a send that
         failed alone; a round trip that failed raises (see ``GroupCommit.many``)."""
+        if len(self._commits) == 1:  # one shard: no plan, one window after another
+            replies = await self._commits[0].many(
+                [(program.keys, [*args, *program.ops], alone) for program, args, alone in sends]
+            )
+            return [_routed(reply) for reply in replies]
         per_shard: list[list[Args]] = [[] for _ in self._commits]
         owners: list[list[tuple[int, int]]] = []  # per send: (shard, index in its list)
         for program, args, alone in sends:
@@ -167,3 +174,12 @@ class ShardedSends:
 def _more(keys: Keys, shard: int) -> bytes:
     """``send.lua``'s ``ARGV[3]``: the envelope's shard, with several."""
     return b"" if keys.shards == 1 else f',"sh":{shard}'.encode()
+
+
+def _routed(reply: Any) -> Any:
+    """One shard's reply as a :class:`Routed`, or the error it is."""
+    if isinstance(reply, BaseException):
+        return reply
+    routed = Routed()
+    routed.add(reply)
+    return routed

@@ -145,7 +145,7 @@ def test_routed_adds_up_the_shards_replies() -> None:
     assert (routed.routed, routed.instances, routed.unheard, routed.nobody) == (
         5,
         2,
-        {"dead"},
+        {b"dead"},
         False,
     )
     broadcast = Routed()

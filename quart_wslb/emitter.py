@@ -20,7 +20,6 @@ import os
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Self, cast
-from urllib.parse import urlsplit
 
 from redis.asyncio import Redis
 
@@ -39,7 +38,7 @@ from .exceptions import (
 from .keys import Keys
 from .queries import Reader, Stream
 from .records import ConnectionRecord
-from .redis_client import checked_client, clustered, make_client
+from .redis_client import checked_client, clustered, make_client, may_be_cluster
 from .selectors import AllSelector, Program, Selector
 from .shards import Routed, ShardedSends
 from .signing import canonical
@@ -180,8 +179,8 @@ class AsyncEmitter:
         """Once, for a client made from the URL: a node of a Redis Cluster gets a
         cluster client instead (Redis out of reach: asked again at the next call)."""
         options = self._options
-        if urlsplit(options.redis_url).scheme not in ("redis", "rediss"):
-            self._detected = True  # Sentinel names one master: never a cluster
+        if not may_be_cluster(options.redis_url):
+            self._detected = True
             return
         async with redis_deadline(self.timeout, "query"):
             found = await is_cluster(self._redis, self.timeout)

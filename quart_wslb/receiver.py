@@ -101,7 +101,9 @@ class Receiver:
         # Redis's count of output-buffer-limit cuts when we subscribed (None: unknown).
         self._cuts: int | None = None
         self._probe_sent = 0
-        # Per shard, the last probe heard: probe n is shard (n - 1) % shards's.
+        # Per shard, the last probe published and the last heard: probe n is shard
+        # (n - 1) % shards's.
+        self._probe_last = [0] * len(keys.views)
         self._probe_seen = [0] * len(keys.views)
         #: Monotonic time of the last message the subscriber received.
         self.last_message = time.monotonic()
@@ -127,9 +129,9 @@ class Receiver:
     def next_probes(self) -> list[bytes]:
         """The next probe of each shard, to publish on this instance's channel there."""
         probes = []
-        for _ in self._probe_seen:
+        for shard in range(len(self._probe_seen)):
             self._probe_sent += 1
-            number = self._probe_sent
+            number = self._probe_last[shard] = self._probe_sent
             if self._keyring is not None:
                 probes.append(PROBE + self._keyring.probe(self._instance, number))
             else:
@@ -139,11 +141,9 @@ class Receiver:
     def missed_probes(self) -> int:
         """Probes published since the last one the subscriber received, on the shard's
         channel that missed the most."""
-        shards, sent = len(self._probe_seen), self._probe_sent
-        # The last probe sent on shard k is the one numbered like it among the last round.
-        last = [sent - (sent - 1 - k) % shards for k in range(shards)] if sent else [0] * shards
-        gaps = zip(last, self._probe_seen, strict=True)
-        return max(0, *((mine - seen) // shards for mine, seen in gaps))
+        shards = len(self._probe_seen)
+        gaps = zip(self._probe_last, self._probe_seen, strict=True)
+        return max(0, *((last - seen) // shards for last, seen in gaps))
 
     def silent_for(self) -> float:
         """Seconds since the subscriber last received anything (probes included)."""

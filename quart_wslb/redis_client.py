@@ -47,6 +47,7 @@ __all__ = (
     "checked_client",
     "clustered",
     "make_client",
+    "may_be_cluster",
     "open_client",
     "parse_sentinel_url",
 )
@@ -99,6 +100,12 @@ def checked_client(redis: Redis) -> Redis:
     return redis
 
 
+def may_be_cluster(url: str) -> bool:
+    """Whether ``url`` may name a node of a Redis Cluster: ``redis://`` or ``rediss://``
+    (a Sentinel URL names the master of one Redis)."""
+    return urlparse(url).scheme in ("redis", "rediss")
+
+
 def clustered(redis: object) -> bool:
     """Whether ``redis`` is a Redis Cluster client (``redis.asyncio.RedisCluster``)."""
     return isinstance(redis, RedisCluster)
@@ -111,7 +118,7 @@ async def open_client(
     names a node of a cluster (asked within ``timeout``; a Redis out of reach is taken
     for a single one, and said so). A cluster client serves every command that
     quart-wslb sends through a client; it is typed as one here, in this one place."""
-    if urlparse(url).scheme in ("redis", "rediss"):
+    if may_be_cluster(url):
         try:
             if await is_cluster(url, timeout):
                 return cast(Redis, cluster_client(url, timeout, max_connections))

@@ -5,7 +5,7 @@ three sharded channels, one on each master, while a subscriber loop modelled on 
 receiver's reads them: on any error it subscribes again (the map of slots read again
 first), with backoff; every ~0.5 s the publisher also sends a probe on each channel, and
 the loop subscribes again when a channel missed two in a row
-(:class:`~quart_wslb.cluster.ProbeTracker`), since a hung master says nothing.
+(:class:`~quart_wslb.probes.ProbeTracker`), since a hung master says nothing.
 
 Faults, each on a private cluster: SIGKILL of the master of one channel's slot, SIGSTOP
 of it (SIGCONT at the end), and a reshard moving that slot to another master. Each test
@@ -30,7 +30,8 @@ from typing import Any
 import pytest
 import redis
 
-from quart_wslb.cluster import ClusterTransport, ProbeTracker, cluster_client, slot_of
+from quart_wslb.cluster import ClusterTransport, cluster_client, slot_of
+from quart_wslb.probes import ProbeTracker
 from quart_wslb.sharded import MergedSubscription
 from quart_wslb.testing import find_redis_server
 from tests.topology import RedisClusterSet, pid_of, redis_version, reshard, server_of

@@ -13,7 +13,12 @@ for round trips, :class:`~quart_wslb.subscriber.StreamSubscription` (reading
 
 Round trips: each command goes to the master of its key's slot (``EVALSHA``: its first
 key; ``SPUBLISH``: its channel; see :func:`route`), every master's share pipelined, all
-masters at once, replies in order. A command that Redis refused without running it
+masters at once, replies in order. Unlike a single Redis's transport, it takes round
+trips from several callers at once, and is shared rather than made again by
+:func:`~quart_wslb.transport.another` (every shard's group commit, the liveness loop):
+each master's shares of concurrent round trips go out together on one connection
+(:class:`~quart_wslb.funnel.Funnel`), so an instance holds one connection per master
+for them, whatever the number of shards. A command that Redis refused without running it
 (``MOVED``, ``ASK``, ``TRYAGAIN``, ``CLUSTERDOWN``, or a connection that could not be
 made, so nothing was written) is sent again where the refreshed map says, until
 ``timeout``; then its error is its reply. A command written to a connection that then
@@ -52,6 +57,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from ._compat import check
 from .config import DEFAULTS
+from .funnel import Funnel, SentError
 from .sharded import ShardedSubscriptions
 from .subscriber import Subscription
 from .transport import ClientTransport, SocketTransport, Transport, pick
@@ -83,8 +89,6 @@ _SCRIPT_CALLS = frozenset({"EVAL", "EVALSHA", "EVAL_RO", "EVALSHA_RO", "FCALL", 
 _BROADCAST = frozenset({"SCRIPT", "FUNCTION"})
 #: Sent before a command that an ``ASK`` redirected (its reply is dropped).
 _ASKING: Final = ("ASKING",)
-#: Errors that connecting or an exchange may raise.
-_FAILURES = (RedisError, OSError, TimeoutError)
 
 
 async def is_cluster(target: str | Redis, timeout: float = DEFAULTS["redis_timeout"]) -> bool:
@@ -134,10 +138,6 @@ def route(command: Sequence[Any]) -> Any:
     return command[1] if len(command) > 1 else None
 
 
-class _SentError(Exception):
-    """A node's exchange failed once its commands were written: they may have run."""
-
-
 @dataclass(slots=True)
 class _Round:
     """One attempt at the commands still to run: what to send where, and the outcome."""
@@ -167,7 +167,7 @@ class ClusterTransport:
         self._timeout = float(timeout if timeout is not None else socket_timeout * 0.8)
         self._owners: list[Address | None] = []
         self._known: set[Address] = set()
-        self._nodes: dict[Address, tuple[Redis, Transport]] = {}
+        self._nodes: dict[Address, tuple[Redis, Funnel]] = {}
         self._refreshing: asyncio.Lock | None = None
         self._refresher: asyncio.Task[None] | None = None
         self._subscriptions = ShardedSubscriptions(lambda node: self._node(node)[0], self._timeout)
@@ -248,8 +248,8 @@ class ClusterTransport:
         if not self._owners:
             await self.refresh()
 
-    def _node(self, address: Address) -> tuple[Redis, Transport]:
-        """The plain client of one master, and the transport of its round trips."""
+    def _node(self, address: Address) -> tuple[Redis, Funnel]:
+        """The plain client of one master, and the funnel of its round trips."""
         node = self._nodes.get(address)
         if node is None:
             pool = BlockingConnectionPool(
@@ -264,10 +264,17 @@ class ClusterTransport:
             transport: Transport = (
                 SocketTransport(redis) if check().raw else ClientTransport(redis)
             )
-            node = self._nodes[address] = (redis, transport)
+            funnel = Funnel(transport, f"{address[0]}:{address[1]}")
+            node = self._nodes[address] = (redis, funnel)
         return node
 
     # -- round trips ------------------------------------------------------------------
+
+    def sibling(self) -> ClusterTransport:
+        """The transport for another caller of round trips (another shard's group
+        commit, the liveness loop): this one, which takes round trips from several
+        callers at once on one connection per master (see the module's doc)."""
+        return self
 
     async def ready(self) -> None:
         """Read the map if there is none, and connect to every master: a master that
@@ -357,7 +364,7 @@ class ClusterTransport:
         for (node, indexes), outcome in zip(plan.items(), outcomes, strict=True):
             if isinstance(outcome, BaseException) and not isinstance(outcome, Exception):
                 raise outcome  # cancellation
-            if isinstance(outcome, _SentError):  # may have run: never again
+            if isinstance(outcome, SentError):  # may have run: never again
                 attempt.refresh = True
                 for index in indexes:
                     results[index] = outcome.__cause__ or outcome
@@ -393,29 +400,23 @@ class ClusterTransport:
     async def _exchange(
         self, node: Address, commands: list[Sequence[Any]], asking: list[bool], deadline: float
     ) -> list[Any]:
-        """One master's share: connected first (a failure there means nothing was
-        written), then pipelined; ``ASKING`` before each redirected command."""
-        _, transport = self._node(node)
-        remaining = max(0.0, deadline - asyncio.get_running_loop().time())
-        async with asyncio.timeout(remaining):
-            await transport.ready()
+        """One master's share, pipelined with the other callers' shares for that master
+        (``SentError`` once written: see :class:`~quart_wslb.funnel.Funnel`);
+        ``ASKING`` before each redirected command."""
         packed: list[Sequence[Any]] = []
         for command, ask in zip(commands, asking, strict=True):
             if ask:
                 packed.append(_ASKING)
             packed.append(command)
-        try:
-            async with asyncio.timeout(max(0.0, deadline - asyncio.get_running_loop().time())):
-                replies = await transport.run(packed)
-        except _FAILURES as error:
-            raise _SentError(f"{node[0]}:{node[1]}: {error!r}") from error
+        replies = await self._node(node)[1].run(packed, deadline)
         if any(asking):
             replies = [r for r, c in zip(replies, packed, strict=True) if c is not _ASKING]
         return replies
 
     async def release(self) -> None:
-        """Hand every master's connection back to its pool."""
-        await asyncio.gather(*(transport.release() for _, transport in self._nodes.values()))
+        """Hand every master's connection back to its pool (once its round trips are
+        done)."""
+        await asyncio.gather(*(funnel.release() for _, funnel in self._nodes.values()))
 
     async def aclose(self) -> None:
         """Close every master's client and parked subscription (the cluster client is
@@ -425,6 +426,7 @@ class ClusterTransport:
             await asyncio.gather(self._refresher, return_exceptions=True)
         await self._subscriptions.aclose()
         nodes, self._nodes = list(self._nodes.values()), {}
+        await asyncio.gather(*(funnel.aclose() for _, funnel in nodes), return_exceptions=True)
         await asyncio.gather(*(redis.aclose() for redis, _ in nodes), return_exceptions=True)
 
     # -- subscriptions ----------------------------------------------------------------

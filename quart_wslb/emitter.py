@@ -351,7 +351,8 @@ class AsyncEmitter:
     async def _first_sends(self) -> ShardedSends:
         """The group commits of sends, made at the first (concurrent first sends wait for
         them), on the transport given or picked now, within ``timeout``: one for each
-        shard, the others on transports of the same kind."""
+        shard, the others on what :func:`~quart_wslb.transport.another` gives (a
+        cluster's transport serves them all)."""
         async with asyncio.timeout(self.timeout), self._picking:
             if self._sends is None:
                 first = self._transport or await pick_transport(self._redis)

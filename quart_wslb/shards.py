@@ -6,9 +6,12 @@ shard is a registry of its own: a send goes to the shards that may hold a match
 (:meth:`Program.shards <quart_wslb.selectors.Program.shards>`: a user's or a
 connection's one shard, every shard for an index set), each shard's ``send.lua`` routes
 its own connections (and names its shard in the envelope, for the receivers), and the
-send's :class:`Routed` adds them up. Each shard has its own group commit, on a transport
-of its own, so that concurrent sends still share each shard's round trips and script
-calls, and the shards' calls run side by side.
+send's :class:`Routed` adds them up. Each shard has its own group commit, so that
+concurrent sends still share each shard's round trips and script calls, and the shards'
+calls run side by side: on one Redis each on a transport (a connection) of its own; on a
+Redis Cluster all on the one cluster transport, which sends what the shards of one
+master want at once together, on one connection per master
+(:class:`~quart_wslb.funnel.Funnel`).
 """
 
 from __future__ import annotations
@@ -67,7 +70,8 @@ class Routed:
 
 class ShardedSends:
     """``send.lua`` calls over every shard of ``keys``, each shard through a group
-    commit of its own (made on ``transports``, one per shard, in order)."""
+    commit of its own (made on ``transports``, one per shard, in order; one transport
+    may serve several: :func:`~quart_wslb.transport.another`)."""
 
     def __init__(
         self,

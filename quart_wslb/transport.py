@@ -166,7 +166,14 @@ async def _has_socket(redis: Redis) -> bool:
 
 def another(transport: Transport, redis: Redis) -> Transport:
     """A transport of ``transport``'s kind on ``redis``, with a connection of its own
-    (each shard's sends run their round trips side by side: :mod:`quart_wslb.shards`)."""
+    (each shard's sends run their round trips side by side: :mod:`quart_wslb.shards`);
+    or ``transport`` itself where it takes several callers' round trips at once and says
+    so with a ``sibling()`` method (a :class:`~quart_wslb.cluster.ClusterTransport`:
+    one connection per master, however many shards)."""
+    sibling = getattr(transport, "sibling", None)
+    if sibling is not None:
+        shared: Transport = sibling()
+        return shared
     kind: Any = type(transport)
     made: Transport = kind(redis)
     return made

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import hiredis
 import pytest
@@ -34,6 +34,7 @@ from quart_wslb.testing import (
     find_redis_server,
     free_port,
 )
+from quart_wslb.transport import SocketTransport, another
 from tests.topology import RedisClusterSet, redis_version, wait_until
 
 pytestmark = pytest.mark.timeout(60)
@@ -80,6 +81,22 @@ def test_redirection_tells_moved_ask_and_waits() -> None:
     assert _redirection(ResponseError("CLUSTERDOWN The cluster is down"))[0] == "CLUSTERDOWN"  # type: ignore[index]
     assert _redirection(ResponseError("WRONGTYPE Operation against a key")) is None
     assert _redirection(b"MOVED 1 h:1") is None
+
+
+async def test_another_shares_a_cluster_transport_and_makes_a_socket_one() -> None:
+    """Each shard's group commit asks ``another`` for a transport: a cluster's serves
+    them all (one connection per master), a single Redis's gets one of its own."""
+    client = cluster_client(f"redis://127.0.0.1:{free_port()}", 1.0)
+    plain = redis.asyncio.Redis(port=free_port())
+    try:
+        transport = ClusterTransport(client)
+        assert another(transport, cast(redis.asyncio.Redis, client)) is transport
+        socket = SocketTransport(plain)
+        made = another(socket, plain)
+        assert isinstance(made, SocketTransport) and made is not socket
+    finally:
+        await client.aclose()
+        await plain.aclose()
 
 
 # -- on a real cluster ----------------------------------------------------------------

@@ -356,6 +356,45 @@ async def test_shards_spread_the_work_over_the_masters(
     assert sum(stats.get("evalsha", 0) for stats in calls.values()) >= 3 * len(users)
 
 
+def named_connections(port: int, name: str) -> list[dict[str, Any]]:
+    """The clients of the node on ``port`` that called themselves ``name``."""
+    with redis.Redis(port=port, socket_timeout=5) as node:
+        return [c for c in node.client_list() if c.get("name") == name]
+
+
+@pytest.mark.integration
+async def test_shards_sends_share_one_connection_per_master(
+    cluster_set: RedisClusterSet, prefix: str
+) -> None:
+    """Concurrent sends over all of a cluster's shards (16, on 3 masters): each shard
+    has its group commit, but their round trips share one connection per master, where
+    a transport per shard held one on every master (17-18 connections per master
+    measured then, 2-3 now)."""
+    name = f"conns-{prefix}"
+    url = f"{cluster_set.url}?client_name={name}"
+    emitter = AsyncEmitter(redis_url=url, prefix=prefix, strict=False)
+    users = [f"member{n}" for n in range(100)]
+    try:
+        await emitter.send(UserSelector("warm"), "w")  # detection, the layout, the map
+        assert emitter.keys.shards == CLUSTER_SHARDS
+        assert {shard_of(user, CLUSTER_SHARDS) for user in users} == set(range(CLUSTER_SHARDS))
+        for _ in range(3):
+            await asyncio.gather(*(emitter.send(UserSelector(user), "x") for user in users))
+            await emitter.send(GroupSelector("g"), "y")  # every shard at once
+        held = {
+            server.port: named_connections(server.port, name) for server in cluster_set.masters()
+        }
+    finally:
+        await emitter.aclose()
+    counts = {port: len(clients) for port, clients in held.items()}
+    sends = {port: sum(c["cmd"] == "evalsha" for c in clients) for port, clients in held.items()}
+    print(f"\nconnections per master: {counts}; of which last ran EVALSHA: {sends}")
+    assert len(counts) == 3
+    # One for the sends; the cluster client's: its map of slots, the layout's reads.
+    assert all(n <= 3 for n in counts.values()), counts
+    assert all(n == 1 for n in sends.values()), sends
+
+
 #: Commands of the measurement itself, not of the workload.
 MEASURING = frozenset({"info", "config|resetstat", "config", "cluster|slots", "cluster|nodes"})
 

@@ -26,7 +26,9 @@ TEST_PREFIXES = "test-*"
 #: marked ``integration``, since CI runs those a second time as the restricted ACL user.
 #: Fixtures that start a private Redis Cluster or Sentinel set (tests/topology.py): their
 #: tests are marked ``topology`` too (the ACL run leaves them out: they use no ACL user).
-TOPOLOGY_FIXTURES = frozenset({"cluster_set", "sentinel_set", "faulty_set", "tls_sentinels"})
+TOPOLOGY_FIXTURES = frozenset(
+    {"cluster_set", "sentinel_set", "faulty_set", "tls_sentinels", "tls_cluster_set"}
+)
 REAL_REDIS_FIXTURES = frozenset({"admin_redis_url", "private_redis"}) | TOPOLOGY_FIXTURES
 
 

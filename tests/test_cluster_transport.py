@@ -12,7 +12,6 @@ from typing import Any, cast
 import hiredis
 import pytest
 import redis
-import trustme
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import MovedError, ResponseError
 
@@ -29,12 +28,12 @@ from quart_wslb.cluster import (
 from quart_wslb.redis_client import make_client
 from quart_wslb.testing import (
     RedisServer,
-    TLSFiles,
     TLSUnsupportedError,
     find_redis_server,
     free_port,
 )
 from quart_wslb.transport import SocketTransport, another
+from tests.support import tls_files
 from tests.topology import RedisClusterSet, redis_version, wait_until
 
 pytestmark = pytest.mark.timeout(60)
@@ -384,12 +383,7 @@ async def test_cluster_client_and_transport_use_the_url_password() -> None:
 @NEEDS_7
 async def test_cluster_client_and_transport_speak_tls(tmp_path: Path) -> None:
     """``rediss://`` reaches every connection: map reads, round trips, subscriptions."""
-    ca = trustme.CA()
-    issued = ca.issue_cert("127.0.0.1", "localhost")
-    files = TLSFiles(str(tmp_path / "s.pem"), str(tmp_path / "s.key"), str(tmp_path / "ca.pem"))
-    issued.cert_chain_pems[0].write_to_path(files.cert)
-    issued.private_key_pem.write_to_path(files.key)
-    ca.cert_pem.write_to_path(files.ca)
+    files = tls_files(tmp_path)
     args = ("--cluster-enabled", "yes", "--cluster-port", str(free_port()), "--tls-cluster", "yes")
     server = RedisServer(tls=files, args=args)
     try:

@@ -25,7 +25,9 @@ from quart_wslb.emitter import _by_id
 from quart_wslb.keys import CLUSTER_SHARDS, Keys, shard_of
 from quart_wslb.selectors import GroupSelector, UserSelector
 from quart_wslb.shards import Routed, ShardedSends
+from quart_wslb.testing import TLSUnsupportedError
 from tests.cluster import Clients, Cluster, assert_silent, receive
+from tests.support import tls_files
 from tests.topology import RedisClusterSet, redis_version, wait_until
 
 pytestmark = [pytest.mark.timeout(180)]
@@ -56,6 +58,21 @@ def fixture_cluster_set() -> Iterator[RedisClusterSet]:
     if redis_version() < (7,):
         pytest.skip(f"Redis Cluster's sharded pub/sub needs Redis 7, not {redis_version()}")
     with RedisClusterSet().start() as cluster:
+        yield cluster
+
+
+@pytest.fixture(name="tls_cluster_set", scope="module")
+def fixture_tls_cluster_set(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterSet]:
+    """3 masters (no replicas: quicker) that speak TLS only, to clients and to each other,
+    with one throwaway CA; its URL names the CA."""
+    if redis_version() < (7,):
+        pytest.skip(f"Redis Cluster's sharded pub/sub needs Redis 7, not {redis_version()}")
+    cluster = RedisClusterSet(replicas=0, tls=tls_files(tmp_path_factory.mktemp("tls")))
+    try:
+        cluster.start()
+    except TLSUnsupportedError as error:
+        pytest.skip(f"{error}: install a redis-server built with TLS (Debian's is)")
+    with cluster:
         yield cluster
 
 
@@ -393,6 +410,36 @@ async def test_shards_sends_share_one_connection_per_master(
     # One for the sends; the cluster client's: its map of slots, the layout's reads.
     assert all(n <= 3 for n in counts.values()), counts
     assert all(n == 1 for n in sends.values()), sends
+
+
+@pytest.mark.integration
+async def test_shards_deliver_over_tls_through_every_master(
+    start_cluster: StartCluster, clients: Clients, tls_cluster_set: RedisClusterSet, prefix: str
+) -> None:
+    """Two instances and an emitter given the ``rediss://`` URL of one node of a
+    3-master cluster that speaks only TLS: registrations, every master's sharded
+    subscriptions and sends, and the emitter's, all over TLS."""
+    cluster = start_cluster(2, url=tls_cluster_set.url)
+    users = [f"member{n}" for n in range(24)]
+    joined = {user: await clients.join(cluster[0], user) for user in users}
+    for n, user in enumerate(users):
+        assert await cluster[1].send({"user": user}, [n]) == 1
+    assert await cluster[1].send({"all": True}, "everyone") == len(users)
+    emitter = AsyncEmitter(redis_url=tls_cluster_set.url, prefix=prefix)
+    try:
+        assert await emitter.send(UserSelector(users[0]), "from an emitter") == 1
+    finally:
+        await emitter.aclose()
+    for n, user in enumerate(users):
+        client = joined[user][0]
+        assert await receive(client) == [n]
+        assert await receive(client) == "everyone"
+    assert await receive(joined[users[0]][0]) == "from an emitter"
+    ca = tls_cluster_set.tls.ca if tls_cluster_set.tls else None
+    for server in tls_cluster_set.masters():  # each master took its share, over TLS
+        with redis.Redis(port=server.port, ssl=True, ssl_ca_certs=ca) as node:
+            stats = node.info("commandstats")
+        assert {"cmdstat_evalsha", "cmdstat_spublish", "cmdstat_ssubscribe"} <= stats.keys()
 
 
 #: Commands of the measurement itself, not of the workload.

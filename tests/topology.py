@@ -18,7 +18,7 @@ from typing import Any, Self
 import pytest
 import redis
 
-from quart_wslb.testing import RedisServer, find_redis_server, free_port
+from quart_wslb.testing import RedisServer, TLSFiles, find_redis_server, free_port
 
 __all__ = (
     "RedisClusterSet",
@@ -68,8 +68,15 @@ def wait_until(check: Callable[[], bool], what: str, timeout: float = READY_TIME
         time.sleep(0.05)
 
 
+def _client(port: int, tls: TLSFiles | None = None, timeout: float = 5.0) -> redis.Redis:
+    """A client of the node on ``port``, over TLS (trusting ``tls.ca``) if given."""
+    if tls is None:
+        return redis.Redis(port=port, socket_timeout=timeout)
+    return redis.Redis(port=port, socket_timeout=timeout, ssl=True, ssl_ca_certs=tls.ca)
+
+
 def _info(node: RedisServer, section: str) -> dict[str, object]:
-    with redis.Redis(port=node.port, socket_timeout=2) as client:
+    with _client(node.port, node.tls, timeout=2) as client:
         info: dict[str, object] = client.info(section)
         return info
 
@@ -118,25 +125,32 @@ class _Topology:
 
 
 class RedisClusterSet(_Topology):
-    """``masters`` masters with ``replicas`` replicas each, on loopback ports."""
+    """``masters`` masters with ``replicas`` replicas each, on loopback ports; with
+    ``tls``, every node speaks TLS only, to clients, on the cluster bus and for
+    replication (``TLSUnsupportedError`` from :meth:`start` if the binary cannot)."""
 
-    def __init__(self, masters: int = 3, replicas: int = 1) -> None:
+    def __init__(self, masters: int = 3, replicas: int = 1, tls: TLSFiles | None = None) -> None:
         self.size = masters * (1 + replicas)
         self.replicas_per_master = replicas
-        args = (
+        self.tls = tls
+        args: tuple[str, ...] = (
             "--cluster-enabled", "yes",
             "--cluster-config-file", "nodes.conf",
             "--cluster-node-timeout", str(FAILURE_MS),
         )  # fmt: skip
+        if tls is not None:
+            args = (*args, "--tls-cluster", "yes", "--tls-replication", "yes")
         # Explicit bus ports: the default (port + 10000) fails for ports over 55535.
         self.bus_ports = [free_port() for _ in range(self.size)]
         self.servers = [
-            RedisServer(args=(*args, "--cluster-port", str(bus))) for bus in self.bus_ports
+            RedisServer(tls=tls, args=(*args, "--cluster-port", str(bus)))
+            for bus in self.bus_ports
         ]
 
     @property
     def url(self) -> str:
-        """A URL of one node (a cluster client finds the others)."""
+        """A URL of one node (a cluster client finds the others; ``rediss://`` naming
+        the CA with TLS)."""
         return self.servers[0].url
 
     def _bring_up(self) -> None:
@@ -153,13 +167,15 @@ class RedisClusterSet(_Topology):
         masters = ports[: self.size // (1 + self.replicas_per_master)]
         for n, port in enumerate(masters):
             first, last = SLOTS * n // len(masters), SLOTS * (n + 1) // len(masters) - 1
-            _run(port, "CLUSTER", "ADDSLOTSRANGE", first, last)
+            _run(port, "CLUSTER", "ADDSLOTSRANGE", first, last, tls=self.tls)
         for port, bus in zip(ports[1:], self.bus_ports[1:], strict=True):
-            _run(ports[0], "CLUSTER", "MEET", "127.0.0.1", port, bus)
-        wait_until(lambda: all(_known(port) == self.size for port in ports), "every node met")
-        ids = [_run(port, "CLUSTER", "MYID") for port in masters]
+            _run(ports[0], "CLUSTER", "MEET", "127.0.0.1", port, bus, tls=self.tls)
+        wait_until(
+            lambda: all(_known(port, self.tls) == self.size for port in ports), "every node met"
+        )
+        ids = [_run(port, "CLUSTER", "MYID", tls=self.tls) for port in masters]
         for n, port in enumerate(ports[len(masters) :]):
-            _run(port, "CLUSTER", "REPLICATE", ids[n % len(masters)])
+            _run(port, "CLUSTER", "REPLICATE", ids[n % len(masters)], tls=self.tls)
 
     def masters(self) -> list[RedisServer]:
         """The nodes that are masters now."""
@@ -240,9 +256,9 @@ def _role(server: RedisServer) -> str:
     return str(_info(server, "replication").get("role"))
 
 
-def _run(port: int, *command: object) -> Any:
-    """One command to the node on ``port``."""
-    with redis.Redis(port=port, socket_timeout=5) as client:
+def _run(port: int, *command: object, tls: TLSFiles | None = None) -> Any:
+    """One command to the node on ``port`` (over TLS if given)."""
+    with _client(port, tls) as client:
         return client.execute_command(*command)  # type: ignore[no-untyped-call, unused-ignore]
 
 
@@ -253,15 +269,15 @@ def _fields(reply: Any) -> dict[str, Any]:
     return {k.decode() if isinstance(k, bytes) else str(k): v for k, v in reply.items()}
 
 
-def _known(port: int) -> int:
+def _known(port: int, tls: TLSFiles | None = None) -> int:
     """How many nodes the node on ``port`` knows (itself included)."""
-    raw = _run(port, "CLUSTER", "NODES")
+    raw = _run(port, "CLUSTER", "NODES", tls=tls)
     text = raw.decode() if isinstance(raw, bytes) else str(raw)
     return len([line for line in text.splitlines() if line.strip()])
 
 
 def _cluster_state(server: RedisServer) -> str:
-    raw = _run(server.port, "CLUSTER", "INFO")
+    raw = _run(server.port, "CLUSTER", "INFO", tls=server.tls)
     text = raw.decode() if isinstance(raw, bytes) else str(raw)
     match = re.search(r"cluster_state:(\w+)", text)
     return match.group(1) if match else ""

@@ -166,6 +166,8 @@ class ClusterTransport:
         socket_timeout = options.get("socket_timeout") or DEFAULTS["redis_timeout"]
         self._timeout = float(timeout if timeout is not None else socket_timeout * 0.8)
         self._owners: list[Address | None] = []
+        # The masters the map names, kept with it: each round trip asks (16384 slots).
+        self._masters: list[Address] = []
         self._known: set[Address] = set()
         self._nodes: dict[Address, tuple[Redis, Funnel]] = {}
         self._refreshing: asyncio.Lock | None = None
@@ -180,7 +182,7 @@ class ClusterTransport:
 
     def masters(self) -> list[Address]:
         """The masters that serve slots, as last read."""
-        return sorted({owner for owner in self._owners if owner is not None})
+        return list(self._masters)
 
     async def refresh(self) -> None:
         """Read the map of slots again: ``CLUSTER SLOTS`` from every known node at once;
@@ -195,7 +197,8 @@ class ClusterTransport:
             answer = await self._first_answer(sorted(self._known))
             if answer is None:
                 raise RedisConnectionError("no node of the Redis Cluster answered CLUSTER SLOTS")
-            self._owners, nodes = answer
+            owners, nodes = answer
+            self._take_map(owners)
             self._known |= nodes
 
     async def _first_answer(
@@ -243,6 +246,11 @@ class ClusterTransport:
             named.update(addresses)
             owners[int(first) : int(last) + 1] = [addresses[0]] * (int(last) - int(first) + 1)
         return owners, named
+
+    def _take_map(self, owners: Sequence[Address | None]) -> None:
+        """Use ``owners`` as the map of slots, and the masters it names."""
+        self._owners = list(owners)
+        self._masters = sorted({owner for owner in owners if owner is not None})
 
     async def _mapped(self) -> None:
         if not self._owners:
@@ -391,6 +399,8 @@ class ClusterTransport:
         attempt.retry[index] = reply
         if kind == "MOVED" and target is not None and slot is not None and self._owners:
             self._owners[slot] = target  # right at once; the rest at the refresh
+            if target not in self._masters:
+                self._masters = sorted([*self._masters, target])
             attempt.refresh = True
         elif kind == "ASK" and target is not None:
             attempt.asking[index] = target

@@ -20,6 +20,7 @@ from quart_wslb.cluster import (
     EVERY_MASTER,
     ClusterTransport,
     _redirection,
+    _Round,
     cluster_client,
     is_cluster,
     route,
@@ -96,6 +97,25 @@ async def test_another_shares_a_cluster_transport_and_makes_a_socket_one() -> No
     finally:
         await client.aclose()
         await plain.aclose()
+
+
+async def test_cluster_transport_keeps_its_masters_with_the_map() -> None:
+    """The masters are listed once per map read (each round trip asks), and a MOVED to
+    a master not in the list adds it before the map is read again."""
+    client = cluster_client(f"redis://127.0.0.1:{free_port()}", 1.0)
+    try:
+        transport = ClusterTransport(client)
+        a, b, c = ("h", 1), ("h", 2), ("h", 3)
+        transport._take_map([b] * 8000 + [a] * 8384)
+        assert transport.masters() == [a, b]
+        attempt = _Round({}, {})
+        results: list[Any] = [None]
+        transport._sort(0, a, ResponseError("MOVED 5 h:3"), attempt, results)
+        assert transport.masters() == [a, b, c]
+        assert transport._owners[4] == b and transport._owners[5] == c
+        assert attempt.refresh and 0 in attempt.retry
+    finally:
+        await client.aclose()
 
 
 # -- on a real cluster ----------------------------------------------------------------
@@ -199,7 +219,7 @@ async def test_cluster_transport_follows_moved_from_a_stale_map(
     await transport.ready()
     keys = spread(transport, "moved")
     wrong = transport.masters()[0]
-    transport._owners = [wrong] * len(transport._owners)  # every slot on one master
+    transport._take_map([wrong] * len(transport._owners))  # every slot on one master
     replies = await transport.run([["SET", key, "v"] for key in keys])
     assert replies == [b"OK"] * 3
     assert len({transport.owner(key) for key in keys}) == 3  # the map was read again
@@ -214,7 +234,7 @@ async def test_cluster_transport_sends_again_what_could_not_be_written(
     the command goes again where the map, read again, says."""
     await transport.ready()
     key = spread(transport, "gone")[0]
-    transport._owners = [("127.0.0.1", free_port())] * len(transport._owners)
+    transport._take_map([("127.0.0.1", free_port())] * len(transport._owners))
     assert await transport.run([["SET", key, "v"], ["GET", key]]) == [b"OK", b"v"]
     assert transport.owner(key) in transport.masters()
 
@@ -246,7 +266,7 @@ async def test_cluster_transport_never_sends_twice_what_may_have_run(
     port = server.sockets[0].getsockname()[1]
     try:
         await transport.ready()
-        transport._owners = [("127.0.0.1", port)] * len(transport._owners)
+        transport._take_map([("127.0.0.1", port)] * len(transport._owners))
         (reply,) = await transport.run([["SET", "{twice}k", "v"]])
         assert isinstance(reply, RedisConnectionError), (reply, received)
         assert sum(c[0].upper() == b"SET" for c in received) == 1

@@ -158,6 +158,9 @@ class AsyncEmitter:
         #: Runs the sends; made at the first, on the transport (picked then, if not given).
         self._sends: ShardedSends | None = None
         self._picking = asyncio.Lock()
+        # Concurrent first calls ask once: the first to learn of a cluster closes the
+        # client that the others would still be asking on.
+        self._detecting = asyncio.Lock()
         self._bind(
             redis or make_client(options.redis_url, options.timeout, options.max_connections)
         )
@@ -178,6 +181,11 @@ class AsyncEmitter:
     async def _detect(self) -> None:
         """Once, for a client made from the URL: a node of a Redis Cluster gets a
         cluster client instead (Redis out of reach: asked again at the next call)."""
+        async with self._detecting:
+            if not self._detected:
+                await self._detect_now()
+
+    async def _detect_now(self) -> None:
         options = self._options
         if not may_be_cluster(options.redis_url):
             self._detected = True

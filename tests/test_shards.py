@@ -442,6 +442,24 @@ async def test_shards_deliver_over_tls_through_every_master(
         assert {"cmdstat_evalsha", "cmdstat_spublish", "cmdstat_ssubscribe"} <= stats.keys()
 
 
+@pytest.mark.integration
+async def test_shards_emitter_first_calls_at_once_find_the_cluster_once(
+    cluster_set: RedisClusterSet, prefix: str
+) -> None:
+    """Many first calls of an emitter made from a cluster node's URL, all at once: one
+    tells the cluster, and none fails on the client it replaced."""
+    emitter = AsyncEmitter(redis_url=cluster_set.url, prefix=prefix, strict=False)
+    try:
+        outcomes = await asyncio.gather(
+            *(emitter.send(UserSelector(f"member{n}"), "x") for n in range(50)),
+            return_exceptions=True,
+        )
+        assert [o for o in outcomes if isinstance(o, BaseException)] == []
+        assert isinstance(emitter._redis, RedisCluster)
+    finally:
+        await emitter.aclose()
+
+
 #: Commands of the measurement itself, not of the workload.
 MEASURING = frozenset({"info", "config|resetstat", "config", "cluster|slots", "cluster|nodes"})
 

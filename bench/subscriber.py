@@ -68,7 +68,7 @@ class LegacyReceiver(Receiver):
             try:
                 async with self._redis.pubsub() as pubsub:
                     await pubsub.subscribe(*channels)
-                    await self._subscribed()
+                    self._subscribed()
                     delay = BACKOFF_MIN
                     while not self._restart:
                         message = await pubsub.get_message(

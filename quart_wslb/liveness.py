@@ -131,7 +131,8 @@ class Liveness:
     async def tick(self) -> None:
         """One beat, probe check, repair and sweep."""
         self._ticks += 1
-        registered, heard = await self.beat()
+        registered, listeners = await self.beat()
+        heard = min(listeners)
         if self._healthy_since is None:
             self._healthy_since = time.monotonic()
         # Deaf: unsubscribed, or probes missed while nothing at all arrives. A subscriber
@@ -143,15 +144,19 @@ class Liveness:
                 "delivered what it holds",
                 heard,
             )
-            self._receiver.restart()
+            # Some shards unheard (their beat failed: a cluster's hung master): only
+            # theirs are dropped, the others' subscriptions stay. Else all are drained.
+            unheard = [shard for shard, count in enumerate(listeners) if count == 0]
+            self._receiver.restart(unheard if 0 < len(unheard) < len(listeners) else None)
         if registered != len(self._local) or self._ticks % FULL_REPAIR_EVERY == 0:
             await self.repair()
         if self._regroup_due:  # a resubscription's regroup that Redis cut short
             await self.regroup()
         await self.sweep()
 
-    async def beat(self) -> tuple[int, int]:
-        """Refresh the heartbeat; returns (records Redis holds for us, probe listeners).
+    async def beat(self) -> tuple[int, list[int]]:
+        """Refresh the heartbeat; returns (records Redis holds for us, probe listeners of
+        each shard: 0 where the probe failed).
 
         Raises :class:`~quart_wslb.WsLoadBalanceError`, announcing nothing, when the
         prefix holds keys of another layout (another version of quart-wslb).
@@ -182,7 +187,7 @@ class Liveness:
         # A shard that failed (a cluster's hung master) is as good as deaf: its probe
         # went unheard, and the subscriber is rebuilt once the map names another master.
         registered = sum(r for r in replies[4::6] if isinstance(r, int))
-        return registered, min(r if isinstance(r, int) else 0 for r in replies[5::6])
+        return registered, [r if isinstance(r, int) else 0 for r in replies[5::6]]
 
     def _check_layouts(self, replies: list[Any]) -> None:
         """Check the layout marker that each shard's ``GET`` read (``SETNX``, ``GET``

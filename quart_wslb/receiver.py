@@ -7,7 +7,9 @@ error logs (with the traceback when it is not a Redis failure), sends ``subscrib
 with a reason, backs off and subscribes again; a probe that the liveness loop publishes
 on the instance's own channel proves it still hears (see :mod:`quart_wslb.liveness`).
 Whatever the connection holds is delivered before it is dropped: everything Redis sent
-before closing it, and on a restart, whatever keeps arriving. It subscribes through
+before closing it, and on a restart, whatever keeps arriving. On a Redis Cluster, a
+restart for some shards drops only their masters' parts, drained, and at once (see
+:mod:`quart_wslb.sharded`): the other masters' keep what they hold. It subscribes through
 its :class:`~quart_wslb.transport.Transport`, whose subscription
 (:mod:`quart_wslb.subscriber`) hands over every message that arrived at once.
 A message either lists its targets (a user's or a connection's ids) or names its
@@ -24,7 +26,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -37,6 +39,8 @@ from .exceptions import REDIS_FAILURES, describe
 from .keys import Keys
 from .local_index import LocalIndex
 from .outgoing import Outgoing
+from .redis_client import clustered
+from .sharded import MergedSubscription
 from .signal_sender import SignalSender
 from .signing import Keyring, Verifier
 from .subscriber import SubscriberClosedError, Subscription, output_buffer_cuts
@@ -98,6 +102,10 @@ class Receiver:
         self.subscribed = asyncio.Event()
         # Monotonic time at which a restart was asked for; None if none was.
         self._restart: float | None = None
+        # The shards whose channels went deaf, as the restart named them (None: all).
+        self._deaf: set[int] | None = None
+        # The callbacks' run after the last subscription (see _subscribed).
+        self._followup: asyncio.Future[None] | None = None
         # Redis's count of output-buffer-limit cuts when we subscribed (None: unknown).
         self._cuts: int | None = None
         self._probe_sent = 0
@@ -114,6 +122,7 @@ class Receiver:
 
     async def aclose(self) -> None:
         """Close the transport's own clients, if any (the loop is stopped)."""
+        await self._stop_followup()
         await close(self._transport)
 
     def on_subscribed(self, callback: Callable[[], Awaitable[None]]) -> None:
@@ -149,15 +158,21 @@ class Receiver:
         """Seconds since the subscriber last received anything (probes included)."""
         return time.monotonic() - self.last_message
 
-    def restart(self) -> None:
+    def restart(self, shards: Iterable[int] | None = None) -> None:
         """Subscribe again once the subscriber has delivered what it already holds.
 
         The loop reads on until the connection ends (Redis closed it: everything it sent
         is delivered) or no message comes for ``READ_TIMEOUT``, for at most
         ``DRAIN_LIMIT`` seconds; then it subscribes again and sends ``subscriber_lost``.
+        Naming the deaf ``shards`` (on a Redis Cluster: those a hung master holds) ends
+        the subscription at once instead: only the parts holding their channels are
+        dropped, once drained, and the others are taken back unread.
         """
+        named = None if shards is None else set(shards)
         if self._restart is None:
-            self._restart = time.monotonic()
+            self._restart, self._deaf = time.monotonic(), named
+        elif self._deaf is not None:
+            self._deaf = None if named is None else self._deaf | named
 
     async def run(self) -> None:
         """Subscribe and deliver until cancelled; no error other than cancellation ends it.
@@ -167,12 +182,7 @@ class Receiver:
         ``BACKOFF_MAX``, since an instance without a subscriber would accept clients it
         can never deliver to. Either way ``subscriber_lost`` says why.
         """
-        # Each shard routes its own connections' messages (keys.py), on its own channels.
-        channels = [
-            name
-            for keys in self._keys.views
-            for name in (keys.channel(self._instance), keys.broadcast)
-        ]
+        channels = self._channels(range(len(self._keys.views)))
         delay = BACKOFF_MIN
         while True:
             since: float | None = None
@@ -180,14 +190,17 @@ class Receiver:
                 if self._transport is None:  # picked once, retried like a subscription
                     self._transport = await pick_transport(self._redis)
                 # Before subscribing: Redis may cut the subscription as soon as it is
-                # confirmed, and every cut after this read must count.
-                self._cuts = await output_buffer_cuts(self._redis)
+                # confirmed, and every cut after this read must count. A cluster
+                # client's INFO tells of one node (maybe a hung one): not asked.
+                if not clustered(self._redis):
+                    self._cuts = await output_buffer_cuts(self._redis)
                 async with self._transport.subscribe(channels) as subscription:
                     since = time.monotonic()
-                    await self._subscribed()
+                    self._subscribed()
                     await self._listen(subscription)
             except asyncio.CancelledError:
                 self.subscribed.clear()
+                await self._stop_followup()
                 raise
             except Exception as error:
                 self.subscribed.clear()
@@ -199,6 +212,16 @@ class Receiver:
                 if pause := await self._lost(error, delay):
                     await asyncio.sleep(pause * random.uniform(0.5, 1.0))
                     delay = min(pause * 2, BACKOFF_MAX)
+
+    def _channels(self, shards: Iterable[int]) -> list[str]:
+        """The channels of these shards: each routes its own connections' messages
+        (:mod:`quart_wslb.keys`), on its own channels."""
+        views = self._keys.views
+        return [
+            name
+            for shard in shards
+            for name in (views[shard].channel(self._instance), views[shard].broadcast)
+        ]
 
     async def _listen(self, subscription: Subscription) -> None:
         """Dispatch every message in order until the subscription ends.
@@ -214,6 +237,11 @@ class Receiver:
             for raw in batch:
                 await self._dispatch_guarded(raw)
             asked = self._restart
+            if asked is not None and self._deaf and isinstance(subscription, MergedSubscription):
+                subscription.abandon(self._channels(self._deaf))
+                raise SubscriberRestartedError(
+                    f"the subscriber missed its probes on shards {sorted(self._deaf)}"
+                )
             if asked is not None and (not batch or time.monotonic() - asked > DRAIN_LIMIT):
                 raise SubscriberRestartedError(
                     "the subscriber missed its probes; restarted "
@@ -263,10 +291,24 @@ class Receiver:
         cut = before is not None and after is not None and after > before
         return "output_buffer_limit" if cut else "closed"
 
-    async def _subscribed(self) -> None:
-        self._restart = None
+    def _subscribed(self) -> None:
+        """Mark the subscription live, and run the callbacks beside the listening: they
+        talk to Redis (each bounded by its timeout), maybe to a master still hung, and
+        delivery must not wait for them. A run still going from before is superseded."""
+        self._restart = self._deaf = None
         self._probe_seen = [self._probe_sent] * len(self._probe_seen)
         self.subscribed.set()
+        if self._followup is not None:
+            self._followup.cancel()
+        self._followup = asyncio.ensure_future(self._after_subscribing())
+
+    async def _stop_followup(self) -> None:
+        followup, self._followup = self._followup, None
+        if followup is not None:
+            followup.cancel()
+            await asyncio.gather(followup, return_exceptions=True)
+
+    async def _after_subscribing(self) -> None:
         for callback in self._on_subscribed:
             try:
                 await callback()

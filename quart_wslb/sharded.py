@@ -8,9 +8,14 @@ on one Redis. But the other masters' parts are not closed: they are parked, unre
 (what arrives waits in their sockets), and the next subscription takes them back if the
 map still puts the same channels on the same master, so that a fault on one master costs
 the channels of the others nothing: not a message in flight, not a re-subscription.
-Parts are closed when the caller ends the subscription for good (cancellation, or its
-block ends), or on an error of the caller's own unless it names the channels to drop
-(:meth:`MergedSubscription.abandon`: the channels that missed their probes).
+The caller may end a subscription at once, naming the channels that went deaf
+(:meth:`MergedSubscription.abandon`): only their parts are dropped.
+
+A part is dropped only once drained: ``SUNSUBSCRIBE``, then read until Redis confirms
+it (within the timeout), so that every message a publisher was told reached us is handed
+out, ahead of what the next subscription reads. Parts are closed undrained only when the
+caller ends the subscription for good (cancellation, or its block ends), or on an error
+of the caller's own that names no channels.
 """
 
 from __future__ import annotations
@@ -40,6 +45,10 @@ PART_READ = 1.0
 #: Batches read and not yet handed out, at most: past it the parts are not read, so a slow
 #: consumer backs up into Redis's output buffers, as on one Redis.
 MERGE_DEPTH = 64
+#: Longest the drain of a part that went deaf waits: its master missed its probes, most
+#: likely hung (a healthy one confirms a ``SUNSUBSCRIBE`` far sooner), and the channels
+#: of this master stay unheard until the next subscription.
+DEAF_DRAIN = 0.5
 #: Put after the last batch once every part stopped.
 _END: Final = object()
 
@@ -57,6 +66,20 @@ class Part:
     async def aclose(self) -> None:
         await self.connection.disconnect(nowait=True)
         await self.redis.connection_pool.release(self.connection)
+
+    async def drain(self, timeout: float) -> list[bytes]:
+        """Unsubscribe, and the messages that came before Redis confirmed it (see
+        :meth:`StreamSubscription.drain`); then closed."""
+        connection = self.connection
+
+        async def unsubscribe() -> None:
+            packed = connection.pack_command("SUNSUBSCRIBE")
+            await connection.send_packed_command(packed, check_health=False)
+
+        try:
+            return await self.subscription.drain(unsubscribe, timeout)
+        finally:
+            await self.aclose()
 
 
 async def open_part(node: Address, redis: Redis, channels: Iterable[str], timeout: float) -> Part:
@@ -164,7 +187,8 @@ class MergedSubscription:
 
     def abandon(self, channels: Iterable[str]) -> None:
         """Name channels that went deaf before ending the subscription with an error of
-        the caller's own: their parts are closed, the others parked for the next."""
+        the caller's own: their parts are drained and closed, the others parked for the
+        next (unread: no drain of theirs holds the caller up)."""
         self._abandoned.update(channels)
 
     async def stop(self) -> tuple[list[Part], list[Part], list[list[bytes]]]:
@@ -184,6 +208,12 @@ class MergedSubscription:
             bad = index in self._failed or part.channels & self._abandoned
             (lost if bad else fine).append(part)
         return fine, lost, leftover
+
+    def abandoned(self, part: Part) -> bool:
+        """Whether ``part`` holds a channel named by :meth:`abandon` (and did not fail)."""
+        return part not in (self.parts[index] for index in self._failed) and bool(
+            part.channels & self._abandoned
+        )
 
     def keeps_parts(self, error: BaseException | None) -> bool:
         """Whether the subscription ending with ``error`` parks its parts that are fine:
@@ -246,7 +276,7 @@ class ShardedSubscriptions:
         for part in parked:
             still = all(owner.get(channel) == part.node for channel in part.channels)
             (kept if still else dropped).append(part)
-        await _close(dropped)
+        self._leftover += await _drain(dropped, self._timeout)
         held = {channel for part in kept for channel in part.channels}
         missing = {
             node: [channel for channel in channels if channel not in held]
@@ -261,8 +291,12 @@ class ShardedSubscriptions:
         fine, lost, leftover = await merged.stop()
         if merged.keeps_parts(error):
             self._parked += fine
-            self._leftover = leftover
-            await _close(lost)
+            deaf = [part for part in lost if merged.abandoned(part)]
+            failed = [part for part in lost if part not in deaf]
+            drained = await asyncio.gather(
+                _drain(failed, self._timeout), _drain(deaf, min(self._timeout, DEAF_DRAIN))
+            )
+            self._leftover = leftover + drained[0] + drained[1]
         else:
             await _close(fine + lost)
 
@@ -270,6 +304,16 @@ class ShardedSubscriptions:
         """Close the parked parts."""
         parked, self._parked = self._parked, []
         await _close(parked)
+
+
+async def _drain(parts: Sequence[Part], timeout: float) -> list[list[bytes]]:
+    """Drain the parts side by side (each closed after): their messages, as batches."""
+    drains = (part.drain(timeout) for part in parts)
+    drained = await asyncio.gather(*drains, return_exceptions=True)
+    for outcome in drained:
+        if isinstance(outcome, BaseException) and not isinstance(outcome, Exception):
+            raise outcome  # cancellation
+    return [batch for batch in drained if isinstance(batch, list) and batch]
 
 
 async def _close(parts: Iterable[Part]) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 from redis.asyncio import Redis
@@ -99,6 +99,9 @@ class StreamSubscription:
         self._ready: list[bytes] = []
         # A failure parsed after good messages: raised once those were handed out.
         self._failure: Exception | None = None
+        # Set by drain(): unsubscriptions are expected, and the last one ends it.
+        self._draining = False
+        self._drained = False
 
     async def confirm(self, timeout: float) -> None:
         """Wait until Redis confirmed every channel (at most ``timeout`` seconds)."""
@@ -119,6 +122,35 @@ class StreamSubscription:
         while not (messages := await self._next(max(0.0, deadline - time.monotonic()))):
             if time.monotonic() >= deadline:
                 break
+        return messages
+
+    async def drain(
+        self, unsubscribe: Callable[[], Awaitable[None]], timeout: float
+    ) -> list[bytes]:
+        """Once the caller stopped reading: the payloads of every message that Redis
+        sent before it confirmed ``unsubscribe`` (which sends an unsubscription from
+        every channel), so that closing the connection drops none that a publisher was
+        told reached us. Also after a :class:`SubscriptionMovedError`: the connection's
+        other channels go on. At most ``timeout`` s; a failure ends it with what came."""
+        messages, self._ready = self._ready, []
+        if self._failure is not None and not isinstance(self._failure, SubscriptionMovedError):
+            return messages  # a protocol error or a closed connection: nothing follows
+        self._failure, self._draining = None, True
+        try:
+            async with asyncio.timeout(timeout):
+                messages += self._parse(b"")  # what the parser holds past a moved slot
+                await unsubscribe()
+                while not self._drained and self._failure is None:
+                    data = await self._stream.read(READ_SIZE)
+                    if not data:
+                        break
+                    messages += self._parse(data)
+        except (OSError, RedisError) as error:  # TimeoutError is an OSError
+            log.warning(
+                "draining a subscription before closing it ended early (%r): what Redis "
+                "had not sent by then is lost for this instance",
+                error,
+            )
         return messages
 
     async def _next(self, timeout: float) -> list[bytes]:
@@ -147,7 +179,7 @@ class StreamSubscription:
         gets = self._parser.gets
         messages: list[bytes] = []
         try:
-            while (reply := gets()) is not INCOMPLETE:
+            while not self._drained and (reply := gets()) is not INCOMPLETE:
                 # [b"message", channel, payload]; a RESP3 push is a list subclass.
                 if isinstance(reply, list) and len(reply) == 3 and reply[0] == self._message:
                     messages.append(reply[2])
@@ -165,8 +197,11 @@ class StreamSubscription:
         if isinstance(reply, list) and len(reply) == 3 and reply[0] == self._confirmed:
             self._unconfirmed.discard(reply[1])
         elif isinstance(reply, list) and len(reply) == 3 and reply[0] == self._unsubscribed:
-            # We never unsubscribe: Redis did (a sharded channel's slot moved away).
-            # Never swallowed, else the channel would stay silent for good.
+            if self._draining:  # ours; the count of channels left is 0 at the last
+                self._drained = reply[2] == 0
+                return
+            # We never unsubscribe but to drain: Redis did (a sharded channel's slot
+            # moved away). Never swallowed, else the channel would stay silent for good.
             raise SubscriptionMovedError(f"Redis unsubscribed us from {reply[1]!r}")
         else:
             log.debug("subscriber ignored a reply: %.200r", reply)

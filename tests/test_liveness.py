@@ -10,7 +10,7 @@ import json
 import signal
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import fakeredis
 import pytest
@@ -497,4 +497,35 @@ async def test_liveness_regroup_cut_short_is_retried_by_the_next_tick(
     await liveness.tick()
     assert connection.groups == {"vip"}
     assert local.resolve(["S" + keys.group("vip")]) == [connection]
+    await redis.aclose()
+
+
+@pytest.mark.parametrize(
+    ("listeners", "named"),
+    [([1, 0, 1, 0], [1, 3]), ([0, 0, 0, 0], None), ([1, 1, 1, 1], None)],
+    ids=["some-shards-unheard", "all-unheard", "heard-but-silent"],
+)
+async def test_liveness_tick_names_the_unheard_shards_to_the_restart(
+    monkeypatch: pytest.MonkeyPatch, listeners: list[int], named: list[int] | None
+) -> None:
+    """A beat that failed on some shards (a cluster's hung master) restarts only
+    theirs; when every shard is unheard, or the probes were missed in silence, all."""
+    redis = fakeredis.FakeAsyncRedis()
+    keys = Keys("t", shards=4)
+    liveness = _liveness(redis, keys, Registry(redis, keys), "solo")
+    restarts: list[list[int] | None] = []
+
+    async def beat() -> tuple[int, list[int]]:
+        return 0, listeners
+
+    def restart(shards: Any = None) -> None:
+        restarts.append(None if shards is None else list(shards))
+
+    receiver = cast(Any, liveness)._receiver
+    monkeypatch.setattr(liveness, "beat", beat)
+    monkeypatch.setattr(receiver, "restart", restart)
+    monkeypatch.setattr(receiver, "missed_probes", lambda: 2)
+    monkeypatch.setattr(receiver, "silent_for", lambda: 10.0)
+    await liveness.tick()
+    assert restarts == [named]
     await redis.aclose()

@@ -7,7 +7,7 @@ import asyncio
 import secrets
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from types import SimpleNamespace
 from typing import Any, cast
@@ -35,6 +35,7 @@ from quart_wslb.local_index import LocalIndex
 from quart_wslb.outgoing import Outgoing
 from quart_wslb.receiver import READ_TIMEOUT, Receiver
 from quart_wslb.redis_client import make_client
+from quart_wslb.sharded import MergedSubscription
 from quart_wslb.signal_sender import SignalSender
 from quart_wslb.signing import Keyring
 from quart_wslb.subscriber import SubscriberClosedError
@@ -936,3 +937,67 @@ async def test_run_cut_by_redis_delivers_what_it_holds_and_signals_the_loss(
     )
     assert cut == 1, figures
     assert 0 <= lost <= bound, figures
+
+
+class ScriptedMerged(Scripted, MergedSubscription):
+    """A cluster's merged subscription, scripted: records the channels abandoned."""
+
+    def __init__(self, *steps: Step) -> None:
+        Scripted.__init__(self, *steps)
+        self.deaf: list[str] = []
+
+    def abandon(self, channels: Iterable[str]) -> None:
+        self.deaf += channels
+
+
+@pytest.mark.parametrize("named", [True, False], ids=["shards-named", "none-named"])
+async def test_run_restart_of_named_shards_abandons_them_at_once(
+    fake_redis: Redis, scripts: list[Scripted], named: bool
+) -> None:
+    """Named deaf shards end a cluster's subscription after the batch in hand, their
+    channels abandoned (the other masters' parts keep what they hold, unread); with
+    none named, it drains as on one Redis."""
+    keys = Keys("t", shards=4)
+    local = keeping("i1:a")
+    receiver = Receiver(fake_redis, keys, "i1", local, OWNER)
+
+    def restart() -> list[bytes]:
+        receiver.restart([2] if named else None)
+        return texts("b")
+
+    merged = ScriptedMerged(texts("a"), restart, texts("c"))
+    scripts.append(merged)
+    scripts.append(Scripted(texts("d")))
+    with recording(signals.subscriber_lost, OWNER) as lost:
+        async with running(receiver):
+            await eventually(lambda: frames_of(local, "i1:a")[-1:] == ["d"])
+    expected = ["a", "b", "d"] if named else ["a", "b", "c", "d"]
+    assert frames_of(local, "i1:a") == expected
+    view = keys.view(2)
+    assert merged.deaf == ([view.channel("i1"), view.broadcast] if named else [])
+    assert lost.reasons() == ["deaf"]
+
+
+async def test_run_delivers_while_a_callback_after_subscribing_hangs(
+    fake_redis: Redis, scripts: list[Scripted]
+) -> None:
+    """The callbacks after subscribing (a beat, a repair: Redis round trips, maybe to a
+    master still hung) run beside the listening, and stop with the loop."""
+    entered, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def hanging() -> None:
+        entered.set()
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    local = keeping("i1:a")
+    receiver = Receiver(fake_redis, KEYS, "i1", local, OWNER)
+    receiver.on_subscribed(hanging)
+    scripts.append(Scripted(texts("a")))
+    async with running(receiver):
+        await eventually(lambda: frames_of(local, "i1:a") == ["a"] and entered.is_set())
+        assert not cancelled.is_set()
+    assert cancelled.is_set()

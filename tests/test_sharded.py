@@ -8,9 +8,10 @@ import asyncio
 from typing import Any, cast
 
 import pytest
+from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from quart_wslb.sharded import MergedSubscription, Part
+from quart_wslb.sharded import MergedSubscription, Part, ShardedSubscriptions
 
 pytestmark = pytest.mark.timeout(30)
 QUIET = 0.05
@@ -93,3 +94,39 @@ async def test_merged_subscription_callers_error_closes_everything_unless_abando
     merged = MergedSubscription([part(1)])
     assert not merged.keeps_parts(RuntimeError("the caller's own"))
     await merged.stop()
+
+
+# -- on a real Redis 7 (sharded channels need no cluster) -------------------------------
+
+
+@pytest.mark.integration
+async def test_sharded_subscriptions_drain_a_part_they_drop(redis_url: str, prefix: str) -> None:
+    """A parked part whose channels moved to another master is drained before it is
+    closed: what was published to it while parked comes first in the next subscription,
+    ahead of what the new part reads; and a deaf part's messages are not lost either."""
+    client = Redis.from_url(redis_url)
+    if int((await client.info("server"))["redis_version"].split(".")[0]) < 7:
+        await client.aclose()
+        pytest.skip("sharded channels need Redis 7")
+    a, b = ("127.0.0.1", 1), ("127.0.0.1", 2)  # two "masters": one server
+    x, y = f"{{{prefix}|0}}:x", f"{{{prefix}|1}}:y"
+    subscriptions = ShardedSubscriptions(lambda node: client, SOON)
+    try:
+        with pytest.raises(RuntimeError):
+            async with subscriptions.subscribe({a: [x], b: [y]}) as merged:
+                assert await client.spublish(y, b"y1") == 1
+                assert await read_all(merged, rounds=1) == [b"y1"]
+                merged.abandon([y])  # deaf: drained and closed; a's part parked
+                raise RuntimeError("restart")
+        assert await client.spublish(x, b"x1") == 1  # into the parked part's socket
+        assert await client.spublish(y, b"y2") == 0  # b's part is gone
+        async with subscriptions.subscribe({b: [x, y]}) as merged:  # x moved to b
+            assert await client.spublish(x, b"x2") == 1  # only the new part listens
+            got: list[bytes] = []
+            async with asyncio.timeout(SOON):
+                while len(got) < 2:
+                    got += await merged.read(QUIET)
+        assert got == [b"x1", b"x2"]
+    finally:
+        await subscriptions.aclose()
+        await client.aclose()

@@ -176,6 +176,89 @@ async def test_stream_subscription_server_unsubscribe_ends_it_after_earlier_mess
         await subscription.read(QUIET)
 
 
+def smessage(payload: bytes, channel: bytes = b"t:ch:i1") -> bytes:
+    return array(bulk(b"smessage"), bulk(channel), bulk(payload))
+
+
+def sunsubscribe(channel: bytes, left: int) -> bytes:
+    return array(bulk(b"sunsubscribe"), bulk(channel), b":%d\r\n" % left)
+
+
+def sharded_subscription(*chunks: bytes) -> tuple[asyncio.StreamReader, StreamSubscription]:
+    stream = asyncio.StreamReader()
+    for chunk in chunks:
+        stream.feed_data(chunk)
+    return stream, StreamSubscription(stream, CHANNELS, SHARDED)
+
+
+async def test_stream_subscription_drain_hands_out_what_came_before_the_last_unsubscription() -> (
+    None
+):
+    stream, subscription = sharded_subscription(smessage(b"unread"))
+    sent: list[int] = []
+
+    async def unsubscribe() -> None:  # Redis answers after what it sent before
+        sent.append(1)
+        stream.feed_data(
+            smessage(b"in flight")
+            + sunsubscribe(b"t:ch:i1", 1)
+            + smessage(b"other channel", b"t:broadcast")
+            + sunsubscribe(b"t:broadcast", 0)
+            + smessage(b"never: the connection is closed by now")
+        )
+
+    assert await subscription.drain(unsubscribe, SOON) == [
+        b"unread",
+        b"in flight",
+        b"other channel",
+    ]
+    assert sent == [1]
+
+
+async def test_stream_subscription_drain_after_a_moved_slot_keeps_the_other_channels() -> None:
+    stream, subscription = sharded_subscription(
+        smessage(b"before") + sunsubscribe(b"t:ch:i1", 1) + smessage(b"after", b"t:broadcast")
+    )
+    assert await subscription.read(QUIET) == [b"before"]
+    with pytest.raises(SubscriptionMovedError):
+        await subscription.read(QUIET)
+
+    async def unsubscribe() -> None:
+        stream.feed_data(sunsubscribe(b"t:broadcast", 0))
+
+    assert await subscription.drain(unsubscribe, SOON) == [b"after"]
+
+
+async def test_stream_subscription_drain_is_bounded_and_says_so(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    _, subscription = sharded_subscription(smessage(b"unread"))
+
+    async def unsubscribe() -> None:  # a hung Redis: no confirmation ever comes
+        pass
+
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="quart_wslb"):
+        assert await subscription.drain(unsubscribe, QUIET) == [b"unread"]
+    took = time.monotonic() - started
+    assert took < SOON, f"the drain took {took:.2f} s"
+    assert "ended early" in caplog.text
+
+
+async def test_stream_subscription_drain_after_garbage_reads_nothing_more() -> None:
+    stream, subscription = sharded_subscription(smessage(b"before") + b"!garbage\r\n")
+    assert await subscription.read(QUIET) == [b"before"]
+    with pytest.raises(InvalidResponse):
+        await subscription.read(QUIET)
+    called: list[int] = []
+
+    async def unsubscribe() -> None:
+        called.append(1)
+
+    assert await subscription.drain(unsubscribe, SOON) == []
+    assert called == []
+
+
 async def test_stream_subscription_garbage_ends_it_after_earlier_messages() -> None:
     _, subscription = subscription_of(message(b"before") + b"!garbage\r\n" + message(b"after"))
     assert await subscription.read(QUIET) == [b"before"]

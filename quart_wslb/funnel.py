@@ -112,14 +112,13 @@ class Funnel:
                 if self._release_due:
                     self._release_due = False
                     await self._transport.release()
-        except asyncio.CancelledError:
+        except asyncio.CancelledError:  # aclose()
+            self._pumping = False
             closed = RedisConnectionError(f"{self._name}: the transport was closed")
             _fail(batch, closed, self._name)
             _fail(self._queue, closed, self._name)
             self._queue = []
             raise
-        finally:
-            self._pumping = False
 
     async def _round_trip(self, batch: list[_Request]) -> None:
         """Connect, then write what is still awaited in ``batch`` as one pipeline."""

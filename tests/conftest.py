@@ -7,7 +7,7 @@ import os
 import secrets
 import subprocess
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 import fakeredis
 import pytest
@@ -130,12 +130,32 @@ def _needs_redis_7(what: str) -> None:
         pytest.skip(f"{what} needs Redis >= 7 (sharded pub/sub), not {found}")
 
 
+#: Tries at starting a shared topology. Its ports are chosen free before its servers
+#: bind them, and another process (tests run side by side) may take one meanwhile: a
+#: failed start would fail every test of the session that shares the topology.
+START_TRIES = 3
+
+
+Topology = TypeVar("Topology", RedisClusterSet, SentinelSet)
+
+
+def _started(make: Callable[[], Topology]) -> Topology:
+    """``make().start()``, made again (other ports) when one of its ports was taken."""
+    for _ in range(START_TRIES - 1):
+        try:
+            return make().start()
+        except RuntimeError as error:  # start() stopped whatever it had started
+            if "Address already in use" not in str(error):
+                raise
+    return make().start()
+
+
 @pytest.fixture(name="cluster_set", scope="session")
 def fixture_cluster_set() -> Iterator[RedisClusterSet]:
     """A Redis Cluster of 3 masters and 3 replicas, shared by the tests that inject no
     fault (a module whose tests kill, stop or reshard nodes has a fixture of its own)."""
     _needs_redis_7("a Redis Cluster")
-    with RedisClusterSet().start() as cluster:
+    with _started(RedisClusterSet) as cluster:
         yield cluster
 
 
@@ -143,7 +163,7 @@ def fixture_cluster_set() -> Iterator[RedisClusterSet]:
 def fixture_sentinel_set() -> Iterator[SentinelSet]:
     """A Sentinel set (1 master, 1 replica, 3 sentinels), shared like ``cluster_set``."""
     _needs_redis_7("a Sentinel set")
-    with SentinelSet().start() as sentinels:
+    with _started(SentinelSet) as sentinels:
         yield sentinels
 
 

@@ -132,13 +132,18 @@ class Liveness:
     async def tick(self) -> None:
         """One beat, probe check, repair and sweep."""
         self._ticks += 1
+        # A probe published while the subscriber was still (re)subscribing tells nothing
+        # of it (on a cluster, the first beat often outruns the first subscription): it
+        # is subscribing already, and a restart asked for just after it subscribed would
+        # drop that fresh subscription, and what is published while it subscribes again.
+        listening = self._receiver.subscribed.is_set()
         registered, heard = await self.beat()
         if self._healthy_since is None:
             self._healthy_since = time.monotonic()
         # Deaf: unsubscribed, or probes missed while nothing at all arrives. A subscriber
         # that lags behind a backlog still receives, and restarting it would drop that.
         deaf = self._receiver.missed_probes() >= MISSED_PROBES
-        if heard == 0 or (deaf and self._receiver.silent_for() > self._interval):
+        if listening and (heard == 0 or (deaf and self._receiver.silent_for() > self._interval)):
             log.warning(
                 "subscriber is deaf (probe heard by %d); restarting it once it has "
                 "delivered what it holds",

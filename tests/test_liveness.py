@@ -541,3 +541,27 @@ async def test_liveness_round_trips_of_its_callers_never_overlap() -> None:
     finally:
         await redis.aclose()
     assert transport.most == 1, f"{transport.most} round trips at once"
+
+
+@pytest.mark.parametrize("listening", [False, True], ids=["subscribing", "subscribed"])
+async def test_liveness_probe_unheard_restarts_only_a_subscribed_subscriber(
+    monkeypatch: pytest.MonkeyPatch, listening: bool
+) -> None:
+    """A probe nobody heard restarts a subscriber that says it listens (Redis dropped
+    its subscription unasked); one still subscribing (a cluster's first subscription
+    takes longer than the first beat) is left to finish, not restarted once it has."""
+    redis = fakeredis.FakeAsyncRedis()
+    keys = Keys("unheard")
+    liveness = _liveness(redis, keys, Registry(redis, keys), "solo")
+    receiver = liveness._receiver
+    restarts: list[None] = []
+    monkeypatch.setattr(receiver, "restart", lambda: restarts.append(None))
+    if listening:
+        receiver.subscribed.set()
+    try:
+        async with asyncio.timeout(5):
+            assert await liveness.beat() == (0, 0), "nobody subscribes: the probe is unheard"
+            await liveness.tick()
+    finally:
+        await redis.aclose()
+    assert len(restarts) == listening

@@ -89,6 +89,7 @@ class Liveness:
         self._timeout = timeout
         #: Its own (one caller at a time); picked at the first beat if not given.
         self._transport = transport
+        self._one_at_a_time = asyncio.Lock()
         self._keys = keys
         self._instance = instance
         self._interval = interval
@@ -131,6 +132,11 @@ class Liveness:
     async def tick(self) -> None:
         """One beat, probe check, repair and sweep."""
         self._ticks += 1
+        # A probe published while the subscriber was still (re)subscribing tells nothing
+        # of it (on a cluster, the first beat often outruns the first subscription): it
+        # is subscribing already, and a restart asked for just after it subscribed would
+        # drop that fresh subscription, and what is published while it subscribes again.
+        listening = self._receiver.subscribed.is_set()
         registered, listeners = await self.beat()
         heard = min(listeners)
         if self._healthy_since is None:
@@ -138,7 +144,7 @@ class Liveness:
         # Deaf: unsubscribed, or probes missed while nothing at all arrives. A subscriber
         # that lags behind a backlog still receives, and restarting it would drop that.
         deaf = self._receiver.missed_probes() >= MISSED_PROBES
-        if heard == 0 or (deaf and self._receiver.silent_for() > self._interval):
+        if listening and (heard == 0 or (deaf and self._receiver.silent_for() > self._interval)):
             log.warning(
                 "subscriber is deaf (probe heard by %d); restarting it once it has "
                 "delivered what it holds",
@@ -205,20 +211,23 @@ class Liveness:
         others' errors are their replies). Several shards' keys are in several slots of
         a cluster: no transaction, and none is needed."""
         commands = [command for group in groups for command in group]
-        if self._transport is None:
-            self._transport = await pick_transport(self._redis)
-        transport = self._transport
         # A cluster's transport times out inside (and must, to learn of a hung master);
         # a single Redis's (or Sentinel's master's) socket transport reads without a
         # timeout, so a beat stuck on a hung master would hold the tick to its bound
         # (twice the interval plus the timeout) before the next beat can reach the new one.
         bound = None if clustered(self._redis) else self._timeout or None
-        try:
-            async with asyncio.timeout(bound):
-                await transport.ready()
-                replies = await transport.run(commands)
-        finally:
-            await transport.release()
+        # The tick, a resubscription (the subscriber's task) and instances() (a request)
+        # all come here; the transport takes one round trip at a time.
+        async with self._one_at_a_time:
+            if self._transport is None:
+                self._transport = await pick_transport(self._redis)
+            transport = self._transport
+            try:
+                async with asyncio.timeout(bound):
+                    await transport.ready()
+                    replies = await transport.run(commands)
+            finally:
+                await transport.release()
         failed = [reply for reply in replies if isinstance(reply, BaseException)]
         if failed and (not partial or len(failed) == len(replies)):
             raise failed[0]

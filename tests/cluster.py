@@ -1,4 +1,6 @@
-"""Real Hypercorn processes of ``tests.cluster_app`` and helpers to talk to them."""
+"""Real Hypercorn processes of ``tests.cluster_app``, helpers to talk to them, and the
+Redis topologies they run on (:class:`Where`): one Redis, a Redis Cluster, a Sentinel set.
+"""
 
 from __future__ import annotations
 
@@ -11,14 +13,20 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import pytest
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from websockets.asyncio.client import ClientConnection, connect
 
+from quart_wslb.keys import CLUSTER_SHARDS, Keys
 from quart_wslb.testing import free_port
+from tests.topology import RedisClusterSet, SentinelSet
 
 ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 20.0
@@ -215,10 +223,141 @@ async def receive(client: ClientConnection) -> Any:
 
 
 async def assert_silent(*clients: ClientConnection) -> None:
-    """Nothing arrives at any of ``clients`` for ``QUIET`` seconds."""
-    for client in clients:
+    """Nothing arrives at any of ``clients`` for ``QUIET`` seconds: all watched at once,
+    so a check of many clients costs ``QUIET``, not ``QUIET`` for each."""
+
+    async def silent(client: ClientConnection) -> None:
         try:
             frame = await asyncio.wait_for(client.recv(), QUIET)
         except TimeoutError:
-            continue
+            return
         raise AssertionError(f"unexpected frame {frame!r}")
+
+    await asyncio.gather(*(silent(client) for client in clients))
+
+
+#: The topologies a suite runs on, as ``params`` of its ``where`` fixture: one Redis (the
+#: tests' own, or ``WSLB_TEST_REDIS_URL``; as the ACL user in the ACL run), and the
+#: private Redis Cluster and Sentinel set, marked ``topology`` (the ACL run leaves them
+#: out: they have no ACL user).
+TOPOLOGIES = (
+    "redis",
+    pytest.param("cluster", marks=pytest.mark.topology),
+    pytest.param("sentinel", marks=pytest.mark.topology),
+)
+
+
+@dataclass
+class Where:
+    """A topology the instances run on: the URL they are given, what else they are told,
+    their count of shards, and how a test inspects it as an administrator (each test's
+    own prefix keeps its keys apart on a topology the session shares)."""
+
+    name: str
+    url: str
+    admin_url: str
+    shards: int = 1
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def cluster(self) -> bool:
+        """Whether this is a Redis Cluster (sharded channels, keys over many slots)."""
+        return self.name == "cluster"
+
+    def admin(self) -> Any:
+        """A new admin client (a cluster client on a cluster), to close after use."""
+        if self.cluster:
+            return RedisCluster.from_url(self.admin_url)
+        return aioredis.Redis.from_url(self.admin_url)
+
+    def keys(self, prefix: str) -> Keys:
+        """The names the instances use for ``prefix``: :meth:`Keys.views` are the shards."""
+        return Keys(prefix, shards=self.shards)
+
+    async def scan(self, prefix: str) -> list[bytes]:
+        """Every key under ``prefix``, whatever its shard (and node)."""
+        async with self.admin() as client:
+            return [
+                key
+                for pattern in ("{" + prefix + "}*", "{" + prefix + "|*")
+                async for key in client.scan_iter(match=pattern, count=1000)
+            ]
+
+    async def subscribers(self, channels: Sequence[str]) -> list[int]:
+        """How many clients listen on each of ``channels``: PUBSUB NUMSUB, or on a
+        cluster PUBSUB SHARDNUMSUB asked of the master that owns each channel's slot
+        (a sharded channel is known to that node and its replicas only)."""
+        if not self.cluster:
+            async with self.admin() as client:
+                found = dict(await client.pubsub_numsub(*channels))
+            return [int(found[channel.encode()]) for channel in channels]
+        counts = []
+        async with self._owners() as owner:
+            for channel in channels:
+                reply = await owner(channel).pubsub_shardnumsub(channel)
+                counts.append(int(_pairs(reply)[channel.encode()]))
+        return counts
+
+    async def publish(self, channel: str, data: bytes) -> int:
+        """Publish ``data`` on ``channel`` as an emitter does (SPUBLISH on a cluster, to
+        the owner of the channel's slot); the count of clients that received it."""
+        if not self.cluster:
+            async with self.admin() as client:
+                return int(await client.publish(channel, data))
+        async with self._owners() as owner:
+            return int(await owner(channel).spublish(channel, data))
+
+    @asynccontextmanager
+    async def _owners(self) -> AsyncIterator[Callable[[str], aioredis.Redis]]:
+        """On a cluster: what gives a plain client of the master that owns a key's slot
+        now, asked of the cluster's own map (a sharded channel lives on that node: a
+        command must reach it, not whichever node a cluster client would pick); the
+        clients are closed at the end."""
+        nodes: dict[tuple[str, int], aioredis.Redis] = {}
+        async with self.admin() as cluster:
+            await cluster.initialize()
+
+            def owner(key: str) -> aioredis.Redis:
+                node = cluster.get_node_from_key(key)
+                address = (node.host, node.port)
+                if address not in nodes:
+                    nodes[address] = aioredis.Redis(host=node.host, port=node.port)
+                return nodes[address]
+
+            try:
+                yield owner
+            finally:
+                for client in nodes.values():
+                    await client.aclose()
+
+
+def _pairs(reply: Any) -> dict[bytes, Any]:
+    """A ``channel, count, ...`` reply (a list of pairs, or flat, by redis-py version)."""
+    if isinstance(reply, dict):
+        return cast(dict[bytes, Any], reply)
+    flat = (
+        [part for pair in reply for part in pair]
+        if reply and isinstance(reply[0], (list, tuple))
+        else list(reply)
+    )
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
+def where_of(request: pytest.FixtureRequest, name: str, *, shards: int = 1) -> Where:
+    """The :class:`Where` of topology ``name`` (one of :data:`TOPOLOGIES`); the
+    session's ``cluster_set`` or ``sentinel_set`` starts at the first test that needs it.
+    ``shards``: the instances' count on one Redis (a cluster has its default)."""
+    if name == "redis":
+        env = {"WSLB_SHARDS": str(shards)} if shards > 1 else {}
+        url, admin = (
+            request.getfixturevalue("redis_url"),
+            request.getfixturevalue("admin_redis_url"),
+        )
+        return Where(name, url, admin, shards, env)
+    if name == "cluster":
+        cluster = cast(RedisClusterSet, request.getfixturevalue("cluster_set"))
+        return Where(name, cluster.url, cluster.url, CLUSTER_SHARDS)
+    sentinels = cast(SentinelSet, request.getfixturevalue("sentinel_set"))
+    # Tests inspect the master: the session's set never fails over (fault tests have
+    # sets of their own), so its address holds for the session.
+    return Where(name, sentinels.url, f"redis://127.0.0.1:{sentinels.master_port()}")

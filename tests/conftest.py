@@ -7,7 +7,7 @@ import os
 import secrets
 import subprocess
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 import fakeredis
 import pytest
@@ -18,6 +18,7 @@ from quart_wslb.acl import acl_rules
 from quart_wslb.testing import RedisServer
 from tests.cluster import Clients, Cluster
 from tests.support import acl_refusals, acl_url
+from tests.topology import RedisClusterSet, SentinelSet, redis_version
 
 #: The prefixes of the tests on the real Redis (see ``prefix``), as an ACL glob.
 TEST_PREFIXES = "test-*"
@@ -122,6 +123,50 @@ def fixture_prefix(admin_redis_url: str) -> Iterator[str]:
                 client.delete(key)
     finally:
         client.close()
+
+
+def _needs_redis_7(what: str) -> None:
+    """Skip, saying why, where the ``redis-server`` the tests use is older than 7."""
+    if redis_version()[:1] < (7,):
+        found = ".".join(map(str, redis_version())) or "missing"
+        pytest.skip(f"{what} needs Redis >= 7 (sharded pub/sub), not {found}")
+
+
+#: Tries at starting a shared topology. Its ports are chosen free before its servers
+#: bind them, and another process (tests run side by side) may take one meanwhile: a
+#: failed start would fail every test of the session that shares the topology.
+START_TRIES = 3
+
+
+Topology = TypeVar("Topology", RedisClusterSet, SentinelSet)
+
+
+def _started(make: Callable[[], Topology]) -> Topology:
+    """``make().start()``, made again (other ports) when one of its ports was taken."""
+    for _ in range(START_TRIES - 1):
+        try:
+            return make().start()
+        except RuntimeError as error:  # start() stopped whatever it had started
+            if "Address already in use" not in str(error):
+                raise
+    return make().start()
+
+
+@pytest.fixture(name="cluster_set", scope="session")
+def fixture_cluster_set() -> Iterator[RedisClusterSet]:
+    """A Redis Cluster of 3 masters and 3 replicas, shared by the tests that inject no
+    fault (a module whose tests kill, stop or reshard nodes has a fixture of its own)."""
+    _needs_redis_7("a Redis Cluster")
+    with _started(RedisClusterSet) as cluster:
+        yield cluster
+
+
+@pytest.fixture(name="sentinel_set", scope="session")
+def fixture_sentinel_set() -> Iterator[SentinelSet]:
+    """A Sentinel set (1 master, 1 replica, 3 sentinels), shared like ``cluster_set``."""
+    _needs_redis_7("a Sentinel set")
+    with _started(SentinelSet) as sentinels:
+        yield sentinels
 
 
 @pytest.fixture(name="private_redis")

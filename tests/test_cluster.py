@@ -1,4 +1,8 @@
-"""End to end: several Hypercorn processes, one real Redis, real WebSocket clients."""
+"""End to end: several Hypercorn processes and real WebSocket clients, on each topology
+(tests/cluster.py's ``TOPOLOGIES``): one real Redis, a Redis Cluster of 3 masters and 3
+replicas (16 shards, sharded channels), and a Sentinel set. Every test proves the same
+behaviour on each; where it inspects Redis, it does so through :class:`Where`, which
+knows where each topology keeps a key or a channel."""
 
 from __future__ import annotations
 
@@ -6,20 +10,41 @@ import asyncio
 import socket
 import time
 from collections.abc import Callable
-from typing import Any
+from functools import partial
+from typing import Any, cast
 
 import pytest
-import redis.asyncio as aioredis
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
 from quart_wslb.envelope import Envelope, encode
-from quart_wslb.keys import Keys
-from tests.cluster import Clients, Cluster, Instance, assert_silent, receive
+from tests.cluster import (
+    TOPOLOGIES,
+    Clients,
+    Cluster,
+    Instance,
+    Where,
+    assert_silent,
+    receive,
+    where_of,
+)
 from tests.support import record_ids
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 StartCluster = Callable[..., Cluster]
+
+
+@pytest.fixture(name="where", params=TOPOLOGIES)
+def fixture_where(request: pytest.FixtureRequest, redis_url: str, admin_redis_url: str) -> Where:
+    """The topology of this run of the test."""
+    return where_of(request, request.param)
+
+
+@pytest.fixture(name="start_cluster")
+def fixture_start_cluster(start_cluster: StartCluster, where: Where) -> StartCluster:
+    """``start_cluster`` of conftest, on ``where``: so every test of this module runs on
+    every topology."""
+    return partial(start_cluster, url=where.url, **where.env)
 
 
 async def envelopes(cluster: Cluster) -> list[int]:
@@ -43,21 +68,19 @@ async def test_send_user_reaches_every_connection_of_the_user(
 
 
 async def test_send_targeted_reaches_only_the_owning_instance(
-    start_cluster: StartCluster, clients: Clients, admin_redis_url: str, prefix: str
+    start_cluster: StartCluster, clients: Clients, where: Where, prefix: str
 ) -> None:
     cluster = start_cluster(3)
     carol, _ = await clients.join(cluster[0], "carol", "red")
     for n in range(20):
         assert await cluster[1].send({"user": "carol"}, {"n": n}) == 1
     assert [await receive(carol) for _ in range(20)] == [{"n": n} for n in range(20)]
-    # every instance listens on its own channel, and only the owner got anything
+    # every instance listens on its own channel (one per shard), and only the owner got
+    # anything
     assert await envelopes(cluster) == [20, 0, 0]
-    client = aioredis.Redis.from_url(admin_redis_url)
-    keys = Keys(prefix)
-    channels = [keys.channel(i.id) for i in cluster.instances]
-    numsub = dict(await client.pubsub_numsub(*channels))
-    await client.aclose()
-    assert [numsub[c.encode()] for c in channels] == [1, 1, 1]
+    views = where.keys(prefix).views
+    channels = [view.channel(i.id) for i in cluster.instances for view in views]
+    assert await where.subscribers(channels) == [1] * 3 * len(views)
     assert await cluster[1].send({"user": "nobody"}, "x") == 0
     assert await envelopes(cluster) == [20, 0, 0]
     await carol.close()
@@ -125,30 +148,28 @@ async def test_handler_room_message_crosses_instances(
     await gus.close()
 
 
-async def registry_size(admin_redis_url: str, prefix: str) -> tuple[int, int, int]:
-    """(records, ids the users hash lists, keys under the prefix other than instance
-    bookkeeping)."""
-    client = aioredis.Redis.from_url(admin_redis_url)
-    keys = Keys(prefix)
-    try:
-        records = len(await record_ids(client, keys))
-        lists = await client.hvals(keys.users)
-        members = sum(len(ids.split()) for ids in lists)
-        names = [k async for k in client.scan_iter(match="{" + prefix + "}*")]
-    finally:
-        await client.aclose()
+async def registry_size(where: Where, prefix: str) -> tuple[int, int, int]:
+    """(records, ids the users hashes list, keys under the prefix other than instance
+    bookkeeping), over every shard."""
+    records = members = 0
+    async with where.admin() as client:
+        for view in where.keys(prefix).views:
+            records += len(await record_ids(client, view))
+            lists = cast(list[bytes], await client.hvals(view.users))
+            members += sum(len(ids.split()) for ids in lists)
     bookkeeping = (b":instances", b":hb:", b":layout")
+    names = await where.scan(prefix)
     others = [n for n in names if not any(part in n for part in bookkeeping)]
     return records, members, len(others)
 
 
 async def test_closed_connections_leave_the_registry(
-    start_cluster: StartCluster, clients: Clients, admin_redis_url: str, prefix: str
+    start_cluster: StartCluster, clients: Clients, where: Where, prefix: str
 ) -> None:
     cluster = start_cluster(2)
     hal, _ = await clients.join(cluster[0], "hal", "red")
     ivy, _ = await clients.join(cluster[1], "ivy", "blue")
-    records, members, others = await registry_size(admin_redis_url, prefix)
+    records, members, others = await registry_size(where, prefix)
     assert (records, members) == (2, 2)
     assert others > 2  # record hashes, users hash, path and metadata sets
     await hal.close()
@@ -157,16 +178,16 @@ async def test_closed_connections_leave_the_registry(
         while True:
             await asyncio.wait_for(ivy.recv(), 5)
     for _ in range(50):
-        if await registry_size(admin_redis_url, prefix) == (0, 0, 0):
+        if await registry_size(where, prefix) == (0, 0, 0):
             break
         await asyncio.sleep(0.05)
-    assert await registry_size(admin_redis_url, prefix) == (0, 0, 0)
+    assert await registry_size(where, prefix) == (0, 0, 0)
     assert await cluster[1].send({"user": "hal"}, "x") == 0
     assert await cluster[0].send({"path": "/ws/blue"}, "x") == 0
 
 
 async def test_oversized_client_frame_closes_with_1009(
-    start_cluster: StartCluster, clients: Clients, admin_redis_url: str, prefix: str
+    start_cluster: StartCluster, clients: Clients, where: Where, prefix: str
 ) -> None:
     cluster = start_cluster(1, WSLB_MAX_MESSAGE_SIZE="1000")
     jo, _ = await clients.join(cluster[0], "jo", "red")
@@ -177,35 +198,32 @@ async def test_oversized_client_frame_closes_with_1009(
         await asyncio.wait_for(jo.recv(), 5)
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
     for _ in range(50):
-        if (await registry_size(admin_redis_url, prefix))[0] == 0:
+        if (await registry_size(where, prefix))[0] == 0:
             break
         await asyncio.sleep(0.05)
-    assert (await registry_size(admin_redis_url, prefix))[0] == 0
+    assert (await registry_size(where, prefix))[0] == 0
     assert (await cluster[0].stats())["dropped_too_large"] == 1
 
 
 async def test_malformed_envelope_is_dropped_and_delivery_goes_on(
-    start_cluster: StartCluster, clients: Clients, admin_redis_url: str, prefix: str
+    start_cluster: StartCluster, clients: Clients, where: Where, prefix: str
 ) -> None:
     cluster = start_cluster(2)
     kim, kim_id = await clients.join(cluster[0], "kim", "red")
-    channel = Keys(prefix).channel("i0")
+    # i0's channel in the shard of kim's connection, where an emitter would publish
+    channel = where.keys(prefix).of_connection(kim_id).channel("i0")
     good = encode(Envelope("m1", "test", "text", [kim_id], "still alive"))
-    client = aioredis.Redis.from_url(admin_redis_url)
-    try:
-        garbage_and_good = (
-            b"",
-            b"\xff\xfe",
-            b"{}\n",
-            b'{"v":99}\nx',
-            b"not json\n",
-            b"[" * 100_000 + b"\n",  # deep enough to make the JSON parser recurse out
-            good,
-        )
-        for garbage in garbage_and_good:
-            assert await client.publish(channel, garbage) == 1
-    finally:
-        await client.aclose()
+    garbage_and_good = (
+        b"",
+        b"\xff\xfe",
+        b"{}\n",
+        b'{"v":99}\nx',
+        b"not json\n",
+        b"[" * 100_000 + b"\n",  # deep enough to make the JSON parser recurse out
+        good,
+    )
+    for garbage in garbage_and_good:
+        assert await where.publish(channel, garbage) == 1
     assert await asyncio.wait_for(kim.recv(), 5) == "still alive"
     assert (await cluster[0].stats())["dropped_malformed"] == 6
     assert (await cluster[0].stats()).get("subscriber_lost", 0) == 0
@@ -215,7 +233,7 @@ async def test_malformed_envelope_is_dropped_and_delivery_goes_on(
 
 
 async def test_graceful_stop_closes_1001_and_unregisters(
-    start_cluster: StartCluster, clients: Clients, admin_redis_url: str, prefix: str
+    start_cluster: StartCluster, clients: Clients, where: Where, prefix: str
 ) -> None:
     cluster = start_cluster(2)
     leo, _ = await clients.join(cluster[0], "leo", "red")
@@ -224,15 +242,12 @@ async def test_graceful_stop_closes_1001_and_unregisters(
     with pytest.raises(ConnectionClosed) as closed:
         await asyncio.wait_for(leo.recv(), 5)
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
-    records, members, _ = await registry_size(admin_redis_url, prefix)
+    records, members, _ = await registry_size(where, prefix)
     assert (records, members) == (1, 1)
-    client = aioredis.Redis.from_url(admin_redis_url)
-    keys = Keys(prefix)
-    try:
-        assert not await client.exists(keys.heartbeat("i0"))
-        assert await client.hkeys(keys.instances) == [b"i1"]
-    finally:
-        await client.aclose()
+    async with where.admin() as client:
+        for view in where.keys(prefix).views:  # every shard lists the instances
+            assert not await client.exists(view.heartbeat("i0")), view.shard
+            assert await client.hkeys(view.instances) == [b"i1"], view.shard
     assert await cluster[1].send({"user": "leo"}, "x") == 0
     assert await cluster[1].send({"user": "mia"}, "x") == 1
     await mia.close()
@@ -258,7 +273,7 @@ async def post(instance: Instance, path: str, body: dict[str, Any]) -> Any:
 
 
 async def test_groups_route_only_to_instances_with_members(
-    start_cluster: StartCluster, clients: Clients, admin_redis_url: str, prefix: str
+    start_cluster: StartCluster, clients: Clients, where: Where, prefix: str
 ) -> None:
     cluster = start_cluster(3)
     ann, ann_id = await clients.join(cluster[0], "ann")
@@ -291,11 +306,10 @@ async def test_groups_route_only_to_instances_with_members(
         await asyncio.sleep(0.05)
         query = await post(cluster[0], "/query", {"selector": {"group": "lobby"}})
     assert query["count"] == 1 and query["users"] == ["ben"]
-    redis = aioredis.Redis.from_url(admin_redis_url)
-    try:
-        members = await redis.smembers(Keys(prefix).group("lobby"))
-    finally:
-        await redis.aclose()
+    members: set[bytes] = set()
+    async with where.admin() as client:
+        for view in where.keys(prefix).views:
+            members |= cast(set[bytes], await client.smembers(view.group("lobby")))
     assert cat_id.encode() not in members and ann_id.encode() not in members
     assert len(members) == 1
 
@@ -346,7 +360,7 @@ async def test_custom_selector_send_reaches_only_matches(
 
 
 async def test_disconnect_user_on_two_instances(
-    start_cluster: StartCluster, clients: Clients, admin_redis_url: str, prefix: str
+    start_cluster: StartCluster, clients: Clients, where: Where, prefix: str
 ) -> None:
     cluster = start_cluster(3)
     kim0, _ = await clients.join(cluster[0], "kim")
@@ -360,10 +374,10 @@ async def test_disconnect_user_on_two_instances(
         assert closed.value.rcvd is not None
         assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (4001, "kicked")
     for _ in range(50):
-        if (await registry_size(admin_redis_url, prefix))[0] == 1:
+        if (await registry_size(where, prefix))[0] == 1:
             break
         await asyncio.sleep(0.05)
-    assert (await registry_size(admin_redis_url, prefix))[0] == 1
+    assert (await registry_size(where, prefix))[0] == 1
     assert await cluster[2].send({"user": "kim"}, "x") == 0
     assert await cluster[2].send({"user": "lou"}, "still here") == 1
     assert await asyncio.wait_for(other.recv(), 5) == "still here"

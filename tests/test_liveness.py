@@ -9,7 +9,7 @@ import asyncio
 import json
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, cast
 
 import fakeredis
@@ -27,6 +27,7 @@ from quart_wslb.receiver import Receiver
 from quart_wslb.registry import Registry
 from quart_wslb.signal_sender import SignalSender
 from quart_wslb.testing import RedisServer
+from quart_wslb.transport import ClientTransport
 from tests.cluster import Clients, Cluster, HttpError, Instance
 from tests.proxy import FreezingProxy
 from tests.support import (
@@ -500,6 +501,72 @@ async def test_liveness_regroup_cut_short_is_retried_by_the_next_tick(
     await redis.aclose()
 
 
+class _OneAtATime(ClientTransport):
+    """A transport that counts how many round trips run at once (each one yields to the
+    loop mid-way, as a socket read does)."""
+
+    def __init__(self, redis: Any) -> None:
+        super().__init__(redis)
+        self.running = self.most = 0
+
+    async def run(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        self.running += 1
+        self.most = max(self.most, self.running)
+        try:
+            await asyncio.sleep(0.01)
+            return await super().run(commands)
+        finally:
+            self.running -= 1
+
+
+async def test_liveness_round_trips_of_its_callers_never_overlap() -> None:
+    """The tick, a resubscription's callback (in the subscriber's task) and a request's
+    ``instances()`` share the loop's transport, which takes one round trip at a time: on
+    a socket, two at once read each other's replies (or fail: "read() called while
+    another coroutine is already waiting"), and one that ends hands the connection back
+    to the pool while the other still reads it."""
+    redis = fakeredis.FakeAsyncRedis()
+    keys = Keys("overlap", shards=4)
+    registry = Registry(redis, keys)
+    transport = _OneAtATime(redis)
+    receiver = Receiver(redis, keys, "solo", held(keys=keys), SignalSender(None))
+    liveness = Liveness(
+        redis, keys, "solo", interval=0.5, ttl=1.5, registry=registry, receiver=receiver,
+        local=held(keys=keys), sender=SignalSender(None), transport=transport,
+    )  # fmt: skip
+    try:
+        async with asyncio.timeout(5):
+            await asyncio.gather(liveness.tick(), liveness.resubscribed(), liveness.instances())
+        assert [info.id for info in await liveness.instances()] == ["solo"]
+    finally:
+        await redis.aclose()
+    assert transport.most == 1, f"{transport.most} round trips at once"
+
+
+@pytest.mark.parametrize("listening", [False, True], ids=["subscribing", "subscribed"])
+async def test_liveness_probe_unheard_restarts_only_a_subscribed_subscriber(
+    monkeypatch: pytest.MonkeyPatch, listening: bool
+) -> None:
+    """A probe nobody heard restarts a subscriber that says it listens (Redis dropped
+    its subscription unasked); one still subscribing (a cluster's first subscription
+    takes longer than the first beat) is left to finish, not restarted once it has."""
+    redis = fakeredis.FakeAsyncRedis()
+    keys = Keys("unheard")
+    liveness = _liveness(redis, keys, Registry(redis, keys), "solo")
+    receiver = liveness._receiver
+    restarts: list[None] = []
+    monkeypatch.setattr(receiver, "restart", lambda shards=None: restarts.append(shards))
+    if listening:
+        receiver.subscribed.set()
+    try:
+        async with asyncio.timeout(5):
+            assert await liveness.beat() == (0, [0]), "nobody subscribes: the probe is unheard"
+            await liveness.tick()
+    finally:
+        await redis.aclose()
+    assert len(restarts) == listening
+
+
 @pytest.mark.parametrize(
     ("listeners", "named"),
     [([1, 0, 1, 0], [1, 3]), ([0, 0, 0, 0], None), ([1, 1, 1, 1], None)],
@@ -526,6 +593,7 @@ async def test_liveness_tick_names_the_unheard_shards_to_the_restart(
     monkeypatch.setattr(receiver, "restart", restart)
     monkeypatch.setattr(receiver, "missed_probes", lambda: 2)
     monkeypatch.setattr(receiver, "silent_for", lambda: 10.0)
+    receiver.subscribed.set()
     await liveness.tick()
     assert restarts == [named]
     await redis.aclose()

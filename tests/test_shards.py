@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any, cast
 
 import pytest
 import redis
-import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from websockets.asyncio.client import ClientConnection
 
@@ -26,7 +24,7 @@ from quart_wslb.keys import CLUSTER_SHARDS, Keys, shard_of
 from quart_wslb.selectors import GroupSelector, UserSelector
 from quart_wslb.shards import Routed, ShardedSends
 from quart_wslb.testing import TLSUnsupportedError
-from tests.cluster import Clients, Cluster, assert_silent, receive
+from tests.cluster import Clients, Cluster, Where, assert_silent, receive, where_of
 from tests.support import tls_files
 from tests.topology import RedisClusterSet, redis_version, wait_until
 
@@ -34,31 +32,6 @@ pytestmark = [pytest.mark.timeout(180)]
 StartCluster = Callable[..., Cluster]
 SHARDS = 4
 USERS = [f"user{n}" for n in range(12)]  # enough names to land in every one of 4 shards
-
-
-@dataclass
-class Where:
-    """A topology the instances run on: its URL, their count of shards, what else they
-    are told, and an admin client of it."""
-
-    url: str
-    admin_url: str
-    shards: int
-    env: dict[str, str] = field(default_factory=dict)
-    cluster: bool = False
-
-    def admin(self) -> Any:
-        if self.cluster:
-            return RedisCluster.from_url(self.admin_url)
-        return aioredis.Redis.from_url(self.admin_url)
-
-
-@pytest.fixture(name="cluster_set", scope="module")
-def fixture_cluster_set() -> Iterator[RedisClusterSet]:
-    if redis_version() < (7,):
-        pytest.skip(f"Redis Cluster's sharded pub/sub needs Redis 7, not {redis_version()}")
-    with RedisClusterSet().start() as cluster:
-        yield cluster
 
 
 @pytest.fixture(name="tls_cluster_set", scope="module")
@@ -79,23 +52,13 @@ def fixture_tls_cluster_set(tmp_path_factory: pytest.TempPathFactory) -> Iterato
 @pytest.fixture(
     name="where", params=["redis", pytest.param("cluster", marks=pytest.mark.topology)]
 )
-def fixture_where(
-    request: pytest.FixtureRequest, redis_url: str, admin_redis_url: str
-) -> Iterator[Where]:
-    if request.param == "redis":
-        yield Where(redis_url, admin_redis_url, SHARDS, {"WSLB_SHARDS": str(SHARDS)})
-    else:
-        cluster_set = request.getfixturevalue("cluster_set")
-        yield Where(cluster_set.url, cluster_set.url, CLUSTER_SHARDS, cluster=True)
+def fixture_where(request: pytest.FixtureRequest, redis_url: str, admin_redis_url: str) -> Where:
+    """One Redis with ``SHARDS`` shards, or the session's Redis Cluster."""
+    return where_of(request, request.param, shards=SHARDS)
 
 
 async def keys_of(where: Where, prefix: str) -> list[str]:
-    client = where.admin()
-    try:
-        found = [k async for k in client.scan_iter(match="{" + prefix + "*", count=1000)]
-    finally:
-        await client.aclose()
-    return sorted(k.decode() for k in found)
+    return sorted(key.decode() for key in await where.scan(prefix))
 
 
 async def start(

@@ -137,8 +137,12 @@ class Liveness:
         # is subscribing already, and a restart asked for just after it subscribed would
         # drop that fresh subscription, and what is published while it subscribes again.
         listening = self._receiver.subscribed.is_set()
+        subscription = self._receiver.subscriptions
         registered, listeners = await self.beat()
         heard = min(listeners)
+        # ... nor of one made while the probe was out: it tested the one before.
+        still = self._receiver.subscribed.is_set() and self._receiver.subscriptions == subscription
+        listening = listening and still
         if self._healthy_since is None:
             self._healthy_since = time.monotonic()
         # Deaf: unsubscribed, or probes missed while nothing at all arrives. A subscriber
@@ -246,14 +250,20 @@ class Liveness:
     async def regroup(self) -> None:
         """Make each local connection's groups those that Redis records for it (a
         connection Redis has no record of keeps its own: the repair restores it)."""
-        changed = 0
+        before = self._local.changes()
+        changed = stale = 0
         for id, groups in (await self._registry.groups(self._instance)).items():
             connection = self._local.get(id)
-            if connection is not None and not connection.registering:
-                if connection.groups != groups:
-                    self._local.regroup(connection, groups)
-                    changed += 1
-        self._regroup_due = False
+            if connection is None or connection.registering or connection.groups == groups:
+                continue
+            if self._local.changes_of(id) != before.get(id, 0):
+                # A join or leave came while Redis was read (the subscriber delivers
+                # meanwhile): the record read is older. The next tick reads again.
+                stale += 1
+                continue
+            self._local.regroup(connection, groups)
+            changed += 1
+        self._regroup_due = stale > 0
         if changed:
             log.warning("groups of %d connections taken from Redis", changed)
 

@@ -29,7 +29,7 @@ class LocalIndex(Mapping[str, Connection]):
     the index follows.
     """
 
-    __slots__ = ("_by_id", "_by_shard", "_members", "_ops", "_shards", "names")
+    __slots__ = ("_by_id", "_by_shard", "_changes", "_members", "_ops", "_shards", "names")
 
     def __init__(self, keys: Keys) -> None:
         #: The names the index keys are built with (the prefix's).
@@ -42,6 +42,9 @@ class LocalIndex(Mapping[str, Connection]):
         #: What each held connection is indexed under, so that forgetting it forgets all
         #: of it even if its ``groups`` were changed by hand.
         self._ops: dict[str, set[str]] = {}
+        # How many joins and leaves each held connection has had: a record of its groups
+        # read before one of them is older than the connection (see :meth:`changes`).
+        self._changes: dict[str, int] = {}
 
     def __getitem__(self, id: str) -> Connection:
         return self._by_id[id]
@@ -79,6 +82,7 @@ class LocalIndex(Mapping[str, Connection]):
             return
         del self._by_id[connection.id]
         del self._by_shard[self._shard(connection)][connection.id]
+        self._changes.pop(connection.id, None)
         for op in self._ops.pop(connection.id):
             self._unindex(op, connection)
 
@@ -87,14 +91,30 @@ class LocalIndex(Mapping[str, Connection]):
         connection.groups.add(group)
         if self._by_id.get(connection.id) is connection:
             self._index("S" + self.names.group(group), connection)
+            self._changed(connection)
 
     def leave(self, connection: Connection, group: str) -> None:
         """Take ``connection`` out of ``group``; nothing happens if it is not in it."""
+        was_in = group in connection.groups
         connection.groups.discard(group)
         if self._by_id.get(connection.id) is connection:
             op = "S" + self.names.group(group)
             self._ops[connection.id].discard(op)
             self._unindex(op, connection)
+            if was_in:
+                self._changed(connection)
+
+    def changes(self) -> dict[str, int]:
+        """How many joins and leaves each held connection has had so far (a copy): to
+        tell, after reading the groups Redis records, which connections changed since."""
+        return dict(self._changes)
+
+    def changes_of(self, id: str) -> int:
+        """How many joins and leaves the connection held under ``id`` has had."""
+        return self._changes.get(id, 0)
+
+    def _changed(self, connection: Connection) -> None:
+        self._changes[connection.id] = self._changes.get(connection.id, 0) + 1
 
     def regroup(self, connection: Connection, groups: frozenset[str]) -> None:
         """Make ``connection``'s groups exactly ``groups`` (as Redis records them)."""

@@ -106,6 +106,9 @@ class Receiver:
         self._deaf: set[int] | None = None
         # The callbacks' run after the last subscription (see _subscribed).
         self._followup: asyncio.Future[None] | None = None
+        #: How many subscriptions were made: a probe's verdict holds only for the
+        #: subscription it was published to.
+        self.subscriptions = 0
         # Redis's count of output-buffer-limit cuts when we subscribed (None: unknown).
         self._cuts: int | None = None
         self._probe_sent = 0
@@ -126,7 +129,9 @@ class Receiver:
         await close(self._transport)
 
     def on_subscribed(self, callback: Callable[[], Awaitable[None]]) -> None:
-        """Call ``callback`` after every (re)subscription, once the loop is listening."""
+        """Call ``callback`` after every (re)subscription, beside the delivery: in a task
+        that the next subscription, or the loop's end, cancels (so it must let
+        ``CancelledError`` through)."""
         self._on_subscribed.append(callback)
 
     def next_probe(self) -> bytes:
@@ -164,9 +169,9 @@ class Receiver:
         The loop reads on until the connection ends (Redis closed it: everything it sent
         is delivered) or no message comes for ``READ_TIMEOUT``, for at most
         ``DRAIN_LIMIT`` seconds; then it subscribes again and sends ``subscriber_lost``.
-        Naming the deaf ``shards`` (on a Redis Cluster: those a hung master holds) ends
-        the subscription at once instead: only the parts holding their channels are
-        dropped, once drained, and the others are taken back unread.
+        On a Redis Cluster the subscription ends at once instead: the parts holding the
+        channels of the deaf ``shards`` (those a hung master holds; all when none are
+        named) are drained and dropped, and the others are taken back unread.
         """
         named = None if shards is None else set(shards)
         if self._restart is None:
@@ -237,10 +242,12 @@ class Receiver:
             for raw in batch:
                 await self._dispatch_guarded(raw)
             asked = self._restart
-            if asked is not None and self._deaf and isinstance(subscription, MergedSubscription):
-                subscription.abandon(self._channels(self._deaf))
+            if asked is not None and isinstance(subscription, MergedSubscription):
+                # Ended at once: the deaf parts are drained, the others parked unread.
+                deaf = sorted(self._deaf or range(len(self._keys.views)))
+                subscription.abandon(self._channels(deaf))
                 raise SubscriberRestartedError(
-                    f"the subscriber missed its probes on shards {sorted(self._deaf)}"
+                    f"the subscriber missed its probes on shards {deaf}"
                 )
             if asked is not None and (not batch or time.monotonic() - asked > DRAIN_LIMIT):
                 raise SubscriberRestartedError(
@@ -297,10 +304,13 @@ class Receiver:
         delivery must not wait for them. A run still going from before is superseded."""
         self._restart = self._deaf = None
         self._probe_seen = [self._probe_sent] * len(self._probe_seen)
+        self.subscriptions += 1
         self.subscribed.set()
         if self._followup is not None:
             self._followup.cancel()
-        self._followup = asyncio.ensure_future(self._after_subscribing())
+        self._followup = asyncio.get_running_loop().create_task(
+            self._after_subscribing(), name="wslb-after-subscribing"
+        )
 
     async def _stop_followup(self) -> None:
         followup, self._followup = self._followup, None

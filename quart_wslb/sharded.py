@@ -244,16 +244,7 @@ class ShardedSubscriptions:
                 "sharded subscriptions need raw reads (hiredis >= 3.2 and redis-py's "
                 "asyncio Connection._reader: see quart_wslb._compat)"
             )
-        parts, missing = await self._take_back(groups)
-        opened = await asyncio.gather(
-            *(self._open(node, channels) for node, channels in missing.items()),
-            return_exceptions=True,
-        )
-        parts += [part for part in opened if isinstance(part, Part)]
-        for outcome in opened:
-            if isinstance(outcome, BaseException):
-                self._parked = parts  # confirmed and fine: kept for the next try
-                raise outcome
+        parts = await self._gather(groups)
         merged = MergedSubscription(parts, self._leftover)
         self._leftover = []
         try:
@@ -264,11 +255,35 @@ class ShardedSubscriptions:
         else:
             await self._end(merged, None)
 
-    async def _take_back(
+    async def _gather(self, groups: dict[Address, list[str]]) -> list[Part]:
+        """Every master's part: the parked ones taken back, the missing ones opened while
+        the dropped ones drain (what they hold is left over for the new subscription:
+        it comes first). A failure to open raises, the parts that are fine parked."""
+        kept, dropped, missing = self._take_back(groups)
+        try:
+            drained, opened = await asyncio.gather(
+                self._drain_dropped(dropped, groups),
+                asyncio.gather(
+                    *(self._open(node, channels) for node, channels in missing.items()),
+                    return_exceptions=True,
+                ),
+            )
+        except BaseException:  # cancelled: the parts taken back stay parked
+            self._parked += kept
+            raise
+        self._leftover += drained
+        parts = kept + [part for part in opened if isinstance(part, Part)]
+        for outcome in opened:
+            if isinstance(outcome, BaseException):
+                self._parked += parts  # confirmed and fine: kept for the next try
+                raise outcome
+        return parts
+
+    def _take_back(
         self, groups: dict[Address, list[str]]
-    ) -> tuple[list[Part], dict[Address, list[str]]]:
-        """The parked parts whose channels are all still on their master (the others are
-        closed), and each master's channels that no part holds."""
+    ) -> tuple[list[Part], list[Part], dict[Address, list[str]]]:
+        """The parked parts whose channels are all still on their master, the others
+        (to drain), and each master's channels that no kept part holds."""
         owner = {channel: node for node, channels in groups.items() for channel in channels}
         parked, self._parked = self._parked, []
         kept: list[Part] = []
@@ -276,13 +291,25 @@ class ShardedSubscriptions:
         for part in parked:
             still = all(owner.get(channel) == part.node for channel in part.channels)
             (kept if still else dropped).append(part)
-        self._leftover += await _drain(dropped, self._timeout)
         held = {channel for part in kept for channel in part.channels}
         missing = {
             node: [channel for channel in channels if channel not in held]
             for node, channels in groups.items()
         }
-        return kept, {node: channels for node, channels in missing.items() if channels}
+        return kept, dropped, {node: channels for node, channels in missing.items() if channels}
+
+    async def _drain_dropped(
+        self, dropped: list[Part], groups: dict[Address, list[str]]
+    ) -> list[list[bytes]]:
+        """Drain the dropped parts: those of a node that the map still gives some of the
+        channels (others moved) within the timeout; those of a node it gives none (failed
+        over: most likely dead or hung, or all its slots moved) within ``DEAF_DRAIN``."""
+        moved = [part for part in dropped if part.node in groups]
+        gone = [part for part in dropped if part.node not in groups]
+        drained = await asyncio.gather(
+            _drain(moved, self._timeout), _drain(gone, min(self._timeout, DEAF_DRAIN))
+        )
+        return drained[0] + drained[1]
 
     async def _open(self, node: Address, channels: list[str]) -> Part:
         return await open_part(node, self._client_of(node), channels, self._timeout)

@@ -597,3 +597,60 @@ async def test_liveness_tick_names_the_unheard_shards_to_the_restart(
     await liveness.tick()
     assert restarts == [named]
     await redis.aclose()
+
+
+async def test_liveness_regroup_skips_a_connection_that_changed_while_redis_was_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The regroup after a resubscription runs beside the delivery: a join delivered
+    while Redis was read is newer than the record read, which must not undo it; the
+    next tick reads again."""
+    redis = fakeredis.FakeAsyncRedis()
+    keys = Keys("regroup-race")
+    registry = Registry(redis, keys)
+    connection = make_connection(id="solo:c1", user="ann")
+    connection.registering = False
+    local = held(connection, keys=keys)
+    receiver = Receiver(redis, keys, "solo", local, SignalSender(None))
+    liveness = Liveness(
+        redis, keys, "solo", interval=0.5, ttl=1.5, registry=registry, receiver=receiver,
+        local=local, sender=SignalSender(None),
+    )  # fmt: skip
+    reads = [frozenset({"old"}), frozenset({"old", "new"})]
+
+    async def groups(instance: str) -> dict[str, frozenset[str]]:
+        if len(reads) == 2:  # the first read: a join is delivered meanwhile
+            local.join(connection, "new")
+        return {"solo:c1": reads.pop(0)}
+
+    monkeypatch.setattr(registry, "groups", groups)
+    await liveness.regroup()
+    assert connection.groups == {"new"}, "the older record undid the join"
+    assert cast(Any, liveness)._regroup_due
+    await liveness.regroup()
+    assert connection.groups == {"old", "new"}
+    assert not cast(Any, liveness)._regroup_due
+    await redis.aclose()
+
+
+async def test_liveness_probe_out_during_a_resubscription_restarts_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A probe nobody heard because the subscriber resubscribed meanwhile tested the
+    subscription before: the new one is not restarted."""
+    redis = fakeredis.FakeAsyncRedis()
+    keys = Keys("resubscribed")
+    liveness = _liveness(redis, keys, Registry(redis, keys), "solo")
+    receiver = cast(Any, liveness)._receiver
+    restarts: list[object] = []
+    receiver.subscribed.set()
+
+    async def beat() -> tuple[int, list[int]]:
+        receiver.subscriptions += 1  # subscribed again while the probe was out
+        return 0, [0]
+
+    monkeypatch.setattr(liveness, "beat", beat)
+    monkeypatch.setattr(receiver, "restart", lambda shards=None: restarts.append(shards))
+    await liveness.tick()
+    assert restarts == []
+    await redis.aclose()

@@ -138,3 +138,18 @@ def test_local_index_resolves_among_one_shards_connections() -> None:
     assert local.resolve(sel, 4) is None, "no such shard"
     local.discard(members[0])
     assert members[0].id not in {c.id for c in local.resolve(sel) or []}
+
+
+def test_local_index_changes_count_the_joins_and_leaves_of_held_connections() -> None:
+    local = LocalIndex(KEYS)
+    held, stray = make_connection(id="i1:a"), make_connection(id="i1:b")
+    local.add(held)
+    before = local.changes()
+    local.join(held, "g")
+    local.leave(held, "g")
+    local.leave(held, "never joined")  # no change: nothing to count
+    local.join(stray, "g")  # not held: not counted
+    assert before == {} and local.changes() == {"i1:a": 2}
+    assert local.changes_of("i1:a") == 2 and local.changes_of("i1:b") == 0
+    local.discard(held)
+    assert local.changes() == {}

@@ -23,6 +23,7 @@ from quart_wslb import AsyncEmitter, GroupSelector, UserSelector, signals
 from quart_wslb.connection import Connection
 from quart_wslb.keys import Keys
 from quart_wslb.liveness import Liveness
+from quart_wslb.local_index import LocalIndex
 from quart_wslb.receiver import Receiver
 from quart_wslb.registry import Registry
 from quart_wslb.signal_sender import SignalSender
@@ -389,11 +390,16 @@ def _record(id: str, user: str, n: int) -> Connection:
     )
 
 
-def _liveness(redis: Any, keys: Keys, registry: Registry, name: str) -> Liveness:
-    receiver = Receiver(redis, keys, name, held(keys=keys), SignalSender(None))
+def _liveness(
+    redis: Any, keys: Keys, registry: Registry, name: str, local: LocalIndex | None = None
+) -> Liveness:
+    """A liveness loop (not running) of instance ``name``, its receiver sharing ``local``
+    (an empty index of its own when none is given)."""
+    local = held(keys=keys) if local is None else local
+    receiver = Receiver(redis, keys, name, local, SignalSender(None))
     return Liveness(
         redis, keys, name, interval=0.5, ttl=1.5, registry=registry, receiver=receiver,
-        local=held(keys=keys), sender=SignalSender(None),
+        local=local, sender=SignalSender(None),
     )  # fmt: skip
 
 
@@ -473,11 +479,7 @@ async def test_liveness_regroup_cut_short_is_retried_by_the_next_tick(
     registry = Registry(redis, keys)
     connection = make_connection(id="solo:c1", user="ann")
     local = held(connection, keys=keys)
-    receiver = Receiver(redis, keys, "solo", local, SignalSender(None))
-    liveness = Liveness(
-        redis, keys, "solo", interval=0.5, ttl=1.5, registry=registry, receiver=receiver,
-        local=local, sender=SignalSender(None),
-    )  # fmt: skip
+    liveness = _liveness(redis, keys, registry, "solo", local)
     await registry.register(connection)
     connection.registering = False
     connection.groups.add("vip")  # as Redis will record it: joined elsewhere
@@ -611,11 +613,7 @@ async def test_liveness_regroup_skips_a_connection_that_changed_while_redis_was_
     connection = make_connection(id="solo:c1", user="ann")
     connection.registering = False
     local = held(connection, keys=keys)
-    receiver = Receiver(redis, keys, "solo", local, SignalSender(None))
-    liveness = Liveness(
-        redis, keys, "solo", interval=0.5, ttl=1.5, registry=registry, receiver=receiver,
-        local=local, sender=SignalSender(None),
-    )  # fmt: skip
+    liveness = _liveness(redis, keys, registry, "solo", local)
     reads = [frozenset({"old"}), frozenset({"old", "new"})]
 
     async def groups(instance: str) -> dict[str, frozenset[str]]:

@@ -102,8 +102,12 @@ class ShardedSends:
     async def send(self, program: Program, args: list[bytes | str], alone: bool) -> Routed:
         """The :class:`Routed` of one send of ``program`` (``args``: the message's id,
         kind, payload and fragment); an error raises."""
+        if len(self._commits) == 1:  # the hot path: one shard, nothing to plan
+            routed = Routed()
+            routed.add(await self._commits[0](program.keys, [*args, *program.ops], alone=alone))
+            return routed
         calls = self._calls(program, args, alone)
-        if len(calls) == 1:  # the hot path: one shard, one call
+        if len(calls) == 1:  # a user's or a connection's: one shard, one call
             shard, (keys, call_args, heavy) = calls[0]
             replies = [await self._commits[shard](keys, call_args, alone=heavy)]
         else:

@@ -56,6 +56,9 @@ PROBE = b"\x00probe:"
 BACKOFF_MIN, BACKOFF_MAX = 0.05, 2.0
 #: Longest a restart waits for the subscriber to deliver what keeps arriving.
 DRAIN_LIMIT = 5.0
+#: Longest a restart then waits for Redis to confirm the unsubscription: a live one does
+#: within a round trip; a frozen connection never does, and delays the new subscription.
+UNSUBSCRIBE_WAIT = 0.25
 
 
 #: What each ``subscriber_lost`` reason (but ``"unexpected"``) costs this instance,
@@ -168,7 +171,9 @@ class Receiver:
 
         The loop reads on until the connection ends (Redis closed it: everything it sent
         is delivered) or no message comes for ``READ_TIMEOUT``, for at most
-        ``DRAIN_LIMIT`` seconds; then it subscribes again and sends ``subscriber_lost``.
+        ``DRAIN_LIMIT`` seconds; then it unsubscribes and delivers what came before Redis
+        confirmed it (for at most ``UNSUBSCRIBE_WAIT``), subscribes again and sends
+        ``subscriber_lost``.
         On a Redis Cluster the subscription ends at once instead: the parts holding the
         channels of the deaf ``shards`` (those a hung master holds; all when none are
         named) are drained and dropped, and the others are taken back unread.
@@ -250,6 +255,10 @@ class Receiver:
                     f"the subscriber missed its probes on shards {deaf}"
                 )
             if asked is not None and (not batch or time.monotonic() - asked > DRAIN_LIMIT):
+                # Closed only once Redis confirmed an unsubscription: what it counted
+                # as delivered before that arrives first (a frozen one: within the bound).
+                for raw in await subscription.drain(UNSUBSCRIBE_WAIT):
+                    await self._dispatch_guarded(raw)
                 raise SubscriberRestartedError(
                     "the subscriber missed its probes; restarted "
                     + ("once it fell silent" if not batch else f"after {DRAIN_LIMIT}s")

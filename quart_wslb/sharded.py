@@ -33,7 +33,7 @@ from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from ._compat import check, get_connection, stream_of
-from .subscriber import SHARDED, StreamSubscription, SubscriberClosedError
+from .subscriber import SHARDED, StreamSubscription, SubscriberClosedError, unsubscriber
 
 __all__ = ("MergedSubscription", "ShardedSubscriptions")
 
@@ -70,14 +70,8 @@ class Part:
     async def drain(self, timeout: float) -> list[bytes]:
         """Unsubscribe, and the messages that came before Redis confirmed it (see
         :meth:`StreamSubscription.drain`); then closed."""
-        connection = self.connection
-
-        async def unsubscribe() -> None:
-            packed = connection.pack_command("SUNSUBSCRIBE")
-            await connection.send_packed_command(packed, check_health=False)
-
         try:
-            return await self.subscription.drain(unsubscribe, timeout)
+            return await self.subscription.drain(timeout)
         finally:
             await self.aclose()
 
@@ -97,7 +91,9 @@ async def open_part(node: Address, redis: Redis, channels: Iterable[str], timeou
         stream = stream_of(connection)
         if stream is None:
             raise RedisConnectionError("the subscriber connection has no socket to read")
-        subscription = StreamSubscription(stream, sorted(names), SHARDED)
+        subscription = StreamSubscription(
+            stream, sorted(names), SHARDED, unsubscriber(connection, "SUNSUBSCRIBE")
+        )
         by_slot: dict[int, list[str]] = {}
         for channel in sorted(names):
             by_slot.setdefault(key_slot(channel.encode()), []).append(channel)
@@ -208,6 +204,13 @@ class MergedSubscription:
             bad = index in self._failed or part.channels & self._abandoned
             (lost if bad else fine).append(part)
         return fine, lost, leftover
+
+    async def drain(self, timeout: float) -> list[bytes]:
+        """Nothing: what the parts hold goes to the next subscription instead (each
+        part drained or parked: see :class:`ShardedSubscriptions`), as every channel is
+        abandoned here."""
+        self.abandon(channel for part in self.parts for channel in part.channels)
+        return []
 
     def abandoned(self, part: Part) -> bool:
         """Whether ``part`` holds a channel named by :meth:`abandon` (and did not fail)."""

@@ -25,6 +25,7 @@ from typing import Protocol
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
+from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import InvalidResponse, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -64,6 +65,8 @@ class SubscriptionMovedError(SubscriberClosedError):
 PLAIN: tuple[bytes, bytes, bytes | None] = (b"message", b"subscribe", None)
 #: The same for sharded channels (``SSUBSCRIBE``, Redis 7 and Redis Cluster).
 SHARDED: tuple[bytes, bytes, bytes | None] = (b"smessage", b"ssubscribe", b"sunsubscribe")
+#: The confirmations of an unsubscription (a drain's).
+UNSUBSCRIBED = frozenset({b"unsubscribe", b"sunsubscribe"})
 
 
 class Subscription(Protocol):
@@ -81,6 +84,14 @@ class Subscription(Protocol):
         """
         ...
 
+    async def drain(self, timeout: float) -> list[bytes]:
+        """Once the caller stopped reading and before the connection is closed: the
+        payloads of every message Redis sent before it confirmed an unsubscription from
+        every channel (sent here), so that closing drops none that a publisher was told
+        reached us. At most ``timeout`` s: cut short (a dead or hung Redis), it logs a
+        warning and returns what came."""
+        ...
+
 
 class StreamSubscription:
     """Messages parsed straight off a subscribed connection's socket."""
@@ -90,8 +101,12 @@ class StreamSubscription:
         stream: asyncio.StreamReader,
         channels: Sequence[str],
         kinds: tuple[bytes, bytes, bytes | None] = PLAIN,
+        unsubscribe: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
+        """``unsubscribe`` sends the unsubscription from every channel that
+        :meth:`drain` waits for (none: the drain hands out what arrived, no more)."""
         self._stream = stream
+        self._unsubscribe = unsubscribe
         self._parser = parser()
         self._message, self._confirmed, self._unsubscribed = kinds
         self._unconfirmed = {channel.encode() for channel in channels}
@@ -124,33 +139,27 @@ class StreamSubscription:
                 break
         return messages
 
-    async def drain(
-        self, unsubscribe: Callable[[], Awaitable[None]], timeout: float
-    ) -> list[bytes]:
-        """Once the caller stopped reading: the payloads of every message that Redis
-        sent before it confirmed ``unsubscribe`` (which sends an unsubscription from
-        every channel), so that closing the connection drops none that a publisher was
-        told reached us. Also after a :class:`SubscriptionMovedError`: the connection's
-        other channels go on. At most ``timeout`` s; a failure ends it with what came."""
+    async def drain(self, timeout: float) -> list[bytes]:
+        """See :meth:`Subscription.drain`; also after a :class:`SubscriptionMovedError`,
+        for the connection's other channels. After any other failure (a protocol error,
+        a closed connection) nothing follows: what was parsed before it is returned."""
         messages, self._ready = self._ready, []
         if self._failure is not None and not isinstance(self._failure, SubscriptionMovedError):
-            return messages  # a protocol error or a closed connection: nothing follows
+            return messages
         self._failure, self._draining = None, True
         try:
             async with asyncio.timeout(timeout):
                 messages += self._parse(b"")  # what the parser holds past a moved slot
-                await unsubscribe()
+                if self._unsubscribe is None:
+                    return messages
+                await self._unsubscribe()
                 while not self._drained and self._failure is None:
                     data = await self._stream.read(READ_SIZE)
                     if not data:
                         break
                     messages += self._parse(data)
         except (OSError, RedisError) as error:  # TimeoutError is an OSError
-            log.warning(
-                "draining a subscription before closing it ended early (%r): what Redis "
-                "had not sent by then is lost for this instance",
-                error,
-            )
+            _cut_short(error)
         return messages
 
     async def _next(self, timeout: float) -> list[bytes]:
@@ -196,10 +205,14 @@ class StreamSubscription:
             raise reply
         if isinstance(reply, list) and len(reply) == 3 and reply[0] == self._confirmed:
             self._unconfirmed.discard(reply[1])
+        elif (
+            self._draining
+            and isinstance(reply, list)
+            and len(reply) == 3
+            and reply[0] in UNSUBSCRIBED
+        ):
+            self._drained = reply[2] == 0  # ours; the count of channels left: 0 at the last
         elif isinstance(reply, list) and len(reply) == 3 and reply[0] == self._unsubscribed:
-            if self._draining:  # ours; the count of channels left is 0 at the last
-                self._drained = reply[2] == 0
-                return
             # We never unsubscribe but to drain: Redis did (a sharded channel's slot
             # moved away). Never swallowed, else the channel would stay silent for good.
             raise SubscriptionMovedError(f"Redis unsubscribed us from {reply[1]!r}")
@@ -249,6 +262,43 @@ class PubSubSubscription:
             if message is not None and message["type"] == "message":
                 return [message["data"]]
         return []
+
+    async def drain(self, timeout: float) -> list[bytes]:
+        """See :meth:`Subscription.drain`."""
+        messages, self._ready = self._ready, []
+        try:
+            async with asyncio.timeout(timeout):
+                await self._pubsub.unsubscribe()
+                while True:
+                    message = await self._pubsub.get_message(timeout=timeout)
+                    if message is None:
+                        continue
+                    if message["type"] == "message":
+                        messages.append(message["data"])
+                    elif message["type"] == "unsubscribe" and message["data"] == 0:
+                        return messages
+        except (OSError, RedisError) as error:
+            _cut_short(error)
+        return messages
+
+
+def unsubscriber(connection: AbstractConnection, command: str) -> Callable[[], Awaitable[None]]:
+    """What sends ``command`` (``UNSUBSCRIBE`` or ``SUNSUBSCRIBE``: from every channel)
+    on ``connection``, for :meth:`StreamSubscription.drain`."""
+
+    async def unsubscribe() -> None:
+        packed = connection.pack_command(command)
+        await connection.send_packed_command(packed, check_health=False)
+
+    return unsubscribe
+
+
+def _cut_short(error: BaseException) -> None:
+    log.warning(
+        "draining a subscription before closing it ended early (%r): what Redis had not "
+        "sent by then is lost for this instance",
+        error,
+    )
 
 
 async def output_buffer_cuts(redis: Redis, timeout: float = 1.0) -> int | None:

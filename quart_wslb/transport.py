@@ -28,7 +28,13 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from ._compat import check, get_connection, stream_of
-from .subscriber import CONFIRM_TIMEOUT, PubSubSubscription, StreamSubscription, Subscription
+from .subscriber import (
+    CONFIRM_TIMEOUT,
+    PubSubSubscription,
+    StreamSubscription,
+    Subscription,
+    unsubscriber,
+)
 from .wire import Exchange
 
 __all__ = ("ClientTransport", "SocketTransport", "Transport", "another", "close", "pick")
@@ -84,7 +90,9 @@ class SocketTransport(Exchange):
             stream = stream_of(connection)
             if stream is None:
                 raise RedisConnectionError("the subscriber connection has no socket to read")
-            subscription = StreamSubscription(stream, channels)
+            subscription = StreamSubscription(
+                stream, channels, unsubscribe=unsubscriber(connection, "UNSUBSCRIBE")
+            )
             # SUBSCRIBE through redis-py's public send_command: only reading is ours.
             await connection.send_command("SUBSCRIBE", *channels, check_health=False)
             await subscription.confirm(connection.socket_timeout or CONFIRM_TIMEOUT)

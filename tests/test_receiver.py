@@ -397,8 +397,14 @@ class Scripted:
     """A subscription that plays ``steps`` (a batch, an error to raise, a callable
     that returns a batch, or seconds of silence), then stays silent."""
 
-    def __init__(self, *steps: Step) -> None:
+    def __init__(self, *steps: Step, drained: list[bytes] | None = None) -> None:
         self.steps = list(steps)
+        self.drained = drained or []
+        self.drains = 0
+
+    async def drain(self, timeout: float) -> list[bytes]:
+        self.drains += 1
+        return self.drained
 
     async def read(self, timeout: float) -> list[bytes]:
         if not self.steps:
@@ -457,11 +463,16 @@ async def test_run_restart_delivers_what_keeps_arriving_then_signals_deaf(
     local = keeping("i1:a")
     receiver = Receiver(fake_redis, KEYS, "i1", local, OWNER)
 
-    scripts.append(Scripted(texts("a"), restarting(receiver, "b"), texts("c", "d"), texts("e")))
+    script = Scripted(
+        texts("a"), restarting(receiver, "b"), texts("c", "d"), texts("e"), drained=texts("f")
+    )
+    scripts.append(script)
     with recording(signals.subscriber_lost, OWNER) as lost:
         async with running(receiver):
             await eventually(lambda: len(lost.calls) == 1 and receiver.subscribed.is_set())
-    assert frames_of(local, "i1:a") == ["a", "b", "c", "d", "e"]
+    # "f": what came before Redis confirmed the unsubscription, delivered before closing.
+    assert frames_of(local, "i1:a") == ["a", "b", "c", "d", "e", "f"]
+    assert script.drains == 1
     assert lost.reasons() == ["deaf"]
     assert isinstance(lost.calls[0]["error"], RedisConnectionError)
 

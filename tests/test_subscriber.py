@@ -184,79 +184,95 @@ def sunsubscribe(channel: bytes, left: int) -> bytes:
     return array(bulk(b"sunsubscribe"), bulk(channel), b":%d\r\n" % left)
 
 
-def sharded_subscription(*chunks: bytes) -> tuple[asyncio.StreamReader, StreamSubscription]:
+def sharded_subscription(
+    *chunks: bytes, answer: bytes | None = b""
+) -> tuple[StreamSubscription, list[int]]:
+    """A sharded subscription over a stream that holds ``chunks``; its unsubscription
+    (counted in the list) brings ``answer`` (None: it sends nothing, as a hung Redis)."""
     stream = asyncio.StreamReader()
     for chunk in chunks:
         stream.feed_data(chunk)
-    return stream, StreamSubscription(stream, CHANNELS, SHARDED)
+    sent: list[int] = []
+
+    async def unsubscribe() -> None:
+        sent.append(1)
+        if answer is not None:
+            stream.feed_data(answer)
+
+    return StreamSubscription(stream, CHANNELS, SHARDED, unsubscribe), sent
 
 
 async def test_stream_subscription_drain_hands_out_what_came_before_the_last_unsubscription() -> (
     None
 ):
-    stream, subscription = sharded_subscription(smessage(b"unread"))
-    sent: list[int] = []
-
-    async def unsubscribe() -> None:  # Redis answers after what it sent before
-        sent.append(1)
-        stream.feed_data(
-            smessage(b"in flight")
-            + sunsubscribe(b"t:ch:i1", 1)
-            + smessage(b"other channel", b"t:broadcast")
-            + sunsubscribe(b"t:broadcast", 0)
-            + smessage(b"never: the connection is closed by now")
-        )
-
-    assert await subscription.drain(unsubscribe, SOON) == [
-        b"unread",
-        b"in flight",
-        b"other channel",
-    ]
+    subscription, sent = sharded_subscription(
+        smessage(b"unread"),
+        answer=smessage(b"in flight")  # Redis answers after what it sent before
+        + sunsubscribe(b"t:ch:i1", 1)
+        + smessage(b"other channel", b"t:broadcast")
+        + sunsubscribe(b"t:broadcast", 0)
+        + smessage(b"never: the connection is closed by now"),
+    )
+    assert await subscription.drain(SOON) == [b"unread", b"in flight", b"other channel"]
     assert sent == [1]
 
 
 async def test_stream_subscription_drain_after_a_moved_slot_keeps_the_other_channels() -> None:
-    stream, subscription = sharded_subscription(
-        smessage(b"before") + sunsubscribe(b"t:ch:i1", 1) + smessage(b"after", b"t:broadcast")
+    subscription, _ = sharded_subscription(
+        smessage(b"before") + sunsubscribe(b"t:ch:i1", 1) + smessage(b"after", b"t:broadcast"),
+        answer=sunsubscribe(b"t:broadcast", 0),
     )
     assert await subscription.read(QUIET) == [b"before"]
     with pytest.raises(SubscriptionMovedError):
         await subscription.read(QUIET)
+    assert await subscription.drain(SOON) == [b"after"]
+
+
+@pytest.mark.parametrize("push", [False, True], ids=["resp2", "resp3"])
+async def test_stream_subscription_drain_of_classic_channels_waits_for_unsubscribe(
+    push: bool,
+) -> None:
+    stream = asyncio.StreamReader()
 
     async def unsubscribe() -> None:
-        stream.feed_data(sunsubscribe(b"t:broadcast", 0))
+        stream.feed_data(
+            message(b"in flight", push=push)
+            + array(bulk(b"unsubscribe"), bulk(CHANNELS[0].encode()), b":1\r\n", push=push)
+            + array(bulk(b"unsubscribe"), bulk(CHANNELS[1].encode()), b":0\r\n", push=push)
+        )
 
-    assert await subscription.drain(unsubscribe, SOON) == [b"after"]
+    subscription = StreamSubscription(stream, CHANNELS, unsubscribe=unsubscribe)
+    assert await subscription.drain(SOON) == [b"in flight"]
 
 
 async def test_stream_subscription_drain_is_bounded_and_says_so(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    _, subscription = sharded_subscription(smessage(b"unread"))
-
-    async def unsubscribe() -> None:  # a hung Redis: no confirmation ever comes
-        pass
-
+    subscription, sent = sharded_subscription(smessage(b"unread"), answer=None)
     started = time.monotonic()
     with caplog.at_level(logging.WARNING, logger="quart_wslb"):
-        assert await subscription.drain(unsubscribe, QUIET) == [b"unread"]
+        assert await subscription.drain(QUIET) == [b"unread"]
     took = time.monotonic() - started
     assert took < SOON, f"the drain took {took:.2f} s"
-    assert "ended early" in caplog.text
+    assert sent == [1] and "ended early" in caplog.text
 
 
 async def test_stream_subscription_drain_after_garbage_reads_nothing_more() -> None:
-    stream, subscription = sharded_subscription(smessage(b"before") + b"!garbage\r\n")
+    subscription, sent = sharded_subscription(smessage(b"before") + b"!garbage\r\n")
     assert await subscription.read(QUIET) == [b"before"]
     with pytest.raises(InvalidResponse):
         await subscription.read(QUIET)
-    called: list[int] = []
+    assert await subscription.drain(SOON) == []
+    assert sent == []
 
-    async def unsubscribe() -> None:
-        called.append(1)
 
-    assert await subscription.drain(unsubscribe, SOON) == []
-    assert called == []
+async def test_stream_subscription_drain_without_unsubscribe_returns_at_once() -> None:
+    stream = asyncio.StreamReader()
+    stream.feed_data(smessage(b"parsed at the confirmation") + smessage(b"unread"))
+    subscription = StreamSubscription(stream, CHANNELS, SHARDED)
+    assert await subscription.read(QUIET) == [b"parsed at the confirmation", b"unread"]
+    async with asyncio.timeout(SOON):
+        assert await subscription.drain(SOON) == []
 
 
 async def test_stream_subscription_garbage_ends_it_after_earlier_messages() -> None:

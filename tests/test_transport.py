@@ -189,6 +189,26 @@ async def test_transport_subscribe_reads_in_order_and_closes(
 
 
 @pytest.mark.integration
+async def test_transport_subscription_drain_hands_out_everything_published_before(
+    transport: Transport, real_redis: Redis, prefix: str
+) -> None:
+    """Unread messages (counted as delivered by Redis) come out of the drain, which
+    ends once Redis confirmed the unsubscription: then nobody listens."""
+    channels = (f"{{{prefix}}}:one", f"{{{prefix}}}:two")
+    payloads = [b"%d" % n for n in range(500)]
+    async with transport.subscribe(channels) as subscription:
+        async with real_redis.pipeline(transaction=False) as pipe:
+            for n, payload in enumerate(payloads):
+                pipe.publish(channels[n % 2], payload)
+            counted = await pipe.execute()
+        assert counted == [1] * len(payloads)
+        async with asyncio.timeout(SOON):
+            got = await subscription.drain(SOON)
+        assert await real_redis.pubsub_numsub(*channels) == [(c.encode(), 0) for c in channels]
+    assert got == payloads
+
+
+@pytest.mark.integration
 async def test_transport_subscribe_silence_reads_nothing(
     transport: Transport, prefix: str
 ) -> None:

@@ -50,7 +50,7 @@ class Funnel:
         self._transport = transport
         self._name = name
         self._queue: list[_Request] = []
-        # Held by whoever uses the transport: the pump, ready(), release().
+        # Held by whoever uses the transport: the pump, release().
         self._lock = asyncio.Lock()
         self._pump: asyncio.Task[None] | None = None
         self._pumping = False
@@ -76,13 +76,6 @@ class Funnel:
             if request.written and isinstance(error, TimeoutError):
                 raise SentError(f"{self._name}: no reply in time") from error
             raise
-
-    async def ready(self) -> None:
-        """Connect, unless a round trip is on the connection already."""
-        if self._lock.locked():
-            return
-        async with self._lock:
-            await self._transport.ready()
 
     async def release(self) -> None:
         """Hand the connection back to the pool now if idle, else once the queue is

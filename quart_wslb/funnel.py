@@ -69,8 +69,13 @@ class Funnel:
             async with asyncio.timeout_at(deadline):
                 return await request.future
         except (TimeoutError, asyncio.CancelledError) as error:
-            if not request.future.cancelled():
-                raise  # the pump's own error: it says whether it was written
+            future = request.future
+            if future.done() and not future.cancelled():
+                # The pump's own error (it says whether it was written), or an outcome
+                # that came in the loop turn the deadline fired: either stands.
+                if isinstance(error, TimeoutError):
+                    return future.result()
+                raise
             if request in self._queue:
                 self._queue.remove(request)
             if request.written and isinstance(error, TimeoutError):

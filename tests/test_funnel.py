@@ -4,6 +4,7 @@ failure means before and after the write."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any
@@ -120,6 +121,35 @@ async def test_funnel_caller_giving_up_once_written_gets_a_sent_error() -> None:
     transport, funnel = held()
     with pytest.raises(SentError, match="no reply in time"):  # may have run
         await funnel.run([["ECHO", 1]], later(0.05))
+    assert transport.rounds == [[["ECHO", 1]]]
+
+
+def open_late(transport: FakeTransport, deadline: float) -> None:
+    """Open the gate in a loop turn that ends past ``deadline``: the reply then comes in
+    the turn the caller's deadline fires (a loop late with other work)."""
+
+    def late() -> None:
+        while asyncio.get_running_loop().time() <= deadline + 0.005:
+            time.sleep(0.001)
+        transport.gate.set()
+
+    asyncio.get_running_loop().call_at(deadline - 0.01, late)
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["reply", "failure"])
+async def test_funnel_outcome_in_the_deadline_turn_stands(fails: bool) -> None:
+    """A round trip that ends in the loop turn the caller's deadline fires: its reply is
+    returned, its failure once written is a SentError; never a plain TimeoutError,
+    which says nothing was written."""
+    transport, funnel = held()
+    transport.fail_run = RedisConnectionError("reset") if fails else None
+    deadline = later(0.05)
+    open_late(transport, deadline)
+    if fails:
+        with pytest.raises(SentError):
+            await funnel.run([["ECHO", 1]], deadline)
+    else:
+        assert await funnel.run([["ECHO", 1]], deadline) == [1]
     assert transport.rounds == [[["ECHO", 1]]]
 
 

@@ -167,6 +167,47 @@ async def test_funnel_release_waits_for_the_round_trips() -> None:
     assert transport.releases == 2
 
 
+async def test_funnel_release_failure_in_the_pump_is_logged_and_the_pump_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    transport, funnel = held()
+    call = asyncio.ensure_future(funnel.run([["ECHO", 1]], later(5)))
+    await asyncio.sleep(0.01)
+    await funnel.release()  # due once the round trip is done: the pump hands it back
+
+    async def broken() -> None:
+        raise RedisConnectionError("reset while handing back")
+
+    transport.release = broken  # type: ignore[method-assign]
+    transport.gate.set()
+    assert await call == [1]
+    await asyncio.sleep(0.01)
+    assert "handing the connection back failed" in caplog.text
+    assert funnel._pump is not None and funnel._pump.exception() is None
+    assert await funnel.run([["ECHO", 2]], later(1)) == [2]
+
+
+async def test_funnel_pump_that_fails_unexpectedly_fails_its_callers_and_restarts() -> None:
+    transport, funnel = held()
+    run = transport.run
+
+    async def garbled(commands: Sequence[Sequence[Any]]) -> list[Any]:
+        await run(commands)
+        return None  # type: ignore[return-value]  # a transport's bug: no replies
+
+    transport.run = garbled  # type: ignore[method-assign]
+    first = asyncio.ensure_future(funnel.run([["ECHO", 1]], later(1)))
+    await asyncio.sleep(0.01)
+    queued = asyncio.ensure_future(funnel.run([["ECHO", 2]], later(1)))
+    await asyncio.sleep(0.01)
+    transport.gate.set()
+    outcomes = await asyncio.gather(first, queued, return_exceptions=True)
+    assert isinstance(outcomes[0], SentError), outcomes  # written: may have run
+    assert isinstance(outcomes[0].__cause__, TypeError)
+    transport.run = run  # type: ignore[method-assign]
+    assert await funnel.run([["ECHO", 3]], later(1)) == [3]  # a new pump
+
+
 async def test_funnel_aclose_fails_what_is_in_flight() -> None:
     transport, funnel = held()
     call = asyncio.ensure_future(funnel.run([["ECHO", 1]], later(5)))

@@ -567,14 +567,12 @@ class _Stuck(ClientTransport):
             await self.unstick.wait()
 
 
-def _liveness_on(redis: Any, transport: Any, timeout: float) -> Liveness:
+def _liveness_on(redis: Any, transport: _Stuck, timeout: float) -> Liveness:
+    """A liveness loop on ``transport``, with ``timeout`` as the Redis timeout."""
     keys = Keys("stuck")
-    receiver = Receiver(redis, keys, "solo", held(keys=keys), SignalSender(None))
-    return Liveness(
-        redis, keys, "solo", interval=0.5, ttl=1.5, registry=Registry(redis, keys),
-        receiver=receiver, local=held(keys=keys), sender=SignalSender(None),
-        transport=transport, timeout=timeout,
-    )  # fmt: skip
+    liveness = _liveness(redis, keys, Registry(redis, keys), "solo")
+    liveness._transport, liveness._timeout = transport, timeout
+    return liveness
 
 
 async def _behind_a_stuck_one(

@@ -10,6 +10,7 @@ has no effect. A batch is cut only once its connection is ready (taken from the 
 connected), right before the write: a caller may give up while the batch waits to
 reconnect after a blip, and then may send again. (On the redis-py pipelines of
 :class:`~quart_wslb.transport.ClientTransport`, which make their connection themselves,
+and on a Redis Cluster, whose transport connects to each master inside the round trip,
 the batch is cut before that.)
 
 The script takes its calls in one ``EVALSHA``: ``KEYS`` are the fixed keys, then each

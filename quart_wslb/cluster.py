@@ -285,15 +285,12 @@ class ClusterTransport:
         return self
 
     async def ready(self) -> None:
-        """Read the map if there is none, and connect to every master: a master that
-        cannot be reached now is left to :meth:`run` (its commands are retried there)."""
+        """Read the map if there is none: what every round trip waits for. Connecting is
+        left to :meth:`run`, each master's within the round trip's deadline (in its
+        :class:`~quart_wslb.funnel.Funnel`), since connecting to every master here would
+        hold a caller whose commands go to healthy masters for the socket timeout of a
+        hung one's handshake."""
         await self._mapped()
-        outcomes = await asyncio.gather(
-            *(self._node(master)[1].ready() for master in self.masters()), return_exceptions=True
-        )
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException) and not isinstance(outcome, Exception):
-                raise outcome  # cancellation
 
     async def run(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
         """The replies to ``commands``, in order, each from the master of its slot (see

@@ -17,15 +17,19 @@ they may have run, and must never be sent twice.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from .exceptions import describe
 from .transport import Transport
 
 __all__ = ("Funnel", "SentError")
+
+log = logging.getLogger("quart_wslb")
 
 
 class SentError(Exception):
@@ -50,7 +54,7 @@ class Funnel:
         self._transport = transport
         self._name = name
         self._queue: list[_Request] = []
-        # Held by whoever uses the transport: the pump, ready(), release().
+        # Held by whoever uses the transport: the pump, release().
         self._lock = asyncio.Lock()
         self._pump: asyncio.Task[None] | None = None
         self._pumping = False
@@ -69,20 +73,18 @@ class Funnel:
             async with asyncio.timeout_at(deadline):
                 return await request.future
         except (TimeoutError, asyncio.CancelledError) as error:
-            if not request.future.cancelled():
-                raise  # the pump's own error: it says whether it was written
+            future = request.future
+            if future.done() and not future.cancelled():
+                # The pump's own error (it says whether it was written), or an outcome
+                # that came in the loop turn the deadline fired: either stands.
+                if isinstance(error, TimeoutError):
+                    return future.result()
+                raise
             if request in self._queue:
                 self._queue.remove(request)
             if request.written and isinstance(error, TimeoutError):
                 raise SentError(f"{self._name}: no reply in time") from error
             raise
-
-    async def ready(self) -> None:
-        """Connect, unless a round trip is on the connection already."""
-        if self._lock.locked():
-            return
-        async with self._lock:
-            await self._transport.ready()
 
     async def release(self) -> None:
         """Hand the connection back to the pool now if idle, else once the queue is
@@ -111,14 +113,29 @@ class Funnel:
                 self._pumping = False  # at once: a caller queued from now on starts a pump
                 if self._release_due:
                     self._release_due = False
-                    await self._transport.release()
+                    await self._release()
         except asyncio.CancelledError:  # aclose()
-            self._pumping = False
-            closed = RedisConnectionError(f"{self._name}: the transport was closed")
-            _fail(batch, closed, self._name)
-            _fail(self._queue, closed, self._name)
-            self._queue = []
+            self._stop(batch, RedisConnectionError(f"{self._name}: the transport was closed"))
             raise
+        except Exception as error:  # a bug: its callers hear it, and the next starts a pump
+            log.exception("%s: round trips failed unexpectedly", self._name)
+            self._stop(batch, error)
+
+    def _stop(self, batch: list[_Request], error: BaseException) -> None:
+        """End this pump (its round trips were still going): fail ``batch`` and what is
+        queued with ``error``, so that a caller queued from now on starts a new one."""
+        self._pumping = False
+        _fail(batch, error, self._name)
+        _fail(self._queue, error, self._name)
+        self._queue = []
+
+    async def _release(self) -> None:
+        """Hand the connection back; a failure is logged (the pump must go on: a pump
+        that died would leave every later caller waiting for it)."""
+        try:
+            await self._transport.release()
+        except Exception as error:
+            log.warning("%s: handing the connection back failed: %s", self._name, describe(error))
 
     async def _round_trip(self, batch: list[_Request]) -> None:
         """Connect, then write what is still awaited in ``batch`` as one pipeline."""

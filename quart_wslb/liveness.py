@@ -24,6 +24,7 @@ is a registry of its own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -87,7 +88,9 @@ class Liveness:
         self._redis = redis
         #: Redis's timeout (``WSLB_REDIS_TIMEOUT``), on top of a tick's own bound.
         self._timeout = timeout
-        #: Its own (one caller at a time); picked at the first beat if not given.
+        #: On one Redis (or Sentinel's master), a connection of its own, one round trip
+        #: at a time; on a cluster, the instance's ClusterTransport, shared with the
+        #: sends. Picked at the first beat if not given.
         self._transport = transport
         self._one_at_a_time = asyncio.Lock()
         self._keys = keys
@@ -219,19 +222,28 @@ class Liveness:
         # a single Redis's (or Sentinel's master's) socket transport reads without a
         # timeout, so a beat stuck on a hung master would hold the tick to its bound
         # (twice the interval plus the timeout) before the next beat can reach the new one.
-        bound = None if clustered(self._redis) else self._timeout or None
+        shared = clustered(self._redis)
+        bound = None if shared else self._timeout or None
+        deadline = None if bound is None else asyncio.get_running_loop().time() + bound
         # The tick, a resubscription (the subscriber's task) and instances() (a request)
-        # all come here; the transport takes one round trip at a time.
-        async with self._one_at_a_time:
+        # all come here. One Redis's transport takes one round trip at a time: the wait
+        # for the others is within the bound, or a request's instances() would wait
+        # without one behind a stuck tick. A cluster's takes them all at once, and its
+        # connections serve the sends too: no lock, and no release after each.
+        async with contextlib.AsyncExitStack() as turn:
+            if not shared:
+                async with asyncio.timeout_at(deadline):
+                    await turn.enter_async_context(self._one_at_a_time)
             if self._transport is None:
                 self._transport = await pick_transport(self._redis)
             transport = self._transport
             try:
-                async with asyncio.timeout(bound):
+                async with asyncio.timeout_at(deadline):
                     await transport.ready()
                     replies = await transport.run(commands)
             finally:
-                await transport.release()
+                if not shared:
+                    await transport.release()
         failed = [reply for reply in replies if isinstance(reply, BaseException)]
         if failed and (not partial or len(failed) == len(replies)):
             raise failed[0]

@@ -53,7 +53,10 @@ class Transport(Protocol):
     async def ready(self) -> None:
         """Wait for all that a :meth:`run` right after may wait for before it writes
         (taking and connecting its connection), so that the caller can still choose,
-        with nothing left to wait for, what to send."""
+        with nothing left to wait for, what to send. (A
+        :class:`~quart_wslb.cluster.ClusterTransport` waits here only for its map of
+        slots: it connects to each master inside :meth:`run`, within the round trip's
+        deadline, so that a hung master holds up only the commands that go to it.)"""
         ...
 
     async def run(self, commands: Sequence[Sequence[Any]]) -> list[Any]:

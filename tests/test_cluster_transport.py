@@ -118,6 +118,35 @@ async def test_cluster_transport_keeps_its_masters_with_the_map() -> None:
         await client.aclose()
 
 
+async def test_cluster_transport_ready_connects_to_no_master() -> None:
+    """``ready()`` only makes sure the map is read: connecting to every master there
+    held a caller whose commands go to a healthy master for the socket timeout of a
+    hung master's handshake (each master is connected inside ``run``, within the
+    round trip's deadline)."""
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def hung(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)  # reads nothing, answers nothing: a SIGSTOPped master
+
+    server = await asyncio.start_server(hung, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = cluster_client(f"redis://127.0.0.1:{free_port()}", 2.0)
+    transport = ClusterTransport(client)
+    try:
+        transport._take_map([("127.0.0.1", port)] * 16384)
+        async with asyncio.timeout(SOON):
+            await transport.ready()
+        await asyncio.sleep(QUIET)  # a connection made in the background would show now
+        assert accepted == [], "ready() connected to the hung master"
+    finally:
+        await transport.aclose()
+        await client.aclose()
+        for writer in accepted:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
 # -- on a real cluster ----------------------------------------------------------------
 
 

@@ -4,6 +4,7 @@ failure means before and after the write."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any
@@ -123,6 +124,35 @@ async def test_funnel_caller_giving_up_once_written_gets_a_sent_error() -> None:
     assert transport.rounds == [[["ECHO", 1]]]
 
 
+def open_late(transport: FakeTransport, deadline: float) -> None:
+    """Open the gate in a loop turn that ends past ``deadline``: the reply then comes in
+    the turn the caller's deadline fires (a loop late with other work)."""
+
+    def late() -> None:
+        while asyncio.get_running_loop().time() <= deadline + 0.005:
+            time.sleep(0.001)
+        transport.gate.set()
+
+    asyncio.get_running_loop().call_at(deadline - 0.01, late)
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["reply", "failure"])
+async def test_funnel_outcome_in_the_deadline_turn_stands(fails: bool) -> None:
+    """A round trip that ends in the loop turn the caller's deadline fires: its reply is
+    returned, its failure once written is a SentError; never a plain TimeoutError,
+    which says nothing was written."""
+    transport, funnel = held()
+    transport.fail_run = RedisConnectionError("reset") if fails else None
+    deadline = later(0.05)
+    open_late(transport, deadline)
+    if fails:
+        with pytest.raises(SentError):
+            await funnel.run([["ECHO", 1]], deadline)
+    else:
+        assert await funnel.run([["ECHO", 1]], deadline) == [1]
+    assert transport.rounds == [[["ECHO", 1]]]
+
+
 async def test_funnel_release_waits_for_the_round_trips() -> None:
     transport, funnel = held()
     call = asyncio.ensure_future(funnel.run([["ECHO", 1]], later(5)))
@@ -135,6 +165,47 @@ async def test_funnel_release_waits_for_the_round_trips() -> None:
     assert transport.releases == 1
     await funnel.release()
     assert transport.releases == 2
+
+
+async def test_funnel_release_failure_in_the_pump_is_logged_and_the_pump_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    transport, funnel = held()
+    call = asyncio.ensure_future(funnel.run([["ECHO", 1]], later(5)))
+    await asyncio.sleep(0.01)
+    await funnel.release()  # due once the round trip is done: the pump hands it back
+
+    async def broken() -> None:
+        raise RedisConnectionError("reset while handing back")
+
+    transport.release = broken  # type: ignore[method-assign]
+    transport.gate.set()
+    assert await call == [1]
+    await asyncio.sleep(0.01)
+    assert "handing the connection back failed" in caplog.text
+    assert funnel._pump is not None and funnel._pump.exception() is None
+    assert await funnel.run([["ECHO", 2]], later(1)) == [2]
+
+
+async def test_funnel_pump_that_fails_unexpectedly_fails_its_callers_and_restarts() -> None:
+    transport, funnel = held()
+    run = transport.run
+
+    async def garbled(commands: Sequence[Sequence[Any]]) -> list[Any]:
+        await run(commands)
+        return None  # type: ignore[return-value]  # a transport's bug: no replies
+
+    transport.run = garbled  # type: ignore[method-assign]
+    first = asyncio.ensure_future(funnel.run([["ECHO", 1]], later(1)))
+    await asyncio.sleep(0.01)
+    queued = asyncio.ensure_future(funnel.run([["ECHO", 2]], later(1)))
+    await asyncio.sleep(0.01)
+    transport.gate.set()
+    outcomes = await asyncio.gather(first, queued, return_exceptions=True)
+    assert isinstance(outcomes[0], SentError), outcomes  # written: may have run
+    assert isinstance(outcomes[0].__cause__, TypeError)
+    transport.run = run  # type: ignore[method-assign]
+    assert await funnel.run([["ECHO", 3]], later(1)) == [3]  # a new pump
 
 
 async def test_funnel_aclose_fails_what_is_in_flight() -> None:

@@ -20,6 +20,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
 from quart_wslb import AsyncEmitter, GroupSelector, UserSelector, signals
+from quart_wslb.cluster import cluster_client
 from quart_wslb.connection import Connection
 from quart_wslb.keys import Keys
 from quart_wslb.liveness import Liveness
@@ -27,7 +28,7 @@ from quart_wslb.local_index import LocalIndex
 from quart_wslb.receiver import Receiver
 from quart_wslb.registry import Registry
 from quart_wslb.signal_sender import SignalSender
-from quart_wslb.testing import RedisServer
+from quart_wslb.testing import RedisServer, free_port
 from quart_wslb.transport import ClientTransport
 from tests.cluster import Clients, Cluster, HttpError, Instance
 from tests.proxy import FreezingProxy
@@ -543,6 +544,85 @@ async def test_liveness_round_trips_of_its_callers_never_overlap() -> None:
     finally:
         await redis.aclose()
     assert transport.most == 1, f"{transport.most} round trips at once"
+
+
+class _Stuck(ClientTransport):
+    """A transport whose first round trip hangs in ``stuck_in`` (``run``, or the
+    ``release`` after it) until ``unstick`` is set; counts releases."""
+
+    def __init__(self, redis: Any, stuck_in: str) -> None:
+        super().__init__(redis)
+        self.stuck_in, self.unstick, self.releases = stuck_in, asyncio.Event(), 0
+        self.started = asyncio.Event()
+
+    async def run(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        await self._maybe_stick("run")
+        return [b"PONG" for _ in commands]
+
+    async def release(self) -> None:
+        self.releases += 1
+        await self._maybe_stick("release")
+
+    async def _maybe_stick(self, step: str) -> None:
+        if self.stuck_in == step and not self.started.is_set():
+            self.started.set()
+            await self.unstick.wait()
+
+
+def _liveness_on(redis: Any, transport: _Stuck, timeout: float) -> Liveness:
+    """A liveness loop on ``transport``, with ``timeout`` as the Redis timeout."""
+    keys = Keys("stuck")
+    liveness = _liveness(redis, keys, Registry(redis, keys), "solo")
+    liveness._transport, liveness._timeout = transport, timeout
+    return liveness
+
+
+async def _behind_a_stuck_one(
+    liveness: Liveness, transport: _Stuck
+) -> tuple[asyncio.Future[list[Any]], asyncio.Future[list[Any]], bool]:
+    """A round trip that sticks, then another: both, and whether the other ended within
+    2 s."""
+    first = asyncio.ensure_future(liveness._run([[("PING",)]]))
+    await asyncio.wait_for(transport.started.wait(), 2)
+    second = asyncio.ensure_future(liveness._run([[("PING",)]]))
+    done, _ = await asyncio.wait([second], timeout=2.0)
+    return first, second, second in done
+
+
+async def test_liveness_round_trip_waits_for_a_stuck_one_at_most_the_timeout() -> None:
+    """On one Redis the loop's round trips take turns; one stuck where no timeout runs
+    (here its release) holds the next for at most the Redis timeout, the wait for its
+    turn included, so a request's instances() never waits without bound."""
+    redis = fakeredis.FakeAsyncRedis()
+    transport = _Stuck(redis, "release")
+    liveness = _liveness_on(redis, transport, timeout=0.2)
+    try:
+        first, second, ended = await _behind_a_stuck_one(liveness, transport)
+        assert ended, "the second round trip waited past 2 s for its turn"
+        assert isinstance(second.exception(), TimeoutError), second.exception()
+    finally:
+        transport.unstick.set()
+        await redis.aclose()
+    await asyncio.gather(first, return_exceptions=True)
+
+
+async def test_liveness_cluster_round_trips_go_side_by_side_and_keep_connections() -> None:
+    """On a cluster the loop's transport is the instance's ClusterTransport, which takes
+    round trips from several callers at once: one stuck (a hung master) holds no other,
+    and none hands the masters' connections (the sends' too) back to the pool."""
+    redis = cluster_client(f"redis://127.0.0.1:{free_port()}", 1.0)  # never connected
+    transport = _Stuck(redis, "run")
+    liveness = _liveness_on(redis, transport, timeout=1.0)
+    try:
+        first, second, ended = await _behind_a_stuck_one(liveness, transport)
+        assert ended, "a round trip waited for one stuck on a hung master"
+        assert second.result() == [b"PONG"]
+        transport.unstick.set()
+        assert await asyncio.wait_for(first, 2) == [b"PONG"]
+        assert transport.releases == 0, f"{transport.releases} releases of the shared one"
+    finally:
+        transport.unstick.set()
+        await redis.aclose()
 
 
 @pytest.mark.parametrize("listening", [False, True], ids=["subscribing", "subscribed"])

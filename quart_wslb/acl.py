@@ -23,8 +23,9 @@ COMMANDS: tuple[str, ...] = (
     "select", "evalsha", "script|load", "script|exists", "multi", "exec", "info",
     # what URL options make redis-py send
     "ping", "client|setname",
-    # pub/sub; on a Redis Cluster, sharded channels
-    "subscribe", "publish", "ssubscribe", "spublish",
+    # pub/sub; on a Redis Cluster, sharded channels; the unsubscriptions a subscriber
+    # sends before it closes, so as to drop nothing Redis counted as delivered
+    "subscribe", "unsubscribe", "publish", "ssubscribe", "sunsubscribe", "spublish",
     # on a Redis Cluster: the slot map (quart-wslb's and redis-py's), a command after an
     # ASK redirection, and the command table that redis-py's cluster client reads once
     "cluster|slots", "asking", "command",

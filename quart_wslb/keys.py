@@ -3,7 +3,9 @@
 Registry keys share a hash tag, ``{prefix}``, so that one Lua script can read and write
 them atomically, on one Redis Cluster slot. With ``shards`` > 1 (Redis Cluster), the
 keys are split over that many hash tags, ``{prefix|0}`` to ``{prefix|<shards - 1>}``
-(no prefix has a ``|``): each **shard** is a whole registry of its own, and each
+(no prefix has a ``|``; a tag may carry a salt, ``{prefix|3.7}``, that puts its slot in
+the shard's own share of the slot space: :func:`shard_tag`): each **shard** is a whole
+registry of its own, and each
 connection lives in exactly one, its user's (a user's connections share a shard), or
 its id's for a connection without a user. Every instance takes part in every shard (a
 heartbeat, a channel), so each script still reads and writes one slot, atomically, and
@@ -24,6 +26,8 @@ import secrets
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
 from .contract import (
     LAYOUT,
@@ -57,6 +61,20 @@ MAX_SHARDS = 256
 CLUSTER_SHARDS = 16
 
 
+def shard_tag(prefix: str, shard: int, shards: int) -> str:
+    """The hash tag of shard ``shard`` of ``shards``: ``{prefix|shard}``, salted
+    (``{prefix|shard.1}``, ``.2``, ...) until its Redis Cluster slot lies in the shard's
+    own ``1/shards`` of the slot space. The shards then spread evenly over masters that
+    own equal ranges of slots (a new cluster's do), whatever the prefix: with 16 shards
+    on 3 masters, 5, 5 and 6, where plain tags may leave one master a sixth of them."""
+    name = f"{prefix}{SHARD_MARK}{shard}"
+    salt = 0
+    while key_slot(name.encode()) * shards // REDIS_CLUSTER_HASH_SLOTS != shard:
+        salt += 1  # each try lands in the shard's share with odds 1/shards
+        name = f"{prefix}{SHARD_MARK}{shard}.{salt}"
+    return "{" + name + "}"
+
+
 def shard_of(value: str, shards: int) -> int:
     """The shard of a user name or a connection id, of ``shards`` (CRC-32, stable
     across processes and versions)."""
@@ -80,10 +98,18 @@ class Keys:
     #: The shard whose names this view builds (see :meth:`views`).
     shard: int = 0
     _views: tuple[Keys, ...] = field(default=(), compare=False, repr=False)
+    #: The hash tag that opens every name of this shard.
+    _root: str = field(default="", init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not 1 <= self.shards <= MAX_SHARDS or not 0 <= self.shard < self.shards:
             raise ValueError(f"shard {self.shard} of {self.shards} (1-{MAX_SHARDS} shards)")
+        root = (
+            "{" + self.prefix + "}"
+            if self.shards == 1
+            else shard_tag(self.prefix, self.shard, self.shards)
+        )
+        object.__setattr__(self, "_root", root)
         if not self._views and self.shard == 0:
             others = [
                 Keys(self.prefix, self.db, self.shards, n, (self,)) for n in range(1, self.shards)
@@ -152,12 +178,6 @@ class Keys:
         """What the layout marker of every shard holds: :data:`LAYOUT`, and the count of
         shards when there are several."""
         return LAYOUT if self.shards == 1 else f"{LAYOUT}{SHARD_MARK}{self.shards}"
-
-    @property
-    def _root(self) -> str:
-        if self.shards == 1:
-            return "{" + self.prefix + "}"
-        return "{" + self.prefix + SHARD_MARK + str(self.shard) + "}"
 
     def records(self, instance: str) -> str:
         """Hash: connection token -> JSON record, for the connections ``instance`` owns.

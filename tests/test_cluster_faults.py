@@ -31,6 +31,9 @@ StartCluster = Callable[..., Cluster]
 RESTORE_BOUND = 10.0
 #: How long the stream runs after the fault.
 STREAM_AFTER = 14.0
+#: Sends started this long before a SIGKILL may be counted as routed and lost with it
+#: (Redis wrote the publisher's reply, not yet the subscriber's copy): reported, allowed.
+KILL_WINDOW = 0.5
 FAST = {"WSLB_HEARTBEAT_INTERVAL": "0.5", "WSLB_INSTANCE_TTL": "4", "WSLB_REDIS_TIMEOUT": "2"}
 
 
@@ -52,19 +55,22 @@ class Stream:
     sent_at: dict[int, float] = field(default_factory=dict)
     received: dict[int, float] = field(default_factory=dict)
 
-    def report(self, name: str, fault: float) -> tuple[float, set[int]]:
+    def report(self, name: str, fault: float, kill: bool = False) -> tuple[float, set[int]]:
         """(seconds from the fault to the first delivery of a message sent after it,
-        the messages counted as routed that never arrived); printed with the rest."""
+        the messages counted as routed that never arrived, but those in flight at a
+        kill); printed with the rest."""
         after = [n for n, at in self.sent_at.items() if at > fault and n in self.received]
         restored = min(self.received[n] for n in after) - fault if after else float("inf")
         lost = {n for n, count in self.routed.items() if count > 0} - set(self.received)
+        in_flight = {n for n in lost if kill and -KILL_WINDOW <= self.sent_at[n] - fault <= 0}
         nobody = sorted(n for n, count in self.routed.items() if count == 0)
         print(
             f"\n{name}: {len(self.sent_at)} sent, {len(self.received)} received; restored "
             f"{restored:.2f} s after the fault; routed to nobody: {len(nobody)}; failed: "
-            f"{len(self.failed)}; counted as routed and lost: {sorted(lost)}"
+            f"{len(self.failed)}; counted as routed and lost: {sorted(lost)} (in flight at "
+            f"the kill: {sorted(in_flight)})"
         )
-        return restored, lost
+        return restored, lost - in_flight
 
 
 async def run_stream(
@@ -116,9 +122,9 @@ async def alice_and_her_master(
         return cluster, alice, int(node.port)
 
 
-def check(stream: Stream, name: str, fault: float, bound: float = RESTORE_BOUND) -> None:
-    restored, lost = stream.report(name, fault)
-    assert restored <= bound, f"{name}: delivery back after {restored:.2f} s"
+def check(stream: Stream, name: str, fault: float, kill: bool = False) -> None:
+    restored, lost = stream.report(name, fault, kill)
+    assert restored <= RESTORE_BOUND, f"{name}: delivery back after {restored:.2f} s"
     assert not lost, f"{name}: counted as routed, never delivered: {sorted(lost)}"
 
 
@@ -130,7 +136,7 @@ async def test_cluster_faults_master_killed(
     stream, fault = await run_stream(
         cluster, alice, lambda: os.kill(pid_of(server), signal.SIGKILL)
     )
-    check(stream, "SIGKILL of the master of alice's shard", fault)
+    check(stream, "SIGKILL of the master of alice's shard", fault, kill=True)
 
 
 async def test_cluster_faults_master_hung(

@@ -6,7 +6,7 @@ import pytest
 from redis.crc import key_slot
 
 from quart_wslb.contract import LAYOUT
-from quart_wslb.keys import Keys, shard_of
+from quart_wslb.keys import Keys, shard_of, shard_tag
 
 #: Values chosen to look like separators, hash tags, globs and other kinds of key.
 ADVERSARIAL = [
@@ -132,16 +132,29 @@ def test_keys_holders_sit_beside_each_index_set_and_collide_with_nothing() -> No
 
 def test_keys_views_name_each_shard_under_its_own_hash_tag() -> None:
     keys = Keys("app", shards=3)
+    # app|1 hashes outside the middle third of the slots: salted (see shard_tag).
     assert [view.users for view in keys.views] == [
         "{app|0}:users",
-        "{app|1}:users",
+        "{app|1.2}:users",
         "{app|2}:users",
     ]
     assert keys.view(0) is keys and all(view.views == keys.views for view in keys.views)
     assert Keys("app").views == (Keys("app"),) and Keys("app").users == "{app}:users"
     assert keys.view(2).channel("i1") == "{app|2}:ch:i1"
-    assert keys.view(1).move(keys.group("g")) == "{app|1}:g:g"
+    assert keys.view(1).move(keys.group("g")) == "{app|1.2}:g:g"
     assert keys.move(keys.view(2).path("/x")) == "{app|0}:p:/x"
+
+
+@pytest.mark.parametrize("shards", [2, 3, 16, 256])
+def test_keys_shard_tags_take_each_its_share_of_the_slots(shards: int) -> None:
+    """Shard n's slot lies in the n-th 1/shards of the slot space, so shards spread
+    evenly over masters owning equal ranges, whatever the prefix."""
+    for prefix in ("wslb", "app", "test-1a2b3c4d"):
+        tags = [shard_tag(prefix, n, shards) for n in range(shards)]
+        slots = [key_slot(tag.encode()) for tag in tags]
+        assert [slot * shards // 16384 for slot in slots] == list(range(shards)), prefix
+        assert all(tag.startswith("{" + prefix + "|") for tag in tags)
+        assert len(set(tags)) == shards
 
 
 def test_keys_shards_of_another_prefix_never_collide() -> None:

@@ -42,6 +42,10 @@ pytestmark = [
 StartCluster = Callable[..., Cluster]
 #: The bound on restoring delivery after the failover completed (the issue's figure).
 RESTORE_BOUND = 10.0
+#: Sends started this long before a SIGKILL may be counted as routed and lost with it:
+#: Redis writes the publisher's reply, then the subscriber's copy, and dies in between
+#: (docs/failure-model.md, "Sentinel failover"). Reported; any other loss fails.
+KILL_WINDOW = 0.5
 #: Pause between two sends of the stream.
 PACE = 0.02
 #: A pause between two arrivals longer than this is a pause in delivery (the stream
@@ -316,6 +320,8 @@ class Figures:
     failed: int  # sends that raised
     sent: int
     lost: list[int]  # routed >= 1, never arrived
+    #: Of those, sent within ``KILL_WINDOW`` before a SIGKILL: in flight when it came.
+    in_flight: list[int]
     #: Per instance, its subscriber's losses by reason (``deaf``: the watchdog's restart).
     resubscribed: dict[str, dict[str, int]]
 
@@ -336,7 +342,8 @@ class Figures:
         return (
             f"{self.fault}: failover seen at {self.detected:.2f}s, {restored}; of "
             f"{self.sent} sends {self.unrouted} said 0 routed, {self.failed} raised; routed "
-            f"then lost: {len(self.lost)} {self.lost[:20]}; subscribers lost: "
+            f"then lost: {len(self.lost)} {self.lost[:20]} (of which in flight at a kill: "
+            f"{self.in_flight}); subscribers lost: "
             f"{self.resubscribed}"
         )
 
@@ -401,6 +408,7 @@ async def _run_fault(
             task.cancel()
         await asyncio.gather(sending, receiving, return_exceptions=True)
     sent = stream.sent
+    lost = [n for n, (_, routed) in sent.items() if routed and n not in stream.got]
     return Figures(
         fault=fault,
         detected=detected,
@@ -408,7 +416,10 @@ async def _run_fault(
         unrouted=sum(1 for _, routed in sent.values() if routed == 0),
         failed=sum(1 for _, routed in sent.values() if routed is None),
         sent=len(sent),
-        lost=[n for n, (_, routed) in sent.items() if routed and n not in stream.got],
+        lost=lost,
+        in_flight=[
+            n for n in lost if fault == "kill" and -KILL_WINDOW <= sent[n][0] - fault_at <= 0
+        ],
         resubscribed={i.id: await _subscriber_losses(i) for i in cluster.instances},
     )
 
@@ -464,7 +475,7 @@ async def test_sentinel_fault_restores_delivery_and_loses_nothing_routed(
     figures = await _run_fault(faulty_set, cluster, clients, fault)
     print(f"MEASURED redis_timeout {timeout}s {figures}")
     assert figures.restored - figures.detected < RESTORE_BOUND, str(figures)
-    assert not figures.lost, str(figures)
+    assert set(figures.lost) == set(figures.in_flight), str(figures)
     # Only the old master is gone: the stream ran on the new one.
     assert figures.sent > figures.unrouted + figures.failed, str(figures)
     assert faulty_set.master_port() == faulty_set.replica_servers[0].port

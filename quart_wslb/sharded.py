@@ -214,9 +214,8 @@ class MergedSubscription:
 
     def abandoned(self, part: Part) -> bool:
         """Whether ``part`` holds a channel named by :meth:`abandon` (and did not fail)."""
-        return part not in (self.parts[index] for index in self._failed) and bool(
-            part.channels & self._abandoned
-        )
+        failed = self.parts.index(part) in self._failed
+        return not failed and bool(part.channels & self._abandoned)
 
     def keeps_parts(self, error: BaseException | None) -> bool:
         """Whether the subscription ending with ``error`` parks its parts that are fine:
@@ -307,10 +306,15 @@ class ShardedSubscriptions:
         """Drain the dropped parts: those of a node that the map still gives some of the
         channels (others moved) within the timeout; those of a node it gives none (failed
         over: most likely dead or hung, or all its slots moved) within ``DEAF_DRAIN``."""
-        moved = [part for part in dropped if part.node in groups]
         gone = [part for part in dropped if part.node not in groups]
+        return await self._drain_split(dropped, gone)
+
+    async def _drain_split(self, parts: list[Part], short: list[Part]) -> list[list[bytes]]:
+        """Drain ``parts`` side by side: those in ``short`` (deaf, or of a node given none
+        of the channels) within ``DEAF_DRAIN``, the others within the timeout."""
+        rest = [part for part in parts if part not in short]
         drained = await asyncio.gather(
-            _drain(moved, self._timeout), _drain(gone, min(self._timeout, DEAF_DRAIN))
+            _drain(rest, self._timeout), _drain(short, min(self._timeout, DEAF_DRAIN))
         )
         return drained[0] + drained[1]
 
@@ -322,11 +326,7 @@ class ShardedSubscriptions:
         if merged.keeps_parts(error):
             self._parked += fine
             deaf = [part for part in lost if merged.abandoned(part)]
-            failed = [part for part in lost if part not in deaf]
-            drained = await asyncio.gather(
-                _drain(failed, self._timeout), _drain(deaf, min(self._timeout, DEAF_DRAIN))
-            )
-            self._leftover = leftover + drained[0] + drained[1]
+            self._leftover = leftover + await self._drain_split(lost, deaf)
         else:
             await _close(fine + lost)
 

@@ -19,6 +19,7 @@ from redis.exceptions import InvalidResponse, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from quart_wslb.subscriber import (
+    PLAIN,
     SHARDED,
     PubSubSubscription,
     StreamSubscription,
@@ -185,10 +186,11 @@ def sunsubscribe(channel: bytes, left: int) -> bytes:
 
 
 def sharded_subscription(
-    *chunks: bytes, answer: bytes | None = b""
+    *chunks: bytes, answer: bytes | None = b"", kinds: tuple[bytes, bytes, bytes | None] = SHARDED
 ) -> tuple[StreamSubscription, list[int]]:
-    """A sharded subscription over a stream that holds ``chunks``; its unsubscription
-    (counted in the list) brings ``answer`` (None: it sends nothing, as a hung Redis)."""
+    """A subscription (sharded unless ``kinds`` says) over a stream that holds ``chunks``;
+    its unsubscription (counted in the list) brings ``answer`` (None: it sends nothing,
+    as a hung Redis)."""
     stream = asyncio.StreamReader()
     for chunk in chunks:
         stream.feed_data(chunk)
@@ -199,7 +201,7 @@ def sharded_subscription(
         if answer is not None:
             stream.feed_data(answer)
 
-    return StreamSubscription(stream, CHANNELS, SHARDED, unsubscribe), sent
+    return StreamSubscription(stream, CHANNELS, kinds, unsubscribe), sent
 
 
 async def test_stream_subscription_drain_hands_out_what_came_before_the_last_unsubscription() -> (
@@ -232,16 +234,12 @@ async def test_stream_subscription_drain_after_a_moved_slot_keeps_the_other_chan
 async def test_stream_subscription_drain_of_classic_channels_waits_for_unsubscribe(
     push: bool,
 ) -> None:
-    stream = asyncio.StreamReader()
-
-    async def unsubscribe() -> None:
-        stream.feed_data(
-            message(b"in flight", push=push)
-            + array(bulk(b"unsubscribe"), bulk(CHANNELS[0].encode()), b":1\r\n", push=push)
-            + array(bulk(b"unsubscribe"), bulk(CHANNELS[1].encode()), b":0\r\n", push=push)
-        )
-
-    subscription = StreamSubscription(stream, CHANNELS, unsubscribe=unsubscribe)
+    subscription, _ = sharded_subscription(
+        answer=message(b"in flight", push=push)
+        + array(bulk(b"unsubscribe"), bulk(CHANNELS[0].encode()), b":1\r\n", push=push)
+        + array(bulk(b"unsubscribe"), bulk(CHANNELS[1].encode()), b":0\r\n", push=push),
+        kinds=PLAIN,
+    )
     assert await subscription.drain(SOON) == [b"in flight"]
 
 

@@ -17,14 +17,9 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(name="cluster_set", scope="module")
-def fixture_cluster_set() -> Iterator[RedisClusterSet]:
-    with RedisClusterSet().start() as cluster:
-        yield cluster
-
-
 @pytest.fixture(name="sentinel_set")
 def fixture_sentinel_set() -> Iterator[SentinelSet]:
+    """A Sentinel set of this test alone: it fails over (the session's never does)."""
     with SentinelSet().start() as sentinels:
         yield sentinels
 

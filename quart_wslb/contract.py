@@ -66,6 +66,15 @@ W_HOLDERS = "i"
 #: Channels: ``<base>:ch:<instance>``, ``<base>:bcast``; ``<ROOT>:db<n>`` is the base
 #: in database ``n`` > 0.
 W_CHANNEL = "ch"
+#: Recovery (recovery.py): the shard's history stream, its meta hash (epoch, last
+#: sequence number and time, retention), and a session's hash per session id.
+W_HISTORY = "h"
+#: How much longer than ``recovery_ttl`` a history and its meta live after their last
+#: use (ms): longer than a session (``recovery.SESSION_GRACE_MS``), so that no session
+#: outlives the history it may ask for.
+HISTORY_GRACE_MS = 5000
+W_HISTORY_META = "hm"
+W_SESSION = "ss"
 W_BROADCAST = "bcast"
 W_DB = "db"
 
@@ -125,6 +134,7 @@ LUA: dict[str, str | int] = {
         "REPLY_ERROR",
         "NO_INSTANCES",
         "BROADCAST_REACHED",
+        "HISTORY_GRACE_MS",
     )
 }
 

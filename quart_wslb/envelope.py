@@ -92,6 +92,9 @@ class Envelope:
     #: call routed it (header field ``sh``): ``sel`` selects among that shard's
     #: connections only, since every shard routes its own.
     shard: int | None = None
+    #: With recovery (:mod:`quart_wslb.recovery`), where the message lies in its
+    #: shard's history stream: ``"<ms>-<seq>"`` (header field ``pos``).
+    pos: str | None = None
 
     @property
     def payload(self) -> bytes:
@@ -110,6 +113,7 @@ class _MessageSchema(Schema):
     ts = fields.Integer(strict=True)
     sel = fields.List(fields.String(), validate=validate.Length(min=1))
     sig = fields.String(validate=validate.Length(min=1, max=200))
+    pos = fields.String(validate=validate.Length(min=3, max=48))
 
     @validates_schema
     def _addressed(self, data: dict[str, Any], **_: Any) -> None:
@@ -180,7 +184,7 @@ def _plain_message(data: object) -> bool:
     if type(data) is not dict:
         return False
     get = data.get
-    fields = len(data) - ("targets" in data) - ("sel" in data)
+    fields = len(data) - ("targets" in data) - ("sel" in data) - ("pos" in data)
     if fields != 3:  # the signature's fields, inline: this runs per message
         ts, sig = get("ts"), get("sig")
         if fields != 5 or type(ts) is not int or type(sig) is not str or not 0 < len(sig) <= 200:
@@ -204,6 +208,10 @@ def _plain_message(data: object) -> bool:
                 return False
     elif "sel" not in data:
         return False
+    if "pos" in data:
+        pos = data["pos"]
+        if type(pos) is not str or not 3 <= len(pos) <= 48:
+            return False
     if "sel" in data:
         sel = data["sel"]
         if type(sel) is not list or not sel:
@@ -267,6 +275,8 @@ def _entry(envelope: Envelope, payload: bytes) -> dict[str, Any]:
     entry.update(id=envelope.id, kind=envelope.kind)
     if envelope.targets is not None:
         entry["targets"] = envelope.targets
+    if envelope.pos is not None:
+        entry["pos"] = envelope.pos
     entry["size"] = len(payload)
     return entry
 
@@ -307,6 +317,7 @@ def decode(raw: bytes) -> list[Envelope]:
                 get("sel"),
                 message["sig"],
                 shard,
+                get("pos"),
             )
         else:
             envelope = Envelope(
@@ -317,6 +328,7 @@ def decode(raw: bytes) -> list[Envelope]:
                 frame,
                 sel=get("sel"),
                 shard=shard,
+                pos=get("pos"),
             )
         envelopes.append(envelope)
     return envelopes

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import logging
+import secrets
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -32,18 +34,37 @@ from .exceptions import (
 from .keys import Keys
 from .liveness import InstanceInfo, Liveness
 from .local_index import LocalIndex
+from .outgoing import Outgoing
 from .queries import Stream
 from .receiver import Receiver
 from .records import ConnectionRecord
+from .recovery import (
+    FIRST_FRAME_TIMEOUT,
+    HISTORY_LOST,
+    RESUMED_ELSEWHERE,
+    Peek,
+    Recovery,
+    Resume,
+    ResumeRefusedError,
+    Sessions,
+    parse_resume,
+)
 from .redis_client import checked_client, open_client
 from .registry import Registry
-from .selectors import Selector
+from .selectors import ConnectionSelector, Selector
 from .signal_sender import SignalSender
 from .transport import Transport, another
 
 __all__ = ("WsLoadBalance",)
 
 log = logging.getLogger("quart_wslb")
+
+#: Recovery sessions refreshed per round trip.
+REFRESH_PAGE = 500
+#: Close code of a recovery connection that could not catch up (its client resumes).
+TRY_AGAIN = 1013
+#: Seconds a changed session waits to be written with the others that change with it.
+DIRTY_BATCH = 0.01
 
 
 @dataclass(slots=True)
@@ -55,6 +76,7 @@ class _Runtime:
     receiver: Receiver
     liveness: Liveness
     emitter: AsyncEmitter
+    sessions: Sessions
     tasks: list[asyncio.Task[None]]
 
 
@@ -89,6 +111,8 @@ class WsLoadBalance:
         ping_message: str | bytes | None = None,
         idle_timeout: float | None = None,
         user: UserGetter | None = None,
+        recovery_length: int | None = None,
+        recovery_ttl: float | None = None,
         redis: Redis | None = None,
         secret: str | Mapping[str, str | bytes] | None = None,
     ) -> None:
@@ -109,9 +133,14 @@ class WsLoadBalance:
             "ping_message": ping_message,
             "idle_timeout": idle_timeout,
             "user": user,
+            "recovery_length": recovery_length,
+            "recovery_ttl": recovery_ttl,
             "secret": secret,
         }
         self._settings: Settings | None = None
+        # Recovery connections whose groups changed, for _refresh_sessions.
+        self._dirty: set[Connection] = set()
+        self._dirty_sessions = asyncio.Event()
         self._sender = SignalSender(self)  # every signal names this extension
         # Keyed by the prefix's names: made again for the app's prefix by init_app.
         self._local = LocalIndex(Keys("wslb"))
@@ -299,8 +328,11 @@ class WsLoadBalance:
             transport=None if transport is None else another(transport, redis),
             timeout=timeout,
         )
-        # After Redis comes back (possibly empty), restore our records at once.
+        # After Redis comes back (possibly empty), restore our records at once; then what
+        # recovery connections missed meanwhile.
         receiver.on_subscribed(liveness.resubscribed)
+        receiver.on_subscribing(self._hold_recovery)
+        receiver.on_subscribed(self._catch_up)
         try:
             await _first_beat(liveness, timeout)
         except BaseException:
@@ -324,7 +356,16 @@ class WsLoadBalance:
         emitter = AsyncEmitter.from_options(
             settings.emitter_options(), redis, origin=instance, strict=False, transport=transport
         )
-        self._runtime = _Runtime(redis, registry, receiver, liveness, emitter, tasks)
+        sessions = Sessions(
+            redis,
+            keys,
+            length=settings.recovery_length,
+            ttl=settings.recovery_ttl,
+            timeout=timeout,
+        )
+        self._local.on_recovery_change = self._session_changed
+        tasks.append(asyncio.create_task(self._refresh_sessions(sessions), name="wslb-sessions"))
+        self._runtime = _Runtime(redis, registry, receiver, liveness, emitter, sessions, tasks)
         try:
             await asyncio.wait_for(receiver.subscribed.wait(), timeout)
         except TimeoutError:
@@ -364,6 +405,7 @@ class WsLoadBalance:
         user: UserGetter | None = None,
         metadata: Callable[[], object] | None = None,
         accept: bool = True,
+        recovery: bool = False,
     ) -> AsyncIterator[Connection]:
         """The current websocket as a registered connection, for the block's lifetime.
 
@@ -371,13 +413,20 @@ class WsLoadBalance:
         decorator's): ``async with wslb.track() as connection:`` inside a websocket
         handler. Whatever interrupts it (the client leaving during registration, a
         failing receiver, cancellation), the connection leaves this instance and Redis.
+        With ``recovery``, a client that does not open with a resume frame is closed
+        (1008) and :class:`~quart_wslb.recovery.ResumeRefusedError` raised.
         """
         connection = await self._connection(user, metadata, accept)
+        resume = await self._resume_frame(connection) if recovery else None
+        peek = None if resume is None else await self._peek(connection, resume)
         # Local first, so that a message routed right after registering finds it.
         self._local.add(connection)
         try:
             await self._register(connection)
             connection.start()
+            if resume is not None and peek is not None:
+                await self._recover(connection, resume, peek)
+            _cancelled_meanwhile()
             await self._sender.send(signals.connection_opened, connection=connection)
             yield connection
         finally:
@@ -410,6 +459,150 @@ class WsLoadBalance:
             index=self._local,
         )
 
+    async def _refresh_sessions(self, sessions: Sessions) -> None:
+        """Keep the sessions of this instance's recovery connections fresh: at once (in
+        a batch) those whose groups changed, and all of them (their TTL) every quarter
+        of ``recovery_ttl``, at most 30 s."""
+        settings = self.settings
+        every = min(settings.recovery_ttl / 4, 30.0)
+        loop = asyncio.get_running_loop()
+        due = loop.time() + every
+        while True:
+            try:
+                async with asyncio.timeout(max(0.0, due - loop.time())):
+                    await self._dirty_sessions.wait()
+                await asyncio.sleep(DIRTY_BATCH)  # the joins of one handler step, together
+                connections = [c for c in self._dirty if self._local.get(c.id) is c]
+            except TimeoutError:
+                due = loop.time() + every
+                connections = [c for c in self._local.values() if c.recovery is not None]
+            self._dirty.clear()
+            self._dirty_sessions.clear()
+            for start in range(0, len(connections), REFRESH_PAGE):
+                try:
+                    async with redis_deadline(settings.redis_timeout, "refresh sessions"):
+                        await sessions.refresh(connections[start : start + REFRESH_PAGE])
+                except RedisUnavailableError as error:
+                    log.warning("could not refresh recovery sessions: %s", error)
+                    self._dirty.update(connections[start:])  # again at the next change
+                    break
+
+    def _hold_recovery(self) -> None:
+        """The subscriber (re)subscribed: hold the recovery connections' live messages
+        until :meth:`_catch_up` has filled what they may have missed."""
+        for connection in self._local.values():
+            if connection.recovery is not None:
+                connection.recovery.hold()
+
+    async def _catch_up(self) -> None:
+        """After the subscriber (re)subscribed: hand the recovery connections what they
+        may have missed while it was not listening, from history. Those whose history
+        is lost are closed with 4410, and if Redis fails here all of them with 1013:
+        either way their clients resume, and get what was missed or are told."""
+        runtime = self._runtime
+        connections = [c for c in self._local.values() if c.recovery and c.recovery.catching]
+        if runtime is None or not connections:
+            return
+        try:
+            lost = await runtime.sessions.catch_up(connections)
+        except RedisUnavailableError as error:
+            log.warning("could not catch up %d recovery connections: %s", len(connections), error)
+            for connection in connections:
+                if connection.recovery is not None and connection.recovery.catching:
+                    await connection.close(TRY_AGAIN, "catching up failed: resume")
+            return
+        for connection in lost:
+            await connection.close(HISTORY_LOST, "history lost: resume")
+
+    def _session_changed(self, connection: Connection) -> None:
+        """A recovery connection's groups changed: its session is rewritten soon."""
+        self._dirty.add(connection)
+        self._dirty_sessions.set()
+
+    async def _resume_frame(self, connection: Connection) -> Resume:
+        """The client's first frame, which must be a resume frame."""
+        try:
+            async with asyncio.timeout(FIRST_FRAME_TIMEOUT):
+                frame = await websocket.receive()
+        except TimeoutError:
+            frame = None
+        resume = None if frame is None else parse_resume(frame)
+        if resume is None:
+            await websocket.close(1008, "expected a resume frame first")
+            raise ResumeRefusedError(f"{connection.id}: no resume frame first")
+        return resume
+
+    async def _peek(self, connection: Connection, resume: Resume) -> tuple[Peek, Keys, str]:
+        """Read the session to resume (and the history's end) before registering, so
+        the connection registers in the session's groups; pick the session id, and for
+        a session without a user a connection id in its shard."""
+        sessions = self._running().sessions
+        user, instance = connection.user, self.settings.instance_id
+        session = resume.session or sessions.new_session(user, connection.id)
+        view = sessions.view(user, session)
+        if user is None and resume.session is not None:
+            connection.id = f"{instance}:{self.keys.token(instance, None, view.shard)}"
+        async with redis_deadline(self.settings.redis_timeout, "resume"):
+            peek = await sessions.peek(view, user, connection.path, resume)
+        if peek.record is not None:
+            connection.groups = {str(g) for g in peek.record.get("g") or ()}
+        connection.recovery = Recovery(view, session)
+        return peek, view, session
+
+    async def _recover(
+        self, connection: Connection, resume: Resume, peeked: tuple[Peek, Keys, str]
+    ) -> None:
+        """Claim the session, send the welcome frame, replay the history, then the live
+        messages held meanwhile; close the session's previous owner."""
+        peek, view, session = peeked
+        sessions = self._running().sessions
+        recovery = connection.recovery
+        assert recovery is not None
+        token = resume.token if resume.session is not None else secrets.token_urlsafe(24)
+        async with redis_deadline(self.settings.redis_timeout, "resume"):
+            claim = None
+            if peek.record is not None:
+                claim = await sessions.claim(connection, view, session, token, resume, peek)
+            if claim is None:  # a new session, or one that may not be resumed
+                if resume.session is not None:
+                    session, token = (
+                        sessions.new_session(connection.user, connection.id),
+                        secrets.token_urlsafe(24),
+                    )
+                    recovery.session = session
+                claim = await sessions.claim(connection, view, session, token, Resume(), peek)
+                assert claim is not None
+                claim.recovered = resume.session is None
+        recovery.handed(claim.start)
+        recovery.epoch, recovery.ids = claim.epoch, claim.ids
+        welcome = {
+            "t": "welcome",
+            "session": claim.session,
+            "token": claim.token,
+            "epoch": claim.epoch,
+            "pos": claim.start,
+            "recovered": claim.recovered,
+        }
+        await connection.put(json.dumps(welcome, separators=(",", ":")))
+
+        async def put(pos: str, frame: Outgoing) -> None:
+            recovery.handed(pos)
+            await connection.put(frame)
+
+        replayed = await sessions.replay(claim, view, put)
+        for frame, message_id in recovery.release():
+            await connection.offer(frame, message_id)
+        log.debug("%s: session %s, replayed %d", connection.id, session, replayed)
+        if claim.old and claim.old != connection.id:
+            try:
+                await self.disconnect(
+                    ConnectionSelector(claim.old), RESUMED_ELSEWHERE, "session resumed elsewhere"
+                )
+            except RedisUnavailableError as error:
+                log.warning(
+                    "could not close %s, whose session %s resumed: %s", claim.old, session, error
+                )
+
     async def _register(self, connection: Connection) -> None:
         try:
             async with redis_deadline(self.settings.redis_timeout, "register"):
@@ -425,6 +618,12 @@ class WsLoadBalance:
         self._local.discard(connection)
         await connection.stop()
         runtime = self._runtime
+        if runtime is not None and connection.recovery is not None:
+            try:  # its window starts now
+                async with redis_deadline(self.settings.redis_timeout, "session"):
+                    await runtime.sessions.refresh([connection])
+            except Exception as error:
+                log.warning("could not refresh the session of %s: %r", connection.id, error)
         if runtime is not None:
             try:
                 async with redis_deadline(self.settings.redis_timeout, "unregister"):
@@ -433,6 +632,15 @@ class WsLoadBalance:
             except Exception as error:
                 log.warning("could not unregister %s: %r", connection.id, error)
         await self._sender.send(signals.connection_closed, connection=connection)
+
+
+def _cancelled_meanwhile() -> None:
+    """Raise ``CancelledError`` if the task was cancelled and the cancellation did not
+    reach it: some redis-py releases swallow a cancellation that lands during a command
+    (8.2 does), and a handler that went on would wait for a client gone for good."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 async def _pick(redis: Redis, timeout: float) -> Transport | None:

@@ -36,6 +36,8 @@ from .contract import (
     W_DB,
     W_GROUP,
     W_HEARTBEAT,
+    W_HISTORY,
+    W_HISTORY_META,
     W_HOLDERS,
     W_INSTANCES,
     W_LAYOUT,
@@ -43,6 +45,7 @@ from .contract import (
     W_PATH,
     W_REAP,
     W_RECORDS,
+    W_SESSION,
     W_USER_SET,
     W_USERS,
 )
@@ -156,15 +159,17 @@ class Keys:
             found.setdefault(shard_of(id, self.shards), []).append(id)
         return [(self._views[n], found[n]) for n in sorted(found)]
 
-    def token(self, instance: str, user: str | None) -> str:
+    def token(self, instance: str, user: str | None, shard: int | None = None) -> str:
         """A new connection token for ``instance`` whose id, ``<instance>:<token>``,
-        falls in the shard of ``user`` (any shard for none): random tokens are drawn
-        until one does, ``shards`` draws on average."""
+        falls in the shard of ``user``, else in ``shard`` (any shard for neither): random
+        tokens are drawn until one does, ``shards`` draws on average."""
+        if user is not None:
+            shard = shard_of(user, self.shards)
         while True:
             token = secrets.token_urlsafe(12)
-            if user is None or self.shards == 1:
+            if shard is None or self.shards == 1:
                 return token
-            if shard_of(f"{instance}:{token}", self.shards) == shard_of(user, self.shards):
+            if shard_of(f"{instance}:{token}", self.shards) == shard:
                 return token
 
     def move(self, key: str) -> str:
@@ -235,6 +240,26 @@ class Keys:
         if not index.startswith(root + ":"):
             raise ValueError(f"{index!r} is not a key under {root!r}")
         return f"{root}:{W_HOLDERS}{index[len(root) + 1 :]}"
+
+    @property
+    def history(self) -> str:
+        """Stream: this shard's messages, for recovery (``<ms>-<seq>`` ids)."""
+        return f"{self._root}:{W_HISTORY}"
+
+    @property
+    def history_meta(self) -> str:
+        """Hash: the history's epoch ``e``, last sequence number ``s`` and time ``m``
+        (ms), and retention ``n`` (entries) and ``t`` (ms)."""
+        return f"{self._root}:{W_HISTORY_META}"
+
+    def session(self, session: str) -> str:
+        """Hash: a recovery session (``recovery.py``), with a TTL."""
+        return f"{self._root}:{W_SESSION}:{session}"
+
+    def relative(self, key: str) -> str:
+        """``key`` without its hash tag and the colon after it (as history entries
+        name index sets)."""
+        return key[key.index("}") + 2 :]
 
     @property
     def channel_base(self) -> str:

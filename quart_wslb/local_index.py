@@ -12,7 +12,7 @@ connections of that shard only, so the index is kept per shard.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 from .connection import Connection
 from .contract import OP_ALL, OP_BROADCAST, OP_CONNECTION, OP_SET, OP_USER
@@ -29,7 +29,16 @@ class LocalIndex(Mapping[str, Connection]):
     the index follows.
     """
 
-    __slots__ = ("_by_id", "_by_shard", "_changes", "_members", "_ops", "_shards", "names")
+    __slots__ = (
+        "_by_id",
+        "_by_shard",
+        "_changes",
+        "_members",
+        "_ops",
+        "_shards",
+        "names",
+        "on_recovery_change",
+    )
 
     def __init__(self, keys: Keys) -> None:
         #: The names the index keys are built with (the prefix's).
@@ -45,6 +54,8 @@ class LocalIndex(Mapping[str, Connection]):
         # How many joins and leaves each held connection has had: a record of its groups
         # read before one of them is older than the connection (see :meth:`changes`).
         self._changes: dict[str, int] = {}
+        #: Called with a recovery connection whose groups changed (its session follows).
+        self.on_recovery_change: Callable[[Connection], None] | None = None
 
     def __getitem__(self, id: str) -> Connection:
         return self._by_id[id]
@@ -115,6 +126,8 @@ class LocalIndex(Mapping[str, Connection]):
 
     def _changed(self, connection: Connection) -> None:
         self._changes[connection.id] = self._changes.get(connection.id, 0) + 1
+        if connection.recovery is not None and self.on_recovery_change is not None:
+            self.on_recovery_change(connection)
 
     def regroup(self, connection: Connection, groups: frozenset[str]) -> None:
         """Make ``connection``'s groups exactly ``groups`` (as Redis records them)."""

@@ -39,6 +39,7 @@ from .exceptions import REDIS_FAILURES, describe
 from .keys import Keys
 from .local_index import LocalIndex
 from .outgoing import Outgoing
+from .recovery import wrap
 from .redis_client import clustered
 from .sharded import MergedSubscription
 from .signal_sender import SignalSender
@@ -122,6 +123,7 @@ class Receiver:
         #: Monotonic time of the last message the subscriber received.
         self.last_message = time.monotonic()
         self._on_subscribed: list[Callable[[], Awaitable[None]]] = []
+        self._on_subscribing: list[Callable[[], None]] = []
         self._keyring = keyring
         #: Checks every message when there is a secret; ``None``: everything is trusted.
         self._verifier = None if keyring is None else Verifier(keyring, keys)
@@ -130,6 +132,11 @@ class Receiver:
         """Close the transport's own clients, if any (the loop is stopped)."""
         await self._stop_followup()
         await close(self._transport)
+
+    def on_subscribing(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` at every (re)subscription, before the first message of it
+        is delivered (it must not wait)."""
+        self._on_subscribing.append(callback)
 
     def on_subscribed(self, callback: Callable[[], Awaitable[None]]) -> None:
         """Call ``callback`` after every (re)subscription, beside the delivery: in a task
@@ -314,6 +321,8 @@ class Receiver:
         self._restart = self._deaf = None
         self._probe_seen = [self._probe_sent] * len(self._probe_seen)
         self.subscriptions += 1
+        for hook in self._on_subscribing:
+            hook()
         self.subscribed.set()
         if self._followup is not None:
             self._followup.cancel()
@@ -462,17 +471,31 @@ class Receiver:
         frame = Outgoing(envelope.frame)  # one object for every target: encoded once
         if connections is not None:
             for connection in connections:
-                if not connection.put_nowait(frame):
+                if connection.recovery is not None:
+                    await self._recover(connection, envelope)
+                elif not connection.put_nowait(frame):
                     await connection.offer(frame, envelope.id)
             return
         for target in envelope.targets or ():
             owner = self._local.get(target)
-            if owner is not None and owner.put_nowait(frame):
+            if owner is not None and owner.recovery is None and owner.put_nowait(frame):
                 continue  # queued: the common case, with no coroutine
             if owner is None:
                 await self._gone(envelope, target)
+            elif owner.recovery is not None:
+                await self._recover(owner, envelope)
             else:
                 await owner.offer(frame, envelope.id)
+
+    @staticmethod
+    async def _recover(connection: Connection, envelope: Envelope) -> None:
+        """Hand a message to a recovery connection, wrapped with its position: held
+        while its history is replayed, dropped if replayed already."""
+        wrapped = Outgoing(wrap(envelope.kind, envelope.frame, envelope.pos))
+        recovery = connection.recovery
+        if recovery is not None and recovery.admit(envelope.pos, wrapped, envelope.id):
+            if not connection.put_nowait(wrapped):
+                await connection.offer(wrapped, envelope.id)
 
     async def _gone(self, envelope: Envelope, target: str) -> None:
         log.debug("message %s: no local connection %s", envelope.id, target)

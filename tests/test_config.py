@@ -54,6 +54,8 @@ EXTRA_CHOICES: dict[str, tuple[Any, Any]] = {
     "redis_max_connections": (8, 16),
     "secret": (Keyring.parse("a:argument-secret-0001"), Keyring.parse("c:config-secret-00001")),
     "shards": (4, 8),
+    "recovery_length": (50, 500),
+    "recovery_ttl": (30.0, 60.0),
 }
 OPTIONS = {**CHOICES, **{k: v for k, v in EXTRA_CHOICES.items() if k in DEFAULTS}}
 #: option -> (environment variable's text, the value it stands for): distinct from the
@@ -73,6 +75,8 @@ ENVIRON: dict[str, tuple[str, Any]] = {
     "idle_timeout": ("40", 40.0),
     "redis_max_connections": ("24", 24),
     "shards": ("16", 16),
+    "recovery_length": ("77", 77),
+    "recovery_ttl": ("9.5", 9.5),
     "secret": ("e:environ-secret-0001", Keyring.parse("e:environ-secret-0001")),
 }
 FROM_ENVIRON = sorted(set(OPTIONS) & set(ENVIRON))

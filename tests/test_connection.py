@@ -22,8 +22,10 @@ from quart_wslb.connection import (
     Outbox,
 )
 from quart_wslb.envelope import Envelope, Frame, encode
+from quart_wslb.keys import Keys
 from quart_wslb.outgoing import Outgoing
 from quart_wslb.receiver import Receiver
+from quart_wslb.recovery import Recovery
 from quart_wslb.signal_sender import SignalSender
 from tests.support import (
     KEYS,
@@ -72,6 +74,41 @@ async def test_offer_close_policy_closes_with_1013() -> None:
     await eventually(lambda: socket.closed == [(SLOW_CLIENT_CLOSE, "send queue full")])
     assert SLOW_CLIENT_CLOSE == 1013
     assert dropped.reasons() == ["queue_full"]
+
+
+async def test_offer_recovery_connection_closes_whatever_the_policy() -> None:
+    """A drop would leave a hole in a recovery client's history; a close makes it resume
+    and get what did not fit."""
+    socket = FakeWebsocket()
+    connection = make_connection(socket, queue_size=1, policy="drop", owner=OWNER)
+    connection.recovery = Recovery(Keys("p"), "s")
+    await connection.offer("kept", None)
+    assert not await connection.offer("lost", "m2")
+    await eventually(lambda: socket.closed == [(SLOW_CLIENT_CLOSE, "send queue full")])
+
+
+async def test_put_waits_for_room_instead_of_dropping() -> None:
+    socket = FakeWebsocket()
+    connection = make_connection(socket, queue_size=1, policy="close", owner=OWNER)
+    await connection.put("first")
+    waiting = asyncio.create_task(connection.put("second"))
+    await asyncio.sleep(0.02)
+    assert not waiting.done() and socket.closed == []
+    connection.start()
+    await asyncio.wait_for(waiting, 5)
+    assert await socket.wait_sent(2) == ["first", "second"]
+    await connection.stop()
+
+
+async def test_send_on_a_recovery_connection_is_wrapped_without_a_position() -> None:
+    socket = FakeWebsocket()
+    connection = make_connection(socket, owner=OWNER)
+    connection.recovery = Recovery(Keys("p"), "s")
+    connection.start()
+    await connection.send({"a": 1})
+    await connection.send(b"\x00")
+    assert await socket.wait_sent(2) == ['{"t":"msg","j":{"a":1}}', '{"t":"msg","b":"AA=="}']
+    await connection.stop()
 
 
 async def test_offer_full_logs_a_warning(caplog: pytest.LogCaptureFixture) -> None:

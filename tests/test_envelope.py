@@ -109,6 +109,13 @@ def test_encode_decode_round_trip(kind: Kind, frame: Frame, targets: list[str]) 
     assert decode(encode(envelope)) == [envelope]
 
 
+def test_encode_decode_round_trip_with_a_position() -> None:
+    envelope = Envelope(id="m", origin="o", kind="text", targets=["i1:a"], frame="x", pos="17-3")
+    assert decode(encode(envelope)) == [envelope]
+    quick = b'{"v":3,"origin":"o","messages":[{"pos":"17-3","id":"m","kind":"text","size":1,'
+    assert decode(quick + b'"targets":[]}]}\nx')[0].pos == "17-3"
+
+
 def test_encode_decode_several_messages_in_order() -> None:
     envelopes = [
         Envelope(id="m1", origin="i0", kind="text", targets=["i1:a"], frame="é\n"),
@@ -292,6 +299,12 @@ QUICK_CORPUS = [
     b'{"v":3,"origin":"o","sh":"1","messages":[{"sel":["B"],"id":"m","kind":"text","size":0}]}',
     b'{"v":3,"origin":"o","sh":true,"messages":[{"sel":["B"],"id":"m","kind":"text","size":0}]}',
     b'{"v":3,"origin":"o","sh":1.0,"messages":[{"sel":["B"],"id":"m","kind":"text","size":0}]}',
+    # A recovery position (pos): a short string, or refused.
+    b'{"v":3,"origin":"o","messages":[{"pos":"17-3","id":"m","kind":"text","targets":[],"size":0}]}',
+    b'{"v":3,"origin":"o","messages":[{"sel":["B"],"pos":"1-1","id":"m","kind":"text","size":0}]}',
+    b'{"v":3,"origin":"o","messages":[{"pos":17,"id":"m","kind":"text","targets":[],"size":0}]}',
+    b'{"v":3,"origin":"o","messages":[{"pos":"1","id":"m","kind":"text","targets":[],"size":0}]}',
+    b'{"v":3,"origin":"o","messages":[{"pos":null,"id":"m","kind":"text","targets":[],"size":0}]}',
     # Unhashable kinds: a set lookup would raise TypeError rather than defer.
     b'{"v":3,"origin":"x","messages":[{"id":"a","kind":[],"targets":[],"size":0}]}',
     b'{"v":3,"origin":"x","messages":[{"id":"a","kind":{},"targets":[],"size":0}]}',

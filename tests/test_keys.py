@@ -50,7 +50,10 @@ def every_key(keys: Keys) -> dict[str, tuple[str, ...]]:
     add(keys.users, "users")
     add(keys.layout, "layout")
     add(keys.instances, "instances")
+    add(keys.history, "history")
+    add(keys.history_meta, "history_meta")
     for value in ADVERSARIAL:
+        add(keys.session(value), "session", value)
         add(keys.records(value), "records", value)
         add(keys.heartbeat(value), "heartbeat", value)
         add(keys.reap_lock(value), "reap_lock", value)
@@ -65,7 +68,7 @@ def every_key(keys: Keys) -> dict[str, tuple[str, ...]]:
 
 def test_keys_never_collide_across_kinds_or_values() -> None:
     built = every_key(Keys("t"))
-    assert len(built) == 3 + 6 * len(ADVERSARIAL) + len(set(NAMES + ADVERSARIAL)) * len(
+    assert len(built) == 5 + 7 * len(ADVERSARIAL) + len(set(NAMES + ADVERSARIAL)) * len(
         ADVERSARIAL
     )
 

@@ -30,12 +30,63 @@ local bundles, channels = {}, {}
 local CHANNEL, BROADCAST = base .. ':' .. W_CHANNEL .. ':', base .. ':' .. W_BROADCAST
 local BYTE_USER, BYTE_SET = string.byte(OP_USER), string.byte(OP_SET)
 
+-- Recovery (recovery.py): while the shard's history meta exists (a recovery session
+-- opened), every message that is not a control is also appended to the shard's stream
+-- under "<ms>-<seq>", seq gap-free, with its selector program, so that a session can
+-- replay what was addressed to it; its envelope entry carries that position ("pos").
+-- One HMGET per call when recovery is off.
+local HISTORY, HISTORY_META = ROOT .. ':' .. W_HISTORY, ROOT .. ':' .. W_HISTORY_META
+local meta = redis.call('HMGET', HISTORY_META, 'e', 's', 'm', 'n', 't')
+local recording, seq, first_seq, now_ms, position = meta[1] ~= false, 0, 0, 0, ''
+if recording then
+  seq = tonumber(meta[2]) or 0
+  first_seq = seq
+  local now = redis.call('TIME')
+  now_ms = math.max(tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000),
+    tonumber(meta[3]) or 0)
+end
+local CONTROL = {join = true, leave = true, disconnect = true}
+
+-- The program in ARGV[first..last] as JSON, each set op naming its key without ROOT.
+local function program_text(first, last, koff)
+  local ops, i = {}, first
+  while i <= last do
+    local op = ARGV[i]
+    local code = string.sub(op, 1, 1)
+    if code == OP_SET then
+      local key = KEYS[koff + (tonumber(string.sub(op, 2)) or 0)] or ''
+      op = OP_SET .. string.sub(key, #ROOT + 2)
+    end
+    ops[#ops + 1] = op
+    if code == OP_IDS then
+      for j = i + 1, math.min(i + (tonumber(string.sub(op, 2)) or 0), last) do
+        ops[#ops + 1] = ARGV[j]
+      end
+      i = i + (tonumber(string.sub(op, 2)) or 0)
+    end
+    i = i + 1
+  end
+  return cjson.encode(ops)
+end
+
+-- Append one message to the history; sets position, the entry's "pos" field.
+local function record(first, last, koff, id, kind, payload)
+  position = ''
+  if not recording or CONTROL[kind] then return end
+  local at = now_ms .. '-' .. (seq + 1)
+  local added = redis.pcall('XADD', HISTORY, 'MAXLEN', '~', tonumber(meta[4]) or 10000, at,
+    'i', id, 'k', kind, 'o', program_text(first, last, koff), 'p', payload)
+  if type(added) == 'table' and added.err then return end  -- sent live all the same
+  seq = seq + 1
+  position = '"pos":"' .. at .. '",'
+end
+
 -- A message's entry in the envelope's header; targets nil: its receiver resolves the
 -- selector that the fragment names.
 local function entry(id, kind, targets, payload, fragment)
   local listed = targets and '"targets":' .. targets .. ',' or ''
-  return '{' .. fragment .. '"id":"' .. id .. '","kind":"' .. kind .. '",' .. listed ..
-    '"size":' .. #payload .. '}'
+  return '{' .. fragment .. position .. '"id":"' .. id .. '","kind":"' .. kind .. '",' ..
+    listed .. '"size":' .. #payload .. '}'
 end
 
 -- File one message (its entry and payload) in a channel's envelope.
@@ -189,6 +240,7 @@ while i <= #ARGV do
   local id, kind, payload, fragment = ARGV[first], ARGV[first + 1], ARGV[first + 2],
     ARGV[first + 3]
   local op, call = ARGV[last], nil
+  record(first + 4, last, koff, id, kind, payload)
   if not anyone then
     call = false
   elseif last == first + 4 and string.byte(op) == BYTE_USER then  -- one user
@@ -221,6 +273,16 @@ while i <= #ARGV do
   end
   calls[#calls + 1] = call
   i = last + 1
+end
+
+if seq > first_seq then  -- retention by time; by length, each XADD's MAXLEN
+  local ttl = tonumber(meta[5]) or 120000
+  redis.call('HSET', HISTORY_META, 's', seq, 'm', now_ms)
+  redis.call('XTRIM', HISTORY, 'MINID', '~', now_ms - ttl)
+  -- Both outlive every session (recovery.py's SESSION_GRACE_MS less), sessions being
+  -- refreshed with them: the history goes when no session can ask for it.
+  redis.call('PEXPIRE', HISTORY, ttl + HISTORY_GRACE_MS)
+  redis.call('PEXPIRE', HISTORY_META, ttl + HISTORY_GRACE_MS)
 end
 
 -- One publish per channel; a channel nobody hears belongs to a dead or cut-off instance.

@@ -1,0 +1,562 @@
+"""Recovery mode: a client that comes back, to any instance, gets what it missed.
+
+A route opts in with ``ws_route(recovery=True)``. While any recovery session exists
+under the prefix, every message sent is also appended, by the routing script itself
+(``lua/send.lua``), to its shard's history stream under ``<ms>-<seq>``: ``seq`` has no
+gaps, and the stream's meta hash holds an ``epoch`` that changes when Redis loses the
+history. Each message carries its position on the wire, and a recovery connection gets
+it wrapped with that position (:func:`wrap`). The session (user, path, metadata,
+groups, a token) is written when the connection opens, so it outlives a ``kill -9``
+of its instance, for ``recovery_ttl`` seconds after it was last refreshed.
+
+A client resumes with its first frame (never the token in a URL). The new connection is
+registered first, holding its live messages; then one script claims the session and
+reads where the history ends; the history up to there is replayed, filtered by the
+session's selector match, and the held live messages follow, those already replayed
+dropped by sequence number. A history that cannot be replayed in full (another epoch,
+entries trimmed, an unknown session) is reported: ``"recovered": false``.
+The protocol is in ``docs/recovery.md``.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import secrets
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from redis.asyncio import Redis
+
+from .contract import (
+    HISTORY_GRACE_MS,
+    OP_ALL,
+    OP_AND,
+    OP_BROADCAST,
+    OP_CONNECTION,
+    OP_IDS,
+    OP_OR,
+    OP_SET,
+    OP_USER,
+)
+from .envelope import Frame, Kind
+from .exceptions import WsLoadBalanceError, redis_deadline
+from .keys import Keys, shard_of
+from .outgoing import Outgoing
+
+if TYPE_CHECKING:
+    from .connection import Connection
+
+__all__ = (
+    "FIRST_FRAME_TIMEOUT",
+    "HISTORY_LOST",
+    "RESUMED_ELSEWHERE",
+    "Claim",
+    "Peek",
+    "Recovery",
+    "Resume",
+    "ResumeRefusedError",
+    "Sessions",
+    "matches",
+    "parse_resume",
+    "seq_of",
+    "wrap",
+)
+
+#: Seconds a recovery route waits for the client's first frame (the resume frame).
+FIRST_FRAME_TIMEOUT = 10.0
+#: Close code of a connection whose session was resumed by another connection.
+RESUMED_ELSEWHERE = 4409
+#: Close code of a connection that missed messages the history no longer holds (Redis
+#: lost it): the client resumes, and is told ``"recovered": false``.
+HISTORY_LOST = 4410
+#: History entries read per round trip while replaying.
+PAGE = 500
+#: Connection ids a session remembers (messages sent to an id replay to its session).
+MAX_IDS = 8
+#: How much longer than ``recovery_ttl`` a session lives after its last refresh (ms).
+SESSION_GRACE_MS = 1000
+
+# Claim a session for a connection, in one step: make the shard's history exist (a new
+# epoch if Redis lost it), then resume the session named (its token checked, its owner
+# swapped) or create it; reply with where the history stands.
+# KEYS: session, history meta, history stream. ARGV: token hash, connection id, session
+# TTL (ms), epoch for a new history, length, history TTL (ms), record (JSON), who
+# (user and path, which a resume must match), resume (1) or create (0), how many ids
+# the session keeps, the history's TTL (ms).
+# Returns {status, epoch, seq, ms, first entry id, old owner, record, ids}: status 2
+# resumed, 1 created, 0 no such session, -1 bad token, -2 another user or path.
+_CLAIM = """
+local session, meta, stream = KEYS[1], KEYS[2], KEYS[3]
+if redis.call('HEXISTS', meta, 'e') == 0 then
+  redis.call('DEL', stream)
+  redis.call('HSET', meta, 'e', ARGV[4], 's', 0, 'm', 0)
+end
+redis.call('HSET', meta, 'n', ARGV[5], 't', ARGV[6])
+redis.call('PEXPIRE', meta, ARGV[11])
+redis.call('PEXPIRE', stream, ARGV[11])
+local h = redis.call('HMGET', meta, 'e', 's', 'm')
+local first = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)
+local first_id = first[1] and first[1][1] or ''
+local status, old, record, ids = 1, '', ARGV[7], ARGV[2]
+if ARGV[9] == '1' then
+  local s = redis.call('HMGET', session, 'k', 'c', 'r', 'ids', 'w')
+  if not s[1] then status = 0
+  elseif s[1] ~= ARGV[1] then status = -1
+  elseif s[5] ~= ARGV[8] then status = -2
+  else
+    status, old, record = 2, s[2] or '', s[3] or ARGV[7]
+    local kept = {}
+    for id in string.gmatch(s[4] or '', '[^ ]+') do kept[#kept + 1] = id end
+    kept[#kept + 1] = ARGV[2]
+    while #kept > tonumber(ARGV[10]) do table.remove(kept, 1) end
+    ids = table.concat(kept, ' ')
+  end
+  if status <= 0 then return {status, h[1], h[2], h[3], first_id, '', '', ''} end
+  redis.call('HSET', session, 'c', ARGV[2], 'ids', ids)
+else
+  redis.call('HSET', session, 'k', ARGV[1], 'c', ARGV[2], 'r', ARGV[7], 'ids', ids,
+    'w', ARGV[8])
+end
+redis.call('PEXPIRE', session, ARGV[3])
+return {status, h[1], h[2], h[3], first_id, old, record, ids}
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """What a client's resume frame asked for: a new session (``session`` ``None``) or
+    to resume one from ``pos`` in ``epoch``."""
+
+    session: str | None = None
+    token: str = ""
+    epoch: str = ""
+    pos: str = "0-0"
+
+
+def parse_resume(frame: Frame) -> Resume | None:
+    """The resume frame ``{"t":"resume",...}``; ``None`` for anything else."""
+    try:
+        data = json.loads(frame)
+    except (ValueError, TypeError):
+        return None
+    if type(data) is not dict or data.get("t") != "resume":
+        return None
+    session = data.get("session")
+    if session is None:
+        return Resume()
+    texts = [data.get(name, "") for name in ("session", "token", "epoch", "pos")]
+    if not all(type(text) is str and len(text) <= 200 for text in texts):
+        return None
+    if seq_of(texts[3]) is None:
+        return None
+    return Resume(*texts)
+
+
+def seq_of(pos: str | None) -> int | None:
+    """The sequence number of a position ``<ms>-<seq>``; ``None`` if it is not one."""
+    if pos is None:
+        return None
+    ms, _, seq = pos.partition("-")
+    return int(seq) if ms.isdigit() and seq.isdigit() else None
+
+
+def wrap(kind: Kind | str, frame: Frame, pos: str | None) -> str:
+    """The frame a recovery connection gets for one message: JSON, ``{"t":"msg"}`` with
+    its position ``pos`` (none for a message not in history) and ``d`` (text), ``j``
+    (a JSON value) or ``b`` (bytes, base64)."""
+    head = '{"t":"msg",' if pos is None else f'{{"t":"msg","pos":"{pos}",'
+    if isinstance(frame, bytes):
+        return head + '"b":"' + base64.b64encode(frame).decode() + '"}'
+    if kind == "json":
+        return head + '"j":' + frame + "}"
+    return head + '"d":' + json.dumps(frame, ensure_ascii=False) + "}"
+
+
+def _hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass(slots=True)
+class Claim:
+    """A claimed session: what the welcome frame says, and what to replay."""
+
+    session: str
+    token: str
+    epoch: str
+    #: Where the history ended when the session was claimed: ``<ms>-<seq>``.
+    end: str
+    recovered: bool
+    #: The position to replay after: the client's, or where a new session began.
+    start: str
+    #: The previous owner (to close), or ``""``.
+    old: str
+    record: dict[str, Any]
+    ids: frozenset[str]
+
+
+@dataclass(slots=True)
+class Recovery:
+    """A recovery connection's state: its session, and its live messages held while
+    the history is replayed."""
+
+    keys: Keys
+    session: str = ""
+    #: The history's epoch, and the connection ids the session has had.
+    epoch: str = ""
+    ids: frozenset[str] = frozenset()
+    holding: bool = True
+    #: Holding until the history fills what the subscriber may have missed.
+    catching: bool = False
+    held: list[tuple[str | None, Outgoing, str]] = field(default_factory=list)
+    #: The sequence number of the last message handed to the connection, and its
+    #: position.
+    last: int = 0
+    position: str = "0-0"
+
+    def admit(self, pos: str | None, frame: Outgoing, message_id: str) -> bool:
+        """Whether to queue a live message now: not while holding (it is kept), nor if
+        its sequence number was handed out already (replayed)."""
+        if self.holding:
+            self.held.append((pos, frame, message_id))
+            return False
+        seq = seq_of(pos)
+        if seq is not None and pos is not None:
+            if seq <= self.last:
+                return False
+            self.last, self.position = seq, pos
+        return True
+
+    def handed(self, pos: str) -> None:
+        """Note that the message at ``pos`` was handed to the connection."""
+        self.last, self.position = seq_of(pos) or self.last, pos
+
+    def release(self) -> list[tuple[Outgoing, str]]:
+        """Stop holding: the held messages not replayed already, in order."""
+        out = []
+        for pos, frame, message_id in self.held:
+            seq = seq_of(pos)
+            if seq is not None and pos is not None:
+                if seq <= self.last:
+                    continue
+                self.last, self.position = seq, pos
+            out.append((frame, message_id))
+        self.held.clear()
+        self.holding = self.catching = False
+        return out
+
+    def hold(self) -> None:
+        """Hold live messages until :meth:`Sessions.catch_up` has run: the subscriber
+        resubscribed, and may have missed some (a claimed session only; one being
+        resumed holds already, and its replay covers it)."""
+        if self.epoch and not self.holding:
+            self.holding = self.catching = True
+
+
+class ResumeRefusedError(WsLoadBalanceError):
+    """A recovery route's client did not open with a resume frame (closed 1008)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Peek:
+    """What :meth:`Sessions.peek` read before registering: the session's record if the
+    resume may take it, and where the shard's history stood."""
+
+    record: dict[str, Any] | None
+    epoch: str
+    base: str
+
+
+class Sessions:
+    """Reads and claims sessions and replays their history, for one extension."""
+
+    def __init__(
+        self, redis: Redis, keys: Keys, *, length: int, ttl: float, timeout: float
+    ) -> None:
+        self._redis = redis
+        self._timeout = timeout
+        self._keys = keys
+        self._length = length
+        self._ttl_ms = int(ttl * 1000)
+        self._claim = redis.register_script(_CLAIM)
+
+    def new_session(self, user: str | None, connection_id: str) -> str:
+        """A new session id, in the shard of the connection (its user's, else its id's)."""
+        shards = self._keys.shards
+        wanted = shard_of(user if user is not None else connection_id, shards)
+        while True:
+            session = secrets.token_urlsafe(16)
+            if user is not None or shard_of(session, shards) == wanted:
+                return session
+
+    def view(self, user: str | None, session: str) -> Keys:
+        """The shard of a session: its user's, else its id's."""
+        if user is not None:
+            return self._keys.of_user(user)
+        return self._keys.view(shard_of(session, self._keys.shards))
+
+    async def peek(self, view: Keys, user: str | None, path: str, resume: Resume) -> Peek:
+        """Where the history stands, and the record of the session ``resume`` names if
+        its token, user and path match: read before registering, so that a bad token
+        never joins the session's groups."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.hmget(view.history_meta, ["e", "s", "m"])
+            if resume.session is not None:
+                pipe.hmget(view.session(resume.session), ["k", "r", "w"])
+            replies = await pipe.execute()
+        epoch, seq, ms = replies[0]
+        base = f"{_text(ms or 0)}-{_text(seq or 0)}"
+        record = None
+        if resume.session is not None:
+            token, raw, who = replies[1]
+            if (
+                token is not None
+                and raw is not None
+                and hmac.compare_digest(token, _hash(resume.token).encode())
+                and who is not None
+                and who.decode() == _who(user, path)
+            ):
+                found = json.loads(raw)
+                record = found if isinstance(found, dict) else None
+        return Peek(record, "" if epoch is None else _text(epoch), base)
+
+    async def claim(
+        self,
+        connection: Connection,
+        view: Keys,
+        session: str,
+        token: str,
+        resume: Resume,
+        peek: Peek,
+    ) -> Claim | None:
+        """Claim ``session`` for ``connection`` (registered already): resume it when
+        ``resume`` names it, else create it. ``None``: it may not be resumed after all
+        (gone, or its token changed, since :meth:`peek`)."""
+        resuming = resume.session is not None
+        record = _record(connection)
+        reply = await self._claim(
+            keys=[view.session(session), view.history_meta, view.history],
+            args=[
+                _hash(token),
+                connection.id,
+                self._ttl_ms + SESSION_GRACE_MS,
+                secrets.token_hex(8),
+                self._length,
+                self._ttl_ms,
+                json.dumps(record, separators=(",", ":"), ensure_ascii=False),
+                _who(connection.user, connection.path),
+                "1" if resuming else "0",
+                MAX_IDS,
+                self._ttl_ms + HISTORY_GRACE_MS,
+            ],
+        )
+        status, epoch, seq, ms, first, old, raw, ids = (_text(item) for item in reply)
+        if int(status) <= 0:
+            return None
+        end = f"{ms}-{seq}"
+        # Replay after the client's position if the history holds everything after it,
+        # else (and for a new session) after where the history stood before registering:
+        # what came since may have reached this connection live, or may not.
+        base = peek.base if peek.epoch == epoch else "0-0"
+        recovered = not resuming
+        if resuming:
+            wanted, last, oldest = seq_of(resume.pos), int(seq), seq_of(first)
+            recovered = (
+                epoch == resume.epoch
+                and wanted is not None
+                and wanted <= last
+                and (wanted == last or (oldest is not None and oldest <= wanted + 1))
+            )
+        return Claim(
+            session=session,
+            token=token,
+            epoch=epoch,
+            end=end,
+            recovered=recovered,
+            start=resume.pos if recovered and resuming else base,
+            old=old,
+            record=json.loads(raw) if raw else record,
+            ids=frozenset(ids.split()),
+        )
+
+    async def replay(
+        self, claim: Claim, view: Keys, put: Callable[[str, Outgoing], Awaitable[None]]
+    ) -> int:
+        """Hand ``put`` every message of the history after ``claim.start`` up to
+        ``claim.end`` that the session was sent; returns how many."""
+        if seq_of(claim.start) == seq_of(claim.end):
+            return 0
+        names = _index_names(view, claim.record)
+        user = claim.record.get("u")
+        count, after = 0, "(" + claim.start
+        while True:
+            async with redis_deadline(self._timeout, "replay"):
+                page: list[tuple[bytes, dict[bytes, bytes]]] = await self._redis.xrange(
+                    view.history, after, claim.end, count=PAGE
+                )  # type: ignore[assignment]
+            for entry_id, entry in page:
+                pos = _text(entry_id)
+                ops = json.loads(entry[b"o"])
+                if matches(ops, user, claim.ids, names):
+                    kind = entry[b"k"].decode()
+                    payload: bytes = entry[b"p"]
+                    frame: Frame = payload if kind == "binary" else payload.decode()
+                    await put(pos, Outgoing(wrap(kind, frame, pos)))
+                    count += 1
+            if len(page) < PAGE:
+                return count
+            after = "(" + _text(page[-1][0])
+
+    async def catch_up(self, connections: list[Connection]) -> list[Connection]:
+        """Hand each connection that :meth:`Recovery.hold` holds what the history holds
+        for it past its last position (the subscriber was not listening for a while),
+        then the live messages held meanwhile that it did not get that way. Returns
+        those whose missed messages the history no longer holds (another epoch, or
+        trimmed). Raises Redis's failure with the connections still held; if cancelled
+        (the subscriber resubscribed again), the next call takes them."""
+        by_shard: dict[Keys, list[Connection]] = {}
+        for connection in connections:
+            recovery = connection.recovery
+            if recovery is not None and recovery.catching:
+                by_shard.setdefault(recovery.keys, []).append(connection)
+        lost: list[Connection] = []
+        for view, held in by_shard.items():
+            lost += await self._catch_up_shard(view, held)
+            for connection in held:
+                if connection.recovery is not None:
+                    for frame, message_id in connection.recovery.release():
+                        await connection.offer(frame, message_id)
+        return lost
+
+    async def _catch_up_shard(self, view: Keys, connections: list[Connection]) -> list[Connection]:
+        async with redis_deadline(self._timeout, "catch up"):
+            epoch, seq, ms = await self._redis.hmget(view.history_meta, ["e", "s", "m"])
+        end = f"{_text(ms or 0)}-{_text(seq or 0)}"
+        lost = [
+            c for c in connections if c.recovery is None or c.recovery.epoch != _text(epoch or "")
+        ]
+        live = [c for c in connections if c not in lost]
+        newest = int(_text(seq or 0))
+        waiting = {c: c.recovery.last for c in live if c.recovery and c.recovery.last < newest}
+        if not waiting:
+            return lost
+        earliest = min(waiting, key=lambda c: waiting[c])
+        after = "(" + (earliest.recovery.position if earliest.recovery else "0-0")
+        checks = {c: (c.user, _ids(c), _index_names(view, _record(c))) for c in waiting}
+        first = True
+        while True:
+            async with redis_deadline(self._timeout, "catch up"):
+                page: list[tuple[bytes, dict[bytes, bytes]]] = await self._redis.xrange(
+                    view.history, after, end, count=PAGE
+                )  # type: ignore[assignment]
+            if first and page:
+                oldest = seq_of(_text(page[0][0])) or 0
+                for connection, last in list(waiting.items()):
+                    if oldest > last + 1:  # trimmed past it
+                        lost.append(connection)
+                        del waiting[connection]
+                first = False
+            for entry_id, entry in page:
+                pos = _text(entry_id)
+                number = seq_of(pos) or 0
+                ops = json.loads(entry[b"o"])
+                for connection in waiting:
+                    recovery = connection.recovery
+                    if recovery is None or number <= recovery.last:
+                        continue
+                    if matches(ops, *checks[connection]):
+                        recovery.handed(pos)
+                        await connection.put(Outgoing(_wrapped(entry, pos)))
+            if len(page) < PAGE:
+                return lost
+            after = "(" + _text(page[-1][0])
+
+    async def refresh(self, connections: list[Connection]) -> None:
+        """Rewrite each session's record (its groups change) and restart its TTL, and
+        that of its shard's history."""
+        shards: set[Keys] = set()
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for connection in connections:
+                recovery = connection.recovery
+                if recovery is None or not recovery.session:
+                    continue
+                key = recovery.keys.session(recovery.session)
+                record = json.dumps(_record(connection), separators=(",", ":"))
+                pipe.hset(key, "r", record)
+                pipe.pexpire(key, self._ttl_ms + SESSION_GRACE_MS)
+                shards.add(recovery.keys)
+            for view in shards:
+                pipe.pexpire(view.history_meta, self._ttl_ms + HISTORY_GRACE_MS)
+                pipe.pexpire(view.history, self._ttl_ms + HISTORY_GRACE_MS)
+            await pipe.execute()
+
+
+def matches(ops: list[str], user: str | None, ids: frozenset[str], names: set[str]) -> bool:
+    """Whether a history entry's selector program selects the session: ``user``, its
+    connection ``ids``, and ``names``, the index sets it is in (keys without their hash
+    tag). The program is a :class:`~quart_wslb.selectors.Program`'s ops, set ops naming
+    their key."""
+    stack: list[bool] = []
+    i = 0
+    while i < len(ops):
+        op = ops[i]
+        code = op[:1]
+        if op == OP_AND or op == OP_OR:
+            right, left = stack.pop(), stack.pop()
+            stack.append(left and right if op == OP_AND else left or right)
+        elif code == OP_SET:
+            stack.append(op[1:] in names)
+        elif code == OP_USER:
+            stack.append(user is not None and op[1:] == user)
+        elif op == OP_ALL or op == OP_BROADCAST:
+            stack.append(True)
+        elif code == OP_CONNECTION:
+            stack.append(op[1:] in ids)
+        elif code == OP_IDS:
+            n = int(op[1:])
+            stack.append(any(id in ids for id in ops[i + 1 : i + 1 + n]))
+            i += n
+        else:
+            return False
+        i += 1
+    return len(stack) == 1 and stack[0]
+
+
+def _wrapped(entry: dict[bytes, bytes], pos: str) -> str:
+    kind = entry[b"k"].decode()
+    payload = entry[b"p"]
+    return wrap(kind, payload if kind == "binary" else payload.decode(), pos)
+
+
+def _ids(connection: Connection) -> frozenset[str]:
+    recovery = connection.recovery
+    return (recovery.ids if recovery is not None else frozenset()) | {connection.id}
+
+
+def _record(connection: Connection) -> dict[str, Any]:
+    return {
+        "u": connection.user,
+        "p": connection.path,
+        "m": dict(connection.metadata),
+        "g": sorted(connection.groups),
+    }
+
+
+def _index_names(view: Keys, record: dict[str, Any]) -> set[str]:
+    names = {view.relative(view.path(str(record.get("p", ""))))}
+    for name, value in dict(record.get("m") or {}).items():
+        names.add(view.relative(view.metadata(str(name), str(value))))
+    for group in record.get("g") or ():
+        names.add(view.relative(view.group(str(group))))
+    return names
+
+
+def _who(user: str | None, path: str) -> str:
+    return json.dumps([user, path], ensure_ascii=False)
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

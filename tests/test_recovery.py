@@ -1,0 +1,313 @@
+"""Recovery mode (``quart_wslb.recovery``): the protocol's pieces, and sessions resumed
+on one instance against a real Redis (several instances: ``test_recovery_cluster.py``)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from quart import Quart, websocket
+from quart.testing.connections import WebsocketDisconnectError
+
+from quart_wslb import (
+    GroupSelector,
+    UserSelector,
+    WsLoadBalance,
+    current_connection,
+    ws_route,
+)
+from quart_wslb.keys import Keys
+from quart_wslb.outgoing import Outgoing
+from quart_wslb.recovery import (
+    RESUMED_ELSEWHERE,
+    Recovery,
+    Resume,
+    matches,
+    parse_resume,
+    seq_of,
+    wrap,
+)
+from quart_wslb.testing import RedisServer
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_parse_resume_reads_a_new_or_a_named_session() -> None:
+    assert parse_resume('{"t":"resume"}') == Resume()
+    frame = '{"t":"resume","session":"s","token":"k","epoch":"e","pos":"12-3"}'
+    assert parse_resume(frame) == Resume("s", "k", "e", "12-3")
+
+
+@pytest.mark.parametrize(
+    "frame",
+    ["hello", b"\xff", "[]", '{"t":"msg"}', '{"t":"resume","session":"s","pos":"x"}',
+     '{"t":"resume","session":5}'],
+)  # fmt: skip
+def test_parse_resume_refuses_anything_else(frame: str | bytes) -> None:
+    assert parse_resume(frame) is None
+
+
+def test_seq_of_reads_the_sequence_number() -> None:
+    assert seq_of("1700000000000-42") == 42
+    assert seq_of("0-0") == 0
+    assert seq_of("42") is None
+    assert seq_of(None) is None
+
+
+def test_wrap_each_kind() -> None:
+    assert json.loads(wrap("text", 'a"b', "1-2")) == {"t": "msg", "pos": "1-2", "d": 'a"b'}
+    assert json.loads(wrap("json", '{"x":[1]}', "1-3")) == {
+        "t": "msg",
+        "pos": "1-3",
+        "j": {"x": [1]},
+    }
+    raw = json.loads(wrap("binary", b"\x00\xff", None))
+    assert raw == {"t": "msg", "b": base64.b64encode(b"\x00\xff").decode()}
+
+
+def test_matches_evaluates_the_program_against_the_session() -> None:
+    names = {"g:room", "p:/ws/a"}
+    ids = frozenset({"i1:t1"})
+    assert matches(["Uann"], "ann", ids, names)
+    assert not matches(["Ubob"], "ann", ids, names)
+    assert matches(["Sg:room"], None, ids, names)
+    assert not matches(["Sg:other"], None, ids, names)
+    assert matches(["Sg:room", "Ubob", "|"], "ann", ids, names)
+    assert not matches(["Sg:room", "Ubob", "&"], "ann", ids, names)
+    assert matches(["M2", "x:y", "i1:t1"], None, ids, names)
+    assert matches(["Ci1:t1"], None, ids, names)
+    assert matches(["B"], None, frozenset(), set())
+    assert not matches(["?"], "ann", ids, names)
+
+
+def test_recovery_holds_then_drops_what_was_replayed() -> None:
+    recovery = Recovery(Keys("p"), "s")
+    for seq in (3, 4, 5):
+        assert not recovery.admit(f"1-{seq}", Outgoing(f"m{seq}"), f"id{seq}")
+    recovery.last = 4  # replayed up to 4
+    released = recovery.release()
+    assert [message_id for _, message_id in released] == ["id5"]
+    assert not recovery.admit("1-5", Outgoing("again"), "id5"), "a duplicate went through"
+    assert recovery.admit("1-6", Outgoing("m6"), "id6")
+    assert recovery.admit(None, Outgoing("local"), "x")
+
+
+# --- one instance, real Redis -------------------------------------------------------
+
+
+def recovery_app(redis_url: str, prefix: str, **options: Any) -> tuple[Quart, WsLoadBalance]:
+    """``/ws?user=<name>``, a recovery route that joins ``room`` on ``"join"`` and
+    echoes everything else."""
+    app = Quart(__name__)
+    wslb = WsLoadBalance(app, redis_url=redis_url, prefix=prefix, **options)
+
+    @app.websocket("/ws")
+    @ws_route(user=lambda: websocket.args.get("user"), recovery=True)
+    async def handler() -> None:
+        while True:
+            text = await websocket.receive()
+            if text == "join":
+                await current_connection.join("room")
+            await current_connection.send(f"echo:{text!s}")
+
+    return app, wslb
+
+
+@asynccontextmanager
+async def serving(redis_url: str, prefix: str, **options: Any) -> AsyncIterator[Any]:
+    app, wslb = recovery_app(redis_url, prefix, **options)
+    async with app.test_app() as test_app:
+        yield test_app.test_client(), wslb
+
+
+async def frames(ws: Any, n: int) -> list[dict[str, Any]]:
+    out = []
+    for _ in range(n):
+        out.append(json.loads(await asyncio.wait_for(ws.receive(), 10)))
+    return out
+
+
+@asynccontextmanager
+async def session(
+    client: Any, user: str, resume: dict[str, Any] | None = None
+) -> AsyncIterator[tuple[Any, dict[str, Any]]]:
+    async with client.websocket(f"/ws?user={user}") as ws:
+        await ws.send(json.dumps({"t": "resume", **(resume or {})}))
+        (welcome,) = await frames(ws, 1)
+        assert welcome["t"] == "welcome", welcome
+        yield ws, welcome
+
+
+def resume_of(welcome: dict[str, Any], pos: str) -> dict[str, Any]:
+    return {k: welcome[k] for k in ("session", "token", "epoch")} | {"pos": pos}
+
+
+@pytest.mark.integration
+async def test_recovery_new_session_then_live_messages_carry_positions(
+    redis_url: str, prefix: str
+) -> None:
+    async with serving(redis_url, prefix) as (client, wslb):
+        async with session(client, "ann") as (ws, welcome):
+            assert welcome["recovered"] is True
+            assert welcome["session"] and welcome["token"] and welcome["epoch"]
+            assert await wslb.send(UserSelector("ann"), "one") == 1
+            await wslb.send(UserSelector("ann"), {"n": 2})
+            one, two = await frames(ws, 2)
+            assert one["d"] == "one" and two["j"] == {"n": 2}
+            assert seq_of(two["pos"]) == seq_of(one["pos"]) + 1  # type: ignore[operator]
+            await ws.send("hi")
+            (echo,) = await frames(ws, 1)
+            assert echo == {"t": "msg", "d": "echo:hi"}, "a local reply has no position"
+
+
+@pytest.mark.integration
+async def test_recovery_resume_after_a_clean_disconnect_replays_in_order(
+    redis_url: str, prefix: str
+) -> None:
+    async with serving(redis_url, prefix) as (client, wslb):
+        async with session(client, "ann") as (ws, welcome):
+            await ws.send("join")
+            await frames(ws, 1)
+            await wslb.send(UserSelector("ann"), "m0")
+            (first,) = await frames(ws, 1)
+        sent = []
+        for n in range(1, 40):
+            selector = UserSelector("ann") if n % 2 else GroupSelector("room")
+            await wslb.send(selector, f"m{n}")
+            sent.append(f"m{n}")
+        await wslb.send(UserSelector("bob"), "not ann's")
+        async with session(client, "ann", resume_of(welcome, first["pos"])) as (ws, again):
+            assert again["recovered"] is True, again
+            assert again["session"] == welcome["session"]
+            got = await frames(ws, len(sent))
+            assert [f["d"] for f in got] == sent
+            await wslb.send(UserSelector("ann"), "live")
+            (live,) = await frames(ws, 1)
+            assert live["d"] == "live"
+            seqs = [int(f["pos"].split("-")[1]) for f in [*got, live]]
+            assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+
+
+@pytest.mark.integration
+async def test_recovery_bad_token_is_a_new_session_not_recovered(
+    redis_url: str, prefix: str
+) -> None:
+    async with serving(redis_url, prefix) as (client, wslb):
+        async with session(client, "ann") as (_, welcome):
+            pass
+        await wslb.send(UserSelector("ann"), "missed")
+        forged = resume_of(welcome, welcome["pos"]) | {"token": "wrong"}
+        async with session(client, "ann", forged) as (ws, again):
+            assert again["recovered"] is False
+            assert again["session"] != welcome["session"]
+        other = resume_of(welcome, welcome["pos"])
+        async with session(client, "bob", other) as (ws, again):
+            assert again["recovered"] is False, "another user took ann's session"
+
+
+@pytest.mark.integration
+async def test_recovery_first_frame_must_be_a_resume_frame(redis_url: str, prefix: str) -> None:
+    async with serving(redis_url, prefix) as (client, _):
+        async with client.websocket("/ws?user=ann") as ws:
+            await ws.send("hello")
+            with pytest.raises(WebsocketDisconnectError) as raised:
+                await asyncio.wait_for(ws.receive(), 10)
+            assert raised.value.args[0] == 1008
+
+
+@pytest.mark.integration
+async def test_recovery_lost_history_is_told(redis_url: str, prefix: str) -> None:
+    """Another epoch (Redis lost the history) and trimmed entries: recovered false."""
+    async with serving(redis_url, prefix, recovery_length=20) as (client, wslb):
+        async with session(client, "ann") as (_, welcome):
+            pass
+        for n in range(300):  # far past the length kept
+            await wslb.send(UserSelector("ann"), f"m{n}")
+        async with session(client, "ann", resume_of(welcome, welcome["pos"])) as (_, again):
+            assert again["recovered"] is False, "trimmed history replayed as whole"
+        async with session(client, "ann") as (_, fresh):
+            pass
+        keys = Keys(prefix)
+        admin = aioredis.Redis.from_url(redis_url)
+        try:
+            await admin.delete(keys.history_meta, keys.history)
+        finally:
+            await admin.aclose()
+        async with session(client, "ann", resume_of(fresh, fresh["pos"])) as (_, again):
+            assert again["recovered"] is False, "a new epoch replayed as whole"
+            assert again["epoch"] != fresh["epoch"]
+
+
+@pytest.mark.integration
+async def test_recovery_resume_closes_the_previous_owner(redis_url: str, prefix: str) -> None:
+    async with serving(redis_url, prefix) as (client, wslb):
+        async with session(client, "ann") as (old, welcome):
+            async with session(client, "ann", resume_of(welcome, welcome["pos"])) as (ws, again):
+                assert again["recovered"] is True
+                with pytest.raises(WebsocketDisconnectError) as raised:
+                    await asyncio.wait_for(old.receive(), 10)
+                assert raised.value.args[0] == RESUMED_ELSEWHERE
+                async with asyncio.timeout(10):  # the old one unregisters as it ends
+                    while await wslb.count(UserSelector("ann")) != 1:
+                        await asyncio.sleep(0.01)
+                assert await wslb.send(UserSelector("ann"), "x") == 1
+                (got,) = await frames(ws, 1)
+                assert got["d"] == "x"
+
+
+@pytest.mark.integration
+async def test_recovery_session_follows_group_changes_at_once(redis_url: str, prefix: str) -> None:
+    """A join is in the session within a moment, not at the next periodic refresh: an
+    instance killed right after would otherwise replay without the group's messages."""
+    async with serving(redis_url, prefix) as (client, _):
+        async with session(client, "ann") as (ws, welcome):
+            await ws.send("join")
+            await frames(ws, 1)
+            key = Keys(prefix).session(welcome["session"])
+            admin = aioredis.Redis.from_url(redis_url)
+            try:
+                async with asyncio.timeout(5):
+                    while True:
+                        record = json.loads(await admin.hget(key, "r") or b"{}")
+                        if record.get("g") == ["room"]:
+                            break
+                        await asyncio.sleep(0.01)
+                ttl = await admin.pttl(key)
+            finally:
+                await admin.aclose()
+            assert 0 < ttl <= 121_000, ttl
+
+
+@pytest.mark.integration
+async def test_recovery_catch_up_fills_what_the_subscriber_missed(
+    private_redis: RedisServer,
+) -> None:
+    """Messages published while the instance's subscriber was cut (CLIENT KILL) reach
+    the connected client from history, once each, in order, before newer ones."""
+    async with serving(private_redis.url, "cu", heartbeat_interval=0.2, instance_ttl=2) as (
+        client,
+        wslb,
+    ):
+        async with session(client, "ann") as (ws, _):
+            await wslb.send(UserSelector("ann"), "m0")
+            await frames(ws, 1)
+            admin = aioredis.Redis.from_url(private_redis.url)
+            try:
+                killed = await admin.client_kill_filter(_type="pubsub")
+            finally:
+                await admin.aclose()
+            assert killed >= 1
+            sent = [f"m{n}" for n in range(1, 51)]
+            routed = [await wslb.send(UserSelector("ann"), text) for text in sent]
+            got = await frames(ws, len(sent))
+            assert [f["d"] for f in got] == sent, f"routed counts {routed}"
+            await wslb.send(UserSelector("ann"), "after")
+            (after,) = await frames(ws, 1)
+            assert after["d"] == "after"
+            assert 0 in routed, f"the cut lost no live message: nothing was caught up {routed}"

@@ -16,6 +16,13 @@ On joining, a client gets a ``welcome`` frame, then a ``roster``: everyone in th
 with the instance that holds them, read from Redis (``WsLoadBalance.connections``); then
 ``presence`` frames as people join and leave, on whatever instance.
 
+The route is in recovery mode (``ws_route(recovery=True)``, docs/recovery.md): a client
+opens with a resume frame (``{"t": "resume"}`` for a new session), is answered
+``{"t": "welcome", ...}``, and gets each frame of the app wrapped: ``{"t": "msg",
+"pos": ..., "j": frame}``, with no ``pos`` for what this instance writes to its own
+client. A client that reconnects, to any instance, resumes its session and gets the
+frames it missed; ``static/wslb-recovery.js`` is the page's client.
+
 ``POST /notify/<user>`` with a JSON body pushes ``{"type": "notify", "data": body}`` to
 that user and answers ``{"routed": n, "instance": "<the instance that answered>"}``.
 ``GET /cluster`` lists the live instances (``WsLoadBalance.instances()``). The extension
@@ -120,7 +127,11 @@ async def redis_unavailable(error: RedisUnavailableError) -> tuple[dict[str, str
 
 
 @app.websocket("/ws")
-@ws_route(user=lambda: _arg("user") or None, metadata=lambda: {"room": _arg("room") or "lobby"})
+@ws_route(
+    user=lambda: _arg("user") or None,
+    metadata=lambda: {"room": _arg("room") or "lobby"},
+    recovery=True,
+)
 async def chat() -> None:
     """One chat client: registered cluster-wide before this body runs."""
     conn = current_connection

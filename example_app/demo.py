@@ -3,6 +3,9 @@
 alice and bob connect through the front, which sends each new WebSocket to the next
 instance, so they are held by different instances; a direct message, a room message and
 HTTP pushes then travel between those instances through Redis.
+
+The chat route is in recovery mode: each client opens a new session with the resume frame
+(:data:`RESUME`) and reads the app's frames out of the protocol's (:func:`app_frame`).
 """
 
 from __future__ import annotations
@@ -16,12 +19,22 @@ from urllib.parse import urlencode
 
 from websockets.asyncio.client import ClientConnection, connect
 
-__all__ = ("DemoError", "run_demo")
+__all__ = ("RESUME", "DemoError", "app_frame", "run_demo")
 
 #: How long a client waits for one expected message.
 WAIT = 5.0
 #: How often bob reconnects if the front happens to put him on alice's instance.
 REJOINS = 4
+#: A recovery route's first client frame, here for a new session (docs/recovery.md).
+RESUME = json.dumps({"t": "resume"})
+
+
+def app_frame(raw: str | bytes) -> dict[str, Any] | None:
+    """The app's frame in one frame of a recovery route, ``{"t": "msg", "j": frame}``;
+    ``None`` for the protocol's own frames (its ``{"t": "welcome"}``)."""
+    frame = json.loads(raw)
+    inner = frame.get("j") if isinstance(frame, dict) and frame.get("t") == "msg" else None
+    return inner if isinstance(inner, dict) else None
 
 
 class DemoError(Exception):
@@ -43,6 +56,7 @@ class Client:
         query = urlencode({"user": user, "room": room})
         url = base_url.replace("http://", "ws://") + "ws?" + query
         client = cls(user, await connect(url, open_timeout=WAIT))
+        await client.socket.send(RESUME)
         welcome = await client.expect("welcome")
         client.instance = welcome["instance"]
         return client
@@ -56,7 +70,9 @@ class Client:
         try:
             async with asyncio.timeout(WAIT):
                 while True:
-                    frame = json.loads(await self.socket.recv())
+                    frame = app_frame(await self.socket.recv())
+                    if frame is None:
+                        continue
                     self._seen.append(frame)
                     if frame.get("type") == kind and all(
                         frame.get(k) == v for k, v in fields.items()

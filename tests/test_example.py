@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from example_app.demo import RESUME, app_frame
 from example_app.front import Backend, Front
 from example_app.launcher import GRACEFUL_TIMEOUT, Cluster, Instance
 from quart_wslb.config import DEFAULTS
@@ -90,6 +91,15 @@ async def notify(instance: Instance, user: str) -> int:
     return int(answer["routed"])
 
 
+async def chat_welcome(client: ClientConnection) -> dict[str, Any]:
+    """Open a new recovery session on a chat socket; the app's welcome frame."""
+    await client.send(RESUME)
+    while True:
+        frame = app_frame(await asyncio.wait_for(client.recv(), 5))
+        if frame is not None and frame["type"] == "welcome":
+            return frame
+
+
 @pytest.fixture(name="example_cluster")
 def fixture_example_cluster(redis_url: str, prefix: str) -> Iterator[Cluster]:
     """The example's three instances and its front, on the test Redis; all stopped by pid."""
@@ -138,8 +148,7 @@ async def test_example_front_balances_http_and_websockets(example_cluster: Clust
     held = []
     for user in ("ann", "ben", "cid", "dot"):
         async with connect(url.replace("http", "ws") + f"ws?user={user}") as client:
-            welcome = json.loads(await asyncio.wait_for(client.recv(), 5))
-            held.append(welcome["instance"])
+            held.append((await chat_welcome(client))["instance"])
     assert held == ["instance-1", "instance-2", "instance-3", "instance-1"]
 
 
@@ -162,7 +171,7 @@ async def test_example_graceful_stop_closes_1001_when_the_graceful_timeout_ends(
 ) -> None:
     first, second = example_cluster.instances[:2]
     async with connect(f"ws://127.0.0.1:{second.port}/ws?user=zed") as client:
-        assert json.loads(await asyncio.wait_for(client.recv(), 5))["type"] == "welcome"
+        await chat_welcome(client)
         stopped = time.monotonic()
         second.process.send_signal(signal.SIGTERM)
         # Hypercorn tells the app nothing until its graceful timeout ends: meanwhile the

@@ -131,7 +131,13 @@ def test_example_demo_exits_zero_and_leaves_nothing() -> None:
         pytest.fail("python -m example_app --demo did not end within 45s")
     assert process.returncode == 0, output
     assert "Demo passed" in output
-    assert re.search(r"keys left under \{wslb-demo-[0-9a-f]+\} after the graceful stop: 0", output)
+    left = re.search(
+        r"keys left under \{wslb-demo-[0-9a-f]+\} after the graceful stop: 0 "
+        r"\(and (\d+) recovery keys, (\d+) of them expiring\)",
+        output,
+    )
+    assert left is not None, output
+    assert left[1] == left[2], f"a recovery key without a TTL: {left[0]}"
     pids = [int(p) for p in re.findall(r"\bpid (\d+)", output)]
     assert len(pids) == 4, output  # the embedded Redis and three instances
     assert [p for p in pids if group_alive(p)] == []

@@ -42,12 +42,14 @@ from .recovery import (
     FIRST_FRAME_TIMEOUT,
     HISTORY_LOST,
     RESUMED_ELSEWHERE,
+    TRY_AGAIN,
     Peek,
     Recovery,
     Resume,
     ResumeRefusedError,
     Sessions,
     parse_resume,
+    release,
 )
 from .redis_client import checked_client, open_client
 from .registry import Registry
@@ -61,8 +63,6 @@ log = logging.getLogger("quart_wslb")
 
 #: Recovery sessions refreshed per round trip.
 REFRESH_PAGE = 500
-#: Close code of a recovery connection that could not catch up (its client resumes).
-TRY_AGAIN = 1013
 #: Seconds a changed session waits to be written with the others that change with it.
 DIRTY_BATCH = 0.01
 
@@ -590,8 +590,7 @@ class WsLoadBalance:
             await connection.put(frame)
 
         replayed = await sessions.replay(claim, view, put)
-        for frame, message_id in recovery.release():
-            await connection.offer(frame, message_id)
+        await release(connection)
         log.debug("%s: session %s, replayed %d", connection.id, session, replayed)
         if claim.old and claim.old != connection.id:
             try:

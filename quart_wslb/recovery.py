@@ -61,6 +61,7 @@ __all__ = (
     "ResumeRefusedError",
     "Sessions",
     "matches",
+    "release",
     "parse_resume",
     "seq_of",
     "wrap",
@@ -70,6 +71,8 @@ __all__ = (
 FIRST_FRAME_TIMEOUT = 10.0
 #: Close code of a connection whose session was resumed by another connection.
 RESUMED_ELSEWHERE = 4409
+#: Close code of a recovery connection that could not catch up: its client resumes.
+TRY_AGAIN = 1013
 #: Close code of a connection that missed messages the history no longer holds (Redis
 #: lost it): the client resumes, and is told ``"recovered": false``.
 HISTORY_LOST = 4410
@@ -77,6 +80,9 @@ HISTORY_LOST = 4410
 PAGE = 500
 #: Connection ids a session remembers (messages sent to an id replay to its session).
 MAX_IDS = 8
+#: Live messages a connection holds while its history is read, at most: past that (a
+#: client that does not read its replay) it is closed, and resumes later.
+MAX_HELD = 10_000
 #: How much longer than ``recovery_ttl`` a session lives after its last refresh (ms).
 SESSION_GRACE_MS = 1000
 
@@ -211,6 +217,8 @@ class Recovery:
     holding: bool = True
     #: Holding until the history fills what the subscriber may have missed.
     catching: bool = False
+    #: More than ``MAX_HELD`` live messages came while holding: some were not kept.
+    overflowed: bool = False
     held: list[tuple[str | None, Outgoing, str]] = field(default_factory=list)
     #: The sequence number of the last message handed to the connection, and its
     #: position.
@@ -221,7 +229,10 @@ class Recovery:
         """Whether to queue a live message now: not while holding (it is kept), nor if
         its sequence number was handed out already (replayed)."""
         if self.holding:
-            self.held.append((pos, frame, message_id))
+            if len(self.held) < MAX_HELD:
+                self.held.append((pos, frame, message_id))
+            else:
+                self.overflowed = True
             return False
         seq = seq_of(pos)
         if seq is not None and pos is not None:
@@ -426,9 +437,7 @@ class Sessions:
         for view, held in by_shard.items():
             lost += await self._catch_up_shard(view, held)
             for connection in held:
-                if connection.recovery is not None:
-                    for frame, message_id in connection.recovery.release():
-                        await connection.offer(frame, message_id)
+                await release(connection)
         return lost
 
     async def _catch_up_shard(self, view: Keys, connections: list[Connection]) -> list[Connection]:
@@ -492,6 +501,20 @@ class Sessions:
                 pipe.pexpire(view.history_meta, self._ttl_ms + HISTORY_GRACE_MS)
                 pipe.pexpire(view.history, self._ttl_ms + HISTORY_GRACE_MS)
             await pipe.execute()
+
+
+async def release(connection: Connection) -> None:
+    """Stop holding ``connection``'s live messages: queue those not handed out already,
+    or close it (1013: its client resumes) if more came than it could hold."""
+    recovery = connection.recovery
+    if recovery is None:
+        return
+    overflowed = recovery.overflowed
+    recovery.overflowed = False
+    for frame, message_id in recovery.release():
+        await connection.offer(frame, message_id)
+    if overflowed:
+        await connection.close(TRY_AGAIN, "too many messages while catching up: resume")
 
 
 def matches(ops: list[str], user: str | None, ids: frozenset[str], names: set[str]) -> bool:

@@ -22,6 +22,7 @@ from quart_wslb import (
     current_connection,
     ws_route,
 )
+from quart_wslb import recovery as recovery_module
 from quart_wslb.keys import Keys
 from quart_wslb.outgoing import Outgoing
 from quart_wslb.recovery import (
@@ -30,10 +31,12 @@ from quart_wslb.recovery import (
     Resume,
     matches,
     parse_resume,
+    release,
     seq_of,
     wrap,
 )
 from quart_wslb.testing import RedisServer
+from tests.support import FakeWebsocket, eventually, make_connection
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -96,6 +99,25 @@ def test_recovery_holds_then_drops_what_was_replayed() -> None:
     assert not recovery.admit("1-5", Outgoing("again"), "id5"), "a duplicate went through"
     assert recovery.admit("1-6", Outgoing("m6"), "id6")
     assert recovery.admit(None, Outgoing("local"), "x")
+
+
+async def test_release_closes_a_connection_that_held_too_many(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A client that does not read its replay cannot make the instance hold its live
+    messages without bound: past MAX_HELD it is closed (1013) and resumes later."""
+    monkeypatch.setattr(recovery_module, "MAX_HELD", 3)
+    socket = FakeWebsocket()
+    connection = make_connection(socket)
+    connection.recovery = Recovery(Keys("p"), "s")
+    for seq in range(1, 6):
+        connection.recovery.admit(f"1-{seq}", Outgoing(f"m{seq}"), f"id{seq}")
+    assert len(connection.recovery.held) == 3 and connection.recovery.overflowed
+    connection.start()
+    await release(connection)
+    await eventually(lambda: bool(socket.closed))
+    assert socket.closed[0][0] == 1013
+    await connection.stop()
 
 
 # --- one instance, real Redis -------------------------------------------------------

@@ -132,6 +132,17 @@ return {status, h[1], h[2], h[3], first_id, old, record, ids}
 """
 
 
+# Refresh a session for its owner only: one that lost it (resumed elsewhere) or whose
+# session expired must neither rewrite nor revive it.
+# KEYS: session. ARGV: connection id, record (JSON), TTL (ms). Returns 1 if refreshed.
+_REFRESH = """
+if redis.call('HGET', KEYS[1], 'c') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'r', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+
+
 @dataclass(frozen=True, slots=True)
 class Resume:
     """What a client's resume frame asked for: a new session (``session`` ``None``) or
@@ -293,6 +304,7 @@ class Sessions:
         self._length = length
         self._ttl_ms = int(ttl * 1000)
         self._claim = redis.register_script(_CLAIM)
+        self._refresh = redis.register_script(_REFRESH)
 
     def new_session(self, user: str | None, connection_id: str) -> str:
         """A new session id, in the shard of the connection (its user's, else its id's)."""
@@ -494,8 +506,8 @@ class Sessions:
                     continue
                 key = recovery.keys.session(recovery.session)
                 record = json.dumps(_record(connection), separators=(",", ":"))
-                pipe.hset(key, "r", record)
-                pipe.pexpire(key, self._ttl_ms + SESSION_GRACE_MS)
+                args: list[str | int] = [connection.id, record, self._ttl_ms + SESSION_GRACE_MS]
+                await self._refresh(keys=[key], args=args, client=pipe)
                 shards.add(recovery.keys)
             for view in shards:
                 pipe.pexpire(view.history_meta, self._ttl_ms + HISTORY_GRACE_MS)

@@ -301,6 +301,12 @@ async def test_recovery_session_follows_group_changes_at_once(redis_url: str, pr
                             break
                         await asyncio.sleep(0.01)
                 ttl = await admin.pttl(key)
+                # Resumed elsewhere meanwhile: a change here must leave the session be.
+                await admin.hset(key, mapping={"c": "another:owner", "r": "{}"})
+                await ws.send("join")
+                await frames(ws, 1)
+                await asyncio.sleep(0.3)
+                assert await admin.hget(key, "r") == b"{}", "a lost owner rewrote the session"
             finally:
                 await admin.aclose()
             assert 0 < ttl <= 121_000, ttl

@@ -38,7 +38,7 @@ COMMANDS: tuple[str, ...] = (
     # sets
     "sadd", "srem", "smembers", "scard", "sismember", "sscan",
     # recovery (recovery.py): the history streams, their meta, the clock in send.lua
-    "hmget", "xadd", "xtrim", "xrange", "time",
+    "hmget", "xadd", "xtrim", "xrange", "time", "pttl",
 )  # fmt: skip
 
 

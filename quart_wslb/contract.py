@@ -39,7 +39,7 @@ VERSION = 3
 #: The version of this layout of keys and of the wire envelope, stored under the prefix by
 #: every instance: one prefix cannot hold two layouts (their instances would not see each
 #: other's records, nor read each other's envelopes).
-LAYOUT = "4"
+LAYOUT = "5"
 
 # Key words: <ROOT>:<word> or <ROOT>:<word>:<value>.
 #: Hash per instance: connection token -> JSON record.
@@ -69,10 +69,6 @@ W_CHANNEL = "ch"
 #: Recovery (recovery.py): the shard's history stream, its meta hash (epoch, last
 #: sequence number and time, retention), and a session's hash per session id.
 W_HISTORY = "h"
-#: How much longer than ``recovery_ttl`` a history and its meta live after their last
-#: use (ms): longer than a session (``recovery.SESSION_GRACE_MS``), so that no session
-#: outlives the history it may ask for.
-HISTORY_GRACE_MS = 5000
 W_HISTORY_META = "hm"
 W_SESSION = "ss"
 W_BROADCAST = "bcast"
@@ -134,7 +130,6 @@ LUA: dict[str, str | int] = {
         "REPLY_ERROR",
         "NO_INSTANCES",
         "BROADCAST_REACHED",
-        "HISTORY_GRACE_MS",
     )
 }
 

@@ -58,10 +58,11 @@ __all__ = (
     "to_frame",
 )
 
-Kind = Literal["text", "binary", "json", "join", "leave", "disconnect"]
+Kind = Literal["text", "binary", "json", "join", "leave", "disconnect", "mark"]
 #: Kinds that are instructions to the owning instance, not frames for the client:
-#: ``join``/``leave`` carry a group name, ``disconnect`` ``{"code": int, "reason": str}``.
-CONTROL_KINDS = frozenset({"join", "leave", "disconnect"})
+#: ``join``/``leave`` carry a group name, ``disconnect`` ``{"code": int, "reason": str}``;
+#: a ``mark`` (empty) carries where the history ends (``pos``, :mod:`quart_wslb.recovery`).
+CONTROL_KINDS = frozenset({"join", "leave", "disconnect", "mark"})
 #: What a websocket sends: ``str`` as a text frame, ``bytes`` as a binary frame.
 Frame = str | bytes
 #: Every kind an envelope's message may have.

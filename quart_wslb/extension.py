@@ -43,6 +43,8 @@ from .recovery import (
     HISTORY_LOST,
     RESUMED_ELSEWHERE,
     TRY_AGAIN,
+    Claim,
+    HistoryGapError,
     Peek,
     Recovery,
     Resume,
@@ -461,31 +463,53 @@ class WsLoadBalance:
 
     async def _refresh_sessions(self, sessions: Sessions) -> None:
         """Keep the sessions of this instance's recovery connections fresh: at once (in
-        a batch) those whose groups changed, and all of them (their TTL) every quarter
-        of ``recovery_ttl``, at most 30 s."""
-        settings = self.settings
-        every = min(settings.recovery_ttl / 4, 30.0)
+        a batch) those whose groups changed, and all of them (their TTL) every
+        ``sessions.refresh_every``, each shard then marked (:meth:`_mark`). Nothing but
+        cancellation ends it."""
         loop = asyncio.get_running_loop()
-        due = loop.time() + every
+        due = loop.time() + sessions.refresh_every
         while True:
+            full = False
             try:
                 async with asyncio.timeout(max(0.0, due - loop.time())):
                     await self._dirty_sessions.wait()
                 await asyncio.sleep(DIRTY_BATCH)  # the joins of one handler step, together
                 connections = [c for c in self._dirty if self._local.get(c.id) is c]
             except TimeoutError:
-                due = loop.time() + every
+                due, full = loop.time() + sessions.refresh_every, True
                 connections = [c for c in self._local.values() if c.recovery is not None]
             self._dirty.clear()
             self._dirty_sessions.clear()
-            for start in range(0, len(connections), REFRESH_PAGE):
-                try:
-                    async with redis_deadline(settings.redis_timeout, "refresh sessions"):
-                        await sessions.refresh(connections[start : start + REFRESH_PAGE])
-                except RedisUnavailableError as error:
-                    log.warning("could not refresh recovery sessions: %s", error)
-                    self._dirty.update(connections[start:])  # again at the next change
-                    break
+            try:
+                await self._refresh_pages(sessions, connections, mark=full)
+            except Exception as error:  # an error reply, say: the next change tries again
+                log.warning("could not refresh recovery sessions: %s", describe(error))
+                self._dirty.update(c for c in connections if c.recovery is not None)
+
+    async def _refresh_pages(
+        self, sessions: Sessions, connections: list[Connection], *, mark: bool
+    ) -> None:
+        """Refresh ``connections``' sessions, a page per round trip; with ``mark``, then
+        mark each shard they are in."""
+        shards: dict[Keys, Connection] = {}
+        for start in range(0, len(connections), REFRESH_PAGE):
+            page = connections[start : start + REFRESH_PAGE]
+            async with redis_deadline(self.settings.redis_timeout, "refresh sessions"):
+                await sessions.refresh(page)
+            for connection in page:
+                if connection.recovery is not None:
+                    shards.setdefault(connection.recovery.keys, connection)
+        if mark:
+            for connection in shards.values():
+                await self._mark(connection)
+
+    async def _mark(self, connection: Connection) -> None:
+        """Send a mark through ``connection``'s shard (routed by its id to this
+        instance): its position is where the history ends, and it arrives after every
+        message before that, so each recovery connection of the shard moves on to it.
+        A quiet client's position would otherwise fall out of the history it keeps."""
+        emitter = self._running().emitter
+        await emitter.publish(ConnectionSelector(connection.id), "mark", b"")
 
     def _hold_recovery(self) -> None:
         """The subscriber (re)subscribed: hold the recovery connections' live messages
@@ -505,8 +529,8 @@ class WsLoadBalance:
             return
         try:
             lost = await runtime.sessions.catch_up(connections)
-        except RedisUnavailableError as error:
-            log.warning("could not catch up %d recovery connections: %s", len(connections), error)
+        except Exception as error:  # Redis's or the history's: their clients resume
+            log.warning("could not catch up %d recovery connections: %r", len(connections), error)
             for connection in connections:
                 if connection.recovery is not None and connection.recovery.catching:
                     await connection.close(TRY_AGAIN, "catching up failed: resume")
@@ -555,26 +579,21 @@ class WsLoadBalance:
         """Claim the session, send the welcome frame, replay the history, then the live
         messages held meanwhile; close the session's previous owner."""
         peek, view, session = peeked
-        sessions = self._running().sessions
+        runtime = self._running()
+        sessions, subscriptions = runtime.sessions, runtime.receiver.subscriptions
         recovery = connection.recovery
         assert recovery is not None
-        token = resume.token if resume.session is not None else secrets.token_urlsafe(24)
-        async with redis_deadline(self.settings.redis_timeout, "resume"):
-            claim = None
-            if peek.record is not None:
-                claim = await sessions.claim(connection, view, session, token, resume, peek)
-            if claim is None:  # a new session, or one that may not be resumed
-                if resume.session is not None:
-                    session, token = (
-                        sessions.new_session(connection.user, connection.id),
-                        secrets.token_urlsafe(24),
-                    )
-                    recovery.session = session
-                claim = await sessions.claim(connection, view, session, token, Resume(), peek)
-                assert claim is not None
-                claim.recovered = resume.session is None
+        claim = await self._claim(connection, resume, peek, view, session)
+        recovery.session, recovery.epoch, recovery.ids = claim.session, claim.epoch, claim.ids
         recovery.handed(claim.start)
-        recovery.epoch, recovery.ids = claim.epoch, claim.ids
+        pages = sessions.replay(claim, view)
+        first: list[tuple[str, Outgoing]] = []
+        try:  # the first page before the welcome: a position the history lacks is told
+            first = await anext(pages, [])
+        except HistoryGapError:
+            claim.recovered, claim.start = False, claim.end
+            recovery.handed(claim.end)
+            first, pages = [], _nothing()
         welcome = {
             "t": "welcome",
             "session": claim.session,
@@ -582,25 +601,50 @@ class WsLoadBalance:
             "epoch": claim.epoch,
             "pos": claim.start,
             "recovered": claim.recovered,
+            "end": claim.end,
         }
         await connection.put(json.dumps(welcome, separators=(",", ":")))
-
-        async def put(pos: str, frame: Outgoing) -> None:
-            recovery.handed(pos)
-            await connection.put(frame)
-
-        replayed = await sessions.replay(claim, view, put)
+        try:
+            for page in [first]:
+                await _hand(connection, page)
+            async for page in pages:
+                await _hand(connection, page)
+        except HistoryGapError as error:  # trimmed while replaying: the client resumes
+            log.info("%s: %s", connection.id, error)
+            await connection.close(HISTORY_LOST, "history lost: resume")
+            return
+        if runtime.receiver.subscriptions != subscriptions:  # it resubscribed meanwhile
+            recovery.catching = True
+            if await sessions.catch_up([connection]):
+                await connection.close(HISTORY_LOST, "history lost: resume")
+                return
         await release(connection)
-        log.debug("%s: session %s, replayed %d", connection.id, session, replayed)
         if claim.old and claim.old != connection.id:
             try:
                 await self.disconnect(
                     ConnectionSelector(claim.old), RESUMED_ELSEWHERE, "session resumed elsewhere"
                 )
             except RedisUnavailableError as error:
-                log.warning(
-                    "could not close %s, whose session %s resumed: %s", claim.old, session, error
-                )
+                log.warning("could not close %s (session resumed): %s", claim.old, error)
+
+    async def _claim(
+        self, connection: Connection, resume: Resume, peek: Peek, view: Keys, session: str
+    ) -> Claim:
+        """Resume the session the client named if it may be, else start a new one."""
+        sessions = self._running().sessions
+        token = resume.token if resume.session is not None else secrets.token_urlsafe(24)
+        async with redis_deadline(self.settings.redis_timeout, "resume"):
+            claim = None
+            if peek.record is not None:
+                claim = await sessions.claim(connection, view, session, token, resume, peek)
+            if claim is None:  # a new session, or one that may not be resumed
+                if resume.session is not None:
+                    session = sessions.new_session(connection.user, connection.id)
+                    token = secrets.token_urlsafe(24)
+                claim = await sessions.claim(connection, view, session, token, Resume(), peek)
+                assert claim is not None
+                claim.recovered = resume.session is None
+        return claim
 
     async def _register(self, connection: Connection) -> None:
         try:
@@ -631,6 +675,21 @@ class WsLoadBalance:
             except Exception as error:
                 log.warning("could not unregister %s: %r", connection.id, error)
         await self._sender.send(signals.connection_closed, connection=connection)
+
+
+async def _hand(connection: Connection, page: list[tuple[str, Outgoing]]) -> None:
+    """Queue replayed messages, waiting for room: the replay is this client's alone."""
+    recovery = connection.recovery
+    for pos, frame in page:
+        if recovery is not None:
+            recovery.handed(pos)
+        await connection.put(frame)
+
+
+async def _nothing() -> AsyncIterator[list[tuple[str, Outgoing]]]:
+    """No pages."""
+    return
+    yield
 
 
 def _cancelled_meanwhile() -> None:

@@ -39,7 +39,7 @@ from .exceptions import REDIS_FAILURES, describe
 from .keys import Keys
 from .local_index import LocalIndex
 from .outgoing import Outgoing
-from .recovery import wrap
+from .recovery import HISTORY_LOST, position_frame, wrap
 from .redis_client import clustered
 from .sharded import MergedSubscription
 from .signal_sender import SignalSender
@@ -490,12 +490,32 @@ class Receiver:
     @staticmethod
     async def _recover(connection: Connection, envelope: Envelope) -> None:
         """Hand a message to a recovery connection, wrapped with its position: held
-        while its history is replayed, dropped if replayed already."""
+        while its history is replayed. One numbered at or before what it already has
+        means the history was renumbered (Redis lost it): closed (4410), its client
+        resumes and is told."""
         wrapped = Outgoing(wrap(envelope.kind, envelope.frame, envelope.pos))
         recovery = connection.recovery
-        if recovery is not None and recovery.admit(envelope.pos, wrapped, envelope.id):
+        if recovery is None:
+            return
+        if recovery.admit(envelope.pos, wrapped, envelope.id):
             if not connection.put_nowait(wrapped):
                 await connection.offer(wrapped, envelope.id)
+        elif recovery.broken:
+            await connection.close(HISTORY_LOST, "history lost: resume")
+
+    async def _mark(self, envelope: Envelope) -> None:
+        """Where the shard's history ended when the mark was sent: every message before
+        it reached this instance first, so each recovery connection of the shard that
+        is not catching up is at least there (``{"t":"pos"}`` tells its client)."""
+        shard = envelope.shard or 0
+        for connection in list(self._local.values()):
+            recovery = connection.recovery
+            if recovery is None or recovery.keys.shard != shard:
+                continue
+            if recovery.mark(envelope.pos):
+                connection.put_nowait(Outgoing(position_frame(recovery.position)))
+            elif recovery.broken:
+                await connection.close(HISTORY_LOST, "history lost: resume")
 
     async def _gone(self, envelope: Envelope, target: str) -> None:
         log.debug("message %s: no local connection %s", envelope.id, target)
@@ -509,7 +529,9 @@ class Receiver:
             ids = envelope.targets or []
             targets = [c for c in map(self._local.get, ids) if c is not None]
         text = str(envelope.frame)
-        if envelope.kind == "join":
+        if envelope.kind == "mark":
+            await self._mark(envelope)
+        elif envelope.kind == "join":
             for connection in targets:
                 self._local.join(connection, text)
         elif envelope.kind == "leave":

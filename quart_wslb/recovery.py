@@ -20,19 +20,19 @@ The protocol is in ``docs/recovery.md``.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
 import json
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import Redis
 
 from .contract import (
-    HISTORY_GRACE_MS,
     OP_ALL,
     OP_AND,
     OP_BROADCAST,
@@ -55,6 +55,7 @@ __all__ = (
     "HISTORY_LOST",
     "RESUMED_ELSEWHERE",
     "Claim",
+    "HistoryGapError",
     "Peek",
     "Recovery",
     "Resume",
@@ -63,6 +64,7 @@ __all__ = (
     "matches",
     "release",
     "parse_resume",
+    "position_frame",
     "seq_of",
     "wrap",
 )
@@ -83,8 +85,10 @@ MAX_IDS = 8
 #: Live messages a connection holds while its history is read, at most: past that (a
 #: client that does not read its replay) it is closed, and resumes later.
 MAX_HELD = 10_000
-#: How much longer than ``recovery_ttl`` a session lives after its last refresh (ms).
+#: How much longer than ``recovery_ttl`` and a refresh period a session lives after its
+#: last refresh (ms), and the history after the last session (ms).
 SESSION_GRACE_MS = 1000
+HISTORY_GRACE_MS = 4000
 
 # Claim a session for a connection, in one step: make the shard's history exist (a new
 # epoch if Redis lost it), then resume the session named (its token checked, its owner
@@ -149,7 +153,7 @@ class Resume:
     to resume one from ``pos`` in ``epoch``."""
 
     session: str | None = None
-    token: str = ""
+    token: str = field(default="", repr=False)
     epoch: str = ""
     pos: str = "0-0"
 
@@ -202,7 +206,7 @@ class Claim:
     """A claimed session: what the welcome frame says, and what to replay."""
 
     session: str
-    token: str
+    token: str = field(repr=False)
     epoch: str
     #: Where the history ended when the session was claimed: ``<ms>-<seq>``.
     end: str
@@ -211,14 +215,21 @@ class Claim:
     start: str
     #: The previous owner (to close), or ``""``.
     old: str
-    record: dict[str, Any]
+    #: What to match the history against: the user, the session's connection ids and
+    #: its index sets (as its record stored them, and as the connection has them).
+    user: str | None
     ids: frozenset[str]
+    names: set[str]
+
+
+class HistoryGapError(WsLoadBalanceError):
+    """The history misses an entry a connection needs: trimmed, or renumbered."""
 
 
 @dataclass(slots=True)
 class Recovery:
-    """A recovery connection's state: its session, and its live messages held while
-    the history is replayed."""
+    """A recovery connection's state: its session, where it is in the history, and its
+    live messages held while the history is read."""
 
     keys: Keys
     session: str = ""
@@ -230,6 +241,8 @@ class Recovery:
     catching: bool = False
     #: More than ``MAX_HELD`` live messages came while holding: some were not kept.
     overflowed: bool = False
+    #: A message came numbered at or before one it has: the history was renumbered.
+    broken: bool = False
     held: list[tuple[str | None, Outgoing, str]] = field(default_factory=list)
     #: The sequence number of the last message handed to the connection, and its
     #: position.
@@ -238,7 +251,7 @@ class Recovery:
 
     def admit(self, pos: str | None, frame: Outgoing, message_id: str) -> bool:
         """Whether to queue a live message now: not while holding (it is kept), nor if
-        its sequence number was handed out already (replayed)."""
+        it is numbered at or before the last one handed out (then :attr:`broken`)."""
         if self.holding:
             if len(self.held) < MAX_HELD:
                 self.held.append((pos, frame, message_id))
@@ -248,13 +261,27 @@ class Recovery:
         seq = seq_of(pos)
         if seq is not None and pos is not None:
             if seq <= self.last:
+                self.broken = True
                 return False
             self.last, self.position = seq, pos
         return True
 
+    def mark(self, pos: str | None) -> bool:
+        """A mark: the history ended at ``pos`` when every message before it had
+        reached this instance. Whether the connection moved on to it (then its client is
+        told); one behind what it has means the history was renumbered (:attr:`broken`)."""
+        seq = seq_of(pos)
+        if self.holding or seq is None or pos is None or seq == self.last:
+            return False
+        if seq < self.last:
+            self.broken = True
+            return False
+        self.last, self.position = seq, pos
+        return True
+
     def handed(self, pos: str) -> None:
         """Note that the message at ``pos`` was handed to the connection."""
-        self.last, self.position = seq_of(pos) or self.last, pos
+        self.last, self.position = seq_of(pos) or 0, pos
 
     def release(self) -> list[tuple[Outgoing, str]]:
         """Stop holding: the held messages not replayed already, in order."""
@@ -272,8 +299,8 @@ class Recovery:
 
     def hold(self) -> None:
         """Hold live messages until :meth:`Sessions.catch_up` has run: the subscriber
-        resubscribed, and may have missed some (a claimed session only; one being
-        resumed holds already, and its replay covers it)."""
+        resubscribed, and may have missed some (a claimed session only: one being
+        resumed holds already, and checks for a resubscription itself)."""
         if self.epoch and not self.holding:
             self.holding = self.catching = True
 
@@ -292,6 +319,9 @@ class Peek:
     base: str
 
 
+Page = list[tuple[str, dict[bytes, bytes]]]
+
+
 class Sessions:
     """Reads and claims sessions and replays their history, for one extension."""
 
@@ -303,6 +333,12 @@ class Sessions:
         self._keys = keys
         self._length = length
         self._ttl_ms = int(ttl * 1000)
+        #: Seconds between refreshes of a live connection's session.
+        self.refresh_every = min(ttl / 4, 30.0)
+        # A session outlives its last refresh by the TTL and one more period, so that a
+        # crash leaves its client the whole TTL; the history outlives every session.
+        self._session_ms = int((ttl + self.refresh_every) * 1000) + SESSION_GRACE_MS
+        self._history_ms = self._session_ms + HISTORY_GRACE_MS
         self._claim = redis.register_script(_CLAIM)
         self._refresh = redis.register_script(_REFRESH)
 
@@ -365,7 +401,7 @@ class Sessions:
             args=[
                 _hash(token),
                 connection.id,
-                self._ttl_ms + SESSION_GRACE_MS,
+                self._session_ms,
                 secrets.token_hex(8),
                 self._length,
                 self._ttl_ms,
@@ -373,7 +409,7 @@ class Sessions:
                 _who(connection.user, connection.path),
                 "1" if resuming else "0",
                 MAX_IDS,
-                self._ttl_ms + HISTORY_GRACE_MS,
+                self._history_ms,
             ],
         )
         status, epoch, seq, ms, first, old, raw, ids = (_text(item) for item in reply)
@@ -393,6 +429,12 @@ class Sessions:
                 and wanted <= last
                 and (wanted == last or (oldest is not None and oldest <= wanted + 1))
             )
+        # Matched as the session was, and as the connection is (its metadata may differ,
+        # and groups may have changed since the peek): what reached it live was replayed.
+        names = _index_names(view, record)
+        for stored in (peek.record, json.loads(raw) if raw else None):
+            if isinstance(stored, dict):
+                names |= _index_names(view, stored)
         return Claim(
             session=session,
             token=token,
@@ -401,45 +443,55 @@ class Sessions:
             recovered=recovered,
             start=resume.pos if recovered and resuming else base,
             old=old,
-            record=json.loads(raw) if raw else record,
-            ids=frozenset(ids.split()),
+            user=connection.user,
+            ids=frozenset(ids.split()) | {connection.id},
+            names=names,
         )
 
-    async def replay(
-        self, claim: Claim, view: Keys, put: Callable[[str, Outgoing], Awaitable[None]]
-    ) -> int:
-        """Hand ``put`` every message of the history after ``claim.start`` up to
-        ``claim.end`` that the session was sent; returns how many."""
-        if seq_of(claim.start) == seq_of(claim.end):
-            return 0
-        names = _index_names(view, claim.record)
-        user = claim.record.get("u")
-        count, after = 0, "(" + claim.start
-        while True:
-            async with redis_deadline(self._timeout, "replay"):
-                page: list[tuple[bytes, dict[bytes, bytes]]] = await self._redis.xrange(
-                    view.history, after, claim.end, count=PAGE
+    async def replay(self, claim: Claim, view: Keys) -> AsyncIterator[list[tuple[str, Outgoing]]]:
+        """The messages of the history after ``claim.start`` up to ``claim.end`` that
+        the session was sent, a page at a time; :class:`HistoryGapError` where one is
+        missing (``seq`` has no gaps: every entry is checked, matched or not)."""
+        async for page in self._pages(view, claim.start, claim.end):
+            yield [
+                (pos, Outgoing(_wrapped(entry, pos)))
+                for pos, entry in page
+                if matches(json.loads(entry[b"o"]), claim.user, claim.ids, claim.names)
+            ]
+
+    async def _pages(self, view: Keys, start: str, end: str) -> AsyncIterator[Page]:
+        """The entries after ``start`` up to ``end``, a page at a time, each numbered
+        one more than the one before; :class:`HistoryGapError` if one is missing."""
+        expected, last = (seq_of(start) or 0) + 1, seq_of(end) or 0
+        after = "(" + start
+        while expected <= last:
+            async with redis_deadline(self._timeout, "read history"):
+                raw: list[tuple[bytes, dict[bytes, bytes]]] = await self._redis.xrange(
+                    view.history, after, end, count=PAGE
                 )  # type: ignore[assignment]
-            for entry_id, entry in page:
+            if not raw:
+                raise HistoryGapError(f"history ends before {expected} of {last}")
+            page: Page = []
+            for entry_id, entry in raw:
                 pos = _text(entry_id)
-                ops = json.loads(entry[b"o"])
-                if matches(ops, user, claim.ids, names):
-                    kind = entry[b"k"].decode()
-                    payload: bytes = entry[b"p"]
-                    frame: Frame = payload if kind == "binary" else payload.decode()
-                    await put(pos, Outgoing(wrap(kind, frame, pos)))
-                    count += 1
-            if len(page) < PAGE:
-                return count
-            after = "(" + _text(page[-1][0])
+                seq = seq_of(pos) or 0
+                if seq < expected:  # at or before the start (a position's ms is the client's)
+                    continue
+                if seq != expected:
+                    raise HistoryGapError(f"history has {seq} where {expected} was due")
+                expected += 1
+                page.append((pos, entry))
+            yield page
+            after = "(" + _text(raw[-1][0])
+            await asyncio.sleep(0)  # a long history shares the loop
 
     async def catch_up(self, connections: list[Connection]) -> list[Connection]:
         """Hand each connection that :meth:`Recovery.hold` holds what the history holds
         for it past its last position (the subscriber was not listening for a while),
         then the live messages held meanwhile that it did not get that way. Returns
-        those whose missed messages the history no longer holds (another epoch, or
-        trimmed). Raises Redis's failure with the connections still held; if cancelled
-        (the subscriber resubscribed again), the next call takes them."""
+        those whose missed messages the history no longer holds (another epoch,
+        trimmed, renumbered). Raises on a failure, the connections still held; if
+        cancelled (the subscriber resubscribed again), the next call takes them."""
         by_shard: dict[Keys, list[Connection]] = {}
         for connection in connections:
             recovery = connection.recovery
@@ -449,55 +501,50 @@ class Sessions:
         for view, held in by_shard.items():
             lost += await self._catch_up_shard(view, held)
             for connection in held:
-                await release(connection)
+                if connection not in lost:
+                    await release(connection)
         return lost
 
     async def _catch_up_shard(self, view: Keys, connections: list[Connection]) -> list[Connection]:
+        """One shard's :meth:`catch_up`: one read of the history from the earliest
+        position of its connections, each handed what matches it past its own (with
+        ``offer``: one that does not read is closed, and holds up no other)."""
         async with redis_deadline(self._timeout, "catch up"):
-            epoch, seq, ms = await self._redis.hmget(view.history_meta, ["e", "s", "m"])
-        end = f"{_text(ms or 0)}-{_text(seq or 0)}"
-        lost = [
-            c for c in connections if c.recovery is None or c.recovery.epoch != _text(epoch or "")
-        ]
-        live = [c for c in connections if c not in lost]
-        newest = int(_text(seq or 0))
-        waiting = {c: c.recovery.last for c in live if c.recovery and c.recovery.last < newest}
+            epoch, top, ms = await self._redis.hmget(view.history_meta, ["e", "s", "m"])
+        end, newest, now = (
+            f"{_text(ms or 0)}-{_text(top or 0)}",
+            int(_text(top or 0)),
+            _text(epoch or ""),
+        )
+        lost: list[Connection] = []
+        waiting: dict[Connection, tuple[str | None, frozenset[str], set[str]]] = {}
+        for connection in connections:
+            recovery = connection.recovery
+            if recovery is None or recovery.epoch != now or recovery.last > newest:
+                lost.append(connection)  # another history, or one renumbered
+            elif recovery.last < newest:
+                names = _index_names(view, _record(connection))
+                waiting[connection] = (connection.user, _ids(connection), names)
         if not waiting:
             return lost
-        earliest = min(waiting, key=lambda c: waiting[c])
-        after = "(" + (earliest.recovery.position if earliest.recovery else "0-0")
-        checks = {c: (c.user, _ids(c), _index_names(view, _record(c))) for c in waiting}
-        first = True
-        while True:
-            async with redis_deadline(self._timeout, "catch up"):
-                page: list[tuple[bytes, dict[bytes, bytes]]] = await self._redis.xrange(
-                    view.history, after, end, count=PAGE
-                )  # type: ignore[assignment]
-            if first and page:
-                oldest = seq_of(_text(page[0][0])) or 0
-                for connection, last in list(waiting.items()):
-                    if oldest > last + 1:  # trimmed past it
-                        lost.append(connection)
-                        del waiting[connection]
-                first = False
-            for entry_id, entry in page:
-                pos = _text(entry_id)
-                number = seq_of(pos) or 0
-                ops = json.loads(entry[b"o"])
-                for connection in waiting:
-                    recovery = connection.recovery
-                    if recovery is None or number <= recovery.last:
-                        continue
-                    if matches(ops, *checks[connection]):
-                        recovery.handed(pos)
-                        await connection.put(Outgoing(_wrapped(entry, pos)))
-            if len(page) < PAGE:
-                return lost
-            after = "(" + _text(page[-1][0])
+        earliest = min(waiting, key=lambda c: c.recovery.last if c.recovery else 0)
+        start = earliest.recovery.position if earliest.recovery else "0-0"
+        try:
+            async for page in self._pages(view, start, end):
+                for pos, entry in page:
+                    seq, ops = seq_of(pos) or 0, json.loads(entry[b"o"])
+                    for connection, check in waiting.items():
+                        recovery = connection.recovery
+                        if recovery is not None and seq > recovery.last and matches(ops, *check):
+                            recovery.handed(pos)
+                            await connection.offer(Outgoing(_wrapped(entry, pos)), None)
+        except HistoryGapError:  # trimmed past the earliest: each below the cut is lost
+            return lost + list(waiting)
+        return lost
 
-    async def refresh(self, connections: list[Connection]) -> None:
+    async def refresh(self, connections: list[Connection]) -> set[Keys]:
         """Rewrite each session's record (its groups change) and restart its TTL, and
-        that of its shard's history."""
+        that of its shard's history; returns those shards."""
         shards: set[Keys] = set()
         async with self._redis.pipeline(transaction=False) as pipe:
             for connection in connections:
@@ -506,13 +553,14 @@ class Sessions:
                     continue
                 key = recovery.keys.session(recovery.session)
                 record = json.dumps(_record(connection), separators=(",", ":"))
-                args: list[str | int] = [connection.id, record, self._ttl_ms + SESSION_GRACE_MS]
+                args: list[str | int] = [connection.id, record, self._session_ms]
                 await self._refresh(keys=[key], args=args, client=pipe)
                 shards.add(recovery.keys)
             for view in shards:
-                pipe.pexpire(view.history_meta, self._ttl_ms + HISTORY_GRACE_MS)
-                pipe.pexpire(view.history, self._ttl_ms + HISTORY_GRACE_MS)
+                pipe.pexpire(view.history_meta, self._history_ms)
+                pipe.pexpire(view.history, self._history_ms)
             await pipe.execute()
+        return shards
 
 
 async def release(connection: Connection) -> None:
@@ -558,6 +606,11 @@ def matches(ops: list[str], user: str | None, ids: frozenset[str], names: set[st
             return False
         i += 1
     return len(stack) == 1 and stack[0]
+
+
+def position_frame(pos: str) -> str:
+    """The frame that tells a recovery client it is at ``pos`` (a mark reached it)."""
+    return f'{{"t":"pos","pos":"{pos}"}}'
 
 
 def _wrapped(entry: dict[bytes, bytes], pos: str) -> str:

@@ -20,7 +20,7 @@ from quart_wslb import AllSelector, UserSelector
 from quart_wslb._lua import header, source
 from quart_wslb.batch import Args, GroupCommit
 from quart_wslb.connection import Connection
-from quart_wslb.contract import LUA, SPILL, SPILLED, VERSION, check_layout
+from quart_wslb.contract import LAYOUT, LUA, SPILL, SPILLED, VERSION, check_layout
 from quart_wslb.emitter import AsyncEmitter
 from quart_wslb.envelope import decode
 from quart_wslb.exceptions import WsLoadBalanceError
@@ -297,11 +297,11 @@ def test_contract_header_defines_every_constant_and_the_scripts_spell_none() -> 
 
 
 def test_check_layout_names_a_different_count_of_shards() -> None:
-    check_layout("p", b"4|8", "4|8")
-    check_layout("p", None, "4|8")
+    check_layout("p", f"{LAYOUT}|8".encode(), f"{LAYOUT}|8")
+    check_layout("p", None, f"{LAYOUT}|8")
     with pytest.raises(WsLoadBalanceError, match=r"split over 8 shard\(s\).*uses 1.*WSLB_SHARDS"):
-        check_layout("p", b"4|8")
+        check_layout("p", f"{LAYOUT}|8".encode())
     with pytest.raises(WsLoadBalanceError, match=r"split over 1 shard\(s\).*uses 4"):
-        check_layout("p", b"4", "4|4")
+        check_layout("p", LAYOUT.encode(), f"{LAYOUT}|4")
     with pytest.raises(WsLoadBalanceError, match="another version"):
-        check_layout("p", b"3|4", "4|4")
+        check_layout("p", b"4|4", f"{LAYOUT}|4")  # before recovery mode

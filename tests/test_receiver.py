@@ -732,6 +732,7 @@ class Keeping:
         self.path = "/"
         self.metadata: dict[str, str] = {}
         self.groups: set[str] = set()
+        self.recovery = None  # not a recovery connection
         self.frames: list[Frame] = []
 
     def put_nowait(self, message: Outgoing | Frame) -> bool:

@@ -54,7 +54,7 @@ Script = Callable[[ServerConnection, dict[str, Any], int], Awaitable[None]]
 
 def welcome(pos: str, session: str = "s1", epoch: str = "e1", **fields: Any) -> str:
     frame: dict[str, Any] = {"t": "welcome", "session": session, "token": "tok-" + session}
-    frame |= {"epoch": epoch, "pos": pos, "recovered": True, "replayed": 0, **fields}
+    frame |= {"epoch": epoch, "pos": pos, "recovered": True, "end": pos, **fields}
     return json.dumps(frame)
 
 
@@ -152,6 +152,8 @@ async def test_new_session_messages_state_and_send(browser: Browser) -> None:
         await ws.send(msg("6-5", d="a duplicate"))
         await ws.send("ping, not JSON")
         await ws.send(msg("9-7", d="last"))
+        await ws.send(json.dumps({"t": "pos", "pos": "8-6"}))  # behind: changes nothing
+        await ws.send(json.dumps({"t": "pos", "pos": "12-9"}))  # a mark: resume from there
 
     page, fake, server = await open_page(browser, script)
     try:
@@ -167,16 +169,20 @@ async def test_new_session_messages_state_and_send(browser: Browser) -> None:
         [hello] = await events(page, 1, "welcome")
         assert hello == {
             "kind": "welcome", "session": "s1", "epoch": "e1", "pos": "5-3",
-            "recovered": True, "replayed": 0,
+            "recovered": True, "end": "5-3",
         }  # fmt: skip
+        for _ in range(50):
+            if (await stored(page))["pos"] == "12-9":
+                break
+            await asyncio.sleep(0.05)
         assert await stored(page) == {
             "session": "s1",
             "token": "tok-s1",
             "epoch": "e1",
-            "pos": "9-7",
+            "pos": "12-9",
         }
         state = await page.evaluate("sock.state")
-        assert state["pos"] == "9-7" and state["connected"] is True and "token" not in state
+        assert state["pos"] == "12-9" and state["connected"] is True and "token" not in state
         assert await page.evaluate("sock.send({type: 'say'}) && sock.send('raw')") is True
         for _ in range(50):
             if len(fake.received) == 2:
@@ -196,8 +202,8 @@ async def test_reconnect_replays_then_reload_resumes_in_a_new_epoch(browser: Bro
             await ws.send(msg("0-11", d="before"))
             await asyncio.sleep(0.2)
             await ws.close(1011, "instance crashed")
-        elif index == 1:  # two replayed, then live ones
-            await ws.send(welcome("0-14", replayed=2))
+        elif index == 1:  # two replayed (up to the welcome's end), then live ones
+            await ws.send(welcome("0-11", end="0-14"))
             await go_on.wait()
             await ws.send(msg("0-12", d="missed 1"))
             await ws.send(msg("0-14", d="missed 2"))

@@ -6,12 +6,13 @@
  * - The client's FIRST frame is the resume frame: `{"t":"resume"}` for a new session, or
  *   `{"t":"resume","session","token","epoch","pos"}` to resume one (never the token in
  *   the URL). The server closes 1008 on anything else, or after 10 s of silence.
- * - The server answers `{"t":"welcome","session","token","epoch","pos","recovered",
- *   "replayed"}`; `recovered: false` means the session asked to resume but what it missed
- *   could not be replayed in full (Redis lost history, retention exceeded, session expired...).
+ * - The server answers `{"t":"welcome","session","token","epoch","pos","recovered","end"}`;
+ *   `recovered: false` means the session asked to resume but what it missed could not be
+ *   replayed in full (Redis lost history, retention exceeded, session expired...).
  * - Then the messages: `{"t":"msg","pos":"<ms>-<seq>","d"|"j"|"b": ...}`: text, a JSON
- *   value, or base64 bytes. The `replayed` first ones with a pos are the missed messages;
+ *   value, or base64 bytes. Those numbered up to the welcome's `end` are the missed ones;
  *   those with no pos were written by the handler to this connection only, not kept.
+ *   Now and then `{"t":"pos","pos"}`: everything before it has reached the client.
  * - The client stores session, token, epoch and the pos of the last message it
  *   processed, and resumes with them on every reconnect, to any instance. A session
  *   stays resumable for WSLB_RECOVERY_TTL seconds (120 by default) after it closed.
@@ -20,7 +21,7 @@
  *   client forgets the session and tries once more with a new one.
  *
  * Usage: `const ws = new WslbSocket("/ws?room=lobby", {onmessage: (data, pos, replay) =>
- * ..., onwelcome: ({recovered, replayed}) => ...})`, then `ws.send({...})`, `ws.close()`.
+ * ..., onwelcome: ({recovered}) => ...})`, then `ws.send({...})`, `ws.close()`.
  */
 
 /** The sequence number of a position "<ms>-<seq>": what orders positions. */
@@ -47,7 +48,7 @@ export class WslbSocket {
     this.closed = false;       // close() was called: no more reconnects
     this.refusedOnce = false;  // a 1008 already made us start a new session
     this.lastSeq = null;       // dedup: the highest seq processed in this epoch
-    this.replaying = 0;        // messages with a pos still to come from the replay
+    this.replayEnd = null;     // the seq up to which messages are the replay (missed)
     this.saved = this.load();
     if (fresh) this.forget();
     this.open();
@@ -106,26 +107,31 @@ export class WslbSocket {
     try { frame = JSON.parse(raw); } catch { return; }  // pings, anything not JSON
     if (frame === null || typeof frame !== "object") return;
     if (frame.t === "welcome") {
-      const { session, token, epoch, pos, recovered, replayed = 0 } = frame;
-      // Replayed messages run up to the welcome's pos: until they are processed, the
-      // position to resume from stays the one we asked for.
-      const from = replayed > 0 && resume.pos ? resume.pos : pos;
-      this.save({ session, token, epoch, pos: from });
-      this.lastSeq = seqOf(from);
-      this.replaying = replayed;
-      this.welcome = { session, epoch, pos, recovered, replayed };
+      const { session, token, epoch, pos, recovered, end } = frame;
+      this.save({ session, token, epoch, pos });
+      this.lastSeq = seqOf(pos);
+      // Messages numbered up to `end` were missed while away (the replay); later, live.
+      this.replayEnd = recovered && typeof end === "string" ? seqOf(end) : null;
+      this.welcome = { session, epoch, pos, recovered, end };
       this.attempt = 0;
       this.refusedOnce = false;
       this.onwelcome?.(this.welcome);
+    } else if (frame.t === "pos") {
+      // A mark: everything before pos has reached us, so a resume may start there (a
+      // quiet client's position would otherwise fall out of the history kept).
+      const seq = seqOf(frame.pos);
+      if (this.lastSeq === null || seq > this.lastSeq) {
+        this.lastSeq = seq;
+        this.save({ pos: frame.pos });
+      }
     } else if (frame.t === "msg") {
       const data = "b" in frame ? Uint8Array.from(atob(frame.b), (c) => c.charCodeAt(0))
         : "j" in frame ? frame.j : frame.d;
       let replay = false;
       if (typeof frame.pos === "string") {
-        replay = this.replaying > 0;
-        if (replay) this.replaying -= 1;
         const seq = seqOf(frame.pos);
         if (this.lastSeq !== null && seq <= this.lastSeq) return;  // a duplicate
+        replay = this.replayEnd !== null && seq <= this.replayEnd;
         this.lastSeq = seq;
         this.save({ pos: frame.pos });  // before delivery: a throwing callback can't loop
       }

@@ -37,13 +37,13 @@ local BYTE_USER, BYTE_SET = string.byte(OP_USER), string.byte(OP_SET)
 -- One HMGET per call when recovery is off.
 local HISTORY, HISTORY_META = ROOT .. ':' .. W_HISTORY, ROOT .. ':' .. W_HISTORY_META
 local meta = redis.call('HMGET', HISTORY_META, 'e', 's', 'm', 'n', 't')
-local recording, seq, first_seq, now_ms, position = meta[1] ~= false, 0, 0, 0, ''
+local recording, seq, first_seq, now_ms, last_ms, position = meta[1] ~= false, 0, 0, 0, 0, ''
 if recording then
   seq = tonumber(meta[2]) or 0
   first_seq = seq
+  last_ms = tonumber(meta[3]) or 0
   local now = redis.call('TIME')
-  now_ms = math.max(tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000),
-    tonumber(meta[3]) or 0)
+  now_ms = math.max(tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000), last_ms)
 end
 local CONTROL = {join = true, leave = true, disconnect = true}
 
@@ -69,15 +69,27 @@ local function program_text(first, last, koff)
   return cjson.encode(ops)
 end
 
--- Append one message to the history; sets position, the entry's "pos" field.
+-- Append one message to the history; sets position, the entry's "pos" field. A mark
+-- (recovery.py) is not recorded: its position is where the history ends, which tells
+-- each recovery connection that everything before it has reached it.
 local function record(first, last, koff, id, kind, payload)
   position = ''
   if not recording or CONTROL[kind] then return end
+  if kind == 'mark' then
+    position = '"pos":"' .. last_ms .. '-' .. seq .. '",'
+    return
+  end
   local at = now_ms .. '-' .. (seq + 1)
   local added = redis.pcall('XADD', HISTORY, 'MAXLEN', '~', tonumber(meta[4]) or 10000, at,
     'i', id, 'k', kind, 'o', program_text(first, last, koff), 'p', payload)
-  if type(added) == 'table' and added.err then return end  -- sent live all the same
-  seq = seq + 1
+  if type(added) == 'table' and added.err then
+    -- Not recorded (maxmemory, say), though sent live: a history without it must not
+    -- pass for whole, so it ends here; the next session claim starts another epoch.
+    redis.call('DEL', HISTORY_META)
+    recording, seq, first_seq = false, 0, 0
+    return
+  end
+  seq, last_ms = seq + 1, now_ms
   position = '"pos":"' .. at .. '",'
 end
 
@@ -275,14 +287,13 @@ while i <= #ARGV do
   i = last + 1
 end
 
-if seq > first_seq then  -- retention by time; by length, each XADD's MAXLEN
-  local ttl = tonumber(meta[5]) or 120000
+if recording and seq > first_seq then  -- retention by time; by length, each MAXLEN
   redis.call('HSET', HISTORY_META, 's', seq, 'm', now_ms)
-  redis.call('XTRIM', HISTORY, 'MINID', '~', now_ms - ttl)
-  -- Both outlive every session (recovery.py's SESSION_GRACE_MS less), sessions being
-  -- refreshed with them: the history goes when no session can ask for it.
-  redis.call('PEXPIRE', HISTORY, ttl + HISTORY_GRACE_MS)
-  redis.call('PEXPIRE', HISTORY_META, ttl + HISTORY_GRACE_MS)
+  redis.call('XTRIM', HISTORY, 'MINID', '~', now_ms - (tonumber(meta[5]) or 120000))
+  -- The stream goes with its meta, whose TTL only sessions extend (recovery.py): when
+  -- the last session is gone, so is the history, and sends stop recording.
+  local left = redis.call('PTTL', HISTORY_META)
+  if left > 0 then redis.call('PEXPIRE', HISTORY, left) end
 end
 
 -- One publish per channel; a channel nobody hears belongs to a dead or cut-off instance.

@@ -529,12 +529,14 @@ class Sessions:
             return lost
         earliest = min(waiting, key=lambda c: c.recovery.last if c.recovery else 0)
         start = earliest.recovery.position if earliest.recovery else "0-0"
+        candidates = _Candidates(waiting)
         try:
             async for page in self._pages(view, start, end):
                 for pos, entry in page:
                     seq, ops = seq_of(pos) or 0, json.loads(entry[b"o"])
-                    for connection, check in waiting.items():
+                    for connection in candidates.of(ops):
                         recovery = connection.recovery
+                        check = waiting[connection]
                         if recovery is not None and seq > recovery.last and matches(ops, *check):
                             recovery.handed(pos)
                             await connection.offer(Outgoing(_wrapped(entry, pos)), None)
@@ -561,6 +563,40 @@ class Sessions:
                 pipe.pexpire(view.history, self._history_ms)
             await pipe.execute()
         return shards
+
+
+class _Candidates:
+    """The connections an entry may select, found from its program's operands (each
+    user, id and index set it names) rather than by matching every connection: a
+    catch-up reads thousands of entries for thousands of connections."""
+
+    def __init__(self, checks: dict[Connection, tuple[str | None, frozenset[str], set[str]]]):
+        self._all = list(checks)
+        self._by: dict[str, list[Connection]] = {}
+        for connection, (user, ids, names) in checks.items():
+            keys = [OP_SET + name for name in names] + [OP_CONNECTION + id for id in ids]
+            if user is not None:
+                keys.append(OP_USER + user)
+            for key in keys:
+                self._by.setdefault(key, []).append(connection)
+
+    def of(self, ops: list[str]) -> list[Connection]:
+        """A superset of the connections ``ops`` selects, in a stable order."""
+        found: dict[Connection, None] = {}
+        i = 0
+        while i < len(ops):
+            op = ops[i]
+            if op == OP_ALL or op == OP_BROADCAST:
+                return self._all
+            if op[:1] == OP_IDS:
+                n = int(op[1:])
+                for id in ops[i + 1 : i + 1 + n]:
+                    found.update(dict.fromkeys(self._by.get(OP_CONNECTION + id, ())))
+                i += n
+            else:
+                found.update(dict.fromkeys(self._by.get(op, ())))
+            i += 1
+        return list(found)
 
 
 async def release(connection: Connection) -> None:

@@ -23,6 +23,7 @@ from quart_wslb import (
     ws_route,
 )
 from quart_wslb import recovery as recovery_module
+from quart_wslb.exceptions import WsLoadBalanceError
 from quart_wslb.keys import Keys
 from quart_wslb.outgoing import Outgoing
 from quart_wslb.recovery import (
@@ -30,6 +31,8 @@ from quart_wslb.recovery import (
     RESUMED_ELSEWHERE,
     Recovery,
     Resume,
+    Sessions,
+    _Candidates,
     matches,
     parse_resume,
     release,
@@ -133,6 +136,29 @@ async def test_release_closes_a_connection_that_held_too_many(
     await eventually(lambda: bool(socket.closed))
     assert socket.closed[0][0] == 1013
     await connection.stop()
+
+
+def test_candidates_are_a_superset_of_the_matches() -> None:
+    """The catch-up's index: every connection an entry selects is among its candidates,
+    and a connection it names nowhere is not."""
+    ann, bob, cat = make_connection(id="i:a"), make_connection(id="i:b"), make_connection(id="i:c")
+    checks = {
+        ann: ("ann", frozenset({"i:a"}), {"g:room", "p:/ws"}),
+        bob: ("bob", frozenset({"i:b"}), {"p:/ws"}),
+        cat: (None, frozenset({"i:c"}), {"p:/other"}),
+    }
+    candidates = _Candidates(checks)
+    programs = [["Uann"], ["Sg:room"], ["Sp:/ws", "Ubob", "&"], ["M2", "i:c", "x:y"], ["Ci:b"],
+                ["Sg:room", "Sp:/other", "|"], ["A"], ["B"], ["Unobody"]]  # fmt: skip
+    for ops in programs:
+        found = candidates.of(ops)
+        assert {c for c in checks if matches(ops, *checks[c])} <= set(found), ops
+        if ops[0] not in ("A", "B"):
+            named = "".join(ops)
+            for connection in set(checks) - set(found):
+                assert connection.id not in named
+    assert candidates.of(["Unobody"]) == []
+    assert candidates.of(["Uann"]) == [ann]
 
 
 # --- one instance, real Redis -------------------------------------------------------
@@ -467,3 +493,26 @@ async def test_recovery_history_ends_with_the_last_session(redis_url: str, prefi
             assert await admin.exists(keys.history) == 0
         finally:
             await admin.aclose()
+
+
+@pytest.mark.integration
+async def test_recovery_catch_up_that_fails_closes_so_the_client_resumes(
+    private_redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error reply while catching up (MASTERDOWN, say) must not leave the connection
+    holding its live messages for good: it is closed (1013), and its client resumes."""
+
+    async def fails(*_: object) -> list[object]:
+        raise WsLoadBalanceError("catch up: Redis answered with an error: MASTERDOWN")
+
+    async with serving(private_redis.url, "cf") as (client, wslb):
+        async with session(client, "ann") as (ws, _):
+            monkeypatch.setattr(Sessions, "_catch_up_shard", fails)
+            admin = aioredis.Redis.from_url(private_redis.url)
+            try:
+                assert await admin.client_kill_filter(_type="pubsub") >= 1
+            finally:
+                await admin.aclose()
+            with pytest.raises(WebsocketDisconnectError) as raised:
+                await asyncio.wait_for(ws.receive(), 10)
+            assert raised.value.args[0] == 1013

@@ -31,11 +31,14 @@ command's calls and time are in the JSON). Then delivery end to end: ``--deliver
 sends to the one client of each instance (a plain client on ``off``'s, ``/ws``; the
 recovery client on ``on``'s, whose frames are ``{"t":"msg","pos":...,"d":...}``), per
 regime: delivered messages per second (first send to last receipt) and the holding
-instance's CPU µs per message.
+instance's CPU µs per message. The instances' send queues hold ``QUEUE`` frames, so that
+a client read late by this busy process is not closed for a full queue.
 
-The order of the ways is reversed every other round; the tables give the median and
-the range over ``--repeat`` rounds. Each round also checks that ``on`` recorded exactly
-its sends in the history and that ``off`` has none. Writes ``recovery.json`` to ``--out``.
+The order of the ways is reversed every other round, and each round first waits (up to
+``--quiet-wait`` s) for the machine to be quiet; the tables give the median and the
+range over ``--repeat`` rounds, and the cores other processes kept busy in each. Each
+round also checks that ``on`` recorded exactly its sends in the history and that ``off``
+has none. Writes ``recovery.json`` to ``--out``.
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from bench.capacity import socketless
 from bench.fire import user_name
-from bench.procs import CpuMeter, LoadWatch, Server, start_servers, stop_all
+from bench.procs import CpuMeter, LoadWatch, Server, start_servers, stop_all, wait_quiet
 from bench.scenario import wait_subscribed
 from bench.sender import listener
 from quart_wslb import UserSelector
@@ -84,6 +87,9 @@ OURS = ("cmdstat_config", "cmdstat_info")
 #: well as in its ``EVALSHA``'s time, so only these add up to the way's Redis time.
 SENT = {"floor": ("publish",), "python-socketio": ("publish",)}
 SCRIPT = ("evalsha", "eval")
+#: The instances' send queue, in frames: a saturated delivery to one client in this busy
+#: process must not fill it (a full queue closes a recovery connection, 1013).
+QUEUE = 65_536
 #: Sends of each way before the first round (scripts loaded, connections made).
 WARMUP = 200
 WAYS = ("floor", "python-socketio", "quart-wslb off", "quart-wslb on")
@@ -108,12 +114,18 @@ class Holder:
     reader: asyncio.Task[None] | None = None
 
     async def read(self) -> None:
-        async for frame in self.client:
-            if self.recovery and not (isinstance(frame, str) and frame.startswith('{"t":"msg"')):
-                raise RuntimeError(f"unexpected frame on the recovery route: {frame!r:.200}")
-            self.received += 1
-            if self.done is not None and self.received >= self.expected:
-                self.last = time.perf_counter()
+        try:
+            async for frame in self.client:
+                if self.recovery and not (
+                    isinstance(frame, str) and frame.startswith('{"t":"msg"')
+                ):
+                    raise RuntimeError(f"unexpected frame on the recovery route: {frame!r:.200}")
+                self.received += 1
+                if self.done is not None and self.received >= self.expected:
+                    self.last = time.perf_counter()
+                    self.done.set()
+        finally:  # closed: whoever waits is told at once
+            if self.done is not None:
                 self.done.set()
 
 
@@ -175,6 +187,8 @@ async def delivered(
     emitter: AsyncEmitter, holder: Holder, text: str, count: int, senders: int, redis_cpu: CpuMeter
 ) -> dict[str, float]:
     """``count`` sends to ``holder``'s client: delivered/s, the holder's CPU per message."""
+    if holder.reader is None or holder.reader.done():
+        raise RuntimeError(f"{holder.user}: its connection is closed")
     holder.received, holder.expected, holder.done = 0, count, asyncio.Event()
     meter = CpuMeter(holder.server.pids())
     cpu0, redis0 = meter.read(), redis_cpu.read()
@@ -183,6 +197,11 @@ async def delivered(
     await run_senders(lambda _: emitter.send(selector, text), count, senders)
     async with asyncio.timeout(BUDGET):
         await holder.done.wait()
+    if holder.received < count:
+        raise RuntimeError(
+            f"{holder.user}: {holder.received} of {count} delivered, closed with "
+            f"{holder.client.close_code} {holder.client.close_reason!r}"
+        )
     cpu, redis = meter.read() - cpu0, redis_cpu.read() - redis0
     holder.done = None
     return {
@@ -304,7 +323,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             listeners += [listener(url, channel) for channel in channels]
             envs = [
                 {"WSLB_REDIS_URL": url, "WSLB_PREFIX": prefix, "WSLB_INSTANCE_ID": f"h{k}",
-                 "BENCH_COUNT": "0"}
+                 "WSLB_SEND_QUEUE_SIZE": str(QUEUE), "BENCH_COUNT": "0"}
                 for k, prefix in enumerate((OFF, ON))
             ]  # fmt: skip
             servers = await asyncio.to_thread(
@@ -354,7 +373,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             rounds = []
             for number in range(args.repeat):
                 order = list(ways) if number % 2 == 0 else list(reversed(ways))
-                row: dict[str, Any] = {"send": {}, "delivery": {}}
+                await asyncio.to_thread(wait_quiet, args.quiet_wait)
+                row: dict[str, Any] = {"send": {}, "delivery": {}, "loadavg": os.getloadavg()}
                 ours = [os.getpid(), redis_server.process.pid]
                 ours += [p.pid for p in listeners] + [p for s in servers for p in s.pids()]
                 watch = LoadWatch(ours)
@@ -415,12 +435,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--users", type=int, default=200, help="distinct users")
     parser.add_argument("--payload", type=int, default=200, help="characters per message")
     parser.add_argument("--repeat", type=int, help="rounds (5)")
+    parser.add_argument("--quiet-wait", type=float,
+                        help="seconds to wait, before each round, for a machine that others "
+                             "keep busy (20; 0 with --smoke)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=OUT, help="where recovery.json goes")
     args = parser.parse_args(argv)
     small = args.smoke
     args.messages = args.messages or (300 if small else 10_000)
     args.delivered = args.delivered or (100 if small else 5_000)
     args.repeat = args.repeat or (1 if small else 5)
+    if args.quiet_wait is None:
+        args.quiet_wait = 0.0 if small else 20.0
     results = asyncio.run(run(args))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "recovery.json").write_text(json.dumps(results, indent=1) + "\n")

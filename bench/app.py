@@ -9,6 +9,9 @@ without it); otherwise one ``message_received`` receiver adds one to a counter.
   once registered. For the fan-out benchmark (:mod:`bench.fanout`) the path may go on
   (``/ws/NAME``), every ``group=G`` parameter joins group ``G`` before ``ready``, and
   every other parameter is a metadata pair.
+- ``/rws?user=NAME``: the same idle websocket in recovery mode (``docs/recovery.md``): its
+  client sends the resume frame first, and every frame it gets is wrapped JSON. For
+  :mod:`bench.recovery`.
 - ``GET /fire?count=&users=&rate=&window=&size=``: ``wslb.send(UserSelector(...), text)``
   ``count`` times (see :mod:`bench.fire`), answering with the timing.
 - ``GET /fan?kind=group|path|metadata&name=&value=&size=``: one
@@ -63,6 +66,14 @@ def _metadata() -> dict[str, str]:
 async def ws(name: str | None = None) -> None:
     for group in websocket.args.getlist("group"):
         await current_connection.join(group)
+    await current_connection.send("ready")
+    while True:
+        await websocket.receive()
+
+
+@app.websocket("/rws")
+@ws_route(user=lambda: websocket.args.get("user"), recovery=True)
+async def rws() -> None:
     await current_connection.send("ready")
     while True:
         await websocket.receive()

@@ -1,9 +1,10 @@
 """Smoke test of the benchmark suite: its smallest run completes and reports sane figures.
 
-It checks that ``python -m bench --smoke`` and ``python -m bench.fanout --smoke`` run, not
-how fast anything is: the figures are never part of pass/fail. Skipped unless the
-``bench`` extra is installed; the python-socketio part is skipped on its own when only
-that package is missing.
+It checks that ``python -m bench --smoke``, ``python -m bench.fanout --smoke`` and
+``python -m bench.recovery --smoke`` run, not how fast anything is: the figures are never
+part of pass/fail. Skipped unless the ``bench`` extra is installed; the python-socketio
+part (and ``bench.recovery``, which measures it in every round) is skipped on its own
+when only that package is missing.
 """
 
 from __future__ import annotations
@@ -124,6 +125,26 @@ def test_bench_sender_compare_reports_the_three_ways() -> None:
     [line] = done.stdout.splitlines()
     assert "loop" in line and "32 senders" in line and "send_many" in line, line
     assert float(line.split()[-1]) > 0, line
+
+
+@pytest.mark.skipif(NO_PEER, reason="python-socketio is not installed (the bench extra)")
+def test_bench_recovery_smoke_measures_off_and_on(tmp_path: Path) -> None:
+    """``python -m bench.recovery --smoke`` runs (it checks itself that only the sends
+    with recovery on were recorded) and reports every way in both regimes."""
+    stdout = _smoke("bench.recovery", tmp_path)
+    results = json.loads((tmp_path / "recovery.json").read_text())
+    [round_] = results["rounds"]
+    ways = {"floor", "python-socketio", "quart-wslb off", "quart-wslb on"}
+    assert results["regimes"] == ["1 in flight", "32 in flight"]
+    for regime in results["regimes"]:
+        assert set(round_["send"][regime]) == ways
+        for row in round_["send"][regime].values():
+            assert row["sends_per_s"] > 0 and row["redis_us"] > 0, row
+        assert round_["send"][regime]["quart-wslb on"]["commands"]["xadd"][0] == 300
+        assert "xadd" not in round_["send"][regime]["quart-wslb off"]["commands"]
+        for row in round_["delivery"][regime].values():
+            assert row["delivered_per_s"] > 0, row
+    assert "on/off" in stdout and "recovery (on)" in stdout, stdout
 
 
 FANOUT_FIELDS = {

@@ -52,6 +52,38 @@ CHROMIUM_ARGS = [
 PAGE_WAIT = 10_000
 #: The example's instances run with the default TTL: a record that waited for it is late.
 INSTANCE_TTL: float = DEFAULTS["instance_ttl"]
+#: Seconds a SIGKILLed process may take to finish exiting (see ``group_gone``).
+GROUP_EXIT = 2.0
+#: Milliseconds a page may take to come back after its instance was killed or it reloaded.
+RECONNECT_WAIT = 30_000
+#: Seconds before WslbSocket's first reconnect, at the least (half its minDelay).
+FIRST_RETRY = 0.25
+#: Seconds between two chat lines that bob posts while alice moves.
+LINE_EVERY = 0.075
+#: Kept in the tab's sessionStorage, which outlives a reload: every item added to the
+#: page's log, in order, as [Date.now(), class, via, text].
+RECORDED = "test-recorded-log"
+#: An init script: each page records its log under ``RECORDED`` as the page writes it.
+RECORDER = f"""
+new MutationObserver((mutations) => {{
+  const kept = JSON.parse(sessionStorage.getItem("{RECORDED}") || "[]");
+  for (const mutation of mutations) {{
+    for (const node of mutation.addedNodes) {{
+      if (node.nodeName !== "LI" || node.parentElement?.id !== "log") continue;
+      const via = node.querySelector(".via")?.textContent ?? null;
+      kept.push([Date.now(), node.className, via, node.lastChild?.textContent ?? ""]);
+    }}
+  }}
+  sessionStorage.setItem("{RECORDED}", JSON.stringify(kept));
+}}).observe(document, {{ childList: true, subtree: true }});
+"""
+#: True once the page is connected and welcomed (its app welcome came) by an instance
+#: other than the argument (null: any instance).
+BACK = """(gone) => {
+  const state = window.wslbState;
+  const at = document.querySelector("#status")?.dataset.instance;
+  return Boolean(state && state.connected && at && at !== gone);
+}"""
 
 
 def group_alive(pgid: int) -> bool:
@@ -75,6 +107,20 @@ def group_alive(pgid: int) -> bool:
         if int(fields[2]) == pgid and fields[0] != "Z":
             return True
     return False
+
+
+def group_gone(pgid: int, within: float = GROUP_EXIT) -> bool:
+    """Whether the process group ``pgid`` is empty (zombies aside) within ``within`` s.
+
+    A process SIGKILLed a moment ago may still be running its exit in the kernel (state
+    R, its command line already empty) when /proc is read: it is not a survivor.
+    """
+    deadline = time.monotonic() + within
+    while group_alive(pgid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def get_json(url: str, body: object = None) -> Any:
@@ -107,7 +153,7 @@ def fixture_example_cluster(redis_url: str, prefix: str) -> Iterator[Cluster]:
     with cluster:
         yield cluster
     for pid in cluster.pids():
-        assert not group_alive(pid), f"process group {pid} survived the cluster's stop"
+        assert group_gone(pid), f"process group {pid} survived the cluster's stop"
 
 
 def test_example_demo_exits_zero_and_leaves_nothing() -> None:
@@ -140,7 +186,7 @@ def test_example_demo_exits_zero_and_leaves_nothing() -> None:
     assert left[1] == left[2], f"a recovery key without a TTL: {left[0]}"
     pids = [int(p) for p in re.findall(r"\bpid (\d+)", output)]
     assert len(pids) == 4, output  # the embedded Redis and three instances
-    assert [p for p in pids if group_alive(p)] == []
+    assert [p for p in pids if not group_gone(p)] == []
     # The embedded Redis's own directory (not a glob of the temporary directory, where
     # other processes on the machine may be starting Redis servers of their own).
     [directory] = re.findall(r"embedded redis-server on \S+, pid \d+, dir (\S+) ", output)
@@ -223,6 +269,7 @@ async def open_chat(browser: Browser, url: str, user: str) -> tuple[Page, str]:
     context = await browser.new_context()
     page = await context.new_page()
     page.set_default_timeout(PAGE_WAIT)
+    await page.add_init_script(RECORDER)
     await page.goto(url)
     await page.fill("#join input[name=user]", user)
     await page.fill("#join input[name=room]", "lobby")
@@ -263,3 +310,183 @@ async def test_example_browser_direct_and_room_messages_cross_instances(
     await crossing.wait_for()
     crossed = await alice.get_attribute("#flow-total", "data-crossed")
     assert crossed is not None and int(crossed) >= 2  # bob's arrival and his room message
+
+
+class Poster:
+    """Bob's side: posts ``line 001``, ``line 002``... to the room through his page's form,
+    every ``LINE_EVERY`` seconds, until stopped; ``posted`` has the lines and when."""
+
+    def __init__(self, page: Page) -> None:
+        self.page = page
+        self.posted: list[tuple[float, str]] = []
+        self.stopping = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while not self.stopping.is_set():
+            text = f"line {len(self.posted) + 1:03d}"
+            sent = await self.page.evaluate(
+                """(text) => {
+                    if (!window.wslbState?.connected) return false;
+                    const form = document.querySelector("#say");
+                    form.elements.text.value = text;
+                    form.requestSubmit();
+                    return true;
+                }""",
+                text,
+            )
+            assert sent, f"bob's page was not connected when it was to post {text!r}"
+            self.posted.append((time.time(), text))
+            await asyncio.sleep(LINE_EVERY)
+
+    async def until(self, count: int) -> None:
+        """Wait until ``count`` lines were posted in all."""
+        while len(self.posted) < count:
+            assert self.task is not None and not self.task.done(), "the poster stopped"
+            await asyncio.sleep(0.02)
+
+    async def stop(self) -> list[str]:
+        """Stop posting; every line posted, in order."""
+        self.stopping.set()
+        assert self.task is not None
+        await self.task
+        return [text for _, text in self.posted]
+
+    def between(self, start: float, end: float) -> int:
+        return sum(start <= at < end for at, _ in self.posted)
+
+
+async def recorded(page: Page) -> list[tuple[float, str, str | None, str]]:
+    """Every item the page added to its log since it opened, reloads included."""
+    rows = await page.evaluate(f"JSON.parse(sessionStorage.getItem('{RECORDED}') || '[]')")
+    return [(float(at), str(cls), via, str(text)) for at, cls, via, text in rows]
+
+
+def bob_lines(rows: list[tuple[float, str, str | None, str]]) -> list[str]:
+    """The chat lines of bob among recorded log items, live or replayed, in page order."""
+    found = []
+    for _, cls, _, text in rows:
+        match = re.fullmatch(r"(?:\(missed\) )?bob: (line \d+)", text)
+        if match is not None and "room" in cls.split():
+            found.append(match[1])
+    return found
+
+
+def missed(rows: list[tuple[float, str, str | None, str]]) -> int:
+    """How many of bob's lines the page showed as replayed ("(missed) ...")."""
+    return sum(text.startswith("(missed) bob: ") for _, _, _, text in rows)
+
+
+async def wait_for_line(page: Page, line: str) -> None:
+    """Wait until ``page`` recorded bob's ``line``."""
+    await page.wait_for_function(
+        """([key, line]) => JSON.parse(sessionStorage.getItem(key) || "[]")
+            .some(([, , , text]) => text.endsWith("bob: " + line))""",
+        arg=[RECORDED, line],
+        timeout=RECONNECT_WAIT,
+    )
+
+
+def assert_every_line_once(
+    who: str, rows: list[tuple[float, str, str | None, str]], posted: list[str], more: str = ""
+) -> None:
+    """The page showed bob's lines as ``posted``, exactly: none missing, none twice, in
+    order; if not, the page's whole log (and ``more``) say what happened."""
+    shown = bob_lines(rows)
+    missing = sorted(set(posted) - set(shown))
+    twice = sorted({line for line in shown if shown.count(line) > 1})
+    log = "\n".join(f"{at / 1000:.3f} [{cls}] {via or ''} | {text}" for at, cls, via, text in rows)
+    assert shown == posted, (
+        f"{who}'s page: missing {missing}, shown twice {twice}, "
+        f"{len(shown)} shown of {len(posted)} posted; shown: {shown}\n"
+        f"--- {who}'s log ---\n{log}\n{more}"
+    )
+
+
+async def test_example_browser_survives_sigkill_of_its_instance_with_no_lost_line(
+    browser: Browser, example_cluster: Cluster
+) -> None:
+    """Issue 16: kill -9 the instance that holds alice's socket while bob chats; her page
+    reconnects through the front to another instance, resumes, and shows every line once."""
+    alice, alice_at = await open_chat(browser, example_cluster.url, "alice")
+    bob, bob_at = await open_chat(browser, example_cluster.url, "bob")
+    assert alice_at != bob_at  # the front sent the two sockets to different instances
+    await alice.wait_for_selector("#participants tr[data-user=bob]")
+    before = await alice.evaluate("window.wslbState")
+    [victim] = [i for i in example_cluster.instances if i.id == alice_at]
+    poster = Poster(bob)
+    poster.start()
+    try:
+        await poster.until(15)
+        killed = time.time()
+        os.killpg(victim.pid, signal.SIGKILL)  # the Hypercorn parent and its worker
+        await asyncio.to_thread(victim.process.wait, 5)
+        await alice.wait_for_function(BACK, arg=alice_at, timeout=RECONNECT_WAIT)
+        back = time.time()
+        await poster.until(max(40, len(poster.posted) + 15))
+    finally:
+        posted = await poster.stop()
+    await wait_for_line(alice, posted[-1])
+    await wait_for_line(bob, posted[-1])
+    await asyncio.sleep(0.5)  # room for a late duplicate to show
+    alice_rows, bob_rows = await recorded(alice), await recorded(bob)
+    now_at = await alice.get_attribute("#status", "data-instance")
+    welcome = (await alice.evaluate("window.wslbState"))["welcome"]
+
+    # The page's clock is this machine's: Date.now() stamps compare with time.time().
+    [closed] = [at / 1000 for at, _, _, text in alice_rows if text.startswith("disconnected")]
+    welcomed = [at / 1000 for at, cls, _, _ in alice_rows if cls == "welcome"]
+    print(
+        f"\nMEASURED SIGKILL of {alice_at} -> alice's page welcomed again by {now_at}: "
+        f"{back - killed:.2f}s (kill -> page saw the close {closed - killed:.2f}s, close -> "
+        f"app welcome {welcomed[-1] - closed:.2f}s); lines posted "
+        f"{poster.between(0, killed)} before the kill, {poster.between(killed, welcomed[-1])} "
+        f"until the welcome ({poster.between(killed, closed + FIRST_RETRY)} of them before "
+        f"the page could reconnect), {poster.between(welcomed[-1], float('inf'))} after; "
+        f"welcome {welcome}; shown as missed: {missed(alice_rows)}"
+    )
+    assert now_at not in (None, alice_at), f"alice is on {now_at} after {alice_at} was killed"
+    tails = example_cluster.tails()
+    assert_every_line_once("alice", alice_rows, posted, f"killed at {killed:.3f}\n{tails}")
+    assert_every_line_once("bob", bob_rows, posted, tails)
+    assert welcome["recovered"] is True, welcome
+    assert welcome["session"] == before["session"], (before, welcome)
+    assert len(welcomed) == 2, alice_rows
+    assert poster.between(killed, welcomed[-1]) >= 1  # a line was posted while alice was away
+
+
+async def test_example_browser_reload_resumes_with_no_lost_line(
+    browser: Browser, example_cluster: Cluster
+) -> None:
+    """The page's own resume: a reload of alice's tab while bob chats rejoins from
+    sessionStorage, resumes the session, and shows every line once (across the reload)."""
+    alice, _ = await open_chat(browser, example_cluster.url, "alice")
+    bob, _ = await open_chat(browser, example_cluster.url, "bob")
+    await alice.wait_for_selector("#participants tr[data-user=bob]")
+    before = await alice.evaluate("window.wslbState")
+    poster = Poster(bob)
+    poster.start()
+    try:
+        await poster.until(15)
+        reloaded = time.time()
+        await alice.reload(wait_until="commit")
+        await alice.wait_for_function(BACK, arg=None, timeout=RECONNECT_WAIT)
+        back = time.time()
+        await poster.until(max(40, len(poster.posted) + 15))
+    finally:
+        posted = await poster.stop()
+    await wait_for_line(alice, posted[-1])
+    await asyncio.sleep(0.5)  # room for a late duplicate to show
+    welcome = (await alice.evaluate("window.wslbState"))["welcome"]
+    print(
+        f"\nMEASURED reload -> alice's page welcomed again: {back - reloaded:.2f}s; lines "
+        f"posted {poster.between(0, reloaded)} before, {poster.between(reloaded, back)} "
+        f"during, {poster.between(back, float('inf'))} after; welcome {welcome}; shown as "
+        f"missed: {missed(await recorded(alice))}"
+    )
+    assert_every_line_once("alice", await recorded(alice), posted, example_cluster.tails())
+    assert welcome["recovered"] is True, welcome
+    assert welcome["session"] == before["session"], (before, welcome)

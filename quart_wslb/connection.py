@@ -24,7 +24,7 @@ from . import _compat, signals
 from .config import QueueFullPolicy
 from .envelope import Frame, pack, to_frame
 from .outgoing import Outgoing
-from .recovery import Recovery, wrap
+from .positions import Recovery, wrap
 from .selectors import ConnectionSelector, GroupSelector, Selector
 from .signal_sender import SignalSender
 

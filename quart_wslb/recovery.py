@@ -21,7 +21,6 @@ The protocol is in ``docs/recovery.md``.
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import hmac
 import json
@@ -42,10 +41,11 @@ from .contract import (
     OP_SET,
     OP_USER,
 )
-from .envelope import Frame, Kind
+from .envelope import Frame
 from .exceptions import WsLoadBalanceError, redis_deadline
 from .keys import Keys, shard_of
 from .outgoing import Outgoing
+from .positions import Recovery, position_frame, seq_of, wrap
 
 if TYPE_CHECKING:
     from .connection import Connection
@@ -82,9 +82,6 @@ HISTORY_LOST = 4410
 PAGE = 500
 #: Connection ids a session remembers (messages sent to an id replay to its session).
 MAX_IDS = 8
-#: Live messages a connection holds while its history is read, at most: past that (a
-#: client that does not read its replay) it is closed, and resumes later.
-MAX_HELD = 10_000
 #: How much longer than ``recovery_ttl`` and a refresh period a session lives after its
 #: last refresh (ms), and the history after the last session (ms).
 SESSION_GRACE_MS = 1000
@@ -177,26 +174,6 @@ def parse_resume(frame: Frame) -> Resume | None:
     return Resume(*texts)
 
 
-def seq_of(pos: str | None) -> int | None:
-    """The sequence number of a position ``<ms>-<seq>``; ``None`` if it is not one."""
-    if pos is None:
-        return None
-    ms, _, seq = pos.partition("-")
-    return int(seq) if ms.isdigit() and seq.isdigit() else None
-
-
-def wrap(kind: Kind | str, frame: Frame, pos: str | None) -> str:
-    """The frame a recovery connection gets for one message: JSON, ``{"t":"msg"}`` with
-    its position ``pos`` (none for a message not in history) and ``d`` (text), ``j``
-    (a JSON value) or ``b`` (bytes, base64)."""
-    head = '{"t":"msg",' if pos is None else f'{{"t":"msg","pos":"{pos}",'
-    if isinstance(frame, bytes):
-        return head + '"b":"' + base64.b64encode(frame).decode() + '"}'
-    if kind == "json":
-        return head + '"j":' + frame + "}"
-    return head + '"d":' + json.dumps(frame, ensure_ascii=False) + "}"
-
-
 def _hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
@@ -224,85 +201,6 @@ class Claim:
 
 class HistoryGapError(WsLoadBalanceError):
     """The history misses an entry a connection needs: trimmed, or renumbered."""
-
-
-@dataclass(slots=True)
-class Recovery:
-    """A recovery connection's state: its session, where it is in the history, and its
-    live messages held while the history is read."""
-
-    keys: Keys
-    session: str = ""
-    #: The history's epoch, and the connection ids the session has had.
-    epoch: str = ""
-    ids: frozenset[str] = frozenset()
-    holding: bool = True
-    #: Holding until the history fills what the subscriber may have missed.
-    catching: bool = False
-    #: More than ``MAX_HELD`` live messages came while holding: some were not kept.
-    overflowed: bool = False
-    #: A message came numbered at or before one it has: the history was renumbered.
-    broken: bool = False
-    held: list[tuple[str | None, Outgoing, str]] = field(default_factory=list)
-    #: The sequence number of the last message handed to the connection, and its
-    #: position.
-    last: int = 0
-    position: str = "0-0"
-
-    def admit(self, pos: str | None, frame: Outgoing, message_id: str) -> bool:
-        """Whether to queue a live message now: not while holding (it is kept), nor if
-        it is numbered at or before the last one handed out (then :attr:`broken`)."""
-        if self.holding:
-            if len(self.held) < MAX_HELD:
-                self.held.append((pos, frame, message_id))
-            else:
-                self.overflowed = True
-            return False
-        seq = seq_of(pos)
-        if seq is not None and pos is not None:
-            if seq <= self.last:
-                self.broken = True
-                return False
-            self.last, self.position = seq, pos
-        return True
-
-    def mark(self, pos: str | None) -> bool:
-        """A mark: the history ended at ``pos`` when every message before it had
-        reached this instance. Whether the connection moved on to it (then its client is
-        told); one behind what it has means the history was renumbered (:attr:`broken`)."""
-        seq = seq_of(pos)
-        if self.holding or seq is None or pos is None or seq == self.last:
-            return False
-        if seq < self.last:
-            self.broken = True
-            return False
-        self.last, self.position = seq, pos
-        return True
-
-    def handed(self, pos: str) -> None:
-        """Note that the message at ``pos`` was handed to the connection."""
-        self.last, self.position = seq_of(pos) or 0, pos
-
-    def release(self) -> list[tuple[Outgoing, str]]:
-        """Stop holding: the held messages not replayed already, in order."""
-        out = []
-        for pos, frame, message_id in self.held:
-            seq = seq_of(pos)
-            if seq is not None and pos is not None:
-                if seq <= self.last:
-                    continue
-                self.last, self.position = seq, pos
-            out.append((frame, message_id))
-        self.held.clear()
-        self.holding = self.catching = False
-        return out
-
-    def hold(self) -> None:
-        """Hold live messages until :meth:`Sessions.catch_up` has run: the subscriber
-        resubscribed, and may have missed some (a claimed session only: one being
-        resumed holds already, and checks for a resubscription itself)."""
-        if self.epoch and not self.holding:
-            self.holding = self.catching = True
 
 
 class ResumeRefusedError(WsLoadBalanceError):
@@ -642,11 +540,6 @@ def matches(ops: list[str], user: str | None, ids: frozenset[str], names: set[st
             return False
         i += 1
     return len(stack) == 1 and stack[0]
-
-
-def position_frame(pos: str) -> str:
-    """The frame that tells a recovery client it is at ``pos`` (a mark reached it)."""
-    return f'{{"t":"pos","pos":"{pos}"}}'
 
 
 def _wrapped(entry: dict[bytes, bytes], pos: str) -> str:

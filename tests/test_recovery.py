@@ -4,7 +4,6 @@ on one instance against a real Redis (several instances: ``test_recovery_cluster
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -22,7 +21,7 @@ from quart_wslb import (
     current_connection,
     ws_route,
 )
-from quart_wslb import recovery as recovery_module
+from quart_wslb import positions as positions_module
 from quart_wslb.exceptions import WsLoadBalanceError
 from quart_wslb.keys import Keys
 from quart_wslb.outgoing import Outgoing
@@ -37,7 +36,6 @@ from quart_wslb.recovery import (
     parse_resume,
     release,
     seq_of,
-    wrap,
 )
 from quart_wslb.testing import RedisServer
 from tests.support import FakeWebsocket, eventually, make_connection
@@ -60,24 +58,6 @@ def test_parse_resume_refuses_anything_else(frame: str | bytes) -> None:
     assert parse_resume(frame) is None
 
 
-def test_seq_of_reads_the_sequence_number() -> None:
-    assert seq_of("1700000000000-42") == 42
-    assert seq_of("0-0") == 0
-    assert seq_of("42") is None
-    assert seq_of(None) is None
-
-
-def test_wrap_each_kind() -> None:
-    assert json.loads(wrap("text", 'a"b', "1-2")) == {"t": "msg", "pos": "1-2", "d": 'a"b'}
-    assert json.loads(wrap("json", '{"x":[1]}', "1-3")) == {
-        "t": "msg",
-        "pos": "1-3",
-        "j": {"x": [1]},
-    }
-    raw = json.loads(wrap("binary", b"\x00\xff", None))
-    assert raw == {"t": "msg", "b": base64.b64encode(b"\x00\xff").decode()}
-
-
 def test_matches_evaluates_the_program_against_the_session() -> None:
     names = {"g:room", "p:/ws/a"}
     ids = frozenset({"i1:t1"})
@@ -93,38 +73,12 @@ def test_matches_evaluates_the_program_against_the_session() -> None:
     assert not matches(["?"], "ann", ids, names)
 
 
-def test_recovery_holds_then_drops_what_was_replayed() -> None:
-    recovery = Recovery(Keys("p"), "s")
-    for seq in (3, 4, 5):
-        assert not recovery.admit(f"1-{seq}", Outgoing(f"m{seq}"), f"id{seq}")
-    recovery.last = 4  # replayed up to 4
-    released = recovery.release()
-    assert [message_id for _, message_id in released] == ["id5"]
-    assert recovery.admit("1-6", Outgoing("m6"), "id6")
-    assert recovery.admit(None, Outgoing("local"), "x")
-    assert not recovery.broken
-    # Live, numbered at or before what it has: the history was renumbered.
-    assert not recovery.admit("1-5", Outgoing("again"), "id5")
-    assert recovery.broken
-
-
-def test_recovery_mark_moves_on_and_tells_a_renumbering() -> None:
-    recovery = Recovery(Keys("p"), "s", epoch="e", holding=False)
-    assert recovery.mark("9-7") and recovery.position == "9-7"
-    assert not recovery.mark("9-7"), "the same mark twice"
-    assert not recovery.broken
-    recovery.hold()
-    assert not recovery.mark("10-8"), "a mark while catching up would skip what it fills"
-    recovery.release()
-    assert not recovery.mark("3-2") and recovery.broken
-
-
 async def test_release_closes_a_connection_that_held_too_many(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A client that does not read its replay cannot make the instance hold its live
     messages without bound: past MAX_HELD it is closed (1013) and resumes later."""
-    monkeypatch.setattr(recovery_module, "MAX_HELD", 3)
+    monkeypatch.setattr(positions_module, "MAX_HELD", 3)
     socket = FakeWebsocket()
     connection = make_connection(socket)
     connection.recovery = Recovery(Keys("p"), "s")

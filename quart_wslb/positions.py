@@ -101,8 +101,9 @@ class Recovery:
         """Note that the message at ``pos`` was handed to the connection."""
         self.last, self.position = seq_of(pos) or 0, pos
 
-    def release(self) -> list[tuple[Outgoing, str]]:
-        """Stop holding: the held messages not replayed already, in order."""
+    def take(self) -> list[tuple[Outgoing, str]]:
+        """The held messages not handed out already, in order, taken from the hold
+        (which goes on: more may come while they are queued)."""
         out = []
         for pos, frame, message_id in self.held:
             seq = seq_of(pos)
@@ -112,6 +113,11 @@ class Recovery:
                 self.last, self.position = seq, pos
             out.append((frame, message_id))
         self.held.clear()
+        return out
+
+    def release(self) -> list[tuple[Outgoing, str]]:
+        """Stop holding: :meth:`take`, and live messages go straight out from now on."""
+        out = self.take()
         self.holding = self.catching = False
         return out
 

@@ -78,6 +78,8 @@ TRY_AGAIN = 1013
 #: Close code of a connection that missed messages the history no longer holds (Redis
 #: lost it): the client resumes, and is told ``"recovered": false``.
 HISTORY_LOST = 4410
+#: Seconds a catch-up waits for room in one connection's queue, at most.
+HAND_TIMEOUT = 10.0
 #: History entries read per round trip while replaying.
 PAGE = 500
 #: Connection ids a session remembers (messages sent to an id replay to its session).
@@ -389,7 +391,11 @@ class Sessions:
         then the live messages held meanwhile that it did not get that way. Returns
         those whose missed messages the history no longer holds (another epoch,
         trimmed, renumbered). Raises on a failure, the connections still held; if
-        cancelled (the subscriber resubscribed again), the next call takes them."""
+        cancelled (the subscriber resubscribed again), the next call takes them.
+
+        Each connection is handed its messages by a task of its own, waiting for room in
+        its queue for at most ``HAND_TIMEOUT`` (then it is closed with 1013, and its
+        client resumes): a client that does not read holds up no other."""
         by_shard: dict[Keys, list[Connection]] = {}
         for connection in connections:
             recovery = connection.recovery
@@ -397,23 +403,21 @@ class Sessions:
                 by_shard.setdefault(recovery.keys, []).append(connection)
         lost: list[Connection] = []
         for view, held in by_shard.items():
-            lost += await self._catch_up_shard(view, held)
-            for connection in held:
-                if connection not in lost:
-                    await release(connection)
+            gone, found = await self._catch_up_shard(view, held)
+            lost += gone
+            await asyncio.gather(*(_hand_over(c, found.get(c, [])) for c in held if c not in gone))
         return lost
 
-    async def _catch_up_shard(self, view: Keys, connections: list[Connection]) -> list[Connection]:
+    async def _catch_up_shard(
+        self, view: Keys, connections: list[Connection]
+    ) -> tuple[list[Connection], dict[Connection, list[tuple[str, Outgoing]]]]:
         """One shard's :meth:`catch_up`: one read of the history from the earliest
-        position of its connections, each handed what matches it past its own (with
-        ``offer``: one that does not read is closed, and holds up no other)."""
+        position of its connections; returns those whose history is lost, and what each
+        other one is to be handed."""
         async with redis_deadline(self._timeout, "catch up"):
             epoch, top, ms = await self._redis.hmget(view.history_meta, ["e", "s", "m"])
-        end, newest, now = (
-            f"{_text(ms or 0)}-{_text(top or 0)}",
-            int(_text(top or 0)),
-            _text(epoch or ""),
-        )
+        newest, now = int(_text(top or 0)), _text(epoch or "")
+        end = f"{_text(ms or 0)}-{newest}"
         lost: list[Connection] = []
         waiting: dict[Connection, tuple[str | None, frozenset[str], set[str]]] = {}
         for connection in connections:
@@ -423,8 +427,9 @@ class Sessions:
             elif recovery.last < newest:
                 names = _index_names(view, _record(connection))
                 waiting[connection] = (connection.user, _ids(connection), names)
+        found: dict[Connection, list[tuple[str, Outgoing]]] = {}
         if not waiting:
-            return lost
+            return lost, found
         earliest = min(waiting, key=lambda c: c.recovery.last if c.recovery else 0)
         start = earliest.recovery.position if earliest.recovery else "0-0"
         candidates = _Candidates(waiting)
@@ -436,11 +441,11 @@ class Sessions:
                         recovery = connection.recovery
                         check = waiting[connection]
                         if recovery is not None and seq > recovery.last and matches(ops, *check):
-                            recovery.handed(pos)
-                            await connection.offer(Outgoing(_wrapped(entry, pos)), None)
+                            frame = Outgoing(_wrapped(entry, pos))
+                            found.setdefault(connection, []).append((pos, frame))
         except HistoryGapError:  # trimmed past the earliest: each below the cut is lost
-            return lost + list(waiting)
-        return lost
+            return lost + list(waiting), {}
+        return lost, found
 
     async def refresh(self, connections: list[Connection]) -> set[Keys]:
         """Rewrite each session's record (its groups change) and restart its TTL, and
@@ -497,16 +502,33 @@ class _Candidates:
         return list(found)
 
 
+async def _hand_over(connection: Connection, found: list[tuple[str, Outgoing]]) -> None:
+    """Queue what a catch-up found for ``connection``, then release its held messages,
+    waiting for room at most ``HAND_TIMEOUT`` (else closed, 1013: its client resumes)."""
+    try:
+        async with asyncio.timeout(HAND_TIMEOUT):
+            for pos, frame in found:
+                if connection.recovery is not None:
+                    connection.recovery.handed(pos)
+                await connection.put(frame)
+            await release(connection)
+    except TimeoutError:
+        await connection.close(TRY_AGAIN, "too slow to catch up: resume")
+
+
 async def release(connection: Connection) -> None:
     """Stop holding ``connection``'s live messages: queue those not handed out already,
-    or close it (1013: its client resumes) if more came than it could hold."""
+    waiting for room (they are more than a queue takes after a long replay), or close it
+    (1013: its client resumes) if more came than it could hold."""
     recovery = connection.recovery
     if recovery is None:
         return
-    overflowed = recovery.overflowed
-    recovery.overflowed = False
-    for frame, message_id in recovery.release():
-        await connection.offer(frame, message_id)
+    # Held until the last is queued: a live message must not pass those before it.
+    while batch := recovery.take():
+        for frame, _ in batch:
+            await connection.put(frame)
+    overflowed, recovery.overflowed = recovery.overflowed, False
+    recovery.release()
     if overflowed:
         await connection.close(TRY_AGAIN, "too many messages while catching up: resume")
 

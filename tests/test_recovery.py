@@ -470,3 +470,22 @@ async def test_recovery_catch_up_that_fails_closes_so_the_client_resumes(
             with pytest.raises(WebsocketDisconnectError) as raised:
                 await asyncio.wait_for(ws.receive(), 10)
             assert raised.value.args[0] == 1013
+
+
+async def test_release_waits_for_room_and_keeps_the_order() -> None:
+    """More held messages than the queue takes (a long replay): none dropped, no close,
+    and a live message that comes meanwhile waits behind them."""
+    socket = FakeWebsocket()
+    connection = make_connection(socket, queue_size=2)
+    recovery = connection.recovery = Recovery(Keys("p"), "s", epoch="e")
+    for seq in range(1, 7):
+        recovery.admit(f"1-{seq}", Outgoing(f"m{seq}"), f"id{seq}")
+    releasing = asyncio.create_task(release(connection))
+    await asyncio.sleep(0.02)
+    assert not releasing.done() and recovery.holding
+    assert not recovery.admit("1-7", Outgoing("m7"), "id7"), "a live one jumped the queue"
+    connection.start()
+    await asyncio.wait_for(releasing, 5)
+    assert await socket.wait_sent(7) == [f"m{n}" for n in range(1, 8)]
+    assert socket.closed == [] and not recovery.holding
+    await connection.stop()

@@ -1,0 +1,379 @@
+"""Recovery mode end to end: Hypercorn instances of ``tests.cluster_app`` (its route
+``/ws/recover`` has ``@ws_route(recovery=True)``), real Redis, and real clients of the
+protocol (:class:`tests.recovering.RecoveringClient`): a client whose instance is killed
+resumes on another and gets every message exactly once, in order; a resume after a clean
+close replays what was missed; a resume that cannot be replayed in full (Redis lost its
+data, history trimmed, session expired, wrong token or user) is told ``recovered: false``;
+of two resumes of one session only the last stays open, the other is closed with 4409.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+from websockets.exceptions import ConnectionClosed
+
+from quart_wslb import AsyncEmitter, UserSelector
+from quart_wslb.testing import RedisServer
+from tests.cluster import Cluster, HttpError, Instance, Where, where_of
+from tests.recovering import RESUMED_ELSEWHERE, Message, RecoveringClient, Welcome, seq
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+StartCluster = Callable[..., Cluster]
+#: Faster heartbeats and a shorter Redis timeout, for the tests where Redis goes away.
+FAST = {"WSLB_HEARTBEAT_INTERVAL": "0.5", "WSLB_INSTANCE_TTL": "4", "WSLB_REDIS_TIMEOUT": "2"}
+#: The numbered messages of the kill test on each topology, sent in batches of
+#: ``KILL_BATCH`` (one ``send_many`` each, one at a time, so their order is defined)
+#: with ``KILL_PAUSE`` seconds between batches; the instance is killed when the client has
+#: received a third of them.
+KILL_TOTALS = {"redis": 10_000, "cluster": 5_000}
+KILL_BATCH = 50
+KILL_PAUSE = 0.005
+#: The history length of the retention test's instances (``WSLB_RECOVERY_LENGTH``).
+SHORT_HISTORY = 50
+
+
+def base(instance: Instance) -> str:
+    """The ``ws://host:port`` of ``instance``, which :class:`RecoveringClient` takes."""
+    return f"ws://127.0.0.1:{instance.port}"
+
+
+async def send_numbers(instance: Instance, user: str, numbers: Sequence[int]) -> list[int]:
+    """``{"n": n}`` for each of ``numbers`` to ``user``, in order, in one ``send_many`` on
+    ``instance``; the routed count of each."""
+    body = {"messages": [[{"user": user}, {"n": n}] for n in numbers]}
+    return [int(count) for count in (await instance.call("/send_many", body))["routed"]]
+
+
+def numbers(messages: Sequence[Message]) -> list[int]:
+    """The ``n`` of each numbered message."""
+    return [int(m.value["n"]) for m in messages]
+
+
+async def open_within(client: RecoveringClient, where: str, timeout: float) -> Welcome:
+    """``client.open(where)``, tried again while the instance refuses (Redis away)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return await client.open(where)
+        except (OSError, ConnectionClosed, TimeoutError):
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
+
+
+async def send_within(instance: Instance, user: str, message: Any, timeout: float) -> int:
+    """``instance.send`` to ``user``, tried again while it answers an error (Redis away)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return await instance.send({"user": user}, message)
+        except (HttpError, OSError):
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
+
+
+@pytest.fixture(
+    name="where", params=["redis", pytest.param("cluster", marks=pytest.mark.topology)]
+)
+def fixture_where(request: pytest.FixtureRequest) -> Where:
+    """One real Redis, or the session's Redis Cluster of 3 masters (``cluster_set``)."""
+    return where_of(request, request.param)
+
+
+@pytest.mark.timeout(240)
+async def test_recovery_kill_during_stream_loses_and_repeats_nothing(
+    start_cluster: StartCluster, where: Where, prefix: str
+) -> None:
+    """SIGKILL of the instance that holds the client, while an emitter streams numbered
+    messages to its user: the client resumes on another instance and has every message
+    exactly once, in order."""
+    total = KILL_TOTALS[where.name]
+    cluster = start_cluster(3, url=where.url, **where.env)
+    bases = [base(instance) for instance in cluster.instances]
+    client = RecoveringClient("alice")
+    first = await client.open(bases[0])
+    assert first.recovered and first.replayed == 0, f"a new session's welcome: {first}"
+    emitter = AsyncEmitter(redis_url=where.url, prefix=prefix, shards=where.shards)
+    sent = 0
+    killed_at = 0.0
+    sent_at_kill = received_at_kill = 0
+
+    async def stream() -> None:
+        nonlocal sent
+        for start in range(1, total + 1, KILL_BATCH):
+            batch = range(start, min(start + KILL_BATCH, total + 1))
+            await emitter.send_many([(UserSelector("alice"), {"n": n}) for n in batch])
+            sent = batch[-1]
+            await asyncio.sleep(KILL_PAUSE)
+
+    async def kill() -> None:
+        nonlocal killed_at, sent_at_kill, received_at_kill
+        while len(client.messages) < total // 3:
+            await asyncio.sleep(0.001)
+        killed_at = time.monotonic()
+        sent_at_kill, received_at_kill = sent, len(client.messages)
+        await asyncio.to_thread(cluster[0].crash)
+
+    try:
+        sender, killer = asyncio.create_task(stream()), asyncio.create_task(kill())
+        try:
+            await client.follow(bases, total, timeout=120)
+        finally:
+            killer.cancel()
+            await asyncio.gather(killer, return_exceptions=True)
+            await sender  # its failure, if any, is the test's
+        late = await client.quiet(0.5)
+    finally:
+        await emitter.aclose()
+        await client.close()
+
+    got = numbers(client.messages)
+    every = got + numbers(client.stale)
+    lost = sorted(set(range(1, total + 1)) - set(got))
+    duplicated = len(every) - len(set(every))
+    misplaced = [(a, b) for a, b in zip(got, got[1:], strict=False) if b != a + 1]
+    outages = "; ".join(outage.describe() for outage in client.outages)
+    first_outage = client.outages[0] if client.outages else None
+    resumed = (
+        f"welcome {first_outage.welcome.at - killed_at:.3f} s after the kill"
+        if first_outage is not None and first_outage.welcome is not None
+        else "no resume"
+    )
+    print(
+        f"\nkill on {where.name}: {total} sent, {len(got)} received (+{len(client.stale)} "
+        f"stale, +{len(late)} late); killed after {sent_at_kill} sent and "
+        f"{received_at_kill} received; {outages or 'no outage'}; {resumed}"
+    )
+    assert killed_at, "the instance was never killed"
+    assert sent_at_kill < total, f"killed after the stream ended ({sent_at_kill} of {total})"
+    assert len(client.outages) == 1, f"{len(client.outages)} outages: {outages}"
+    outage = client.outages[0]
+    assert outage.welcome is not None and outage.welcome.recovered, f"resume: {outages}"
+    assert outage.resumed_on != bases[0], f"resumed on the killed instance: {outages}"
+    assert not lost, f"{len(lost)} lost of {total}: {lost[:20]}..."
+    assert duplicated == 0, f"{duplicated} duplicated; stale: {numbers(client.stale)[:20]}"
+    assert not late, f"{len(late)} arrived after the last: {numbers(late)[:20]}"
+    assert not misplaced, f"{len(misplaced)} out of order: {misplaced[:20]}"
+    assert all(m.kind == "j" and m.pos is not None for m in client.messages)
+
+
+async def test_recovery_resume_after_clean_close_replays_what_was_missed(
+    start_cluster: StartCluster,
+) -> None:
+    cluster = start_cluster(2)
+    client = RecoveringClient("bea")
+    first = await client.open(base(cluster[0]))
+    assert first.recovered and first.replayed == 0, f"a new session's welcome: {first}"
+    await send_numbers(cluster[1], "bea", range(1, 6))
+    live = await client.read(5)
+    assert numbers(live) == [1, 2, 3, 4, 5]
+    assert [seq(m.pos or "") for m in live] == sorted({seq(m.pos or "") for m in live})
+    await client.close()
+    routed = await send_numbers(cluster[1], "bea", range(6, 26))
+    welcome = await client.open(base(cluster[1]))
+    assert (welcome.session, welcome.epoch) == (first.session, first.epoch), welcome
+    assert welcome.recovered, f"resume after a clean close: {welcome}"
+    assert welcome.replayed == 20, f"replayed {welcome.replayed} of 20 (routed {routed})"
+    assert numbers(await client.read(20)) == list(range(6, 26))
+    await send_numbers(cluster[0], "bea", [26])
+    assert numbers(await client.read(1)) == [26]
+    extra = await client.quiet()
+    assert not extra and not client.stale, f"extra {numbers(extra)}, stale {client.stale}"
+    await client.close()
+
+
+async def test_recovery_messages_keep_their_kind_live_and_replayed(
+    start_cluster: StartCluster,
+) -> None:
+    """A str is ``d``, a dict or list ``j``, bytes ``b`` (base64), live and replayed; the
+    handler's own send has no position."""
+    cluster = start_cluster(2)
+    sender = cluster[1]
+    client = RecoveringClient("cid")
+
+    async def send_each() -> None:
+        assert await sender.send({"user": "cid"}, "plain text") in (0, 1)
+        assert await sender.send({"user": "cid"}, {"a": [1, "é"]}) in (0, 1)
+        assert await sender.send({"user": "cid"}, [1, 2]) in (0, 1)
+        await sender.call("/send_raw?user=cid", b"\x00\xffbin")
+
+    expected = [("d", "plain text"), ("j", {"a": [1, "é"]}), ("j", [1, 2]), ("b", b"\x00\xffbin")]
+    await client.open(base(cluster[0]))
+    await send_each()
+    assert [(m.kind, m.value) for m in await client.read(4)] == expected
+    await client.close()
+    await send_each()
+    welcome = await client.open(base(cluster[1]))
+    assert welcome.recovered and welcome.replayed == 4, welcome
+    assert [(m.kind, m.value) for m in await client.read(4)] == expected
+    assert client.connection is not None
+    await client.connection.send("whoami")
+    own = await client.next()
+    assert (own.pos, own.kind, own.value["instance"]) == (None, "j", "i1"), own
+    await client.close()
+
+
+@pytest.mark.parametrize("loss", ["flushall", "restart"])
+async def test_recovery_after_redis_lost_its_data_is_not_recovered(
+    start_cluster: StartCluster, private_redis: RedisServer, loss: str
+) -> None:
+    """Redis (this test's own server) loses every key, by FLUSHALL or a restart without
+    persistence: the resume is told ``recovered: false`` in a new epoch, nothing is
+    replayed, and the new session gets what is sent next."""
+    cluster = start_cluster(2, url=private_redis.url, **FAST)
+    client = RecoveringClient("dan")
+    first = await client.open(base(cluster[0]))
+    await send_numbers(cluster[1], "dan", [1, 2, 3])
+    assert numbers(await client.read(3)) == [1, 2, 3]
+    await client.close()
+    await send_numbers(cluster[1], "dan", [4, 5])
+    if loss == "flushall":
+        async with Redis.from_url(private_redis.url) as admin:
+            await admin.flushall()
+    else:
+        await asyncio.to_thread(private_redis.stop)
+        await asyncio.to_thread(private_redis.start)
+    welcome = await open_within(client, base(cluster[1]), timeout=20)
+    assert not welcome.recovered, f"resume after Redis lost its data ({loss}): {welcome}"
+    assert welcome.epoch != first.epoch, f"the epoch stayed {first.epoch} after {loss}"
+    replayed = await client.quiet()
+    assert not replayed, f"replayed after {loss}: {numbers(replayed)}"
+    await send_within(cluster[0], "dan", {"n": 6}, timeout=20)
+    assert numbers(await client.read(1, timeout=10)) == [6]
+    await client.close()
+
+
+async def test_recovery_two_resumes_at_once_one_stays_the_other_closed_4409(
+    start_cluster: StartCluster,
+) -> None:
+    cluster = start_cluster(2)
+    origin = RecoveringClient("eve")
+    await origin.open(base(cluster[0]))
+    await origin.close()
+    one, two = origin.fork(), origin.fork()
+    opened = await asyncio.gather(
+        one.open(base(cluster[0])), two.open(base(cluster[1])), return_exceptions=True
+    )
+    for result in opened:  # the loser may be closed before its welcome
+        if isinstance(result, BaseException) and not isinstance(result, ConnectionClosed):
+            raise result
+    codes = await asyncio.gather(one.closed(2.0), two.closed(2.0))
+    assert sorted(codes, key=str) == [RESUMED_ELSEWHERE, None], f"close codes {codes}"
+    winner, loser = (one, two) if codes[0] is None else (two, one)
+    assert winner.welcomes and winner.welcomes[-1].recovered, winner.welcomes
+    assert winner.session == origin.session
+    await cluster[1].send({"user": "eve"}, {"n": 1})
+    assert numbers(await winner.read(1)) == [1]
+    await winner.close()
+
+
+async def test_recovery_resume_elsewhere_closes_the_open_connection_4409(
+    start_cluster: StartCluster,
+) -> None:
+    """A session resumed while its connection is still open (a half-open connection the
+    server has not noticed): the resume wins, the old connection is closed with 4409."""
+    cluster = start_cluster(2)
+    old = RecoveringClient("fay")
+    await old.open(base(cluster[0]))
+    await cluster[1].send({"user": "fay"}, {"n": 1})
+    assert numbers(await old.read(1)) == [1]
+    new = old.fork()
+    welcome = await new.open(base(cluster[1]))
+    assert welcome.recovered and welcome.replayed == 0, welcome
+    code = await old.closed(3.0)
+    assert code == RESUMED_ELSEWHERE, f"the old connection: close code {code}"
+    await cluster[0].send({"user": "fay"}, {"n": 2})
+    assert numbers(await new.read(1)) == [2]
+    await new.close()
+
+
+async def test_recovery_retention_exceeded_is_told_not_silent(
+    start_cluster: StartCluster,
+) -> None:
+    """With ``WSLB_RECOVERY_LENGTH=50``: 30 missed messages are replayed; 500 are not, and
+    the resume says so (``recovered: false``); whatever follows is in order, once."""
+    cluster = start_cluster(2, WSLB_RECOVERY_LENGTH=str(SHORT_HISTORY))
+    client = RecoveringClient("gus")
+    await client.open(base(cluster[0]))
+    await client.close()
+    await send_numbers(cluster[1], "gus", range(1, 31))
+    within = await client.open(base(cluster[1]))
+    assert within.recovered and within.replayed == 30, f"30 within the history: {within}"
+    assert numbers(await client.read(30)) == list(range(1, 31))
+    await client.close()
+    beyond = 10 * SHORT_HISTORY
+    for start in range(31, 31 + beyond, 100):
+        await send_numbers(cluster[1], "gus", range(start, min(start + 100, 31 + beyond)))
+    welcome = await client.open(base(cluster[0]))
+    assert not welcome.recovered, f"{beyond} missed, history of {SHORT_HISTORY}: {welcome}"
+    last = 31 + beyond
+    await cluster[1].send({"user": "gus"}, {"n": last})
+    after = numbers(await client.read_until(lambda m: m.value["n"] == last))
+    print(f"\nretention: welcome {welcome}; then {len(after)} messages: {after[:5]}...")
+    assert after == sorted(set(after)) and set(after) <= set(range(31, last + 1)), after
+    assert not client.stale, f"stale: {numbers(client.stale)}"
+    await client.close()
+
+
+async def test_recovery_session_expired_is_not_recovered(start_cluster: StartCluster) -> None:
+    """With ``WSLB_RECOVERY_TTL=2``: a resume 3 s after the close is ``recovered: false``."""
+    cluster = start_cluster(2, WSLB_RECOVERY_TTL="2")
+    client = RecoveringClient("hal")
+    first = await client.open(base(cluster[0]))
+    await client.close()
+    await send_numbers(cluster[1], "hal", [1])
+    await asyncio.sleep(3.0)
+    welcome = await client.open(base(cluster[1]))
+    assert not welcome.recovered, f"resume 3 s after, TTL 2 s: {welcome}"
+    assert welcome.session != first.session, welcome
+    replayed = await client.quiet()
+    assert not replayed, f"replayed from an expired session: {numbers(replayed)}"
+    await client.close()
+
+
+@pytest.mark.parametrize("wrong", ["token", "session", "user"])
+async def test_recovery_resume_refused_without_the_sessions_token_or_user(
+    start_cluster: StartCluster, wrong: str
+) -> None:
+    """A resume with another token, an unknown session, or as another user is told
+    ``recovered: false``, gets a session of its own and none of the missed messages."""
+    cluster = start_cluster(2)
+    ivy = RecoveringClient("ivy")
+    await ivy.open(base(cluster[0]))
+    await ivy.close()
+    await send_numbers(cluster[1], "ivy", [1, 2, 3])
+    other = ivy.fork()
+    frame = other.resume_frame()
+    if wrong == "user":
+        other.user = "mallory"
+    else:
+        frame[wrong] = "x" + frame[wrong]
+    welcome = await other.open(base(cluster[1]), frame)
+    assert not welcome.recovered, f"a resume with a wrong {wrong}: {welcome}"
+    assert welcome.session != ivy.session, f"a wrong {wrong} got the session: {welcome}"
+    replayed = await other.quiet()
+    assert not replayed, f"a wrong {wrong} got ivy's messages: {numbers(replayed)}"
+    await other.close()
+    # ivy herself still resumes, and gets them
+    welcome = await ivy.open(base(cluster[0]))
+    assert welcome.recovered and welcome.replayed == 3, welcome
+    assert numbers(await ivy.read(3)) == [1, 2, 3]
+    await ivy.close()
+
+
+async def test_recovery_first_frame_other_than_resume_closes_1008(
+    start_cluster: StartCluster,
+) -> None:
+    cluster = start_cluster(1)
+    client = RecoveringClient("jon")
+    with pytest.raises(ConnectionClosed):
+        await client.open(base(cluster[0]), {"t": "hello"})
+    assert client.connection is not None
+    assert client.connection.close_code == 1008, client.connection.close_code

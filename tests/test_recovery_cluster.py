@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -27,15 +28,22 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 StartCluster = Callable[..., Cluster]
 #: Faster heartbeats and a shorter Redis timeout, for the tests where Redis goes away.
 FAST = {"WSLB_HEARTBEAT_INTERVAL": "0.5", "WSLB_INSTANCE_TTL": "4", "WSLB_REDIS_TIMEOUT": "2"}
-#: The numbered messages of the kill test on each topology, sent in batches of
-#: ``KILL_BATCH`` (one ``send_many`` each, one at a time, so their order is defined)
-#: with ``KILL_PAUSE`` seconds between batches; the instance is killed when the client has
-#: received a third of them.
-KILL_TOTALS = {"redis": 10_000, "cluster": 5_000}
-KILL_BATCH = 50
-KILL_PAUSE = 0.005
+#: The numbered messages of the stream tests, sent in batches of ``STREAM_BATCH`` (one
+#: ``send_many`` each, one at a time, so their order is defined) ``STREAM_PAUSE`` seconds
+#: apart; the client must have them all within ``STREAM_TIMEOUT`` seconds.
+STREAM_TOTAL = 10_000
+STREAM_BATCH = 50
+STREAM_PAUSE = 0.005
+STREAM_TIMEOUT = 120.0
+#: The drop test's client drops its connection after every ``CUT_EVERY`` messages.
+CUT_EVERY = 500
 #: The history length of the retention test's instances (``WSLB_RECOVERY_LENGTH``).
 SHORT_HISTORY = 50
+#: The session TTL of the expiry test's instances (``WSLB_RECOVERY_TTL``), and how long
+#: after the close it resumes: past the TTL, with room for a second of slack in the
+#: session key's expiry and for the refresh at the close.
+SHORT_TTL = 2
+EXPIRED_AFTER = 4.5
 
 
 def base(instance: Instance) -> str:
@@ -87,81 +95,146 @@ def fixture_where(request: pytest.FixtureRequest) -> Where:
     return where_of(request, request.param)
 
 
+@dataclass
+class Streamed:
+    """What became of a stream of numbered messages at one client."""
+
+    name: str
+    total: int
+    client: RecoveringClient
+    #: Messages that arrived after the last one, while the client waited for more.
+    late: list[Message]
+
+    def check(self) -> None:
+        """Print the counts; assert every message arrived once, in order, each resume
+        was ``recovered: true``, and nothing came after."""
+        got = numbers(self.client.messages)
+        every = got + numbers(self.client.stale)
+        lost = sorted(set(range(1, self.total + 1)) - set(got))
+        duplicated = len(every) - len(set(every))
+        misplaced = [(a, b) for a, b in zip(got, got[1:], strict=False) if b != a + 1]
+        outages = self.client.outages
+        gaps = sorted(outage.gap for outage in outages)
+        print(
+            f"\n{self.name}: {self.total} sent, {len(got)} received, {len(lost)} lost, "
+            f"{duplicated} duplicated, {len(misplaced)} out of order, {len(self.late)} late; "
+            f"{len(outages)} resumes, gap (loss to welcome) min/median/max "
+            + (f"{gaps[0]:.3f}/{gaps[len(gaps) // 2]:.3f}/{gaps[-1]:.3f} s" if gaps else "-")
+        )
+        refused = [outage.describe() for outage in outages if not outage.welcome_recovered]
+        assert not refused, f"{len(refused)} resumes not recovered: {refused}"
+        assert not lost, f"{len(lost)} lost of {self.total}: {lost[:20]}"
+        stale = numbers(self.client.stale)
+        assert duplicated == 0, f"{duplicated} duplicated of {self.total}: {stale[:20]}"
+        assert not self.late, f"{len(self.late)} after the last: {numbers(self.late)[:20]}"
+        assert not misplaced, f"{len(misplaced)} out of order: {misplaced[:20]}"
+        assert all(m.kind == "j" and m.pos is not None for m in self.client.messages)
+
+
+async def stream_to(
+    client: RecoveringClient,
+    bases: Sequence[str],
+    emitter: AsyncEmitter,
+    *,
+    total: int = STREAM_TOTAL,
+    cut_every: int = 0,
+    during: Callable[[int], None] | None = None,
+) -> Streamed:
+    """Send ``{"n": 1}`` .. ``{"n": total}`` to ``client``'s user from ``emitter``, in
+    batches of ``STREAM_BATCH`` (one ``send_many`` each, one at a time: their order is
+    defined) ``STREAM_PAUSE`` apart, while ``client`` follows them over ``bases``
+    (dropping its connection every ``cut_every`` messages, if given). ``during(sent)``
+    runs the moment the client takes message ``total // 3`` (in the middle of a batch:
+    the rest of it is on its way), told how many were sent by then."""
+    sent = 0
+    user = UserSelector(client.user)
+
+    def each(message: Message) -> None:
+        if during is not None and len(client.messages) == total // 3:
+            during(sent)
+
+    async def send() -> None:
+        nonlocal sent
+        for start in range(1, total + 1, STREAM_BATCH):
+            batch = range(start, min(start + STREAM_BATCH, total + 1))
+            await emitter.send_many([(user, {"n": n}) for n in batch])
+            sent = batch[-1]
+            await asyncio.sleep(STREAM_PAUSE)
+
+    sender = asyncio.create_task(send())
+    try:
+        await client.follow(
+            bases,
+            total,
+            timeout=STREAM_TIMEOUT,
+            settled=sender.done,
+            cut_every=cut_every,
+            on_message=each,
+        )
+    finally:
+        await sender  # its failure, if any, is the test's
+    return Streamed("", total, client, await client.quiet(0.5))
+
+
 @pytest.mark.timeout(240)
 async def test_recovery_kill_during_stream_loses_and_repeats_nothing(
     start_cluster: StartCluster, where: Where, prefix: str
 ) -> None:
-    """SIGKILL of the instance that holds the client, while an emitter streams numbered
-    messages to its user: the client resumes on another instance and has every message
-    exactly once, in order."""
-    total = KILL_TOTALS[where.name]
+    """SIGKILL of the instance that holds the client (its process group), while an
+    emitter streams numbered messages to its user: the client resumes on another
+    instance and has every message exactly once, in order."""
     cluster = start_cluster(3, url=where.url, **where.env)
     bases = [base(instance) for instance in cluster.instances]
     client = RecoveringClient("alice")
     first = await client.open(bases[0])
     assert first.recovered and first.replayed == 0, f"a new session's welcome: {first}"
-    emitter = AsyncEmitter(redis_url=where.url, prefix=prefix, shards=where.shards)
-    sent = 0
     killed_at = 0.0
-    sent_at_kill = received_at_kill = 0
+    at_kill = (0, 0)
 
-    async def stream() -> None:
-        nonlocal sent
-        for start in range(1, total + 1, KILL_BATCH):
-            batch = range(start, min(start + KILL_BATCH, total + 1))
-            await emitter.send_many([(UserSelector("alice"), {"n": n}) for n in batch])
-            sent = batch[-1]
-            await asyncio.sleep(KILL_PAUSE)
+    def kill(sent: int) -> None:
+        nonlocal killed_at, at_kill
+        killed_at, at_kill = time.monotonic(), (sent, len(client.messages))
+        cluster[0].crash()  # SIGKILL of its process group; blocks until it is reaped
 
-    async def kill() -> None:
-        nonlocal killed_at, sent_at_kill, received_at_kill
-        while len(client.messages) < total // 3:
-            await asyncio.sleep(0.001)
-        killed_at = time.monotonic()
-        sent_at_kill, received_at_kill = sent, len(client.messages)
-        await asyncio.to_thread(cluster[0].crash)
-
+    emitter = AsyncEmitter(redis_url=where.url, prefix=prefix, shards=where.shards)
     try:
-        sender, killer = asyncio.create_task(stream()), asyncio.create_task(kill())
-        try:
-            await client.follow(bases, total, timeout=120)
-        finally:
-            killer.cancel()
-            await asyncio.gather(killer, return_exceptions=True)
-            await sender  # its failure, if any, is the test's
-        late = await client.quiet(0.5)
+        streamed = await stream_to(client, bases, emitter, during=kill)
     finally:
         await emitter.aclose()
         await client.close()
-
-    got = numbers(client.messages)
-    every = got + numbers(client.stale)
-    lost = sorted(set(range(1, total + 1)) - set(got))
-    duplicated = len(every) - len(set(every))
-    misplaced = [(a, b) for a, b in zip(got, got[1:], strict=False) if b != a + 1]
+    streamed.name = f"kill -9 on {where.name}"
     outages = "; ".join(outage.describe() for outage in client.outages)
-    first_outage = client.outages[0] if client.outages else None
-    resumed = (
-        f"welcome {first_outage.welcome.at - killed_at:.3f} s after the kill"
-        if first_outage is not None and first_outage.welcome is not None
-        else "no resume"
-    )
-    print(
-        f"\nkill on {where.name}: {total} sent, {len(got)} received (+{len(client.stale)} "
-        f"stale, +{len(late)} late); killed after {sent_at_kill} sent and "
-        f"{received_at_kill} received; {outages or 'no outage'}; {resumed}"
-    )
+    print(f"\nkilled with {at_kill[0]} sent and {at_kill[1]} received; {outages}")
+    if client.outages and client.outages[0].welcome is not None:
+        print(f"welcome {client.outages[0].welcome.at - killed_at:.3f} s after the kill")
     assert killed_at, "the instance was never killed"
-    assert sent_at_kill < total, f"killed after the stream ended ({sent_at_kill} of {total})"
+    assert at_kill[0] < STREAM_TOTAL, f"killed after the stream ended ({at_kill[0]} sent)"
     assert len(client.outages) == 1, f"{len(client.outages)} outages: {outages}"
-    outage = client.outages[0]
-    assert outage.welcome is not None and outage.welcome.recovered, f"resume: {outages}"
-    assert outage.resumed_on != bases[0], f"resumed on the killed instance: {outages}"
-    assert not lost, f"{len(lost)} lost of {total}: {lost[:20]}..."
-    assert duplicated == 0, f"{duplicated} duplicated; stale: {numbers(client.stale)[:20]}"
-    assert not late, f"{len(late)} arrived after the last: {numbers(late)[:20]}"
-    assert not misplaced, f"{len(misplaced)} out of order: {misplaced[:20]}"
-    assert all(m.kind == "j" and m.pos is not None for m in client.messages)
+    assert client.outages[0].resumed_on != bases[0], f"resumed on the dead one: {outages}"
+    streamed.check()
+
+
+@pytest.mark.timeout(240)
+async def test_recovery_connection_dropped_again_and_again_loses_and_repeats_nothing(
+    start_cluster: StartCluster, where: Where, prefix: str
+) -> None:
+    """The client drops its connection (no close frame) every ``CUT_EVERY`` messages of
+    the stream and resumes on the next instance: each resume merges replay and live
+    messages while the stream goes on; every message arrives once, in order."""
+    cluster = start_cluster(3, url=where.url, **where.env)
+    bases = [base(instance) for instance in cluster.instances]
+    client = RecoveringClient("abe")
+    await client.open(bases[0])
+    emitter = AsyncEmitter(redis_url=where.url, prefix=prefix, shards=where.shards)
+    try:
+        streamed = await stream_to(client, bases, emitter, cut_every=CUT_EVERY)
+    finally:
+        await emitter.aclose()
+        await client.close()
+    streamed.name = f"drops every {CUT_EVERY} on {where.name}"
+    cuts = STREAM_TOTAL // CUT_EVERY
+    assert len(client.outages) >= cuts - 1, f"{len(client.outages)} resumes of {cuts} drops"
+    streamed.check()
 
 
 async def test_recovery_resume_after_clean_close_replays_what_was_missed(
@@ -323,15 +396,16 @@ async def test_recovery_retention_exceeded_is_told_not_silent(
 
 
 async def test_recovery_session_expired_is_not_recovered(start_cluster: StartCluster) -> None:
-    """With ``WSLB_RECOVERY_TTL=2``: a resume 3 s after the close is ``recovered: false``."""
-    cluster = start_cluster(2, WSLB_RECOVERY_TTL="2")
+    """With ``WSLB_RECOVERY_TTL=2``: a resume well after the TTL (``EXPIRED_AFTER``) is
+    ``recovered: false``, with a session of its own."""
+    cluster = start_cluster(2, WSLB_RECOVERY_TTL=str(SHORT_TTL))
     client = RecoveringClient("hal")
     first = await client.open(base(cluster[0]))
     await client.close()
     await send_numbers(cluster[1], "hal", [1])
-    await asyncio.sleep(3.0)
+    await asyncio.sleep(EXPIRED_AFTER)
     welcome = await client.open(base(cluster[1]))
-    assert not welcome.recovered, f"resume 3 s after, TTL 2 s: {welcome}"
+    assert not welcome.recovered, f"resume {EXPIRED_AFTER} s after, TTL {SHORT_TTL} s: {welcome}"
     assert welcome.session != first.session, welcome
     replayed = await client.quiet()
     assert not replayed, f"replayed from an expired session: {numbers(replayed)}"

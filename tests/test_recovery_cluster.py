@@ -22,7 +22,14 @@ from websockets.exceptions import ConnectionClosed
 from quart_wslb import AsyncEmitter, UserSelector
 from quart_wslb.testing import RedisServer
 from tests.cluster import Cluster, HttpError, Instance, Where, where_of
-from tests.recovering import RESUMED_ELSEWHERE, Message, RecoveringClient, Welcome, seq
+from tests.recovering import (
+    RECOVER_PATH,
+    RESUMED_ELSEWHERE,
+    Message,
+    RecoveringClient,
+    Welcome,
+    seq,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 StartCluster = Callable[..., Cluster]
@@ -323,6 +330,35 @@ async def test_recovery_after_redis_lost_its_data_is_not_recovered(
     await client.close()
 
 
+async def test_recovery_redis_lost_its_data_while_connected_is_not_recovered(
+    start_cluster: StartCluster, private_redis: RedisServer
+) -> None:
+    """FLUSHALL (this test's own Redis) while the client is connected, messages sent
+    after it, then the connection drops: the resume is told ``recovered: false`` in a
+    new epoch (what was sent meanwhile may be lost, but not silently)."""
+    cluster = start_cluster(2, url=private_redis.url, **FAST)
+    client = RecoveringClient("dot")
+    first = await client.open(base(cluster[0]))
+    await send_numbers(cluster[1], "dot", [1, 2, 3])
+    assert numbers(await client.read(3)) == [1, 2, 3]
+    async with Redis.from_url(private_redis.url) as admin:
+        await admin.flushall()
+    await send_numbers(cluster[1], "dot", [4, 5, 6])
+    meanwhile = await client.quiet(1.0)
+    client.drop()
+    with pytest.raises(ConnectionClosed):
+        await client.next()
+    welcome = await open_within(client, base(cluster[1]), timeout=20)
+    print(f"\nflushed while connected: {numbers(meanwhile)} arrived live; resume {welcome}")
+    assert not welcome.recovered, f"resume after FLUSHALL while connected: {welcome}"
+    assert welcome.epoch != first.epoch, f"the epoch stayed {first.epoch} after FLUSHALL"
+    await send_within(cluster[0], "dot", {"n": 7}, timeout=20)
+    after = numbers(await client.read_until(lambda m: m.value["n"] == 7, timeout=10))
+    assert after == sorted(set(after)) and set(after) <= {4, 5, 6, 7}, after
+    assert not client.stale, f"stale: {numbers(client.stale)}"
+    await client.close()
+
+
 async def test_recovery_two_resumes_at_once_one_stays_the_other_closed_4409(
     start_cluster: StartCluster,
 ) -> None:
@@ -412,12 +448,13 @@ async def test_recovery_session_expired_is_not_recovered(start_cluster: StartClu
     await client.close()
 
 
-@pytest.mark.parametrize("wrong", ["token", "session", "user"])
-async def test_recovery_resume_refused_without_the_sessions_token_or_user(
+@pytest.mark.parametrize("wrong", ["token", "session", "user", "path"])
+async def test_recovery_resume_refused_without_the_sessions_token_user_or_path(
     start_cluster: StartCluster, wrong: str
 ) -> None:
-    """A resume with another token, an unknown session, or as another user is told
-    ``recovered: false``, gets a session of its own and none of the missed messages."""
+    """A resume with another token, an unknown session, as another user or on another
+    path of the route is told ``recovered: false``, gets a session of its own and none
+    of the missed messages."""
     cluster = start_cluster(2)
     ivy = RecoveringClient("ivy")
     await ivy.open(base(cluster[0]))
@@ -427,6 +464,8 @@ async def test_recovery_resume_refused_without_the_sessions_token_or_user(
     frame = other.resume_frame()
     if wrong == "user":
         other.user = "mallory"
+    elif wrong == "path":
+        other.path = RECOVER_PATH + "/other"
     else:
         frame[wrong] = "x" + frame[wrong]
     welcome = await other.open(base(cluster[1]), frame)

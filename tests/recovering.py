@@ -184,11 +184,27 @@ class RecoveringClient:
     #: JSON frames of another ``t`` (or none), and frames that were not JSON (pings).
     others: list[Any] = field(default_factory=list)
     outages: list[Outage] = field(default_factory=list)
+    #: Every connection it opened, the current one last.
+    opened: list[ClientConnection] = field(default_factory=list)
+    #: The pool that closes its connections at the end of the test.
+    pool: Pool | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.pool is not None:
+            self.pool.clients.append(self)
 
     def fork(self) -> RecoveringClient:
-        """Another client holding the same session state (for two resumes at once)."""
+        """Another client holding the same session state (for two resumes at once), in
+        the same pool."""
         return RecoveringClient(
-            self.user, self.path, self.session, self.token, self.epoch, self.pos, self.base
+            self.user,
+            self.path,
+            self.session,
+            self.token,
+            self.epoch,
+            self.pos,
+            self.base,
+            pool=self.pool,
         )
 
     def resume_frame(self) -> dict[str, str]:
@@ -215,6 +231,7 @@ class RecoveringClient:
         Raises ``ConnectionClosed`` if the server closes the connection first."""
         self.base = base
         self.connection = await connect(self.url(base), open_timeout=FRAME_TIMEOUT)
+        self.opened.append(self.connection)
         await self.connection.send(json.dumps(frame or self.resume_frame()))
         while True:
             raw = await asyncio.wait_for(self.connection.recv(), FRAME_TIMEOUT)
@@ -401,6 +418,23 @@ class RecoveringClient:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"no resume before the deadline: {error!r}") from error
                 await asyncio.sleep(0.05)
+
+
+class Pool:
+    """The recovery clients of a test: every connection any of them opened is closed at
+    the end, however the test ended."""
+
+    def __init__(self) -> None:
+        self.clients: list[RecoveringClient] = []
+
+    def client(self, user: str, path: str = RECOVER_PATH) -> RecoveringClient:
+        """A new client of ``user`` on ``path``, in this pool."""
+        return RecoveringClient(user, path, pool=self)
+
+    async def close(self) -> None:
+        """Close every connection (those closed already are skipped fast)."""
+        connections = [c for client in self.clients for c in client.opened]
+        await asyncio.gather(*(c.close() for c in connections), return_exceptions=True)
 
 
 def _json(raw: str | bytes) -> dict[str, Any] | None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +35,8 @@ FRAME_TIMEOUT = 5.0
 RECOVER_PATH = "/ws/recover"
 #: The close code of a connection whose session was resumed elsewhere.
 RESUMED_ELSEWHERE = 4409
+#: The close code of a connection whose history was lost while it was connected.
+HISTORY_LOST = 4410
 
 Kind = Literal["d", "j", "b"]
 KINDS: tuple[Kind, ...] = ("d", "j", "b")
@@ -127,6 +130,8 @@ class Outage:
     lost_at: float
     #: The close code the client saw (1006: the connection dropped without a close frame).
     code: int | None
+    #: The close frame's reason.
+    reason: str = ""
     #: The instance it resumed on (the ``ws://host:port`` base).
     resumed_on: str = ""
     welcome: Welcome | None = None
@@ -153,7 +158,7 @@ class Outage:
             else "none"
         )
         return (
-            f"lost (close code {self.code}), resumed on {self.resumed_on} after "
+            f"lost (close code {self.code} {self.reason!r}), resumed on {self.resumed_on} after "
             f"{self.gap:.3f} s ({self.failed_attempts} failed attempts), recovered="
             f"{welcome.recovered if welcome else None}, replayed="
             f"{welcome.replayed if welcome else None}, first message {first} after the loss"
@@ -225,12 +230,34 @@ class RecoveringClient:
         the query, never the token."""
         return f"{base}{self.path}?user={self.user}"
 
-    async def open(self, base: str, frame: dict[str, str] | None = None) -> Welcome:
+    async def open(
+        self, base: str, frame: dict[str, str] | None = None, *, rcvbuf: int | None = None
+    ) -> Welcome:
         """Connect to the instance at ``base``, send the resume frame (``frame`` instead,
         to send a tampered one) and read the welcome; the state becomes the welcome's.
-        Raises ``ConnectionClosed`` if the server closes the connection first."""
+        Raises ``ConnectionClosed`` if the server closes the connection first. With
+        ``rcvbuf``, the socket's receive buffer is that small (a client that does not
+        read then holds up its server soon), and no compression is negotiated (so that
+        the socket holds the bytes the server wrote)."""
         self.base = base
-        self.connection = await connect(self.url(base), open_timeout=FRAME_TIMEOUT)
+        sock = None
+        if rcvbuf is not None:
+            host, _, port = base.removeprefix("ws://").rpartition(":")
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            sock.setblocking(False)
+            try:
+                await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
+            except BaseException:
+                sock.close()
+                raise
+        self.connection = await connect(
+            self.url(base),
+            open_timeout=FRAME_TIMEOUT,
+            sock=sock,
+            max_queue=16 if rcvbuf is None else 1,
+            compression="deflate" if rcvbuf is None else None,
+        )
         self.opened.append(self.connection)
         await self.connection.send(json.dumps(frame or self.resume_frame()))
         while True:
@@ -385,7 +412,10 @@ class RecoveringClient:
                 continue
             except ConnectionClosed:
                 assert self.connection is not None
-                outage = Outage(time.monotonic(), self.connection.close_code)
+                connection = self.connection
+                outage = Outage(
+                    time.monotonic(), connection.close_code, connection.close_reason or ""
+                )
                 self.outages.append(outage)
                 await self._resume_elsewhere(bases, outage, deadline)
                 continue

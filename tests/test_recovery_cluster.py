@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+import redis
 from redis.asyncio import Redis
 from websockets.exceptions import ConnectionClosed
 
@@ -23,6 +24,7 @@ from quart_wslb import AsyncEmitter, UserSelector
 from quart_wslb.testing import RedisServer
 from tests.cluster import Cluster, HttpError, Instance, Where, where_of
 from tests.recovering import (
+    HISTORY_LOST,
     RECOVER_PATH,
     RESUMED_ELSEWHERE,
     Message,
@@ -45,6 +47,13 @@ STREAM_PAUSE = 0.005
 STREAM_TIMEOUT = 120.0
 #: The drop test's client drops its connection after every ``CUT_EVERY`` messages.
 CUT_EVERY = 500
+#: The slow client test: messages of ``SLOW_PAD`` bytes, more than the socket buffers
+#: hold, to a client that does not read, on instances with queues of ``SLOW_QUEUE``.
+SLOW_TOTAL = 2_000
+SLOW_PAD = 4_000
+SLOW_QUEUE = 50
+#: The receive buffer of the slow client's socket (the kernel's own may grow to 32 MB).
+SLOW_RCVBUF = 16_384
 #: The history length of the retention test's instances (``WSLB_RECOVERY_LENGTH``).
 SHORT_HISTORY = 50
 #: The session TTL of the expiry test's instances (``WSLB_RECOVERY_TTL``), and how long
@@ -381,6 +390,84 @@ async def test_recovery_redis_lost_its_data_while_connected_is_not_recovered(
     assert after == sorted(set(after)) and set(after) <= {4, 5, 6, 7}, after
     assert not client.stale, f"stale: {numbers(client.stale)}"
     await client.close()
+
+
+async def test_recovery_subscriber_cut_while_connected_fills_the_gap_from_history(
+    start_cluster: StartCluster, recovering: Pool, private_redis: RedisServer, prefix: str
+) -> None:
+    """CLIENT KILL TYPE pubsub (this test's own Redis) in the middle of a stream: the
+    instances subscribe again, and the connected client gets what their subscribers
+    missed from history, before newer messages; it is not closed, and nothing is lost
+    or repeated."""
+    cluster = start_cluster(2, url=private_redis.url, **FAST)
+    bases = [base(instance) for instance in cluster.instances]
+    client = recovering.client("ada")
+    await client.open(bases[0])
+    killed: list[int] = []
+
+    def cut(sent: int) -> None:
+        with redis.Redis.from_url(private_redis.url) as admin:
+            killed.append(int(admin.client_kill_filter(_type="pubsub")))
+
+    emitter = AsyncEmitter(redis_url=private_redis.url, prefix=prefix)
+    try:
+        streamed = await stream_to(client, bases, emitter, during=cut)
+    finally:
+        await emitter.aclose()
+    streamed.name = "subscribers cut while connected"
+    outages = [outage.describe() for outage in client.outages]
+    assert killed == [2], f"subscriber connections killed: {killed} (2 instances)"
+    assert not outages, f"the connection ended: {outages}"
+    streamed.check()
+
+
+async def test_recovery_redis_restart_while_connected_closes_4410_and_tells_the_resume(
+    start_cluster: StartCluster, recovering: Pool, private_redis: RedisServer
+) -> None:
+    """Redis (this test's own) restarts without persistence while the client is
+    connected: once the instance subscribes again its history is gone, so the client is
+    closed with 4410, and its resume is told ``recovered: false`` in a new epoch."""
+    cluster = start_cluster(2, url=private_redis.url, **FAST)
+    client = recovering.client("ned")
+    first = await client.open(base(cluster[0]))
+    await send_numbers(cluster[1], "ned", [1, 2])
+    assert numbers(await client.read(2)) == [1, 2]
+    await asyncio.to_thread(private_redis.stop)
+    await asyncio.to_thread(private_redis.start)
+    code = await client.closed(20.0)
+    assert code == HISTORY_LOST, f"close code {code} after the restart"
+    welcome = await open_within(client, base(cluster[1]), timeout=20)
+    assert not welcome.recovered, f"resume after the restart: {welcome}"
+    assert welcome.epoch != first.epoch, f"the epoch stayed {first.epoch} after the restart"
+    await send_within(cluster[0], "ned", {"n": 3}, timeout=20)
+    assert numbers(await client.read(1, timeout=10)) == [3]
+
+
+async def test_recovery_slow_client_closed_then_resumes_without_a_hole(
+    start_cluster: StartCluster, recovering: Pool, redis_url: str, prefix: str
+) -> None:
+    """A client that does not read while ``SLOW_TOTAL`` large messages come, on
+    instances told to drop what does not fit (``WSLB_QUEUE_FULL=drop``) in a small
+    queue: its connection is closed rather than left with a hole, and it resumes on the
+    other instance and gets every message once, in order."""
+    cluster = start_cluster(2, WSLB_SEND_QUEUE_SIZE=str(SLOW_QUEUE), WSLB_QUEUE_FULL="drop")
+    bases = [base(instance) for instance in cluster.instances]
+    client = recovering.client("sid")
+    await client.open(bases[0], rcvbuf=SLOW_RCVBUF)
+    emitter = AsyncEmitter(redis_url=redis_url, prefix=prefix)
+    pad = "x" * SLOW_PAD
+    try:
+        for start in range(1, SLOW_TOTAL + 1, STREAM_BATCH):
+            batch = range(start, min(start + STREAM_BATCH, SLOW_TOTAL + 1))
+            await emitter.send_many([(UserSelector("sid"), {"n": n, "pad": pad}) for n in batch])
+    finally:
+        await emitter.aclose()
+    await client.follow(bases, SLOW_TOTAL, timeout=STREAM_TIMEOUT, settled=lambda: True)
+    streamed = Streamed("slow client", SLOW_TOTAL, client, await client.quiet(0.5))
+    codes = [outage.code for outage in client.outages]
+    print(f"\nslow client: close codes {codes}")
+    assert codes, f"never closed: the {SLOW_TOTAL} messages of {SLOW_PAD} B all fit"
+    streamed.check()
 
 
 async def test_recovery_two_resumes_at_once_one_stays_the_other_closed_4409(

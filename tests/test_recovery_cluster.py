@@ -47,6 +47,8 @@ STREAM_PAUSE = 0.005
 STREAM_TIMEOUT = 120.0
 #: The drop test's client drops its connection after every ``CUT_EVERY`` messages.
 CUT_EVERY = 500
+#: Messages missed before the resume under a stream (as many follow, live).
+MISSED = 3_000
 #: The slow client test: messages of ``SLOW_PAD`` bytes, more than the socket buffers
 #: hold, to a client that does not read, on instances with queues of ``SLOW_QUEUE``.
 SLOW_TOTAL = 2_000
@@ -162,10 +164,11 @@ async def stream_to(
     emitter: AsyncEmitter,
     *,
     total: int = STREAM_TOTAL,
+    first: int = 1,
     cut_every: int = 0,
     during: Callable[[int], None] | None = None,
 ) -> Streamed:
-    """Send ``{"n": 1}`` .. ``{"n": total}`` to ``client``'s user from ``emitter``, in
+    """Send ``{"n": first}`` .. ``{"n": total}`` to ``client``'s user from ``emitter``, in
     batches of ``STREAM_BATCH`` (one ``send_many`` each, one at a time: their order is
     defined) ``STREAM_PAUSE`` apart, while ``client`` follows them over ``bases``
     (dropping its connection every ``cut_every`` messages, if given). ``during(sent)``
@@ -180,7 +183,7 @@ async def stream_to(
 
     async def send() -> None:
         nonlocal sent
-        for start in range(1, total + 1, STREAM_BATCH):
+        for start in range(first, total + 1, STREAM_BATCH):
             batch = range(start, min(start + STREAM_BATCH, total + 1))
             await emitter.send_many([(user, {"n": n}) for n in batch])
             sent = batch[-1]
@@ -260,6 +263,32 @@ async def test_recovery_connection_dropped_again_and_again_loses_and_repeats_not
     cuts = STREAM_TOTAL // CUT_EVERY
     assert len(client.outages) >= cuts - 1, f"{len(client.outages)} resumes of {cuts} drops"
     streamed.check()
+
+
+async def test_recovery_resume_under_a_stream_is_not_closed_while_the_client_reads(
+    start_cluster: StartCluster, recovering: Pool, redis_url: str, prefix: str
+) -> None:
+    """A resume with ``MISSED`` messages to replay while a stream goes on: the live
+    messages held during the replay are handed over after it, and the connection of a
+    client that reads stays open (default queue, ``WSLB_SEND_QUEUE_SIZE`` 256)."""
+    cluster = start_cluster(2)
+    bases = [base(instance) for instance in cluster.instances]
+    client = recovering.client("una")
+    await client.open(bases[0])
+    await client.close()
+    emitter = AsyncEmitter(redis_url=redis_url, prefix=prefix)
+    try:
+        for start in range(1, MISSED + 1, 100):
+            batch = range(start, min(start + 100, MISSED + 1))
+            await emitter.send_many([(UserSelector("una"), {"n": n}) for n in batch])
+        # follow() finds the connection closed (1000, by the client) and resumes at once
+        streamed = await stream_to(client, bases, emitter, total=2 * MISSED, first=MISSED + 1)
+    finally:
+        await emitter.aclose()
+    streamed.name = f"resume with {MISSED} to replay under a stream"
+    streamed.check()
+    closed = [outage.describe() for outage in client.outages[1:]]
+    assert not closed, f"{len(closed)} closes of a client that reads: {closed}"
 
 
 async def test_recovery_resume_after_clean_close_replays_what_was_missed(

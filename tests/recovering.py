@@ -1,11 +1,13 @@
 """A client of the recovery protocol, for the integration tests (tests/test_recovery_cluster.py).
 
-The protocol (a route with ``@ws_route(recovery=True)``): the client's first frame is
-``{"t":"resume"}`` (a new session) or ``{"t":"resume","session":..,"token":..,"epoch":..,
-"pos":..}``; the server answers ``{"t":"welcome",...,"recovered":..,"replayed":..}``,
+The protocol (docs/recovery.md; a route with ``@ws_route(recovery=True)``): the
+client's first frame is ``{"t":"resume"}`` (a new session) or ``{"t":"resume",
+"session":..,"token":..,"epoch":..,"pos":..}``; the server answers ``{"t":"welcome",
+...,"recovered":..,"end":..}`` (and ``"replayed"`` in the first notes of the protocol),
 then sends every message routed through Redis as ``{"t":"msg","pos":P,"d"|"j"|"b":..}``
-(replayed ones first, then live ones), and what the handler sends its own connection in
-the same shapes without ``"pos"``. Positions are ``"<ms>-<seq>"``, ordered by ``seq``.
+(replayed ones first, then live ones), what the handler sends its own connection in the
+same shapes without ``"pos"``, and now and then a mark ``{"t":"pos","pos":P}`` (all
+before ``P`` has arrived). Positions are ``"<ms>-<seq>"``, ordered by ``seq``.
 
 :class:`RecoveringClient` keeps the session, token, epoch and the position of the last
 message, can resume on any instance, and keeps everything it received with the time it
@@ -61,6 +63,9 @@ class Welcome:
     replayed: int | None
     #: ``time.monotonic()`` when it arrived.
     at: float
+    #: Where the history ended when the session was claimed (docs/recovery.md): the
+    #: messages numbered up to it are the replay. ``None`` when the welcome lacks it.
+    end: str | None = None
 
     @classmethod
     def parse(cls, frame: dict[str, Any], at: float) -> Welcome:
@@ -76,6 +81,7 @@ class Welcome:
                 recovered=frame["recovered"],
                 replayed=frame.get("replayed"),
                 at=at,
+                end=frame.get("end"),
             )
         except KeyError as missing:
             raise ProtocolError(f"welcome without {missing}: {frame!r}") from None
@@ -86,6 +92,8 @@ class Welcome:
         if not isinstance(welcome.recovered, bool) or not replayed_ok:
             raise ProtocolError(f"welcome recovered/replayed of the wrong type: {frame!r}")
         seq(welcome.pos)  # a position, or ValueError
+        if welcome.end is not None:
+            seq(welcome.end)
         return welcome
 
 
@@ -188,6 +196,8 @@ class RecoveringClient:
     own: list[Message] = field(default_factory=list)
     #: JSON frames of another ``t`` (or none), and frames that were not JSON (pings).
     others: list[Any] = field(default_factory=list)
+    #: The positions of the marks (``{"t":"pos"}``) received.
+    marks: list[str] = field(default_factory=list)
     outages: list[Outage] = field(default_factory=list)
     #: Every connection it opened, the current one last.
     opened: list[ClientConnection] = field(default_factory=list)
@@ -307,6 +317,9 @@ class RecoveringClient:
             )
             at = time.monotonic()
             decoded = _json(raw)
+            if decoded is not None and decoded.get("t") == "pos":
+                self._mark(decoded)
+                continue
             if decoded is None or decoded.get("t") != "msg":
                 if decoded is not None and decoded.get("t") == "welcome":
                     raise ProtocolError(f"a second welcome: {decoded!r}")
@@ -316,6 +329,18 @@ class RecoveringClient:
             message = Message.parse(decoded, self.epoch, at)
             self._take(message)
             return message
+
+    def _mark(self, frame: dict[str, Any]) -> None:
+        """A mark, ``{"t":"pos","pos":P}``: everything before ``P`` has arrived, so a
+        resume may start there (docs/recovery.md)."""
+        pos = frame.get("pos")
+        if not isinstance(pos, str):
+            raise ProtocolError(f"a mark without a position: {frame!r}")
+        self.marks.append(pos)
+        last = self.last_seq
+        if last is not None and seq(pos) < last:
+            raise ProtocolError(f"a mark {pos} before the last message (seq {last})")
+        self.pos = pos
 
     def _take(self, message: Message) -> None:
         if message.pos is None:

@@ -1,10 +1,19 @@
 """Recovery mode end to end: Hypercorn instances of ``tests.cluster_app`` (its route
-``/ws/recover`` has ``@ws_route(recovery=True)``), real Redis, and real clients of the
-protocol (:class:`tests.recovering.RecoveringClient`): a client whose instance is killed
-resumes on another and gets every message exactly once, in order; a resume after a clean
-close replays what was missed; a resume that cannot be replayed in full (Redis lost its
-data, history trimmed, session expired, wrong token or user) is told ``recovered: false``;
-of two resumes of one session only the last stays open, the other is closed with 4409.
+``/ws/recover`` has ``@ws_route(recovery=True)``), real Redis (one server, or the 3-master
+Redis Cluster for the stream tests), and real clients of the protocol
+(:class:`tests.recovering.RecoveringClient`).
+
+- Streams of numbered messages from an emitter arrive exactly once and in order however
+  the client's connection ends: ``kill -9`` of its instance, drops of its own every 500
+  messages, a resume with thousands to replay, a slow client closed with 1013, the
+  instances' subscribers cut (caught up from history). Counts and resume gaps printed.
+- A resume after a clean close replays what was missed, in every frame kind.
+- A resume that cannot be replayed in full is told ``recovered: false``: Redis lost its
+  data (FLUSHALL or a restart, before the resume or while connected: 4410), history
+  trimmed (``WSLB_RECOVERY_LENGTH``), session expired (``WSLB_RECOVERY_TTL``), wrong
+  token, session, user or path.
+- One owner per session: of two resumes only the last stays open, the other is closed
+  with 4409, as is a connection still open when its session resumes elsewhere.
 """
 
 from __future__ import annotations
@@ -239,6 +248,7 @@ async def test_recovery_kill_during_stream_loses_and_repeats_nothing(
     print(f"\nkilled with {at_kill[0]} sent and {at_kill[1]} received; {outages}")
     if client.outages and client.outages[0].welcome is not None:
         print(f"welcome {client.outages[0].welcome.at - killed_at:.3f} s after the kill")
+    streamed.check()
     assert killed_at, "the instance was never killed"
     assert at_kill[0] < STREAM_TOTAL, f"killed after the stream ended ({at_kill[0]} sent)"
     # The kill is the first loss (no close frame); a 1013 after a resume (the held
@@ -247,7 +257,6 @@ async def test_recovery_kill_during_stream_loses_and_repeats_nothing(
     assert codes[:1] == [1006], f"the kill was not the first loss: {outages}"
     assert set(codes[1:]) <= {TRY_AGAIN}, f"closed after the resume: {outages}"
     assert client.outages[0].resumed_on != bases[0], f"resumed on the dead one: {outages}"
-    streamed.check()
 
 
 @pytest.mark.timeout(240)

@@ -152,6 +152,23 @@ async def chat(room: str) -> None:
         )
 
 
+@app.websocket("/ws/recover")
+@app.websocket("/ws/recover/other")
+@ws_route(recovery=True, user=lambda: websocket.args.get("user"))
+async def recover() -> None:
+    """A recoverable connection (tests/recovering.py speaks its protocol): what is routed
+    to it comes with a position and is replayed on a resume. ``whoami`` is answered on
+    the connection itself (a frame without a position); ``close`` ends the handler.
+    Two paths: a session of one must not resume on the other."""
+    conn = current_connection
+    while True:
+        text = await websocket.receive()
+        if text == "close":
+            return
+        if text == "whoami":
+            await conn.send({"instance": conn.instance, "user": conn.user, "id": conn.id})
+
+
 @app.post("/send")
 async def send() -> dict[str, Any]:
     body = await request.get_json()

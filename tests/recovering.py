@@ -3,11 +3,11 @@
 The protocol (docs/recovery.md; a route with ``@ws_route(recovery=True)``): the
 client's first frame is ``{"t":"resume"}`` (a new session) or ``{"t":"resume",
 "session":..,"token":..,"epoch":..,"pos":..}``; the server answers ``{"t":"welcome",
-...,"recovered":..,"end":..}`` (and ``"replayed"`` in the first notes of the protocol),
-then sends every message routed through Redis as ``{"t":"msg","pos":P,"d"|"j"|"b":..}``
-(replayed ones first, then live ones), what the handler sends its own connection in the
-same shapes without ``"pos"``, and now and then a mark ``{"t":"pos","pos":P}`` (all
-before ``P`` has arrived). Positions are ``"<ms>-<seq>"``, ordered by ``seq``.
+...,"recovered":..,"end":..}``, then sends every message routed through Redis as
+``{"t":"msg","pos":P,"d"|"j"|"b":..}`` (replayed ones first, then live ones), what the
+handler sends its own connection in the same shapes without ``"pos"``, and now and then
+a mark ``{"t":"pos","pos":P}`` (all before ``P`` has arrived). Positions are
+``"<ms>-<seq>"``, ordered by ``seq``.
 
 :class:`RecoveringClient` keeps the session, token, epoch and the position of the last
 message, can resume on any instance, and keeps everything it received with the time it
@@ -58,14 +58,11 @@ class Welcome:
     epoch: str
     pos: str
     recovered: bool
-    #: ``None`` when the welcome lacks it (the protocol says it is there: the tests that
-    #: count what was replayed then fail on it, the others still run).
-    replayed: int | None
     #: ``time.monotonic()`` when it arrived.
     at: float
     #: Where the history ended when the session was claimed (docs/recovery.md): the
-    #: messages numbered up to it are the replay. ``None`` when the welcome lacks it.
-    end: str | None = None
+    #: messages numbered up to it are the replay.
+    end: str
 
     @classmethod
     def parse(cls, frame: dict[str, Any], at: float) -> Welcome:
@@ -79,21 +76,18 @@ class Welcome:
                 epoch=frame["epoch"],
                 pos=frame["pos"],
                 recovered=frame["recovered"],
-                replayed=frame.get("replayed"),
                 at=at,
-                end=frame.get("end"),
+                end=frame["end"],
             )
         except KeyError as missing:
             raise ProtocolError(f"welcome without {missing}: {frame!r}") from None
-        for name in ("session", "token", "epoch", "pos"):
+        for name in ("session", "token", "epoch", "pos", "end"):
             if not isinstance(getattr(welcome, name), str):
                 raise ProtocolError(f"welcome {name} is not a string: {frame!r}")
-        replayed_ok = welcome.replayed is None or type(welcome.replayed) is int
-        if not isinstance(welcome.recovered, bool) or not replayed_ok:
-            raise ProtocolError(f"welcome recovered/replayed of the wrong type: {frame!r}")
+        if not isinstance(welcome.recovered, bool):
+            raise ProtocolError(f"welcome recovered of the wrong type: {frame!r}")
         seq(welcome.pos)  # a position, or ValueError
-        if welcome.end is not None:
-            seq(welcome.end)
+        seq(welcome.end)
         return welcome
 
 
@@ -168,8 +162,7 @@ class Outage:
         return (
             f"lost (close code {self.code} {self.reason!r}), resumed on {self.resumed_on} after "
             f"{self.gap:.3f} s ({self.failed_attempts} failed attempts), recovered="
-            f"{welcome.recovered if welcome else None}, replayed="
-            f"{welcome.replayed if welcome else None}, first message {first} after the loss"
+            f"{welcome.recovered if welcome else None}, first message {first} after the loss"
         )
 
 

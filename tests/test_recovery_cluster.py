@@ -331,6 +331,34 @@ async def test_recovery_resume_after_clean_close_replays_what_was_missed(
     await client.close()
 
 
+async def test_recovery_session_of_a_reaped_instance_resumes_with_what_came_since(
+    start_cluster: StartCluster, recovering: Pool
+) -> None:
+    """Its instance killed and reaped (its records gone from Redis: the user counts no
+    connection), the session stays resumable: messages sent to the user after the reap,
+    when no connection of theirs exists anywhere, are replayed on the resume."""
+    cluster = start_cluster(2, **FAST)
+    client = recovering.client("rey")
+    first = await client.open(base(cluster[0]))
+    await send_numbers(cluster[1], "rey", [1, 2])
+    assert numbers(await client.read(2)) == [1, 2]
+    cluster[0].crash()
+    started = time.monotonic()
+    while (await cluster[1].call("/query", {"selector": {"user": "rey"}}))["count"]:
+        assert time.monotonic() - started < 30, "the dead instance was never reaped"
+        await asyncio.sleep(0.2)
+    reaped = time.monotonic() - started
+    routed = await send_numbers(cluster[1], "rey", [3, 4, 5])
+    assert routed == [0, 0, 0], f"routed to a connection after the reap: {routed}"
+    welcome = await client.open(base(cluster[1]))
+    print(f"\nreaped {reaped:.2f} s after the kill; resumed: {welcome}")
+    assert (welcome.session, welcome.recovered) == (first.session, True), welcome
+    assert numbers(await client.read(3)) == [3, 4, 5]
+    extra = await client.quiet()
+    assert not extra and not client.stale, f"extra {numbers(extra)}, stale {client.stale}"
+    await client.close()
+
+
 async def test_recovery_messages_keep_their_kind_live_and_replayed(
     start_cluster: StartCluster, recovering: Pool
 ) -> None:

@@ -239,7 +239,9 @@ async def test_recovery_first_frame_must_be_a_resume_frame(redis_url: str, prefi
 
 
 @pytest.mark.integration
-async def test_recovery_lost_history_is_told(redis_url: str, prefix: str) -> None:
+async def test_recovery_lost_history_is_told(
+    redis_url: str, admin_redis_url: str, prefix: str
+) -> None:
     """Another epoch (Redis lost the history) and trimmed entries: recovered false."""
     async with serving(redis_url, prefix, recovery_length=20) as (client, wslb):
         async with session(client, "ann") as (_, welcome):
@@ -251,7 +253,7 @@ async def test_recovery_lost_history_is_told(redis_url: str, prefix: str) -> Non
         async with session(client, "ann") as (_, fresh):
             pass
         keys = Keys(prefix)
-        admin = aioredis.Redis.from_url(redis_url)
+        admin = aioredis.Redis.from_url(admin_redis_url)
         try:
             await admin.delete(keys.history_meta, keys.history)
         finally:
@@ -279,7 +281,9 @@ async def test_recovery_resume_closes_the_previous_owner(redis_url: str, prefix:
 
 
 @pytest.mark.integration
-async def test_recovery_session_follows_group_changes_at_once(redis_url: str, prefix: str) -> None:
+async def test_recovery_session_follows_group_changes_at_once(
+    redis_url: str, admin_redis_url: str, prefix: str
+) -> None:
     """A join is in the session within a moment, not at the next periodic refresh: an
     instance killed right after would otherwise replay without the group's messages."""
     async with serving(redis_url, prefix) as (client, _):
@@ -287,7 +291,7 @@ async def test_recovery_session_follows_group_changes_at_once(redis_url: str, pr
             await ws.send("join")
             await frames(ws, 1)
             key = Keys(prefix).session(welcome["session"])
-            admin = aioredis.Redis.from_url(redis_url)
+            admin = aioredis.Redis.from_url(admin_redis_url)
             try:
                 async with asyncio.timeout(5):
                     while True:
@@ -346,7 +350,9 @@ async def history_ids(redis_url: str, prefix: str) -> list[bytes]:
 
 
 @pytest.mark.integration
-async def test_recovery_a_hole_in_the_history_is_told(redis_url: str, prefix: str) -> None:
+async def test_recovery_a_hole_in_the_history_is_told(
+    redis_url: str, admin_redis_url: str, prefix: str
+) -> None:
     """seq has no gaps: an entry missing after the client's position (trimmed while
     the session was claimed, say) makes the resume say recovered false."""
     async with serving(redis_url, prefix) as (client, wslb):
@@ -354,8 +360,8 @@ async def test_recovery_a_hole_in_the_history_is_told(redis_url: str, prefix: st
             pass
         for n in range(10):
             await wslb.send(UserSelector("ann" if n % 2 else "bob"), f"m{n}")
-        ids = await history_ids(redis_url, prefix)
-        admin = aioredis.Redis.from_url(redis_url)
+        ids = await history_ids(admin_redis_url, prefix)
+        admin = aioredis.Redis.from_url(admin_redis_url)
         try:
             await admin.xdel(Keys(prefix).history, ids[4])
         finally:
@@ -366,7 +372,7 @@ async def test_recovery_a_hole_in_the_history_is_told(redis_url: str, prefix: st
 
 @pytest.mark.integration
 async def test_recovery_renumbered_history_closes_a_connected_client(
-    redis_url: str, prefix: str
+    redis_url: str, admin_redis_url: str, prefix: str
 ) -> None:
     """Redis lost the history's meta (evicted, say) and another session began a new
     epoch: a connected client whose messages now come numbered again from 1 is closed
@@ -376,7 +382,7 @@ async def test_recovery_renumbered_history_closes_a_connected_client(
             for n in range(5):
                 await wslb.send(UserSelector("ann"), f"m{n}")
             await frames(ws, 5)
-            admin = aioredis.Redis.from_url(redis_url)
+            admin = aioredis.Redis.from_url(admin_redis_url)
             try:
                 await admin.delete(Keys(prefix).history_meta)
             finally:
@@ -430,14 +436,16 @@ async def test_recovery_a_message_redis_would_not_record_ends_the_history(
 
 
 @pytest.mark.integration
-async def test_recovery_history_ends_with_the_last_session(redis_url: str, prefix: str) -> None:
+async def test_recovery_history_ends_with_the_last_session(
+    redis_url: str, admin_redis_url: str, prefix: str
+) -> None:
     """Sends record only while a session may ask for them: the history and its meta
     expire after the last session, and then sends cost no stream."""
     async with serving(redis_url, prefix, recovery_ttl=0.5) as (client, wslb):
         async with session(client, "ann"):
             await wslb.send(UserSelector("ann"), "kept")
         keys = Keys(prefix)
-        admin = aioredis.Redis.from_url(redis_url)
+        admin = aioredis.Redis.from_url(admin_redis_url)
         try:
             async with asyncio.timeout(20):
                 while await admin.exists(keys.history_meta):

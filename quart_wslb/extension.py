@@ -143,6 +143,8 @@ class WsLoadBalance:
         # Recovery connections whose groups changed, for _refresh_sessions.
         self._dirty: set[Connection] = set()
         self._dirty_sessions = asyncio.Event()
+        # The tasks that hand lagging recovery connections their history.
+        self._following: set[asyncio.Task[None]] = set()
         self._sender = SignalSender(self)  # every signal names this extension
         # Keyed by the prefix's names: made again for the app's prefix by init_app.
         self._local = LocalIndex(Keys("wslb"))
@@ -334,6 +336,7 @@ class WsLoadBalance:
         # recovery connections missed meanwhile.
         receiver.on_subscribed(liveness.resubscribed)
         receiver.on_subscribing(self._hold_recovery)
+        receiver.on_lagging = self._lagging
         receiver.on_subscribed(self._catch_up)
         try:
             await _first_beat(liveness, timeout)
@@ -536,6 +539,25 @@ class WsLoadBalance:
                     await connection.close(TRY_AGAIN, "catching up failed: resume")
             return
         for connection in lost:
+            await connection.close(HISTORY_LOST, "history lost: resume")
+
+    def _lagging(self, connection: Connection) -> None:
+        """A recovery connection's queue was full: a task hands it its history at the
+        pace it reads (:meth:`Sessions.follow`), rather than closing it."""
+        task = asyncio.create_task(self._follow(connection), name=f"wslb-follow-{connection.id}")
+        self._following.add(task)
+        task.add_done_callback(self._following.discard)
+
+    async def _follow(self, connection: Connection) -> None:
+        runtime = self._running()
+        receiver = runtime.receiver
+        try:
+            whole = await runtime.sessions.follow(connection, lambda: receiver.subscriptions)
+        except Exception as error:  # too slow (TimeoutError), or Redis's: it resumes
+            log.info("%s lagged and could not catch up: %r", connection.id, error)
+            await connection.close(TRY_AGAIN, "send queue full")
+            return
+        if not whole:
             await connection.close(HISTORY_LOST, "history lost: resume")
 
     def _session_changed(self, connection: Connection) -> None:

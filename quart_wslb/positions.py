@@ -61,6 +61,11 @@ class Recovery:
     overflowed: bool = False
     #: A message came numbered at or before one it has: the history was renumbered.
     broken: bool = False
+    #: Its queue was full: live messages are dropped (the history has them) while a task
+    #: hands it the history at the pace it reads (``recovery.Sessions.follow``).
+    lagging: bool = False
+    #: A message that is not in the history came while lagging: it cannot be handed.
+    unrecoverable: bool = False
     held: list[tuple[str | None, Outgoing, str]] = field(default_factory=list)
     #: The sequence number of the last message handed to the connection, and its
     #: position.
@@ -68,20 +73,23 @@ class Recovery:
     position: str = "0-0"
 
     def admit(self, pos: str | None, frame: Outgoing, message_id: str) -> bool:
-        """Whether to queue a live message now: not while holding (it is kept), nor if
-        it is numbered at or before the last one handed out (then :attr:`broken`)."""
+        """Whether to queue a live message now (then :meth:`handed` once queued): not
+        while holding (it is kept), nor while lagging (the history has it; one that is
+        not in it makes the connection :attr:`unrecoverable`), nor if it is numbered at
+        or before the last one handed out (then :attr:`broken`)."""
         if self.holding:
             if len(self.held) < MAX_HELD:
                 self.held.append((pos, frame, message_id))
             else:
                 self.overflowed = True
             return False
+        if self.lagging:
+            self.unrecoverable = self.unrecoverable or pos is None
+            return False
         seq = seq_of(pos)
-        if seq is not None and pos is not None:
-            if seq <= self.last:
-                self.broken = True
-                return False
-            self.last, self.position = seq, pos
+        if seq is not None and seq <= self.last:
+            self.broken = True
+            return False
         return True
 
     def mark(self, pos: str | None) -> bool:
@@ -89,7 +97,7 @@ class Recovery:
         reached this instance. Whether the connection moved on to it (then its client is
         told); one behind what it has means the history was renumbered (:attr:`broken`)."""
         seq = seq_of(pos)
-        if self.holding or seq is None or pos is None or seq == self.last:
+        if self.holding or self.lagging or seq is None or pos is None or seq == self.last:
             return False
         if seq < self.last:
             self.broken = True
@@ -125,7 +133,7 @@ class Recovery:
         """Hold live messages until :meth:`recovery.Sessions.catch_up` has run: the subscriber
         resubscribed, and may have missed some (a claimed session only: one being
         resumed holds already, and checks for a resubscription itself)."""
-        if self.epoch and not self.holding:
+        if self.epoch and not self.holding and not self.lagging:
             self.holding = self.catching = True
 
 

@@ -39,7 +39,7 @@ from .exceptions import REDIS_FAILURES, describe
 from .keys import Keys
 from .local_index import LocalIndex
 from .outgoing import Outgoing
-from .recovery import HISTORY_LOST, position_frame, wrap
+from .recovery import HISTORY_LOST, TRY_AGAIN, position_frame, wrap
 from .redis_client import clustered
 from .sharded import MergedSubscription
 from .signal_sender import SignalSender
@@ -124,6 +124,9 @@ class Receiver:
         self.last_message = time.monotonic()
         self._on_subscribed: list[Callable[[], Awaitable[None]]] = []
         self._on_subscribing: list[Callable[[], None]] = []
+        #: Called with a recovery connection whose queue was full: it lags behind, and
+        #: its messages come from the history (without it, it is closed: 1013).
+        self.on_lagging: Callable[[Connection], None] | None = None
         self._keyring = keyring
         #: Checks every message when there is a secret; ``None``: everything is trusted.
         self._verifier = None if keyring is None else Verifier(keyring, keys)
@@ -487,21 +490,28 @@ class Receiver:
             else:
                 await owner.offer(frame, envelope.id)
 
-    @staticmethod
-    async def _recover(connection: Connection, envelope: Envelope) -> None:
+    async def _recover(self, connection: Connection, envelope: Envelope) -> None:
         """Hand a message to a recovery connection, wrapped with its position: held
         while its history is replayed. One numbered at or before what it already has
         means the history was renumbered (Redis lost it): closed (4410), its client
         resumes and is told."""
         wrapped = Outgoing(wrap(envelope.kind, envelope.frame, envelope.pos))
-        recovery = connection.recovery
+        recovery, pos = connection.recovery, envelope.pos
         if recovery is None:
             return
-        if recovery.admit(envelope.pos, wrapped, envelope.id):
-            if not connection.put_nowait(wrapped):
-                await connection.offer(wrapped, envelope.id)
+        if recovery.admit(pos, wrapped, envelope.id):
+            if connection.put_nowait(wrapped):
+                if pos is not None:
+                    recovery.handed(pos)
+            elif pos is not None and recovery.epoch and self.on_lagging is not None:
+                recovery.lagging = True  # the history has it: handed at the client's pace
+                self.on_lagging(connection)
+            else:
+                await connection.offer(wrapped, envelope.id)  # full: closed (1013)
         elif recovery.broken:
             await connection.close(HISTORY_LOST, "history lost: resume")
+        elif recovery.unrecoverable:
+            await connection.close(TRY_AGAIN, "send queue full")
 
     async def _mark(self, envelope: Envelope) -> None:
         """Where the shard's history ended when the mark was sent: every message before

@@ -25,7 +25,7 @@ import hashlib
 import hmac
 import json
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -446,6 +446,49 @@ class Sessions:
         except HistoryGapError:  # trimmed past the earliest: each below the cut is lost
             return lost + list(waiting), {}
         return lost, found
+
+    async def follow(self, connection: Connection, subscriptions: Callable[[], int]) -> bool:
+        """Hand a lagging connection (:attr:`Recovery.lagging`: its queue was full) the
+        history from its position, at the pace it reads, until it has caught up; then
+        its live messages go straight out again. A last pass holds the live messages
+        (those dropped before it are in the history it reads), and another follows if
+        the subscriber resubscribed meanwhile (``subscriptions()`` counts them). Returns
+        ``False`` if its history is lost; ``TimeoutError`` if it takes none of its
+        messages for ``HAND_TIMEOUT``."""
+        recovery = connection.recovery
+        if recovery is None:
+            return True
+        check = (
+            connection.user,
+            _ids(connection),
+            _index_names(recovery.keys, _record(connection)),
+        )
+        last_pass, seen = False, subscriptions()
+        while True:
+            async with redis_deadline(self._timeout, "follow"):
+                epoch, top, ms = await self._redis.hmget(
+                    recovery.keys.history_meta, ["e", "s", "m"]
+                )
+            newest = int(_text(top or 0))
+            if _text(epoch or "") != recovery.epoch or newest < recovery.last:
+                return False
+            try:
+                async for page in self._pages(
+                    recovery.keys, recovery.position, f"{_text(ms or 0)}-{newest}"
+                ):
+                    for pos, entry in page:
+                        if matches(json.loads(entry[b"o"]), *check):
+                            async with asyncio.timeout(HAND_TIMEOUT):
+                                await connection.put(Outgoing(_wrapped(entry, pos)))
+                        recovery.handed(pos)
+            except HistoryGapError:
+                return False
+            if last_pass and subscriptions() == seen:
+                async with asyncio.timeout(HAND_TIMEOUT):
+                    await release(connection)
+                return True
+            seen, last_pass = subscriptions(), True
+            recovery.holding, recovery.lagging = True, False
 
     async def refresh(self, connections: list[Connection]) -> set[Keys]:
         """Rewrite each session's record (its groups change) and restart its TTL, and

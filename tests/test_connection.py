@@ -77,8 +77,9 @@ async def test_offer_close_policy_closes_with_1013() -> None:
 
 
 async def test_offer_recovery_connection_closes_whatever_the_policy() -> None:
-    """A drop would leave a hole in a recovery client's history; a close makes it resume
-    and get what did not fit."""
+    """What reaches ``offer`` on a full recovery connection cannot wait in the history
+    (the receiver makes it lag when it can): a drop would leave a hole, a close makes
+    the client resume."""
     socket = FakeWebsocket()
     connection = make_connection(socket, queue_size=1, policy="drop", owner=OWNER)
     connection.recovery = Recovery(Keys("p"), "s")

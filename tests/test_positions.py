@@ -37,6 +37,7 @@ def test_recovery_holds_then_drops_what_was_replayed() -> None:
     released = recovery.release()
     assert [message_id for _, message_id in released] == ["id5"]
     assert recovery.admit("1-6", Outgoing("m6"), "id6")
+    recovery.handed("1-6")  # queued
     assert recovery.admit(None, Outgoing("local"), "x")
     assert not recovery.broken
     # Live, numbered at or before what it has: the history was renumbered.
@@ -53,3 +54,15 @@ def test_recovery_mark_moves_on_and_tells_a_renumbering() -> None:
     assert not recovery.mark("10-8"), "a mark while catching up would skip what it fills"
     recovery.release()
     assert not recovery.mark("3-2") and recovery.broken
+
+
+def test_recovery_lagging_drops_what_the_history_has() -> None:
+    recovery = Recovery(Keys("p"), "s", epoch="e", holding=False)
+    recovery.lagging = True
+    assert not recovery.admit("1-1", Outgoing("m1"), "id1")
+    assert not recovery.unrecoverable and not recovery.held
+    assert not recovery.mark("2-5"), "a mark while lagging would skip what it never got"
+    recovery.hold()
+    assert not recovery.holding, "a resubscription's catch-up while its own task follows"
+    assert not recovery.admit(None, Outgoing("local"), "x")
+    assert recovery.unrecoverable, "a message the history lacks, dropped"

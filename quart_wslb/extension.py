@@ -382,7 +382,7 @@ class WsLoadBalance:
             return
         for connection in list(self._local.values()):
             await connection.close(GOING_AWAY, "server stopping")
-        await _cancel(runtime.tasks)
+        await _cancel([*runtime.tasks, *self._following])
         timeout = self.settings.redis_timeout
         try:  # first stop being routed to, then clean up (each step bounded on its own)
             async with redis_deadline(timeout, "stop"):
@@ -775,7 +775,7 @@ def _checked_metadata(pairs: object) -> dict[str, str]:
 async def _cancel(tasks: list[asyncio.Task[None]], attempts: int = 5) -> None:
     """Cancel and wait, again if a cancellation was swallowed; bounded in time."""
     pending = set(tasks)
-    for _ in range(attempts):
+    for _ in range(attempts if pending else 0):
         for task in pending:
             task.cancel()
         _, pending = await asyncio.wait(pending, timeout=1.0)

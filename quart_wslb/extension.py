@@ -35,6 +35,7 @@ from .keys import Keys
 from .liveness import InstanceInfo, Liveness
 from .local_index import LocalIndex
 from .outgoing import Outgoing
+from .positions import Recovery
 from .queries import Stream
 from .receiver import Receiver
 from .records import ConnectionRecord
@@ -46,10 +47,10 @@ from .recovery import (
     Claim,
     HistoryGapError,
     Peek,
-    Recovery,
     Resume,
     ResumeRefusedError,
     Sessions,
+    hand,
     parse_resume,
     release,
 )
@@ -628,9 +629,9 @@ class WsLoadBalance:
         await connection.put(json.dumps(welcome, separators=(",", ":")))
         try:
             for page in [first]:
-                await _hand(connection, page)
+                await hand(connection, page)
             async for page in pages:
-                await _hand(connection, page)
+                await hand(connection, page)
         except HistoryGapError as error:  # trimmed while replaying: the client resumes
             log.info("%s: %s", connection.id, error)
             await connection.close(HISTORY_LOST, "history lost: resume")
@@ -697,15 +698,6 @@ class WsLoadBalance:
             except Exception as error:
                 log.warning("could not unregister %s: %r", connection.id, error)
         await self._sender.send(signals.connection_closed, connection=connection)
-
-
-async def _hand(connection: Connection, page: list[tuple[str, Outgoing]]) -> None:
-    """Queue replayed messages, waiting for room: the replay is this client's alone."""
-    recovery = connection.recovery
-    for pos, frame in page:
-        if recovery is not None:
-            recovery.handed(pos)
-        await connection.put(frame)
 
 
 async def _nothing() -> AsyncIterator[list[tuple[str, Outgoing]]]:

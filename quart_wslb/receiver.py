@@ -39,7 +39,8 @@ from .exceptions import REDIS_FAILURES, describe
 from .keys import Keys
 from .local_index import LocalIndex
 from .outgoing import Outgoing
-from .recovery import HISTORY_LOST, TRY_AGAIN, position_frame, wrap
+from .positions import position_frame, wrap
+from .recovery import HISTORY_LOST, TRY_AGAIN
 from .redis_client import clustered
 from .sharded import MergedSubscription
 from .signal_sender import SignalSender
@@ -472,30 +473,31 @@ class Receiver:
             await self._control(envelope, connections)
             return
         frame = Outgoing(envelope.frame)  # one object for every target: encoded once
-        if connections is not None:
-            for connection in connections:
-                if connection.recovery is not None:
-                    await self._recover(connection, envelope)
-                elif not connection.put_nowait(frame):
-                    await connection.offer(frame, envelope.id)
-            return
-        for target in envelope.targets or ():
-            owner = self._local.get(target)
-            if owner is not None and owner.recovery is None and owner.put_nowait(frame):
-                continue  # queued: the common case, with no coroutine
-            if owner is None:
-                await self._gone(envelope, target)
-            elif owner.recovery is not None:
-                await self._recover(owner, envelope)
-            else:
-                await owner.offer(frame, envelope.id)
+        wrapped: Outgoing | None = None  # the same for recovery connections, once needed
+        if connections is None:
+            connections = []
+            for target in envelope.targets or ():
+                owner = self._local.get(target)
+                if owner is not None and owner.recovery is None and owner.put_nowait(frame):
+                    continue  # queued: the common case, with no coroutine
+                if owner is None:
+                    await self._gone(envelope, target)
+                else:
+                    connections.append(owner)
+        for connection in connections:
+            if connection.recovery is not None:
+                wrapped = wrapped or Outgoing(wrap(envelope.kind, envelope.frame, envelope.pos))
+                await self._recover(connection, envelope, wrapped)
+            elif not connection.put_nowait(frame):
+                await connection.offer(frame, envelope.id)
 
-    async def _recover(self, connection: Connection, envelope: Envelope) -> None:
+    async def _recover(
+        self, connection: Connection, envelope: Envelope, wrapped: Outgoing
+    ) -> None:
         """Hand a message to a recovery connection, wrapped with its position: held
         while its history is replayed. One numbered at or before what it already has
         means the history was renumbered (Redis lost it): closed (4410), its client
         resumes and is told."""
-        wrapped = Outgoing(wrap(envelope.kind, envelope.frame, envelope.pos))
         recovery, pos = connection.recovery, envelope.pos
         if recovery is None:
             return

@@ -45,7 +45,7 @@ from .envelope import Frame
 from .exceptions import WsLoadBalanceError, redis_deadline
 from .keys import Keys, shard_of
 from .outgoing import Outgoing
-from .positions import Recovery, position_frame, seq_of, wrap
+from .positions import seq_of, wrap
 
 if TYPE_CHECKING:
     from .connection import Connection
@@ -57,16 +57,13 @@ __all__ = (
     "Claim",
     "HistoryGapError",
     "Peek",
-    "Recovery",
     "Resume",
     "ResumeRefusedError",
     "Sessions",
+    "hand",
     "matches",
     "release",
     "parse_resume",
-    "position_frame",
-    "seq_of",
-    "wrap",
 )
 
 #: Seconds a recovery route waits for the client's first frame (the resume frame).
@@ -490,9 +487,9 @@ class Sessions:
             seen, last_pass = subscriptions(), True
             recovery.holding, recovery.lagging = True, False
 
-    async def refresh(self, connections: list[Connection]) -> set[Keys]:
+    async def refresh(self, connections: list[Connection]) -> None:
         """Rewrite each session's record (its groups change) and restart its TTL, and
-        that of its shard's history; returns those shards."""
+        that of its shard's history."""
         shards: set[Keys] = set()
         async with self._redis.pipeline(transaction=False) as pipe:
             for connection in connections:
@@ -508,7 +505,6 @@ class Sessions:
                 pipe.pexpire(view.history_meta, self._history_ms)
                 pipe.pexpire(view.history, self._history_ms)
             await pipe.execute()
-        return shards
 
 
 class _Candidates:
@@ -545,15 +541,21 @@ class _Candidates:
         return list(found)
 
 
+async def hand(connection: Connection, page: list[tuple[str, Outgoing]]) -> None:
+    """Queue messages read from the history, each noted as handed, waiting for room."""
+    recovery = connection.recovery
+    for pos, frame in page:
+        if recovery is not None:
+            recovery.handed(pos)
+        await connection.put(frame)
+
+
 async def _hand_over(connection: Connection, found: list[tuple[str, Outgoing]]) -> None:
     """Queue what a catch-up found for ``connection``, then release its held messages,
     waiting for room at most ``HAND_TIMEOUT`` (else closed, 1013: its client resumes)."""
     try:
         async with asyncio.timeout(HAND_TIMEOUT):
-            for pos, frame in found:
-                if connection.recovery is not None:
-                    connection.recovery.handed(pos)
-                await connection.put(frame)
+            await hand(connection, found)
             await release(connection)
     except TimeoutError:
         await connection.close(TRY_AGAIN, "too slow to catch up: resume")

@@ -20,6 +20,22 @@ from tests.cluster import Clients, Cluster
 from tests.support import acl_refusals, acl_url
 from tests.topology import RedisClusterSet, SentinelSet, redis_version
 
+try:
+    from playwright.async_api import Browser, async_playwright
+except ImportError:  # pragma: no cover - depends on the environment
+    async_playwright = None  # type: ignore[assignment]
+
+#: The browser tests' Chromium: Debian's package (``.ci/run`` installs it).
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
+
 #: The prefixes of the tests on the real Redis (see ``prefix``), as an ACL glob.
 TEST_PREFIXES = "test-*"
 #: The fixtures that start or reach a real redis-server (every real-Redis fixture below
@@ -225,3 +241,20 @@ async def fixture_clients() -> AsyncIterator[Clients]:
     pool = Clients()
     yield pool
     await pool.close()
+
+
+@pytest.fixture(name="browser")
+async def fixture_browser() -> AsyncIterator[Browser]:
+    """Headless Chromium from the OS packages; the test is skipped without it."""
+    if async_playwright is None:
+        pytest.skip("the playwright package is not installed (pip install -e '.[test]')")
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install -y chromium)")
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(
+            executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=30_000
+        )
+        try:
+            yield browser
+        finally:
+            await browser.close()

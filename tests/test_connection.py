@@ -24,8 +24,8 @@ from quart_wslb.connection import (
 from quart_wslb.envelope import Envelope, Frame, encode
 from quart_wslb.keys import Keys
 from quart_wslb.outgoing import Outgoing
+from quart_wslb.positions import Recovery
 from quart_wslb.receiver import Receiver
-from quart_wslb.recovery import Recovery
 from quart_wslb.signal_sender import SignalSender
 from tests.support import (
     KEYS,

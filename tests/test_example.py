@@ -17,9 +17,9 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
@@ -31,23 +31,12 @@ from example_app.launcher import GRACEFUL_TIMEOUT, Cluster, Instance
 from quart_wslb.config import DEFAULTS
 from quart_wslb.testing import find_redis_server, free_port
 
-try:
-    from playwright.async_api import Browser, Page, async_playwright
-except ImportError:  # pragma: no cover - depends on the environment
-    async_playwright = None  # type: ignore[assignment]
+if TYPE_CHECKING:  # the browser fixture (conftest) skips without playwright
+    from playwright.async_api import Browser, Page
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 ROOT = Path(__file__).resolve().parent.parent
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-]
 #: Milliseconds a page waits for anything it expects.
 PAGE_WAIT = 10_000
 #: The example's instances run with the default TTL: a record that waited for it is late.
@@ -245,23 +234,6 @@ async def test_example_graceful_stop_closes_1001_when_the_graceful_timeout_ends(
         assert waited < INSTANCE_TTL / 2, f"sends still reach zed {waited:.2f}s after the 1001"
         await asyncio.sleep(0.05)
     print(f"MEASURED 1001 -> sends to its users return 0: {time.monotonic() - started:.2f}s")
-
-
-@pytest.fixture(name="browser")
-async def fixture_browser() -> AsyncIterator[Browser]:
-    """Headless Chromium from the OS packages; the test is skipped without it."""
-    if async_playwright is None:
-        pytest.skip("the playwright package is not installed (pip install -e '.[test]')")
-    if not os.access(CHROMIUM, os.X_OK):
-        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install -y chromium)")
-    async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(
-            executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=30_000
-        )
-        try:
-            yield browser
-        finally:
-            await browser.close()
 
 
 async def open_chat(browser: Browser, url: str, user: str) -> tuple[Page, str]:

@@ -25,17 +25,16 @@ from quart_wslb import positions as positions_module
 from quart_wslb.exceptions import WsLoadBalanceError
 from quart_wslb.keys import Keys
 from quart_wslb.outgoing import Outgoing
+from quart_wslb.positions import Recovery, seq_of
 from quart_wslb.recovery import (
     HISTORY_LOST,
     RESUMED_ELSEWHERE,
-    Recovery,
     Resume,
     Sessions,
     _Candidates,
     matches,
     parse_resume,
     release,
-    seq_of,
 )
 from quart_wslb.testing import RedisServer
 from tests.support import FakeWebsocket, eventually, make_connection
@@ -253,11 +252,8 @@ async def test_recovery_lost_history_is_told(
         async with session(client, "ann") as (_, fresh):
             pass
         keys = Keys(prefix)
-        admin = aioredis.Redis.from_url(admin_redis_url)
-        try:
+        async with aioredis.Redis.from_url(admin_redis_url) as admin:
             await admin.delete(keys.history_meta, keys.history)
-        finally:
-            await admin.aclose()
         async with session(client, "ann", resume_of(fresh, fresh["pos"])) as (_, again):
             assert again["recovered"] is False, "a new epoch replayed as whole"
             assert again["epoch"] != fresh["epoch"]
@@ -291,8 +287,7 @@ async def test_recovery_session_follows_group_changes_at_once(
             await ws.send("join")
             await frames(ws, 1)
             key = Keys(prefix).session(welcome["session"])
-            admin = aioredis.Redis.from_url(admin_redis_url)
-            try:
+            async with aioredis.Redis.from_url(admin_redis_url) as admin:
                 async with asyncio.timeout(5):
                     while True:
                         record = json.loads(await admin.hget(key, "r") or b"{}")
@@ -306,8 +301,6 @@ async def test_recovery_session_follows_group_changes_at_once(
                 await frames(ws, 1)
                 await asyncio.sleep(0.3)
                 assert await admin.hget(key, "r") == b"{}", "a lost owner rewrote the session"
-            finally:
-                await admin.aclose()
             assert 120_000 < ttl <= 151_000, ttl  # TTL, a refresh period and a second
 
 
@@ -324,11 +317,8 @@ async def test_recovery_catch_up_fills_what_the_subscriber_missed(
         async with session(client, "ann") as (ws, _):
             await wslb.send(UserSelector("ann"), "m0")
             await frames(ws, 1)
-            admin = aioredis.Redis.from_url(private_redis.url)
-            try:
+            async with aioredis.Redis.from_url(private_redis.url) as admin:
                 killed = await admin.client_kill_filter(_type="pubsub")
-            finally:
-                await admin.aclose()
             assert killed >= 1
             sent = [f"m{n}" for n in range(1, 51)]
             routed = [await wslb.send(UserSelector("ann"), text) for text in sent]
@@ -341,12 +331,9 @@ async def test_recovery_catch_up_fills_what_the_subscriber_missed(
 
 
 async def history_ids(redis_url: str, prefix: str) -> list[bytes]:
-    admin = aioredis.Redis.from_url(redis_url)
-    try:
+    async with aioredis.Redis.from_url(redis_url) as admin:
         entries: list[tuple[bytes, Any]] = await admin.xrange(Keys(prefix).history)  # type: ignore[assignment]
         return [entry_id for entry_id, _ in entries]
-    finally:
-        await admin.aclose()
 
 
 @pytest.mark.integration
@@ -361,11 +348,8 @@ async def test_recovery_a_hole_in_the_history_is_told(
         for n in range(10):
             await wslb.send(UserSelector("ann" if n % 2 else "bob"), f"m{n}")
         ids = await history_ids(admin_redis_url, prefix)
-        admin = aioredis.Redis.from_url(admin_redis_url)
-        try:
+        async with aioredis.Redis.from_url(admin_redis_url) as admin:
             await admin.xdel(Keys(prefix).history, ids[4])
-        finally:
-            await admin.aclose()
         async with session(client, "ann", resume_of(welcome, welcome["pos"])) as (_, again):
             assert again["recovered"] is False, again
 
@@ -382,11 +366,8 @@ async def test_recovery_renumbered_history_closes_a_connected_client(
             for n in range(5):
                 await wslb.send(UserSelector("ann"), f"m{n}")
             await frames(ws, 5)
-            admin = aioredis.Redis.from_url(admin_redis_url)
-            try:
+            async with aioredis.Redis.from_url(admin_redis_url) as admin:
                 await admin.delete(Keys(prefix).history_meta)
-            finally:
-                await admin.aclose()
             async with session(client, "bob") as _:
                 await wslb.send(UserSelector("ann"), "renumbered")
                 with pytest.raises(WebsocketDisconnectError) as raised:
@@ -418,8 +399,7 @@ async def test_recovery_a_message_redis_would_not_record_ends_the_history(
 ) -> None:
     """Sent live but refused by the stream (maxmemory): the history must not pass for
     whole, so a later resume is told."""
-    admin = aioredis.Redis.from_url(private_redis.url)
-    try:
+    async with aioredis.Redis.from_url(private_redis.url) as admin:
         async with serving(private_redis.url, "oom") as (client, wslb):
             async with session(client, "ann") as (_, welcome):
                 pass
@@ -431,8 +411,6 @@ async def test_recovery_a_message_redis_would_not_record_ends_the_history(
             await wslb.send(UserSelector("ann"), "recorded")
             async with session(client, "ann", resume_of(welcome, welcome["pos"])) as (_, again):
                 assert again["recovered"] is False, again
-    finally:
-        await admin.aclose()
 
 
 @pytest.mark.integration
@@ -445,16 +423,13 @@ async def test_recovery_history_ends_with_the_last_session(
         async with session(client, "ann"):
             await wslb.send(UserSelector("ann"), "kept")
         keys = Keys(prefix)
-        admin = aioredis.Redis.from_url(admin_redis_url)
-        try:
+        async with aioredis.Redis.from_url(admin_redis_url) as admin:
             async with asyncio.timeout(20):
                 while await admin.exists(keys.history_meta):
                     await wslb.send(UserSelector("bob"), "traffic")  # must not keep it
                     await asyncio.sleep(0.1)
             await wslb.send(UserSelector("bob"), "after")
             assert await admin.exists(keys.history) == 0
-        finally:
-            await admin.aclose()
 
 
 @pytest.mark.integration
@@ -470,11 +445,8 @@ async def test_recovery_catch_up_that_fails_closes_so_the_client_resumes(
     async with serving(private_redis.url, "cf") as (client, wslb):
         async with session(client, "ann") as (ws, _):
             monkeypatch.setattr(Sessions, "_catch_up_shard", fails)
-            admin = aioredis.Redis.from_url(private_redis.url)
-            try:
+            async with aioredis.Redis.from_url(private_redis.url) as admin:
                 assert await admin.client_kill_filter(_type="pubsub") >= 1
-            finally:
-                await admin.aclose()
             with pytest.raises(WebsocketDisconnectError) as raised:
                 await asyncio.wait_for(ws.receive(), 10)
             assert raised.value.args[0] == 1013

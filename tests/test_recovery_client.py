@@ -12,27 +12,22 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-try:
-    from playwright.async_api import Browser, Page, async_playwright
-except ImportError:  # pragma: no cover - depends on the environment
-    async_playwright = None  # type: ignore[assignment]
+if TYPE_CHECKING:  # the browser fixture (conftest) skips without playwright
+    from playwright.async_api import Browser, Page
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
 CLIENT = Path(__file__).resolve().parent.parent / "example_app" / "static" / "wslb-recovery.js"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"]
 #: Milliseconds a page waits for anything it expects.
 PAGE_WAIT = 10_000
 #: The page: one WslbSocket on /ws whose callbacks append to window.events.
@@ -79,22 +74,6 @@ class FakeServer:
                 self.received.append(str(frame))
         except ConnectionClosed:
             pass
-
-
-@pytest.fixture(name="browser")
-async def fixture_browser() -> AsyncIterator[Browser]:
-    if async_playwright is None:
-        pytest.skip("the playwright package is not installed (pip install -e '.[test]')")
-    if not os.access(CHROMIUM, os.X_OK):
-        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install -y chromium)")
-    async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(
-            executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=30_000
-        )
-        try:
-            yield browser
-        finally:
-            await browser.close()
 
 
 def files(connection: ServerConnection, request: Request) -> Response | None:

@@ -88,6 +88,13 @@ async def send_numbers(instance: Instance, user: str, numbers: Sequence[int]) ->
     return [int(count) for count in (await instance.call("/send_many", body))["routed"]]
 
 
+async def nothing_more(client: RecoveringClient) -> None:
+    """Nothing more comes, and nothing came twice; then close."""
+    extra = await client.quiet()
+    assert not extra and not client.stale, f"extra {numbers(extra)}, stale {client.stale}"
+    await client.close()
+
+
 def numbers(messages: Sequence[Message]) -> list[int]:
     """The ``n`` of each numbered message."""
     return [int(m.value["n"]) for m in messages]
@@ -325,9 +332,7 @@ async def test_recovery_resume_after_clean_close_replays_what_was_missed(
     assert numbers(await client.read(20)) == list(range(6, 26))
     await send_numbers(cluster[0], "bea", [26])
     assert numbers(await client.read(1)) == [26]
-    extra = await client.quiet()
-    assert not extra and not client.stale, f"extra {numbers(extra)}, stale {client.stale}"
-    await client.close()
+    await nothing_more(client)
 
 
 async def test_recovery_session_of_a_reaped_instance_resumes_with_what_came_since(
@@ -353,9 +358,7 @@ async def test_recovery_session_of_a_reaped_instance_resumes_with_what_came_sinc
     print(f"\nreaped {reaped:.2f} s after the kill; resumed: {welcome}")
     assert (welcome.session, welcome.recovered) == (first.session, True), welcome
     assert numbers(await client.read(3)) == [3, 4, 5]
-    extra = await client.quiet()
-    assert not extra and not client.stale, f"extra {numbers(extra)}, stale {client.stale}"
-    await client.close()
+    await nothing_more(client)
 
 
 async def test_recovery_messages_keep_their_kind_live_and_replayed(

@@ -39,9 +39,9 @@ def invoke(*args: str, input: str | None = None) -> Result:
     return CliRunner().invoke(cli, list(args), input=input, catch_exceptions=False)
 
 
-@pytest.fixture(name="where", params=TOPOLOGIES[:2])
+@pytest.fixture(name="where", params=TOPOLOGIES)
 def fixture_where(request: pytest.FixtureRequest) -> Where:
-    """One real Redis, or the session's Redis Cluster (the cluster URL form)."""
+    """One real Redis, the session's Redis Cluster or its Sentinel set: each URL form."""
     return where_of(request, request.param)
 
 

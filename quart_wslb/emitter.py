@@ -19,7 +19,7 @@ import json
 import os
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Self, cast
+from typing import Any, Self, cast
 
 from redis.asyncio import Redis
 
@@ -35,6 +35,7 @@ from .exceptions import (
     ours,
     redis_deadline,
 )
+from .instances import InstanceInfo, live, read
 from .keys import Keys
 from .queries import Reader, Stream
 from .records import ConnectionRecord
@@ -494,6 +495,23 @@ class AsyncEmitter:
         if await self._check_instances():
             async for page in self._reader.users(selector):
                 yield page
+
+    async def instances(self) -> list[InstanceInfo]:
+        """Every live instance (id, start time, connections, messages received), sorted
+        by id, as :meth:`WsLoadBalance.instances <quart_wslb.WsLoadBalance.instances>`
+        lists them; empty, never ``NoInstancesError``, when none is live."""
+        await self._check_layout()
+        async with redis_deadline(self.timeout, "instances"):
+            return live(await read(self.keys, self._run))
+
+    async def _run(self, groups: Iterable[list[tuple[Any, ...]]]) -> list[Any]:
+        """The replies of the commands, in one pipeline (no transaction: a cluster's
+        shards are in several slots)."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for group in groups:
+                for command in group:
+                    pipe.execute_command(*command)
+            return list(await pipe.execute())
 
     async def join(self, selector: Selector, group: str) -> int:
         """Add every matching connection to ``group``; returns how many matched."""

@@ -25,11 +25,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
@@ -39,6 +37,7 @@ from ._lua import source
 from .cluster import pick_transport
 from .contract import check_layout
 from .exceptions import REDIS_FAILURES, WsLoadBalanceError, describe
+from .instances import InstanceInfo, live, read, record
 from .keys import Keys
 from .local_index import LocalIndex
 from .receiver import Receiver
@@ -54,17 +53,6 @@ log = logging.getLogger("quart_wslb")
 FULL_REPAIR_EVERY = 15
 #: Probes the subscriber may miss before it is restarted.
 MISSED_PROBES = 2
-
-
-@dataclass(frozen=True, slots=True)
-class InstanceInfo:
-    """A live instance, as Redis knows it."""
-
-    id: str
-    #: Unix time at which the instance started serving.
-    started_at: float
-    #: Connections registered for it.
-    connections: int
 
 
 class Liveness:
@@ -175,7 +163,7 @@ class Liveness:
         prefix holds keys of another layout (another version of quart-wslb).
         """
         keys, me = self._keys, self._instance
-        record = json.dumps({"started_at": self.started_at})
+        mine = record(self.started_at, self._receiver.received)
         layout = [
             [("SETNX", view.layout, keys.layout_value), ("GET", view.layout)]  # SET NX GET: 7.0
             for view in keys.views
@@ -189,7 +177,7 @@ class Liveness:
             [
                 *marker,
                 ("SET", view.heartbeat(me), "1", "PX", self._ttl_ms),
-                ("HSET", view.instances, me, record),
+                ("HSET", view.instances, me, mine),
                 ("HLEN", view.records(me)),
                 (publish, view.channel(me), probe),
             ]
@@ -351,34 +339,12 @@ class Liveness:
 
     async def instances(self) -> list[InstanceInfo]:
         """Every live instance with its start time and connection count, from Redis."""
-        found: dict[str, InstanceInfo] = {}
-        for _, info, up in await self._read():
-            if up:
-                had = found.get(info.id)
-                count = info.connections + (had.connections if had else 0)
-                started = had.started_at if had else info.started_at
-                found[info.id] = InstanceInfo(info.id, started, count)
-        return sorted(found.values(), key=lambda info: info.id)
+        return live(await self._read())
 
     async def _read(self) -> list[tuple[Keys, InstanceInfo, bool]]:
         """Every instance listed in each shard, and whether its heartbeat there is alive:
-        two round trips."""
-        views = self._keys.views
-        listed = await self._run([("HGETALL", view.instances)] for view in views)
-        pairs = [
-            (view, name, record)
-            for view, flat in zip(views, listed, strict=True)
-            for name, record in sorted(_fields(flat).items())
-        ]
-        counts = await self._run(
-            [("EXISTS", view.heartbeat(name.decode())), ("HLEN", view.records(name.decode()))]
-            for view, name, _ in pairs
-        )
-        found = []
-        for i, (view, name, record) in enumerate(pairs):
-            info = InstanceInfo(name.decode(), _started_at(record), int(counts[2 * i + 1]))
-            found.append((view, info, bool(counts[2 * i])))
-        return found
+        two round trips on this loop's own transport."""
+        return await read(self._keys, self._run)
 
     async def aclose(self) -> None:
         """Close this loop's own transport (the loop is stopped)."""
@@ -398,18 +364,3 @@ class Liveness:
     async def _delist_from(self, view: Keys, name: str) -> bool:
         keys = [view.instances, view.heartbeat(name), view.records(name), view.layout]
         return bool(await self._delist(keys=keys, args=[name]))
-
-
-def _started_at(record: bytes) -> float:
-    """The start time in an instance record; 0.0 for a record that is not ours."""
-    try:
-        return float(json.loads(record)["started_at"])
-    except (ValueError, TypeError, KeyError):
-        return 0.0
-
-
-def _fields(reply: Any) -> dict[bytes, bytes]:
-    """An ``HGETALL`` reply as a dict: a flat list (RESP2), or a map (RESP3)."""
-    if isinstance(reply, dict):
-        return reply
-    return dict(zip(reply[::2], reply[1::2], strict=True))

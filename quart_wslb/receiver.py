@@ -123,6 +123,9 @@ class Receiver:
         self._probe_seen = [0] * len(keys.views)
         #: Monotonic time of the last message the subscriber received.
         self.last_message = time.monotonic()
+        #: Messages taken off this instance's channels (probes aside), refused ones
+        #: too: the heartbeat publishes it, for rates (``wslb watch``).
+        self.received = 0
         self._on_subscribed: list[Callable[[], Awaitable[None]]] = []
         self._on_subscribing: list[Callable[[], None]] = []
         #: Called with a recovery connection whose queue was full: it lags behind, and
@@ -370,6 +373,7 @@ class Receiver:
             log.warning("dropped a malformed envelope: %s", error)
             await self._sender.dropped("malformed", detail=str(error))
             return
+        self.received += len(envelopes)
         verifier = self._verifier
         # One clock reading for the signed checks of the whole publish (Unix ms).
         now = 0 if verifier is None else time.time_ns() // 1_000_000

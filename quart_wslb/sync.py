@@ -27,6 +27,7 @@ from .batch import MAX_CALLS, MAX_PIPELINE
 from .config import EmitterOptions, emitter_options, validated_instance_id
 from .emitter import EVERYONE, AsyncEmitter
 from .exceptions import RedisUnavailableError
+from .instances import InstanceInfo
 from .records import ConnectionRecord
 from .selectors import Selector
 
@@ -127,6 +128,10 @@ class Emitter:
     def resolve(self, selector: Selector) -> dict[str, list[str]]:
         """Like :meth:`AsyncEmitter.resolve`."""
         return self._call(lambda e: e.resolve(selector))
+
+    def instances(self) -> list[InstanceInfo]:
+        """Like :meth:`AsyncEmitter.instances`."""
+        return self._call(lambda e: e.instances(), steps=2)
 
     def connections(self, selector: Selector = EVERYONE) -> Iterator[ConnectionRecord]:
         """Like :meth:`AsyncEmitter.connections`, as a plain iterator (paged)."""

@@ -732,3 +732,25 @@ async def test_liveness_probe_out_during_a_resubscription_restarts_nothing(
     await liveness.tick()
     assert restarts == []
     await redis.aclose()
+
+
+async def test_liveness_beat_publishes_messages_received() -> None:
+    """Each beat writes the receiver's count into the instance's record, in every shard:
+    ``instances()`` (and an emitter's, for ``wslb watch``) reads it back."""
+    redis = fakeredis.FakeAsyncRedis()
+    keys = Keys("counted", shards=2)
+    receiver = Receiver(redis, keys, "solo", held(keys=keys), SignalSender(None))
+    liveness = Liveness(
+        redis, keys, "solo", interval=0.5, ttl=1.5, registry=Registry(redis, keys),
+        receiver=receiver, local=held(keys=keys), sender=SignalSender(None),
+    )  # fmt: skip
+    try:
+        await liveness.beat()
+        receiver.received = 41
+        assert [info.received for info in await liveness.instances()] == [0]
+        await liveness.beat()
+        (info,) = await liveness.instances()
+        assert (info.id, info.received, info.started_at) == ("solo", 41, liveness.started_at)
+    finally:
+        await liveness.aclose()
+        await redis.aclose()

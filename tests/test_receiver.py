@@ -1013,3 +1013,15 @@ async def test_run_delivers_while_a_callback_after_subscribing_hangs(
         await eventually(lambda: frames_of(local, "i1:a") == ["a"] and entered.is_set())
         assert not cancelled.is_set()
     assert cancelled.is_set()
+
+
+async def test_dispatch_counts_messages_received_not_probes(fake_redis: Redis) -> None:
+    """``received`` (which the heartbeat publishes, for ``wslb watch``'s rates) counts
+    every message of a publish, delivered or not, and no probe."""
+    receiver = Receiver(fake_redis, KEYS, "i1", held(), OWNER)
+    publish = encode(*(Envelope(f"m{n}", "i0", "text", ["i1:9"], "x") for n in range(3)))
+    await receiver.dispatch(publish)
+    await receiver.dispatch(raw(["i1:9"]))
+    await receiver.dispatch(receiver.next_probe())
+    await receiver.dispatch(b"not an envelope")
+    assert receiver.received == 4

@@ -232,3 +232,15 @@ def test_emitter_users_waits_for_one_page_at_a_time(
         assert list(emitter.users(PathSelector("/ws"))) == []
     # SSCAN's COUNT is a hint: about 500 ids a page, so three or four pages, and the end.
     assert len(waits) >= 3, f"{len(waits)} waits for {anonymous} candidates"
+
+
+@pytest.mark.integration
+def test_emitter_instances_lists_the_live_ones(
+    redis_url: str, prefix: str, cluster_keys: Keys
+) -> None:
+    with Emitter(redis_url, prefix=prefix) as emitter:
+        assert emitter.instances() == []  # i1 is listed, but has no heartbeat
+        with redis.Redis.from_url(redis_url) as client:
+            client.set(cluster_keys.heartbeat("i1"), "1")
+        (info,) = emitter.instances()
+    assert (info.id, info.started_at, info.connections, info.received) == ("i1", 1.0, 2, 0)

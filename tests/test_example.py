@@ -27,7 +27,7 @@ from websockets.exceptions import ConnectionClosed
 
 from example_app.demo import RESUME, app_frame
 from example_app.front import Backend, Front
-from example_app.launcher import GRACEFUL_TIMEOUT, Cluster, Instance
+from example_app.launcher import GRACEFUL_TIMEOUT, STOP_TIMEOUT, Cluster, Instance
 from quart_wslb.config import DEFAULTS
 from quart_wslb.testing import find_redis_server, free_port
 
@@ -234,6 +234,32 @@ async def test_example_graceful_stop_closes_1001_when_the_graceful_timeout_ends(
         assert waited < INSTANCE_TTL / 2, f"sends still reach zed {waited:.2f}s after the 1001"
         await asyncio.sleep(0.05)
     print(f"MEASURED 1001 -> sends to its users return 0: {time.monotonic() - started:.2f}s")
+
+
+async def test_example_ctrl_c_closes_1001_and_prints_no_traceback(
+    redis_url: str, prefix: str
+) -> None:
+    """Issue 17: Ctrl-C on an instance with an open websocket. The client gets 1001 once
+    the graceful timeout ends, and the terminal shows no CancelledError traceback (asyncio
+    logged one for each connection Hypercorn cancelled, before Python 3.13)."""
+    with Cluster(instances=1, redis_url=redis_url, env={"WSLB_PREFIX": prefix}) as cluster:
+        [instance] = cluster.instances
+        async with connect(instance.url.replace("http", "ws") + "ws?user=zed") as client:
+            await chat_welcome(client)
+            stopped = time.monotonic()
+            os.killpg(instance.pid, signal.SIGINT)  # what Ctrl-C in its terminal sends
+            with pytest.raises(ConnectionClosed) as closed:
+                while True:
+                    await asyncio.wait_for(client.recv(), GRACEFUL_TIMEOUT + 5)
+        code = await asyncio.to_thread(instance.process.wait, STOP_TIMEOUT)
+        exited = time.monotonic() - stopped
+    output = "\n".join(instance.output)  # the reader thread ended when the cluster stopped
+    print(f"\nMEASURED Ctrl-C -> instance exited: {exited:.2f}s")
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001, closed.value
+    assert code == 0, output
+    assert "CancelledError" not in output and "Traceback" not in output, output
+    assert "Running on" in output, output  # the output was captured at all
+    assert group_gone(instance.pid)
 
 
 async def open_chat(browser: Browser, url: str, user: str) -> tuple[Page, str]:

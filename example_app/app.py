@@ -92,6 +92,13 @@ async def index() -> Response:
     return await app.send_static_file("index.html")
 
 
+@app.get("/favicon.ico")
+async def favicon() -> Response:
+    """The page's icon (``static/favicon.svg``), where a browser asks for it by this name:
+    the page names it, but a JSON endpoint opened in a browser tab does not."""
+    return await app.send_static_file("favicon.svg")
+
+
 @app.get("/health")
 async def health() -> dict[str, Any]:
     """Which instance this is and how many sockets it holds (the launcher polls it)."""

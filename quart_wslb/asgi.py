@@ -8,13 +8,17 @@
   over the limit, and says once when the server's own limit is evidently higher.
 - When the server gives up on a websocket (Hypercorn cancels the app once its graceful
   timeout has passed on shutdown), the client gets 1001 "going away", so it reconnects
-  elsewhere, instead of 1011 "internal error".
+  elsewhere, instead of 1011 "internal error". On Python before 3.13, asyncio then logs a
+  ``CancelledError`` traceback for each connection Hypercorn cancelled (its stream
+  callback asks a cancelled task for its exception, CPython gh-113538): while the app
+  serves, :func:`quiet_cancelled_connections` drops exactly that report.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
@@ -36,7 +40,9 @@ __all__ = (
     "GOING_AWAY",
     "MESSAGE_TOO_BIG",
     "WebsocketGuard",
+    "quiet_cancelled_connections",
     "server_unbounded",
+    "stray_cancellation",
     "too_large",
 )
 
@@ -46,6 +52,9 @@ MESSAGE_TOO_BIG = 1009
 GOING_AWAY = 1001
 #: The scope key under which the middleware keeps the websocket's :class:`Activity`.
 ACTIVITY = "quart_wslb.activity"
+#: Where asyncio's stream callback comes from, as the loop names the failed callback.
+STREAM_CALLBACK = "StreamReaderProtocol.connection_made"
+ExceptionHandler = Callable[[asyncio.AbstractEventLoop, dict[str, Any]], object]
 
 
 def server_unbounded(event: ASGIReceiveEvent, limit: int) -> bool:
@@ -142,3 +151,45 @@ class WebsocketGuard:
             "in its config file)",
             self.limit,
         )
+
+
+def stray_cancellation(context: dict[str, Any]) -> bool:
+    """Whether an event loop's error ``context`` is the CancelledError that asyncio's stream
+    callback raises for a connection task cancelled by the server (gh-113538).
+
+    That callback only reports what the connection's coroutine raised; it raises
+    CancelledError itself only when asked about a cancelled task, so nothing else matches.
+    """
+    return isinstance(context.get("exception"), asyncio.CancelledError) and (
+        STREAM_CALLBACK in str(context.get("message", ""))
+    )
+
+
+def quiet_cancelled_connections() -> Callable[[], None]:
+    """Drop :func:`stray_cancellation` reports on the running loop; every other report goes
+    to the handler that was there (or the default). Returns the function that undoes it.
+
+    Hypercorn cancels the websockets still open when its graceful timeout ends: the app
+    has done its part (the guard sent 1001), yet before Python 3.13 each cancelled
+    connection logged a 25-line traceback, which reads as a crash on every Ctrl-C.
+    """
+    if sys.version_info >= (3, 13):  # fixed in asyncio: nothing to quiet
+        return lambda: None
+    loop = asyncio.get_running_loop()
+    previous: ExceptionHandler | None = loop.get_exception_handler()
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if stray_cancellation(context):
+            return
+        if previous is None:
+            loop.default_exception_handler(context)
+        else:
+            previous(loop, context)
+
+    loop.set_exception_handler(handler)
+
+    def restore() -> None:
+        if loop.get_exception_handler() is handler:  # not if someone replaced it since
+            loop.set_exception_handler(previous)
+
+    return restore

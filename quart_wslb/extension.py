@@ -16,7 +16,7 @@ from quart import Quart, websocket
 from redis.asyncio import Redis
 
 from . import _compat, signals
-from .asgi import ACTIVITY, GOING_AWAY, WebsocketGuard
+from .asgi import ACTIVITY, GOING_AWAY, WebsocketGuard, quiet_cancelled_connections
 from .client_liveness import ClientLiveness
 from .cluster import pick_transport
 from .config import QueueFullPolicy, Settings, UserGetter, resolve_settings
@@ -150,6 +150,8 @@ class WsLoadBalance:
         # Keyed by the prefix's names: made again for the app's prefix by init_app.
         self._local = LocalIndex(Keys("wslb"))
         self._runtime: _Runtime | None = None
+        #: Undoes ``quiet_cancelled_connections`` (installed while serving).
+        self._unquiet: Callable[[], None] = lambda: None
         if app is not None:
             self.init_app(app)
 
@@ -372,6 +374,7 @@ class WsLoadBalance:
         self._local.on_recovery_change = self._session_changed
         tasks.append(asyncio.create_task(self._refresh_sessions(sessions), name="wslb-sessions"))
         self._runtime = _Runtime(redis, registry, receiver, liveness, emitter, sessions, tasks)
+        self._unquiet = quiet_cancelled_connections()  # Hypercorn cancels before _stop
         try:
             await asyncio.wait_for(receiver.subscribed.wait(), timeout)
         except TimeoutError:
@@ -381,6 +384,7 @@ class WsLoadBalance:
         runtime = self._runtime
         if runtime is None:
             return
+        self._unquiet()
         for connection in list(self._local.values()):
             await connection.close(GOING_AWAY, "server stopping")
         await _cancel([*runtime.tasks, *self._following])

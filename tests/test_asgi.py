@@ -1,9 +1,11 @@
-"""The ASGI guard: oversized client frames close with 1009, server cancellation with 1001."""
+"""The ASGI guard: oversized client frames close with 1009, server cancellation with 1001;
+and the stray asyncio traceback of a cancelled connection is quieted."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from collections.abc import Callable
 from typing import Any, cast
@@ -25,7 +27,9 @@ from quart_wslb.asgi import (
     GOING_AWAY,
     MESSAGE_TOO_BIG,
     WebsocketGuard,
+    quiet_cancelled_connections,
     server_unbounded,
+    stray_cancellation,
     too_large,
 )
 from quart_wslb.connection import Activity
@@ -242,3 +246,60 @@ async def test_guard_records_when_the_client_last_spoke() -> None:
     await harness.incoming.put({"type": "websocket.disconnect", "code": 1000})
     await task
     assert activity.received >= spoke > created
+
+
+async def cancel_a_connection() -> None:
+    """What Hypercorn does to a websocket its graceful timeout left open: a connection's
+    task (an ``asyncio.start_server`` callback) is cancelled while it waits."""
+    started: asyncio.Queue[asyncio.Task[Any]] = asyncio.Queue()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        started.put_nowait(task)
+        try:
+            await reader.read()
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    _, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        task = await asyncio.wait_for(started.get(), 5)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await asyncio.sleep(0)  # the task's done callbacks run now
+    finally:
+        writer.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_quiet_cancelled_connections_drops_only_the_stray_cancellation() -> None:
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, Any]] = []
+    kept = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _, context: reported.append(context))
+    try:
+        await cancel_a_connection()  # not quieted: the stray report, where asyncio makes it
+        stray = [context for context in reported if stray_cancellation(context)]
+        assert len(stray) == (1 if sys.version_info < (3, 13) else 0), reported
+        reported.clear()
+        recording_handler = loop.get_exception_handler()
+        restore = quiet_cancelled_connections()
+        await cancel_a_connection()
+        loop.call_exception_handler({"message": "a real error", "exception": ValueError()})
+        restore()
+        assert loop.get_exception_handler() is recording_handler
+    finally:
+        loop.set_exception_handler(kept)
+    assert [context["message"] for context in reported] == ["a real error"]
+
+
+def test_stray_cancellation_matches_only_the_stream_callback() -> None:
+    callback = "Exception in callback StreamReaderProtocol.connection_made.<locals>.callback()"
+    assert stray_cancellation({"message": callback, "exception": asyncio.CancelledError()})
+    assert not stray_cancellation({"message": callback, "exception": ValueError()})
+    other = "Exception in callback something_else()"
+    assert not stray_cancellation({"message": other, "exception": asyncio.CancelledError()})

@@ -27,12 +27,12 @@ from websockets.exceptions import ConnectionClosed
 
 from example_app.demo import RESUME, app_frame
 from example_app.front import Backend, Front
-from example_app.launcher import GRACEFUL_TIMEOUT, Cluster, Instance
+from example_app.launcher import GRACEFUL_TIMEOUT, STOP_TIMEOUT, Cluster, Instance
 from quart_wslb.config import DEFAULTS
 from quart_wslb.testing import find_redis_server, free_port
 
 if TYPE_CHECKING:  # the browser fixture (conftest) skips without playwright
-    from playwright.async_api import Browser, Page
+    from playwright.async_api import Browser, Page, Response, ViewportSize
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -236,12 +236,53 @@ async def test_example_graceful_stop_closes_1001_when_the_graceful_timeout_ends(
     print(f"MEASURED 1001 -> sends to its users return 0: {time.monotonic() - started:.2f}s")
 
 
-async def open_chat(browser: Browser, url: str, user: str) -> tuple[Page, str]:
-    """A page of its own (a fresh context) that joins room lobby as ``user``."""
-    context = await browser.new_context()
+async def test_example_ctrl_c_closes_1001_and_prints_no_traceback(
+    redis_url: str, prefix: str
+) -> None:
+    """Issue 17: Ctrl-C on an instance with an open websocket. The client gets 1001 once
+    the graceful timeout ends, and the terminal shows no CancelledError traceback (asyncio
+    logged one for each connection Hypercorn cancelled, before Python 3.13)."""
+    with Cluster(instances=1, redis_url=redis_url, env={"WSLB_PREFIX": prefix}) as cluster:
+        [instance] = cluster.instances
+        async with connect(instance.url.replace("http", "ws") + "ws?user=zed") as client:
+            await chat_welcome(client)
+            stopped = time.monotonic()
+            os.killpg(instance.pid, signal.SIGINT)  # what Ctrl-C in its terminal sends
+            with pytest.raises(ConnectionClosed) as closed:
+                while True:
+                    await asyncio.wait_for(client.recv(), GRACEFUL_TIMEOUT + 5)
+        code = await asyncio.to_thread(instance.process.wait, STOP_TIMEOUT)
+        exited = time.monotonic() - stopped
+    output = "\n".join(instance.output)  # the reader thread ended when the cluster stopped
+    print(f"\nMEASURED Ctrl-C -> instance exited: {exited:.2f}s")
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001, closed.value
+    assert code == 0, output
+    assert "CancelledError" not in output and "Traceback" not in output, output
+    assert "Running on" in output, output  # the output was captured at all
+    assert group_gone(instance.pid)
+
+
+async def open_chat(
+    browser: Browser,
+    url: str,
+    user: str,
+    *,
+    viewport: ViewportSize | None = None,
+    failed: list[str] | None = None,
+) -> tuple[Page, str]:
+    """A page of its own (a fresh context) that joins room lobby as ``user``; every
+    response of the page with an error status goes into ``failed``, if given."""
+    context = await browser.new_context(viewport=viewport)
     page = await context.new_page()
     page.set_default_timeout(PAGE_WAIT)
     await page.add_init_script(RECORDER)
+    if failed is not None:
+
+        def check(response: Response) -> None:
+            if response.status >= 400:
+                failed.append(f"{response.status} {response.url}")
+
+        page.on("response", check)
     await page.goto(url)
     await page.fill("#join input[name=user]", user)
     await page.fill("#join input[name=room]", "lobby")
@@ -282,6 +323,96 @@ async def test_example_browser_direct_and_room_messages_cross_instances(
     await crossing.wait_for()
     crossed = await alice.get_attribute("#flow-total", "data-crossed")
     assert crossed is not None and int(crossed) >= 2  # bob's arrival and his room message
+
+
+#: Widths of a phone held upright (360) and of a small one sideways (480), in CSS pixels.
+NARROW = (360, 480)
+#: What the page holds left of the panel at every width: nothing of it may overlap the panel.
+CHAT_PARTS = ("#join input", "#join button", "#status", "#log", "#say input", "#say button",
+              "#dm input", "#dm button", "#curl")  # fmt: skip
+
+
+def overlap(a: dict[str, float], b: dict[str, float]) -> bool:
+    """Whether two bounding boxes (x, y, width, height) share any area."""
+    return (
+        a["x"] < b["x"] + b["width"]
+        and b["x"] < a["x"] + a["width"]
+        and a["y"] < b["y"] + b["height"]
+        and b["y"] < a["y"] + a["height"]
+    )
+
+
+async def boxes(page: Page, selector: str) -> list[tuple[str, dict[str, float]]]:
+    """``selector`` and the bounding box of each visible element that it matches."""
+    found = []
+    for element in await page.locator(selector).all():
+        box = await element.bounding_box()
+        if box is not None:
+            found.append(
+                (selector, {key: float(box[key]) for key in ("x", "y", "width", "height")})
+            )
+    return found
+
+
+async def test_example_browser_page_fits_narrow_viewports_and_has_an_icon(
+    browser: Browser, example_cluster: Cluster
+) -> None:
+    """Issue 17: below ~600 px the inputs overlapped the side panel, and the favicon was
+    a 404. At each narrow width the panel stacks under the chat, nothing overlaps it or
+    sticks out of the viewport, and no request of the page fails."""
+    failed: list[str] = []
+    for width in NARROW:
+        viewport: ViewportSize = {"width": width, "height": 740}
+        page, _ = await open_chat(
+            browser, example_cluster.url, f"w{width}", viewport=viewport, failed=failed
+        )
+        await page.wait_for_selector("#participants tr[data-user]")
+        [(_, panel)] = await boxes(page, "#panel")
+        parts = [found for selector in CHAT_PARTS for found in await boxes(page, selector)]
+        assert {selector for selector, _ in parts} == set(CHAT_PARTS), parts  # all visible
+        overlapping = [(part, box) for part, box in parts if overlap(box, panel)]
+        assert overlapping == [], f"at {width}px, over the panel {panel}: {overlapping}"
+        every = [("#panel", panel), *parts]
+        outside = [(part, box) for part, box in every if box["x"] + box["width"] > width + 0.5]
+        assert outside == [], f"at {width}px, past the right edge: {outside}"
+        scroll = await page.evaluate("document.documentElement.scrollWidth")
+        assert scroll <= width, f"at {width}px the page scrolls sideways ({scroll}px wide)"
+        # The page names its icon, and the app serves it (and under the name that
+        # browsers ask for when a page names none, such as /cluster opened in a tab).
+        icon = await page.get_attribute("link[rel=icon]", "href")
+        assert icon is not None
+        for path in (icon, "/favicon.ico"):
+            response = await page.request.get(example_cluster.url + path.lstrip("/"))
+            assert response.status == 200, f"{path}: {response.status}"
+            assert response.headers["content-type"].startswith("image/"), response.headers
+        await page.context.close()
+    assert failed == []
+
+
+async def test_example_browser_dm_to_nobody_is_a_warning_not_a_receipt(
+    browser: Browser, example_cluster: Cluster
+) -> None:
+    """Issue 17: a direct message to a user nobody is connected as said "routed to 0",
+    styled like a delivery. It is now a warning that says it was not delivered."""
+    alice, _ = await open_chat(browser, example_cluster.url, "alice")
+    await open_chat(browser, example_cluster.url, "bob")
+    for to, text in (("nobody", "anyone there?"), ("bob", "hi bob")):
+        await alice.fill("#dm input[name=to]", to)
+        await alice.fill("#dm input[name=text]", text)
+        await alice.click("#dm button")
+    delivered = alice.locator("#log li.dm_sent", has_text="hi bob")
+    await delivered.wait_for()
+    warning = alice.locator("#log li.undelivered")
+    await warning.wait_for()
+    said = await warning.inner_text()
+    assert "nobody named nobody is online" in said and "not delivered" in said, said
+    assert "anyone there?" in said, said
+    assert await alice.locator("#log li.dm_sent", has_text="anyone there?").count() == 0
+    colours = await alice.evaluate(
+        """() => ["li.undelivered", "li.dm_sent"].map(
+            (s) => getComputedStyle(document.querySelector("#log " + s)).backgroundColor)"""
+    )
+    assert colours[0] != colours[1], colours  # the warning does not look like a receipt
 
 
 class Poster:
@@ -382,7 +513,9 @@ async def test_example_browser_survives_sigkill_of_its_instance_with_no_lost_lin
     browser: Browser, example_cluster: Cluster
 ) -> None:
     """Issue 16: kill -9 the instance that holds alice's socket while bob chats; her page
-    reconnects through the front to another instance, resumes, and shows every line once."""
+    reconnects through the front to another instance, resumes, and shows every line once.
+    Issue 17: her roster lists her once, though Redis still has the dead instance's record
+    of her old connection until that instance is reaped."""
     alice, alice_at = await open_chat(browser, example_cluster.url, "alice")
     bob, bob_at = await open_chat(browser, example_cluster.url, "bob")
     assert alice_at != bob_at  # the front sent the two sockets to different instances
@@ -398,9 +531,17 @@ async def test_example_browser_survives_sigkill_of_its_instance_with_no_lost_lin
         await asyncio.to_thread(victim.process.wait, 5)
         await alice.wait_for_function(BACK, arg=alice_at, timeout=RECONNECT_WAIT)
         back = time.time()
+        roster, listed = await roster_after(alice, "alice", killed)
+        rostered = time.time()
         await poster.until(max(40, len(poster.posted) + 15))
     finally:
         posted = await poster.stop()
+    stale_left_out = "1 earlier connection(s) of this tab left out" in roster
+    print(f"\nMEASURED the roster after the reconnect, {rostered - killed:.2f}s after the "
+          f"kill: {roster!r}; alice's rows: {listed}")  # fmt: skip
+    assert len(listed) == 1 and "(you)" in listed[0], listed
+    if back - killed < INSTANCE_TTL / 2:  # the dead instance cannot have been reaped yet
+        assert stale_left_out, f"alice back {back - killed:.2f}s after the kill: {roster!r}"
     await wait_for_line(alice, posted[-1])
     await wait_for_line(bob, posted[-1])
     await asyncio.sleep(0.5)  # room for a late duplicate to show
@@ -428,6 +569,22 @@ async def test_example_browser_survives_sigkill_of_its_instance_with_no_lost_lin
     assert welcome["session"] == before["session"], (before, welcome)
     assert len(welcomed) == 2, alice_rows
     assert poster.between(killed, welcomed[-1]) >= 1  # a line was posted while alice was away
+
+
+async def roster_after(page: Page, user: str, since: float) -> tuple[str, list[str]]:
+    """The text of the first roster that ``page`` logged after ``since`` (a time.time()),
+    and the rows of ``user`` in its participants table once it came."""
+    await page.wait_for_function(
+        """([key, since]) => JSON.parse(sessionStorage.getItem(key) || "[]")
+            .some(([at, cls]) => at / 1000 > since && cls === "roster")""",
+        arg=[RECORDED, since],
+        timeout=RECONNECT_WAIT,
+    )
+    rows = await page.locator(f"#participants tr[data-user={user}]").all_inner_texts()
+    [text, *_] = [
+        t for at, cls, _, t in await recorded(page) if at / 1000 > since and cls == "roster"
+    ]
+    return text, rows
 
 
 async def test_example_browser_reload_resumes_with_no_lost_line(

@@ -29,10 +29,11 @@ try:
         REGISTRY,
         CollectorRegistry,
         Counter,
-        Gauge,
         Histogram,
         generate_latest,
     )
+    from prometheus_client.core import GaugeMetricFamily, Metric
+    from prometheus_client.registry import Collector
 except ImportError as error:  # pragma: no cover - tested in a subprocess
     raise ImportError(
         "quart_wslb.metrics needs prometheus_client: pip install 'quart-wslb[metrics]'"
@@ -179,16 +180,7 @@ class Metrics:
             buckets=self._buckets,
             registry=registry,
         )
-        for name, text, compute in (
-            ("wslb_local_connections", "Connections this instance holds", self._connections),
-            ("wslb_send_queue_frames", "Frames queued for this instance's clients", self._queued),
-            (
-                "wslb_send_queue_max_frames",
-                "Frames queued for this instance's most backed-up client",
-                self._deepest,
-            ),
-        ):
-            Gauge(name, text, registry=registry).set_function(compute)
+        registry.register(_Gauges(self._local))
 
     def _receivers(self) -> list[tuple[NamedSignal, Callable[..., None]]]:
         return [
@@ -251,16 +243,33 @@ class Metrics:
     def _on_lost(self, sender: object, *, reason: str = "unexpected", **_: object) -> None:
         self.restarts.labels(reason if reason in LOST_REASONS else "other").inc()
 
-    # Gauges, computed at scrape time.
-
     def _local(self) -> Mapping[str, Connection]:
         return self._extension().local_connections
 
-    def _connections(self) -> float:
-        return len(self._local())
 
-    def _queued(self) -> float:
-        return sum(connection.queued for connection in list(self._local().values()))
+#: The gauges: name, help.
+GAUGES = (
+    ("wslb_local_connections", "Connections this instance holds"),
+    ("wslb_send_queue_frames", "Frames queued for this instance's clients"),
+    ("wslb_send_queue_max_frames", "Frames queued for this instance's most backed-up client"),
+)
 
-    def _deepest(self) -> float:
-        return max((connection.queued for connection in list(self._local().values())), default=0)
+
+class _Gauges(Collector):
+    """The gauges, computed at scrape time, in one pass over the connections: nothing
+    between scrapes."""
+
+    def __init__(self, local: Callable[[], Mapping[str, Connection]]) -> None:
+        self._local = local
+
+    def describe(self) -> list[Metric]:
+        """The gauges' names (the registry checks them for duplicates)."""
+        return [GaugeMetricFamily(name, text) for name, text in GAUGES]
+
+    def collect(self) -> list[Metric]:
+        depths = [connection.queued for connection in list(self._local().values())]
+        values = (len(depths), sum(depths), max(depths, default=0))
+        return [
+            GaugeMetricFamily(name, text, value=value)
+            for (name, text), value in zip(GAUGES, values, strict=True)
+        ]

@@ -15,12 +15,14 @@ each metric and how to serve ``/metrics``.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from contextlib import suppress
 
 from blinker import NamedSignal
 from quart import Quart, Response
 
 from . import signals
 from .connection import Connection
+from .exceptions import NotStartedError
 from .extension import WsLoadBalance
 
 try:
@@ -115,8 +117,11 @@ class Metrics:
         self._register()
         self._listen(wslb)
         app.extensions["wslb_metrics"] = self
-        # After the extension's own start (registered first), which makes its emitter.
+        # After the extension's own start (registered first), which makes its emitter
+        # (again at each start); and now, if it serves already.
         app.before_serving(self._stamp)
+        with suppress(NotStartedError):
+            wslb.emitter.timestamps = True
 
     def _register(self) -> None:
         """Make every metric, in :attr:`registry`."""

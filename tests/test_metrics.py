@@ -191,6 +191,20 @@ async def test_metrics_stamps_the_apps_sends_and_times_their_delivery(
         await redis.aclose()
 
 
+async def test_metrics_made_while_serving_stamps_the_sends_at_once(
+    fake_server: fakeredis.FakeServer,
+) -> None:
+    redis = fake_client(fake_server)
+    app, wslb = make_app(redis, "i1")
+    try:
+        async with app.test_app():
+            assert not wslb.emitter.timestamps
+            Metrics(app, registry=CollectorRegistry())
+            assert wslb.emitter.timestamps
+    finally:
+        await redis.aclose()
+
+
 def _python(code: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=False

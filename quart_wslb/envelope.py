@@ -189,14 +189,21 @@ def quick_header(header: bytes) -> dict[str, Any] | None:
 def _plain_message(data: object) -> bool:
     """Whether ``data`` is a message entry the schema accepts as it is, with no other
     field: id, kind, size and ``targets`` or ``sel`` or both; with a signature, also
-    ``ts`` and ``sig``."""
+    ``ts`` and ``sig``; maybe ``pos`` and ``t``."""
     if type(data) is not dict:
         return False
     get = data.get
-    fields = len(data) - ("targets" in data) - ("sel" in data) - ("pos" in data) - ("t" in data)
-    if fields != 3:  # the signature's fields, inline: this runs per message
+    fields = len(data) - ("targets" in data) - ("sel" in data) - ("pos" in data)
+    if fields != 3:  # a send time, a signature's fields: inline, this runs per message
+        if "t" in data:
+            sent = data["t"]
+            if type(sent) is not int or sent < 0:
+                return False
+            fields -= 1
         ts, sig = get("ts"), get("sig")
-        if fields != 5 or type(ts) is not int or type(sig) is not str or not 0 < len(sig) <= 200:
+        if fields != 3 and (
+            fields != 5 or type(ts) is not int or type(sig) is not str or not 0 < len(sig) <= 200
+        ):
             return False
     id, kind, size = get("id"), get("kind"), get("size")
     if (
@@ -220,10 +227,6 @@ def _plain_message(data: object) -> bool:
     if "pos" in data:
         pos = data["pos"]
         if type(pos) is not str or not 3 <= len(pos) <= 48:
-            return False
-    if "t" in data:
-        sent = data["t"]
-        if type(sent) is not int or sent < 0:
             return False
     if "sel" in data:
         sel = data["sel"]
@@ -333,7 +336,6 @@ def decode(raw: bytes) -> list[Envelope]:
                 message["sig"],
                 shard,
                 get("pos"),
-                get("t"),
             )
         else:
             envelope = Envelope(
@@ -345,8 +347,9 @@ def decode(raw: bytes) -> list[Envelope]:
                 sel=get("sel"),
                 shard=shard,
                 pos=get("pos"),
-                sent=get("t"),
             )
+        if "t" in message:  # set apart: a message without one pays one lookup
+            envelope.sent = message["t"]
         envelopes.append(envelope)
     return envelopes
 

@@ -222,6 +222,11 @@ class Connection:
     def __repr__(self) -> str:
         return f"<Connection {self.id} user={self.user!r} path={self.path!r}>"
 
+    @property
+    def queued(self) -> int:
+        """Frames waiting in its send queue (at most ``WSLB_SEND_QUEUE_SIZE``)."""
+        return len(self._queue)
+
     async def send(self, message: object) -> None:
         """Send to this client (through its queue): str, bytes, dict or list. On a
         recovery route it arrives as a ``{"t":"msg"}`` frame with no position."""
@@ -360,22 +365,22 @@ class Connection:
     async def _write_events(self, send: ASGISendCallable | None) -> None:
         """One ASGI ``websocket.send`` event (or Quart's send) per frame."""
         queue = self._queue
-        delivered = signals.message_delivered
+        delivered, timed = signals.message_delivered, signals.message_timed
         while True:
             message = await queue.get()
             if send is not None:
                 await send(_send_event(message.frame))
             else:
                 await self._websocket.send(message.frame)
-            if delivered.receivers:
-                await self._delivered(message)
+            if delivered.receivers or timed.receivers:
+                await self._delivered([message])
 
     async def _write_wire(self, writer: _compat.FrameWriter, send: ASGISendCallable) -> None:
         """Encoded frames written to Hypercorn's stream, those queued together at once;
         the ASGI event again whenever the stream says no (closing, say), so that
         Hypercorn handles the frame as it would any other."""
         queue = self._queue
-        delivered = signals.message_delivered
+        delivered, timed = signals.message_delivered, signals.message_timed
         while True:
             batch = await queue.get_wire(COALESCE_BYTES)
             if not writer.ready():
@@ -385,12 +390,19 @@ class Connection:
                 await writer.write(batch[0].wire)
             else:
                 await writer.write(b"".join([message.wire for message in batch]))
-            if delivered.receivers:
-                for message in batch:
-                    await self._delivered(message)
+            if delivered.receivers or timed.receivers:
+                await self._delivered(batch)
 
-    async def _delivered(self, message: Outgoing) -> None:
-        await self._sender.send(signals.message_delivered, connection=self, frame=message.frame)
+    async def _delivered(self, batch: list[Outgoing]) -> None:
+        """``message_delivered`` for each frame of ``batch``, just written, and
+        ``message_timed`` for each that carries its send time."""
+        now = time.time_ns() // 1000  # one clock reading for the batch, as one write
+        send = self._sender.send
+        for message in batch:
+            await send(signals.message_delivered, connection=self, frame=message.frame)
+            if message.sent is not None:
+                latency = (now - message.sent) / 1e6
+                await send(signals.message_timed, connection=self, latency=latency)
 
 
 def _send_event(frame: Frame) -> WebsocketSendEvent:

@@ -17,8 +17,12 @@ the receiving instance resolves it over its own connections
 header is checked by a versioned marshmallow
 schema; unknown header fields are ignored so that a later minor version may add some (a
 stream offset). With a secret, each message entry starts with its signature: ``ts``,
-``sel`` and ``sig`` (:mod:`quart_wslb.signing`). ``v`` is :data:`quart_wslb.contract.VERSION`
-(exported here too), which ``lua/send.lua`` writes from the same constant.
+``sel`` and ``sig`` (:mod:`quart_wslb.signing`). A message whose sender has timestamps
+on (:attr:`AsyncEmitter.timestamps <quart_wslb.AsyncEmitter.timestamps>`, which
+:class:`quart_wslb.metrics.Metrics` turns on) carries ``t``: when it was sent, in Unix
+µs by the sender's clock; an older receiver ignores it (through the schema). ``v`` is
+:data:`quart_wslb.contract.VERSION` (exported here too), which ``lua/send.lua`` writes
+from the same constant.
 """
 
 from __future__ import annotations
@@ -96,6 +100,9 @@ class Envelope:
     #: With recovery (:mod:`quart_wslb.recovery`), where the message lies in its
     #: shard's history stream: ``"<ms>-<seq>"`` (header field ``pos``).
     pos: str | None = None
+    #: When it was sent, in Unix µs by the sender's clock (header field ``t``), if its
+    #: sender had timestamps on (:mod:`quart_wslb.metrics`).
+    sent: int | None = None
 
     @property
     def payload(self) -> bytes:
@@ -115,6 +122,7 @@ class _MessageSchema(Schema):
     sel = fields.List(fields.String(), validate=validate.Length(min=1))
     sig = fields.String(validate=validate.Length(min=1, max=200))
     pos = fields.String(validate=validate.Length(min=3, max=48))
+    t = fields.Integer(strict=True, validate=validate.Range(min=0))
 
     @validates_schema
     def _addressed(self, data: dict[str, Any], **_: Any) -> None:
@@ -181,14 +189,21 @@ def quick_header(header: bytes) -> dict[str, Any] | None:
 def _plain_message(data: object) -> bool:
     """Whether ``data`` is a message entry the schema accepts as it is, with no other
     field: id, kind, size and ``targets`` or ``sel`` or both; with a signature, also
-    ``ts`` and ``sig``."""
+    ``ts`` and ``sig``; maybe ``pos`` and ``t``."""
     if type(data) is not dict:
         return False
     get = data.get
     fields = len(data) - ("targets" in data) - ("sel" in data) - ("pos" in data)
-    if fields != 3:  # the signature's fields, inline: this runs per message
+    if fields != 3:  # a send time, a signature's fields: inline, this runs per message
+        if "t" in data:
+            sent = data["t"]
+            if type(sent) is not int or sent < 0:
+                return False
+            fields -= 1
         ts, sig = get("ts"), get("sig")
-        if fields != 5 or type(ts) is not int or type(sig) is not str or not 0 < len(sig) <= 200:
+        if fields != 3 and (
+            fields != 5 or type(ts) is not int or type(sig) is not str or not 0 < len(sig) <= 200
+        ):
             return False
     id, kind, size = get("id"), get("kind"), get("size")
     if (
@@ -278,6 +293,8 @@ def _entry(envelope: Envelope, payload: bytes) -> dict[str, Any]:
         entry["targets"] = envelope.targets
     if envelope.pos is not None:
         entry["pos"] = envelope.pos
+    if envelope.sent is not None:
+        entry["t"] = envelope.sent
     entry["size"] = len(payload)
     return entry
 
@@ -331,6 +348,8 @@ def decode(raw: bytes) -> list[Envelope]:
                 shard=shard,
                 pos=get("pos"),
             )
+        if "t" in message:  # set apart: a message without one pays one lookup
+            envelope.sent = message["t"]
         envelopes.append(envelope)
     return envelopes
 

@@ -43,11 +43,14 @@ class Outgoing:
     """A frame for local connections, shared by all of them: the ``frame`` itself
     (``str``: text, ``bytes``: binary) and its wire encoding, made on first use."""
 
-    __slots__ = ("_wire", "frame")
+    __slots__ = ("_wire", "frame", "sent")
 
-    def __init__(self, frame: Frame) -> None:
+    def __init__(self, frame: Frame, sent: int | None = None) -> None:
         #: What the client receives: ``str`` as a text frame, ``bytes`` as binary.
         self.frame = frame
+        #: When its message was sent (Unix µs, the sender's clock), if it says
+        #: (:attr:`Envelope.sent <quart_wslb.envelope.Envelope.sent>`).
+        self.sent = sent
         self._wire: bytes | None = None
 
     def __repr__(self) -> str:

@@ -476,7 +476,7 @@ class Receiver:
         if envelope.kind in CONTROL_KINDS:
             await self._control(envelope, connections)
             return
-        frame = Outgoing(envelope.frame)  # one object for every target: encoded once
+        frame = Outgoing(envelope.frame, envelope.sent)  # one for every target: encoded once
         wrapped: Outgoing | None = None  # the same for recovery connections, once needed
         if connections is None:
             connections = []
@@ -490,7 +490,9 @@ class Receiver:
                     connections.append(owner)
         for connection in connections:
             if connection.recovery is not None:
-                wrapped = wrapped or Outgoing(wrap(envelope.kind, envelope.frame, envelope.pos))
+                wrapped = wrapped or Outgoing(
+                    wrap(envelope.kind, envelope.frame, envelope.pos), envelope.sent
+                )
                 await self._recover(connection, envelope, wrapped)
             elif not connection.put_nowait(frame):
                 await connection.offer(frame, envelope.id)

@@ -18,6 +18,7 @@ __all__ = (
     "message_dropped",
     "message_received",
     "message_routed",
+    "message_timed",
     "instance_joined",
     "instance_left",
     "instance_reaped",
@@ -40,6 +41,12 @@ message_routed: NamedSignal = _signals.signal("message_routed")
 message_received: NamedSignal = _signals.signal("message_received")
 #: A frame was written to a local client. Receivers: ``(sender, connection, frame)``.
 message_delivered: NamedSignal = _signals.signal("message_delivered")
+#: A frame whose message carried its send time (its sender had
+#: :attr:`~quart_wslb.AsyncEmitter.timestamps` on) was written to a local client, right
+#: after ``message_delivered``. Receivers: ``(sender, connection, latency)``: seconds from
+#: the send to the write, this machine's clock minus the sender's (so skew between them
+#: counts, and may make it negative).
+message_timed: NamedSignal = _signals.signal("message_timed")
 #: Something was not delivered. Receivers: ``(sender, reason, message_id, connection,
 #: detail)``. ``reason`` is one of ``"malformed"`` (an envelope failed the schema),
 #: ``"error"`` (delivering one message raised; logged with its traceback),

@@ -3,16 +3,18 @@
 A plain ``WsLoadBalance(app)``: the extension reads its options from the environment
 (``WSLB_REDIS_URL``, ``WSLB_PREFIX``, ``WSLB_INSTANCE_ID``...) itself.
 It counts every envelope its instance receives, so tests can prove which instances
-a send reached.
+a send reached. With ``TEST_METRICS=1`` in its environment it also has
+:class:`~quart_wslb.metrics.Metrics`, served at ``/metrics``.
 """
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from types import SimpleNamespace
 from typing import Any
 
-from quart import Quart, current_app, request, websocket
+from quart import Quart, Response, current_app, request, websocket
 
 from quart_wslb import (
     AllSelector,
@@ -36,6 +38,18 @@ from quart_wslb.server import server_options
 app = Quart(__name__)
 wslb = WsLoadBalance(app)
 stats: Counter[str] = Counter()
+
+
+if os.environ.get("TEST_METRICS") == "1":  # prometheus_client is imported only then
+    from prometheus_client import CollectorRegistry
+
+    from quart_wslb.metrics import Metrics
+
+    metrics = Metrics(app, registry=CollectorRegistry())
+
+    @app.get("/metrics")
+    async def get_metrics() -> Response:
+        return metrics.response()
 
 
 #: The server's settings: ``hypercorn --config python:tests.cluster_app.hypercorn``.

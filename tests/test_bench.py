@@ -1,10 +1,10 @@
 """Smoke test of the benchmark suite: its smallest run completes and reports sane figures.
 
-It checks that ``python -m bench --smoke``, ``python -m bench.fanout --smoke`` and
-``python -m bench.recovery --smoke`` run, not how fast anything is: the figures are never
-part of pass/fail. Skipped unless the ``bench`` extra is installed; the python-socketio
-part (and ``bench.recovery``, which measures it in every round) is skipped on its own
-when only that package is missing.
+It checks that ``python -m bench --smoke``, ``python -m bench.fanout --smoke``,
+``python -m bench.recovery --smoke`` and ``python -m bench.metrics --smoke`` run, not how
+fast anything is: the figures are never part of pass/fail. Skipped unless the ``bench``
+extra is installed; the python-socketio part (and ``bench.recovery``, which measures it
+in every round) is skipped on its own when only that package is missing.
 """
 
 from __future__ import annotations
@@ -145,6 +145,20 @@ def test_bench_recovery_smoke_measures_off_and_on(tmp_path: Path) -> None:
         for row in round_["delivery"][regime].values():
             assert row["delivered_per_s"] > 0, row
     assert "on/off" in stdout and "recovery (on)" in stdout, stdout
+
+
+def test_bench_metrics_smoke_measures_off_and_on(tmp_path: Path) -> None:
+    """``python -m bench.metrics --smoke`` runs (it checks itself that Metrics observed
+    every timed frame) and reports both ways in both regimes, and the in-process costs."""
+    stdout = _smoke("bench.metrics", tmp_path)
+    results = json.loads((tmp_path / "metrics.json").read_text())
+    [round_] = results["sends"]["rounds"]
+    assert results["sends"]["regimes"] == ["1 in flight", "32 in flight"]
+    for regime in results["sends"]["regimes"]:
+        assert set(round_[regime]) == {"off", "on"}
+        assert all(row["sends_per_s"] > 0 for row in round_[regime].values()), round_
+    assert all(value > 0 for value in results["in_process"].values()), results["in_process"]
+    assert "on/off" in stdout and "with Metrics" in stdout, stdout
 
 
 FANOUT_FIELDS = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any, cast
 
 import fakeredis
@@ -131,6 +132,21 @@ async def test_writer_sends_in_order() -> None:
     await connection.stop()
     assert [call["frame"] for call in delivered.calls] == frames
     assert all(call["connection"] is connection for call in delivered.calls)
+
+
+async def test_writer_times_frames_that_carry_their_send_time() -> None:
+    socket = FakeWebsocket()
+    connection = make_connection(socket, owner=OWNER)
+    connection.start()
+    sent = time.time_ns() // 1000 - 2_000_000  # two seconds ago, by the sender's clock
+    with recording(signals.message_timed, OWNER) as timed:
+        assert await connection.offer(Outgoing("old", sent), None)
+        assert await connection.offer(Outgoing("untimed"), None)
+        await socket.wait_sent(2)
+    await connection.stop()
+    [call] = timed.calls
+    assert call["connection"] is connection
+    assert 2.0 <= call["latency"] < 60, call["latency"]
 
 
 @pytest.mark.parametrize(

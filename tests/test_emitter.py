@@ -253,6 +253,26 @@ async def test_publish_all_is_one_broadcast(
     assert envelope.id == receipt.message_id
 
 
+async def test_publish_with_timestamps_carries_each_send_time(
+    fake_redis: aioredis.Redis, sender: AsyncEmitter
+) -> None:
+    """Off by default; on, each message carries its send time (Unix µs), by ids or by
+    selector alike."""
+    async with instances(fake_redis, "i1", "i2") as pubsubs:
+        await sender.publish(UserSelector("alice"), "text", b"untimed")
+        sender.timestamps = True
+        before = time.time_ns() // 1000
+        await sender.publish(UserSelector("alice"), "text", b"by ids")
+        await sender.publish(MetadataSelector(room="red"), "text", b"by selector")
+        after = time.time_ns() // 1000
+        got = await envelopes(pubsubs)
+    sent = {e.frame: e.sent for e in got["i1"]}
+    assert sent.keys() == {"untimed", "by ids", "by selector"}
+    assert sent.pop("untimed") is None
+    for frame, time_sent in sent.items():
+        assert time_sent is not None and before <= time_sent <= after, (frame, time_sent)
+
+
 async def test_publish_all_counts_only_live_instances(
     fake_redis: aioredis.Redis, sender: AsyncEmitter
 ) -> None:

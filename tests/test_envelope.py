@@ -116,6 +116,23 @@ def test_encode_decode_round_trip_with_a_position() -> None:
     assert decode(quick + b'"targets":[]}]}\nx')[0].pos == "17-3"
 
 
+def test_encode_decode_round_trip_with_a_send_time() -> None:
+    envelope = Envelope(id="m", origin="o", kind="text", targets=["i1:a"], frame="x", sent=17)
+    assert decode(encode(envelope)) == [envelope]
+    quick = b'{"v":3,"origin":"o","messages":[{"t":17,"id":"m","kind":"text","size":1,'
+    assert decode(quick + b'"targets":[]}]}\nx')[0].sent == 17
+
+
+def test_quick_header_takes_send_times_on_the_fast_path() -> None:
+    from quart_wslb.envelope import quick_header
+
+    signed = b'{"v":3,"origin":"o","messages":[{"ts":1,"sel":["Ua"],"sig":"k:ab","t":5,'
+    plain = b'{"v":3,"origin":"o","messages":[{"t":5,'
+    for start in (signed, plain):
+        header = start + b'"id":"m","kind":"text","targets":["i:a"],"size":0}]}'
+        assert quick_header(header) is not None, header
+
+
 def test_encode_decode_several_messages_in_order() -> None:
     envelopes = [
         Envelope(id="m1", origin="i0", kind="text", targets=["i1:a"], frame="é\n"),
@@ -305,6 +322,13 @@ QUICK_CORPUS = [
     b'{"v":3,"origin":"o","messages":[{"pos":17,"id":"m","kind":"text","targets":[],"size":0}]}',
     b'{"v":3,"origin":"o","messages":[{"pos":"1","id":"m","kind":"text","targets":[],"size":0}]}',
     b'{"v":3,"origin":"o","messages":[{"pos":null,"id":"m","kind":"text","targets":[],"size":0}]}',
+    # A send time (t, Unix µs): a non-negative int, or refused.
+    b'{"v":3,"origin":"o","messages":[{"t":17,"id":"m","kind":"text","targets":[],"size":0}]}',
+    b'{"v":3,"origin":"o","messages":[{"sel":["B"],"t":0,"id":"m","kind":"text","size":0}]}',
+    b'{"v":3,"origin":"o","messages":[{"t":-1,"id":"m","kind":"text","targets":[],"size":0}]}',
+    b'{"v":3,"origin":"o","messages":[{"t":1.5,"id":"m","kind":"text","targets":[],"size":0}]}',
+    b'{"v":3,"origin":"o","messages":[{"t":"1","id":"m","kind":"text","targets":[],"size":0}]}',
+    b'{"v":3,"origin":"o","messages":[{"t":true,"id":"m","kind":"text","targets":[],"size":0}]}',
     # Unhashable kinds: a set lookup would raise TypeError rather than defer.
     b'{"v":3,"origin":"x","messages":[{"id":"a","kind":[],"targets":[],"size":0}]}',
     b'{"v":3,"origin":"x","messages":[{"id":"a","kind":{},"targets":[],"size":0}]}',

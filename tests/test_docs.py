@@ -15,6 +15,10 @@ module's own, appended to the program, exercises what it defines (a request to i
 routes, a client of its websockets), while an instance of the tests ("the watcher")
 serves beside it on the same Redis with one client, alice, whose frames show what the
 program sent across instances.
+
+A block whose marker also names a file, ``<!-- runnable NAME chat.py -->``, is not run but
+saved under that name beside the program's script, for the script (or its check) to
+import or to run: a guide's module and the test files that import it.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import os
 import re
 import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
 from textwrap import dedent
@@ -44,7 +48,9 @@ PAGES = (ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")))
 
 #: A marked block: the marker, then a Python fence, whose code runs to the closing fence.
 RUNNABLE = re.compile(
-    r"^<!-- runnable (?P<name>[a-z0-9-]+) -->\n```python\n(?P<code>.*?)^```$", re.M | re.S
+    r"^<!-- runnable (?P<name>[a-z0-9-]+)(?: (?P<file>[a-z0-9_]+\.py))? -->\n"
+    r"```python\n(?P<code>.*?)^```$",
+    re.M | re.S,
 )
 #: Any marker, well formed or not: each must open a block that ``RUNNABLE`` finds.
 MARKER = re.compile(r"^<!--\s*runnable\b", re.M)
@@ -52,13 +58,25 @@ MARKER = re.compile(r"^<!--\s*runnable\b", re.M)
 PROGRAM_ID = "docs-program"
 
 
-def _programs() -> dict[str, str]:
-    """``{"page.md#name": code}``: each page's marked blocks, joined by name in order."""
-    programs: dict[str, str] = {}
+@dataclass
+class Program:
+    """The marked blocks of one page and name: the script's code, and the files saved
+    beside it."""
+
+    code: str = ""
+    files: dict[str, str] = field(default_factory=dict)
+
+
+def _programs() -> dict[str, Program]:
+    """``{"page.md#name": program}``: each page's marked blocks, joined by name in order."""
+    programs: dict[str, Program] = {}
     for page in PAGES:
         for block in RUNNABLE.finditer(page.read_text()):
-            key = f"{page.name}#{block['name']}"
-            programs[key] = programs.get(key, "") + block["code"] + "\n\n"
+            program = programs.setdefault(f"{page.name}#{block['name']}", Program())
+            if block["file"]:
+                program.files[block["file"]] = block["code"]
+            else:
+                program.code += block["code"] + "\n\n"
     return programs
 
 
@@ -215,6 +233,59 @@ CHECKS: dict[str, Check] = {
         """,
         frames=({"online": "carol"}, {"room": "lobby", "from": "carol", "text": "hi"}),
     ),
+    "testing.md#testing": Check(
+        code="""
+        import os
+        import subprocess
+        import sys
+
+        # The guide's tests set their options themselves: none of this run's reaches them.
+        env = {key: value for key, value in os.environ.items() if not key.startswith("WSLB_")}
+        tests = ["test_unit.py", "test_integration.py"]
+        options = ["-p", "no:cacheprovider", "-o", "asyncio_mode=auto"]
+        options += ["-o", "asyncio_default_fixture_loop_scope=function"]
+        result = subprocess.run(
+            [sys.executable, "-m", "pytest", *options, *tests],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert " 3 passed" in result.stdout, result.stdout
+        """,
+    ),
+    "recovery.md#chat": Check(
+        code="""
+        from quart_wslb import UserSelector
+
+        async def check():
+            async with app.test_app() as served:
+                client = served.test_client()
+                async with client.websocket("/ws?user=bob") as bob:
+                    await bob.send_json({"t": "resume"})
+                    welcome = await received(bob)
+                    assert welcome["t"] == "welcome", welcome
+                    await bob.send("hi")
+                    said = await received(bob)
+                    assert said["j"] == {"from": "bob", "text": "hi"}, said
+                await app.wslb.send(UserSelector("bob"), "while away")  # kept in the history
+                resume = {key: welcome[key] for key in ("session", "token", "epoch")}
+                async with client.websocket("/ws?user=bob") as bob:
+                    await bob.send_json({"t": "resume", **resume, "pos": said["pos"]})
+                    welcome = await received(bob)
+                    assert welcome["t"] == "welcome" and welcome["recovered"], welcome
+                    missed = await received(bob)
+                    assert missed["d"] == "while away", missed
+                    # Leave only once the handler is past its join: redis-py 8.2 swallows
+                    # a cancellation that lands in a command, and join does not re-raise
+                    # it, so a client leaving then would leave the handler waiting.
+                    await bob.send("back")
+                    assert (await received(bob))["j"] == {"from": "bob", "text": "back"}
+
+        asyncio.run(check())
+        """,
+    ),
+    "reference.md#async-emitter": Check(frames=({"type": "notify", "text": "done"},)),
     "kick-user.md#kick": Check(
         code="""
         async def check():
@@ -300,7 +371,10 @@ async def test_docs_block_runs_as_written(
 ) -> None:
     check = CHECKS[name]
     script = tmp_path / "program.py"
-    script.write_text(PROGRAMS[name] + CHECK_PRELUDE + "\n" + dedent(check.code))
+    program = PROGRAMS[name]
+    for file, text in program.files.items():
+        (tmp_path / file).write_text(text)
+    script.write_text(program.code + CHECK_PRELUDE + "\n" + dedent(check.code))
     env = {key: value for key, value in os.environ.items() if not key.startswith("WSLB_")}
     env |= {"WSLB_REDIS_URL": redis_url, "WSLB_PREFIX": prefix, "WSLB_INSTANCE_ID": PROGRAM_ID}
     code, output = await _run(script, env)

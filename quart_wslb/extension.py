@@ -19,7 +19,7 @@ from . import _compat, signals
 from .asgi import ACTIVITY, GOING_AWAY, WebsocketGuard, quiet_cancelled_connections
 from .client_liveness import ClientLiveness
 from .cluster import pick_transport
-from .config import QueueFullPolicy, Settings, UserGetter, resolve_settings
+from .config import QueueFullPolicy, Settings, UserGetter, redact_url, resolve_settings
 from .connection import Activity, Connection
 from .emitter import EVERYONE, AsyncEmitter, Receipt, pack_many
 from .envelope import pack
@@ -304,13 +304,17 @@ class WsLoadBalance:
         settings = self.settings
         _compat.check()  # says, once, what the installed redis-py cannot do fast
         timeout = settings.redis_timeout
+        instance = settings.instance_id
+        # Which Redis an instance uses is the first question when messages go nowhere,
+        # and a plain WsLoadBalance(app) quietly means redis://127.0.0.1:6379/0.
+        where = "the Redis client passed in" if self._client else redact_url(settings.redis_url)
+        log.info("instance %s starts on %s, prefix %r", instance, where, settings.prefix)
         redis = self._client or await open_client(
             settings.redis_url, timeout, settings.redis_max_connections
         )
         keys = Keys.of(settings.prefix, redis, settings.shards)
         if keys.shards != self._local.names.shards:  # a cluster's: none held before serving
             self._local = LocalIndex(keys)
-        instance = settings.instance_id
         registry = Registry(redis, keys)
         transport = await _pick(redis, timeout)
         receiver = Receiver(

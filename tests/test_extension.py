@@ -32,7 +32,7 @@ from quart_wslb import (
 from quart_wslb.config import DEFAULTS
 from quart_wslb.envelope import decode
 from quart_wslb.keys import LAYOUT
-from quart_wslb.testing import RedisServer
+from quart_wslb.testing import RedisServer, free_port
 from tests.support import (
     KEYS,
     PREFIX,
@@ -145,6 +145,27 @@ def test_init_app_plain_app_reads_exported_options(monkeypatch: pytest.MonkeyPat
     app.config["WSLB_PREFIX"] = "cfg"
     settings = WsLoadBalance(app, send_queue_size=3).settings
     assert (settings.prefix, settings.send_queue_size) == ("cfg", 3)
+
+
+async def test_start_logs_the_redis_it_uses(caplog: pytest.LogCaptureFixture) -> None:
+    """An instance names at start the Redis it uses, credentials masked: a plain
+    ``WsLoadBalance(app)`` otherwise quietly means 127.0.0.1:6379."""
+    caplog.set_level(logging.INFO, logger="quart_wslb")
+    port = free_port()  # nothing listens: the instance starts anyway, retrying
+    url = f"redis://ann:secret-pass@127.0.0.1:{port}/3"
+    app, _ = make_app(None, "i1", redis_url=url, redis_timeout=0.5)
+    async with app.test_app():
+        pass
+    client = fake_client(fakeredis.FakeServer())
+    app, _ = make_app(client, "i2")
+    async with app.test_app():
+        pass
+    await client.aclose()
+    starts = [record.getMessage() for record in caplog.records if "starts on" in record.msg]
+    assert starts == [
+        f"instance i1 starts on redis://***@127.0.0.1:{port}/3, prefix '{PREFIX}'",
+        f"instance i2 starts on the Redis client passed in, prefix '{PREFIX}'",
+    ]
 
 
 def test_init_app_bad_config_raises(fake_redis: Redis) -> None:

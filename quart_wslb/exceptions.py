@@ -99,7 +99,17 @@ def redis_errors(what: str) -> Iterator[None]:
 
 @asynccontextmanager
 async def redis_deadline(seconds: float, what: str) -> AsyncIterator[None]:
-    """Bound a Redis exchange in time, and turn its failures into ours."""
+    """Bound a Redis exchange in time, and turn its failures into ours.
+
+    A cancellation of the task that lands during the exchange always reaches it, as
+    ``CancelledError`` at the end of the block: Python 3.11's ``asyncio.wait_for``, under
+    which redis-py awaits a command's write, returns normally when a cancellation lands
+    just as what it waits for is done (gh-86296, fixed in 3.12). Swallowed there, it
+    would leave a handler whose client has left waiting for that client for good."""
+    task = asyncio.current_task()
+    pending = task.cancelling() if task is not None else 0
     with redis_errors(what):
         async with asyncio.timeout(seconds):
             yield
+    if task is not None and task.cancelling() > pending:
+        raise asyncio.CancelledError

@@ -716,8 +716,8 @@ async def _nothing() -> AsyncIterator[list[tuple[str, Outgoing]]]:
 
 def _cancelled_meanwhile() -> None:
     """Raise ``CancelledError`` if the task was cancelled and the cancellation did not
-    reach it: some redis-py releases swallow a cancellation that lands during a command
-    (8.2 does), and a handler that went on would wait for a client gone for good."""
+    reach it (see :func:`~quart_wslb.exceptions.redis_deadline`, which does the same for
+    each Redis exchange): a handler that went on would wait for a client gone for good."""
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError

@@ -108,13 +108,6 @@ async def received(ws):
     except ValueError:
         return frame
 
-
-async def settled():
-    # Before a client leaves, let the Redis call its handler just made end: redis-py 8.2
-    # swallows a cancellation that lands in a command, and quart-wslb re-raises it only
-    # around registration, so a handler cancelled in send or join goes on to wait for its
-    # gone client, and the test client waits for the handler.
-    await asyncio.sleep(0.2)
 """
 
 #: One check per program (``test_docs_every_program_has_a_check`` holds this to it).
@@ -127,7 +120,6 @@ CHECKS: dict[str, Check] = {
                 async with client.websocket("/ws/lobby?user=bob") as bob:
                     await bob.send("hi")  # to the room: bob here, alice on the watcher
                     assert await received(bob) == {"from": "bob", "text": "hi"}
-                    await settled()
                 response = await client.post("/notify/alice")
                 assert await response.get_json() == {"routed": 1}
 
@@ -145,7 +137,6 @@ CHECKS: dict[str, Check] = {
                     assert await received(bob) == hello
                     await bob.send("hi")
                     assert await received(bob) == "[lobby] bob: hi (sent by docs-program)"
-                    await settled()
                 response = await client.post("/notify/alice", json={"build": "green"})
                 assert await response.get_json() == {"routed": 1}
 
@@ -232,7 +223,6 @@ CHECKS: dict[str, Check] = {
                     said = {"room": "lobby", "from": "carol", "text": "hi"}
                     while (frame := await received(carol)) != said:
                         assert frame == {"online": "carol"}, frame  # if she joined first
-                    await settled()
                     response = await client.get("/rooms/lobby")
                     members = await response.get_json()
                     assert members["count"] == 2
@@ -279,7 +269,6 @@ CHECKS: dict[str, Check] = {
                     await bob.send("hi")
                     said = await received(bob)
                     assert said["j"] == {"from": "bob", "text": "hi"}, said
-                    await settled()
                 await app.wslb.send(UserSelector("bob"), "while away")  # kept in the history
                 resume = {key: welcome[key] for key in ("session", "token", "epoch")}
                 async with client.websocket("/ws?user=bob") as bob:
@@ -290,7 +279,6 @@ CHECKS: dict[str, Check] = {
                     assert missed["d"] == "while away", missed
                     await bob.send("back")  # its handler is past its join now
                     assert (await received(bob))["j"] == {"from": "bob", "text": "back"}
-                    await settled()
 
         asyncio.run(check())
         """,

@@ -395,14 +395,31 @@ class Connection:
 
     async def _delivered(self, batch: list[Outgoing]) -> None:
         """``message_delivered`` for each frame of ``batch``, just written, and
-        ``message_timed`` for each that carries its send time."""
-        now = time.time_ns() // 1000  # one clock reading for the batch, as one write
-        send = self._sender.send
-        for message in batch:
-            await send(signals.message_delivered, connection=self, frame=message.frame)
-            if message.sent is not None:
-                latency = (now - message.sent) / 1e6
-                await send(signals.message_timed, connection=self, latency=latency)
+        ``message_timed`` for each that carries a usable send time.
+
+        Never raises (but cancellation): the writer awaits it between writes, and a
+        writer that ended would leave its client open, registered and sent nothing more.
+        """
+        try:
+            now = time.time_ns() // 1000  # one clock reading for the batch, as one write
+            send = self._sender.send
+            for message in batch:
+                await send(signals.message_delivered, connection=self, frame=message.frame)
+                if message.sent is not None:
+                    latency = _latency(now, message.sent)
+                    if latency is not None:
+                        await send(signals.message_timed, connection=self, latency=latency)
+        except Exception:  # receivers are isolated already: this is a bug of ours
+            log.exception("reporting frames written to %s failed; its writer goes on", self.id)
+
+
+def _latency(now: int, sent: int) -> float | None:
+    """Seconds from ``sent`` to ``now`` (Unix µs); ``None`` when they make no float
+    (``decode`` keeps such send times out, but an ``Outgoing`` may come from elsewhere)."""
+    try:
+        return (now - sent) / 1e6
+    except (TypeError, OverflowError):
+        return None
 
 
 def _send_event(frame: Frame) -> WebsocketSendEvent:

@@ -20,7 +20,9 @@ stream offset). With a secret, each message entry starts with its signature: ``t
 ``sel`` and ``sig`` (:mod:`quart_wslb.signing`). A message whose sender has timestamps
 on (:attr:`AsyncEmitter.timestamps <quart_wslb.AsyncEmitter.timestamps>`, which
 :class:`quart_wslb.metrics.Metrics` turns on) carries ``t``: when it was sent, in Unix
-µs by the sender's clock; an older receiver ignores it (through the schema). ``v`` is
+µs by the sender's clock; an older receiver ignores it (through the schema), and so does
+this one when it is not an integer in ``0..MAX_SENT``: a field read only for metrics
+never costs a message its delivery. ``v`` is
 :data:`quart_wslb.contract.VERSION` (exported here too), which ``lua/send.lua`` writes
 from the same constant.
 """
@@ -47,6 +49,7 @@ __all__ = (
     "CONTROL_KINDS",
     "KINDS",
     "MAX_CLOSE_REASON",
+    "MAX_SENT",
     "VERSION",
     "Envelope",
     "EnvelopeError",
@@ -71,6 +74,11 @@ CONTROL_KINDS = frozenset({"join", "leave", "disconnect", "mark"})
 Frame = str | bytes
 #: Every kind an envelope's message may have.
 KINDS: frozenset[str] = frozenset(get_args(Kind))
+#: The largest send time (``t``, Unix µs) a message may carry, 2**53 (the year 2255):
+#: up to it, a JSON reader that uses doubles reads every integer exactly, and a latency
+#: computed from it is a float (10**400 is valid JSON, and no float). A ``t`` that is
+#: not an integer in ``0..MAX_SENT`` is ignored, as if absent.
+MAX_SENT = 2**53
 
 
 class EnvelopeError(ValueError):
@@ -101,7 +109,7 @@ class Envelope:
     #: shard's history stream: ``"<ms>-<seq>"`` (header field ``pos``).
     pos: str | None = None
     #: When it was sent, in Unix µs by the sender's clock (header field ``t``), if its
-    #: sender had timestamps on (:mod:`quart_wslb.metrics`).
+    #: sender had timestamps on (:mod:`quart_wslb.metrics`) and it is in ``0..MAX_SENT``.
     sent: int | None = None
 
     @property
@@ -122,12 +130,26 @@ class _MessageSchema(Schema):
     sel = fields.List(fields.String(), validate=validate.Length(min=1))
     sig = fields.String(validate=validate.Length(min=1, max=200))
     pos = fields.String(validate=validate.Length(min=3, max=48))
-    t = fields.Integer(strict=True, validate=validate.Range(min=0))
+    # Any value: one that is not a send time is dropped (_sent), not refused.
+    t = fields.Raw(allow_none=True)
 
     @validates_schema
     def _addressed(self, data: dict[str, Any], **_: Any) -> None:
         if "targets" not in data and "sel" not in data:
             raise ValidationError("a message needs its targets or its selector (sel)")
+
+    @post_load
+    def _sent(self, data: dict[str, Any], **_: Any) -> dict[str, Any]:
+        # Read only for metrics, and unsigned: a bad one must not cost the message its
+        # delivery (as it costs nothing to a receiver that predates the field).
+        if "t" in data and not _is_sent(data["t"]):
+            del data["t"]
+        return data
+
+
+def _is_sent(value: object) -> bool:
+    """Whether ``value`` is a send time a message may carry (``t``)."""
+    return type(value) is int and 0 <= value <= MAX_SENT
 
 
 class _HeaderSchema(Schema):
@@ -187,9 +209,10 @@ def quick_header(header: bytes) -> dict[str, Any] | None:
 
 
 def _plain_message(data: object) -> bool:
-    """Whether ``data`` is a message entry the schema accepts as it is, with no other
-    field: id, kind, size and ``targets`` or ``sel`` or both; with a signature, also
-    ``ts`` and ``sig``; maybe ``pos`` and ``t``."""
+    """Whether ``data`` is a message entry the schema accepts with no other field: id,
+    kind, size and ``targets`` or ``sel`` or both; with a signature, also ``ts`` and
+    ``sig``; maybe ``pos`` and ``t``. A ``t`` that is not a send time is deleted from
+    ``data``, as the schema drops it."""
     if type(data) is not dict:
         return False
     get = data.get
@@ -197,8 +220,8 @@ def _plain_message(data: object) -> bool:
     if fields != 3:  # a send time, a signature's fields: inline, this runs per message
         if "t" in data:
             sent = data["t"]
-            if type(sent) is not int or sent < 0:
-                return False
+            if type(sent) is not int or not 0 <= sent <= MAX_SENT:
+                del data["t"]  # ignored, as the schema ignores it (_MessageSchema._sent)
             fields -= 1
         ts, sig = get("ts"), get("sig")
         if fields != 3 and (

@@ -197,8 +197,9 @@ class WsLoadBalance:
         return Keys(self.settings.prefix, shards=self.settings.shards or 1)
 
     @property
-    def local_connections(self) -> Mapping[str, Connection]:
-        """The connections this instance holds, by id (read-only view)."""
+    def local_connections(self) -> LocalIndex:
+        """The connections this instance holds, by id (a read-only mapping; its
+        :meth:`~quart_wslb.local_index.LocalIndex.snapshot` copies them at once)."""
         return self._local
 
     @property

@@ -66,6 +66,16 @@ class LocalIndex(Mapping[str, Connection]):
     def __len__(self) -> int:
         return len(self._by_id)
 
+    def snapshot(self) -> list[Connection]:
+        """The held connections, copied at once: safe to call from another thread.
+
+        ``list(index.values())`` runs Python code per connection (the ``Mapping``
+        mixin's), between which the event loop's thread may add or remove one: the
+        iteration then fails. This copies the dict's values in one C call, during which
+        no other Python thread runs.
+        """
+        return list(self._by_id.values())
+
     def operands(self, connection: Connection) -> list[str]:
         """The ops that select ``connection``: its user, path, metadata pairs and groups."""
         keys = self.names

@@ -14,7 +14,7 @@ each metric and how to serve ``/metrics``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from contextlib import suppress
 
 from blinker import NamedSignal
@@ -102,6 +102,8 @@ class Metrics:
         self.registry = REGISTRY if registry is None else registry
         self._buckets = buckets
         self._wslb: WsLoadBalance | None = None
+        # Whether the app's sends should carry their send time: until disconnect().
+        self._stamping = True
         if app is not None:
             self.init_app(app)
 
@@ -185,7 +187,7 @@ class Metrics:
             buckets=self._buckets,
             registry=registry,
         )
-        registry.register(_Gauges(self._local))
+        registry.register(_Gauges(self._connections))
 
     def _receivers(self) -> list[tuple[NamedSignal, Callable[..., None]]]:
         return [
@@ -203,13 +205,21 @@ class Metrics:
             signal.connect(receiver, sender=wslb, weak=False)
 
     def disconnect(self) -> None:
-        """Stop counting: disconnect every receiver (the metrics stay registered)."""
+        """Stop counting: disconnect every receiver (the metrics stay registered), and
+        turn the app's :attr:`~quart_wslb.AsyncEmitter.timestamps` off, now and at its
+        next start, since its sends' times would cost without serving anything here."""
         for signal, receiver in self._receivers():
             signal.disconnect(receiver)
+        self._stamping = False
+        if self._wslb is not None:
+            with suppress(NotStartedError):  # not serving: its next start asks _stamp
+                self._wslb.emitter.timestamps = False
 
     async def _stamp(self) -> None:
-        """Have the app's own sends carry their send time (its emitter is made at start)."""
-        self._extension().emitter.timestamps = True
+        """Have the app's own sends carry their send time (its emitter is made at start),
+        unless :meth:`disconnect` was called."""
+        if self._stamping:
+            self._extension().emitter.timestamps = True
 
     def _extension(self) -> WsLoadBalance:
         if self._wslb is None:
@@ -248,8 +258,10 @@ class Metrics:
     def _on_lost(self, sender: object, *, reason: str = "unexpected", **_: object) -> None:
         self.restarts.labels(reason if reason in LOST_REASONS else "other").inc()
 
-    def _local(self) -> Mapping[str, Connection]:
-        return self._extension().local_connections
+    def _connections(self) -> list[Connection]:
+        # A copy made at once: a scrape may run in another thread (start_http_server)
+        # while the event loop adds and removes connections.
+        return self._extension().local_connections.snapshot()
 
 
 #: The gauges: name, help.
@@ -264,15 +276,15 @@ class _Gauges(Collector):
     """The gauges, computed at scrape time, in one pass over the connections: nothing
     between scrapes."""
 
-    def __init__(self, local: Callable[[], Mapping[str, Connection]]) -> None:
-        self._local = local
+    def __init__(self, connections: Callable[[], list[Connection]]) -> None:
+        self._connections = connections
 
     def describe(self) -> list[Metric]:
         """The gauges' names (the registry checks them for duplicates)."""
         return [GaugeMetricFamily(name, text) for name, text in GAUGES]
 
     def collect(self) -> list[Metric]:
-        depths = [connection.queued for connection in list(self._local().values())]
+        depths = [connection.queued for connection in self._connections()]
         values = (len(depths), sum(depths), max(depths, default=0))
         return [
             GaugeMetricFamily(name, text, value=value)

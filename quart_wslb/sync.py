@@ -97,6 +97,22 @@ class Emitter:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._emitter: AsyncEmitter | None = None
+        self._timestamps = False
+
+    @property
+    def timestamps(self) -> bool:
+        """Whether each message it sends carries its send time, as
+        :attr:`AsyncEmitter.timestamps <quart_wslb.AsyncEmitter.timestamps>` (off by
+        default); set it at any time, from any thread."""
+        return self._timestamps
+
+    @timestamps.setter
+    def timestamps(self, on: bool) -> None:
+        with self._lock:
+            self._timestamps = on
+            # A bool written whole: the loop's thread reads it at its next send.
+            if self._emitter is not None:
+                self._emitter.timestamps = on
 
     def send(self, selector: Selector, message: object) -> int:
         """Like :meth:`AsyncEmitter.send`: returns how many connections it routed to."""
@@ -199,6 +215,7 @@ class Emitter:
                 self._emitter = AsyncEmitter.from_options(
                     self.options, origin=self._origin, strict=self.strict
                 )
+                self._emitter.timestamps = self._timestamps  # a new one after a fork too
             return self._loop, self._emitter
 
 

@@ -149,6 +149,39 @@ async def test_writer_times_frames_that_carry_their_send_time() -> None:
     assert 2.0 <= call["latency"] < 60, call["latency"]
 
 
+async def test_writer_delivers_untimed_a_send_time_that_makes_no_latency() -> None:
+    socket = FakeWebsocket()
+    connection = make_connection(socket, owner=OWNER)
+    connection.start()
+    with recording(signals.message_timed, OWNER) as timed:
+        assert await connection.offer(Outgoing("huge", 10**400), None)  # no float holds it
+        assert await connection.offer(Outgoing("next"), None)
+        assert await socket.wait_sent(2) == ["huge", "next"]
+    assert connection._writer is not None and not connection._writer.done()
+    await connection.stop()
+    assert timed.calls == []
+
+
+async def test_writer_survives_a_failure_to_report_what_it_wrote(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Failing(SignalSender):
+        async def send(self, signal: Any, **kwargs: Any) -> None:
+            raise RuntimeError("reporting broke")
+
+    socket = FakeWebsocket()
+    connection = make_connection(socket, owner=Failing(OWNER.sender))
+    connection.start()
+    with recording(signals.message_delivered, OWNER):  # someone listens: it reports
+        assert await connection.offer("one", None)
+        assert await socket.wait_sent(1) == ["one"]
+        assert await connection.offer("two", None)
+        assert await socket.wait_sent(2) == ["one", "two"]
+    assert connection._writer is not None and not connection._writer.done()
+    await connection.stop()
+    assert "its writer goes on" in caplog.text
+
+
 @pytest.mark.parametrize(
     ("message", "frame"), [("hi", "hi"), (b"\x00", b"\x00"), ({"a": [1]}, '{"a":[1]}')]
 )

@@ -133,6 +133,32 @@ def test_quick_header_takes_send_times_on_the_fast_path() -> None:
         assert quick_header(header) is not None, header
 
 
+@pytest.mark.parametrize(
+    "sent", [b"1" + b"0" * 400, b"9007199254740993", b"-1", b"1.5", b'"x"', b"true", b"null"]
+)
+@pytest.mark.parametrize("signed", [False, True])
+def test_decode_ignores_a_send_time_that_is_not_one(sent: bytes, signed: bool) -> None:
+    from quart_wslb.envelope import quick_header
+
+    start = b'{"ts":1,"sel":["Ua"],"sig":"k:ab",' if signed else b"{"
+    header = b'{"v":3,"origin":"o","messages":[' + start + b'"t":' + sent
+    header += b',"id":"m","kind":"text","targets":["i:a"],"size":1}]}'
+    quick = quick_header(header)  # on the fast path: a bad t is common to neither
+    assert quick is not None and "t" not in quick["messages"][0], header
+    [envelope] = decode(header + b"\nx")
+    assert envelope.sent is None
+    assert envelope.frame == "x"
+
+
+def test_decode_takes_the_largest_send_time() -> None:
+    from quart_wslb.envelope import MAX_SENT
+
+    header = b'{"v":3,"origin":"o","messages":[{"t":%d,' % MAX_SENT
+    assert (
+        decode(header + b'"id":"m","kind":"text","targets":[],"size":1}]}\nx')[0].sent == MAX_SENT
+    )
+
+
 def test_encode_decode_several_messages_in_order() -> None:
     envelopes = [
         Envelope(id="m1", origin="i0", kind="text", targets=["i1:a"], frame="é\n"),
@@ -322,8 +348,19 @@ QUICK_CORPUS = [
     b'{"v":3,"origin":"o","messages":[{"pos":17,"id":"m","kind":"text","targets":[],"size":0}]}',
     b'{"v":3,"origin":"o","messages":[{"pos":"1","id":"m","kind":"text","targets":[],"size":0}]}',
     b'{"v":3,"origin":"o","messages":[{"pos":null,"id":"m","kind":"text","targets":[],"size":0}]}',
-    # A send time (t, Unix µs): a non-negative int, or refused.
+    # A send time (t, Unix µs): an int in 0..2**53, or ignored (dropped, never refused).
     b'{"v":3,"origin":"o","messages":[{"t":17,"id":"m","kind":"text","targets":[],"size":0}]}',
+    b'{"v":3,"origin":"o","messages":[{"t":9007199254740992,"id":"m","kind":"text",'
+    b'"targets":[],"size":0}]}',
+    b'{"v":3,"origin":"o","messages":[{"t":9007199254740993,"id":"m","kind":"text",'
+    b'"targets":[],"size":0}]}',
+    b'{"v":3,"origin":"o","messages":[{"t":1' + b"0" * 400 + b',"id":"m","kind":"text",'
+    b'"targets":[],"size":0}]}',
+    b'{"v":3,"origin":"o","messages":[{"t":null,"id":"m","kind":"text","targets":[],"size":0}]}',
+    b'{"v":3,"origin":"o","messages":[{"t":[],"id":"m","kind":"text","targets":[],"size":0}]}',
+    b'{"v":3,"origin":"o","messages":[{"t":"x","id":"m","kind":"nope","targets":[],"size":0}]}',
+    b'{"v":3,"origin":"o","messages":[{"ts":1,"sel":["Ua"],"sig":"k:ab","t":-5,' + M[1:] + b"]}",
+    b'{"v":3,"origin":"o","messages":[{"t":"x",' + M[1:] + b"," + M + b"]}",
     b'{"v":3,"origin":"o","messages":[{"sel":["B"],"t":0,"id":"m","kind":"text","size":0}]}',
     b'{"v":3,"origin":"o","messages":[{"t":-1,"id":"m","kind":"text","targets":[],"size":0}]}',
     b'{"v":3,"origin":"o","messages":[{"t":1.5,"id":"m","kind":"text","targets":[],"size":0}]}',

@@ -153,3 +153,11 @@ def test_local_index_changes_count_the_joins_and_leaves_of_held_connections() ->
     assert local.changes_of("i1:a") == 2 and local.changes_of("i1:b") == 0
     local.discard(held)
     assert local.changes() == {}
+
+
+def test_local_index_snapshot_is_a_copy_of_the_held_connections() -> None:
+    local = index()
+    held = local.snapshot()
+    local.discard(BOB)
+    assert held == [ANN, BOB, CID]  # what was held then, unchanged by what came after
+    assert local.snapshot() == [ANN, CID]

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import urllib.request
 from collections.abc import Callable
+from types import FrameType
 
 import fakeredis
 import pytest
@@ -17,7 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from quart import Quart
 
-from quart_wslb import UserSelector, WsLoadBalance, signals
+from quart_wslb import UserSelector, WsLoadBalance, local_index, signals
 from quart_wslb.keys import Keys
 from quart_wslb.metrics import LATENCY_BUCKETS, Metrics
 from quart_wslb.signal_sender import SignalSender
@@ -158,6 +159,45 @@ async def test_metrics_gauges_read_connections_and_queues_at_scrape_time() -> No
     assert value(registry, "wslb_local_connections") == 2
     assert value(registry, "wslb_send_queue_frames") == 3
     assert value(registry, "wslb_send_queue_max_frames") == 2
+
+
+async def test_metrics_gauges_copy_the_connections_at_once() -> None:
+    """A scrape may run in another thread (``start_http_server``), and the event loop's
+    thread may then change the connections between any two Python steps of the scrape:
+    a profile hook plays that here, adding a connection at each call into the index."""
+    wslb, _, registry = metered()
+    wslb._local.add(make_connection(id="i1:a"))
+    added = iter(range(10))
+
+    def switch(frame: FrameType, event: str, arg: object) -> None:
+        if event == "call" and frame.f_globals is vars(local_index):
+            for n in added:  # the hook is not profiled: this add is not seen here
+                wslb._local.add(make_connection(id=f"i1:x{n}"))
+                break
+
+    sys.setprofile(switch)
+    try:
+        held = value(registry, "wslb_local_connections")
+    finally:
+        sys.setprofile(None)
+    assert 2 <= held <= len(wslb._local)  # what was held at some moment, not an error
+
+
+async def test_metrics_disconnect_stops_stamping_the_apps_sends(
+    fake_server: fakeredis.FakeServer,
+) -> None:
+    redis = fake_client(fake_server)
+    app, wslb = make_app(redis, "i1")
+    metrics = Metrics(app, registry=CollectorRegistry())
+    try:
+        async with app.test_app():
+            assert wslb.emitter.timestamps
+            metrics.disconnect()
+            assert not wslb.emitter.timestamps
+        async with app.test_app():  # served again: its new emitter is not stamped either
+            assert not wslb.emitter.timestamps
+    finally:
+        await redis.aclose()
 
 
 async def test_metrics_response_is_prometheus_text() -> None:

@@ -171,6 +171,34 @@ async def test_dispatch_drops_malformed_envelope(fake_redis: Redis, data: bytes)
     assert dropped.calls[0]["connection"] is None
 
 
+@pytest.mark.parametrize(
+    "sent",
+    [b"1" + b"0" * 400, b'"x"', b"-1", b"1.5", b"true", b"null", str(2**53 + 1).encode()],
+)
+async def test_dispatch_delivers_messages_whose_send_time_is_bad(
+    fake_redis: Redis, sent: bytes
+) -> None:
+    """A ``t`` that is not a send time is ignored: the message is delivered, untimed,
+    and the writer lives on (10**400 once killed it, computing the latency)."""
+    socket = FakeWebsocket()
+    connection = make_connection(socket, id="i1:a", owner=OWNER)
+    bad = b'{"v":3,"origin":"i0","messages":[{"id":"m1","kind":"text","targets":["i1:a"],'
+    bad += b'"t":' + sent + b',"size":3}]}\nbad'
+    async with started(connection) as local:
+        receiver = Receiver(fake_redis, KEYS, "i1", local, OWNER)
+        with (
+            recording(signals.message_timed, OWNER) as timed,
+            recording(signals.message_dropped, OWNER) as dropped,
+        ):
+            await receiver.dispatch(bad)
+            assert await socket.wait_sent(1) == ["bad"]
+            await receiver.dispatch(raw(["i1:a"], "next"))
+            assert await socket.wait_sent(2) == ["bad", "next"]
+        assert connection._writer is not None and not connection._writer.done()
+    assert timed.calls == []
+    assert dropped.calls == []
+
+
 async def test_dispatch_delivers_every_message_of_a_publish_in_order(fake_redis: Redis) -> None:
     """Concurrent sends arrive as one publish; each message reaches its own targets, in
     order, and one that fails to deliver costs only itself."""

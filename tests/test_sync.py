@@ -78,6 +78,34 @@ def test_emitter_send_query_and_membership(
 
 
 @pytest.mark.integration
+def test_emitter_timestamps_stamp_its_sends_once_set(
+    redis_url: str, prefix: str, cluster_keys: Keys
+) -> None:
+    pubsub, client = listen(redis_url, cluster_keys.channel("i1"))
+
+    def sent() -> int | None:
+        message = pubsub.get_message(ignore_subscribe_messages=True, timeout=2)
+        assert message is not None
+        return decode(message["data"])[0].sent
+
+    with Emitter(redis_url, prefix=prefix) as emitter:
+        assert not emitter.timestamps
+        emitter.timestamps = True  # before the first call: its AsyncEmitter is made later
+        before = time.time_ns() // 1000
+        assert emitter.send(UserSelector("ann"), "hi") == 1
+        stamp = sent()
+        assert stamp is not None and before <= stamp <= time.time_ns() // 1000
+        emitter.timestamps = False  # and once it runs
+        assert emitter.send(UserSelector("ann"), "hi") == 1
+        assert sent() is None
+        emitter.timestamps = True
+        assert emitter.send(UserSelector("ann"), "hi") == 1
+        assert sent() is not None
+    pubsub.close()
+    client.close()
+
+
+@pytest.mark.integration
 def test_emitter_many_threads_share_one_pool(
     redis_url: str, prefix: str, cluster_keys: Keys
 ) -> None:

@@ -2,9 +2,10 @@
 (an instance's liveness loop, an emitter) reads every live one back.
 
 Each shard's ``instances`` hash maps an instance id to a small JSON record, written at
-every heartbeat: its start time and how many messages it has taken off its channels so
-far. An instance is live while its heartbeat key exists; its connections are its
-records, counted per shard and added up.
+every heartbeat: its start time, how many messages it has taken off its channels so far
+and when it counted them (the beat's own clock, so that a reader's rates do not depend on
+when it happened to read). An instance is live while its heartbeat key exists; its
+connections are its records, counted per shard and added up.
 """
 
 from __future__ import annotations
@@ -34,11 +35,14 @@ class InstanceInfo:
     #: Messages it has taken off its channels since it started, as of its last heartbeat
     #: (0 for an instance of a version that did not count them).
     received: int = 0
+    #: Unix time at which the instance read ``received`` (its heartbeat's time); 0.0 for
+    #: an instance of a version that did not write it: no rate can be derived then.
+    counted_at: float = 0.0
 
 
-def record(started_at: float, received: int) -> str:
+def record(started_at: float, received: int, counted_at: float) -> str:
     """The JSON record an instance writes of itself at each heartbeat."""
-    return json.dumps({"started_at": started_at, "received": received})
+    return json.dumps({"started_at": started_at, "received": received, "counted_at": counted_at})
 
 
 async def read(keys: Keys, run: Run) -> list[tuple[Keys, InstanceInfo, bool]]:
@@ -56,37 +60,50 @@ async def read(keys: Keys, run: Run) -> list[tuple[Keys, InstanceInfo, bool]]:
     )
     found = []
     for i, (view, name, raw) in enumerate(pairs):
-        started_at, received = _parsed(raw)
-        info = InstanceInfo(name, started_at, int(counts[2 * i + 1]), received)
+        started_at, received, counted_at = _parsed(raw)
+        info = InstanceInfo(name, started_at, int(counts[2 * i + 1]), received, counted_at)
         found.append((view, info, bool(counts[2 * i])))
     return found
 
 
 def live(found: Iterable[tuple[Keys, InstanceInfo, bool]]) -> list[InstanceInfo]:
     """The live instances of :func:`read`'s listing, one each, sorted by id: its
-    connections added up over the shards (every shard holds the same record)."""
+    connections added up over the shards, its count the newest any shard holds (every
+    beat writes the same record to each shard, but a shard whose write failed keeps an
+    older one, and a count must stay paired with its own time)."""
     merged: dict[str, InstanceInfo] = {}
     for _, info, up in found:
         if up:
             had = merged.get(info.id)
-            count = info.connections + (had.connections if had else 0)
+            if had is None:
+                merged[info.id] = info
+                continue
+            newest = max(had, info, key=lambda i: (i.counted_at, i.received))
             merged[info.id] = InstanceInfo(
-                info.id, info.started_at, count, max(info.received, had.received if had else 0)
+                info.id,
+                info.started_at,
+                had.connections + info.connections,
+                newest.received,
+                newest.counted_at,
             )
     return sorted(merged.values(), key=lambda info: info.id)
 
 
-def _parsed(raw: bytes) -> tuple[float, int]:
-    """The start time and messages received in an instance record; 0.0 and 0 for what
-    is not ours."""
+def _parsed(raw: bytes) -> tuple[float, int, float]:
+    """The start time, messages received and time of that count in an instance record;
+    0.0, 0 and 0.0 for what is not ours (and 0 and 0.0 for a count or time missing or
+    unreadable: an older version's record)."""
     try:
         data = json.loads(raw)
         started_at = float(data["started_at"])
     except (ValueError, TypeError, KeyError):
-        return 0.0, 0
+        return 0.0, 0, 0.0
     received = data.get("received")
-    valid = isinstance(received, int) and not isinstance(received, bool) and received >= 0
-    return started_at, received if valid else 0
+    if not (isinstance(received, int) and not isinstance(received, bool) and received >= 0):
+        return started_at, 0, 0.0
+    counted_at = data.get("counted_at")
+    valid = isinstance(counted_at, int | float) and not isinstance(counted_at, bool)
+    return started_at, received, float(counted_at) if valid and counted_at > 0 else 0.0
 
 
 def _fields(reply: Any) -> dict[bytes, bytes]:

@@ -163,7 +163,7 @@ class Liveness:
         prefix holds keys of another layout (another version of quart-wslb).
         """
         keys, me = self._keys, self._instance
-        mine = record(self.started_at, self._receiver.received)
+        mine = record(self.started_at, self._receiver.received, time.time())
         layout = [
             [("SETNX", view.layout, keys.layout_value), ("GET", view.layout)]  # SET NX GET: 7.0
             for view in keys.views

@@ -26,6 +26,7 @@ import asyncio
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 
 from redis.asyncio import Redis
@@ -61,6 +62,9 @@ DRAIN_LIMIT = 5.0
 #: Longest a restart then waits for Redis to confirm the unsubscription: a live one does
 #: within a round trip; a frozen connection never does, and delays the new subscription.
 UNSUBSCRIBE_WAIT = 0.25
+#: How many recent message ids the count of messages received remembers (with several
+#: shards), so that a send's copies from its shards count once: a few hundred kB at most.
+RECENT_IDS = 4096
 
 
 #: What each ``subscriber_lost`` reason (but ``"unexpected"``) costs this instance,
@@ -124,8 +128,16 @@ class Receiver:
         #: Monotonic time of the last message the subscriber received.
         self.last_message = time.monotonic()
         #: Messages taken off this instance's channels (probes aside), refused ones
-        #: too: the heartbeat publishes it, for rates (``wslb watch``).
+        #: too: the heartbeat publishes it, for rates (``wslb watch``). With several
+        #: shards a send reaches this instance as one envelope per shard that routed it,
+        #: all of one message id: it counts once (see _count_messages).
         self.received = 0
+        # The ids of the last messages counted, oldest first, and the same as a set:
+        # a window, not every id ever seen, so memory stays bounded. The copies of one
+        # send are published by one emitter call at once, so they arrive well within
+        # RECENT_IDS messages of each other; a copy later than that would count again.
+        self._recent_ids: deque[str] = deque(maxlen=RECENT_IDS)
+        self._recent_set: set[str] = set()
         self._on_subscribed: list[Callable[[], Awaitable[None]]] = []
         self._on_subscribing: list[Callable[[], None]] = []
         #: Called with a recovery connection whose queue was full: it lags behind, and
@@ -373,7 +385,10 @@ class Receiver:
             log.warning("dropped a malformed envelope: %s", error)
             await self._sender.dropped("malformed", detail=str(error))
             return
-        self.received += len(envelopes)
+        if len(self._probe_seen) == 1:  # one shard: one envelope per message, no copies
+            self.received += len(envelopes)
+        else:
+            self._count_messages(envelopes)
         verifier = self._verifier
         # One clock reading for the signed checks of the whole publish (Unix ms).
         now = 0 if verifier is None else time.time_ns() // 1_000_000
@@ -393,6 +408,19 @@ class Receiver:
             except Exception as error:
                 log.exception("dropped message %s, which could not be handled", envelope.id)
                 await self._sender.dropped("error", message_id=envelope.id, detail=repr(error))
+
+    def _count_messages(self, envelopes: list[Envelope]) -> None:
+        """Count the messages of one publish on one shard's channel, each once however
+        many shards' copies of it arrive (they share the message's id)."""
+        ids, seen = self._recent_ids, self._recent_set
+        for envelope in envelopes:
+            if envelope.id in seen:
+                continue
+            self.received += 1
+            if len(ids) == ids.maxlen:  # the deque drops its oldest: so must the set
+                seen.discard(ids[0])
+            ids.append(envelope.id)
+            seen.add(envelope.id)
 
     async def _probe(self, tail: bytes) -> None:
         """Count a probe as heard, unless it is one this instance never sent: a probe

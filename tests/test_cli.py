@@ -8,9 +8,11 @@ import asyncio
 import functools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -18,11 +20,14 @@ from typing import Any
 
 import click
 import pytest
+import redis
 from click.testing import CliRunner, Result
 from websockets.exceptions import ConnectionClosed
 
+from quart_wslb import AsyncEmitter, InstanceInfo, Receipt, Selector, WsLoadBalanceError
 from quart_wslb.cli import NOBODY, cli
 from quart_wslb.config import EmitterOptions
+from quart_wslb.testing import RedisServer
 from tests.cluster import ROOT, TOPOLOGIES, Clients, Cluster, Where, receive, where_of
 from tests.test_imports import PACKAGE, imports_of
 
@@ -34,7 +39,7 @@ HEARTBEAT_BOUND = 15.0
 SECRET = "k1:" + "s" * 16
 
 
-def invoke(*args: str, input: str | None = None) -> Result:
+def invoke(*args: str, input: str | bytes | None = None) -> Result:
     """Run ``wslb args`` in this process (click's runner), stderr kept apart."""
     return CliRunner().invoke(cli, list(args), input=input, catch_exceptions=False)
 
@@ -88,6 +93,18 @@ def test_cli_options_resolve_as_an_emitter_does() -> None:
         (["disconnect"], "--all"),
         (["disconnect", "--user", "a", "--code", "999"], "close code"),
         (["watch", "--count", "0"], "--count"),
+        (["count", "--user", ""], "must not be empty"),
+        (["count", "--group", ""], "must not be empty"),
+        (["count", "--path", ""], "must not be empty"),
+        (["count", "--id", ""], "must not be empty"),
+        (["send", "--user", "", "hi"], "must not be empty"),
+        # What Python makes of argv bytes that are not UTF-8 (b"\xff\xfe"): surrogates.
+        (["count", "--user", "\udcff"], "not UTF-8"),
+        (["send", "--all", "\udcff\udcfe"], "not UTF-8"),
+        (["--prefix", "p\udcff", "count"], "not UTF-8"),
+        (["--redis-url", "redis://h\udcff/0", "count"], "not UTF-8"),
+        (["--secret", "k1:\udcff" + "s" * 16, "count"], "not UTF-8"),
+        (["disconnect", "--all", "--reason", "\udcff"], "not UTF-8"),
     ],
 )
 def test_cli_usage_errors_exit_2(args: list[str], says: str) -> None:
@@ -95,6 +112,74 @@ def test_cli_usage_errors_exit_2(args: list[str], says: str) -> None:
     assert result.exit_code == 2, result.output
     assert says in result.output, result.output
     assert "Traceback" not in result.output
+
+
+def test_cli_send_of_stdin_that_is_not_utf8_text_is_a_usage_error() -> None:
+    result = invoke("--redis-url", CLOSED_URL, "send", "--all", "-", input=b"\xff\xfe")
+    assert result.exit_code == 2, result.output
+    assert "not UTF-8" in result.output and "--binary" in result.output, result.output
+
+
+@pytest.mark.parametrize(("binary", "kind"), [(["--binary"], "binary"), ([], "text")])
+def test_cli_send_reads_stdin_as_bytes(
+    monkeypatch: pytest.MonkeyPatch, binary: list[str], kind: str
+) -> None:
+    """``-`` sends standard input's bytes verbatim: any bytes as a binary frame."""
+    published: list[tuple[str, bytes]] = []
+
+    async def publish(self: AsyncEmitter, selector: Selector, kind: str, data: bytes) -> Receipt:
+        published.append((kind, data))
+        return Receipt("m1", 1, 1, ())
+
+    monkeypatch.setattr(AsyncEmitter, "publish", publish)
+    data = b"\xff\xfe\x00" if binary else "é\r\n".encode()
+    result = invoke("--redis-url", CLOSED_URL, "send", "--all", *binary, "-", input=data)
+    assert result.exit_code == 0, result.output
+    assert published == [(kind, data)]
+
+
+@pytest.mark.integration
+def test_cli_watch_goes_on_when_a_refresh_fails(private_redis: RedisServer) -> None:
+    """A refresh that Redis answers too late shows its error, and the watch goes on."""
+    args = ["--redis-url", private_redis.url, "--timeout", "0.3", "watch", "--json"]
+    watching = threading.Thread(
+        target=lambda: outcome.append(invoke(*args, "--interval", "0.2", "--count", "15"))
+    )
+    outcome: list[Result] = []
+    admin = redis.Redis.from_url(private_redis.url)
+    try:
+        watching.start()
+        time.sleep(0.6)  # a few refreshes answered first
+        admin.client_pause(1000)
+        watching.join(30)
+    finally:
+        admin.close()
+    (result,) = outcome
+    assert result.exit_code == 0, result.output
+    readings = [json.loads(line) for line in result.output.splitlines()]
+    assert len(readings) == 15
+    kinds = "".join("e" if "error" in r else "i" for r in readings)
+    assert re.fullmatch("i+e+i+", kinds), kinds
+    failed = next(r for r in readings if "error" in r)
+    assert "did not answer in time" in failed["error"], failed
+
+
+def test_cli_watch_shows_a_failed_refresh_in_its_frame(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+
+    async def instances(self: AsyncEmitter) -> list[InstanceInfo]:
+        calls.append(1)
+        if len(calls) == 2:
+            raise WsLoadBalanceError("instances: Redis did not answer in time")
+        return [InstanceInfo("i0", 1.0, 2, 5, 3.0)]
+
+    monkeypatch.setattr(AsyncEmitter, "instances", instances)
+    result = invoke("--redis-url", CLOSED_URL, "watch", "--interval", "0.1", "--count", "3")
+    assert result.exit_code == 0, result.output
+    frames = result.output.split("wslb watch: ")[1:]
+    assert len(frames) == 3, result.output
+    assert "error: instances: Redis did not answer in time" in frames[1]
+    assert "i0" in frames[2] and "error" not in frames[2]
 
 
 @pytest.mark.parametrize("command", [["count"], ["instances"], ["send", "--all", "x"], ["watch"]])
@@ -118,7 +203,7 @@ def test_cli_wrong_prefix_is_an_error_for_queries_not_for_instances(
     assert counted.exit_code == 1 and "no instance has announced itself" in counted.output
 
 
-async def wslb(where: Where, prefix: str, *args: str, input: str | None = None) -> Result:
+async def wslb(where: Where, prefix: str, *args: str, input: str | bytes | None = None) -> Result:
     """``wslb`` on the cluster's Redis and prefix, off the event loop (it runs its own)."""
     base = ["--redis-url", where.url, "--prefix", prefix]
     return await asyncio.to_thread(functools.partial(invoke, *base, *args, input=input))
@@ -170,9 +255,9 @@ async def test_cli_commands_on_a_live_cluster(
     receipt = await parsed(where, prefix, "send", "--path", "/ws/blue", '{"n": 1}')
     assert (receipt["routed"], receipt["instances"], receipt["unheard"]) == (1, 1, [])
     assert await receive(carol) == {"n": 1}
-    piped = await wslb(where, prefix, "send", "--id", carol_id, "--binary", "-", input="é\n")
+    piped = await wslb(where, prefix, "send", "--id", carol_id, "--binary", "-", input=b"\xff\n")
     assert piped.exit_code == 0, piped.output
-    assert await receive(carol) == "é\n".encode()
+    assert await receive(carol) == b"\xff\n"
 
     closed = await wslb(where, prefix, "disconnect", "--user", "bob", "--code", "4001")
     assert closed.exit_code == 0 and "told to close: 1 connection" in closed.output
@@ -194,12 +279,13 @@ async def test_cli_commands_on_a_live_cluster(
     for frame in frames:
         names = [line.split()[0] for line in frame.splitlines()[3:] if line.strip()]
         assert names == ["i0", "i1", "TOTAL"], frame
+    # Rates are between heartbeats (every 2 s): 3 s of readings see at least two.
     readings = [json.loads(line) for line in (await wslb(
-        where, prefix, "watch", "--count", "2", "--interval", "0.2", "--json"
+        where, prefix, "watch", "--count", "3", "--interval", "1.5", "--json"
     )).output.splitlines()]  # fmt: skip
-    assert [[i["id"] for i in r["instances"]] for r in readings] == [["i0", "i1"]] * 2
+    assert [[i["id"] for i in r["instances"]] for r in readings] == [["i0", "i1"]] * 3
     assert readings[0]["instances"][0]["rate"] is None  # nothing to compare with yet
-    assert isinstance(readings[1]["instances"][0]["rate"], float)
+    assert isinstance(readings[2]["instances"][0]["rate"], float)
 
 
 @pytest.mark.integration

@@ -63,8 +63,8 @@ def test_instance_rows_show_start_uptime_and_counts() -> None:
         ["i2", "-", "-", "0", "0"],
     ]
     assert len(rows[0]) == len(INSTANCE_HEADERS)
-    assert instance_json(InstanceInfo("i1", 1.5, 3, 12)) == {
-        "id": "i1", "started_at": 1.5, "connections": 3, "received": 12,
+    assert instance_json(InstanceInfo("i1", 1.5, 3, 12, 9.5)) == {
+        "id": "i1", "started_at": 1.5, "connections": 3, "received": 12, "counted_at": 9.5,
     }  # fmt: skip
 
 

@@ -16,31 +16,46 @@ async def test_read_adds_up_connections_over_shards_and_skips_dead_instances(
 ) -> None:
     keys = Keys("inst", shards=2)
     for view in keys.views:
-        await view_instance(fake_redis, view, "a", record(100.0, 7), alive=True)
-        await view_instance(fake_redis, view, "b", record(50.0, 3), alive=False)
+        await view_instance(fake_redis, view, "a", record(100.0, 7, 110.0), alive=True)
+        await view_instance(fake_redis, view, "b", record(50.0, 3, 60.0), alive=False)
         await fake_redis.hset(view.records("a"), f"t{view.shard}", "{}")
     await fake_redis.hset(keys.view(1).records("a"), "t9", "{}")
     emitter = AsyncEmitter(fake_redis, prefix="inst", shards=2)
-    assert await emitter.instances() == [InstanceInfo("a", 100.0, 3, 7)]
+    assert await emitter.instances() == [InstanceInfo("a", 100.0, 3, 7, 110.0)]
+
+
+async def test_read_pairs_the_newest_count_with_its_own_time(fake_redis: Redis) -> None:
+    """A shard whose last beat failed holds an older record: the newest one wins, its
+    count with its time (a count must not be paired with another beat's time)."""
+    keys = Keys("inst", shards=3)
+    records = [record(100.0, 9, 120.0), record(100.0, 4, 110.0), record(100.0, 7, 115.0)]
+    for view, raw in zip(keys.views, records, strict=True):
+        await view_instance(fake_redis, view, "a", raw, alive=True)
+    (info,) = await AsyncEmitter(fake_redis, prefix="inst", shards=3).instances()
+    assert (info.received, info.counted_at) == (9, 120.0)
 
 
 @pytest.mark.parametrize(
     ("raw", "expected"),
     [
-        (b'{"started_at": 1.5}', (1.5, 0)),  # an instance of a version that did not count
-        (b'{"started_at": 1.5, "received": -1}', (1.5, 0)),
-        (b'{"started_at": 1.5, "received": true}', (1.5, 0)),
-        (b"[1]", (0.0, 0)),
-        (b"not json", (0.0, 0)),
+        (b'{"started_at": 1.5}', (1.5, 0, 0.0)),  # a version that did not count
+        (b'{"started_at": 1.5, "received": 4}', (1.5, 4, 0.0)),  # nor write its time
+        (b'{"started_at": 1.5, "received": -1, "counted_at": 2.0}', (1.5, 0, 0.0)),
+        (b'{"started_at": 1.5, "received": true}', (1.5, 0, 0.0)),
+        (b'{"started_at": 1.5, "received": 4, "counted_at": "2"}', (1.5, 4, 0.0)),
+        (b'{"started_at": 1.5, "received": 4, "counted_at": false}', (1.5, 4, 0.0)),
+        (b'{"started_at": 1.5, "received": 4, "counted_at": 2}', (1.5, 4, 2.0)),
+        (b"[1]", (0.0, 0, 0.0)),
+        (b"not json", (0.0, 0, 0.0)),
     ],
 )
 async def test_read_takes_what_is_not_a_record_of_ours_as_zero(
-    fake_redis: Redis, raw: bytes, expected: tuple[float, int]
+    fake_redis: Redis, raw: bytes, expected: tuple[float, int, float]
 ) -> None:
     keys = Keys("inst")
     await view_instance(fake_redis, keys, "a", raw, alive=True)
     (info,) = await AsyncEmitter(fake_redis, prefix="inst").instances()
-    assert (info.started_at, info.received) == expected
+    assert (info.started_at, info.received, info.counted_at) == expected
 
 
 async def test_read_of_no_instance_is_empty_not_an_error(fake_redis: Redis) -> None:

@@ -748,9 +748,11 @@ async def test_liveness_beat_publishes_messages_received() -> None:
         await liveness.beat()
         receiver.received = 41
         assert [info.received for info in await liveness.instances()] == [0]
+        before = time.time()
         await liveness.beat()
         (info,) = await liveness.instances()
         assert (info.id, info.received, info.started_at) == ("solo", 41, liveness.started_at)
+        assert before <= info.counted_at <= time.time()  # the beat's time, for rates
     finally:
         await liveness.aclose()
         await redis.aclose()

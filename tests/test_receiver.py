@@ -27,6 +27,7 @@ from quart_wslb import (
     UserSelector,
     signals,
 )
+from quart_wslb import receiver as receiver_module
 from quart_wslb.connection import Connection
 from quart_wslb.emitter import AsyncEmitter
 from quart_wslb.envelope import Envelope, Frame, encode
@@ -1053,3 +1054,37 @@ async def test_dispatch_counts_messages_received_not_probes(fake_redis: Redis) -
     await receiver.dispatch(receiver.next_probe())
     await receiver.dispatch(b"not an envelope")
     assert receiver.received == 4
+
+
+def on_shard(publish: bytes, shard: int) -> bytes:
+    """``publish`` as shard ``shard``'s script call writes it (header field ``sh``)."""
+    return publish.replace(b"{", b'{"sh":%d,' % shard, 1)
+
+
+async def test_dispatch_counts_a_message_once_over_its_shards_copies(fake_redis: Redis) -> None:
+    """With several shards a send reaches an instance as one envelope per shard that
+    routed it, all of one id: ``received`` counts messages, not envelopes."""
+    keys = Keys("counted", shards=4)
+    receiver = Receiver(fake_redis, keys, "i1", held(keys=keys), OWNER)
+    first, second = (Envelope(i, "i0", "text", ["i1:9"], "x") for i in ("m1", "m2"))
+    for shard in range(4):
+        await receiver.dispatch(on_shard(encode(first), shard))
+    assert receiver.received == 1
+    await receiver.dispatch(on_shard(encode(second, first), 0))  # m2 new, m1 a late copy
+    await receiver.dispatch(on_shard(encode(second), 3))
+    assert receiver.received == 2
+
+
+async def test_dispatch_remembers_a_bounded_window_of_message_ids(
+    fake_redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ids kept to count each message once are the last ``RECENT_IDS``, not all."""
+    monkeypatch.setattr(receiver_module, "RECENT_IDS", 3)
+    keys = Keys("counted", shards=2)
+    receiver = Receiver(fake_redis, keys, "i1", held(keys=keys), OWNER)
+    for n in range(10):
+        await receiver.dispatch(on_shard(encode(Envelope(f"m{n}", "i0", "text", [], "x")), 0))
+    assert receiver.received == 10
+    assert len(receiver._recent_set) == len(receiver._recent_ids) == 3
+    await receiver.dispatch(on_shard(encode(Envelope("m9", "i0", "text", [], "x")), 1))
+    assert receiver.received == 10  # a copy within the window: counted already

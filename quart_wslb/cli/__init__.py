@@ -34,7 +34,7 @@ from .output import (
     json_text,
     table,
 )
-from .watch import Rates, frame, frame_json
+from .watch import Rates, error_frame, error_json, frame, frame_json
 
 __all__ = ("NOBODY", "cli", "main")
 
@@ -43,6 +43,26 @@ T = TypeVar("T")
 NOBODY = 3
 
 _json = click.option("--json", "as_json", is_flag=True, help="Print JSON, for scripts.")
+
+
+def _utf8(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """An option's or argument's value if it encodes as UTF-8 (what goes to Redis must):
+    bad input is a usage error, never a traceback. A shell argument of bytes that are
+    not UTF-8 reaches Python as lone surrogates, which do not encode."""
+    if value is not None:
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            shown = value.encode("utf-8", "surrogateescape")
+            raise click.BadParameter(f"not UTF-8 text: {shown!r}", ctx, param) from None
+    return value
+
+
+def _name(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """:func:`_utf8`, and not empty (no user, group, path or id is)."""
+    if value == "":
+        raise click.BadParameter("must not be empty", ctx, param)
+    return _utf8(ctx, param, value)
 
 
 def _selection(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -55,7 +75,7 @@ def _selection(command: Callable[..., Any]) -> Callable[..., Any]:
             ("--id", "The connection of this id."),
         )
     ):
-        command = click.option(name, metavar="TEXT", help=help)(command)
+        command = click.option(name, callback=_name, metavar="TEXT", help=help)(command)
     return command
 
 
@@ -67,7 +87,10 @@ def _selector(user: str | None, group: str | None, path: str | None, id: str | N
         (path, PathSelector),
         (id, ConnectionSelector),
     ]
-    picked = [kind(value) for value, kind in kinds if value is not None]
+    try:
+        picked = [kind(value) for value, kind in kinds if value is not None]
+    except (ValueError, TypeError) as error:  # _name checks first: this is a safety net
+        raise click.UsageError(str(error)) from None
     return functools.reduce(operator.and_, picked) if picked else EVERYONE
 
 
@@ -82,13 +105,17 @@ def _target(options: dict[str, str | None], everyone: bool) -> Selector:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--redis-url",
+    callback=_utf8,
     metavar="URL",
     help="The cluster's Redis: redis://, rediss://, unix://, redis+sentinel:// or a node "
     "of a Redis Cluster [default: $WSLB_REDIS_URL, else redis://127.0.0.1:6379/0].",
 )
-@click.option("--prefix", help="The cluster's key prefix [default: $WSLB_PREFIX, else wslb].")
+@click.option(
+    "--prefix", callback=_utf8, help="The cluster's key prefix [default: $WSLB_PREFIX, else wslb]."
+)
 @click.option(
     "--secret",
+    callback=_utf8,
     metavar="KID:SECRET",
     help="Signs what is sent, as instances with a secret require [default: $WSLB_SECRET].",
 )
@@ -115,6 +142,16 @@ def cli(
         raise click.UsageError(str(error)) from None
 
 
+#: What a command reports as an error (exit 1): ours, and Redis's that no emitter call
+#: wrapped.
+FAILURES = (WsLoadBalanceError, *REDIS_FAILURES)
+
+
+def _failure(error: BaseException) -> str:
+    """One of :data:`FAILURES` as one line."""
+    return str(error) if isinstance(error, WsLoadBalanceError) else f"Redis: {describe(error)}"
+
+
 def _run(work: Callable[[AsyncEmitter], Awaitable[T]]) -> T:
     """``work`` done with an emitter of the command's options; our errors and Redis's
     become one line and exit code 1."""
@@ -132,10 +169,8 @@ def _run(work: Callable[[AsyncEmitter], Awaitable[T]]) -> T:
 
     try:
         return asyncio.run(run())
-    except WsLoadBalanceError as error:
-        raise click.ClickException(str(error)) from None
-    except REDIS_FAILURES as error:  # one that no emitter call wrapped
-        raise click.ClickException(f"Redis: {describe(error)}") from None
+    except FAILURES as error:
+        raise click.ClickException(_failure(error)) from None
 
 
 @cli.command()
@@ -190,7 +225,7 @@ def count(
 @click.option("--all", "everyone", is_flag=True, help="Send to every connection.")
 @click.option("--binary", is_flag=True, help="Send MESSAGE's UTF-8 bytes as a binary frame.")
 @_json
-@click.argument("message")
+@click.argument("message", callback=_utf8)
 def send(
     user: str | None,
     group: str | None,
@@ -205,13 +240,26 @@ def send(
 
     MESSAGE goes as a text frame, as written (JSON is text: quote it for the shell),
     or with --binary as a binary frame of its UTF-8 bytes; - reads it, verbatim, from
-    standard input. Exits 3 if no connection matched.
+    standard input: any bytes with --binary, UTF-8 text without. Exits 3 if no
+    connection matched.
     """
     selector = _target({"user": user, "group": group, "path": path, "id": id}, everyone)
-    text = sys.stdin.read() if message == "-" else message
     kind: Kind = "binary" if binary else "text"
-    receipt = _run(lambda emitter: emitter.publish(selector, kind, text.encode()))
+    payload = _stdin(binary) if message == "-" else message.encode()
+    receipt = _run(lambda emitter: emitter.publish(selector, kind, payload))
     _report(receipt, "sent to", as_json)
+
+
+def _stdin(binary: bool) -> bytes:
+    """Standard input's bytes, as they are (a text frame's must be UTF-8)."""
+    data: bytes = sys.stdin.buffer.read()
+    if not binary:
+        try:
+            data.decode()
+        except UnicodeDecodeError as error:
+            message = f"standard input is not UTF-8 text ({error.reason}): send it with --binary"
+            raise click.UsageError(message) from None
+    return data
 
 
 @cli.command()
@@ -220,7 +268,9 @@ def send(
 @click.option(
     "--code", type=int, default=1000, show_default=True, help="Close code: 1000 or 3000-4999."
 )
-@click.option("--reason", default="", help="Close reason, at most 123 UTF-8 bytes.")
+@click.option(
+    "--reason", callback=_utf8, default="", help="Close reason, at most 123 UTF-8 bytes."
+)
 @_json
 def disconnect(
     user: str | None,
@@ -297,6 +347,10 @@ def watch(interval: float, times: int | None, as_json: bool) -> None:
 
     MSG/S is messages received per second by each instance, from the counts the
     instances write at each heartbeat. With --json, one JSON object per refresh.
+
+    A refresh that fails (Redis slow or out of reach) shows its error, as {"error": ...}
+    with --json, and the watch goes on; only a failure of the first refresh ends it
+    (exit 1), since nothing was watched yet: most likely a wrong URL.
     """
     heading = f"wslb watch: prefix {_options().prefix!r} on {redact_url(_options().redis_url)}"
     try:
@@ -312,18 +366,32 @@ async def _watch(
     shown = 0
     while times is None or shown < times:
         started = time.monotonic()
-        found = await emitter.instances()
-        now = time.time()
-        per_instance = rates.update(found, time.monotonic())
-        if as_json:
-            click.echo(json_text(frame_json(found, per_instance, now)))
+        try:
+            found = await emitter.instances()
+        except FAILURES as error:
+            if shown == 0:  # not one reading yet: most likely a wrong URL, so say so
+                raise
+            now = time.time()
+            if as_json:
+                click.echo(json_text(error_json(_failure(error), now)))
+            else:
+                click.clear()
+                click.echo(error_frame(_failure(error), _stamped(heading, now), interval))
         else:
-            click.clear()  # cursor home and clear, on a terminal only
-            stamp = time.strftime("%H:%M:%S", time.gmtime(now))
-            click.echo(frame(found, per_instance, f"{heading} at {stamp} UTC", now))
+            now = time.time()
+            per_instance = rates.update(found)
+            if as_json:
+                click.echo(json_text(frame_json(found, per_instance, now)))
+            else:
+                click.clear()  # cursor home and clear, on a terminal only
+                click.echo(frame(found, per_instance, _stamped(heading, now), now))
         shown += 1
         if times is None or shown < times:
             await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
+
+
+def _stamped(heading: str, now: float) -> str:
+    return f"{heading} at {time.strftime('%H:%M:%S', time.gmtime(now))} UTC"
 
 
 def _options() -> EmitterOptions:

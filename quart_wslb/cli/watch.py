@@ -1,10 +1,11 @@
 """``wslb watch``: a live view of the instances, their connections and message rates.
 
 A rate is derived from each instance's count of messages received (taken off its
-channels), which it writes to Redis at every heartbeat: the difference between two
-readings over the time between them. Each count is as of its instance's last heartbeat,
-so a rate over one refresh is exact to a heartbeat interval (``WSLB_HEARTBEAT_INTERVAL``,
-2 s by default); a refresh interval of a few heartbeats smooths it.
+channels), which it writes to Redis at every heartbeat along with the time of that count
+(its own clock): the difference between two counts over the time between the two beats
+that wrote them. When the watch reads again before a new beat, it shows the rate it had;
+rates are thus over one heartbeat interval (``WSLB_HEARTBEAT_INTERVAL``, 2 s by default)
+or more, whatever the refresh interval, and do not depend on when the watch reads.
 """
 
 from __future__ import annotations
@@ -17,27 +18,37 @@ from typing import Any
 from ..instances import InstanceInfo
 from .output import INSTANCE_HEADERS, instance_json, instance_rows, table
 
-__all__ = ("Rates", "frame", "frame_json")
+__all__ = ("Rates", "error_frame", "error_json", "frame", "frame_json")
 
 
 @dataclass
 class Rates:
-    """Messages received per second by each instance, between successive readings."""
+    """Messages received per second by each instance, between its successive beats."""
 
-    #: The previous reading: instance id -> (monotonic time, messages received).
-    _last: dict[str, tuple[float, int]] = field(default_factory=dict)
+    #: The previous reading of each instance run, (id, start time) -> (the time of its
+    #: count, the count, the rate shown then): an instance restarted under the same id
+    #: is another run, whose count starts again.
+    _last: dict[tuple[str, float], tuple[float, int, float | None]] = field(default_factory=dict)
 
-    def update(self, instances: Sequence[InstanceInfo], now: float) -> dict[str, float | None]:
-        """Each instance's rate since the previous reading; ``None`` for an instance first
-        seen now, or whose count went down (it restarted under the same id)."""
+    def update(self, instances: Sequence[InstanceInfo]) -> dict[str, float | None]:
+        """Each instance's rate between the last two beats seen: the previous rate if no
+        beat came since the previous reading; ``None`` for a run first seen now, one
+        with no second beat yet, or one whose record has no time (an older version)."""
         rates: dict[str, float | None] = {}
+        last: dict[tuple[str, float], tuple[float, int, float | None]] = {}
         for info in instances:
-            before = self._last.get(info.id)
-            if before is None or info.received < before[1] or now <= before[0]:
-                rates[info.id] = None
-            else:
-                rates[info.id] = (info.received - before[1]) / (now - before[0])
-        self._last = {info.id: (now, info.received) for info in instances}
+            run = (info.id, info.started_at)
+            before = self._last.get(run)
+            rate: float | None = None
+            if before is not None and info.counted_at > 0:
+                at, count, shown = before
+                if info.counted_at == at:  # no beat since: the count is the same
+                    rate = shown
+                elif info.counted_at > at and info.received >= count:
+                    rate = (info.received - count) / (info.counted_at - at)
+            rates[info.id] = rate
+            last[run] = (info.counted_at, info.received, rate)
+        self._last = last
         return rates
 
 
@@ -79,3 +90,13 @@ def frame_json(
         "instances": [{**instance_json(info), "rate": rates.get(info.id)} for info in instances],
         "connections": sum(info.connections for info in instances),
     }
+
+
+def error_frame(error: str, heading: str, interval: float) -> str:
+    """The screen of a refresh that failed: the watch goes on."""
+    return f"{heading}\n\nerror: {error}\n(trying again every {interval:g} s)\n"
+
+
+def error_json(error: str, now: float) -> dict[str, Any]:
+    """A refresh that failed, as a JSON object (``watch --json``)."""
+    return {"time": now, "error": error}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from typing import Any
 
 from redis.exceptions import (
     AuthenticationError,
@@ -26,6 +27,7 @@ __all__ = (
     "RedisUnavailableError",
     "describe",
     "WsLoadBalanceError",
+    "cancelled_meanwhile",
     "redis_deadline",
     "redis_errors",
 )
@@ -108,8 +110,19 @@ async def redis_deadline(seconds: float, what: str) -> AsyncIterator[None]:
     would leave a handler whose client has left waiting for that client for good."""
     task = asyncio.current_task()
     pending = task.cancelling() if task is not None else 0
-    with redis_errors(what):
-        async with asyncio.timeout(seconds):
-            yield
+    try:
+        with redis_errors(what):
+            async with asyncio.timeout(seconds):
+                yield
+    except Exception:
+        cancelled_meanwhile(task, pending)  # the cancellation wins over what it met
+        raise
+    cancelled_meanwhile(task, pending)
+
+
+def cancelled_meanwhile(task: asyncio.Task[Any] | None, pending: int = 0) -> None:
+    """Raise ``CancelledError`` if ``task`` has more cancellations requested than the
+    ``pending`` it had: one landed and never reached it (a task that went on would, in a
+    handler, wait for a client gone for good)."""
     if task is not None and task.cancelling() > pending:
         raise asyncio.CancelledError

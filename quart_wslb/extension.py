@@ -28,6 +28,7 @@ from .exceptions import (
     NotStartedError,
     RedisAuthenticationError,
     RedisUnavailableError,
+    cancelled_meanwhile,
     describe,
     redis_deadline,
 )
@@ -441,7 +442,7 @@ class WsLoadBalance:
             connection.start()
             if resume is not None and peek is not None:
                 await self._recover(connection, resume, peek)
-            _cancelled_meanwhile()
+            cancelled_meanwhile(asyncio.current_task())
             await self._sender.send(signals.connection_opened, connection=connection)
             yield connection
         finally:
@@ -713,15 +714,6 @@ async def _nothing() -> AsyncIterator[list[tuple[str, Outgoing]]]:
     """No pages."""
     return
     yield
-
-
-def _cancelled_meanwhile() -> None:
-    """Raise ``CancelledError`` if the task was cancelled and the cancellation did not
-    reach it (see :func:`~quart_wslb.exceptions.redis_deadline`, which does the same for
-    each Redis exchange): a handler that went on would wait for a client gone for good."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
 
 
 async def _pick(redis: Redis, timeout: float) -> Transport | None:

@@ -11,6 +11,7 @@ connections are its records, counted per shard and added up.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -79,9 +80,9 @@ def live(found: Iterable[tuple[Keys, InstanceInfo, bool]]) -> list[InstanceInfo]
                 merged[info.id] = info
                 continue
             newest = max(had, info, key=lambda i: (i.counted_at, i.received))
-            merged[info.id] = InstanceInfo(
+            merged[info.id] = InstanceInfo(  # the start and the count of the same run
                 info.id,
-                info.started_at,
+                newest.started_at,
                 had.connections + info.connections,
                 newest.received,
                 newest.counted_at,
@@ -95,15 +96,30 @@ def _parsed(raw: bytes) -> tuple[float, int, float]:
     unreadable: an older version's record)."""
     try:
         data = json.loads(raw)
-        started_at = float(data["started_at"])
+        started_at = _time(data["started_at"])
     except (ValueError, TypeError, KeyError):
         return 0.0, 0, 0.0
     received = data.get("received")
     if not (isinstance(received, int) and not isinstance(received, bool) and received >= 0):
         return started_at, 0, 0.0
-    counted_at = data.get("counted_at")
-    valid = isinstance(counted_at, int | float) and not isinstance(counted_at, bool)
-    return started_at, received, float(counted_at) if valid and counted_at > 0 else 0.0
+    try:
+        return started_at, received, _time(data.get("counted_at"))
+    except (ValueError, TypeError):
+        return started_at, received, 0.0
+
+
+def _time(value: object) -> float:
+    """A positive, finite Unix time; ``ValueError`` or ``TypeError`` for anything else
+    (one corrupt record must not fail every listing, and the sweep with it)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"not a time: {value!r}")
+    try:
+        seconds = float(value)
+    except OverflowError as error:  # an integer too large for a float
+        raise ValueError("not a time: too large") from error
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"not a time: {seconds}")
+    return seconds
 
 
 def _fields(reply: Any) -> dict[bytes, bytes]:

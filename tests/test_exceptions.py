@@ -14,6 +14,7 @@ from redis.exceptions import (
     NoPermissionError,
     ResponseError,
 )
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from quart_wslb import (
@@ -98,18 +99,56 @@ async def test_redis_deadline_passes_a_swallowed_cancellation_on() -> None:
     assert task.cancelled() and not went_on
 
 
+async def test_redis_deadline_passes_a_swallowed_cancellation_on_over_an_error() -> None:
+    async def exchange() -> None:
+        async with redis_deadline(5, "test"):
+            await _swallowing_wait()
+            raise RedisConnectionError("the connection went too")
+
+    task = asyncio.create_task(exchange())
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
 async def test_redis_deadline_leaves_a_handled_cancellation_alone() -> None:
     async def exchange() -> str:
-        async with asyncio.timeout(0.01):  # cancels the task, then takes it back
-            async with redis_deadline(5, "test"):
-                await asyncio.sleep(0)
-        async with redis_deadline(5, "test"):
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(0):
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(0.01):  # fires: cancels the task, then takes it back
+                async with redis_deadline(5, "test"):
                     await asyncio.sleep(1)
+        async with redis_deadline(5, "test"):
+            task = asyncio.current_task()
+            assert task is not None
+            task.cancel()
+            try:
+                await asyncio.sleep(0)
+            except asyncio.CancelledError:
+                task.uncancel()  # handled, and said so
         return "done"
 
     assert await asyncio.create_task(exchange()) == "done"
+
+
+async def test_redis_deadline_lets_a_cancelled_task_clean_up() -> None:
+    """A task whose cancellation was delivered may still talk to Redis in its
+    ``finally`` (as a handler unregisters): the block is not cancelled again."""
+    cleaned = False
+
+    async def handler() -> None:
+        nonlocal cleaned
+        try:
+            await asyncio.sleep(10)
+        finally:
+            async with redis_deadline(5, "cleanup"):
+                await asyncio.sleep(0)
+            cleaned = True
+
+    task = asyncio.create_task(handler())
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert cleaned
 
 
 @pytest.mark.integration

@@ -35,6 +35,21 @@ async def test_read_pairs_the_newest_count_with_its_own_time(fake_redis: Redis) 
     assert (info.received, info.counted_at) == (9, 120.0)
 
 
+@pytest.mark.parametrize("order", [(0, 1), (1, 0)])
+async def test_read_pairs_the_newest_count_with_its_own_run(
+    fake_redis: Redis, order: tuple[int, int]
+) -> None:
+    """Restarted under the same id, an instance whose beat failed in one shard leaves its
+    last run's record there: the start shown is the run the count is of, whatever the
+    order of the shards."""
+    keys = Keys("inst", shards=2)
+    old, new = record(1000.0, 50, 1990.0), record(2000.0, 10, 2010.0)
+    for shard, raw in zip(order, (old, new), strict=True):
+        await view_instance(fake_redis, keys.view(shard), "a", raw, alive=True)
+    (info,) = await AsyncEmitter(fake_redis, prefix="inst", shards=2).instances()
+    assert (info.started_at, info.received, info.counted_at) == (2000.0, 10, 2010.0)
+
+
 @pytest.mark.parametrize(
     ("raw", "expected"),
     [
@@ -45,6 +60,11 @@ async def test_read_pairs_the_newest_count_with_its_own_time(fake_redis: Redis) 
         (b'{"started_at": 1.5, "received": 4, "counted_at": "2"}', (1.5, 4, 0.0)),
         (b'{"started_at": 1.5, "received": 4, "counted_at": false}', (1.5, 4, 0.0)),
         (b'{"started_at": 1.5, "received": 4, "counted_at": 2}', (1.5, 4, 2.0)),
+        (b'{"started_at": 1.5, "received": 4, "counted_at": 1' + b"0" * 400 + b"}", (1.5, 4, 0.0)),
+        (b'{"started_at": 1.5, "received": 4, "counted_at": 1e999}', (1.5, 4, 0.0)),  # inf
+        (b'{"started_at": 1' + b"0" * 400 + b', "received": 4}', (0.0, 0, 0.0)),
+        (b'{"started_at": -1e999, "received": 4}', (0.0, 0, 0.0)),
+        (b'{"started_at": "1.5", "received": 4}', (0.0, 0, 0.0)),
         (b"[1]", (0.0, 0, 0.0)),
         (b"not json", (0.0, 0, 0.0)),
     ],

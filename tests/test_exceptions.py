@@ -72,16 +72,18 @@ def test_redis_errors_chains_the_original() -> None:
     assert isinstance(raised.value.__cause__, AuthenticationError)
 
 
-async def _swallowing_wait() -> None:
+async def _swallowing_wait(*, handled: bool = False) -> None:
     """What Python 3.11's ``asyncio.wait_for`` does when a cancellation lands as its
-    future completes: it returns normally."""
+    future completes: it returns normally. ``handled``: as code that means to go on
+    does, it also says so (``uncancel``)."""
     task = asyncio.current_task()
     assert task is not None
     task.cancel()
     try:
         await asyncio.sleep(0)
     except asyncio.CancelledError:
-        pass
+        if handled:
+            task.uncancel()
 
 
 async def test_redis_deadline_passes_a_swallowed_cancellation_on() -> None:
@@ -117,13 +119,7 @@ async def test_redis_deadline_leaves_a_handled_cancellation_alone() -> None:
                 async with redis_deadline(5, "test"):
                     await asyncio.sleep(1)
         async with redis_deadline(5, "test"):
-            task = asyncio.current_task()
-            assert task is not None
-            task.cancel()
-            try:
-                await asyncio.sleep(0)
-            except asyncio.CancelledError:
-                task.uncancel()  # handled, and said so
+            await _swallowing_wait(handled=True)
         return "done"
 
     assert await asyncio.create_task(exchange()) == "done"

@@ -41,6 +41,7 @@ from bench.fire import user_name
 from bench.recovery import INSTANCE, run_senders, setup_prefix
 from bench.scenario import wait_subscribed
 from bench.sender import listener
+from bench.signing import best
 from quart_wslb import UserSelector, WsLoadBalance, signals
 from quart_wslb.connection import Connection, Membership
 from quart_wslb.emitter import AsyncEmitter
@@ -104,16 +105,6 @@ async def send_rounds(args: argparse.Namespace) -> dict[str, Any]:
             await admin.aclose()
             hearing.terminate()
             hearing.wait(10)
-
-
-def best(rounds: int, run: Callable[[], int]) -> float:
-    """The best of ``rounds`` runs, in CPU µs per message; ``run`` returns its count."""
-    out = float("inf")
-    for _ in range(rounds):
-        started = time.process_time_ns()
-        count = run()
-        out = min(out, (time.process_time_ns() - started) / 1000 / count)
-    return out
 
 
 def decoding(sent: int | None) -> Callable[[], int]:

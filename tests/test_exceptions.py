@@ -152,8 +152,9 @@ async def test_redis_deadline_lets_a_cancelled_task_clean_up() -> None:
 async def test_redis_deadline_cancelled_emitter_calls_never_go_on(
     redis_url: str, prefix: str
 ) -> None:
-    """A task cancelled at random points of real round trips (redis-py swallowed most of
-    these cancellations on Python 3.11 before the check) always ends cancelled."""
+    """A task cancelled at random points of real round trips (the ``asyncio.wait_for``
+    redis-py awaits under swallowed most of these on Python 3.11 before the check)
+    always ends cancelled."""
     emitter = AsyncEmitter(redis_url=redis_url, prefix=prefix, strict=False)
     went_on = 0
     rounds = 200
